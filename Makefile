@@ -1,0 +1,36 @@
+# Two commands set up and check everything on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench clean-venv
+
+# Re-install when the dependency lists change. Every pip call gets constraints.txt, so nothing can
+# pull numpy 2 (which breaks rknn-toolkit2). rknn-toolkit2 goes in with --no-deps: it pins torch<=2.4.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=23.2" -c constraints.txt
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q --no-deps -c constraints.txt rknn-toolkit2==2.5.0
+	$(BIN)/python -c "import engine, torch, onnxruntime, ncnn, rknn.api; print('edgepipe installed, torch', torch.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/edgepipe run +experiment=quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/engine_overhead.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,217 @@
+"""The content-addressed stage cache: runs/cache/<type>/<key>/ with a manifest.json.
+
+Entries are immutable (files are made read-only) and appear atomically: a stage runs into a temp
+folder that is renamed into place only after its manifest is written, so a killed run leaves no
+half-written entry. A per-key file lock makes concurrent processes compute an entry once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import stat
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from pydantic import BaseModel
+
+from .hashing import ContentIndex, content_digest, list_files, matches, sha256_file, sha256_json, tree_digest
+from .stage import HASH_CONTENT, NOT_IN_KEY, Stage
+
+MANIFEST = "manifest.json"
+# Files a stage keeps for people but that no downstream stage reads (logs carry timestamps): they are
+# stored and listed, but left out of the output digest so a byte-identical re-run cuts off early.
+VOLATILE = ("*.log", "logs/*", "logs/**/*")
+KEY_LENGTH = 32
+
+
+def _has_marker(field: Any, marker: object) -> bool:
+    return any(m is marker for m in field.metadata)
+
+
+def key_params(params: BaseModel) -> tuple[dict, dict[str, Path]]:
+    """The params as they enter the cache key (without NOT_IN_KEY fields), and the content paths
+    (HASH_CONTENT fields) whose digests enter it too, by dotted field path."""
+    content: dict[str, Path] = {}
+
+    def walk(model: BaseModel, prefix: str) -> dict:
+        out = {}
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            if _has_marker(field, NOT_IN_KEY):
+                continue
+            if _has_marker(field, HASH_CONTENT) and value is not None:
+                content[prefix + name] = Path(value)
+            if isinstance(value, BaseModel):
+                out[name] = walk(value, f"{prefix}{name}.")
+            else:
+                out[name] = _jsonable(value)
+        return out
+
+    return walk(params, ""), content
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def stage_key(cls: type[Stage], params: BaseModel, input_digests: Mapping[str, str], index: ContentIndex) -> tuple[str, dict]:
+    """Key = hash(type, version, params, input digests, content digests). Returns (key, material)."""
+    kp, content_paths = key_params(params)
+    content = {}
+    for field, path in content_paths.items():
+        try:
+            content[field] = content_digest(path, index)
+        except FileNotFoundError:
+            content[field] = "missing"  # the stage itself reports the missing path clearly
+    material = {
+        "type": cls.name,
+        "version": cls.version,
+        "params": kp,
+        "inputs": dict(sorted(input_digests.items())),
+        "content": content,
+    }
+    return sha256_json(material)[:KEY_LENGTH], material
+
+
+@dataclass
+class Hit:
+    path: Path
+    manifest: dict
+
+    @property
+    def digest(self) -> str:
+        return self.manifest["digest"]
+
+
+class CorruptEntry(Exception):
+    """A cache entry whose files no longer match its manifest."""
+
+
+class Cache:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.index = ContentIndex(self.root / ".index" / "content.json")
+
+    def entry(self, stage_type: str, key: str) -> Path:
+        return self.root / stage_type / key
+
+    # ---- lookup ------------------------------------------------------------------------------
+    def lookup(self, stage_type: str, key: str) -> Hit | None:
+        """The entry if present and intact; None if absent; CorruptEntry if its files changed."""
+        path = self.entry(stage_type, key)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            if path.exists():
+                raise CorruptEntry(f"{path}: manifest.json is missing") from None
+            return None
+        except ValueError:
+            raise CorruptEntry(f"{path}: manifest.json is not valid JSON") from None
+        self.verify(path, manifest)
+        return Hit(path, manifest)
+
+    @staticmethod
+    def verify(path: Path, manifest: Mapping, rehash: bool = False) -> None:
+        """Check every file by size and mtime (cheap); re-hash only files whose mtime changed."""
+        for rel, meta in manifest["files"].items():
+            f = path / rel
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                raise CorruptEntry(f"{f}: deleted") from None
+            if st.st_size != meta["size"]:
+                raise CorruptEntry(f"{f}: size {st.st_size} != {meta['size']} in the manifest")
+            if (rehash or st.st_mtime_ns != meta["mtime_ns"]) and sha256_file(f) != meta["sha256"]:
+                raise CorruptEntry(f"{f}: content changed since it was cached")
+
+    # ---- locking -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, stage_type: str, key: str, on_wait=None) -> Iterator[None]:
+        """Exclusive per-key lock (flock: released by the OS if the holder dies)."""
+        lock_path = self.root / stage_type / ".locks" / f"{key}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait:
+                    on_wait()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # ---- writing -----------------------------------------------------------------------------
+    def new_tmp(self, stage_type: str, key: str) -> Path:
+        """An empty folder to run a stage into. Call with the key's lock held: any older temp folder
+        of this key belongs to a dead process (a killed run), so it is removed."""
+        tmp_root = self.root / stage_type / ".tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        for stale in tmp_root.glob(f"{key}-*"):
+            _rmtree(stale)
+        tmp = tmp_root / f"{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        return tmp
+
+    def publish(self, tmp: Path, stage_type: str, key: str, manifest: dict, volatile: tuple[str, ...] = ()) -> Hit:
+        """Hash the outputs, write the manifest, make files read-only, rename into place."""
+        files: dict[str, dict] = {}
+        for rel in list_files(tmp):
+            f = tmp / rel
+            os.chmod(f, stat.S_IMODE(f.stat().st_mode) & ~0o222)
+            st = f.stat()
+            files[rel] = {"size": st.st_size, "sha256": sha256_file(f), "mtime_ns": st.st_mtime_ns}
+        skip = VOLATILE + tuple(volatile)
+        manifest = dict(manifest, files=files,
+                        digest=tree_digest({r: m["sha256"] for r, m in files.items() if not matches(r, skip)}))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        os.chmod(tmp / MANIFEST, 0o444)
+        final = self.entry(stage_type, key)
+        if final.exists():  # --force, or replacing a corrupt entry
+            trash = self.root / stage_type / ".tmp" / f"trash-{key}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            _rmtree(trash)
+        else:
+            os.rename(tmp, final)
+        return Hit(final, manifest)
+
+    def discard(self, stage_type: str, key: str) -> None:
+        path = self.entry(stage_type, key)
+        if path.exists():
+            trash = self.root / stage_type / ".tmp" / f"trash-{key}-{uuid.uuid4().hex[:8]}"
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, trash)
+            _rmtree(trash)
+
+    # ---- listing -----------------------------------------------------------------------------
+    def entries(self) -> Iterator[tuple[str, str, Path]]:
+        if not self.root.is_dir():
+            return
+        for type_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for entry in sorted(p for p in type_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                yield type_dir.name, entry.name, entry
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def entry_size(path: Path) -> int:
+    return sum((path / rel).stat().st_size for rel in list_files(path))
+

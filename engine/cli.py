@@ -1,0 +1,354 @@
+"""The `edgepipe` command.
+
+    edgepipe run [-m] [--only S] [--force S] [--keep-going] [--no-cache] [OVERRIDE ...]
+    edgepipe plan [--json] [--only S] [--force S] [OVERRIDE ...]
+    edgepipe dag [--format mermaid|dot] [OVERRIDE ...]
+    edgepipe runs [--limit N] [--json]
+    edgepipe show RUN
+    edgepipe reproduce RUN_DIR [--verify] [--tolerance T]
+    edgepipe compare RUN RUN ...
+    edgepipe gc [--dry-run]
+
+Overrides use Hydra's syntax: `train.epochs=3`, `model=mobilenet_v3_small`, `+experiment=quickstart`,
+`+train.foo=1`, `~key`, and with -m sweeps such as `train.lr=1e-3,1e-2`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+USAGE = __doc__
+
+# Flags of our own on run/plan/dag; everything else on those verbs is a Hydra override.
+_VALUE_FLAGS = {"--only", "--force", "--format", "--cfg", "--config-dir", "-cd"}
+_BOOL_FLAGS = {"--keep-going", "--no-cache", "--json", "-m", "--multirun"}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _split_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
+    opts: dict = {"only": [], "force": []}
+    overrides: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        name, eq, value = arg.partition("=") if arg.startswith("-") else (arg, "", "")
+        if name in _VALUE_FLAGS:
+            if not eq:
+                value = next(it, None)
+                if value is None:
+                    raise UsageError(f"{name} needs a value")
+            key = name.lstrip("-").replace("-", "_")
+            key = {"cd": "config_dir"}.get(key, key)
+            if key in ("only", "force"):
+                opts[key] += [v for v in value.split(",") if v]
+            else:
+                opts[key] = value
+        elif name in _BOOL_FLAGS:
+            opts[{"-m": "multirun", "--multirun": "multirun"}.get(name, name.lstrip("-").replace("-", "_"))] = True
+        elif arg.startswith("-"):
+            raise UsageError(f"unknown option {arg}")
+        else:
+            overrides.append(arg)
+    return opts, overrides
+
+
+def _setup_logging(run_dir: Path | None) -> None:
+    """edgepipe's warnings on stderr; everything (third-party INFO included) in the run's log file."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_edgepipe", False):
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    if run_dir is not None:
+        fh = logging.FileHandler(run_dir / "edgepipe.log")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh._edgepipe = True  # type: ignore[attr-defined]
+        root.addHandler(fh)
+    ep = logging.getLogger("edgepipe")
+    if not any(getattr(h, "_edgepipe_console", False) for h in ep.handlers):
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setLevel(logging.WARNING)
+        sh.setFormatter(logging.Formatter("edgepipe: %(levelname)s: %(message)s"))
+        sh._edgepipe_console = True  # type: ignore[attr-defined]
+        ep.addHandler(sh)
+
+
+def _runs_root(cfg) -> Path:
+    return Path(str(cfg.runs_root))
+
+
+def _compose_jobs(opts: dict, overrides: list[str]):
+    from . import compose
+
+    cdir = Path(opts["config_dir"]) if opts.get("config_dir") else None
+    if opts.get("multirun"):
+        job_overrides = compose.expand_sweep(overrides, cdir)
+    else:
+        if compose.is_sweep(overrides):
+            raise UsageError("a sweep override (a,b) needs -m/--multirun: edgepipe run -m " + " ".join(overrides))
+        job_overrides = [overrides]
+    return [compose.compose(ov, cdir) for ov in job_overrides]
+
+
+def cmd_run(argv: Sequence[str]) -> int:
+    from . import compose, runs
+    from .display import Display, summary
+    from .runner import Options, Pipeline
+
+    opts, overrides = _split_args(argv)
+    options = Options(only=opts["only"], force=opts["force"], no_cache=bool(opts.get("no_cache")),
+                      keep_going=bool(opts.get("keep_going")))
+    jobs = _compose_jobs(opts, overrides)
+    if opts.get("cfg"):
+        from omegaconf import OmegaConf
+
+        for job in jobs:
+            print(OmegaConf.to_yaml(job.cfg, resolve=opts["cfg"] == "resolved"))
+        return 0
+    # Validate every job before anything is written to runs/.
+    pipelines = [Pipeline(job.cfg, _runs_root(job.cfg)) for job in jobs]
+    for p in pipelines:
+        p.graph.select(options.only)
+        p._forced(options)
+    sweep = bool(opts.get("multirun"))
+    failed = 0
+    for num, (job, pipeline) in enumerate(zip(jobs, pipelines)):
+        run_dir = (jobs[0].sweep_dir / str(num)) if sweep else job.run_dir
+        run_dir = _unique(run_dir)
+        run_dir.mkdir(parents=True)
+        if sweep and num == 0:
+            from omegaconf import OmegaConf
+
+            OmegaConf.save(OmegaConf.create({"hydra": job.hydra_cfg, **OmegaConf.to_container(job.cfg)}),
+                           run_dir.parent / "multirun.yaml")
+        compose.write_hydra_dir(run_dir, job)
+        _setup_logging(run_dir)
+        record = runs.RunRecord(name=str(job.cfg.name), run_dir=str(run_dir.resolve()),
+                                runs_root=str(pipeline.runs_root.resolve()), overrides=job.overrides)
+        runs.point_latest(pipeline.runs_root, run_dir)
+        title = f"{record.name}" + (f" [job {num + 1}/{len(jobs)}: {' '.join(job.overrides)}]" if sweep else "")
+        display = Display(title, pipeline.graph.select(options.only))
+        try:
+            pipeline.execute(record, options, display)
+        finally:
+            display.close()
+        summary(record)
+        failed += record.status != "ok"
+    if sweep:
+        print(f"sweep: {len(jobs) - failed}/{len(jobs)} jobs ok in {jobs[0].sweep_dir}")
+    return 1 if failed else 0
+
+
+def _unique(run_dir: Path) -> Path:
+    """Two runs started in the same second get distinct folders."""
+    candidate, n = run_dir, 1
+    while candidate.exists():
+        n += 1
+        candidate = run_dir.with_name(f"{run_dir.name}-{n}")
+    return candidate
+
+
+def cmd_plan(argv: Sequence[str]) -> int:
+    from .display import STATUS_STYLE, console
+    from .runner import Options, Pipeline
+
+    opts, overrides = _split_args(argv)
+    options = Options(only=opts["only"], force=opts["force"], no_cache=bool(opts.get("no_cache")))
+    out = []
+    for job in _compose_jobs(opts, overrides):
+        pipeline = Pipeline(job.cfg, _runs_root(job.cfg))
+        items = pipeline.plan(options, run_name=str(job.cfg.name))
+        out.append({"overrides": job.overrides, "stages": [vars(i) for i in items]})
+        if not opts.get("json"):
+            from rich.table import Table
+
+            table = Table(title=f"plan: {job.cfg.name} {' '.join(job.overrides)}", title_justify="left")
+            for col in ("stage", "type", "status", "key", "why"):
+                table.add_column(col, overflow="fold")
+            for i in items:
+                table.add_row(i.name, i.type, f"[{STATUS_STYLE[i.status]}]{i.status}[/]", (i.key or "")[:10], i.reason)
+            console.print(table)
+    if opts.get("json"):
+        print(json.dumps(out if len(out) > 1 else out[0], indent=2))
+    return 0
+
+
+def cmd_dag(argv: Sequence[str]) -> int:
+    from .runner import Pipeline
+
+    opts, overrides = _split_args(argv)
+    job = _compose_jobs(opts, overrides)[0]
+    graph = Pipeline(job.cfg, _runs_root(job.cfg)).graph
+    fmt = opts.get("format", "mermaid")
+    if fmt not in ("mermaid", "dot"):
+        raise UsageError("--format takes mermaid or dot")
+    sys.stdout.write(graph.mermaid() if fmt == "mermaid" else graph.dot())
+    return 0
+
+
+def _default_runs_root() -> Path:
+    return Path(os.environ.get("EDGEPIPE_RUNS", "runs"))
+
+
+def cmd_runs(argv: Sequence[str]) -> int:
+    import argparse
+
+    from . import runs
+    from .display import STATUS_STYLE, console
+
+    ap = argparse.ArgumentParser(prog="edgepipe runs")
+    ap.add_argument("--limit", type=int, default=20)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--root", type=Path, default=_default_runs_root())
+    a = ap.parse_args(argv)
+    rows = []
+    for run_dir in list(runs.iter_runs(a.root))[: a.limit]:
+        try:
+            r = runs.RunRecord.load(run_dir)
+        except (OSError, ValueError, TypeError):
+            continue
+        rows.append({"time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started)), "name": r.name,
+                     "status": r.status, "seconds": round(r.seconds, 1), "headline": r.headline, "run_dir": r.run_dir})
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"runs in {a.root}", title_justify="left")
+    for col in ("time", "name", "status", "seconds", "headline", "folder"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        h = r["headline"]
+        hv = f"{h['key']} = {h['value']:.4g}" if h and isinstance(h.get("value"), float) else (f"{h['key']} = {h['value']}" if h else "")
+        table.add_row(r["time"], r["name"], f"[{STATUS_STYLE.get(r['status'], '')}]{r['status']}[/]",
+                      f"{r['seconds']:.1f}", hv, os.path.relpath(r["run_dir"]))
+    console.print(table)
+    return 0
+
+
+def cmd_show(argv: Sequence[str]) -> int:
+    import argparse
+
+    from . import runs
+    from .display import STATUS_STYLE, console
+
+    ap = argparse.ArgumentParser(prog="edgepipe show")
+    ap.add_argument("run", nargs="?", default="latest")
+    ap.add_argument("--root", type=Path, default=_default_runs_root())
+    a = ap.parse_args(argv)
+    run_dir = runs.resolve_run(a.root, a.run)
+    r = runs.RunRecord.load(run_dir)
+    console.print(f"[bold]{r.name}[/] — {r.status} in {r.seconds:.1f} s")
+    console.print(f"folder: {run_dir}")
+    if r.overrides:
+        console.print(f"overrides: {' '.join(r.overrides)}")
+    for s in r.stages.values():
+        console.print(f"\n[bold]{s.name}[/] ({s.type}) [{STATUS_STYLE.get(s.status, '')}]{s.status}[/] "
+                      f"{s.seconds:.1f} s  key {s.key or '-'}")
+        if s.error:
+            console.print(f"  error: {s.error}")
+        if s.path and Path(s.path).is_dir():
+            link = Path(run_dir) / "stages" / s.name
+            console.print(f"  outputs: {link if link.exists() else s.path}")
+            for child in sorted(Path(s.path).iterdir()):
+                if child.name != "manifest.json":
+                    console.print(f"    {child.name}{'/' if child.is_dir() else ''}")
+        for k, v in runs.flat_metrics(s.metrics).items():
+            console.print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+    return 0
+
+
+def cmd_compare(argv: Sequence[str]) -> int:
+    import argparse
+
+    from rich.table import Table
+
+    from . import runs
+    from .display import console
+
+    ap = argparse.ArgumentParser(prog="edgepipe compare")
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--root", type=Path, default=_default_runs_root())
+    a = ap.parse_args(argv)
+    records = [runs.RunRecord.load(runs.resolve_run(a.root, ref)) for ref in a.runs]
+    table = Table(title="metrics", title_justify="left")
+    table.add_column("metric")
+    columns = []
+    for r in records:
+        table.add_column(f"{Path(r.run_dir).name}\n{' '.join(r.overrides)}", justify="right")
+        columns.append({f"{s}.{k}": v for s, rec in r.stages.items() for k, v in runs.flat_metrics(rec.metrics).items()})
+    for key in sorted(set().union(*columns)):
+        table.add_row(key, *[(f"{c[key]:.4g}" if isinstance(c.get(key), float) else str(c.get(key, "")))
+                             for c in columns])
+    console.print(table)
+    return 0
+
+
+def cmd_reproduce(argv: Sequence[str]) -> int:
+    import argparse
+
+    from . import reproduce
+
+    ap = argparse.ArgumentParser(prog="edgepipe reproduce")
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--verify", action="store_true", help="recompute every stage and compare digests or metrics")
+    ap.add_argument("--tolerance", type=float, default=0.01, help="metric tolerance for --verify (absolute)")
+    a = ap.parse_args(argv)
+    return reproduce.reproduce(a.run_dir, verify=a.verify, tolerance=a.tolerance)
+
+
+def cmd_gc(argv: Sequence[str]) -> int:
+    import argparse
+
+    from . import gc
+
+    ap = argparse.ArgumentParser(prog="edgepipe gc")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--root", type=Path, default=_default_runs_root())
+    a = ap.parse_args(argv)
+    return gc.collect(a.root, dry_run=a.dry_run)
+
+
+VERBS = {"run": cmd_run, "plan": cmd_plan, "dag": cmd_dag, "runs": cmd_runs, "show": cmd_show,
+         "reproduce": cmd_reproduce, "compare": cmd_compare, "gc": cmd_gc}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.strip())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        from .config import did_you_mean
+
+        print(f"edgepipe: unknown command '{verb}'{did_you_mean(verb, list(VERBS))}\n\n{USAGE.strip()}", file=sys.stderr)
+        return 2
+    from .compose import ComposeError
+    from .config import ConfigError
+
+    try:
+        return VERBS[verb](rest)
+    except ConfigError as e:
+        print("edgepipe: invalid config:\n" + "\n".join(f"  - {p}" for p in e.problems), file=sys.stderr)
+        return 2
+    except (ComposeError, UsageError, FileNotFoundError) as e:
+        print(f"edgepipe: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgepipe: interrupted; completed stages stay cached, the next run resumes from them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

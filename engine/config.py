@@ -1,0 +1,178 @@
+"""Turn a composed config into validated stage parameters, or into errors that name the config key,
+the bad value and what is allowed."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import registry
+from .stage import Stage
+
+
+class ConfigError(Exception):
+    """One or more problems in the composed config; each line names a key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class PipelineEntry(BaseModel):
+    """One stage of `pipeline.stages`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    uses: str
+    needs: dict[str, str] = Field(default_factory=dict)
+    config: str | None = None  # config section holding the params; default: the stage's name
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    after: list[str] = Field(default_factory=list)  # ordering only: not an input, not in the key
+
+
+class PipelineSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stages: dict[str, PipelineEntry]
+    # "stage.metric" shown by `edgepipe runs`; default: the first numeric metric of the last stage.
+    headline: str | None = None
+
+
+@dataclass
+class StageSpec:
+    name: str
+    entry: PipelineEntry
+    cls: type[Stage]
+    params: BaseModel
+
+    @property
+    def section(self) -> str:
+        return self.entry.config or self.name
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _fmt_path(parts: list[Any]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _deep_merge(base: dict, extra: Mapping) -> dict:
+    merged = dict(base)
+    for k, v in extra.items():
+        merged[k] = _deep_merge(merged[k], v) if isinstance(v, Mapping) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def _section(cfg: DictConfig, key: str) -> Any:
+    node = OmegaConf.select(cfg, key, default=None)
+    if node is None:
+        return None
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _describe(err: Mapping[str, Any], model: type[BaseModel], origin: Mapping[str, str], section: str) -> str:
+    """One pydantic error as `config.key.path: what is wrong; what is allowed`."""
+    loc = list(err["loc"])
+    head = str(loc[0]) if loc else ""
+    prefix = origin.get(head, f"{section}.{head}" if head else section)
+    where = _fmt_path([prefix, *loc[1:]])
+    if err["type"] == "extra_forbidden":
+        fields = _fields_at(model, loc[:-1])
+        return f"{where}: unknown key{did_you_mean(str(loc[-1]), fields)}; allowed keys: {', '.join(fields)}"
+    if err["type"] == "missing":
+        return f"{where}: required, not set"
+    given = f"{err['input']!r} is not allowed: " if "input" in err else ""
+    return f"{where}: {given}{err['msg']}"
+
+
+def _fields_at(model: type[BaseModel], loc: list[Any]) -> list[str]:
+    """The field names of the (nested) model found by following loc from model."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or _as_model(current) is None:
+            continue
+        field = _as_model(current).model_fields.get(str(part))
+        current = field.annotation if field else None
+    found = _as_model(current)
+    return sorted(found.model_fields) if found else []
+
+
+def _as_model(annotation: Any) -> type[BaseModel] | None:
+    for a in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
+def load_pipeline(cfg: DictConfig) -> PipelineSpec:
+    raw = _section(cfg, "pipeline")
+    if not isinstance(raw, Mapping) or not raw.get("stages"):
+        raise ConfigError(["pipeline.stages: no stages defined; choose a pipeline with pipeline=NAME (see conf/pipeline/)"])
+    try:
+        return PipelineSpec.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError([_describe(err, PipelineSpec, {}, "pipeline") for err in e.errors()]) from None
+
+
+def assemble_params(cfg: DictConfig, name: str, entry: PipelineEntry, cls: type[Stage]) -> tuple[dict, dict[str, str]]:
+    """The raw params of one stage and, for each top-level params key, the config path it came from."""
+    section = entry.config or name
+    raw = _section(cfg, section)
+    if raw is None:
+        raw = {}
+    elif not isinstance(raw, Mapping):
+        raise ConfigError([f"{section}: expected a mapping of parameters for stage '{name}', got {raw!r}"])
+    params = dict(raw)
+    origin = {k: f"{section}.{k}" for k in params}
+    for field, src in cls.sections.items():
+        params[field] = _section(cfg, src)
+        origin[field] = src
+        if params[field] is None:
+            del params[field]
+    params = _deep_merge(params, entry.with_)
+    origin.update({k: f"pipeline.stages.{name}.with.{k}" for k in entry.with_})
+    return params, origin
+
+
+def validate_stage(cfg: DictConfig, name: str, entry: PipelineEntry, cls: type[Stage]) -> BaseModel:
+    params, origin = assemble_params(cfg, name, entry, cls)
+    try:
+        return cls.Params.model_validate(params)
+    except ValidationError as e:
+        section = entry.config or name
+        raise ConfigError(
+            [f"{_describe(err, cls.Params, origin, section)}  [stage '{name}', type {cls.name}]" for err in e.errors()]
+        ) from None
+
+
+def validate(cfg: DictConfig) -> tuple[PipelineSpec, dict[str, StageSpec]]:
+    """Validate the whole pipeline: stage types and every stage's params. Collects all problems."""
+    pipeline = load_pipeline(cfg)
+    problems: list[str] = []
+    specs: dict[str, StageSpec] = {}
+    for name, entry in pipeline.stages.items():
+        try:
+            cls = registry.get(entry.uses)
+        except registry.UnknownStageType as e:
+            problems.append(
+                f"pipeline.stages.{name}.uses: unknown stage type '{entry.uses}'{did_you_mean(entry.uses, e.known)}; "
+                f"known types: {', '.join(e.known)}"
+            )
+            continue
+        try:
+            specs[name] = StageSpec(name, entry, cls, validate_stage(cfg, name, entry, cls))
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems)
+    return pipeline, specs

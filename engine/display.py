@@ -1,0 +1,79 @@
+"""What the user sees in the terminal: a rich progress display while stages run (one line per
+finished stage when the output is not a terminal), and a summary table at the end."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+from .runs import RunRecord, StageRecord, flat_metrics
+
+STATUS_STYLE = {"cached": "green", "ran": "cyan", "failed": "bold red", "skipped": "yellow",
+                "will run": "cyan", "pending": "dim"}
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def headline_metric(metrics: dict) -> str:
+    flat = [(k, v) for k, v in flat_metrics(metrics).items() if isinstance(v, float)]
+    return ", ".join(f"{k}={v:.4g}" for k, v in flat[:2])
+
+
+class Display:
+    """Progress for one run. Live (animated) on a terminal, plain lines otherwise (CI, pipes)."""
+
+    def __init__(self, title: str, stages: Iterable[str]) -> None:
+        self.live = console.is_terminal
+        self.title = title
+        self._tasks: dict[str, int] = {}
+        if self.live:
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                SpinnerColumn(), TextColumn("[bold]{task.fields[stage]:<14}"), BarColumn(bar_width=24),
+                TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True,
+            )
+            self.progress.start()
+        else:
+            console.print(f"edgepipe: {title}")
+
+    def started(self, rec: StageRecord) -> None:
+        if self.live:
+            self._tasks[rec.name] = self.progress.add_task(rec.type, stage=rec.name, total=None)
+
+    def update(self, name: str, completed: float | None = None, total: float | None = None,
+               description: str | None = None) -> None:
+        if self.live and name in self._tasks:
+            kw = {k: v for k, v in (("completed", completed), ("total", total), ("description", description)) if v is not None}
+            self.progress.update(self._tasks[name], **kw)
+        elif description and not self.live:
+            console.print(f"  {name}: {description}")
+
+    def finished(self, rec: StageRecord) -> None:
+        if self.live and rec.name in self._tasks:
+            self.progress.remove_task(self._tasks.pop(rec.name))
+        style = STATUS_STYLE.get(rec.status, "")
+        extra = f"  {rec.error}" if rec.error else (f"  ({rec.reason})" if rec.status == "skipped" else "")
+        line = f"  [{style}]{rec.status:<8}[/] {rec.name:<16} {rec.seconds:7.1f} s{extra}"
+        (self.progress.console if self.live else console).print(line)
+
+    def close(self) -> None:
+        if self.live:
+            self.progress.stop()
+
+
+def summary(record: RunRecord) -> None:
+    table = Table(title=f"{record.name} — {record.status}", title_justify="left")
+    for col in ("stage", "type", "status", "seconds", "key", "metrics"):
+        table.add_column(col, justify="right" if col == "seconds" else "left")
+    for s in record.stages.values():
+        table.add_row(s.name, s.type, f"[{STATUS_STYLE.get(s.status, '')}]{s.status}[/]", f"{s.seconds:.1f}",
+                      (s.key or "")[:10], headline_metric(s.metrics))
+    console.print(table)
+    console.print(f"run folder: {record.run_dir}")
+    for s in record.stages.values():
+        if s.error:
+            err_console.print(f"[bold red]{s.name} failed:[/] {s.error}")

@@ -1,0 +1,62 @@
+"""`edgepipe gc`: remove cache entries that no run refers to."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+from pathlib import Path
+
+from . import runs
+from .cache import Cache, entry_size
+
+
+def referenced_entries(runs_root: Path) -> set[str]:
+    """Absolute paths of cache entries named by any run.json (any status)."""
+    keep: set[str] = set()
+    for run_dir in runs.iter_runs(runs_root):
+        try:
+            data = json.loads((run_dir / runs.RUN_JSON).read_text())
+        except (OSError, ValueError):
+            continue
+        for rec in data.get("stages", {}).values():
+            if rec.get("path"):
+                keep.add(str(Path(rec["path"]).resolve()))
+    return keep
+
+
+def collect(runs_root: Path, dry_run: bool = False) -> int:
+    cache = Cache(Path(runs_root) / "cache")
+    keep = referenced_entries(runs_root)
+    removed, freed = 0, 0
+    for stage_type, key, path in list(cache.entries()):
+        if str(path.resolve()) in keep:
+            continue
+        lock_path = cache.root / stage_type / ".locks" / f"{key}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a") as fh:
+            try:  # an entry being written or read under lock right now is left alone
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            size = entry_size(path)
+            print(f"{'would remove' if dry_run else 'removed'} {stage_type}/{key} ({size / 1e6:.1f} MB)")
+            if not dry_run:
+                cache.discard(stage_type, key)
+            removed += 1
+            freed += size
+    # Temp folders of killed runs (their key's lock is free) are garbage too.
+    for tmp in sorted(cache.root.glob("*/.tmp/*")) if cache.root.is_dir() else []:
+        key = tmp.name.split("-")[0] if not tmp.name.startswith("trash-") else tmp.name.split("-")[1]
+        lock_path = tmp.parent.parent / ".locks" / f"{key}.lock"
+        with open(lock_path, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            print(f"{'would remove' if dry_run else 'removed'} unfinished {tmp.relative_to(cache.root)}")
+            if not dry_run:
+                shutil.rmtree(tmp, ignore_errors=True)
+    verb = "would free" if dry_run else "freed"
+    print(f"gc: {removed} unreferenced cache entries, {verb} {freed / 1e6:.1f} MB")
+    return 0

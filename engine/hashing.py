@@ -1,0 +1,102 @@
+"""Digests of files, folders and JSON values; the (path, size, mtime) index that spares re-reading
+unchanged dataset files."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal values give equal text, so equal hashes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
+
+
+def sha256_json(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def list_files(root: Path) -> list[str]:
+    """Every regular file under root as a POSIX relative path, sorted (symlinks followed to files)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            full = Path(dirpath) / name
+            if full.is_file():
+                found.append(full.relative_to(root).as_posix())
+    return sorted(found)
+
+
+def matches(rel: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(Path(rel).name, p) for p in patterns)
+
+
+def tree_digest(files: Mapping[str, str]) -> str:
+    """Digest of a set of files given as {relative path: sha256}."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(f"{rel}\0{files[rel]}\n".encode())
+    return h.hexdigest()
+
+
+class ContentIndex:
+    """Remembers sha256 by (absolute path, size, mtime_ns) so a dataset folder whose files did not
+    change is hashed without reading them. Stored as one JSON file; a damaged index is ignored."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._entries: dict[str, list] | None = None
+        self._dirty = False
+
+    def _load(self) -> dict[str, list]:
+        if self._entries is None:
+            try:
+                self._entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._entries = {}
+        return self._entries
+
+    def sha256(self, path: Path) -> str:
+        st = path.stat()
+        key = str(path.resolve())
+        hit = self._load().get(key)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return hit[2]
+        digest = sha256_file(path)
+        self._load()[key] = [st.st_size, st.st_mtime_ns, digest]
+        self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self._entries))
+        os.replace(tmp, self.path)
+        self._dirty = False
+
+
+def content_digest(path: Path, index: ContentIndex) -> str:
+    """Digest of a file's or a folder's content (names and bytes, not timestamps)."""
+    path = Path(path)
+    if path.is_dir():
+        return tree_digest({rel: index.sha256(path / rel) for rel in list_files(path)})
+    if path.is_file():
+        return index.sha256(path)
+    raise FileNotFoundError(path)

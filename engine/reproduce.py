@@ -1,0 +1,100 @@
+"""`edgepipe reproduce RUN_DIR`: re-compose a run from its saved config and check it.
+
+Without --verify every stage must hit the cache under the key the original run recorded (same
+config, same code version, same input data). With --verify every stage is recomputed into a scratch
+cache and its outputs compared with the original: by digest, or for stages that declare themselves
+non-deterministic (or whose bytes differ), by their metrics within a tolerance.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from . import runs
+from .display import Display, console
+from .runner import Options, Pipeline
+
+
+def _load(run_dir: Path):
+    cfg_path = run_dir / ".hydra" / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} an edgepipe run folder?")
+    record = runs.RunRecord.load(run_dir)
+    cfg = OmegaConf.load(cfg_path)
+    cfg.runs_root = record.runs_root  # the cache the original run used
+    return cfg, record
+
+
+def reproduce(run_dir: Path, verify: bool = False, tolerance: float = 0.01) -> int:
+    run_dir = Path(run_dir)
+    cfg, original = _load(run_dir)
+    pipeline = Pipeline(cfg, Path(original.runs_root))
+    only = list(original.stages)
+    items = pipeline.plan(Options(only=only), run_name=original.name)
+    problems = []
+    for item in items:
+        old = original.stages.get(item.name)
+        if old and old.key and item.key and old.key != item.key:
+            problems.append(f"{item.name}: key {item.key[:10]} != original {old.key[:10]} ({item.reason})")
+        elif item.status != "cached":
+            problems.append(f"{item.name}: not in the cache ({item.reason})")
+    for p in problems:
+        console.print(f"  [red]✗[/] {p}")
+    if problems and not verify:
+        console.print(f"[red]not reproduced[/]: {len(problems)} of {len(items)} stages miss the cache")
+        return 1
+    if not problems:
+        console.print(f"[green]reproduced[/]: all {len(items)} stages hit the cache with the original keys")
+    if not verify:
+        return 0
+    return _verify(cfg, original, tolerance)
+
+
+def _verify(cfg, original: runs.RunRecord, tolerance: float) -> int:
+    scratch = Path(original.runs_root) / ".verify" / time.strftime("%Y%m%d-%H%M%S")
+    scratch.mkdir(parents=True)
+    try:
+        cfg.runs_root = str(scratch)
+        pipeline = Pipeline(cfg, scratch)
+        record = runs.RunRecord(name=f"verify-{original.name}", run_dir=str(scratch), runs_root=str(scratch))
+        display = Display(f"verify {original.run_dir}", list(original.stages))
+        try:
+            pipeline.execute(record, Options(only=list(original.stages), no_cache=True), display)
+        finally:
+            display.close()
+        bad = 0
+        for name, old in original.stages.items():
+            new = record.stages.get(name)
+            if new is None or new.status != "ran":
+                console.print(f"  [red]✗[/] {name}: {new.status if new else 'missing'} {new.error if new else ''}")
+                bad += 1
+                continue
+            if new.digest == old.digest:
+                console.print(f"  [green]✓[/] {name}: identical outputs")
+                continue
+            diffs = _metric_diffs(old.metrics, new.metrics, tolerance)
+            if diffs is None:
+                console.print(f"  [yellow]~[/] {name}: outputs differ byte-wise and the stage reports no metrics")
+            elif diffs:
+                bad += 1
+                console.print(f"  [red]✗[/] {name}: metrics differ beyond {tolerance}: {'; '.join(diffs)}")
+            else:
+                console.print(f"  [green]✓[/] {name}: outputs differ byte-wise, metrics within {tolerance}")
+        console.print(("[green]verified[/]" if not bad else f"[red]{bad} stages differ[/]"))
+        return 1 if bad else 0
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _metric_diffs(old: dict, new: dict, tolerance: float) -> list[str] | None:
+    a, b = runs.flat_metrics(old), runs.flat_metrics(new)
+    numeric = [k for k in a if isinstance(a[k], (int, float)) and isinstance(b.get(k), (int, float))]
+    if not numeric:
+        return None
+    # Timings are not results: they are never compared.
+    return [f"{k}: {a[k]} -> {b[k]}" for k in numeric
+            if not k.endswith(("seconds", "_s", "peak_mb", "time")) and abs(a[k] - b[k]) > tolerance]

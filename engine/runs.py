@@ -1,0 +1,159 @@
+"""Run folders: runs/<date>/<time>_<name>/ with .hydra/, run.json, report.md and stages/ links."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+RUN_JSON = "run.json"
+
+
+@dataclass
+class StageRecord:
+    name: str
+    type: str
+    status: str = "pending"  # cached | ran | failed | skipped (| pending while running)
+    key: str | None = None
+    seconds: float = 0.0
+    path: str | None = None  # the cache entry (absolute)
+    digest: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None  # why it ran / was skipped
+    error: str | None = None
+
+
+@dataclass
+class RunRecord:
+    name: str
+    run_dir: str
+    runs_root: str
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    status: str = "running"  # running | ok | failed
+    overrides: list[str] = field(default_factory=list)
+    headline: dict[str, Any] | None = None
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished or time.time()) - self.started
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+    def save(self) -> None:
+        """Atomic write: readers never see a half-written run.json."""
+        path = Path(self.run_dir) / RUN_JSON
+        tmp = path.with_name(f".{RUN_JSON}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, default=str))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunRecord":
+        data = json.loads((Path(run_dir) / RUN_JSON).read_text())
+        data.pop("seconds", None)
+        stages = {k: StageRecord(**v) for k, v in data.pop("stages", {}).items()}
+        return cls(**data, stages=stages)
+
+
+def link_stage(run_dir: Path, stage: str, target: Path) -> None:
+    """runs/<run>/stages/<stage> -> the cache entry, as a relative link."""
+    links = Path(run_dir) / "stages"
+    links.mkdir(exist_ok=True)
+    link = links / stage
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(os.path.relpath(target, links))
+
+
+def point_latest(runs_root: Path, run_dir: Path) -> None:
+    latest = Path(runs_root) / "latest"
+    tmp = Path(runs_root) / f".latest.{os.getpid()}"
+    if tmp.is_symlink():
+        tmp.unlink()
+    tmp.symlink_to(os.path.relpath(run_dir, runs_root))
+    os.replace(tmp, latest)
+
+
+def iter_runs(runs_root: Path) -> Iterator[Path]:
+    """Run folders under runs_root, newest first (by start time recorded in the folder name)."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        return iter(())
+    found = [p.parent for p in root.glob("*/*/run.json")] + [p.parent for p in root.glob("*/*/*/run.json")]
+    found = [p for p in found if "cache" not in p.relative_to(root).parts[:1]]
+    return iter(sorted(found, key=lambda p: (p.stat().st_mtime, str(p)), reverse=True))
+
+
+def resolve_run(runs_root: Path, ref: str) -> Path:
+    """A run folder from a path, 'latest', or a unique part of a run folder's name."""
+    p = Path(ref)
+    if (p / RUN_JSON).is_file():
+        return p
+    if ref == "latest" and (Path(runs_root) / "latest" / RUN_JSON).is_file():
+        return (Path(runs_root) / "latest").resolve()
+    matches = [r for r in iter_runs(runs_root) if ref in str(r.relative_to(runs_root))]
+    if len(matches) == 1 or (matches and ref == "latest"):
+        return matches[0]
+    if not matches:
+        raise FileNotFoundError(f"no run matches '{ref}' under {runs_root} (try `edgepipe runs`)")
+    listed = "\n  ".join(str(m) for m in matches[:10])
+    raise FileNotFoundError(f"'{ref}' matches {len(matches)} runs; be more precise:\n  {listed}")
+
+
+def previous_record(runs_root: Path, stage: str, prefer_name: str | None, limit: int = 50) -> StageRecord | None:
+    """The newest record of a stage with this name that completed (for `plan`'s 'why')."""
+    fallback = None
+    for i, run_dir in enumerate(iter_runs(runs_root)):
+        if i >= limit:
+            break
+        try:
+            data = json.loads((run_dir / RUN_JSON).read_text())
+        except (OSError, ValueError):
+            continue
+        rec = data.get("stages", {}).get(stage)
+        if not rec or rec.get("status") not in ("ran", "cached"):
+            continue
+        if prefer_name is None or data.get("name") == prefer_name:
+            return StageRecord(**rec)
+        fallback = fallback or StageRecord(**rec)
+    return fallback
+
+
+def write_report(record: RunRecord) -> None:
+    lines = [f"# {record.name}", "", f"- folder: `{record.run_dir}`", f"- status: **{record.status}**",
+             f"- seconds: {record.seconds:.1f}"]
+    if record.overrides:
+        lines.append(f"- overrides: `{' '.join(record.overrides)}`")
+    if record.headline:
+        lines.append(f"- headline: {record.headline['key']} = {record.headline['value']}")
+    lines += ["", "| stage | type | status | seconds | key | metrics |", "|---|---|---|---|---|---|"]
+    for s in record.stages.values():
+        metrics = ", ".join(f"{k}={_short(v)}" for k, v in flat_metrics(s.metrics).items())
+        lines.append(f"| {s.name} | {s.type} | {s.status} | {s.seconds:.1f} | `{s.key or ''}` | {metrics} |")
+    errors = [s for s in record.stages.values() if s.error]
+    if errors:
+        lines += ["", "## Errors", ""] + [f"- **{s.name}**: {s.error}" for s in errors]
+    lines += ["", "Stage outputs are linked under `stages/`; the exact config is in `.hydra/`.", ""]
+    (Path(record.run_dir) / "report.md").write_text("\n".join(lines))
+
+
+def flat_metrics(metrics: Any, prefix: str = "") -> dict[str, Any]:
+    """{'top1': {'onnx': 0.9}} -> {'top1.onnx': 0.9}; lists are left out (too long for a table)."""
+    out: dict[str, Any] = {}
+    if isinstance(metrics, dict):
+        for k, v in metrics.items():
+            out.update(flat_metrics(v, f"{prefix}{k}."))
+    elif isinstance(metrics, (int, float, str, bool)) or metrics is None:
+        out[prefix[:-1]] = metrics
+    return out
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

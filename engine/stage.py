@@ -1,0 +1,105 @@
+"""The contract between the engine and a stage.
+
+A stage is a class with a name (what ``uses:`` in a pipeline names), a version (bump it when the
+output for the same inputs changes), a pydantic ``Params`` model, the inputs it takes, and a
+``run`` method that reads only its inputs and writes only under ``out``.
+
+Stages are registered through the ``edgepipe.stages`` entry-point group (see pyproject.toml), so the
+engine never imports ``stages/`` itself. Heavy libraries (torch, onnxruntime, rknn) are imported
+inside ``run`` so that planning and fully cached runs stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Callable, ClassVar, Mapping
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StageError(Exception):
+    """A failure a stage explains itself: the message is shown to the user without a traceback.
+
+    Use it for bad input (name the file or the config key and what to do) and for third-party tool
+    failures (a short reason plus the path of the log that holds the details).
+    """
+
+
+class Params(BaseModel):
+    """Base for stage parameter models: unknown keys are errors, values are validated strictly enough
+    that a typo in YAML never silently falls back to a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Marker:
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"<{self.what}>"
+
+
+# A parameter that names a file or folder whose *content* is an input of the stage (a dataset
+# folder, a pretrained weights file). The engine adds the content digest to the stage's cache key,
+# so editing a file in the folder re-runs the stage even though the path string is the same.
+HASH_CONTENT = _Marker("hash content")
+ContentPath = Annotated[Path, HASH_CONTENT]
+
+# A parameter that cannot change the outputs (worker count, progress refresh rate): left out of the
+# cache key so changing it re-uses the cache.
+NOT_IN_KEY = _Marker("not in key")
+
+
+@dataclass(frozen=True)
+class Input:
+    """One named input of a stage: the output folder of the upstream stage wired to it."""
+
+    required: bool = True
+    doc: str = ""
+
+
+@dataclass
+class Context:
+    """What the engine hands a running stage besides its params and inputs."""
+
+    stage: str  # the stage's name in the pipeline (not its type)
+    out: Path
+    log: logging.Logger
+    # progress(completed, total, description) updates this stage's row in the progress display.
+    _progress: Callable[[float | None, float | None, str | None], None] = field(
+        default=lambda c, t, d: None, repr=False
+    )
+
+    def progress(
+        self, completed: float | None = None, total: float | None = None, description: str | None = None
+    ) -> None:
+        self._progress(completed, total, description)
+
+    def note(self, message: str) -> None:
+        """A short line the user should see now (e.g. 'mmse quantization takes minutes')."""
+        self.log.info(message)
+        self._progress(None, None, message)
+
+
+class Stage:
+    """Base class of every stage type."""
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    Params: ClassVar[type[BaseModel]] = Params
+    inputs: ClassVar[Mapping[str, Input]] = {}
+    # Params fields filled from other top-level config sections: {"model": "model"} makes
+    # `model=mobilenet_v3_small` and `model.width=...` reach this stage, and errors name `model.*`.
+    sections: ClassVar[Mapping[str, str]] = {}
+    # True for stages such as ``evaluate`` that accept any further named inputs (each backend).
+    extra_inputs: ClassVar[bool] = False
+    # A stage whose output is not a pure function of params + inputs (none should be) can say so here;
+    # ``reproduce --verify`` then compares its metrics within a tolerance rather than its digests.
+    deterministic: ClassVar[bool] = True
+
+    def run(self, params: Any, inputs: Mapping[str, Path], out: Path, ctx: Context) -> Mapping[str, Any] | None:
+        """Compute the outputs into ``out`` (an empty folder). Return metrics (JSON-able) or None."""
+        raise NotImplementedError

@@ -1,0 +1,94 @@
+"""Cheap stages for the engine's tests (registered through EDGEPIPE_PLUGINS=engine_stages).
+
+Each execution appends '<stage name> <key params>' to the file named by $EDGEPIPE_TEST_COUNTER, so
+tests can count how often a stage really ran across processes and sweeps."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+from engine.stage import NOT_IN_KEY, ContentPath, Input, Params, Stage, StageError
+
+
+def _count(ctx, what: str) -> None:
+    counter = os.environ.get("EDGEPIPE_TEST_COUNTER")
+    if counter:
+        with open(counter, "a") as f:
+            f.write(f"{ctx.stage} {what}\n")
+
+
+class Source(Stage):
+    name = "t_source"
+
+    class Params(Params):
+        value: int = 1
+        sleep: float = 0.0
+        chatter: Annotated[int, NOT_IN_KEY] = 0  # never changes the output
+
+    def run(self, p, inputs, out, ctx):
+        _count(ctx, f"value={p.value}")
+        time.sleep(p.sleep)
+        (out / "value.txt").write_text(str(p.value))
+        return {"value": p.value}
+
+
+class Scale(Stage):
+    name = "t_scale"
+    inputs = {"x": Input(doc="a folder with value.txt")}
+
+    class Params(Params):
+        factor: int = 2
+        modulo: int | None = None  # lets a test make different params give identical outputs
+        sleep: float = 0.0
+
+    def run(self, p, inputs, out, ctx):
+        _count(ctx, f"factor={p.factor}")
+        time.sleep(p.sleep)
+        v = int((inputs["x"] / "value.txt").read_text()) * p.factor
+        if p.modulo:
+            v %= p.modulo
+        (out / "value.txt").write_text(str(v))
+        (out / "run.log").write_text(f"computed at {time.time()}\n")  # volatile: not in the digest
+        return {"value": float(v)}
+
+
+class Add(Stage):
+    name = "t_add"
+    extra_inputs = True
+
+    def run(self, p, inputs, out, ctx):
+        _count(ctx, "")
+        total = sum(int((d / "value.txt").read_text()) for d in inputs.values())
+        (out / "value.txt").write_text(str(total))
+        return {"sum": float(total)}
+
+
+class Fail(Stage):
+    name = "t_fail"
+    inputs = {"x": Input(required=False)}
+
+    class Params(Params):
+        message: str = "this stage always fails"
+
+    def run(self, p, inputs, out, ctx):
+        _count(ctx, "")
+        (out / "partial.txt").write_text("half")
+        raise StageError(p.message)
+
+
+class Folder(Stage):
+    name = "t_folder"
+
+    class Params(Params):
+        path: ContentPath
+
+    def run(self, p, inputs, out, ctx):
+        _count(ctx, "")
+        if not p.path.is_dir():
+            raise StageError(f"t_folder.path: {p.path} is not a folder")
+        names = sorted(f.name for f in p.path.iterdir())
+        (out / "value.txt").write_text(str(sum(len((p.path / n).read_bytes()) for n in names)))
+        return {"files": len(names)}
