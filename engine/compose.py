@@ -85,7 +85,8 @@ def expand_sweep(overrides: list[str], config_dir: Path | None = None) -> list[l
     parsed = parser.parse_overrides(overrides)
     plain = [o.input_line for o in parsed if not o.is_sweep_override()]
     base = compose(plain, config_dir)
-    params = OmegaConf.to_container(base.hydra_cfg.sweeper.get("params") or {}, resolve=False) or {}
+    node = OmegaConf.select(base.hydra_cfg, "sweeper.params")
+    params = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else (node or {})
     from_config = [f"{k}={v}" for k, v in params.items()]
     batches = BasicSweeper.split_arguments(parser.parse_overrides(from_config + list(overrides)), None)
     return [job for batch in batches for job in batch]

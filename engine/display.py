@@ -11,7 +11,8 @@ from rich.table import Table
 from .runs import RunRecord, StageRecord, flat_metrics
 
 STATUS_STYLE = {"cached": "green", "ran": "cyan", "failed": "bold red", "skipped": "yellow",
-                "will run": "cyan", "pending": "dim"}
+                "will run": "cyan", "pending": "dim",
+                "ok": "green", "running": "yellow"}
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)

@@ -57,7 +57,8 @@ class Graph:
             if state.get(name) == 2:
                 return
             if state.get(name) == 1:
-                cycle = path[path.index(name):] + [name]
+                # path follows `needs` backwards; print it in data-flow order (a -> b: b reads a)
+                cycle = list(reversed(path[path.index(name):] + [name]))
                 raise ConfigError([f"pipeline.stages: cycle {' -> '.join(cycle)}"])
             state[name] = 1
             path.append(name)

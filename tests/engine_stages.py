@@ -25,11 +25,13 @@ class Source(Stage):
 
     class Params(Params):
         value: int = 1
-        sleep: float = 0.0
-        chatter: Annotated[int, NOT_IN_KEY] = 0  # never changes the output
+        # Neither changes the output, so neither is in the cache key.
+        sleep: Annotated[float, NOT_IN_KEY] = 0.0
+        chatter: Annotated[int, NOT_IN_KEY] = 0
 
     def run(self, p, inputs, out, ctx):
         _count(ctx, f"value={p.value}")
+        (out / "started").write_text("")  # a killed run must not leave this in the cache
         time.sleep(p.sleep)
         (out / "value.txt").write_text(str(p.value))
         return {"value": p.value}
@@ -89,6 +91,6 @@ class Folder(Stage):
         _count(ctx, "")
         if not p.path.is_dir():
             raise StageError(f"t_folder.path: {p.path} is not a folder")
-        names = sorted(f.name for f in p.path.iterdir())
+        names = sorted(f.name for f in p.path.iterdir() if f.is_file())
         (out / "value.txt").write_text(str(sum(len((p.path / n).read_bytes()) for n in names)))
         return {"files": len(names)}

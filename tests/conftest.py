@@ -1,0 +1,98 @@
+"""Shared fixtures. The engine tests use cheap stages (tests/engine_stages.py) and their own config
+folder (tests/engine_conf/), through the same environment variables a user or a plugin author has."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+EDGEPIPE = Path(sys.executable).parent / "edgepipe"
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+
+class Workspace:
+    """A project folder with its own runs/ and a counter of real stage executions."""
+
+    def __init__(self, root: Path, capsys, config_dir: Path) -> None:
+        self.root = root
+        self.runs = root / "runs"
+        self.counter = root / "counter.txt"
+        self.capsys = capsys
+        self.env = {
+            "EDGEPIPE_RUNS": str(self.runs),
+            "EDGEPIPE_CONFIG_DIR": str(config_dir),
+            "EDGEPIPE_PLUGINS": "engine_stages",
+            "EDGEPIPE_TEST_COUNTER": str(self.counter),
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        }
+
+    def cli(self, *args: str) -> Result:
+        """Run the CLI in this process (fast)."""
+        from engine.cli import main
+
+        self.capsys.readouterr()
+        rc = main(list(args))
+        captured = self.capsys.readouterr()
+        return Result(rc, captured.out, captured.err)
+
+    def spawn(self, *args: str, **kw) -> subprocess.Popen:
+        """Start the CLI as a separate process (for concurrency and kill tests)."""
+        env = {**os.environ, **self.env}
+        return subprocess.Popen([str(EDGEPIPE), *args], cwd=self.root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, **kw)
+
+    def counts(self) -> collections.Counter:
+        if not self.counter.exists():
+            return collections.Counter()
+        return collections.Counter(line.split()[0] for line in self.counter.read_text().splitlines())
+
+    def reset_counts(self) -> None:
+        self.counter.unlink(missing_ok=True)
+
+    def latest(self) -> dict:
+        return json.loads((self.runs / "latest" / "run.json").read_text())
+
+    def statuses(self, run: dict | None = None) -> dict[str, str]:
+        run = run or self.latest()
+        return {k: v["status"] for k, v in run["stages"].items()}
+
+    def entries(self, stage_type: str) -> list[Path]:
+        d = self.runs / "cache" / stage_type
+        return sorted(p for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else []
+
+
+@pytest.fixture
+def ws(tmp_path, capsys, monkeypatch) -> Workspace:
+    w = Workspace(tmp_path, capsys, TESTS / "engine_conf")
+    for k, v in w.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.chdir(tmp_path)
+    return w
+
+
+@pytest.fixture
+def project(tmp_path, capsys, monkeypatch) -> Workspace:
+    """A workspace on the real conf/ and the real stages."""
+    w = Workspace(tmp_path, capsys, REPO / "conf")
+    w.env.pop("EDGEPIPE_PLUGINS")
+    for k, v in w.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("EDGEPIPE_PLUGINS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return w
