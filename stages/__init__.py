@@ -1,0 +1,1 @@
+"""edgepipe stage types (one module per stage type)."""

@@ -1,0 +1,1 @@
+"""Code shared by several stages: preprocessing, the model zoo and model bundles."""

@@ -1,0 +1,452 @@
+"""The model zoo and the ``model.pt`` bundle format.
+
+Importing this module does not import torch (stage modules use ``ModelParams`` at top level while the
+engine plans); torch/torchvision are imported when a model is built or loaded.
+
+Architectures (``model.arch``):
+- ``resnet18``            torchvision ResNet-18.
+- ``mobilenet_v3_small``  torchvision MobileNetV3-Small (``width_mult``, ``dropout``).
+- ``mobilenet_v3_large``  torchvision MobileNetV3-Large.
+- ``gem_resnet``          ResNet-18/34 (``depth``) with generalised-mean pooling (learnable ``p``).
+
+Heads (``model.head``):
+- ``linear`` (default): torchvision's pooling -> flatten -> Linear; state_dict keys are torchvision's.
+- ``conv``: pooling (kept 4-D) -> 1x1 Conv2d -> ``mean`` over H,W (ReduceMean, keepdims=0) giving
+  N x classes. The exported graph holds no Flatten/Reshape/View/Squeeze, which boards such as
+  MaixII-Dock (awnn) require. Linear and 1x1-conv weights load into each other (same keys).
+
+No weights are ever downloaded (torchvision builders always get ``weights=None``);
+``model.pretrained`` names a local file: a torchvision state_dict or one of our bundles/checkpoints.
+
+Bundle (``model.pt``): ``torch.save({"format": "edgepipe.model/1", "arch": <ModelParams dict>,
+"num_classes": int, "state_dict": ...})``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping, Union
+
+from pydantic import model_validator
+
+from engine.stage import HASH_CONTENT, Params, StageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+BUNDLE_FORMAT = "edgepipe.model/1"
+BUNDLE_NAME = "model.pt"
+ARCHS = ("resnet18", "mobilenet_v3_small", "mobilenet_v3_large", "gem_resnet")
+
+
+class ModelParams(Params):
+    """The ``model`` config section."""
+
+    arch: Literal["resnet18", "mobilenet_v3_small", "mobilenet_v3_large", "gem_resnet"] = "resnet18"
+    # linear: flatten + Linear (torchvision); conv: 1x1 conv head, no flatten/reshape in the graph
+    head: Literal["linear", "conv"] = "linear"
+    # gem_resnet backbone depth
+    depth: Literal[18, 34] = 18
+    in_channels: int = 3
+    # resnet18 / gem_resnet: "small" = 3x3 stride-1 first conv and no max-pool (inputs <= 64 px)
+    stem: Literal["imagenet", "small"] = "imagenet"
+    # mobilenet_v3 channel multiplier
+    width_mult: float = 1.0
+    # dropout before the classifier; null = the architecture's default (mobilenet 0.2, resnets 0)
+    dropout: float | None = None
+    # gem_resnet: initial p of generalised-mean pooling and whether it is learned
+    gem_p: float = 3.0
+    gem_learnable: bool = True
+    # local weights file (torchvision state_dict, our model.pt or a train checkpoint); never downloaded
+    pretrained: Annotated[Path | None, HASH_CONTENT] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelParams":
+        if self.in_channels < 1:
+            raise ValueError("in_channels must be >= 1")
+        if self.width_mult <= 0:
+            raise ValueError("width_mult must be > 0")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+        if self.gem_p <= 0:
+            raise ValueError("gem_p must be > 0")
+        return self
+
+    def arch_dict(self) -> dict:
+        """What a bundle stores: everything but the (machine-specific) pretrained path."""
+        d = self.model_dump(mode="json")
+        d["pretrained"] = None
+        return d
+
+
+class WeightsError(StageError):
+    """A weights file that is missing or does not fit the model (the message lists the keys)."""
+
+
+# -- torch classes, created on first use ----------------------------------------------------------
+_CLASSES: dict[str, type] = {}
+
+
+def _classes() -> dict[str, type]:
+    if _CLASSES:
+        return _CLASSES
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    class GeM(nn.Module):
+        """Generalised-mean pooling: (mean(x.clamp(eps) ** p)) ** (1/p), output N x C x 1 x 1."""
+
+        def __init__(self, p: float = 3.0, learnable: bool = True, eps: float = 1e-6) -> None:
+            super().__init__()
+            t = torch.full((1,), float(p))
+            if learnable:
+                self.p = nn.Parameter(t)
+            else:
+                self.register_buffer("p", t)
+            self.eps = eps
+
+        def forward(self, x):
+            p = self.p
+            return F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(p), 1).pow(1.0 / p)
+
+        def extra_repr(self) -> str:
+            return f"p={float(self.p.detach()[0]):.3f}, eps={self.eps}"
+
+    def _conv_like_linear(cin: int, cout: int, linear_init: str) -> nn.Conv2d:
+        conv = nn.Conv2d(cin, cout, kernel_size=1, bias=True)
+        if linear_init == "normal":  # torchvision mobilenet's classifier init
+            nn.init.normal_(conv.weight, 0, 0.01)
+            nn.init.zeros_(conv.bias)
+        return conv  # else: PyTorch default init, the same as nn.Linear's
+
+    class EdgeResNet(ResNet):
+        """torchvision ResNet (same state_dict keys) with stem/pool/head options."""
+
+        head_prefixes = ("fc.",)  # re-initialised when the class count differs
+        trainable_prefixes = ("fc.", "avgpool.")  # left trainable when features are frozen
+        first_conv = "conv1"
+
+        def __init__(
+            self,
+            depth: int,
+            num_classes: int,
+            head: str = "linear",
+            in_channels: int = 3,
+            stem: str = "imagenet",
+            pool: str = "avg",
+            gem_p: float = 3.0,
+            gem_learnable: bool = True,
+            dropout: float = 0.0,
+        ) -> None:
+            layers = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}[depth]
+            super().__init__(BasicBlock, layers, num_classes=num_classes)
+            if stem == "small":
+                self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+                self.maxpool = nn.Identity()
+            elif in_channels != 3:
+                self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+            if pool == "gem":
+                self.avgpool = GeM(gem_p, gem_learnable)
+            self.conv_head = head == "conv"
+            if self.conv_head:
+                self.fc = _conv_like_linear(512, num_classes, "default")
+            self.dropout = float(dropout)
+
+        def forward(self, x):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            x = self.avgpool(x)
+            if self.dropout > 0:
+                x = F.dropout(x, self.dropout, self.training)
+            if self.conv_head:
+                return self.fc(x).mean(dim=(2, 3))
+            return self.fc(torch.flatten(x, 1))
+
+    class EdgeMobileNetV3(MobileNetV3):
+        """torchvision MobileNetV3 (same state_dict keys) with in_channels/head options."""
+
+        head_prefixes = ("classifier.3.",)
+        trainable_prefixes = ("classifier.",)
+        first_conv = "features.0.0"
+
+        def __init__(
+            self,
+            arch: str,
+            num_classes: int,
+            head: str = "linear",
+            in_channels: int = 3,
+            width_mult: float = 1.0,
+            dropout: float = 0.2,
+        ) -> None:
+            setting, last_channel = _mobilenet_v3_conf(arch, width_mult=width_mult)
+            super().__init__(setting, last_channel, num_classes=num_classes, dropout=dropout)
+            if in_channels != 3:
+                old = self.features[0][0]
+                new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+                nn.init.kaiming_normal_(new.weight, mode="fan_out")
+                self.features[0][0] = new
+            self.conv_head = head == "conv"
+            if self.conv_head:
+                lin0, lin3 = self.classifier[0], self.classifier[3]
+                self.classifier[0] = _conv_like_linear(lin0.in_features, lin0.out_features, "normal")
+                self.classifier[3] = _conv_like_linear(lin3.in_features, lin3.out_features, "normal")
+
+        def forward(self, x):
+            x = self.avgpool(self.features(x))
+            if self.conv_head:
+                return self.classifier(x).mean(dim=(2, 3))
+            return self.classifier(torch.flatten(x, 1))
+
+    for cls in (GeM, EdgeResNet, EdgeMobileNetV3):
+        # picklable as stages.common.models.<Name> (module __getattr__ below recreates them)
+        cls.__module__ = __name__
+        cls.__qualname__ = cls.__name__
+    _CLASSES.update(GeM=GeM, EdgeResNet=EdgeResNet, EdgeMobileNetV3=EdgeMobileNetV3)
+    return _CLASSES
+
+
+def __getattr__(name: str) -> Any:  # GeM, EdgeResNet, EdgeMobileNetV3 on demand
+    if name in ("GeM", "EdgeResNet", "EdgeMobileNetV3"):
+        return _classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# -- building ---------------------------------------------------------------------------------------
+def _params(arch: Union[Mapping[str, Any], ModelParams, str]) -> ModelParams:
+    if isinstance(arch, ModelParams):
+        return arch
+    if isinstance(arch, str):
+        return ModelParams(arch=arch)
+    return ModelParams.model_validate(dict(arch))
+
+
+def build_model(arch: Union[Mapping[str, Any], ModelParams, str], num_classes: int):
+    """A freshly initialised model (never downloads weights; ``pretrained`` is NOT loaded here)."""
+    p = _params(arch)
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    c = _classes()
+    if p.arch in ("resnet18", "gem_resnet"):
+        return c["EdgeResNet"](
+            depth=18 if p.arch == "resnet18" else p.depth,
+            num_classes=num_classes,
+            head=p.head,
+            in_channels=p.in_channels,
+            stem=p.stem,
+            pool="gem" if p.arch == "gem_resnet" else "avg",
+            gem_p=p.gem_p,
+            gem_learnable=p.gem_learnable,
+            dropout=0.0 if p.dropout is None else p.dropout,
+        )
+    return c["EdgeMobileNetV3"](
+        arch=p.arch,
+        num_classes=num_classes,
+        head=p.head,
+        in_channels=p.in_channels,
+        width_mult=p.width_mult,
+        dropout=0.2 if p.dropout is None else p.dropout,
+    )
+
+
+def head_prefixes(module) -> tuple[str, ...]:
+    return getattr(module, "head_prefixes", ("fc.", "classifier.", "head."))
+
+
+def trainable_prefixes(module) -> tuple[str, ...]:
+    """Parameter-name prefixes left trainable when a finetune freezes the feature layers."""
+    return getattr(module, "trainable_prefixes", head_prefixes(module))
+
+
+# -- bundles ----------------------------------------------------------------------------------------
+def _bundle_path(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    return path / BUNDLE_NAME if path.is_dir() else path
+
+
+def save_model(path: Union[str, Path], module, arch: Union[Mapping[str, Any], ModelParams], num_classes: int) -> Path:
+    """Write a ``model.pt`` bundle (a folder gets ``model.pt`` inside it)."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / BUNDLE_NAME
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+    torch.save(
+        {"format": BUNDLE_FORMAT, "arch": _params(arch).arch_dict(), "num_classes": int(num_classes), "state_dict": state},
+        path,
+    )
+    return path
+
+
+def _torch_load(path: Path):
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # e.g. a Lightning checkpoint whose hyper-parameters hold custom types: a local file the user named
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_bundle(path: Union[str, Path]) -> dict:
+    """The bundle dict of a ``model.pt`` (file or folder holding one)."""
+    path = _bundle_path(path)
+    if not path.is_file():
+        raise WeightsError(f"model bundle not found: {path}")
+    try:
+        obj = _torch_load(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise WeightsError(f"cannot read model bundle {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(obj, dict) or obj.get("format") != BUNDLE_FORMAT:
+        raise WeightsError(f"{path} is not an edgepipe model bundle (expected format {BUNDLE_FORMAT!r})")
+    return obj
+
+
+def load_model(path: Union[str, Path]):
+    """Rebuild the module stored in a ``model.pt`` bundle, in eval mode."""
+    b = read_bundle(path)
+    module = build_model(b["arch"], b["num_classes"])
+    module.load_state_dict(b["state_dict"], strict=True)
+    return module.eval()
+
+
+def read_state_dict(path: Union[str, Path]) -> tuple[dict, dict]:
+    """(state_dict, info) from any supported weights file: a torchvision state_dict, a model.pt bundle
+    (file or folder), a Lightning checkpoint of the train stage, or a pickled nn.Module.
+    info holds ``kind`` and, for bundles and train checkpoints, ``arch`` and ``num_classes``."""
+    import torch
+
+    path = _bundle_path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        obj = _torch_load(path)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
+    info: dict[str, Any] = {"path": str(path)}
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and obj.get("format") == BUNDLE_FORMAT:
+        info.update(kind="bundle", arch=obj.get("arch"), num_classes=obj.get("num_classes"))
+        sd = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and (
+        "pytorch-lightning_version" in obj or "epoch" in obj or "optimizer_states" in obj
+    ):
+        info["kind"] = "lightning"
+        hp = obj.get("hyper_parameters") or {}
+        if isinstance(hp, dict) and "arch" in hp:
+            info.update(arch=hp.get("arch"), num_classes=hp.get("num_classes"))
+        sd = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        info["kind"] = "state_dict"
+        sd = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        info["kind"] = "state_dict"
+        sd = obj["model"]
+    elif isinstance(obj, dict):
+        info["kind"] = "state_dict"
+        sd = obj
+    else:
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state_dict or checkpoint")
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise WeightsError(f"{path} holds no tensors")
+    for prefix in ("model.", "module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd, info
+
+
+def _fmt_keys(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def infer_num_classes(state_dict: Mapping[str, Any], arch: Union[Mapping[str, Any], ModelParams]) -> int:
+    """The class count a state_dict's head was trained for."""
+    p = _params(arch)
+    key = "fc.weight" if p.arch in ("resnet18", "gem_resnet") else "classifier.3.weight"
+    if key not in state_dict:
+        raise WeightsError(f"cannot tell the class count: the weights have no {key!r} (is model.arch={p.arch} right?)")
+    return int(state_dict[key].shape[0])
+
+
+def load_weights(module, source: Union[str, Path, Mapping[str, Any]]) -> dict:
+    """Load weights into ``module``: a path (any format ``read_state_dict`` takes) or a state_dict.
+
+    - tensors whose shapes differ only by a Linear <-> 1x1 conv reshape are reshaped;
+    - a 3-channel first conv loads into a 1-channel one (summed over RGB) and vice versa (averaged);
+    - the classifier head is re-initialised (kept as built) when its class count differs;
+    - GeM's ``p`` may be missing (torchvision weights).
+    Anything else that does not fit raises WeightsError listing missing/unexpected/mismatched keys.
+    Returns a report: loaded/adapted/reinitialized/kept key lists and the source.
+    """
+    import torch
+
+    if isinstance(source, (str, Path)):
+        sd, info = read_state_dict(source)
+        where = str(source)
+    else:
+        sd, info, where = dict(source), {"kind": "state_dict"}, "<state_dict>"
+    own = module.state_dict()
+    heads = head_prefixes(module)
+    first = getattr(module, "first_conv", None)
+    new: dict[str, Any] = {}
+    adapted, reinit, mismatched, unexpected = [], [], [], []
+    for k, v in sd.items():
+        if k not in own:
+            unexpected.append(k)
+            continue
+        t = own[k]
+        if v.shape == t.shape:
+            new[k] = v
+        elif v.numel() == t.numel() and v.squeeze().shape == t.squeeze().shape and v.dim() in (1, 2, 4) and t.dim() in (1, 2, 4):
+            new[k] = v.reshape(t.shape)  # Linear <-> 1x1 conv
+            adapted.append(k)
+        elif any(k.startswith(h) for h in heads):
+            reinit.append(k)
+        elif first and k == f"{first}.weight" and v.dim() == 4 and v.shape[0] == t.shape[0] and v.shape[2:] == t.shape[2:]:
+            if t.shape[1] == 1:
+                new[k] = v.sum(dim=1, keepdim=True)
+            else:
+                new[k] = v.mean(dim=1, keepdim=True).repeat(1, t.shape[1], 1, 1) * (v.shape[1] / t.shape[1])
+            adapted.append(k)
+        else:
+            mismatched.append(f"{k}: file {list(v.shape)} vs model {list(t.shape)}")
+    # a head is re-initialised as a whole (weight and bias)
+    if reinit:
+        prefixes = {k.rsplit(".", 1)[0] + "." for k in reinit}
+        for k in list(new):
+            if any(k.startswith(p) for p in prefixes):
+                del new[k]
+                reinit.append(k)
+    optional = ("avgpool.p", "num_batches_tracked")
+    missing = [k for k in own if k not in sd and not k.endswith(optional)]
+    if missing or unexpected or mismatched:
+        parts = [f"weights {where} do not fit the model ({type(module).__name__})"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_fmt_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_fmt_keys(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches ({len(mismatched)}): {_fmt_keys(mismatched)}")
+        parts.append("check model.arch / model.depth / model.stem / model.in_channels against the file")
+        raise WeightsError("; ".join(parts))
+    merged = dict(own)
+    merged.update({k: v.to(dtype=own[k].dtype) if torch.is_floating_point(own[k]) else v for k, v in new.items()})
+    module.load_state_dict(merged, strict=True)
+    kept = sorted(k for k in own if k not in new)
+    return {
+        "source": where,
+        "kind": info.get("kind"),
+        "loaded": len(new),
+        "adapted": sorted(adapted),
+        "reinitialized": sorted(set(reinit)),
+        "kept": kept,
+    }

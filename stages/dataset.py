@@ -1,0 +1,567 @@
+"""The ``dataset`` stage: read an image-classification dataset, split it, decode and resize it once.
+
+Kinds (``dataset=KIND dataset.path=...``):
+- ``digits``        scikit-learn's bundled ``load_digits`` (8x8 grayscale, 0..16), offline default.
+- ``folder``        ``path/<class>/**/<image>``; class names are folder names (unicode, spaces ok).
+- ``split_folders`` ``path/{train,val,test}/<class>/...``; a missing val/test is carved out of train.
+- ``filelist``      text lines ``relative/path<SEP>label`` (label = class name or index); ``path`` is
+                    one list file (split by ratios) or a folder with ``train.txt``/``val.txt``/``test.txt``.
+- ``idx``           MNIST-format ``*-images-idx3-ubyte[.gz]`` + ``*-labels-idx1-ubyte[.gz]``.
+
+Outputs (DEVELOPERS.md): ``images_{split}.npy`` (uint8 N x H x W x 3 RGB, resized with the
+``preprocess`` section), ``labels_{split}.npy`` (int64), ``index.csv`` (path,label,split),
+``labels.txt``, ``class_counts.json``, ``skipped.csv`` (path,reason), ``preprocess.json``; also
+``duplicates.csv`` (identical files found in two splits) and ``dataset.json`` (a summary).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+import unicodedata
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import model_validator
+
+from engine.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
+from stages.common.preprocess import Preprocess, load_image, resize
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test", "testing": "test", "t10k": "test",
+}
+
+
+class SplitRatios(Params):
+    """Fractions of each class that go to each split (train = 1 - val - test when left out)."""
+
+    train: float | None = None
+    val: float = 0.1
+    test: float = 0.1
+
+    @model_validator(mode="after")
+    def _check(self) -> "SplitRatios":
+        for k in ("val", "test"):
+            if not 0.0 <= getattr(self, k) < 1.0:
+                raise ValueError(f"split.{k} must be in [0, 1)")
+        train = 1.0 - self.val - self.test if self.train is None else self.train
+        if train <= 0:
+            raise ValueError(f"split.train must be > 0 (val + test = {self.val + self.test:g})")
+        if abs(train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"split ratios must sum to 1, got train={train:g} val={self.val:g} test={self.test:g}")
+        return self
+
+    def ratios(self) -> dict[str, float]:
+        train = 1.0 - self.val - self.test if self.train is None else self.train
+        return {"train": train, "val": self.val, "test": self.test}
+
+
+@dataclass
+class _Item:
+    path: str  # as written to index.csv (relative to the dataset root) or "digits/17"
+    label: int
+    split: str | None = None  # fixed by the source (split folders/lists/idx files), else None
+    file: Path | None = None  # file to decode (None: `array` holds the pixels)
+    array: np.ndarray | None = None  # uint8 H x W (grayscale) or H x W x 3
+    group: str | None = None
+
+
+def _nfc(s: str) -> str:
+    return unicodedata.normalize("NFC", s)
+
+
+def _is_hidden(rel: Path) -> bool:
+    return any(part.startswith(".") or part in ("__MACOSX", "Thumbs.db", "desktop.ini") for part in rel.parts)
+
+
+def _files_under(folder: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
+        for f in filenames:
+            p = Path(dirpath) / f
+            if not _is_hidden(p.relative_to(folder)):
+                out.append(p)
+    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    dirs = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX"]
+    return sorted(dirs, key=lambda d: _nfc(d.name))
+
+
+class Dataset(Stage):
+    name = "dataset"
+    version = 1
+    sections = {"preprocess": "preprocess"}
+    inputs: dict[str, Input] = {}
+
+    class Params(Params):
+        kind: Literal["digits", "folder", "split_folders", "filelist", "idx"] = "digits"
+        # dataset folder, list file or idx file/folder (content-hashed into the cache key)
+        path: Annotated[Path | None, HASH_CONTENT] = None
+        # filelist: the folder list paths are relative to (default: the folder holding `path`)
+        root: Annotated[Path | None, HASH_CONTENT] = None
+        separator: str = "----"
+        # class names in label-index order (filelist/idx labels given as indices); or a labels file
+        classes: list[str] | None = None
+        classes_file: Annotated[Path | None, HASH_CONTENT] = None
+        split: SplitRatios = SplitRatios()
+        seed: int = 0
+        # regex searched in each file name; files with the same match (group 1 if any) share a split
+        group_by: str | None = None
+        # true: any unreadable image is an error instead of a line in skipped.csv
+        strict: bool = False
+        # decoding threads (0 or null: one per CPU)
+        workers: Annotated[int | None, NOT_IN_KEY] = None
+        preprocess: Preprocess = Preprocess()
+
+        @model_validator(mode="after")
+        def _check(self) -> "Dataset.Params":
+            if self.kind != "digits" and self.path is None:
+                raise ValueError(f"dataset.path is required for kind={self.kind} (a folder or file)")
+            if not self.separator:
+                raise ValueError("separator must not be empty")
+            if self.group_by is not None:
+                try:
+                    re.compile(self.group_by)
+                except re.error as e:
+                    raise ValueError(f"group_by is not a valid regex: {e}") from e
+            if self.classes is not None and self.classes_file is not None:
+                raise ValueError("give classes or classes_file, not both")
+            return self
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, params: "Dataset.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]:
+        p = params
+        given = self._given_classes(p)
+        if p.group_by and p.kind in ("digits", "idx"):
+            raise StageError(f"dataset.group_by works on file names; kind={p.kind} has none (remove group_by)")
+        reader = {
+            "digits": self._digits,
+            "folder": self._folder,
+            "split_folders": self._split_folders,
+            "filelist": self._filelist,
+            "idx": self._idx,
+        }[p.kind]
+        items, classes = reader(p, given, ctx)
+        if len(classes) < 2:
+            raise StageError(f"dataset needs at least two classes, found {len(classes)} ({classes}) in {p.path}")
+        if p.group_by:
+            rx = re.compile(p.group_by)
+            for it in items:
+                m = rx.search(Path(it.path).name)
+                it.group = (m.group(1) if m.groups() else m.group(0)) if m else None
+
+        images, digests, skipped = self._decode(items, p, ctx)
+        keep = [i for i, im in enumerate(images) if im is not None]
+        if skipped and p.strict:
+            lines = "; ".join(f"{path}: {why}" for path, why in skipped[:10])
+            more = f" (and {len(skipped) - 10} more)" if len(skipped) > 10 else ""
+            raise StageError(f"{len(skipped)} unreadable image(s) with dataset.strict=true: {lines}{more}")
+        counts = Counter(items[i].label for i in keep)
+        for c, name in enumerate(classes):
+            if counts[c] == 0:
+                n_bad = sum(1 for it in items if it.label == c)
+                hint = f" (all {n_bad} of its files were unreadable)" if n_bad else ""
+                raise StageError(f"class {name!r} has no images{hint} in {p.path or p.kind}; remove it or add images")
+
+        splits = self._assign(items, keep, classes, p)
+        train_labels = {items[i].label for i in keep if splits[i] == "train"}
+        for c, name in enumerate(classes):
+            if c not in train_labels:
+                raise StageError(f"class {name!r} has no training images; add some or change the split")
+
+        # -- outputs ----------------------------------------------------------------------------
+        h, w = p.preprocess.input_size
+        by_split: dict[str, list[int]] = {s: [i for i in keep if splits[i] == s] for s in SPLITS}
+        for s in SPLITS:
+            idx = by_split[s]
+            arr = np.stack([images[i] for i in idx]) if idx else np.zeros((0, h, w, 3), np.uint8)
+            np.save(out / f"images_{s}.npy", np.ascontiguousarray(arr, dtype=np.uint8))
+            np.save(out / f"labels_{s}.npy", np.asarray([items[i].label for i in idx], dtype=np.int64))
+        with open(out / "index.csv", "w", newline="", encoding="utf-8") as f:
+            wr = csv.writer(f)
+            wr.writerow(["path", "label", "split"])
+            for s in SPLITS:
+                for i in by_split[s]:
+                    wr.writerow([items[i].path, items[i].label, s])
+        (out / "labels.txt").write_text("".join(c + "\n" for c in classes), encoding="utf-8")
+        class_counts = {
+            s: {c: sum(1 for i in by_split[s] if items[i].label == k) for k, c in enumerate(classes)} for s in SPLITS
+        }
+        class_counts["total"] = {c: counts[k] for k, c in enumerate(classes)}
+        (out / "class_counts.json").write_text(json.dumps(class_counts, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        with open(out / "skipped.csv", "w", newline="", encoding="utf-8") as f:
+            wr = csv.writer(f)
+            wr.writerow(["path", "reason"])
+            wr.writerows(skipped)
+        dups = self._duplicates(items, keep, splits, digests)
+        with open(out / "duplicates.csv", "w", newline="", encoding="utf-8") as f:
+            wr = csv.writer(f)
+            wr.writerow(["sha1", "split", "path"])
+            for digest, rows in dups:
+                for s, path in rows:
+                    wr.writerow([digest, s, path])
+        p.preprocess.save(out)
+        summary = {
+            "kind": p.kind,
+            "num_classes": len(classes),
+            "splits": {s: len(by_split[s]) for s in SPLITS},
+            "input_size": list(p.preprocess.input_size),
+            "skipped": len(skipped),
+            "duplicates_across_splits": len(dups),
+        }
+        (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        if skipped:
+            ctx.note(f"skipped {len(skipped)} unreadable file(s): see skipped.csv")
+        if dups:
+            ctx.note(f"{len(dups)} identical file(s) appear in two splits: see duplicates.csv")
+        return {
+            "num_classes": len(classes),
+            **{f"n_{s}": len(by_split[s]) for s in SPLITS},
+            "skipped": len(skipped),
+            "duplicates_across_splits": len(dups),
+        }
+
+    # -- classes --------------------------------------------------------------------------------
+    @staticmethod
+    def _given_classes(p: "Dataset.Params") -> list[str] | None:
+        if p.classes is not None:
+            names = [_nfc(str(c)) for c in p.classes]
+        elif p.classes_file is not None:
+            if not p.classes_file.is_file():
+                raise StageError(f"dataset.classes_file not found: {p.classes_file}")
+            names = [_nfc(x.strip()) for x in p.classes_file.read_text(encoding="utf-8-sig").splitlines() if x.strip()]
+        else:
+            return None
+        dup = [n for n, k in Counter(names).items() if k > 1]
+        if dup:
+            raise StageError(f"dataset classes repeat a name: {dup}")
+        return names
+
+    # -- readers --------------------------------------------------------------------------------
+    def _digits(self, p, given, ctx):
+        if p.path is not None:
+            raise StageError("dataset.path is not used by kind=digits (remove it, or pick another dataset kind)")
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        pix = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+        classes = given or [str(i) for i in range(10)]
+        if len(classes) != 10:
+            raise StageError(f"digits has 10 classes, dataset.classes lists {len(classes)}")
+        items = [_Item(path=f"digits/{i}", label=int(t), array=pix[i]) for i, t in enumerate(d.target)]
+        return items, classes
+
+    def _dir(self, p) -> Path:
+        path = Path(p.path)
+        if not path.is_dir():
+            raise StageError(f"dataset.path must be a folder for kind={p.kind}: {path} {'is a file' if path.exists() else 'does not exist'}")
+        return path
+
+    def _folder(self, p, given, ctx, base: Path | None = None, split: str | None = None, classes=None):
+        root = self._dir(p)
+        base = base or root
+        dirs = _class_dirs(base)
+        names = [_nfc(d.name) for d in dirs]
+        if classes is None:
+            classes = given if given is not None else names
+            unknown = [n for n in names if n not in classes]
+            if unknown:
+                raise StageError(f"class folder(s) {unknown} in {base} are not in dataset.classes {classes}")
+        if not dirs:
+            raise StageError(f"no class folders in {base} (expected {base}/<class>/<image files>)")
+        items = []
+        for d, name in zip(dirs, names):
+            if name not in classes:
+                raise StageError(f"class folder {d} is not a class of the train split ({classes})")
+            files = _files_under(d)
+            if not files:
+                raise StageError(f"class folder {d} has no files; remove it or add images")
+            label = classes.index(name)
+            for f in files:
+                items.append(_Item(path=f.relative_to(root).as_posix(), label=label, split=split, file=f))
+        return items, classes
+
+    def _split_folders(self, p, given, ctx):
+        root = self._dir(p)
+        found: dict[str, Path] = {}
+        for d in sorted(root.iterdir()):
+            s = _SPLIT_ALIASES.get(d.name.lower()) if d.is_dir() else None
+            if s is not None:
+                if s in found:
+                    raise StageError(f"two folders for split {s!r} in {root}: {found[s].name}, {d.name}")
+                found[s] = d
+        if "train" not in found:
+            raise StageError(f"kind=split_folders needs {root}/train/<class>/... (found {sorted(x.name for x in root.iterdir())})")
+        items, classes = self._folder(p, given, ctx, base=found["train"], split="train")
+        if given is None:  # classes of val/test that train lacks are an error, not new classes
+            classes = list(classes)
+        for s in ("val", "test"):
+            if s in found:
+                more, _ = self._folder(p, given, ctx, base=found[s], split=s, classes=classes)
+                items += more
+        return items, classes
+
+    def _list_files(self, p) -> list[tuple[Path, str | None]]:
+        path = Path(p.path)
+        if path.is_file():
+            if p.root is None:
+                raise StageError(
+                    "dataset.root is required when dataset.path is a single list file: name the image folder "
+                    "so its content is part of the cache key (or point dataset.path at the folder holding the lists)"
+                )
+            return [(path, None)]
+        if not path.is_dir():
+            raise StageError(f"dataset.path does not exist: {path}")
+        lists: list[tuple[Path, str | None]] = []
+        for f in sorted(path.iterdir()):
+            if f.is_file() and f.suffix.lower() in (".txt", ".list", ".lst", ".csv"):
+                s = _SPLIT_ALIASES.get(f.stem.lower())
+                if s is not None:
+                    lists.append((f, s))
+        if not lists:
+            candidates = [f for f in sorted(path.iterdir()) if f.is_file() and f.suffix.lower() in (".txt", ".list", ".lst")]
+            candidates = [f for f in candidates if f.name not in ("labels.txt", "classes.txt")]
+            if len(candidates) != 1:
+                raise StageError(
+                    f"kind=filelist: {path} must hold train.txt (and optional val.txt, test.txt) or exactly one list "
+                    f"file; found {[f.name for f in candidates]}"
+                )
+            lists = [(candidates[0], None)]
+        if not any(s == "train" for _, s in lists) and any(s for _, s in lists):
+            raise StageError(f"kind=filelist: {path} has {[f.name for f, _ in lists]} but no train list")
+        return lists
+
+    def _filelist(self, p, given, ctx):
+        lists = self._list_files(p)
+        path = Path(p.path)
+        root = Path(p.root) if p.root is not None else (path if path.is_dir() else path.parent)
+        if not root.is_dir():
+            raise StageError(f"dataset.root is not a folder: {root}")
+        sep = p.separator
+        rows: list[tuple[Path, int, str, str, str | None]] = []  # list file, line, rel path, label token, split
+        for lf, s in lists:
+            text = lf.read_bytes().decode("utf-8-sig", errors="strict")
+            for n, raw in enumerate(text.splitlines(), start=1):
+                line = raw.strip()
+                if not line or line.startswith("#"):
+                    continue
+                if sep not in line:
+                    raise StageError(f"{lf}:{n}: no separator {sep!r} in line {raw!r} (set dataset.separator)")
+                rel, tok = line.rsplit(sep, 1)
+                rel, tok = rel.strip(), _nfc(tok.strip())
+                if not rel or not tok:
+                    raise StageError(f"{lf}:{n}: expected 'path{sep}label', got {raw!r}")
+                rows.append((lf, n, rel, tok, s))
+        if given is not None:
+            classes = given
+            lookup = {c: i for i, c in enumerate(classes)}
+        elif rows and all(re.fullmatch(r"\d+", t) for _, _, _, t, _ in rows):
+            classes = [str(i) for i in range(max(int(t) for _, _, _, t, _ in rows) + 1)]
+            lookup = {c: i for i, c in enumerate(classes)}
+        else:
+            classes = sorted({t for _, _, _, t, _ in rows})
+            lookup = {c: i for i, c in enumerate(classes)}
+        items = []
+        for lf, n, rel, tok, s in rows:
+            if tok in lookup:
+                label = lookup[tok]
+            elif re.fullmatch(r"\d+", tok) and int(tok) < len(classes):
+                label = int(tok)
+            else:
+                raise StageError(f"{lf}:{n}: unknown label {tok!r}; known classes: {classes[:20]}")
+            f = Path(rel) if Path(rel).is_absolute() else root / rel
+            if not f.is_file():
+                raise StageError(f"{lf}:{n}: file {rel!r} not found (looked for {f})")
+            try:
+                shown = f.resolve().relative_to(root.resolve()).as_posix()
+            except ValueError:
+                shown = rel
+            items.append(_Item(path=shown, label=label, split=s, file=f))
+        if not items:
+            raise StageError(f"no entries in the list file(s) {[str(f) for f, _ in lists]}")
+        return items, classes
+
+    @staticmethod
+    def _read_idx(path: Path) -> np.ndarray:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        try:
+            with opener(path, "rb") as f:
+                data = f.read()
+            zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+            if zero != 0:
+                raise ValueError("bad magic number")
+            dt = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[dtype_code]
+            shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+            arr = np.frombuffer(data, dtype=dt, offset=4 + 4 * ndim)
+            if arr.size != int(np.prod(shape)):
+                raise ValueError(f"header says shape {shape} but the file holds {arr.size} values")
+            return arr.reshape(shape)
+        except (OSError, EOFError, KeyError, struct.error, ValueError) as e:
+            raise StageError(f"cannot read idx file {path}: {type(e).__name__}: {e}") from e
+
+    def _idx(self, p, given, ctx):
+        path = Path(p.path)
+        if path.is_file():
+            image_files = [path]
+        elif path.is_dir():
+            image_files = sorted(f for f in path.iterdir() if f.is_file() and "idx3" in f.name and "image" in f.name.lower())
+        else:
+            raise StageError(f"dataset.path does not exist: {path}")
+        if not image_files:
+            raise StageError(f"kind=idx: no '*images-idx3-ubyte[.gz]' files in {path}")
+        parts = []
+        for imf in image_files:
+            lname = imf.name.replace("images", "labels").replace("idx3", "idx1")
+            lbf = imf.with_name(lname)
+            if not lbf.is_file():
+                raise StageError(f"kind=idx: labels file {lbf.name} for {imf.name} not found in {imf.parent}")
+            imgs, labels = self._read_idx(imf), self._read_idx(lbf)
+            if imgs.ndim not in (3, 4) or (imgs.ndim == 4 and imgs.shape[-1] not in (1, 3)):
+                raise StageError(f"{imf}: expected N x H x W (or N x H x W x 1|3) images, got shape {imgs.shape}")
+            if labels.ndim != 1 or len(labels) != len(imgs):
+                raise StageError(f"{lbf}: {labels.shape} labels for {len(imgs)} images in {imf.name}")
+            if imgs.dtype != np.uint8:
+                raise StageError(f"{imf}: images must be unsigned bytes (idx type 0x08), got {imgs.dtype}")
+            low = imf.name.lower()
+            split = "test" if ("t10k" in low or "test" in low) else "val" if "val" in low else "train" if "train" in low else None
+            parts.append((imf, imgs, labels.astype(np.int64), split))
+        values = sorted({int(v) for _, _, lab, _ in parts for v in np.unique(lab)})
+        if given is not None:
+            if values and (values[0] < 0 or values[-1] >= len(given)):
+                raise StageError(f"kind=idx: labels run {values[0]}..{values[-1]} but dataset.classes has {len(given)} names")
+            classes, remap = given, {v: v for v in values}
+        else:
+            classes, remap = [str(v) for v in values], {v: i for i, v in enumerate(values)}
+        splits = [s for *_, s in parts]
+        if len(parts) > 1 and None in splits:
+            raise StageError(f"kind=idx: cannot tell the split of {[f.name for f, *_, s in parts if s is None]} (name them train-/t10k-)")
+        items = []
+        for imf, imgs, labels, split in parts:
+            imgs = imgs[..., 0] if imgs.ndim == 4 and imgs.shape[-1] == 1 else imgs
+            for i in range(len(imgs)):
+                items.append(_Item(path=f"{imf.name}#{i}", label=remap[int(labels[i])], split=split, array=imgs[i]))
+        return items, classes
+
+    # -- decoding -------------------------------------------------------------------------------
+    def _decode(self, items: list[_Item], p, ctx):
+        spec = p.preprocess
+        from PIL import Image
+
+        def one(it: _Item):
+            if it.array is not None:
+                a = it.array
+                img = Image.fromarray(np.ascontiguousarray(a), "L" if a.ndim == 2 else "RGB").convert("RGB")
+                return resize(img, spec), hashlib.sha1(a.tobytes()).hexdigest(), None
+            try:
+                data = it.file.read_bytes()
+            except OSError as e:
+                return None, None, f"unreadable: {e.strerror or e}"
+            if not data:
+                return None, None, "empty file (0 bytes)"
+            try:
+                img = load_image(io.BytesIO(data))
+                arr = resize(img, spec)
+            except Exception as e:  # noqa: BLE001 - every decoder failure is a skip reason
+                if type(e).__name__ == "UnidentifiedImageError":
+                    return None, None, "not an image (Pillow cannot identify the format)"
+                return None, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'decode failed'}"
+            return arr, hashlib.sha1(data).hexdigest(), None
+
+        workers = p.workers or os.cpu_count() or 1
+        n = len(items)
+        images: list[np.ndarray | None] = [None] * n
+        digests: list[str | None] = [None] * n
+        skipped: list[tuple[str, str]] = []
+        ctx.progress(0, n, f"decoding {n} images")
+        step = max(1, n // 50)
+        if workers <= 1 or n < 64:
+            results = map(one, items)
+            pool = None
+        else:
+            pool = ThreadPoolExecutor(max_workers=workers)
+            results = pool.map(one, items, chunksize=32)
+        try:
+            for i, (arr, digest, why) in enumerate(results):
+                images[i], digests[i] = arr, digest
+                if why is not None:
+                    skipped.append((items[i].path, why))
+                if (i + 1) % step == 0 or i + 1 == n:
+                    ctx.progress(i + 1, n, f"decoding images {i + 1}/{n}")
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        return images, digests, skipped
+
+    # -- splitting ------------------------------------------------------------------------------
+    def _assign(self, items: list[_Item], keep: list[int], classes: list[str], p) -> dict[int, str]:
+        """Stratified, seeded split. Splits fixed by the source are kept; the configured ratios split
+        the rest (when the source fixes none) or carve the missing splits out of the train pool."""
+        splits: dict[int, str] = {}
+        fixed = {items[i].split for i in keep if items[i].split is not None}
+        ratios = p.split.ratios()
+        if fixed:
+            pool = []
+            for i in keep:
+                s = items[i].split
+                if s in (None, "train"):
+                    pool.append(i)
+                else:
+                    splits[i] = s
+            carve = {s: ratios[s] for s in ("val", "test") if s not in fixed}
+            targets = {"train": max(0.0, 1.0 - sum(carve.values())), **carve}
+        else:
+            pool = list(keep)
+            targets = ratios
+        # groups: files whose group_by match is equal travel together; others are their own group
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i in pool:
+            key = items[i].group
+            groups[f"g:{key}" if key is not None else f"i:{i}"].append(i)
+        per_class: dict[int, list[list[int]]] = defaultdict(list)
+        for key in sorted(groups):
+            members = groups[key]
+            label = Counter(items[i].label for i in members).most_common(1)[0][0]
+            per_class[label].append(members)
+        order = ["train", "val", "test"]
+        for c in sorted(per_class):
+            rng = np.random.default_rng([p.seed, c])
+            glist = per_class[c]
+            perm = rng.permutation(len(glist))
+            glist = [glist[j] for j in perm]
+            total = sum(len(g) for g in glist)
+            want = {s: targets.get(s, 0.0) * total for s in order}
+            have = {s: 0 for s in order}
+            for j, g in enumerate(glist):
+                if j == 0:  # every class keeps at least one training group
+                    s = "train"
+                else:
+                    candidates = [s for s in order if want[s] > 0]
+                    s = max(candidates, key=lambda s: (want[s] - have[s], -order.index(s)))
+                have[s] += len(g)
+                for i in g:
+                    splits[i] = s
+        return splits
+
+    @staticmethod
+    def _duplicates(items, keep, splits, digests) -> list[tuple[str, list[tuple[str, str]]]]:
+        where: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for i in keep:
+            if digests[i] is not None:
+                where[digests[i]].append((splits[i], items[i].path))
+        return [(d, rows) for d, rows in sorted(where.items()) if len({s for s, _ in rows}) > 1]
