@@ -1,0 +1,255 @@
+"""Parity checks between two backends of the same model, shared by every converting stage.
+
+Each converting stage (``export_onnx``, ``export_torchscript``, ``ncnn``, and later ``rknn_quantize``
+and ``evaluate``) runs the model it produced and the model it started from on the same inputs and
+records how far apart the logits are, so a conversion is verified, never assumed:
+
+    x, kinds = sample_inputs(spec, count=8, seed=0)            # float32 N x 3 x H x W
+    ref = torch_logits(module, x)
+    got = onnx_logits(out / "model.onnx", x)
+    result = compare(ref, got, kinds, reference="pytorch", candidate="onnxruntime", tolerance=1e-3)
+    write_parity(out / "parity.json", result)
+    check(result, "ONNX Runtime vs PyTorch", out / "parity.json")  # StageError above tolerance
+
+Inputs come in two kinds: ``random`` (standard normal in the normalised space, which also exercises
+values outside the range real pixels reach) and ``synthetic`` (image-like uint8 pictures -- smooth
+gradients, filled shapes, mild noise -- put through ``stages.common.preprocess.normalize``, i.e.
+exactly the values a real image gives). The export stages only see a model bundle, not the dataset,
+so "real-looking" inputs are drawn rather than read.
+
+The pass/fail criterion is the max absolute logit difference against ``tolerance``. Top-1 agreement
+is recorded as well; it follows from the tolerance: with every logit within ``tol`` of the
+reference, the top-1 class can only change on a sample whose two best reference logits are within
+``2 * tol`` of each other (a tie at that precision).
+
+Heavy libraries (torch, onnxruntime, ncnn) are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+
+import numpy as np
+
+from engine.stage import StageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from stages.common.preprocess import Preprocess
+
+KINDS = ("random", "synthetic")
+
+
+# -- inputs -----------------------------------------------------------------------------------------
+def synthetic_images(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """``count`` image-like uint8 N x H x W x 3 RGB pictures: a smooth two-colour gradient, a few
+    filled ellipses and rectangles, and mild pixel noise. Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy /= max(height - 1, 1)
+    xx /= max(width - 1, 1)
+    out = np.empty((count, height, width, 3), dtype=np.uint8)
+    for i in range(count):
+        a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        angle = rng.uniform(0, 2 * math.pi)
+        t = (np.cos(angle) * xx + np.sin(angle) * yy)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+        img = a[None, None, :] * (1 - t[..., None]) + b[None, None, :] * t[..., None]
+        for _ in range(int(rng.integers(1, 5))):
+            colour = rng.uniform(0, 255, 3)
+            cy, cx = rng.uniform(0, 1, 2)
+            ry, rx = rng.uniform(0.08, 0.4, 2)
+            if rng.random() < 0.5:
+                mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+            else:
+                mask = (np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx)
+            img[mask] = colour
+        img += rng.normal(0, 6, img.shape)
+        out[i] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return out
+
+
+def sample_inputs(
+    spec: "Preprocess", count: int = 8, seed: int = 0, channels: int = 3
+) -> tuple[np.ndarray, list[str]]:
+    """``count`` float32 model inputs (N x C x H x W) and their kinds: the first half ``random``
+    (standard normal), the rest ``synthetic`` (image-like pictures normalised with ``spec``)."""
+    from stages.common.preprocess import normalize
+
+    if count < 1:
+        raise ValueError("count must be >= 1")
+    h, w = spec.height, spec.width
+    n_random = count // 2
+    n_synth = count - n_random
+    rng = np.random.default_rng(seed)
+    random = rng.standard_normal((n_random, channels, h, w)).astype(np.float32)
+    synth = normalize(synthetic_images(n_synth, h, w, seed=seed + 1), spec)
+    if channels != synth.shape[1]:
+        raise ValueError(f"synthetic images have {synth.shape[1]} channels, the model takes {channels}")
+    x = np.ascontiguousarray(np.concatenate([random, synth]), dtype=np.float32)
+    return x, ["random"] * n_random + ["synthetic"] * n_synth
+
+
+# -- backends -----------------------------------------------------------------------------------------
+def torch_logits(module, x: np.ndarray, batch: int | None = None) -> np.ndarray:
+    """Run a torch module (eager or TorchScript) on float32 N x C x H x W; one sample at a time when
+    ``batch`` is None (the shape an exported batch-1 model sees)."""
+    import torch
+
+    step = batch or 1
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(x), step):
+            outs.append(module(torch.from_numpy(np.ascontiguousarray(x[i : i + step]))).detach().cpu().numpy())
+    return np.concatenate(outs).astype(np.float32)
+
+
+def onnx_session(path: Union[str, Path], threads: int = 1):
+    """An onnxruntime CPU session with its native warnings silenced (severity >= error only)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(path_or_session, x: np.ndarray, input_name: str | None = None, batch: int | None = None) -> np.ndarray:
+    """Run an ONNX model with onnxruntime; one sample at a time unless ``batch`` is given (a model
+    exported with a dynamic batch takes any)."""
+    sess = path_or_session if hasattr(path_or_session, "run") else onnx_session(path_or_session)
+    name = input_name or sess.get_inputs()[0].name
+    step = batch or 1
+    outs = [sess.run(None, {name: np.ascontiguousarray(x[i : i + step])})[0] for i in range(0, len(x), step)]
+    return np.concatenate(outs).astype(np.float32)
+
+
+def ncnn_net(param: Union[str, Path], bin: Union[str, Path], threads: int = 1):
+    """Load an ncnn model on the CPU, fp32 arithmetic and storage (so the check measures the converted
+    weights and graph, not a runtime's fp16/bf16 choice). Raises StageError if it does not load."""
+    import ncnn
+
+    net = ncnn.Net()
+    net.opt.use_vulkan_compute = False
+    net.opt.num_threads = threads
+    for flag in ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_storage", "use_int8_inference"):
+        if hasattr(net.opt, flag):
+            setattr(net.opt, flag, False)
+    if net.load_param(str(param)) != 0:
+        raise StageError(f"ncnn cannot load {param}")
+    if net.load_model(str(bin)) != 0:
+        raise StageError(f"ncnn cannot load the weights {bin} (does it match {Path(param).name}?)")
+    return net
+
+
+def ncnn_logits(net, x: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
+    """Run an ncnn ``Net`` one sample at a time (ncnn has no batch dimension); returns N x K."""
+    import ncnn
+
+    outs = []
+    for i in range(len(x)):
+        # ncnn.Mat(array) wraps the array's memory without copying: ``arr`` must stay referenced
+        # until extract() has returned, or ncnn reads freed memory and the output is garbage.
+        arr = np.ascontiguousarray(x[i], dtype=np.float32)
+        mat_in = ncnn.Mat(arr)
+        with net.create_extractor() as ex:
+            ex.input(input_name, mat_in)
+            rc, mat_out = ex.extract(output_name)
+            if rc != 0:
+                raise StageError(f"ncnn failed to compute blob {output_name!r} from {input_name!r} (code {rc})")
+            outs.append(np.array(mat_out, dtype=np.float32).reshape(-1).copy())
+        del mat_in, arr
+    return np.stack(outs)
+
+
+# -- comparison ---------------------------------------------------------------------------------------
+def _stats(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+    finite = bool(np.isfinite(got).all())
+    return {
+        "samples": int(len(ref)),
+        "max_abs_diff": float(diff.max()) if finite else float("inf"),
+        "mean_abs_diff": float(diff.mean()) if finite else float("inf"),
+        "top1_agreement": float(np.mean(ref.argmax(1) == got.argmax(1))) if len(ref) else 1.0,
+    }
+
+
+def compare(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    kinds: Sequence[str] | None = None,
+    *,
+    reference_name: str,
+    candidate_name: str,
+    tolerance: float,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compare two N x K logit arrays: max/mean abs difference, top-1 agreement, overall and per
+    input kind; ``passed`` is ``max_abs_diff <= tolerance`` (and all candidate values finite)."""
+    ref = np.asarray(reference, dtype=np.float32).reshape(len(reference), -1)
+    got = np.asarray(candidate, dtype=np.float32).reshape(len(candidate), -1)
+    if ref.shape != got.shape:
+        raise StageError(
+            f"{candidate_name} gives outputs of shape {list(got.shape)}, {reference_name} {list(ref.shape)}"
+        )
+    result: dict[str, Any] = {"reference": reference_name, "candidate": candidate_name}
+    result.update(_stats(ref, got))
+    result["tolerance"] = float(tolerance)
+    result["passed"] = bool(np.isfinite(got).all()) and result["max_abs_diff"] <= tolerance
+    result["reference_logit_range"] = [float(ref.min()), float(ref.max())]
+    if kinds is not None:
+        kinds = list(kinds)
+        result["by_kind"] = {
+            k: _stats(ref[[i for i, kk in enumerate(kinds) if kk == k]], got[[i for i, kk in enumerate(kinds) if kk == k]])
+            for k in dict.fromkeys(kinds)
+        }
+    if extra:
+        result.update(extra)
+    return result
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_parity(path: Union[str, Path], result: Mapping[str, Any]) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(_json_safe(dict(result)), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def check(result: Mapping[str, Any], what: str, report: Union[str, Path, None] = None, hint: str = "") -> None:
+    """Raise StageError when ``result`` did not pass, saying by how much it missed the tolerance."""
+    if result.get("passed"):
+        return
+    tol = result["tolerance"]
+    diff = result["max_abs_diff"]
+    where = f" (details: {report})" if report else ""
+    if not math.isfinite(diff):
+        msg = f"{what}: the converted model gives NaN/inf outputs{where}"
+    else:
+        msg = (
+            f"{what}: max abs logit difference {diff:.3g} is {diff - tol:.3g} above the tolerance {tol:g} "
+            f"({diff / tol:.1f}x); top-1 agreement {result['top1_agreement']:.1%} on {result['samples']} samples{where}"
+        )
+    if hint:
+        msg += f". {hint}"
+    raise StageError(msg)
+
+
+def metrics(result: Mapping[str, Any], prefix: str = "parity_") -> dict[str, Any]:
+    """The headline numbers of a parity result, for a stage's returned metrics."""
+    return {
+        f"{prefix}max_abs_diff": result["max_abs_diff"],
+        f"{prefix}top1_agreement": result["top1_agreement"],
+        f"{prefix}samples": result["samples"],
+    }
