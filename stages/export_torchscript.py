@@ -1,0 +1,87 @@
+"""``export_torchscript``: a ``model.pt`` bundle -> ``model.torchscript.pt`` by tracing, verified
+against the eager model.
+
+Input ``model``: a folder with ``model.pt``, ``preprocess.json``, ``labels.txt``.
+Output: ``model.torchscript.pt``, ``io.json``, ``parity.json``, ``preprocess.json``, ``labels.txt``.
+
+Config section ``torchscript`` (conf/torchscript/default.yaml). It is its own section, not
+``export``: most ``export`` keys (opset, I/O names, dynamic batch, onnxslim) mean nothing for
+TorchScript, and stage params reject unknown keys. A traced classifier takes any batch size.
+
+TorchScript has no named blobs (inputs are positional); ``io.json`` records the conventional names
+``input0``/``output0`` so every model bundle has the same ``io.json`` shape.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import Field
+
+from engine.stage import Context, Input, Params, Stage, StageError
+
+
+class ExportTorchScript(Stage):
+    """Trace a trained model to TorchScript and check the saved file against the eager model."""
+
+    name = "export_torchscript"
+    version = 1
+    inputs = {"model": Input(required=True, doc="model bundle folder: model.pt, preprocess.json, labels.txt")}
+
+    class Params(Params):
+        # max abs logit difference allowed between the saved TorchScript file and the eager model
+        tolerance: float = Field(1e-3, gt=0)
+        # sample inputs for the parity check: half random, half synthetic image-like pictures
+        parity_samples: int = Field(8, ge=1, le=1024)
+        seed: int = 0
+
+    def run(self, params: "ExportTorchScript.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
+        import torch
+
+        from stages.common import parity
+        from stages.export_onnx import check_channels, copy_bundle_files, load_bundle_folder, write_io
+
+        src = inputs["model"]
+        module, spec, info = load_bundle_folder(src)
+        shape = spec.input_shape
+        check_channels(info, shape, "torchscript")
+
+        ctx.progress(0, 2, "tracing")
+        path = out / "model.torchscript.pt"
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught, torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("always")
+            try:
+                # check_trace=False: our own parity check below compares the *saved* file instead
+                traced = torch.jit.trace(module, torch.zeros(*shape), check_trace=False)
+                torch.jit.save(traced, str(path))
+            except Exception as e:  # noqa: BLE001
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise StageError(f"torch.jit.trace failed: {first}") from e
+        for w in caught:
+            ctx.log.debug("torch.jit.trace: %s", w.message)
+        trace_s = time.perf_counter() - t0
+
+        ctx.progress(1, 2, "parity check vs PyTorch")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.jit.load is deprecated" (FutureWarning, torch 2.14)
+            loaded = torch.jit.load(str(path), map_location="cpu").eval()
+        x, kinds = parity.sample_inputs(spec, params.parity_samples, params.seed, channels=shape[1])
+        ref = parity.torch_logits(module, x)
+        # the whole batch at once: a traced classifier must take any batch size
+        got = parity.torch_logits(loaded, x, batch=len(x))
+        result = parity.compare(
+            ref, got, kinds, reference_name="pytorch", candidate_name="torchscript", tolerance=params.tolerance,
+            extra={"seed": params.seed, "batch": len(x)},
+        )
+        parity.write_parity(out / "parity.json", result)
+        parity.check(result, "TorchScript vs PyTorch", out / "parity.json",
+                     hint="Raise torchscript.tolerance only if you accept that difference")
+
+        write_io(out, "input0", "output0", shape)
+        copy_bundle_files(src, out)
+        ctx.progress(2, 2, "done")
+        return {"trace_seconds": round(trace_s, 3), "torchscript_bytes": path.stat().st_size, **parity.metrics(result)}
