@@ -1,0 +1,142 @@
+"""``calibration``: a class-stratified, seeded sample of a dataset split, written as image files for
+the quantizers.
+
+Input ``data``: a ``dataset`` output (``images_{split}.npy`` uint8 N x H x W x 3 RGB, already resized
+with the preprocessing definition; ``labels_{split}.npy``; ``labels.txt``).
+Output: ``images/`` (PNG files and nothing else: MaixHub's layout), ``dataset.txt`` (one path per
+line, relative to the output folder: what rknn-toolkit2's ``build(dataset=...)`` reads),
+``calibration.json`` (what was picked and why).
+
+The images are the dataset's arrays written losslessly, not re-resized: the same preprocessing
+definition and size as training. Normalisation (mean/std) is not applied: quantizers take raw 0..255
+pixels and apply mean/std themselves (rknn ``mean_values``/``std_values``, awnn mean/norm).
+
+Config section ``calibration`` (conf/calibration/default.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import numpy as np
+from pydantic import Field
+
+from engine.stage import Context, Input, Params, Stage, StageError
+
+
+def stratified_counts(class_sizes: Mapping[int, int], count: int) -> dict[int, int]:
+    """How many images to take from each class: proportional to the class sizes (largest remainder,
+    ties to the lower class id), at least one per non-empty class when ``count`` allows, never more
+    than a class holds. Sums to ``min(count, total)``."""
+    sizes = {c: int(n) for c, n in sorted(class_sizes.items()) if n > 0}
+    total = sum(sizes.values())
+    count = min(int(count), total)
+    if count <= 0:
+        return {c: 0 for c in sizes}
+    exact = {c: count * n / total for c, n in sizes.items()}
+    take = {c: int(np.floor(v)) for c, v in exact.items()}
+    for c in sorted(sizes, key=lambda c: (-(exact[c] - take[c]), c))[: count - sum(take.values())]:
+        take[c] += 1
+    if count >= len(sizes):  # every class represented: move one from the largest allocation
+        for c in sizes:
+            if take[c] == 0:
+                donor = max(take, key=lambda d: (take[d], -d))
+                take[donor] -= 1
+                take[c] = 1
+    return take
+
+
+def select(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Indices into ``labels`` of a stratified sample (sorted ascending). Deterministic for a seed."""
+    labels = np.asarray(labels)
+    classes, sizes = np.unique(labels, return_counts=True)
+    take = stratified_counts(dict(zip(classes.tolist(), sizes.tolist())), count)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in sorted(take):  # fixed order: the same seed gives the same picks
+        members = np.flatnonzero(labels == c)
+        if take[c]:
+            picked.append(rng.choice(members, size=take[c], replace=False))
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+class Calibration(Stage):
+    """Pick ``count`` images of a split, stratified by class, as PNG files plus the list rknn reads."""
+
+    name = "calibration"
+    version = 1
+    inputs = {"data": Input(required=True, doc="dataset output: images_{split}.npy, labels_{split}.npy, labels.txt")}
+
+    class Params(Params):
+        # how many images (all of the split, with a warning, if it has fewer)
+        count: int = Field(50, ge=1)
+        # which split to draw from; never the test split you report accuracy on, unless on purpose
+        split: Literal["train", "val", "test"] = "train"
+        seed: int = 0
+
+    def run(self, params: "Calibration.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
+        from PIL import Image
+
+        src = inputs["data"]
+        img_file, lab_file = src / f"images_{params.split}.npy", src / f"labels_{params.split}.npy"
+        for f in (img_file, lab_file):
+            if not f.is_file():
+                raise StageError(f"dataset folder {src} has no {f.name}: calibration.split={params.split!r} is not a split of this dataset")
+        images = np.load(img_file, mmap_mode="r")
+        labels = np.load(lab_file)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise StageError(f"{img_file} holds {images.dtype} {list(images.shape)}; expected uint8 N x H x W x 3 (RGB)")
+        if len(images) != len(labels):
+            raise StageError(f"{img_file.name} has {len(images)} images but {lab_file.name} {len(labels)} labels")
+        if len(images) == 0:
+            raise StageError(f"split {params.split!r} of {src} is empty: choose another calibration.split")
+        names = _class_names(src)
+
+        warning = None
+        if params.count > len(images):
+            warning = (f"calibration.count={params.count} but split {params.split!r} has only {len(images)} images; "
+                       f"using all {len(images)}")
+            ctx.log.warning(warning)
+
+        picked = select(labels, params.count, params.seed)
+        (out / "images").mkdir()
+        files = []
+        width = max(4, len(str(len(picked) - 1)))
+        for k, i in enumerate(picked):
+            label = int(labels[i])
+            rel = f"images/{k:0{width}d}.png"
+            # PNG: lossless, so the pixels are exactly the dataset's preprocessed ones
+            Image.fromarray(np.ascontiguousarray(images[i]), "RGB").save(out / rel, format="PNG", optimize=False)
+            files.append({"file": rel, "index": int(i), "label": label,
+                          "class": names[label] if 0 <= label < len(names) else str(label)})
+            if k % 16 == 0:
+                ctx.progress(k, len(picked), "writing calibration images")
+        (out / "dataset.txt").write_text("".join(f["file"] + "\n" for f in files), encoding="utf-8")
+
+        per_class: dict[str, int] = {}
+        for f in files:
+            per_class[f["class"]] = per_class.get(f["class"], 0) + 1
+        report = {
+            "split": params.split,
+            "requested": params.count,
+            "count": len(files),
+            "seed": params.seed,
+            "available": int(len(images)),
+            "image_size": [int(images.shape[1]), int(images.shape[2])],
+            "format": "png",
+            "per_class": per_class,
+            "warning": warning,
+            "files": files,
+        }
+        (out / "calibration.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        ctx.progress(len(files), len(files), "done")
+        return {"count": len(files), "classes": len(per_class), "warning": warning is not None}
+
+
+def _class_names(src: Path) -> list[str]:
+    f = src / "labels.txt"
+    if not f.is_file():
+        return []
+    return [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
