@@ -83,7 +83,7 @@ class ExportOnnx(Stage):
             extra={"seed": params.seed, "batch": len(x) if batch else 1},
         )
         parity.write_parity(out / "parity.json", result)
-        parity.check(result, "ONNX Runtime vs PyTorch", out / "parity.json",
+        parity.check(result, "ONNX Runtime vs PyTorch",
                      hint="Raise export.tolerance only if you accept that difference")
 
         write_io(out, params.input_name, params.output_name, shape)

@@ -78,7 +78,7 @@ class ExportTorchScript(Stage):
             extra={"seed": params.seed, "batch": len(x)},
         )
         parity.write_parity(out / "parity.json", result)
-        parity.check(result, "TorchScript vs PyTorch", out / "parity.json",
+        parity.check(result, "TorchScript vs PyTorch",
                      hint="Raise torchscript.tolerance only if you accept that difference")
 
         write_io(out, "input0", "output0", shape)

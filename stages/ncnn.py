@@ -170,7 +170,7 @@ class NcnnConvert(Stage):
         )
         parity.write_parity(out / "parity.json", result)
         parity.check(
-            result, "ncnn vs ONNX Runtime", out / "parity.json",
+            result, "ncnn vs ONNX Runtime",
             hint=("fp16 weights move logits by ~1e-3: raise ncnn.tolerance or set ncnn.fp16=false" if params.fp16
                   else "Raise ncnn.tolerance only if you accept that difference"),
         )

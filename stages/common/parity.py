@@ -9,7 +9,7 @@ records how far apart the logits are, so a conversion is verified, never assumed
     got = onnx_logits(out / "model.onnx", x)
     result = compare(ref, got, kinds, reference="pytorch", candidate="onnxruntime", tolerance=1e-3)
     write_parity(out / "parity.json", result)
-    check(result, "ONNX Runtime vs PyTorch", out / "parity.json")  # StageError above tolerance
+    check(result, "ONNX Runtime vs PyTorch")                   # StageError above tolerance
 
 Inputs come in two kinds: ``random`` (standard normal in the normalised space, which also exercises
 values outside the range real pixels reach) and ``synthetic`` (image-like uint8 pictures -- smooth
@@ -228,7 +228,10 @@ def write_parity(path: Union[str, Path], result: Mapping[str, Any]) -> Path:
 
 
 def check(result: Mapping[str, Any], what: str, report: Union[str, Path, None] = None, hint: str = "") -> None:
-    """Raise StageError when ``result`` did not pass, saying by how much it missed the tolerance."""
+    """Raise StageError when ``result`` did not pass, saying by how much it missed the tolerance.
+
+    The message carries every number the user needs. ``report`` (a path shown in the message) is for
+    files that outlive the failure: the engine deletes a failed stage's output folder."""
     if result.get("passed"):
         return
     tol = result["tolerance"]
