@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -131,7 +132,12 @@ def export_onnx(module, path: Path, shape: list[int], params: "ExportOnnx.Params
 
     dummy = torch.zeros(*shape, dtype=torch.float32)
     dynamic_axes = {params.input_name: {0: "batch"}, params.output_name: {0: "batch"}} if params.dynamic_batch else None
-    with warnings.catch_warnings(record=True) as caught:
+    from stages.common.quiet import quiet
+
+    # the exporter prints from native code on failure ("Torch IR graph at exception: ..."): keep the
+    # terminal clean; the StageError below carries the reason
+    with tempfile.TemporaryDirectory(prefix="edgepipe-onnx-") as tmp, quiet(Path(tmp) / "export.log"), \
+            warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             # dynamo=False on purpose: torch 2.14's default exporter (dynamo=True) needs onnxscript, which

@@ -210,3 +210,23 @@ def test_torchscript_parity_failure(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(parity, "torch_logits", shifted)
     with pytest.raises(StageError, match=r"TorchScript vs PyTorch: max abs logit difference 1 is 0.999 above the tolerance 0.001"):
         run_stage("export_torchscript", {}, {"model": model_dir}, tmp_path / "out")
+
+
+def test_exporter_failure_gives_short_message_and_no_noise(model_dir, tmp_path, monkeypatch, capfd):
+    import torch
+
+    import stages.common.models as models
+
+    class WithDet(torch.nn.Module):  # aten::linalg_det exists in ONNX only from opset 11
+        def forward(self, x):
+            return torch.linalg.det(x[:, :, :3, :3])
+
+    monkeypatch.setattr(models, "load_model", lambda path: WithDet().eval())
+    capfd.readouterr()
+    with pytest.raises(StageError) as e:
+        run_stage("export_onnx", {"opset": 9}, {"model": model_dir}, tmp_path / "out")
+    msg = str(e.value)
+    assert msg.startswith("torch.onnx.export failed (opset 9): Exporting the operator 'aten::linalg_det'")
+    assert "\n" not in msg
+    captured = capfd.readouterr()
+    assert "Torch IR graph" not in captured.err + captured.out  # the exporter's native dump went to a log
