@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import sys
 import time
 import traceback
@@ -181,12 +182,17 @@ class Pipeline:
             try:
                 metrics = st.cls().run(st.params, inputs, tmp, ctx) or {}
             except BaseException as e:  # noqa: BLE001 - every failure is recorded, none leaves an entry
-                import shutil
-
-                shutil.rmtree(tmp, ignore_errors=True)
+                # What the failed stage wrote (its logs above all) moves to the run folder, never
+                # into the cache; messages that name a file in it are pointed at the new place.
+                kept = Path(record.run_dir) / "failed" / st.name
+                kept.parent.mkdir(exist_ok=True)
+                if kept.exists():
+                    shutil.rmtree(kept)
+                shutil.move(str(tmp), kept)
                 rec.status, rec.seconds = "failed", time.time() - t0
+                rec.path = None
                 if isinstance(e, StageError):
-                    rec.error = str(e)
+                    rec.error = str(e).replace(str(tmp), str(kept))
                     log.error("stage %s failed: %s", st.name, e)
                 elif isinstance(e, Exception):
                     rec.error = f"{type(e).__name__}: {e}"

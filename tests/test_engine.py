@@ -134,6 +134,8 @@ def test_failure_keeps_completed_stages_and_next_run_resumes(ws):
     assert "broken failed: this stage always fails" in r.err
     assert ws.entries("t_fail") == []  # no half-written entry
     assert not list((ws.runs / "cache" / "t_fail" / ".tmp").iterdir())
+    # what the failed stage wrote is kept for reading, in the run folder
+    assert (Path(run["run_dir"]) / "failed" / "broken" / "partial.txt").read_text() == "half"
 
     r = ws.cli("run", "pipeline=failing", "--keep-going")
     assert r.rc == 1
