@@ -21,6 +21,10 @@ Notes
 - ``sys.stdout``/``sys.stderr`` are replaced by streams that write to *fd* 1/2 and are never closed:
   a library that grabbed ``sys.stderr`` inside the block (rknn-toolkit2 creates its logging handler
   on first use) keeps a valid stream afterwards, one that writes wherever fd 2 points at the time.
+- A library that created a ``logging.StreamHandler`` *before* the block (rknn-toolkit2 does so when
+  ``rknn.api`` is imported) holds whatever ``sys.stderr`` was then: under a progress display or
+  pytest that object may not write to fd 2 at all. ``reroute_logger("rknnLogger")`` points such
+  handlers at ``CurrentStderr()``, which writes to ``sys.stderr`` as it is at each call.
 - For a subprocess, pass ``stdout=``/``stderr=`` to ``subprocess.run`` instead; ``quiet`` also works
   (children inherit fds 1/2).
 """
@@ -36,7 +40,7 @@ import threading
 from pathlib import Path
 from typing import Iterator, Union
 
-__all__ = ["quiet", "active"]
+__all__ = ["quiet", "active", "CurrentStderr", "reroute_logger"]
 
 _lock = threading.RLock()
 _depth = 0
@@ -119,3 +123,28 @@ def quiet(log_path: Union[str, Path], header: str | None = None) -> Iterator[Pat
                 os.close(log_fd)
                 sys.stdout, sys.stderr = old_out, old_err
                 _depth -= 1
+
+
+class CurrentStderr:
+    """A stream that writes to whatever ``sys.stderr`` is at the time of each call."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def reroute_logger(name: str) -> None:
+    """Point the plain ``StreamHandler``s of logger ``name`` at ``CurrentStderr()`` (see the notes)."""
+    import logging
+
+    for handler in logging.getLogger(name).handlers:
+        if type(handler) is logging.StreamHandler and not isinstance(handler.stream, CurrentStderr):
+            try:
+                handler.setStream(CurrentStderr())
+            except Exception:  # noqa: BLE001 - a closed old stream cannot be flushed
+                handler.stream = CurrentStderr()

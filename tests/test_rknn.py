@@ -1,0 +1,238 @@
+"""rknn_quantize on the real rknn-toolkit2 2.5.0 x86 simulator, with a small trained model at 32 px,
+and stages.common.quiet (the fd-level redirection every toolkit call runs under)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from engine.stage import StageError
+from engine.testing import run_stage, validate_params
+from helpers_rknn import onnx_reference_logits, toy
+
+pytest.importorskip("rknn.api")
+
+
+@pytest.fixture(scope="module")
+def normal_build(tmp_path_factory) -> Path:
+    t = toy()
+    out = tmp_path_factory.mktemp("rknn") / "normal"
+    metrics = run_stage("rknn_quantize", {"target": "rv1103", "algorithm": "normal"},
+                        {"onnx": t.onnx, "calib": t.calib, "data": t.data}, out)
+    (out.parent / "metrics.json").write_text(json.dumps(metrics))
+    return out
+
+
+def test_normal_build_outputs(normal_build):
+    out = normal_build
+    names = {p.name for p in out.iterdir()}
+    assert names == {"model.rknn", "build.json", "error_analysis.txt", "rknn.log", "test_logits.npy",
+                     "io.json", "preprocess.json", "labels.txt"}
+    build = json.loads((out / "build.json").read_text())
+    assert build["target"] == "rv1103" and build["algorithm"] == "normal" and build["dtype"] == "w8a8"
+    # mean/std come from preprocess.json (imagenet preset) on the 0..255 scale, never typed
+    assert build["mean_values"] == pytest.approx([123.675, 116.28, 103.53])
+    assert build["std_values"] == pytest.approx([58.395, 57.12, 57.375])
+    assert build["build_s"] > 0 and build["rss_peak_mb"] > 100
+    assert build["accuracy_analysis"] == "ok"
+    metrics = json.loads((out.parent / "metrics.json").read_text())
+    assert set(metrics) == {"build_s", "rss_peak_mb", "sim_top1"}
+    assert (out / "model.rknn").stat().st_size > 10_000
+    log = (out / "rknn.log").read_text(errors="replace")
+    assert "rknn building" in log
+
+
+def test_simulator_logits_agree_with_onnxruntime(normal_build):
+    t = toy()
+    logits = np.load(normal_build / "test_logits.npy")
+    ref = onnx_reference_logits(t)
+    labels = np.load(t.data / "labels_test.npy")
+    assert logits.shape == ref.shape == (len(labels), 4)
+    assert np.mean(logits.argmax(1) == ref.argmax(1)) >= 0.95
+    # int8 logits: close in scale, not bit-exact
+    scale = np.abs(ref).max()
+    assert np.abs(logits - ref).max() < 0.5 * scale
+    sim = json.loads((normal_build / "build.json").read_text())["simulator"]
+    assert sim["samples"] == len(labels)
+    assert sim["top1"] == pytest.approx(float(np.mean(logits.argmax(1) == labels)))
+
+
+def test_error_analysis_kept_and_dumps_deleted(normal_build):
+    text = (normal_build / "error_analysis.txt").read_text()
+    assert text.count("# sample ") == 2  # accuracy_analysis_samples default
+    assert "simulator_error" in text and "cos" in text
+    leftovers = [p for p in normal_build.rglob("*") if p.name in ("golden", "simulator", "map_name_to_file.txt")
+                 or p.name.startswith((".snapshot", ".dataset"))]
+    assert leftovers == []
+    size = sum(p.stat().st_size for p in normal_build.rglob("*") if p.is_file())
+    assert size < 5_000_000
+
+
+def test_simulator_refuses_a_loaded_rknn(normal_build, tmp_path):
+    """Why the simulator runs inside rknn_quantize: rknn-toolkit2 2.5.0 refuses init_runtime() on the
+    simulator for a model loaded with load_rknn (it needs load_onnx + build in the same session)."""
+    from rknn.api import RKNN
+
+    from stages.common.quiet import quiet
+
+    with quiet(tmp_path / "t.log"):
+        r = RKNN(verbose=False)
+        try:
+            assert r.load_rknn(str(normal_build / "model.rknn")) == 0
+            ret = r.init_runtime()
+        finally:
+            r.release()
+    assert ret == -1
+    assert "not support inference on the simulator" in (tmp_path / "t.log").read_text()
+
+
+def test_mmse_build_is_quiet_and_notes(tmp_path, capfd, caplog):
+    """A whole mmse build (+ analysis + simulator) prints nothing on fd 1/2 and says it takes minutes."""
+    t = toy()
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="edgepipe.stage.rknn_quantize"):
+        metrics = run_stage("rknn_quantize", {"algorithm": "mmse", "accuracy_analysis_samples": 1, "data_limit": 16},
+                            {"onnx": t.onnx, "calib": t.calib, "data": t.data}, tmp_path / "out")
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert any("mmse quantization takes minutes" in r.getMessage() for r in caplog.records)
+    assert np.load(tmp_path / "out" / "test_logits.npy").shape == (16, 4)
+    assert metrics["sim_top1"] >= 0.8
+    assert (tmp_path / "out" / "error_analysis.txt").read_text().count("# sample ") == 1
+    assert "rknn building done" in (tmp_path / "out" / "rknn.log").read_text(errors="replace")
+
+
+def test_bgr_model_kl_divergence_layer(tmp_path):
+    """A model trained on BGR input: mean/std are reversed into the model's channel order, the RGB
+    calibration PNGs are swapped by the toolkit (quant_img_RGB2BGR) and the simulator is fed BGR."""
+    t = toy("BGR")
+    run_stage("rknn_quantize", {"algorithm": "kl_divergence", "method": "layer", "accuracy_analysis_samples": 0},
+              {"onnx": t.onnx, "calib": t.calib, "data": t.data}, tmp_path / "out")
+    build = json.loads((tmp_path / "out" / "build.json").read_text())
+    assert build["mean_values"] == pytest.approx([103.53, 116.28, 123.675])
+    assert build["channel_order"] == "BGR" and build["accuracy_analysis"] == "skipped"
+    logits = np.load(tmp_path / "out" / "test_logits.npy")
+    ref = onnx_reference_logits(t)  # normalize() emits BGR for this preprocess.json
+    assert np.mean(logits.argmax(1) == ref.argmax(1)) >= 0.9
+
+
+def test_float16_build_without_calibration(tmp_path):
+    t = toy()
+    metrics = run_stage("rknn_quantize", {"target": "rk3588", "do_quantization": False, "data_limit": 8},
+                        {"onnx": t.onnx, "data": t.data}, tmp_path / "out")
+    build = json.loads((tmp_path / "out" / "build.json").read_text())
+    assert build["dtype"] == "float16" and build["calibration_images"] == 0
+    assert build["accuracy_analysis"] == "skipped"
+    logits = np.load(tmp_path / "out" / "test_logits.npy")
+    ref = onnx_reference_logits(t, 8)
+    assert np.abs(logits - ref).max() < 0.05 * np.abs(ref).max()  # fp16: close
+    assert "sim_top1" in metrics
+
+
+def test_fp16_on_rv1103_is_a_config_error():
+    with pytest.raises(ValidationError, match="rv1103 has no float16"):
+        validate_params("rknn_quantize", {"target": "rv1103", "do_quantization": False})
+    with pytest.raises(ValidationError, match="rv1106 has no float16"):
+        validate_params("rknn_quantize", {"target": "rv1106", "do_quantization": False})
+    validate_params("rknn_quantize", {"target": "rk3566", "do_quantization": False})
+
+
+def test_dtype_per_target_and_unknown_keys():
+    with pytest.raises(ValidationError, match="w8a16 is not supported on rv1103"):
+        validate_params("rknn_quantize", {"target": "rv1103", "dtype": "w8a16"})
+    validate_params("rknn_quantize", {"target": "rk3562", "dtype": "w8a16"})
+    validate_params("rknn_quantize", {"target": "rk3576", "dtype": "w4a16"})
+    with pytest.raises(ValidationError):
+        validate_params("rknn_quantize", {"dtype": "int8"})
+    with pytest.raises(ValidationError):
+        validate_params("rknn_quantize", {"mean_values": [0, 0, 0]})  # never typed by the user
+
+
+def test_corrupt_onnx_gives_short_stage_error(tmp_path, capfd):
+    t = toy()
+    bad = tmp_path / "onnx"
+    shutil.copytree(t.onnx, bad)
+    data = (bad / "model.onnx").read_bytes()
+    (bad / "model.onnx").write_bytes(data[: len(data) // 3])
+    capfd.readouterr()
+    with pytest.raises(StageError) as ei:
+        run_stage("rknn_quantize", {}, {"onnx": bad, "calib": t.calib}, tmp_path / "out")
+    msg = str(ei.value)
+    assert msg.startswith("rknn build failed: load_onnx: ")
+    assert "\n" not in msg and len(msg) < 400 and "Traceback" not in msg
+    # the engine moves a failed stage's folder to runs/<run>/failed/<stage>/ and rewrites this path
+    assert msg.endswith(f"; see {tmp_path / 'out' / 'rknn.log'}")
+    assert "Error parsing message" in (tmp_path / "out" / "rknn.log").read_text(errors="replace")
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_missing_inputs_are_named(tmp_path):
+    t = toy()
+    with pytest.raises(StageError, match="needs a `calib` input"):
+        run_stage("rknn_quantize", {}, {"onnx": t.onnx}, tmp_path / "a")
+    broken = tmp_path / "onnx"
+    shutil.copytree(t.onnx, broken)
+    (broken / "io.json").unlink()
+    with pytest.raises(StageError, match="io.json is missing"):
+        run_stage("rknn_quantize", {}, {"onnx": broken, "calib": t.calib}, tmp_path / "b")
+
+
+# -- stages.common.quiet ------------------------------------------------------------------------------
+def test_quiet_captures_native_output_and_restores_on_error(tmp_path, capfd):
+    from stages.common.quiet import active, quiet
+
+    libc = ctypes.CDLL(None)
+    log = tmp_path / "q.log"
+    capfd.readouterr()
+    with pytest.raises(RuntimeError):
+        with quiet(log, header="== block"):
+            assert active()
+            print("python stdout")
+            print("python stderr", file=sys.stderr)
+            libc.printf(b"native printf without newline")
+            libc.puts(b"")
+            subprocess.run(["echo", "child process"], check=True)
+            raise RuntimeError("boom")
+    assert not active()
+    print("after")
+    libc.printf(b"native after\n")
+    libc.fflush(None)
+    captured = capfd.readouterr()
+    assert "after" in captured.out and "native after" in captured.out
+    assert "python" not in captured.out + captured.err and "child" not in captured.out
+    text = log.read_text()
+    for s in ("== block", "python stdout", "python stderr", "native printf without newline", "child process"):
+        assert s in text
+
+
+def test_quiet_nests_and_keeps_grabbed_streams_valid(tmp_path, capfd):
+    from stages.common.quiet import quiet
+
+    outer, inner = tmp_path / "outer.log", tmp_path / "inner.log"
+    with quiet(outer):
+        handler = logging.StreamHandler(sys.stderr)  # a library grabbing sys.stderr inside the block
+        with quiet(inner):
+            print("to inner")
+        print("to outer")
+    lg = logging.getLogger("test_quiet_grab")
+    lg.addHandler(handler)
+    try:
+        capfd.readouterr()
+        lg.warning("after the blocks")  # must not raise 'I/O operation on closed file'
+        assert "after the blocks" in capfd.readouterr().err
+    finally:
+        lg.removeHandler(handler)
+    assert inner.read_text() == "to inner\n"
+    assert outer.read_text() == "to outer\n"
+    assert os.get_inheritable(1) is not None  # fds 1/2 still open
