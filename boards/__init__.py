@@ -258,24 +258,24 @@ class BoardProfile(BaseModel):
         """Model file and working-memory estimates on the board, MB."""
         weights = g.n_params * self.weight_bytes / MB
         acts = g.peak_activation_elems * self.activation_bytes / MB
-        return {"params": g.n_params, "model_mb": round(weights, 3), "activations_mb": round(acts, 3),
-                "working_mb": round(weights + acts, 3)}
+        return {"params": g.n_params, "model_mb": round(weights, 6), "activations_mb": round(acts, 6),
+                "working_mb": round(weights + acts, 6)}
 
     def check_sizes(self, g: "GraphInfo") -> list[Finding]:
         est = self.estimates(g)
         out: list[Finding] = []
         if self.flash_mb:
             out += _limit("flash", est["model_mb"], self.flash_mb,
-                          f"model weights {est['model_mb']:.1f} MB ({g.n_params:,} parameters at "
-                          f"{self.weight_bytes:g} byte each)", f"{self.title} flash budget",
+                          f"model weights {fmt_mb(est['model_mb'])} ({g.n_params:,} parameters at "
+                          f"{self.weight_bytes:g} byte each)", f"the flash budget of {self.title}",
                           "use a smaller model (model=mobilenet_v3_small, model.width_mult) or raise board.flash_mb "
                           "if your board has more storage")
         if self.ram_mb:
             budget = self.ram_mb * self.ram_usable_fraction
             out += _limit("ram", est["working_mb"], budget,
-                          f"working memory estimate {est['working_mb']:.1f} MB (weights {est['model_mb']:.1f} + "
-                          f"peak activations {est['activations_mb']:.1f})",
-                          f"{self.ram_usable_fraction:.0%} of {self.title}'s {self.ram_mb:g} MB RAM",
+                          f"working memory estimate {fmt_mb(est['working_mb'])} (weights {fmt_mb(est['model_mb'])} + "
+                          f"peak activations {fmt_mb(est['activations_mb'])})",
+                          f"the budget of {self.ram_usable_fraction:.0%} of {self.title}'s {self.ram_mb:g} MB RAM",
                           "lower preprocess.input_size or use a smaller model; board.ram_mb / "
                           "board.ram_usable_fraction tune the budget")
         if g.unknown_shapes:
@@ -293,8 +293,8 @@ class BoardProfile(BaseModel):
         out: list[Finding] = []
         if self.flash_mb:
             mb = model_file.stat().st_size / MB
-            out += _limit("flash", mb, self.flash_mb, f"{model_file.name} is {mb:.2f} MB",
-                          f"{self.title} flash budget", "use a smaller model or raise board.flash_mb")
+            out += _limit("flash", mb, self.flash_mb, f"{model_file.name} is {fmt_mb(mb)}",
+                          f"the flash budget of {self.title}", "use a smaller model or raise board.flash_mb")
         return out
 
     def normalisation_for(self, spec: "Preprocess") -> dict[str, Any]:
@@ -311,12 +311,17 @@ def nontrivial(shape) -> list:
     return [d for d in shape[1:] if d != 1]
 
 
+def fmt_mb(mb: float) -> str:
+    return f"{mb:.1f} MB" if mb >= 0.1 else f"{mb * 1024:.1f} KB"
+
+
 def _limit(check: str, value: float, limit: float, what: str, budget: str, fix: str) -> list[Finding]:
+    """An error above the limit, a warning above 80 % of it. ``budget`` names the limit."""
     if value > limit:
-        return [Finding(level="error", check=check, message=f"{what} exceeds the {limit:g} MB {budget}; {fix}")]
+        return [Finding(level="error", check=check, message=f"{what} exceeds {budget} ({limit:g} MB); {fix}")]
     if value > NEAR_LIMIT * limit:
         return [Finding(level="warning", check=check,
-                        message=f"{what} uses {value / limit:.0%} of the {limit:g} MB {budget}")]
+                        message=f"{what} uses {value / limit:.0%} of {budget} ({limit:g} MB)")]
     return []
 
 

@@ -183,7 +183,7 @@ class MaixIIDock(BoardProfile):
                              f"(0=W 1=H 2=C), expected ({w}, {h}, 3); MaixHub's converter needs the patched param "
                              f"that the ncnn stage writes")
         if pkg.calib_dir is None:
-            raise ValueError("maixii_dock packages need a `calib` input (a calibration stage): MaixHub quantizes "
+            raise ValueError("wire a `calib` input (a calibration stage) to the package stage: MaixHub quantizes "
                              "with the images/ folder of the upload zip")
         images = sorted(p for p in (pkg.calib_dir / "images").iterdir() if p.suffix.lower() in IMAGE_EXT) \
             if (pkg.calib_dir / "images").is_dir() else []

@@ -131,7 +131,7 @@ class LuckfoxBoard(RockchipBoard):
             mb = sum(float(m.group(1)) / (1024 if m.group(2) == "KB" else 1) for m in (internal, weight))
             out += _limit("ram", mb, self.ram_mb * self.ram_usable_fraction,
                           f"the RKNN runtime needs {mb:.1f} MB (weights + internal, from rknn.log)",
-                          f"{self.ram_usable_fraction:.0%} of {self.title}'s {self.ram_mb:g} MB RAM",
+                          f"the budget of {self.ram_usable_fraction:.0%} of {self.title}'s {self.ram_mb:g} MB RAM",
                           "lower preprocess.input_size or use a smaller model")
         return out
 

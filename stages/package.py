@@ -1,0 +1,181 @@
+"""`package`: a converted model -> a folder and a zip ready to copy to a board.
+
+Inputs
+- ``model`` (required): a model bundle of the format the board takes: an ``export_onnx`` folder
+  (onnxruntime), an ``ncnn`` folder (maixii_dock), an ``rknn_quantize`` folder (rv1103, rv1106,
+  rk3566, rk3588). Its ``preprocess.json`` and ``labels.txt`` travel with it.
+- ``eval`` (optional): an ``evaluate`` folder; its per-backend accuracy goes into the manifest.
+- ``calib`` (optional; required for maixii_dock): a ``calibration`` folder; MaixHub quantizes with
+  its ``images/``.
+
+Config section ``package`` (conf/package/default.yaml: ``board: ${board.name}``); a pipeline entry
+overrides it with ``with: {board: rv1103}``. The ``board`` section's limits apply when it names the
+same board.
+
+Outputs: ``package/`` (the board's files, README.md and ``manifest.json``) and ``package.zip`` (the
+same files under one folder, deterministic: fixed timestamps). The manifest sits inside package/:
+the engine keeps the output folder's top-level ``manifest.json`` for its cache record.
+What each board's package holds is written by its profile (boards/<name>.py, ``write_package``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from boards import BoardSettings, Finding, PackageContext, get_board, known_boards, read_json, sha256_file, write_zip
+from engine.stage import Input, Params, Stage, StageError
+
+MODEL_FILES = {"onnx": "model.onnx", "ncnn": "model.ncnn.param", "rknn": "model.rknn"}
+PRODUCER = {"onnx": "export_onnx", "ncnn": "ncnn", "rknn": "rknn_quantize"}
+PACKAGE_FORMAT = "edgepipe.package/1"
+
+
+class Package(Stage):
+    name = "package"
+    version = 1
+    inputs = {
+        "model": Input(required=True, doc="model bundle: export_onnx, ncnn or rknn_quantize folder"),
+        "eval": Input(required=False, doc="evaluate folder (metrics.json): accuracy per backend in the manifest"),
+        "calib": Input(required=False, doc="calibration folder (images/): required for maixii_dock"),
+    }
+    sections = {"board_settings": "board"}
+    # rknn-toolkit2 writes different model.rknn bytes for the same build (see rknn_quantize); the
+    # manifest and the zip carry its sha256. Left out of the output digest, like rknn_quantize does.
+    volatile_outputs = ("package/model.rknn", "package/manifest.json", "package.zip")
+
+    class Params(Params):
+        # the board to package for (conf/package/default.yaml: ${board.name})
+        board: str = "onnxruntime"
+        # classes shown per image by the generated scripts
+        top_k: int = Field(5, ge=1)
+        # run the board's checks on the converted model (flash size, reshape layers, CPU layers)
+        check: bool = True
+        # the `board` section (limits); applied when it names the same board
+        board_settings: BoardSettings | None = None
+
+        @field_validator("board")
+        @classmethod
+        def _known(cls, v: str) -> str:
+            if v not in known_boards():
+                raise ValueError(f"unknown board {v!r}; known boards: {', '.join(known_boards())}")
+            return v
+
+    def run(self, p: "Package.Params", inputs, out: Path, ctx) -> dict[str, Any]:
+        from stages.common.preprocess import Preprocess
+
+        settings = p.board_settings if p.board_settings and p.board_settings.name == p.board else None
+        board = get_board(p.board, settings)
+        model_dir = inputs["model"]
+        fmt = board.model_format
+        model_file = model_dir / MODEL_FILES[fmt]
+        if not model_file.is_file():
+            found = [k for k, f in MODEL_FILES.items() if (model_dir / f).is_file()]
+            raise StageError(
+                f"board {board.name} ({board.title}) takes a {fmt} model ({MODEL_FILES[fmt]}), but the `model` input "
+                f"{model_dir} holds {', '.join(found) + ' model' if found else 'no model file'}; wire package's "
+                f"`model` to a {PRODUCER[fmt]} stage")
+        for f in ("preprocess.json", "labels.txt"):
+            if not (model_dir / f).is_file():
+                raise StageError(f"input model: {model_dir / f} is missing (model bundles carry it forward)")
+        spec = Preprocess.load(model_dir)
+        labels = (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines()
+        io = read_json(model_dir / "io.json") if (model_dir / "io.json").is_file() else {}
+        if fmt == "ncnn" and not io:
+            raise StageError(f"input model: {model_dir / 'io.json'} is missing (the param's blob names)")
+
+        findings: list[Finding] = []
+        try:
+            findings = board.check_package(model_dir, model_file)
+        except ValueError as e:
+            raise StageError(f"input model: {e}") from None
+        errors = [f for f in findings if f.level == "error"]
+        if errors and p.check:
+            raise StageError(f"{model_file.name} does not fit {board.title}:\n"
+                             + "\n".join(f"  - {f.check}: {f.message}" for f in errors)
+                             + "\n  (package.check=false packages it anyway)")
+
+        pkg_dir = out / "package"
+        pkg_dir.mkdir()
+        pkg = PackageContext(board=board, model_dir=model_dir, model_file=model_file, spec=spec, io=io,
+                             labels=labels, pkg=pkg_dir, calib_dir=inputs.get("calib"), top_k=p.top_k,
+                             notes=[f.message for f in findings if f.level != "info"])
+        ctx.progress(None, None, f"writing the {board.title} package")
+        try:
+            board.write_package(pkg)
+        except (ValueError, FileNotFoundError) as e:
+            raise StageError(f"package for {board.name}: {e}") from None
+
+        accuracy = _accuracy(inputs["eval"]) if "eval" in inputs else {}
+        files = {str(f.relative_to(pkg_dir)): sha256_file(f) for f in sorted(pkg_dir.rglob("*")) if f.is_file()}
+        manifest = {
+            "format": PACKAGE_FORMAT,
+            "board": {k: board.facts()[k] for k in ("name", "title", "soc", "runtime", "quantizer",
+                                                     "quantizer_options", "deploy_script")},
+            "model": {"file": _packaged_name(board.name, model_file, files), "format": fmt,
+                      "sha256": sha256_file(model_file), "bytes": model_file.stat().st_size},
+            "input": {"name": io.get("input"), "shape": io.get("input_shape", spec.input_shape),
+                      "size_hw": [spec.height, spec.width], "resize": spec.resize,
+                      "interpolation": spec.interpolation, "channel_order": spec.channel_order,
+                      "on_board": board.input_layout},
+            "output": {"name": io.get("output"), "classes": len(labels)},
+            "normalisation": board.normalisation_for(spec),
+            "preprocess": spec.to_dict(),
+            "labels": labels,
+            "accuracy": accuracy,
+            "source": {name: _source(path) for name, path in sorted(inputs.items())},
+            "checks": [f.model_dump() for f in findings],
+            "notes": pkg.notes,
+            "files": files,
+            **pkg.extra_manifest,
+        }
+        (pkg_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+        top = f"edgepipe_{board.name}"
+        members = [(f"{top}/{f.relative_to(pkg_dir)}", f) for f in sorted(pkg_dir.rglob("*")) if f.is_file()]
+        write_zip(out / "package.zip", members)
+        return {"board": board.name, "files": len(members), "model_mb": round(model_file.stat().st_size / 2**20, 3),
+                "zip_mb": round((out / "package.zip").stat().st_size / 2**20, 3),
+                **{f"acc_{b}": v["top1"] for b, v in accuracy.items() if isinstance(v.get("top1"), (int, float))}}
+
+
+def _packaged_name(board: str, model_file: Path, files: dict) -> str:
+    for name in ("model.rknn", "model.onnx", "model.param"):
+        if name in files:
+            return name
+    return model_file.name
+
+
+def _source(path: Path) -> dict[str, Any]:
+    """Where an input came from: stage type, pipeline name, cache key and output digest from the engine's
+    record of that folder (nothing machine-specific: the manifest must not change between machines)."""
+    info: dict[str, Any] = {}
+    record = path / "manifest.json"
+    if record.is_file():
+        try:
+            m = json.loads(record.read_text())
+            info.update({k: m[k] for k in ("type", "stage", "key", "digest") if k in m})
+        except (OSError, ValueError):
+            pass
+    return info
+
+
+def _accuracy(eval_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per-backend numbers from an evaluate folder's metrics.json: {backend: {top1: ..., ...}}."""
+    path = eval_dir / "metrics.json"
+    if not path.is_file():
+        raise StageError(f"input eval: {path} is missing (wire package's `eval` to an evaluate stage)")
+    data = json.loads(path.read_text())
+    table = data.get("backends", data) if isinstance(data, dict) else {}
+    out: dict[str, dict[str, Any]] = {}
+    if isinstance(table, dict):
+        for backend, m in table.items():
+            if isinstance(m, dict) and any(k in m for k in ("top1", "accuracy")):
+                out[backend] = {k: v for k, v in m.items()
+                                if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+                if "top1" not in out[backend] and "accuracy" in m:
+                    out[backend]["top1"] = m["accuracy"]
+    return out

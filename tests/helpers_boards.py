@@ -1,0 +1,173 @@
+"""Tiny fixtures for the board, preflight and package tests, in the documented folder formats
+(DEVELOPERS.md): an export_onnx folder written by hand from a torch module, a dataset folder of
+generated images, and the real ncnn / calibration / rknn_quantize stages on top of them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+LABELS = ["cat", "dog", "bird"]
+
+
+def tiny_net(kind: str = "linear", classes: int = 3, seed: int = 0):
+    """Small classifiers whose heads exercise the board checks.
+
+    linear: conv -> relu -> global pool -> flatten -> Linear   (fits every board)
+    gem:    GeM pooling, x.clamp(eps).pow(p) ... .pow(1/p)      (Pow: CPU fallback on rv1103)
+    flat:   conv -> relu -> flatten of the 8x8 map -> Linear    (a real Flatten: awnn cannot)
+    conv:   global pool -> 1x1 conv -> mean over H,W            (pnnx inserts a Reshape)
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.p = nn.Parameter(torch.full((1,), 3.0))
+            if kind == "flat":
+                self.fc = nn.Linear(16 * 8 * 8, classes)
+            elif kind == "conv":
+                self.fc = nn.Conv2d(16, classes, 1)
+            else:
+                self.fc = nn.Linear(16, classes)
+
+        def forward(self, x):
+            x = F.relu(self.conv2(F.relu(self.conv(x))))
+            if kind == "flat":
+                return self.fc(torch.flatten(x, 1))
+            if kind == "gem":
+                x = F.adaptive_avg_pool2d(x.clamp(min=1e-6).pow(self.p), 1).pow(1.0 / self.p)
+                return self.fc(torch.flatten(x, 1))
+            x = F.adaptive_avg_pool2d(x, 1)
+            if kind == "conv":
+                return self.fc(x).mean(dim=(2, 3))
+            return self.fc(torch.flatten(x, 1))
+
+    return Net().eval()
+
+
+def export_onnx(out: Path, module=None, kind: str = "linear", size: int = 32, preprocess: dict | None = None,
+                labels: list[str] | None = None) -> Path:
+    """An export_onnx-style folder: model.onnx (legacy exporter, opset 13, input0/output0), io.json,
+    preprocess.json, labels.txt."""
+    import warnings
+
+    import torch
+
+    from stages.common.preprocess import Preprocess
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    module = module if module is not None else tiny_net(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, torch.zeros(1, 3, size, size), str(out / "model.onnx"), dynamo=False,
+                          opset_version=13, input_names=["input0"], output_names=["output0"])
+    (out / "io.json").write_text(json.dumps({"input": "input0", "output": "output0",
+                                             "input_shape": [1, 3, size, size]}))
+    Preprocess.model_validate({"input_size": size, "mean": "uniform", "std": "uniform", **(preprocess or {})}).save(out)
+    (out / "labels.txt").write_text("".join(f"{label}\n" for label in (labels or LABELS)))
+    return out
+
+
+def make_dataset(out: Path, size: int = 32, per_class: int = 4, labels: list[str] | None = None, seed: int = 0) -> Path:
+    """A dataset-stage-like folder of generated images (class k: brighter channel k)."""
+    labels = labels or LABELS
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val", "test"):
+        imgs, labs = [], []
+        for k in range(len(labels)):
+            for _ in range(per_class):
+                img = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
+                img[..., k % 3] += np.uint8(100 + 30 * (k // 3))
+                imgs.append(img)
+                labs.append(k)
+        np.save(out / f"images_{split}.npy", np.stack(imgs))
+        np.save(out / f"labels_{split}.npy", np.asarray(labs, dtype=np.int64))
+    (out / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
+    return out
+
+
+def write_images(out: Path, n: int = 5, size: int = 48, seed: int = 1) -> list[Path]:
+    """JPEG/PNG test pictures of another size than the model input (the resize is exercised)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        arr = rng.integers(0, 255, (size, size + 8 * i, 3), dtype=np.uint8)
+        p = out / (f"img{i}.jpg" if i % 2 else f"img{i}.png")
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def stage(name: str, params: dict, inputs: dict, out: Path):
+    from engine.testing import run_stage
+
+    return run_stage(name, params, inputs, out)
+
+
+RKNNLITE_STUB = '''"""Stand-in for rknn-toolkit-lite2 in tests: runs the ONNX model ($STUB_ONNX) with the normalisation
+rknn-toolkit2 bakes into a .rknn (mean_values/std_values on 0..255, model channel order), and logs
+the calls to $STUB_LOG."""
+import json
+import os
+
+import numpy as np
+
+
+class RKNNLite:
+    NPU_CORE_AUTO, NPU_CORE_0, NPU_CORE_1, NPU_CORE_2 = 0, 1, 2, 4
+
+    def __init__(self, verbose=False, verbose_file=None):
+        self.log = open(os.environ["STUB_LOG"], "a")
+
+    def load_rknn(self, path):
+        self.log.write(json.dumps({"load_rknn": os.path.basename(path)}) + "\\n")
+        return 0 if os.path.isfile(path) else -1
+
+    def init_runtime(self, **kwargs):
+        import onnxruntime as ort
+
+        self.log.write(json.dumps({"init_runtime": kwargs}) + "\\n")
+        self.sess = ort.InferenceSession(os.environ["STUB_ONNX"], providers=["CPUExecutionProvider"])
+        spec = json.load(open(os.environ["STUB_PREPROCESS"]))
+        order = [0, 1, 2] if spec["channel_order"] == "RGB" else [2, 1, 0]
+        self.mean = np.array([spec["mean"][i] * 255 for i in order], np.float32)
+        self.std = np.array([spec["std"][i] * 255 for i in order], np.float32)
+        return 0
+
+    def inference(self, inputs, data_format=None):
+        x = inputs[0]
+        assert x.dtype == np.uint8 and x.ndim == 4 and x.shape[0] == 1 and x.shape[-1] == 3, (x.dtype, x.shape)
+        xf = ((x.astype(np.float32) - self.mean) / self.std).transpose(0, 3, 1, 2)
+        name = self.sess.get_inputs()[0].name
+        self.log.write(json.dumps({"inference": list(x.shape)}) + "\\n")
+        return [self.sess.run(None, {name: np.ascontiguousarray(xf)})[0]]
+
+    def release(self):
+        self.log.write(json.dumps({"release": True}) + "\\n")
+'''
+
+
+def install_rknnlite_stub(root: Path) -> Path:
+    """A fake `rknnlite` package under root (put root on PYTHONPATH)."""
+    pkg = Path(root) / "rknnlite"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "api.py").write_text(RKNNLITE_STUB)
+    return Path(root)

@@ -1,0 +1,226 @@
+"""Board profiles and the preflight stage: every profile loads with sourced facts, limits can be tuned,
+preflight rejects what a board cannot take (a Flatten for MaixII-Dock, per-channel normalisation for
+awnn, models over the RAM/flash budget), flags CPU-fallback operators for RV1103 (GeM's Pow), and its
+MaixII-Dock reshape prediction agrees with what pnnx really writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from boards import BoardSettings, Finding, get_board, known_boards
+from boards.graph import analyze
+from engine.stage import StageError
+from helpers_boards import export_onnx, stage, tiny_net
+
+BOARDS = ["maixii_dock", "onnxruntime", "rk3566", "rk3588", "rv1103", "rv1106"]
+
+
+@pytest.fixture(scope="module")
+def onnx_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("onnx")
+    return {kind: export_onnx(base / kind, kind=kind) for kind in ("linear", "gem", "flat", "conv")}
+
+
+def preflight(onnx_dir: Path, out: Path, board: str, **board_settings):
+    return stage("preflight", {"board": {"name": board, **board_settings}}, {"onnx": onnx_dir}, out)
+
+
+# -- profiles ---------------------------------------------------------------------------------------
+def test_every_board_is_registered_with_its_facts():
+    assert known_boards() == BOARDS
+    formats = {}
+    for name in BOARDS:
+        board = get_board(name)
+        assert board.name == name
+        facts = board.facts()
+        json.dumps(facts)  # JSON-able: preflight.json and manifest.json record it
+        assert board.title and board.soc and board.runtime and board.deploy_script
+        assert "manifest.json" in board.package_files and "README.md" in board.package_files
+        formats[name] = board.model_format
+    assert formats == {"maixii_dock": "ncnn", "onnxruntime": "onnx", "rk3566": "rknn", "rk3588": "rknn",
+                       "rv1103": "rknn", "rv1106": "rknn"}
+    # figures the issue names, with their sources
+    rv1103, rv1106, maix = get_board("rv1103"), get_board("rv1106"), get_board("maixii_dock")
+    assert (rv1103.ram_mb, rv1103.flash_mb, rv1103.quantizer_options["target"]) == (64, 16, "rv1103")
+    assert rv1106.ram_mb == 128 and rv1106.quantizer_options["target"] == "rv1106"
+    assert get_board("rk3566").quantizer_options["target"] == "rk3566"
+    assert get_board("rk3588").quantizer_options["target"] == "rk3588"
+    for b in (rv1103, rv1106):
+        assert {"Pow", "Min", "Transpose"} <= set(b.cpu_fallback_ops) and b.sources["cpu_fallback_ops"]
+        assert b.weight_bytes == 1  # int8 only
+    assert maix.normalisation == "uniform" and maix.model_format == "ncnn"
+    # rv1103/rv1106 share their code through boards/rockchip.py, rk3566/rk3588 too
+    from boards.rockchip import LuckfoxBoard, RK35Board
+
+    assert isinstance(rv1103, LuckfoxBoard) and isinstance(rv1106, LuckfoxBoard)
+    assert isinstance(get_board("rk3566"), RK35Board) and isinstance(get_board("rk3588"), RK35Board)
+
+
+def test_board_modules_do_not_import_torch():
+    code = ("import sys, boards, boards.graph, stages.preflight, stages.package\n"
+            "[boards.get_board(n) for n in boards.known_boards()]\n"
+            "assert 'torch' not in sys.modules and 'onnx' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_settings_tune_limits_and_are_validated():
+    board = get_board("rv1106", BoardSettings(name="rv1106", ram_mb=256, flash_mb=128, ram_usable_fraction=0.75))
+    assert (board.ram_mb, board.flash_mb, board.ram_usable_fraction) == (256, 128, 0.75)
+    assert get_board("rv1106").ram_mb == 128  # the profile itself is untouched
+    with pytest.raises(ValueError, match="unknown board 'rv1107'.*rv1106"):
+        BoardSettings(name="rv1107")
+    with pytest.raises(ValueError, match="rknn_target='rk3588'"):
+        get_board("rv1103", {"name": "rv1103", "rknn_target": "rk3588"})
+    with pytest.raises(ValueError):
+        BoardSettings(name="rv1103", ram_usable_fraction=1.5)
+
+
+# -- preflight --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("board", BOARDS)
+def test_preflight_passes_a_small_linear_head_model_on_every_board(onnx_dirs, tmp_path, board):
+    metrics = preflight(onnx_dirs["linear"], tmp_path / "out", board)
+    report = json.loads((tmp_path / "out" / "preflight.json").read_text())
+    assert report["passed"] and report["board"] == board and metrics["board"] == board
+    assert report["model"]["input"] == "input0" and report["model"]["input_shape"] == [1, 3, 32, 32]
+    assert report["estimates"]["params"] > 0 and report["profile"]["name"] == board
+    assert not [f for f in report["findings"] if f["level"] == "error"]
+
+
+def test_preflight_rejects_a_flatten_for_maixii_dock(onnx_dirs, tmp_path):
+    with pytest.raises(StageError) as e:
+        preflight(onnx_dirs["flat"], tmp_path / "out", "maixii_dock")
+    msg = str(e.value)
+    assert "Flatten '/Flatten'" in msg and "(1, 16, 8, 8)" in msg and "awnn" in msg
+    assert "model.head=linear" in msg  # what to change
+    # the same model is fine where reshapes are no problem
+    preflight(onnx_dirs["flat"], tmp_path / "rk", "rv1103")
+
+
+def test_preflight_rejects_a_head_that_makes_pnnx_reshape(onnx_dirs, tmp_path):
+    with pytest.raises(StageError, match=r"ReduceMean '/ReduceMean' consumes the globally pooled tensor"):
+        preflight(onnx_dirs["conv"], tmp_path / "out", "maixii_dock")
+
+
+def test_preflight_rejects_per_channel_normalisation_for_maixii_dock(tmp_path):
+    d = export_onnx(tmp_path / "onnx", kind="linear", preprocess={"mean": "imagenet", "std": "imagenet"})
+    with pytest.raises(StageError) as e:
+        preflight(d, tmp_path / "out", "maixii_dock")
+    assert "one mean and one norm" in str(e.value) and "preprocess=uniform" in str(e.value)
+    assert "0.485" in str(e.value)
+    preflight(d, tmp_path / "rv", "rv1103")  # rknn takes per-channel mean/std
+
+
+def test_preflight_flags_pow_for_rv1103(onnx_dirs, tmp_path):
+    metrics = preflight(onnx_dirs["gem"], tmp_path / "out", "rv1103")
+    assert metrics["warnings"] == 1 and metrics["warning_checks"] == ["cpu_fallback"]
+    report = json.loads((tmp_path / "out" / "preflight.json").read_text())
+    (pow_,) = [f for f in report["findings"] if f["check"] == "cpu_fallback"]
+    assert pow_["level"] == "warning" and pow_["message"].startswith("Pow '/Pow_1'")  # the 1/p one, not the p=3
+    assert "model.arch=resnet18" in pow_["message"] and "rknn_init" in pow_["message"]
+    # strict: warnings fail the stage
+    with pytest.raises(StageError, match="Pow '/Pow_1'"):
+        stage("preflight", {"board": {"name": "rv1103"}, "strict": True}, {"onnx": onnx_dirs["gem"]}, tmp_path / "s")
+    # a board whose runtime has CPU kernels takes it silently
+    assert preflight(onnx_dirs["gem"], tmp_path / "rk", "rk3588")["warnings"] == 0
+
+
+def test_preflight_checks_ram_and_flash_budgets(onnx_dirs, tmp_path):
+    # tiny model: 1,443 int8 weights + 5,120 activations = 0.0063 MB; half of 0.004 MB is usable
+    with pytest.raises(StageError, match=r"ram: working memory estimate 6.4 KB .* exceeds the budget of 50% of .* RAM \(0.002 MB\)"):
+        preflight(onnx_dirs["linear"], tmp_path / "ram", "rv1103", ram_mb=0.004)
+    with pytest.raises(StageError, match=r"flash: model weights 1.4 KB \(1,443 parameters .* exceeds the flash budget .* \(0.001 MB\).*board.flash_mb"):
+        preflight(onnx_dirs["linear"], tmp_path / "flash", "rv1103", flash_mb=0.001)
+    # the onnxruntime board has no limits unless the user sets them
+    with pytest.raises(StageError, match="ram"):
+        preflight(onnx_dirs["linear"], tmp_path / "ort", "onnxruntime", ram_mb=0.01)  # float32: 0.026 MB
+
+
+def test_preflight_checks_the_bundle_is_consistent(tmp_path):
+    d = export_onnx(tmp_path / "onnx", kind="linear")
+    (d / "preprocess.json").write_text((d / "preprocess.json").read_text().replace("32", "64"))
+    with pytest.raises(StageError, match=r"preprocess.json input_size \[64, 64\] differs from the ONNX input 32x32"):
+        preflight(d, tmp_path / "out", "onnxruntime")
+    with pytest.raises(StageError, match="model.onnx is missing"):
+        preflight(tmp_path, tmp_path / "out2", "onnxruntime")
+
+
+def test_memory_estimate_is_the_peak_of_live_activations(tmp_path):
+    d = export_onnx(tmp_path / "onnx", kind="linear")
+    g = analyze(d / "model.onnx")
+    # input 3x32x32 + conv 8x16x16 alive together is the peak (then 8x16x16 + 16x8x8, ...)
+    assert g.peak_activation_elems == 3 * 32 * 32 + 8 * 16 * 16
+    assert g.n_params == sum(p.numel() for p in tiny_net("linear").parameters()) - 1  # GeM's p is unused
+    est = get_board("rv1103").estimates(g)
+    assert est["working_mb"] == pytest.approx((g.n_params + g.peak_activation_elems) / 2**20, abs=1e-3)
+
+
+# -- MaixII-Dock: the reshape prediction against pnnx -----------------------------------------------
+def _pnnx_reshapes(onnx: Path, work: Path) -> list[str]:
+    """Convert with pnnx (as the ncnn stage does) and list the reshape-type layers of the param."""
+    from boards.maixii_dock import NCNN_RESHAPE_LAYERS, parse_param
+
+    work.mkdir(parents=True)
+    pnnx = Path(sys.executable).with_name("pnnx")
+    subprocess.run([str(pnnx), str(onnx), "inputshape=[1,3,32,32]", "fp16=0", f"ncnnparam={work}/m.param",
+                    f"ncnnbin={work}/m.bin", f"pnnxparam={work}/p.param", f"pnnxbin={work}/p.bin",
+                    f"pnnxpy={work}/p.py", f"pnnxonnx={work}/p.onnx", f"ncnnpy={work}/n.py"],
+                   cwd=work, check=True, capture_output=True)
+    return [t for t, _ in parse_param(work / "m.param")["layers"] if t in NCNN_RESHAPE_LAYERS]
+
+
+def _check_prediction(tmp_path: Path, modules: dict) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    board = get_board("maixii_dock")
+    dirs = {k: export_onnx(tmp_path / k, module=m) for k, m in modules.items()}
+    predicted = {k: [f.node for f in board.check_onnx(analyze(d / "model.onnx")) if f.check == "reshape"]
+                 for k, d in dirs.items()}
+    with ThreadPoolExecutor(2) as pool:
+        actual = dict(zip(dirs, pool.map(lambda k: _pnnx_reshapes(dirs[k] / "model.onnx", tmp_path / f"{k}_pnnx"),
+                                         dirs)))
+    for k in dirs:
+        assert bool(predicted[k]) == bool(actual[k]), (k, predicted[k], actual[k])
+        assert bool(actual[k]) == (k not in ("linear", "r18_linear", "mnv3_linear")), (k, actual[k])
+
+
+def test_maixii_reshape_prediction_matches_pnnx(tmp_path):
+    """preflight predicts from the ONNX whether the ncnn param pnnx writes holds reshape-type layers
+    (which awnn cannot run); the package stage checks the real param. They must agree."""
+    _check_prediction(tmp_path, {k: tiny_net(k) for k in ("linear", "conv")})  # ~4 s of pnnx each
+
+
+@pytest.mark.slow
+def test_maixii_reshape_prediction_matches_pnnx_on_the_model_zoo(tmp_path):
+    from stages.common.models import build_model
+
+    archs = {"r18_linear": dict(arch="resnet18", stem="small"),
+             "r18_conv": dict(arch="resnet18", stem="small", head="conv"),
+             "mnv3_linear": dict(arch="mobilenet_v3_small"),
+             "mnv3_conv": dict(arch="mobilenet_v3_small", head="conv"),
+             "gem_linear": dict(arch="gem_resnet", stem="small")}
+    _check_prediction(tmp_path, {**{k: build_model(a, 3).eval() for k, a in archs.items()},
+                                 **{k: tiny_net(k) for k in ("flat", "gem")}})
+
+
+def test_rknn_log_layers_on_the_cpu_fail_the_luckfox_package():
+    log = """D RKNN: [01:05:13.422] ID   OpType             DataType Target InputShape                               OutputShape            Cycles(DDR/NPU/Total)    RW(KB)       FullName
+D RKNN: [01:05:13.422] 0    InputOperator      INT8     CPU    \\                                        (1,3,32,32)            0/0/0                    0            InputOperator:input0
+D RKNN: [01:05:13.422] 3    Pow                INT8     NPU    (1,8,32,32),(1)                          (1,8,32,32)            0/0/0                    16           Pow:/pool/Pow
+D RKNN: [01:05:13.422] 6    Pow                INT8     CPU    (1,8,1,1),(1)                            (1,8,1,1)              0/0/0                    0            Pow:/pool/Pow_1
+D RKNN: [01:05:13.422] 9    OutputOperator     INT8     CPU    (1,3)                                    \\                      0/0/0                    0            OutputOperator:output0
+D RKNN: [01:05:13.430] Total Internal Memory Size: 40000KB
+D RKNN: [01:05:13.430] Total Weight Memory Size: 0.8125KB
+"""
+    found = get_board("rv1103").check_rknn_log(log)
+    assert [f.check for f in found] == ["cpu_fallback", "ram"]
+    assert "Pow (Pow:/pool/Pow_1)" in found[0].message and found[0].level == "error"
+    assert "39.1 MB" in found[1].message and found[1].level == "error"  # > 32 MB (half of 64)
+    assert get_board("rv1106").check_rknn_log(log)[1:] == []  # 39 of 64 usable MB
+    near = get_board("rv1106", {"name": "rv1106", "ram_mb": 96}).check_rknn_log(log)[1]
+    assert near.level == "warning" and "81%" in near.message  # 39 of 48 usable MB
+    assert isinstance(found[0], Finding)

@@ -1,0 +1,307 @@
+"""The package stage: each board's package built from a tiny model (the real ncnn, calibration and
+rknn_quantize stages on top of a hand-exported ONNX) and inspected: files, zip layout, patched param,
+normalisation numbers, manifest; the generated scripts compile; the onnxruntime infer.py and the
+rknn-toolkit-lite2 infer.py (on a stub runtime) agree with ONNX Runtime run directly; the C demo
+passes `gcc -fsyntax-only` against tests/rknn_api/rknn_api.h and runs on a fake RKNN runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import py_compile
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.stage import StageError
+from helpers_boards import LABELS, REPO, export_onnx, install_rknnlite_stub, make_dataset, stage, write_images
+
+RKNN_API = REPO / "tests" / "rknn_api"
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """export_onnx-like folder (uniform normalisation), dataset, calibration, ncnn, rknn rv1103/rk3566."""
+    base = tmp_path_factory.mktemp("bundles")
+    b = {"onnx": export_onnx(base / "onnx", kind="linear"), "data": make_dataset(base / "data")}
+    stage("calibration", {"count": 6}, {"data": b["data"]}, base / "calib")
+    b["calib"] = base / "calib"
+    stage("ncnn", {}, {"onnx": b["onnx"]}, base / "ncnn")
+    b["ncnn"] = base / "ncnn"
+    for target in ("rv1103", "rk3566"):
+        stage("rknn_quantize", {"target": target, "accuracy_analysis_samples": 0},
+              {"onnx": b["onnx"], "calib": b["calib"]}, base / f"rknn_{target}")
+        b[f"rknn_{target}"] = base / f"rknn_{target}"
+    ev = base / "eval"
+    ev.mkdir()
+    (ev / "metrics.json").write_text(json.dumps({"backends": {
+        "pytorch": {"top1": 0.8, "agreement": 1.0}, "onnx": {"top1": 0.8, "agreement": 1.0},
+        "rknn": {"top1": 0.75, "agreement": 0.9}}}))
+    b["eval"] = ev
+    b["images"] = base / "images"
+    write_images(b["images"])
+    return b
+
+
+def package(board: str, inputs: dict, out: Path, **params):
+    metrics = stage("package", {"board": board, **params}, inputs, out)
+    return metrics, out / "package", json.loads((out / "package" / "manifest.json").read_text())
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_common(pkg: Path, manifest: dict, board: str, model_src: Path, zip_path: Path) -> None:
+    from boards import get_board
+
+    expected = set(get_board(board).package_files)
+    present = {str(p.relative_to(pkg)) for p in pkg.rglob("*") if p.is_file()}
+    assert present == expected, present ^ expected
+    assert manifest["format"] == "edgepipe.package/1" and manifest["board"]["name"] == board
+    assert manifest["model"]["sha256"] == sha256(model_src)
+    assert manifest["labels"] == LABELS and manifest["output"]["classes"] == 3
+    assert manifest["input"]["size_hw"] == [32, 32] and manifest["preprocess"]["input_size"] == [32, 32]
+    for rel, digest in manifest["files"].items():
+        assert sha256(pkg / rel) == digest
+    # the zip holds the same files under one folder
+    with zipfile.ZipFile(zip_path) as zf:
+        names = zf.namelist()
+        assert sorted(names) == sorted(f"edgepipe_{board}/{p}" for p in present)
+        assert all(i.date_time == (1980, 1, 1, 0, 0, 0) for i in zf.infolist())
+        assert zf.read(f"edgepipe_{board}/manifest.json") == (pkg / "manifest.json").read_bytes()
+    for script in pkg.glob("*.py"):  # compiled into a scratch file: the package folder stays as written
+        py_compile.compile(str(script), doraise=True, cfile=str(zip_path.parent / "scratch.pyc"))
+
+
+def ort_logits(onnx: Path, images: list[Path]) -> np.ndarray:
+    import onnxruntime as ort
+
+    from stages.common.preprocess import Preprocess, prepare
+
+    spec = Preprocess.load(onnx.parent)
+    sess = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.stack([sess.run(None, {name: prepare(p, spec)})[0].reshape(-1) for p in images])
+
+
+def run_script(script: Path, *args: str, env: dict | None = None, cwd: Path | None = None) -> list[dict]:
+    """Run a generated script isolated from the repo (python -I: no PYTHONPATH, no script dir)."""
+    r = subprocess.run([sys.executable, "-I", str(script), *args], capture_output=True, text=True,
+                       cwd=cwd, env={**os.environ, **(env or {})})
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+# -- onnxruntime --------------------------------------------------------------------------------------
+def test_onnxruntime_package(bundles, tmp_path):
+    metrics, pkg, manifest = package("onnxruntime", {"model": bundles["onnx"], "eval": bundles["eval"]}, tmp_path / "o")
+    check_common(pkg, manifest, "onnxruntime", bundles["onnx"] / "model.onnx", tmp_path / "o" / "package.zip")
+    # one preprocessing definition: the shared module verbatim, and the model's settings
+    assert (pkg / "preprocess.py").read_bytes() == (REPO / "stages" / "common" / "preprocess.py").read_bytes()
+    assert (pkg / "preprocess.json").read_bytes() == (bundles["onnx"] / "preprocess.json").read_bytes()
+    assert "import torch" not in (pkg / "infer.py").read_text()
+    assert manifest["normalisation"]["mean"] == [0.5] * 3 and manifest["normalisation"]["mean_values_0_255"] == [127.5] * 3
+    assert manifest["accuracy"]["rknn"] == {"top1": 0.75, "agreement": 0.9}
+    assert metrics["acc_onnx"] == 0.8 and metrics["board"] == "onnxruntime"
+    assert set(manifest["source"]) == {"eval", "model"}
+    # deterministic: the same inputs give byte-identical outputs
+    package("onnxruntime", {"model": bundles["onnx"], "eval": bundles["eval"]}, tmp_path / "o2")
+    assert (tmp_path / "o2" / "package.zip").read_bytes() == (tmp_path / "o" / "package.zip").read_bytes()
+
+
+def test_onnxruntime_infer_matches_onnxruntime(bundles, tmp_path):
+    _, pkg, _ = package("onnxruntime", {"model": bundles["onnx"]}, tmp_path / "o")
+    board_dir = tmp_path / "on_the_board"  # a copy elsewhere: the package needs nothing from the repo
+    shutil.copytree(pkg, board_dir)
+    images = sorted(bundles["images"].iterdir())
+    rows = run_script(board_dir / "infer.py", str(bundles["images"]), "--json", cwd=tmp_path)
+    assert [Path(r["path"]).name for r in rows] == [p.name for p in images]
+    direct = ort_logits(bundles["onnx"] / "model.onnx", images)
+    assert np.array_equal(np.array([r["logits"] for r in rows], np.float32), direct)
+    assert [r["index"] for r in rows] == direct.argmax(1).tolist()
+    assert [r["label"] for r in rows] == [LABELS[i] for i in direct.argmax(1)]
+    # plain output: path, label, confidence
+    r = subprocess.run([sys.executable, "-I", str(board_dir / "infer.py"), str(images[0]), "--top-k", "1"],
+                       capture_output=True, text=True, check=True)
+    path, label, conf = r.stdout.strip().split("\t")
+    assert (path, label) == (str(images[0]), LABELS[direct[0].argmax()]) and 0 < float(conf) <= 1
+    bad = subprocess.run([sys.executable, "-I", str(board_dir / "infer.py"), str(tmp_path / "none")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1
+
+
+# -- rv1103 -------------------------------------------------------------------------------------------
+def test_rv1103_package(bundles, tmp_path):
+    _, pkg, manifest = package("rv1103", {"model": bundles["rknn_rv1103"], "eval": bundles["eval"]}, tmp_path / "r")
+    check_common(pkg, manifest, "rv1103", bundles["rknn_rv1103"] / "model.rknn", tmp_path / "r" / "package.zip")
+    assert manifest["normalisation"]["mean_values_0_255"] == [127.5] * 3
+    assert manifest["normalisation"]["std_values_0_255"] == [127.5] * 3
+    assert manifest["board"]["quantizer_options"]["target"] == "rv1103"
+    cmake = (pkg / "CMakeLists.txt").read_text()
+    assert "EDGEPIPE_ZERO_COPY=1" in cmake and "armhf-uclibc/librknnmrt.so" in cmake and "${RKNN_API_DIR}" in cmake
+    assert "$$" not in cmake and "${project}" not in cmake
+    readme = (pkg / "README.md").read_text()
+    assert "arm-rockchip830-linux-uclibcgnueabihf" in readme and "prepare_input.py" in readme
+    main_c = (pkg / "main.c").read_text()
+    for call in ("rknn_init", "rknn_query", "RKNN_QUERY_IN_OUT_NUM", "rknn_inputs_set", "rknn_run",
+                 "rknn_outputs_get", "rknn_outputs_release", "rknn_create_mem", "rknn_set_io_mem", "rknn_destroy",
+                 "softmax", "top_k"):
+        assert call in main_c
+
+
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_c_demo_passes_gcc_syntax_check(bundles, tmp_path, zero_copy):
+    _, pkg, _ = package("rv1103", {"model": bundles["rknn_rv1103"]}, tmp_path / "r")
+    defines = ["-DEDGEPIPE_ZERO_COPY=1"] if zero_copy else []
+    r = subprocess.run(["gcc", "-fsyntax-only", "-std=c99", "-Wall", "-Wextra", "-Werror", *defines,
+                        "-I", str(RKNN_API), str(pkg / "main.c")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_c_demo_runs_on_a_fake_runtime(bundles, tmp_path):
+    """prepare_input.py makes the PPM with the training preprocessing; the demo reads it, runs, dequantizes
+    and prints the top-k from labels.txt. The fake runtime scores class c by the mean of channel c."""
+    from PIL import Image
+
+    _, pkg, _ = package("rv1103", {"model": bundles["rknn_rv1103"]}, tmp_path / "r")
+    green = tmp_path / "green.png"
+    Image.fromarray(np.dstack([np.full((40, 50), v, np.uint8) for v in (30, 220, 60)])).save(green)
+    r = subprocess.run([sys.executable, "-I", str(pkg / "prepare_input.py"), str(green), "-o", str(tmp_path / "g.ppm")],
+                       capture_output=True, text=True, check=True)
+    ppm = (tmp_path / "g.ppm").read_bytes()
+    assert ppm.startswith(b"P6\n32 32\n255\n") and len(ppm) == len(b"P6\n32 32\n255\n") + 32 * 32 * 3
+    for zero_copy, stride in ((True, "40"), (False, "32")):
+        exe = tmp_path / f"demo{int(zero_copy)}"
+        subprocess.run(["gcc", "-std=c99", "-O1", *(["-DEDGEPIPE_ZERO_COPY=1"] if zero_copy else []),
+                        "-I", str(RKNN_API), str(pkg / "main.c"), str(RKNN_API / "fake_rknn.c"), "-lm", "-o", str(exe)],
+                       check=True)
+        r = subprocess.run([str(exe), str(pkg / "model.rknn"), str(tmp_path / "g.ppm"), str(pkg / "labels.txt"), "2"],
+                           capture_output=True, text=True, env={**os.environ, "FAKE_RKNN_SIZE": "32",
+                                                                "FAKE_RKNN_STRIDE": stride})
+        assert r.returncode == 0, r.stderr
+        top = [line.split("\t") for line in r.stdout.splitlines() if re.match(r"^\d+\t", line)]
+        assert [t[1] for t in top] == ["dog", "bird"] and float(top[0][2]) > 0.9
+    wrong = subprocess.run([str(exe), str(pkg / "model.rknn"), str(green)], capture_output=True, text=True,
+                           env={**os.environ, "FAKE_RKNN_SIZE": "32"})
+    assert wrong.returncode == 1 and "P6 PPM" in wrong.stderr
+
+
+# -- rk3566 / rk3588 ------------------------------------------------------------------------------------
+def test_rk3566_package_and_infer_on_a_stub_rknnlite(bundles, tmp_path):
+    _, pkg, manifest = package("rk3566", {"model": bundles["rknn_rk3566"]}, tmp_path / "k")
+    check_common(pkg, manifest, "rk3566", bundles["rknn_rk3566"] / "model.rknn", tmp_path / "k" / "package.zip")
+    assert (pkg / "preprocess.py").read_bytes() == (REPO / "stages" / "common" / "preprocess.py").read_bytes()
+    stub = install_rknnlite_stub(tmp_path / "stub")
+    log = tmp_path / "stub.log"
+    images = sorted(bundles["images"].iterdir())
+    # python -I would hide the stub: put it on PYTHONPATH, and run the script from elsewhere
+    r = subprocess.run([sys.executable, str(pkg / "infer.py"), str(bundles["images"]), "--json"], cwd=tmp_path,
+                       capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(stub), "STUB_LOG": str(log),
+                            "STUB_ONNX": str(bundles["onnx"] / "model.onnx"),
+                            "STUB_PREPROCESS": str(pkg / "preprocess.json")})
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    direct = ort_logits(bundles["onnx"] / "model.onnx", images)
+    np.testing.assert_allclose(np.array([row["logits"] for row in rows]), direct, atol=1e-4)
+    assert [row["index"] for row in rows] == direct.argmax(1).tolist()
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls[0] == {"load_rknn": "model.rknn"} and calls[1] == {"init_runtime": {}}  # no core_mask on RK3566
+    assert calls[2] == {"inference": [1, 32, 32, 3]} and calls[-1] == {"release": True}
+
+
+def test_rk3588_infer_uses_all_npu_cores_and_refuses_a_model_for_another_chip(bundles, tmp_path):
+    with pytest.raises(StageError, match=r"built for rk3566, not rk3588.*quantize.target=rk3588"):
+        package("rk3588", {"model": bundles["rknn_rk3566"]}, tmp_path / "x")
+    _, pkg, _ = package("rk3588", {"model": bundles["rknn_rk3566"], }, tmp_path / "y", check=False)
+    assert "core_mask=RKNNLite.NPU_CORE_AUTO" in (pkg / "infer.py").read_text()
+    assert any("built for rk3566" in n for n in json.loads((pkg / "manifest.json").read_text())["notes"])
+
+
+# -- maixii_dock ----------------------------------------------------------------------------------------
+def test_maixii_dock_package(bundles, tmp_path):
+    from boards.maixii_dock import parse_param
+
+    _, pkg, manifest = package("maixii_dock", {"model": bundles["ncnn"], "calib": bundles["calib"],
+                                               "eval": bundles["eval"]}, tmp_path / "m")
+    check_common(pkg, manifest, "maixii_dock", bundles["ncnn"] / "model.ncnn.param", tmp_path / "m" / "package.zip")
+    io = json.loads((bundles["ncnn"] / "io.json").read_text())
+    # the MaixHub upload zip: images/ with the calibration images and nothing else, the .param and .bin
+    calib_images = sorted((bundles["calib"] / "images").iterdir())
+    with zipfile.ZipFile(pkg / "maixhub_upload.zip") as zf:
+        names = zf.namelist()
+        assert names == [f"images/{p.name}" for p in calib_images] + ["model.param", "model.bin"]
+        assert all(zf.read(f"images/{p.name}") == p.read_bytes() for p in calib_images)
+        assert zf.read("model.param") == (bundles["ncnn"] / "model.ncnn.param").read_bytes()
+        assert zf.read("model.bin") == (bundles["ncnn"] / "model.ncnn.bin").read_bytes()
+    # the patched param: the Input layer carries W, H, C
+    param = parse_param(pkg / "model.param")
+    assert param["input_shape"] == {io["input"]: (32, 32, 3)}
+    assert re.search(rf"^Input\s+\S+\s+0 1 {io['input']} 0=32 1=32 2=3\s*$", (pkg / "model.param").read_text(), re.M)
+    # classes_label.py, main.py: blob names as the param has them, shapes, mean and norm
+    ns: dict = {}
+    exec((pkg / "classes_label.py").read_text(), ns)
+    assert ns["labels"] == LABELS
+    main = (pkg / "main.py").read_text()
+    assert f'"inputs": {{"{io["input"]}": INPUT_SIZE}}' in main and f'"outputs": {{"{io["output"]}": OUTPUT_SIZE}}' in main
+    assert io["input"] in param["blobs"] and io["output"] in param["blobs"]
+    assert "INPUT_SIZE = (32, 32, 3)" in main and "OUTPUT_SIZE = (1, 1, 3)" in main
+    assert '"mean": [127.5, 127.5, 127.5]' in main and f'"norm": [{1 / 127.5!r}, {1 / 127.5!r}, {1 / 127.5!r}]' in main
+    assert '"model_type": "awnn"' in main
+    assert manifest["normalisation"]["awnn_mean"] == 127.5 and manifest["normalisation"]["awnn_norm"] == 1 / 127.5
+    assert manifest["maixhub_upload"]["images"] == len(calib_images) == 6
+    readme = (pkg / "README.md").read_text()
+    assert "maixhub_upload.zip" in readme and "/root/models/model_awnn.param" in readme
+
+
+def test_maixii_dock_package_needs_calibration_images_and_a_reshape_free_param(bundles, tmp_path):
+    with pytest.raises(StageError, match=r"package for maixii_dock: wire a `calib` input"):
+        package("maixii_dock", {"model": bundles["ncnn"]}, tmp_path / "a")
+    # a param with a Reshape layer (what pnnx writes for a 1x1-conv + mean head) is refused
+    bad = tmp_path / "ncnn_reshape"
+    shutil.copytree(bundles["ncnn"], bad)
+    lines = (bad / "model.ncnn.param").read_text().splitlines()
+    out_blob = json.loads((bad / "io.json").read_text())["output"]
+    last = lines[-1].split()
+    lines[-1] = " ".join(last[:-1] + ["pre_reshape"])
+    lines.append(f"Reshape reshape_9 1 1 pre_reshape {out_blob} 0=3")
+    (bad / "model.ncnn.param").write_text("\n".join(lines) + "\n")
+    with pytest.raises(StageError, match=r"Reshape 'reshape_9'.*awnn.*model.head=linear"):
+        package("maixii_dock", {"model": bad, "calib": bundles["calib"]}, tmp_path / "b")
+    # an unpatched Input layer is refused too (MaixHub needs 0=W 1=H 2=C)
+    unpatched = tmp_path / "ncnn_unpatched"
+    shutil.copytree(bundles["ncnn"], unpatched)
+    text = (unpatched / "model.ncnn.param").read_text()
+    (unpatched / "model.ncnn.param").write_text(re.sub(r"(?m)^(Input\s.*?) 0=32 1=32 2=3", r"\1", text))
+    with pytest.raises(StageError, match="carries no shape"):
+        package("maixii_dock", {"model": unpatched, "calib": bundles["calib"]}, tmp_path / "c")
+
+
+# -- wiring and params ------------------------------------------------------------------------------------
+def test_package_names_the_stage_a_board_needs(bundles, tmp_path):
+    with pytest.raises(StageError, match=r"rv1103 .* takes a rknn model .*holds onnx model.*rknn_quantize stage"):
+        package("rv1103", {"model": bundles["onnx"]}, tmp_path / "a")
+    with pytest.raises(StageError, match=r"takes a ncnn model.*ncnn stage"):
+        package("maixii_dock", {"model": bundles["rknn_rv1103"], "calib": bundles["calib"]}, tmp_path / "b")
+
+
+def test_package_params(bundles, tmp_path):
+    from engine.testing import validate_params
+
+    with pytest.raises(Exception, match="unknown board 'v831'"):
+        validate_params("package", {"board": "v831"})
+    # the `board` section's limits apply when it names the packaged board
+    with pytest.raises(StageError, match=r"model.rknn is .* exceeds the flash budget .*\(0.001 MB\)"):
+        package("rv1103", {"model": bundles["rknn_rv1103"]}, tmp_path / "a",
+                board_settings={"name": "rv1103", "flash_mb": 0.001})
+    package("rv1103", {"model": bundles["rknn_rv1103"]}, tmp_path / "b",
+            board_settings={"name": "rv1106", "flash_mb": 0.001})  # another board's limits: not applied
