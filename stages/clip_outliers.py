@@ -1,0 +1,198 @@
+"""The ``clip_outliers`` stage: clip outlying weights of conv/linear layers before int8 quantization.
+
+Takes a model (input ``model``: a folder holding ``model.pt``, e.g. a train output) or a weights file
+(``weights``: a torchvision state_dict, our ``model.pt`` or a train checkpoint; the architecture comes
+from the ``model`` section). Each conv/linear weight tensor is clipped to a percentile range or to
+mean +- k*std, per tensor or per output channel; BatchNorm weights are left alone unless
+``exclude_bn: false``; the first and last layers can be excluded. Everything else (biases, BN
+statistics, excluded layers) is copied bit for bit.
+
+Writes ``model.pt`` (bundle), ``clip_report.csv`` / ``clip_report.json`` (per layer: min/max before and
+after, fraction clipped) and ``preprocess.json`` / ``labels.txt`` when the input had them. Clip a
+pretrained file, then finetune from it (train ``mode: finetune`` with ``needs: {init: clip}``), or clip
+after training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import model_validator
+
+from engine.stage import HASH_CONTENT, Context, Input, Params, Stage, StageError
+from stages.common.models import ModelParams
+
+
+class ClipOutliers(Stage):
+    name = "clip_outliers"
+    version = 1
+    sections = {"model": "model"}
+    inputs = {"model": Input(required=False, doc="a folder holding model.pt (train or clip_outliers output)")}
+
+    class Params(Params):
+        # none: copy the model unchanged (the report still lists every layer)
+        method: Literal["none", "percentile", "std"] = "percentile"
+        # percentile: keep [100 - percentile, percentile] of each tensor/channel
+        percentile: float = 99.99
+        # std: keep mean +- k * std
+        k: float = 3.0
+        granularity: Literal["tensor", "channel"] = "channel"
+        exclude_bn: bool = True
+        exclude_first: bool = False
+        exclude_last: bool = False
+        # a weights file instead of the `model` input (default: model.pretrained)
+        weights: Annotated[Path | None, HASH_CONTENT] = None
+        model: ModelParams = ModelParams()
+
+        @model_validator(mode="after")
+        def _check(self) -> "ClipOutliers.Params":
+            if not 50.0 < self.percentile <= 100.0:
+                raise ValueError("percentile must be in (50, 100]: the range kept is [100 - p, p]")
+            if self.k <= 0:
+                raise ValueError("k must be > 0")
+            return self
+
+    def run(self, params: "ClipOutliers.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]:
+        import torch
+
+        from stages.common.models import (
+            WeightsError, build_model, infer_num_classes, load_weights, read_bundle, read_state_dict, save_model,
+        )
+
+        p = params
+        src_dir = inputs.get("model")
+        weights = p.weights if p.weights is not None else p.model.pretrained
+        if src_dir is not None and p.weights is not None:
+            raise StageError("clip_outliers: both a 'model' input and clip.weights are given; use one")
+        try:
+            if src_dir is not None:
+                bundle = read_bundle(Path(src_dir) / "model.pt")
+                arch, num_classes = bundle["arch"], bundle["num_classes"]
+                module = build_model(arch, num_classes)
+                module.load_state_dict(bundle["state_dict"], strict=True)
+            elif weights is not None:
+                sd, info = read_state_dict(weights)
+                arch = info.get("arch") or p.model
+                num_classes = info.get("num_classes") or infer_num_classes(sd, arch)
+                module = build_model(arch, num_classes)
+                load_weights(module, sd)
+            else:
+                raise StageError("clip_outliers needs a 'model' input (a folder with model.pt) or clip.weights=PATH")
+        except WeightsError as e:
+            raise StageError(str(e)) from None
+        module.eval()
+
+        layers = _layers(module, torch)
+        rows = []
+        with torch.no_grad():
+            for i, (name, kind, mod) in enumerate(layers):
+                w = mod.weight
+                before = w.detach().clone()
+                reason = None
+                if p.method == "none":
+                    reason = "method none"
+                elif kind == "bn" and p.exclude_bn:
+                    reason = "exclude_bn"
+                elif kind != "bn" and p.exclude_first and name == _first(layers):
+                    reason = "exclude_first"
+                elif kind != "bn" and p.exclude_last and name == _last(layers):
+                    reason = "exclude_last"
+                if reason is None:
+                    lo, hi = _bounds(before, p, kind, torch)
+                    w.copy_(torch.maximum(torch.minimum(before, hi), lo))
+                after = w.detach()
+                changed = int((after != before).sum())
+                rows.append({
+                    "layer": name,
+                    "kind": kind,
+                    "shape": list(before.shape),
+                    "clipped": reason is None,
+                    "skipped_because": reason or "",
+                    "min_before": float(before.min()),
+                    "max_before": float(before.max()),
+                    "min_after": float(after.min()),
+                    "max_after": float(after.max()),
+                    "absmax_before": float(before.abs().max()),
+                    "absmax_after": float(after.abs().max()),
+                    "fraction_clipped": changed / before.numel(),
+                })
+                ctx.progress(i + 1, len(layers), f"clipping {name}")
+        save_model(out / "model.pt", module, arch, num_classes)
+        if src_dir is not None:
+            for f in ("preprocess.json", "labels.txt"):
+                if (Path(src_dir) / f).is_file():
+                    shutil.copyfile(Path(src_dir) / f, out / f)
+        fields = list(rows[0].keys()) if rows else ["layer"]
+        with open(out / "clip_report.csv", "w", newline="", encoding="utf-8") as f:
+            wr = csv.DictWriter(f, fieldnames=fields)
+            wr.writeheader()
+            for r in rows:
+                wr.writerow({**r, "shape": "x".join(map(str, r["shape"]))})
+        clipped = [r for r in rows if r["clipped"]]
+        total = sum(_numel(r["shape"]) for r in clipped)
+        summary = {
+            "method": p.method,
+            "percentile": p.percentile if p.method == "percentile" else None,
+            "k": p.k if p.method == "std" else None,
+            "granularity": p.granularity,
+            "layers_clipped": len(clipped),
+            "layers_total": len(rows),
+            "fraction_clipped": (sum(r["fraction_clipped"] * _numel(r["shape"]) for r in clipped) / total) if total else 0.0,
+            "max_absmax_before": max((r["absmax_before"] for r in clipped), default=None),
+            "max_absmax_after": max((r["absmax_after"] for r in clipped), default=None),
+        }
+        (out / "clip_report.json").write_text(json.dumps({"summary": summary, "layers": rows}, indent=2) + "\n", encoding="utf-8")
+        return {k: v for k, v in summary.items() if k in ("layers_clipped", "fraction_clipped", "max_absmax_before", "max_absmax_after")}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _layers(module, torch) -> list[tuple[str, str, Any]]:
+    """(name, kind, module) for every conv/linear/batch-norm layer with a weight, in module order."""
+    nn = torch.nn
+    out = []
+    for name, m in module.named_modules():
+        if getattr(m, "weight", None) is None:
+            continue
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
+            out.append((name, "conv", m))
+        elif isinstance(m, nn.Linear):
+            out.append((name, "linear", m))
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+            out.append((name, "bn", m))
+    return out
+
+
+def _first(layers) -> str | None:
+    return next((n for n, k, _ in layers if k != "bn"), None)
+
+
+def _last(layers) -> str | None:
+    return next((n for n, k, _ in reversed(layers) if k != "bn"), None)
+
+
+def _bounds(w, p, kind: str, torch):
+    """Lower/upper clip bounds broadcastable to w."""
+    per_channel = p.granularity == "channel" and kind != "bn" and w.dim() > 1
+    flat = w.detach().double().reshape(w.shape[0], -1) if per_channel else w.detach().double().reshape(1, -1)
+    if p.method == "percentile":
+        import numpy as np
+
+        a = flat.numpy()
+        lo = np.percentile(a, 100.0 - p.percentile, axis=1)
+        hi = np.percentile(a, p.percentile, axis=1)
+        lo, hi = torch.from_numpy(lo), torch.from_numpy(hi)
+    else:
+        mean, std = flat.mean(dim=1), flat.std(dim=1, unbiased=False)
+        lo, hi = mean - p.k * std, mean + p.k * std
+    shape = (-1,) + (1,) * (w.dim() - 1) if per_channel else (1,) * w.dim()
+    return lo.to(w.dtype).reshape(shape), hi.to(w.dtype).reshape(shape)

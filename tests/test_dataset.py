@@ -1,0 +1,248 @@
+"""The dataset stage: every kind on small generated data, splits, the bad-data corpus."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.stage import StageError
+from engine.testing import run_stage, validate_params
+from helpers_data import CLASSES, class_image, make_bad_corpus, make_image_folder, save_image, write_idx
+from stages.common.preprocess import Preprocess
+from stages.dataset import Dataset
+
+SPLITS = ("train", "val", "test")
+
+
+def _index(out: Path) -> list[dict]:
+    with open(out / "index.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _skipped(out: Path) -> dict[str, str]:
+    with open(out / "skipped.csv", newline="", encoding="utf-8") as f:
+        return {r["path"]: r["reason"] for r in csv.DictReader(f)}
+
+
+def _check_outputs(out: Path, size=(16, 16)) -> dict[str, int]:
+    n = {}
+    for s in SPLITS:
+        x, y = np.load(out / f"images_{s}.npy"), np.load(out / f"labels_{s}.npy")
+        assert x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (*size, 3)
+        assert y.dtype == np.int64 and len(y) == len(x)
+        n[s] = len(y)
+    rows = _index(out)
+    assert len(rows) == sum(n.values())
+    for s in SPLITS:  # index order == array order
+        labels = [int(r["label"]) for r in rows if r["split"] == s]
+        assert labels == np.load(out / f"labels_{s}.npy").tolist()
+    assert Preprocess.load(out).input_size == size
+    counts = json.loads((out / "class_counts.json").read_text(encoding="utf-8"))
+    assert sum(counts["total"].values()) == sum(n.values())
+    return n
+
+
+PRE = {"input_size": 16}
+
+
+def test_digits_default_deterministic(tmp_path):
+    m = run_stage(Dataset, {"preprocess": PRE}, {}, tmp_path / "a")
+    assert m["num_classes"] == 10 and m["n_train"] + m["n_val"] + m["n_test"] == 1797
+    n = _check_outputs(tmp_path / "a")
+    assert abs(n["val"] - 180) <= 10 and abs(n["test"] - 180) <= 10
+    assert (tmp_path / "a" / "labels.txt").read_text().split() == [str(i) for i in range(10)]
+    counts = json.loads((tmp_path / "a" / "class_counts.json").read_text())
+    assert all(v > 0 for s in SPLITS for v in counts[s].values())  # stratified: every class everywhere
+    run_stage(Dataset, {"preprocess": PRE}, {}, tmp_path / "b")
+    for f in ("images_train.npy", "labels_val.npy", "index.csv", "class_counts.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    run_stage(Dataset, {"preprocess": PRE, "seed": 1}, {}, tmp_path / "c")
+    assert (tmp_path / "a" / "index.csv").read_bytes() != (tmp_path / "c" / "index.csv").read_bytes()
+
+
+def test_folder_unicode_classes_nested(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=10, nested=True)
+    m = run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE, "split": {"val": 0.2, "test": 0.2}},
+                  {}, tmp_path / "out")
+    out = tmp_path / "out"
+    assert (out / "labels.txt").read_text(encoding="utf-8").splitlines() == sorted(CLASSES)
+    n = _check_outputs(out)
+    assert n == {"train": 18, "val": 6, "test": 6} and m["skipped"] == 0
+    rows = _index(out)
+    assert any("/sub/" in r["path"] for r in rows)
+    name0 = sorted(CLASSES)[0]
+    assert all(r["path"].startswith(sorted(CLASSES)[int(r["label"])] + "/") for r in rows)
+    assert any(r["path"].startswith(name0) for r in rows)
+
+
+def test_split_folders_fixed_and_carved(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root / "train", per_class=8, classes=["a", "b"])
+    make_image_folder(root / "test", per_class=2, classes=["a", "b"], seed=1)
+    m = run_stage(Dataset, {"kind": "split_folders", "path": root, "preprocess": PRE, "split": {"val": 0.25, "test": 0.1}},
+                  {}, tmp_path / "out")
+    assert (m["n_train"], m["n_val"], m["n_test"]) == (12, 4, 4)  # test fixed by test/, val carved from train
+    rows = _index(tmp_path / "out")
+    assert all(r["path"].startswith("test/") for r in rows if r["split"] == "test")
+    assert all(r["path"].startswith("train/") for r in rows if r["split"] != "test")
+    make_image_folder(root / "val", per_class=2, classes=["a", "c"], seed=2)
+    with pytest.raises(StageError, match="not a class of the train split"):
+        run_stage(Dataset, {"kind": "split_folders", "path": root, "preprocess": PRE}, {}, tmp_path / "bad")
+
+
+@pytest.mark.parametrize("sep", ["----", "\t"])
+def test_filelist_separators_names_and_indices(tmp_path, sep):
+    images = make_image_folder(tmp_path / "imgs", per_class=6, classes=["x y", "z"])
+    by_name = [f"x y/img {i}.png{sep}x y" for i in range(6)] + [f"z/img {i}.png{sep}z" for i in range(6)]
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text("# comment\n\n" + "\n".join(by_name[:4] + by_name[6:10]) + "\n", encoding="utf-8")
+    by_index = [f"x y/img {i}.png{sep}0" for i in (4, 5)] + [f"z/img {i}.png{sep}1" for i in (4, 5)]
+    (lists / "test.txt").write_text("\n".join(by_index) + "\n", encoding="utf-8")
+    params = {"kind": "filelist", "path": lists, "root": images, "separator": sep, "classes": ["x y", "z"],
+              "preprocess": PRE, "split": {"val": 0.25, "test": 0.1}}
+    m = run_stage(Dataset, params, {}, tmp_path / "out")
+    assert (m["n_train"], m["n_val"], m["n_test"]) == (6, 2, 4)
+    rows = _index(tmp_path / "out")
+    assert {r["path"] for r in rows if r["split"] == "test"} == {f"x y/img {i}.png" for i in (4, 5)} | {
+        f"z/img {i}.png" for i in (4, 5)}
+    # one list file, names inferred (sorted), split by ratio
+    single = tmp_path / "all.txt"
+    single.write_text("\n".join(by_name) + "\n", encoding="utf-8")
+    run_stage(Dataset, {**params, "path": single, "classes": None}, {}, tmp_path / "single")
+    assert (tmp_path / "single" / "labels.txt").read_text().splitlines() == ["x y", "z"]
+
+
+def test_filelist_errors_name_file_and_line(tmp_path):
+    images = make_image_folder(tmp_path / "imgs", per_class=2, classes=["a", "b"])
+    lf = tmp_path / "list.txt"
+    base = {"kind": "filelist", "path": lf, "root": images, "preprocess": PRE, "classes": ["a", "b"]}
+    lf.write_text("a/img 0.png----a\nb/missing.png----b\n", encoding="utf-8")
+    with pytest.raises(StageError, match=r"list\.txt:2: file 'b/missing.png' not found"):
+        run_stage(Dataset, base, {}, tmp_path / "o1")
+    lf.write_text("a/img 0.png----a\nb/img 0.png----b\nb/img 1.png----zebra\n", encoding="utf-8")
+    with pytest.raises(StageError, match=r"list\.txt:3: unknown label 'zebra'"):
+        run_stage(Dataset, base, {}, tmp_path / "o2")
+    lf.write_text("a/img 0.png----a\nb/img 0.png,b\n", encoding="utf-8")
+    with pytest.raises(StageError, match=r"list\.txt:2: no separator"):
+        run_stage(Dataset, base, {}, tmp_path / "o3")
+    lf.write_text("a/img 0.png----a\n", encoding="utf-8")
+    with pytest.raises(StageError, match="root is required"):
+        run_stage(Dataset, {**base, "root": None}, {}, tmp_path / "o4")
+
+
+def test_idx_files(tmp_path):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    tr_labels = np.repeat(np.arange(3), 10)
+    te_labels = np.repeat(np.arange(3), 2)
+    tr = np.stack([class_image(int(c), i, size=(12, 12))[..., 0] for i, c in enumerate(tr_labels)])
+    te = np.stack([class_image(int(c), i + 100, size=(12, 12))[..., 0] for i, c in enumerate(te_labels)])
+    write_idx(folder / "train-images-idx3-ubyte.gz", tr)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", tr_labels)
+    write_idx(folder / "t10k-images-idx3-ubyte", te)
+    write_idx(folder / "t10k-labels-idx1-ubyte", te_labels)
+    m = run_stage(Dataset, {"kind": "idx", "path": folder, "preprocess": PRE, "split": {"val": 0.2, "test": 0.1},
+                            "classes": ["zero", "one", "two"]}, {}, tmp_path / "out")
+    assert (m["n_train"], m["n_val"], m["n_test"]) == (24, 6, 6)
+    assert (tmp_path / "out" / "labels.txt").read_text().split() == ["zero", "one", "two"]
+    x = np.load(tmp_path / "out" / "images_test.npy")
+    assert np.all(x[..., 0] == x[..., 1])  # grayscale -> RGB
+    rows = _index(tmp_path / "out")
+    assert rows[-1]["path"].startswith("t10k-images-idx3-ubyte#")
+    # a single pair is split by ratio; a label count mismatch names the file
+    one = tmp_path / "one"
+    one.mkdir()
+    write_idx(one / "train-images-idx3-ubyte", tr)
+    write_idx(one / "train-labels-idx1-ubyte", tr_labels[:-1])
+    with pytest.raises(StageError, match="train-labels-idx1-ubyte"):
+        run_stage(Dataset, {"kind": "idx", "path": one, "preprocess": PRE}, {}, tmp_path / "bad")
+    write_idx(one / "train-labels-idx1-ubyte", tr_labels)
+    rng.shuffle(tr_labels)
+    m = run_stage(Dataset, {"kind": "idx", "path": one / "train-images-idx3-ubyte", "preprocess": PRE}, {}, tmp_path / "o2")
+    assert m["n_train"] + m["n_val"] + m["n_test"] == 30 and m["n_test"] == 3
+
+
+def test_bad_data_corpus(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root, per_class=4, classes=["good"])
+    kinds = make_bad_corpus(root / "mixed")
+    m = run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE, "split": {"val": 0.0, "test": 0.0}},
+                  {}, tmp_path / "out")
+    skipped = _skipped(tmp_path / "out")
+    bad = {f"mixed/{n}" for n, k in kinds.items() if k == "bad"}
+    assert set(skipped) == bad and m["skipped"] == len(bad)
+    assert skipped["mixed/zero.jpg"] == "empty file (0 bytes)"
+    assert "truncated" in skipped["mixed/truncated.jpg"]
+    assert "not an image" in skipped["mixed/notes.jpg"]
+    rows = _index(tmp_path / "out")
+    kept = {r["path"] for r in rows}
+    assert {f"mixed/{n}" for n, k in kinds.items() if k == "good"} <= kept
+    assert not any(".DS_Store" in p for p in kept | set(skipped))
+    x = np.load(tmp_path / "out" / "images_train.npy")
+    exif = x[[r["path"] for r in rows].index("mixed/exif_rotated.jpg")].mean(axis=(1, 2))
+    assert exif[:8].mean() > 200 and exif[8:].mean() < 50  # EXIF rotation applied before the resize
+    with pytest.raises(StageError, match=r"strict=true.*mixed/"):
+        run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE, "strict": True}, {}, tmp_path / "strict")
+
+
+def test_class_errors(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=3, classes=["a", "b"])
+    (root / "empty").mkdir()
+    with pytest.raises(StageError, match="empty.*has no files"):
+        run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE}, {}, tmp_path / "o1")
+    (root / "empty" / "junk.png").write_bytes(b"junk")
+    with pytest.raises(StageError, match="'empty' has no images.*unreadable"):
+        run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE}, {}, tmp_path / "o2")
+    shutil.rmtree(root / "empty")
+    shutil.rmtree(root / "b")
+    with pytest.raises(StageError, match="at least two classes"):
+        run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE}, {}, tmp_path / "o3")
+    with pytest.raises(ValueError, match="path is required"):
+        validate_params(Dataset, {"kind": "folder"})
+
+
+def test_duplicates_across_splits_reported(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root / "train", per_class=3, classes=["a", "b"])
+    make_image_folder(root / "test", per_class=1, classes=["a", "b"], seed=5)
+    shutil.copyfile(root / "train" / "a" / "img 0.png", root / "test" / "a" / "copy.png")
+    m = run_stage(Dataset, {"kind": "split_folders", "path": root, "preprocess": PRE, "split": {"val": 0.0}},
+                  {}, tmp_path / "out")
+    assert m["duplicates_across_splits"] == 1
+    with open(tmp_path / "out" / "duplicates.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["split"], r["path"]) for r in rows} == {("train", "train/a/img 0.png"), ("test", "test/a/copy.png")}
+
+
+def test_group_by_keeps_videos_together(tmp_path):
+    root = tmp_path / "data"
+    for c, name in enumerate(["a", "b"]):
+        for v in range(5):
+            for f in range(4):
+                save_image(class_image(c, v * 10 + f), root / name / f"vid{v}_frame{f}.png")
+    params = {"kind": "folder", "path": root, "preprocess": PRE, "group_by": r"^(vid\d+)_", "split": {"val": 0.2, "test": 0.2}}
+    run_stage(Dataset, params, {}, tmp_path / "out")
+    where: dict[str, set] = {}
+    for r in _index(tmp_path / "out"):
+        video = r["path"].split("_frame")[0]
+        where.setdefault(video, set()).add(r["split"])
+    assert all(len(s) == 1 for s in where.values())
+    assert {next(iter(s)) for s in where.values()} == set(SPLITS)
+
+
+def test_grayscale_source_and_letterbox(tmp_path):
+    root = tmp_path / "data"
+    for c in range(2):
+        for i in range(4):
+            save_image(class_image(c, i, size=(10, 30))[..., 0], root / f"c{c}" / f"{i}.png")
+    run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": {"input_size": 12, "resize": "letterbox", "pad_value": 9},
+                        "split": {"val": 0.0, "test": 0.0}}, {}, tmp_path / "out")
+    x = np.load(tmp_path / "out" / "images_train.npy")
+    assert x.shape == (8, 12, 12, 3) and np.all(x[:, :4] == 9)  # 12 x 4 content, padded rows
