@@ -305,3 +305,18 @@ def test_package_params(bundles, tmp_path):
                 board_settings={"name": "rv1103", "flash_mb": 0.001})
     package("rv1103", {"model": bundles["rknn_rv1103"]}, tmp_path / "b",
             board_settings={"name": "rv1106", "flash_mb": 0.001})  # another board's limits: not applied
+
+
+def test_rv1103_package_refuses_layers_rknn_put_on_the_cpu(bundles, tmp_path):
+    """GeM's x**(1/p): preflight only warns (from the ONNX), rknn-toolkit2 then places that Pow on the
+    CPU (its layer table in rknn.log, quantize.verbose_log=true), which RV1103's runtime cannot run:
+    the package stage refuses the model, naming the layer."""
+    gem = export_onnx(tmp_path / "gem", kind="gem")
+    stage("rknn_quantize", {"target": "rv1103", "accuracy_analysis_samples": 0, "verbose_log": True},
+          {"onnx": gem, "calib": bundles["calib"]}, tmp_path / "rknn")
+    with pytest.raises(StageError, match=r"placed 1 layer\(s\) on the CPU: Pow \(Pow:/Pow_1\).*rknn_init fails"):
+        package("rv1103", {"model": tmp_path / "rknn"}, tmp_path / "pkg")
+    # rk3566's runtime has CPU kernels: the same kind of model packages there
+    stage("rknn_quantize", {"target": "rk3566", "accuracy_analysis_samples": 0, "verbose_log": True},
+          {"onnx": gem, "calib": bundles["calib"]}, tmp_path / "rknn_rk")
+    package("rk3566", {"model": tmp_path / "rknn_rk"}, tmp_path / "pkg_rk")
