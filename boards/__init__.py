@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -153,9 +153,6 @@ class BoardProfile(BaseModel):
     # where each figure above comes from
     sources: Mapping[str, str] = Field(default_factory=dict)
 
-    # subclasses: whether preflight flags graph outputs that are not N x classes
-    needs_2d_output: ClassVar[bool] = False
-
     def with_settings(self, s: BoardSettings) -> "BoardProfile":
         if s.name != self.name:
             raise ValueError(f"settings for board {s.name!r} applied to {self.name!r}")
@@ -216,10 +213,10 @@ class BoardProfile(BaseModel):
                 if io.get(key) and io[key] != actual:
                     out.append(Finding(level="error", check="input",
                                        message=f"io.json names {key} '{io[key]}' but the ONNX graph's {key} is '{actual}'"))
-        if self.needs_2d_output and g.output_shape is not None and len(nontrivial(g.output_shape)) > 1:
-            out.append(Finding(level="warning", check="output",
-                               message=f"output '{g.output_name}' has shape {g.output_shape}; the deploy script "
-                                       f"expects one score per class"))
+        if g.output_shape is not None and len(nontrivial(g.output_shape)) > 1:
+            out.append(Finding(level="error", check="output",
+                               message=f"output '{g.output_name}' has shape {list(g.output_shape)}; a classifier "
+                                       f"package expects one score per class (N x classes)"))
         return out
 
     def check_normalisation(self, spec: "Preprocess | None") -> list[Finding]:

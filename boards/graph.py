@@ -82,13 +82,6 @@ def _elems(shape: Shape | None) -> int | None:
     return n
 
 
-def nontrivial_dims(shape: Shape | None) -> list[int | None] | None:
-    """The dimensions after the batch one that are not 1 (None: unknown)."""
-    if shape is None:
-        return None
-    return [d for d in shape[1:] if d != 1]
-
-
 def _attrs(node) -> dict[str, Any]:
     from onnx import helper
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from pydantic import Field
 
-from . import BoardProfile, Finding, PackageContext, nontrivial, write_zip
+from . import BoardProfile, Finding, PackageContext, write_zip
 from .graph import RESHAPE_OPS
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
-from . import BoardProfile, Finding, PackageContext, _limit, MB
+from . import BoardProfile, Finding, PackageContext, _limit
 
 if TYPE_CHECKING:  # pragma: no cover
     from stages.common.preprocess import Preprocess

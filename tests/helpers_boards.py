@@ -171,3 +171,66 @@ def install_rknnlite_stub(root: Path) -> Path:
     (pkg / "__init__.py").write_text("")
     (pkg / "api.py").write_text(RKNNLITE_STUB)
     return Path(root)
+
+
+# -- experiment inputs in the users' layouts ----------------------------------------------------------
+def _picture(rng, size: int, k: int) -> np.ndarray:
+    img = rng.integers(0, 90, (size, size + 6, 3), dtype=np.uint8)
+    img[..., k % 3] += np.uint8(120)
+    if k >= 3:  # more classes than channels: stripes tell them apart
+        img[:: 2 + k % 3] = 255 - img[:: 2 + k % 3]
+    return img
+
+
+def make_folder_dataset(root: Path, classes=("cat", "dog"), per_class: int = 12, size: int = 40, seed: int = 0) -> Path:
+    """<root>/<class>/<n>.jpg: the `dataset=folder` layout."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(classes):
+        (Path(root) / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(_picture(rng, size, k)).save(Path(root) / name / f"{i:03d}.jpg", quality=95)
+    return Path(root)
+
+
+def make_filelist_dataset(root: Path, classes: int = 10, per_class: int = 6, size: int = 28, seed: int = 0) -> Path:
+    """<root>/train.txt and test.txt with `images/x.png----label` lines (MNIST-style lists)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = {"train": [], "test": []}
+    for k in range(classes):
+        for i in range(per_class):
+            rel = f"images/{k}_{i}.png"
+            Image.fromarray(_picture(rng, size, k)[:, :size].mean(axis=2).astype(np.uint8)).save(root / rel)
+            lines["test" if i % 3 == 0 else "train"].append(f"{rel}----{k}")
+    for split, rows in lines.items():
+        (root / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def make_pretrained(path: Path, arch: str = "mobilenet_v3_small") -> Path:
+    """A local torchvision-format state_dict (random weights) standing in for downloaded weights."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None)
+    torch.save(model.state_dict(), path)
+    return Path(path)
+
+
+def run_experiment(runs: Path, *overrides: str) -> dict:
+    """`edgepipe run` in this process; returns the run's run.json."""
+    from engine.cli import main
+
+    rc = main(["run", f"runs_root={runs}", *overrides])
+    records = sorted(Path(runs).glob("*/*/run.json"), key=lambda p: p.stat().st_mtime)
+    assert records, "no run folder written"
+    record = json.loads(records[-1].read_text())
+    failed = {n: s.get("error") for n, s in record["stages"].items() if s["status"] == "failed"}
+    assert rc == 0 and not failed, failed or rc
+    return record

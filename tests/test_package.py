@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from engine.stage import StageError
-from helpers_boards import LABELS, REPO, export_onnx, install_rknnlite_stub, make_dataset, stage, write_images
+from helpers_boards import (LABELS, REPO, export_onnx, install_rknnlite_stub, make_dataset, make_filelist_dataset,
+                            make_folder_dataset, make_pretrained, run_experiment, stage, write_images)
 
 RKNN_API = REPO / "tests" / "rknn_api"
 
@@ -320,3 +321,66 @@ def test_rv1103_package_refuses_layers_rknn_put_on_the_cpu(bundles, tmp_path):
     stage("rknn_quantize", {"target": "rk3566", "accuracy_analysis_samples": 0, "verbose_log": True},
           {"onnx": gem, "calib": bundles["calib"]}, tmp_path / "rknn_rk")
     package("rk3566", {"model": tmp_path / "rknn_rk"}, tmp_path / "pkg_rk")
+
+
+# -- the experiment files, end to end on small generated data in the users' layouts --------------------
+FAST = ["preprocess.input_size=32", "train.epochs=1", "train.batch_size=8", "calibration.count=4"]
+
+
+def _pkg(record: dict, stage_name: str = "package") -> Path:
+    return Path(record["stages"][stage_name]["path"]) / "package"
+
+
+@pytest.mark.slow
+def test_experiment_v831_resnet18(tmp_path):
+    data = make_folder_dataset(tmp_path / "two_classes", classes=("ok", "defect"))
+    record = run_experiment(tmp_path / "runs", "+experiment=v831_resnet18", f"dataset.path={data}", "model.stem=small",
+                            *FAST)
+    assert record["stages"]["preflight"]["status"] == "ran"
+    pkg = _pkg(record)
+    with zipfile.ZipFile(pkg / "maixhub_upload.zip") as zf:
+        assert {n.split("/")[0] for n in zf.namelist()} == {"images", "model.param", "model.bin"}
+        assert len([n for n in zf.namelist() if n.startswith("images/")]) == 4
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["labels"] == ["defect", "ok"] and manifest["normalisation"]["awnn_mean"] == 127.5
+    assert manifest["accuracy"] and manifest["source"]["model"]["type"] == "ncnn"
+
+
+@pytest.mark.slow
+def test_experiment_rv1103_mobilenetv3(tmp_path):
+    data = make_folder_dataset(tmp_path / "binary", classes=("no", "yes"))
+    weights = make_pretrained(tmp_path / "mobilenet_v3_small.pth")
+    record = run_experiment(tmp_path / "runs", "+experiment=rv1103_mobilenetv3", f"dataset.path={data}",
+                            f"model.pretrained={weights}", "quantize.accuracy_analysis_samples=0",
+                            "quantize.data_limit=8", *FAST)
+    st = record["stages"]
+    assert st["clip"]["status"] == st["rknn_normal"]["status"] == st["rknn_mmse"]["status"] == "ran"
+    pkg = _pkg(record)
+    assert (pkg / "model.rknn").is_file() and (pkg / "main.c").is_file()
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["board"]["quantizer_options"]["target"] == "rv1103"
+    assert manifest["source"]["model"]["stage"] == "rknn_mmse"
+
+
+@pytest.mark.slow
+def test_experiment_mnist_gem_resnet(tmp_path):
+    data = make_filelist_dataset(tmp_path / "mnist_lists")
+    record = run_experiment(tmp_path / "runs", "+experiment=mnist_gem_resnet", f"dataset.path={data}",
+                            "train.epochs=1", "train.batch_size=16")
+    st = record["stages"]
+    assert st["torchscript"]["status"] == st["onnx"]["status"] == st["package"]["status"] == "ran"
+    assert json.loads((_pkg(record) / "manifest.json").read_text())["labels"] == [str(i) for i in range(10)]
+
+
+@pytest.mark.slow
+def test_experiment_onnx_catsdogs(tmp_path):
+    data = make_folder_dataset(tmp_path / "catsdogs", classes=("cat", "dog"))
+    weights = make_pretrained(tmp_path / "mobilenet_v3_small.pth")
+    record = run_experiment(tmp_path / "runs", "+experiment=onnx_catsdogs", f"dataset.path={data}",
+                            f"model.pretrained={weights}", *FAST)
+    pkg = _pkg(record)
+    rows = run_script(pkg / "infer.py", str(data), "--json")
+    assert len(rows) == 24 and {r["label"] for r in rows} <= {"cat", "dog"}
+    onnx_dir = Path(record["stages"]["onnx"]["path"])
+    images = sorted(p for p in data.rglob("*.jpg"))
+    assert [r["index"] for r in rows] == ort_logits(onnx_dir / "model.onnx", images).argmax(1).tolist()
