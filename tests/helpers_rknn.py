@@ -115,13 +115,19 @@ def write_model_bundle(folder: Path, module, arch, spec) -> Path:
     return folder
 
 
-def export_onnx_folder(model_dir: Path, out: Path) -> Path:
-    """The export_onnx stage when it exists, else torch.onnx.export directly (same contract)."""
+def _have(stage: str) -> bool:
     try:
         from engine import registry
 
-        registry.get("export_onnx")
+        registry.get(stage)
+        return True
     except Exception:  # noqa: BLE001 - not written yet
+        return False
+
+
+def export_onnx_folder(model_dir: Path, out: Path) -> Path:
+    """The export_onnx stage when it exists, else torch.onnx.export directly (same contract)."""
+    if not _have("export_onnx"):
         return _export_onnx_direct(model_dir, out)
     from engine.testing import run_stage
 
@@ -147,7 +153,13 @@ def _export_onnx_direct(model_dir: Path, out: Path) -> Path:
 
 
 def write_calibration(data: Path, out: Path, n: int = 16) -> Path:
-    """A calibration folder (images/ + dataset.txt relative to the folder), from the train split."""
+    """A calibration folder (images/ + dataset.txt relative to the folder) from the train split: the
+    calibration stage when it exists, else the same layout written directly."""
+    if _have("calibration"):
+        from engine.testing import run_stage
+
+        run_stage("calibration", {"count": n, "split": "train"}, {"data": data}, out)
+        return out
     from PIL import Image
 
     (out / "images").mkdir(parents=True)

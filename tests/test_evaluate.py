@@ -1,0 +1,230 @@
+"""evaluate: every backend (PyTorch, TorchScript, ONNX Runtime, ncnn, the RKNN simulator's logits) on the
+toy model's test split; numbers checked against a direct computation on the same predictions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from engine.stage import StageError
+from engine.testing import run_stage, validate_params
+from helpers_rknn import CLASSES, toy, toy_images
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory) -> dict[str, Path]:
+    """Model folders of every kind, made by the real stages from the toy model."""
+    t = toy()
+    root = tmp_path_factory.mktemp("backends")
+    run_stage("export_torchscript", {}, {"model": t.model}, root / "ts")
+    run_stage("ncnn", {}, {"onnx": t.onnx}, root / "ncnn")
+    run_stage("rknn_quantize", {"accuracy_analysis_samples": 0}, {"onnx": t.onnx, "calib": t.calib, "data": t.data},
+              root / "rknn")
+    return {"model": t.model, "onnx": t.onnx, "ts": root / "ts", "ncnn": root / "ncnn", "rknn": root / "rknn"}
+
+
+@pytest.fixture(scope="module")
+def evaluated(backends, tmp_path_factory) -> tuple[Path, dict]:
+    t = toy()
+    out = tmp_path_factory.mktemp("eval") / "out"
+    metrics = run_stage("evaluate", {}, {"data": t.data, **backends}, out)
+    return out, metrics
+
+
+def test_outputs_and_backend_kinds(evaluated):
+    out, metrics = evaluated
+    names = {p.name for p in out.iterdir()}
+    assert {"metrics.json", "eval.md", "predictions.npz"} <= names
+    for b in ("model", "onnx", "ts", "ncnn", "rknn"):
+        assert f"confusion_{b}.png" in names
+        assert (out / f"confusion_{b}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "metrics.json").read_text())
+    kinds = {n: r["kind"] for n, r in report["backends"].items()}
+    assert kinds == {"model": "torch", "onnx": "onnx", "ts": "torchscript", "ncnn": "ncnn", "rknn": "rknn"}
+    assert report["reference"] == "model"
+    assert set(metrics["top1"]) == set(kinds)
+    assert set(metrics["agreement"]) == {"onnx", "ts", "ncnn", "rknn"}
+    md = (out / "eval.md").read_text()
+    assert "| rknn | rknn |" in md and "Per-class accuracy" in md and "confusion_ncnn.png" in md
+
+
+def test_float_backends_match_fp32(evaluated):
+    out, metrics = evaluated
+    for b in ("onnx", "ts", "ncnn"):
+        assert metrics["agreement"][b] == 1.0
+        assert metrics["max_abs_diff"][b] <= 1e-3
+        assert metrics["target_met"][b] is True
+    assert metrics["top1"]["model"] >= 0.85  # the toy model learned its task
+
+
+def test_metrics_agree_with_a_direct_computation(evaluated):
+    from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
+
+    out, metrics = evaluated
+    t = toy()
+    report = json.loads((out / "metrics.json").read_text())
+    pred = np.load(out / "predictions.npz")
+    labels = np.load(t.data / "labels_test.npy")
+    assert np.array_equal(pred["labels"], labels)
+    ref = pred["model.pred"]
+    for name, row in report["backends"].items():
+        p = pred[f"{name}.pred"]
+        assert np.array_equal(p, pred[f"{name}.logits"].argmax(1))
+        assert row["top1"] == pytest.approx(accuracy_score(labels, p))
+        assert row["confusion"] == confusion_matrix(labels, p, labels=range(len(CLASSES))).tolist()
+        per_class = recall_score(labels, p, labels=range(len(CLASSES)), average=None, zero_division=0)
+        assert [row["per_class"][c] for c in CLASSES] == pytest.approx(per_class.tolist())
+        if name != "model":
+            assert row["agreement"] == pytest.approx(np.mean(p == ref))
+            diff = np.abs(pred[f"{name}.logits"] - pred["model.logits"]).max()
+            assert row["max_abs_diff"] == pytest.approx(float(diff), rel=1e-6, abs=1e-7)
+            assert row["drop_points"] == pytest.approx(100 * (np.mean(ref == labels) - np.mean(p == labels)), abs=1e-3)
+
+
+def test_fp32_logits_are_the_training_preprocessing(evaluated):
+    """The torch backend's logits are load_model + the shared normalize, nothing else."""
+    from stages.common import parity
+    from stages.common.models import load_model
+    from stages.common.preprocess import Preprocess, normalize
+
+    out, _ = evaluated
+    t = toy()
+    x = normalize(np.load(t.data / "images_test.npy"), Preprocess.load(t.model))
+    direct = parity.torch_logits(load_model(t.model / "model.pt"), x, batch=16)
+    assert np.allclose(np.load(out / "predictions.npz")["model.logits"], direct, atol=1e-5)
+
+
+def test_rknn_logits_are_the_simulators(evaluated, backends):
+    out, metrics = evaluated
+    t = toy()
+    sim = np.load(backends["rknn"] / "test_logits.npy")
+    assert np.array_equal(np.load(out / "predictions.npz")["rknn.logits"], sim)
+    labels = np.load(t.data / "labels_test.npy")
+    assert metrics["top1"]["rknn"] == pytest.approx(float(np.mean(sim.argmax(1) == labels)))
+    assert metrics["agreement"]["rknn"] >= 0.9
+
+
+def test_rknn_without_simulator_results_is_explained(backends, tmp_path):
+    t = toy()
+    rk = tmp_path / "rknn"
+    shutil.copytree(backends["rknn"], rk)
+    (rk / "test_logits.npy").unlink()
+    with pytest.raises(StageError, match="wire the dataset into the rknn_quantize stage"):
+        run_stage("evaluate", {}, {"data": t.data, "rknn": rk}, tmp_path / "a")
+
+
+def test_rknn_logits_from_another_split_are_refused(backends, tmp_path):
+    t = toy()
+    data = tmp_path / "data"
+    shutil.copytree(t.data, data)
+    imgs = np.load(data / "images_test.npy")
+    np.save(data / "images_test.npy", imgs[::-1].copy())
+    with pytest.raises(StageError, match="computed on another test split"):
+        run_stage("evaluate", {}, {"data": data, "rknn": backends["rknn"]}, tmp_path / "a")
+
+
+def test_bad_inputs_are_named(backends, tmp_path):
+    t = toy()
+    other = tmp_path / "other"
+    shutil.copytree(t.onnx, other)
+    (other / "labels.txt").write_text("a\nb\nc\nd\n")
+    with pytest.raises(StageError, match="does not match the dataset's"):
+        run_stage("evaluate", {}, {"data": t.data, "onnx": other}, tmp_path / "a")
+    with pytest.raises(StageError, match="holds no model"):
+        run_stage("evaluate", {}, {"data": t.data, "x": t.calib}, tmp_path / "b")
+    with pytest.raises(StageError, match="is not one of the backend inputs"):
+        run_stage("evaluate", {"reference": "nope"}, {"data": t.data, "onnx": t.onnx}, tmp_path / "c")
+    with pytest.raises(ValidationError, match="needs multicrop.root"):
+        validate_params("evaluate", {"multicrop": {"enabled": True}})
+
+
+def test_no_torch_backend_uses_onnx_as_reference(backends, tmp_path):
+    t = toy()
+    metrics = run_stage("evaluate", {"limit": 20}, {"data": t.data, "onnx": t.onnx, "rknn": backends["rknn"]},
+                        tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["reference"] == "onnx" and report["samples"] == 20
+    assert metrics["top1"]["rknn"] == pytest.approx(report["backends"]["rknn"]["top1"])
+    assert report["backends"]["rknn"]["samples"] == 20
+
+
+# -- multi-crop -----------------------------------------------------------------------------------------
+def test_crop_boxes():
+    from stages.evaluate import crop_boxes
+
+    assert crop_boxes(96, 32, 1.0, 3) == [(0, 0, 32, 32), (32, 0, 64, 32), (64, 0, 96, 32)]
+    assert crop_boxes(64, 32, 1.0, 3) == [(0, 0, 32, 32), (16, 0, 48, 32), (32, 0, 64, 32)]  # overlapping
+    assert crop_boxes(32, 80, 1.0, 2) == [(0, 0, 32, 32), (0, 48, 32, 80)]  # tall: along the height
+    assert crop_boxes(40, 40, 1.0, 3) == [(0, 0, 40, 40)] * 3  # square: K identical crops
+
+
+def test_combine_crops_mean_and_vote():
+    from stages.evaluate import combine_crops
+
+    big = 5.0
+    # image 0: crops say 1, 1, 2 -> vote 1 (2/3 >= 0.6); image 1: 0, 1, 2 -> no class reaches 0.6
+    logits = np.zeros((2, 3, 3))
+    for i, votes in enumerate([(1, 1, 2), (0, 1, 2)]):
+        for j, c in enumerate(votes):
+            logits[i, j, c] = big
+    logits[1, 2, 2] = 2 * big  # mean probability favours class 2 for image 1
+    pm, pv, und = combine_crops(logits, 0.6, None)
+    assert pm.tolist() == [1, 2] and pv.tolist() == [1, 2] and und.tolist() == [False, True]
+    pm, pv, und = combine_crops(logits, 0.6, negative=0)  # undecided -> the negative class
+    assert pv.tolist() == [1, 0] and not und.any()
+    pm, pv, und = combine_crops(logits, 1.0, negative=0)
+    assert pv.tolist() == [0, 0]
+
+
+def test_multicrop_on_original_files(backends, tmp_path):
+    """A folder dataset of wide 64x32 images: the arrays are stretched to 32x32, multi-crop scores
+    three 32x32 windows of each original file, beside single-crop."""
+    from PIL import Image
+
+    t = toy()
+    src = tmp_path / "images"
+    imgs, labels = toy_images(48, seed=7, size=32)
+    for i, (a, c) in enumerate(zip(imgs, labels)):
+        wide = np.concatenate([a, a[:, ::-1]], axis=1)  # 32 x 64, the object appears in both halves
+        (src / CLASSES[c]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(wide).save(src / CLASSES[c] / f"{i:03d}.png")
+    pre = json.loads((t.data / "preprocess.json").read_text())
+    run_stage("dataset", {"kind": "folder", "path": str(src), "classes": CLASSES, "preprocess": pre,
+                          "split": {"val": 0.1, "test": 0.5}}, {}, tmp_path / "data")
+    out = tmp_path / "eval"
+    params = {"multicrop": {"enabled": True, "crops": 3, "root": str(src), "vote_threshold": 0.5}}
+    metrics = run_stage("evaluate", params, {"data": tmp_path / "data", "model": t.model, "onnx": t.onnx}, out)
+    report = json.loads((out / "metrics.json").read_text())
+    n = report["samples"]
+    pred = np.load(out / "predictions.npz")
+    assert pred["model.crop_logits"].shape == (n, 3, 4)
+    mc = report["backends"]["model"]["multicrop"]
+    assert mc["top1_mean"] == pytest.approx(np.mean(pred["model.pred_mean"] == pred["labels"]))
+    assert mc["top1_vote"] == pytest.approx(np.mean(pred["model.pred_vote"] == pred["labels"]))
+    assert metrics["multicrop_top1_mean"]["model"] >= 0.7
+    assert "Multi-crop (3 crops" in (out / "eval.md").read_text()
+    # crops of the originals are what the backend saw: recompute crop 0 of image 0 directly
+    import csv
+
+    from stages.common import parity
+    from stages.common.models import load_model
+    from stages.common.preprocess import Preprocess, load_image, normalize, resize
+
+    rows = [r for r in csv.DictReader(open(tmp_path / "data" / "index.csv")) if r["split"] == "test"]
+    img = load_image(src / rows[0]["path"])
+    spec = Preprocess.load(t.model)
+    x = normalize(resize(img.crop((0, 0, 32, 32)), spec)[None], spec)
+    direct = parity.torch_logits(load_model(t.model / "model.pt"), x)
+    assert np.allclose(pred["model.crop_logits"][0, 0], direct[0], atol=1e-4)
+
+
+def test_multicrop_without_files_is_explained(tmp_path):
+    t = toy()  # its index.csv names files that do not exist (like kind=digits)
+    with pytest.raises(StageError, match="does not exist; multicrop.root must be"):
+        run_stage("evaluate", {"multicrop": {"enabled": True, "root": str(tmp_path)}},
+                  {"data": t.data, "onnx": t.onnx}, tmp_path / "out")
