@@ -50,7 +50,7 @@ def test_outputs_and_backend_kinds(evaluated):
     assert set(metrics["top1"]) == set(kinds)
     assert set(metrics["agreement"]) == {"onnx", "ts", "ncnn", "rknn"}
     md = (out / "eval.md").read_text()
-    assert "| rknn | rknn |" in md and "Per-class accuracy" in md and "confusion_ncnn.png" in md
+    assert "| rknn | rknn (rv1103 normal w8a8) |" in md and "Per-class accuracy" in md and "confusion_ncnn.png" in md
 
 
 def test_float_backends_match_fp32(evaluated):
