@@ -224,3 +224,20 @@ D RKNN: [01:05:13.430] Total Weight Memory Size: 0.8125KB
     near = get_board("rv1106", {"name": "rv1106", "ram_mb": 96}).check_rknn_log(log)[1]
     assert near.level == "warning" and "81%" in near.message  # 39 of 48 usable MB
     assert isinstance(found[0], Finding)
+
+
+# -- experiments: switching the board on the command line ------------------------------------------
+def test_board_override_switches_rknn_target_preflight_and_package(tmp_path):
+    from engine.compose import compose
+    from engine.config import validate
+
+    job = compose(["+experiment=rv1103_mobilenetv3", f"dataset.path={tmp_path}", "board=rv1106"])
+    _, specs = validate(job.cfg)
+    assert specs["rknn_mmse"].params.target == specs["rknn_normal"].params.target == "rv1106"
+    assert (specs["rknn_normal"].params.algorithm, specs["rknn_mmse"].params.algorithm) == ("normal", "mmse")
+    assert specs["preflight"].params.board.name == "rv1106" and specs["package"].params.board == "rv1106"
+    assert specs["rknn_mmse"].entry.after == specs["rknn_normal"].entry.after == ["preflight"]
+    job = compose(["+experiment=v831_resnet18", f"dataset.path={tmp_path}"])
+    _, specs = validate(job.cfg)
+    assert specs["ncnn"].entry.after == ["preflight"] and specs["package"].params.board == "maixii_dock"
+    assert specs["preflight"].params.board.name == "maixii_dock"
