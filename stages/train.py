@@ -337,9 +337,12 @@ def _parts() -> dict[str, Any]:
             ds = ArrayBatches(images, labels, self.spec, self.augment if train else None, self.seed)
             n = len(labels)
             sampler = EpochBatchSampler(n, self.batch_size, shuffle=train, drop_last=train and n > self.batch_size, seed=self.seed)
+            # an own generator: creating the iterator must not draw from the global RNG (it would
+            # shift dropout's stream depending on when Lightning creates the iterator)
             return torch.utils.data.DataLoader(
                 ds, sampler=sampler, batch_size=None, num_workers=self.workers,
                 persistent_workers=self.workers > 0, pin_memory=False,
+                generator=torch.Generator().manual_seed(_seed_for(self.seed, 4)),
             )
 
         def train_dataloader(self):
@@ -387,8 +390,11 @@ def _parts() -> dict[str, Any]:
         def validation_step(self, batch, batch_idx):
             self._step(batch, "val")
 
+        def on_train_batch_start(self, batch, batch_idx: int) -> None:
+            if batch_idx == 0:  # dropout etc.: a function of (seed, epoch), resumed or not
+                torch.manual_seed(_seed_for(self.opt["seed"], self.current_epoch, 3))
+
         def on_train_epoch_start(self) -> None:
-            torch.manual_seed(_seed_for(self.opt["seed"], self.current_epoch, 3))
             for m in self.frozen_modules:
                 m.eval()
             self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
@@ -526,6 +532,18 @@ def _resume_checkpoint(p: "Train.Params", inputs) -> Path:
     return ckpt
 
 
+def _next_epoch(ckpt_path: Path, torch) -> int:
+    """The epoch index a Lightning checkpoint resumes at."""
+    try:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise StageError(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}: {e}") from None
+    try:
+        return int(ck["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        return int(ck.get("epoch", -1)) + 1
+
+
 def make_trainer(p: "Train.Params", out: Path, callbacks: list, loggers: bool = True):
     """The Trainer the stage uses (also used by bench/train_throughput.py)."""
     P = _parts()
@@ -648,8 +666,13 @@ def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]
             raise StageError(f"cannot set up training (precision={p.precision}, accelerator={p.accelerator}): {e}") from None
         ctx.progress(0, p.epochs, f"training {p.model.arch} for {p.epochs} epochs")
         val_loader = dm.val_dataloader() if has_val else None
+        train_loader = dm.train_dataloader()
+        if ckpt_path is not None:
+            # Lightning creates the first iterator (and prefetches) before it calls set_epoch on a
+            # resumed run: start the sampler at the checkpoint's next epoch so the stream is the same
+            train_loader.sampler.set_epoch(_next_epoch(ckpt_path, torch))
         try:
-            trainer.fit(module, train_dataloaders=dm.train_dataloader(), val_dataloaders=val_loader,
+            trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
                         ckpt_path=str(ckpt_path) if ckpt_path else None)
         except KeyError as e:
             raise StageError(f"checkpoint {ckpt_path} does not fit: missing {e}") from None

@@ -1,0 +1,118 @@
+"""The clip_outliers stage: clipping lowers max|w| where it should and leaves everything else identical."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.stage import StageError
+from engine.testing import run_stage
+from helpers_data import make_array_dataset
+from stages.clip_outliers import ClipOutliers
+from stages.common.models import build_model, read_bundle, save_model
+from stages.train import Train
+
+OUTLIER = 25.0
+
+
+def _model_dir(folder: Path, arch: str = "resnet18", num_classes: int = 3) -> tuple[Path, dict]:
+    torch.manual_seed(0)
+    m = build_model(arch, num_classes)
+    with torch.no_grad():
+        m.layer1[0].conv1.weight[3, 0, 1, 1] = OUTLIER  # one outlier in output channel 3
+        m.layer2[0].conv2.weight[0, 5, 0, 0] = -OUTLIER
+        m.fc.weight[1, 7] = OUTLIER
+        m.conv1.weight[0, 0, 0, 0] = OUTLIER
+        m.bn1.weight[2] = OUTLIER
+        m.bn1.running_var.mul_(1.5)
+    folder.mkdir(parents=True)
+    save_model(folder / "model.pt", m, {"arch": arch}, num_classes)
+    (folder / "labels.txt").write_text("a\nb\nc\n", encoding="utf-8")
+    (folder / "preprocess.json").write_text(json.dumps({"input_size": [32, 32]}), encoding="utf-8")
+    return folder, {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _sd(folder: Path) -> dict:
+    return read_bundle(folder)["state_dict"]
+
+
+def test_percentile_per_channel(tmp_path):
+    src, before = _model_dir(tmp_path / "model")
+    m = run_stage(ClipOutliers, {"method": "percentile", "percentile": 99.0}, {"model": src}, tmp_path / "out")
+    after = _sd(tmp_path / "out")
+    clipped = {"conv1.weight", "layer1.0.conv1.weight", "layer2.0.conv2.weight", "fc.weight"}
+    for k in clipped:
+        assert after[k].abs().max() < before[k].abs().max(), k
+    assert after["layer1.0.conv1.weight"][3].abs().max() < 1.0  # the outlier is gone
+    # per channel: a channel without outliers is clipped only at its own 1%/99% points
+    ch = before["layer1.0.conv1.weight"][0]
+    assert after["layer1.0.conv1.weight"][0].max() == pytest.approx(float(torch.quantile(ch.flatten().double(), 0.99)), rel=1e-5)
+    for k, v in before.items():  # biases, BN (weight included: exclude_bn) and BN statistics untouched
+        if not k.endswith(".weight") or k.startswith("bn") or ".bn" in k or "downsample.1" in k:
+            assert torch.equal(after[k], v), k
+    assert torch.equal(after["bn1.weight"], before["bn1.weight"])
+    assert m["layers_clipped"] == 21 and 0 < m["fraction_clipped"] < 0.03
+    assert m["max_absmax_before"] == OUTLIER and m["max_absmax_after"] < OUTLIER
+    assert (tmp_path / "out" / "labels.txt").read_text() == "a\nb\nc\n" and (tmp_path / "out" / "preprocess.json").is_file()
+    report = json.loads((tmp_path / "out" / "clip_report.json").read_text())
+    row = next(r for r in report["layers"] if r["layer"] == "layer1.0.conv1")
+    assert row["max_before"] == OUTLIER and row["max_after"] < 1 and row["fraction_clipped"] > 0
+    with open(tmp_path / "out" / "clip_report.csv", newline="") as f:
+        rows = {r["layer"]: r for r in csv.DictReader(f)}
+    assert rows["bn1"]["skipped_because"] == "exclude_bn" and rows["fc"]["clipped"] == "True"
+    assert {"min_before", "max_before", "min_after", "max_after", "fraction_clipped"} <= set(rows["fc"])
+
+
+def test_std_per_tensor_and_exclusions(tmp_path):
+    src, before = _model_dir(tmp_path / "model")
+    params = {"method": "std", "k": 3.0, "granularity": "tensor", "exclude_first": True, "exclude_last": True,
+              "exclude_bn": False}
+    run_stage(ClipOutliers, params, {"model": src}, tmp_path / "out")
+    after = _sd(tmp_path / "out")
+    assert torch.equal(after["conv1.weight"], before["conv1.weight"])  # first layer excluded
+    assert torch.equal(after["fc.weight"], before["fc.weight"])  # last layer excluded
+    w = before["layer2.0.conv2.weight"].double()
+    lo, hi = w.mean() - 3 * w.std(unbiased=False), w.mean() + 3 * w.std(unbiased=False)
+    a = after["layer2.0.conv2.weight"].double()
+    assert a.min() >= lo - 1e-6 and a.max() <= hi + 1e-6 and a.min() > -OUTLIER
+    assert after["bn1.weight"].max() < OUTLIER  # BN clipped when not excluded
+    for k, v in before.items():
+        if not k.endswith(".weight"):
+            assert torch.equal(after[k], v), k  # biases and running statistics never change
+
+
+def test_none_copies_and_weights_file(tmp_path):
+    src, before = _model_dir(tmp_path / "model")
+    run_stage(ClipOutliers, {"method": "none"}, {"model": src}, tmp_path / "same")
+    after = _sd(tmp_path / "same")
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert (tmp_path / "same" / "clip_report.csv").is_file()
+    # a torchvision-style state_dict plus the model section (class count read from the head)
+    torch.save(before, tmp_path / "weights.pth")
+    m = run_stage(ClipOutliers, {"weights": tmp_path / "weights.pth", "model": {"arch": "resnet18"}}, {}, tmp_path / "w")
+    b = read_bundle(tmp_path / "w")
+    assert b["num_classes"] == 3 and b["arch"]["arch"] == "resnet18" and m["layers_clipped"] > 0
+    assert not (tmp_path / "w" / "labels.txt").exists()
+    with pytest.raises(StageError, match="needs a 'model' input"):
+        run_stage(ClipOutliers, {}, {}, tmp_path / "x1")
+    with pytest.raises(StageError, match="use one"):
+        run_stage(ClipOutliers, {"weights": tmp_path / "weights.pth"}, {"model": src}, tmp_path / "x2")
+    with pytest.raises(StageError, match="model.arch=mobilenet_v3_small right"):
+        run_stage(ClipOutliers, {"weights": tmp_path / "weights.pth", "model": {"arch": "mobilenet_v3_small"}}, {},
+                  tmp_path / "x3")
+
+
+def test_finetune_starts_from_clipped_weights(tmp_path):
+    src, _ = _model_dir(tmp_path / "model")
+    run_stage(ClipOutliers, {"percentile": 99.0}, {"model": src}, tmp_path / "clip")
+    data = make_array_dataset(tmp_path / "data", {"train": 6, "val": 2, "test": 2})
+    run_stage(Train, {"mode": "finetune", "epochs": 1, "batch_size": 6, "limit_train_batches": 1, "freeze_features": True},
+              {"data": data, "init": tmp_path / "clip"}, tmp_path / "ft")
+    met = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert met["init"]["reinitialized"] == [] and met["init"]["source"].endswith("clip/model.pt")
+    clipped, tuned = _sd(tmp_path / "clip"), _sd(tmp_path / "ft")
+    assert torch.equal(tuned["layer1.0.conv1.weight"], clipped["layer1.0.conv1.weight"])

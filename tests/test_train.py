@@ -1,0 +1,164 @@
+"""The train stage: real Lightning on tiny 32 px data (a few steps each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.stage import StageError
+from engine.testing import run_stage, validate_params
+from helpers_data import make_array_dataset
+from stages.common.models import build_model, load_model, read_bundle, save_model
+from stages.common.preprocess import Preprocess, normalize
+from stages.train import Train, _parts
+
+FAST = {"epochs": 1, "batch_size": 8, "limit_train_batches": 2, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_array_dataset(tmp_path_factory.mktemp("data") / "data", {"train": 12, "val": 4, "test": 4})
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("model", [
+    {"arch": "resnet18"},
+    {"arch": "mobilenet_v3_small", "head": "conv"},
+    {"arch": "mobilenet_v3_large"},
+    {"arch": "gem_resnet", "stem": "small"},
+])
+def test_each_model_trains_a_few_steps(data, tmp_path, model):
+    out = tmp_path / "train"
+    m = run_stage(Train, {**FAST, "model": model}, {"data": data}, out)
+    assert set(m) >= {"val_acc", "test_acc", "best_epoch", "train_loss"}
+    assert 0.0 <= m["val_acc"] <= 1.0 and 0.0 <= m["test_acc"] <= 1.0 and m["best_epoch"] == 1
+    for f in ("model.pt", "preprocess.json", "labels.txt", "metrics.json", "checkpoints/last.ckpt",
+              "checkpoints/best.ckpt", "logs/csv/metrics.csv"):
+        assert (out / f).is_file(), f
+    assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "labels.txt").read_bytes() == (data / "labels.txt").read_bytes()
+    met = _metrics(out)
+    assert met["epochs"][0]["epoch"] == 1 and {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} <= set(met["epochs"][0])
+    assert met["test_acc"] == m["test_acc"] and met["n_train"] == 36
+    module = load_model(out / "model.pt")
+    assert module(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+    assert read_bundle(out)["arch"]["arch"] == model["arch"]
+
+
+def test_same_seed_same_metrics(data, tmp_path):
+    params = {**FAST, "epochs": 2, "model": {"arch": "mobilenet_v3_small"}, "augment": {"rotation": 10, "hflip": 0.5}}
+    a = run_stage(Train, params, {"data": data}, tmp_path / "a")
+    b = run_stage(Train, {**params, "workers": 0}, {"data": data}, tmp_path / "b")
+    ma, mb = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert ma == mb
+    assert {k: a[k] for k in ("val_acc", "test_acc", "train_loss")} == {k: b[k] for k in ("val_acc", "test_acc", "train_loss")}
+    sa, sb = read_bundle(tmp_path / "a")["state_dict"], read_bundle(tmp_path / "b")["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = run_stage(Train, {**params, "seed": 1}, {"data": data}, tmp_path / "c")
+    assert _metrics(tmp_path / "c")["epochs"] != ma["epochs"] or c["train_loss"] != a["train_loss"]
+
+
+def test_finetune_other_class_count_and_freeze(data, tmp_path):
+    torch.manual_seed(3)
+    src = build_model("resnet18", 5)  # 5 classes; the dataset has 3
+    torch.save(src.state_dict(), tmp_path / "pretrained.pth")
+    params = {**FAST, "mode": "finetune", "freeze_features": True,
+              "model": {"arch": "resnet18", "pretrained": str(tmp_path / "pretrained.pth")}}
+    run_stage(Train, params, {"data": data}, tmp_path / "ft")
+    met = _metrics(tmp_path / "ft")
+    assert met["init"]["reinitialized"] == ["fc.bias", "fc.weight"] and met["init"]["loaded"] > 50
+    out = read_bundle(tmp_path / "ft")["state_dict"]
+    ref = src.state_dict()
+    frozen = [k for k in ref if not k.startswith("fc.")]
+    assert all(torch.equal(out[k], ref[k]) for k in frozen)  # features (and BN statistics) untouched
+    assert out["fc.weight"].shape == (3, 512)
+    # without freezing the features move
+    run_stage(Train, {**params, "freeze_features": False}, {"data": data}, tmp_path / "ft2")
+    out2 = read_bundle(tmp_path / "ft2")["state_dict"]
+    assert not torch.equal(out2["layer1.0.conv1.weight"], ref["layer1.0.conv1.weight"])
+
+
+def test_finetune_from_init_input_and_errors(data, tmp_path):
+    torch.manual_seed(4)
+    init = tmp_path / "init"
+    init.mkdir()
+    save_model(init / "model.pt", build_model("mobilenet_v3_small", 3), {"arch": "mobilenet_v3_small"}, 3)
+    m = run_stage(Train, {**FAST, "mode": "finetune", "model": {"arch": "mobilenet_v3_small"}},
+                  {"data": data, "init": init}, tmp_path / "ft")
+    assert _metrics(tmp_path / "ft")["init"]["reinitialized"] == [] and m["test_acc"] is not None
+    with pytest.raises(StageError, match=r"do not fit.*missing keys.*unexpected keys"):
+        run_stage(Train, {**FAST, "mode": "finetune", "model": {"arch": "resnet18"}}, {"data": data, "init": init}, tmp_path / "x1")
+    with pytest.raises(StageError, match="needs model.pretrained"):
+        run_stage(Train, {**FAST, "mode": "finetune"}, {"data": data}, tmp_path / "x2")
+    with pytest.raises(StageError, match="file not found"):
+        run_stage(Train, {**FAST, "mode": "finetune", "model": {"pretrained": str(tmp_path / "nope.pth")}},
+                  {"data": data}, tmp_path / "x3")
+    with pytest.raises(StageError, match="fromscratch"):
+        run_stage(Train, FAST, {"data": data, "init": init}, tmp_path / "x4")
+    with pytest.raises(StageError, match="resume checkpoint not found"):
+        run_stage(Train, {**FAST, "mode": "resume"}, {"data": data, "init": init}, tmp_path / "x5")
+    with pytest.raises(ValueError, match="freeze_features needs mode: finetune"):
+        validate_params(Train, {"freeze_features": True})
+    with pytest.raises(ValueError):
+        validate_params(Train, {"optimizer": "rmsprop"})
+
+
+def test_resume_continues_like_an_uninterrupted_run(data, tmp_path):
+    params = {**FAST, "scheduler": "step", "step_every": 1, "step_factor": 0.5, "optimizer": "sgd", "lr": 0.05,
+              "model": {"arch": "mobilenet_v3_small"}, "augment": {"rotation": 5}, "checkpoint_every": 1}
+    run_stage(Train, {**params, "epochs": 2}, {"data": data}, tmp_path / "first")
+    assert (tmp_path / "first" / "checkpoints" / "epoch=2.ckpt").is_file()
+    m = run_stage(Train, {**params, "epochs": 3, "mode": "resume"}, {"data": data, "init": tmp_path / "first"},
+                  tmp_path / "resumed")
+    res = _metrics(tmp_path / "resumed")
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2, 3] and m["epochs_run"] == 3
+    assert res["epochs"][:2] == _metrics(tmp_path / "first")["epochs"]  # history carried over
+    assert res["epochs"][2]["lr"] == pytest.approx(0.05 * 0.25)  # optimizer/scheduler state restored
+    run_stage(Train, {**params, "epochs": 3}, {"data": data}, tmp_path / "straight")
+    straight = _metrics(tmp_path / "straight")
+    assert res["epochs"] == straight["epochs"]  # same data stream, same state: same numbers
+
+
+def test_early_stopping_and_step_scheduler(data, tmp_path):
+    params = {**FAST, "epochs": 4, "model": {"arch": "mobilenet_v3_small"}, "scheduler": "step", "step_every": 1,
+              "step_factor": 0.1, "early_stopping": {"patience": 1, "min_delta": 1.0}}
+    m = run_stage(Train, params, {"data": data}, tmp_path / "es")
+    met = _metrics(tmp_path / "es")
+    assert m["epochs_run"] == 2 and met["stopped_early"] is True
+    assert met["epochs"][1]["lr"] == pytest.approx(met["epochs"][0]["lr"] * 0.1)
+
+
+def test_loaders_normalise_like_eval_and_augment_train_only(data):
+    P = _parts()
+    spec = Preprocess.load(data)
+    p = validate_params(Train, {"batch_size": 5, "augment": {"rotation": 20, "brightness": 0.3, "hue": 0.05}})
+    dm = P["NpyDataModule"](data, spec, 5, 0, p.augment, 0)
+    images = np.load(data / "images_val.npy")
+    x, y = next(iter(dm.val_dataloader()))
+    assert torch.equal(x, torch.from_numpy(normalize(images[:5], spec)))  # exactly the eval path
+    assert y.tolist() == np.load(data / "labels_val.npy")[:5].tolist()
+    xt, _ = next(iter(dm.train_dataloader()))
+    xt2, _ = next(iter(dm.train_dataloader()))
+    assert torch.equal(xt, xt2)  # a function of (seed, epoch, index)
+    train = np.load(data / "images_train.npy")
+    plain = P["NpyDataModule"](data, spec, 5, 0, validate_params(Train, {"augment": {"random_resized_crop": False}}).augment, 0)
+    xp, yp = next(iter(plain.train_dataloader()))
+    sampler = plain.train_dataloader().sampler
+    order = [i for i, _ in next(iter(sampler))]
+    assert torch.equal(xp, torch.from_numpy(normalize(train[order], spec)))
+    assert not torch.equal(xt, xp)
+    aug = validate_params(Train, {"augment": {"crop_scale": [1, 1], "crop_ratio": [1, 1]}}).augment
+    assert np.array_equal(P["augment_batch"](train[:4], aug, [1, 2, 3, 4]), train[:4])  # identity crop
+
+
+def test_quiet_output(data, tmp_path, capfd):
+    run_stage(Train, {**FAST, "model": {"arch": "mobilenet_v3_small"}}, {"data": data}, tmp_path / "q")
+    captured = capfd.readouterr()
+    assert captured.out.strip() == "" and "GPU available" not in captured.err and "Tip" not in captured.err
