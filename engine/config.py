@@ -48,10 +48,7 @@ class StageSpec:
     entry: PipelineEntry
     cls: type[Stage]
     params: BaseModel
-
-    @property
-    def section(self) -> str:
-        return self.entry.config or self.name
+    section: str
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:
@@ -124,9 +121,19 @@ def load_pipeline(cfg: DictConfig) -> PipelineSpec:
         raise ConfigError([_describe(err, PipelineSpec, {}, "pipeline") for err in e.errors()]) from None
 
 
+def section_of(cfg: DictConfig, name: str, entry: PipelineEntry, cls: type[Stage]) -> str:
+    """The config section a stage reads: `config:` if given, else a section named like the stage,
+    else the stage type's own section (`data: {uses: dataset}` reads `dataset`)."""
+    if entry.config:
+        return entry.config
+    if OmegaConf.select(cfg, name, default=None) is not None:
+        return name
+    return cls.config_section or cls.name
+
+
 def assemble_params(cfg: DictConfig, name: str, entry: PipelineEntry, cls: type[Stage]) -> tuple[dict, dict[str, str]]:
     """The raw params of one stage and, for each top-level params key, the config path it came from."""
-    section = entry.config or name
+    section = section_of(cfg, name, entry, cls)
     raw = _section(cfg, section)
     if raw is None:
         raw = {}
@@ -149,7 +156,7 @@ def validate_stage(cfg: DictConfig, name: str, entry: PipelineEntry, cls: type[S
     try:
         return cls.Params.model_validate(params)
     except ValidationError as e:
-        section = entry.config or name
+        section = section_of(cfg, name, entry, cls)
         raise ConfigError(
             [f"{_describe(err, cls.Params, origin, section)}  [stage '{name}', type {cls.name}]" for err in e.errors()]
         ) from None
@@ -170,7 +177,8 @@ def validate(cfg: DictConfig) -> tuple[PipelineSpec, dict[str, StageSpec]]:
             )
             continue
         try:
-            specs[name] = StageSpec(name, entry, cls, validate_stage(cfg, name, entry, cls))
+            specs[name] = StageSpec(name, entry, cls, validate_stage(cfg, name, entry, cls),
+                                    section_of(cfg, name, entry, cls))
         except ConfigError as e:
             problems.extend(e.problems)
     if problems:

@@ -91,6 +91,9 @@ class Stage:
     version: ClassVar[int] = 1
     Params: ClassVar[type[BaseModel]] = Params
     inputs: ClassVar[Mapping[str, Input]] = {}
+    # The config section read when a pipeline entry names none and no section is named like the
+    # stage (default: the type's name; e.g. export_onnx reads `export`).
+    config_section: ClassVar[str | None] = None
     # Params fields filled from other top-level config sections: {"model": "model"} makes
     # `model=mobilenet_v3_small` and `model.width=...` reach this stage, and errors name `model.*`.
     sections: ClassVar[Mapping[str, str]] = {}

@@ -27,6 +27,7 @@ class ExportOnnx(Stage):
     Runtime against PyTorch on sample inputs."""
 
     name = "export_onnx"
+    config_section = "export"
     version = 1
     inputs = {"model": Input(required=True, doc="model bundle folder: model.pt, preprocess.json, labels.txt")}
 

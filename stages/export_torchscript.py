@@ -28,6 +28,7 @@ class ExportTorchScript(Stage):
     """Trace a trained model to TorchScript and check the saved file against the eager model."""
 
     name = "export_torchscript"
+    config_section = "torchscript"
     version = 1
     inputs = {"model": Input(required=True, doc="model bundle folder: model.pt, preprocess.json, labels.txt")}
 

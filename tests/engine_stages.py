@@ -39,6 +39,7 @@ class Source(Stage):
 
 class Scale(Stage):
     name = "t_scale"
+    config_section = "scale"
     inputs = {"x": Input(doc="a folder with value.txt")}
 
     class Params(Params):

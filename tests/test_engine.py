@@ -180,6 +180,18 @@ def test_hydra_override_forms(ws):
     assert r.rc == 2 and "needs -m" in r.err
 
 
+def test_stage_without_config_reads_its_own_or_its_types_section(ws):
+    # `triple` names no section and none is called `triple`: it reads its type's section (`scale`).
+    r = ws.cli("run", "+pipeline.stages.triple={uses: t_scale, needs: {x: src}}", "--only", "triple")
+    assert r.rc == 0, r.err
+    assert ws.latest()["stages"]["triple"]["metrics"] == {"value": 6.0}
+    # a section named like the stage wins
+    r = ws.cli("run", "+pipeline.stages.triple={uses: t_scale, needs: {x: src}}", "+triple={factor: 3}", "--only", "triple")
+    assert ws.latest()["stages"]["triple"]["metrics"] == {"value": 9.0}
+    r = ws.cli("plan", "+pipeline.stages.triple={uses: t_scale, needs: {x: src}}", "+triple={factor: 4}")
+    assert "triple.factor: 3 -> 4" in r.out
+
+
 def test_content_of_a_folder_input_is_in_the_key(ws, monkeypatch):
     data = ws.root / "data"
     data.mkdir()
