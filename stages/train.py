@@ -644,6 +644,8 @@ def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]
             except WeightsError as e:
                 raise StageError(str(e)) from None
             init_report = {k: v for k, v in init_report.items() if k != "kept"}
+            # no machine-specific absolute paths in the outputs (they are content-addressed)
+            init_report["source"] = "init/model.pt" if init is not None else f"model.pretrained ({weights_src.name})"
             if p.freeze_features:
                 module.freeze_features()
         if ckpt_path is not None:
@@ -715,7 +717,7 @@ def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]
         "test_acc": test_acc,
         "test_loss": test_loss,
         "init": init_report,
-        "resumed_from": str(ckpt_path) if ckpt_path else None,
+        "resumed_from": (("init/" if p.resume_from is None else "resume_from/") + ckpt_path.name) if ckpt_path else None,
         "epochs": history,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

@@ -70,7 +70,8 @@ def make_array_dataset(folder: Path, per_class: dict[str, int] | None = None, nu
                 labels.append(c)
                 rows.append(f"{split}/{k}.png,{c},{split}")
                 k += 1
-        np.save(folder / f"images_{split}.npy", np.stack(images).astype(np.uint8))
+        arr = np.stack(images).astype(np.uint8) if images else np.zeros((0, size, size, 3), np.uint8)
+        np.save(folder / f"images_{split}.npy", arr)
         np.save(folder / f"labels_{split}.npy", np.asarray(labels, dtype=np.int64))
     (folder / "labels.txt").write_text("".join(f"class {c}\n" for c in range(num_classes)), encoding="utf-8")
     (folder / "index.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n", encoding="utf-8")

@@ -113,6 +113,6 @@ def test_finetune_starts_from_clipped_weights(tmp_path):
     run_stage(Train, {"mode": "finetune", "epochs": 1, "batch_size": 6, "limit_train_batches": 1, "freeze_features": True},
               {"data": data, "init": tmp_path / "clip"}, tmp_path / "ft")
     met = json.loads((tmp_path / "ft" / "metrics.json").read_text())
-    assert met["init"]["reinitialized"] == [] and met["init"]["source"].endswith("clip/model.pt")
+    assert met["init"]["reinitialized"] == [] and met["init"]["source"] == "init/model.pt"
     clipped, tuned = _sd(tmp_path / "clip"), _sd(tmp_path / "ft")
     assert torch.equal(tuned["layer1.0.conv1.weight"], clipped["layer1.0.conv1.weight"])
