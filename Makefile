@@ -22,6 +22,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/edgepipe run +experiment=quickstart
+	@echo; echo "report:   runs/latest/report.md   (and runs/latest/stages/eval/eval.md)"
+	@echo "packages: $$(ls runs/latest/stages/package_*/package.zip | tr '\n' ' ')"
+	@echo "again (all cached): $(BIN)/edgepipe run +experiment=quickstart"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
