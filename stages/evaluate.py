@@ -361,7 +361,7 @@ def _multicrop_images(data: Path, p, spec, hw, n: int, ctx) -> np.ndarray:
         for j, box in enumerate(crop_boxes(img.width, img.height, w / h, k)):
             crops[i, j] = resize(img.crop(box), spec)
         if i % 64 == 0:
-            ctx.progress(i, n, "multi-crop: reading original images")
+            ctx.progress(i, n, "multi-crop: reading original images" if i == 0 else None)
     return crops
 
 

@@ -217,7 +217,7 @@ class RknnQuantize(Stage):
         parts = []
         status = "ok"
         for i, image in enumerate(images):
-            ctx.progress(i, len(images), "accuracy analysis")
+            ctx.progress(i, len(images), "accuracy analysis" if i == 0 else None)
             snap = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=out))
             try:
                 try:
@@ -260,7 +260,7 @@ class RknnQuantize(Stage):
         logits = []
         chunk = 64
         for start in range(0, n, chunk):
-            ctx.progress(start, n, "simulator on the test split")
+            ctx.progress(start, n, f"simulator on {n} test images" if start == 0 else None)
             batch = to_channel_order(np.asarray(images[start:min(n, start + chunk)]), spec)
             with _toolkit(out / LOG_NAME, None):
                 for x in batch:
@@ -268,7 +268,7 @@ class RknnQuantize(Stage):
                     if not res:
                         raise _ToolkitFailure("inference", None)
                     logits.append(np.asarray(res[0], dtype=np.float32).reshape(-1))
-        ctx.progress(n, n, "simulator on the test split")
+        ctx.progress(n, n, None)
         arr = np.stack(logits) if logits else np.zeros((0, 0), np.float32)
         np.save(out / "test_logits.npy", arr)
         top1 = float((arr.argmax(1) == labels[:n]).mean()) if n else float("nan")
