@@ -103,7 +103,8 @@ class CorruptEntry(Exception):
 
 class Cache:
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        # Absolute, so stages get absolute input and output paths whatever folder they work in.
+        self.root = Path(root).resolve()
         self.index = ContentIndex(self.root / ".index" / "content.json")
 
     def entry(self, stage_type: str, key: str) -> Path:

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import re
+import os
 import shutil
 import sys
 import tempfile
@@ -298,11 +299,15 @@ def _toolkit(log_path: Path, header: str | None) -> Iterator[None]:
     """``quiet`` around toolkit calls; an exception the toolkit raises becomes ``_ToolkitFailure``."""
     from stages.common.quiet import quiet
 
+    # The toolkit writes check*.onnx (and more) into the working folder: give it a scratch one.
+    cwd = os.getcwd()
+    scratch = tempfile.mkdtemp(prefix="edgepipe-rknn-")
     try:
         with quiet(log_path, header=header), warnings.catch_warnings():
             # the toolkit's Python warnings (pkg_resources deprecation, ...) belong in its log too
             warnings.simplefilter("default")
             warnings.showwarning = _warning_to_stderr
+            os.chdir(scratch)
             yield
     except (_ToolkitFailure, StageError):
         raise
@@ -313,6 +318,9 @@ def _toolkit(log_path: Path, header: str | None) -> Iterator[None]:
                 what = frame.f_code.co_name
                 break
         raise _ToolkitFailure(what, e) from e
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _warning_to_stderr(message, category, filename, lineno, file=None, line=None) -> None:

@@ -36,6 +36,7 @@ def normal_build(tmp_path_factory) -> Path:
 def test_normal_build_outputs(normal_build):
     out = normal_build
     names = {p.name for p in out.iterdir()}
+    assert not list(Path.cwd().glob("check*.onnx"))  # the toolkit's scratch files stay out of the user's folder
     assert names == {"model.rknn", "build.json", "error_analysis.txt", "rknn.log", "test_logits.npy",
                      "io.json", "preprocess.json", "labels.txt"}
     build = json.loads((out / "build.json").read_text())
