@@ -246,3 +246,34 @@ def test_grayscale_source_and_letterbox(tmp_path):
                         "split": {"val": 0.0, "test": 0.0}}, {}, tmp_path / "out")
     x = np.load(tmp_path / "out" / "images_train.npy")
     assert x.shape == (8, 12, 12, 3) and np.all(x[:, :4] == 9)  # 12 x 4 content, padded rows
+
+
+def test_config_groups_validate():
+    """Every file of the dataset/preprocess/model/train/clip groups is a valid section for its stage."""
+    from omegaconf import OmegaConf
+
+    from stages.clip_outliers import ClipOutliers
+    from stages.common.models import ModelParams
+    from stages.train import Train
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+
+    def load(group: str, name: str) -> dict:
+        cfg = OmegaConf.create({"seed": 3, "section": OmegaConf.load(conf / group / f"{name}.yaml")})
+        return OmegaConf.to_container(cfg, resolve=True)["section"]
+
+    for f in sorted((conf / "preprocess").glob("*.yaml")):
+        Preprocess.model_validate(load("preprocess", f.stem))
+    for f in sorted((conf / "model").glob("*.yaml")):
+        assert ModelParams.model_validate(load("model", f.stem)).arch == f.stem
+    for f in sorted((conf / "dataset").glob("*.yaml")):
+        section = load("dataset", f.stem)
+        if section.get("path", "x") is None:
+            section["path"] = "/data"
+        p = validate_params(Dataset, section)
+        assert p.kind == f.stem and p.seed == 3
+    for f in sorted((conf / "train").glob("*.yaml")):
+        assert validate_params(Train, load("train", f.stem)).seed == 3
+    for f in sorted((conf / "clip").glob("*.yaml")):
+        assert validate_params(ClipOutliers, load("clip", f.stem)).method == f.stem
+    assert Preprocess.model_validate(load("preprocess", "default")) == Preprocess()  # defaults agree

@@ -164,3 +164,11 @@ def test_loaders_normalise_like_eval_and_augment_train_only(data):
     assert not torch.equal(xt, xp)
     aug = validate_params(Train, {"augment": {"crop_scale": [1, 1], "crop_ratio": [1, 1]}}).augment
     assert np.array_equal(P["augment_batch"](train[:4], aug, [1, 2, 3, 4]), train[:4])  # identity crop
+
+
+@pytest.mark.slow
+def test_workers_do_not_change_results(data, first, tmp_path):
+    """`workers` is left out of the cache key: loader processes must not change the numbers."""
+    out, _ = first
+    run_stage(Train, {**RUN, "workers": 2}, {"data": data}, tmp_path / "w2")
+    assert _metrics(out) == _metrics(tmp_path / "w2")

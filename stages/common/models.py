@@ -12,8 +12,11 @@ Architectures (``model.arch``):
 Heads (``model.head``):
 - ``linear`` (default): torchvision's pooling -> flatten -> Linear; state_dict keys are torchvision's.
 - ``conv``: pooling (kept 4-D) -> 1x1 Conv2d -> ``mean`` over H,W (ReduceMean, keepdims=0) giving
-  N x classes. The exported graph holds no Flatten/Reshape/View/Squeeze, which boards such as
-  MaixII-Dock (awnn) require. Linear and 1x1-conv weights load into each other (same keys).
+  N x classes. The exported ONNX graph holds no Flatten/Reshape/View/Squeeze (for converters that
+  reject them). Linear and 1x1-conv weights load into each other (same keys).
+  Note for ncnn (MaixII-Dock/awnn goes ONNX/TorchScript -> ncnn): pnnx turns the ``linear`` head into
+  Pooling -> InnerProduct with no Reshape layer, but the ``conv`` head into InnerProduct -> Reshape ->
+  Reduction; so ``linear`` is the head for awnn, ``conv`` the one for flatten-free ONNX.
 
 No weights are ever downloaded (torchvision builders always get ``weights=None``);
 ``model.pretrained`` names a local file: a torchvision state_dict or one of our bundles/checkpoints.
