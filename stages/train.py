@@ -137,6 +137,8 @@ class Train(Stage):
                 raise ValueError("label_smoothing must be in [0, 1)")
             if self.resume_from is not None and self.mode != "resume":
                 raise ValueError("resume_from is only used with mode: resume")
+            if self.optimizer == "sgd" and self.nesterov and self.momentum <= 0:
+                raise ValueError("nesterov needs momentum > 0")
             if self.freeze_features and self.mode != "finetune":
                 raise ValueError("freeze_features needs mode: finetune")
             return self
@@ -364,7 +366,7 @@ def _parts() -> dict[str, Any]:
             self.frozen_modules: list[nn.Module] = []
 
         def freeze_features(self) -> None:
-            keep = tuple("" + p for p in trainable_prefixes(self.model))
+            keep = tuple(trainable_prefixes(self.model))
             for name, prm in self.model.named_parameters():
                 prm.requires_grad = name.startswith(keep)
             self.frozen_modules = [
@@ -564,7 +566,9 @@ def make_trainer(p: "Train.Params", out: Path, callbacks: list, loggers: bool = 
         accelerator=p.accelerator,
         devices=1,
         precision=precision,
-        deterministic=True,
+        # CPU ops are deterministic; a CUDA op without a deterministic kernel (adaptive pooling's
+        # backward) warns into logs/warnings.log instead of failing the run
+        deterministic="warn",
         benchmark=False,
         callbacks=callbacks,
         enable_progress_bar=False,
