@@ -149,8 +149,15 @@ def main() -> None:
         "epochs": args.epochs, "batch_size": args.batch, "limit_train_batches": args.batches,
         "workers": args.workers, "augment": augment, "model": {"arch": args.arch}, "seed": 0,
     }
+    # the input pipeline alone (fetch + augmentation + normalisation), to show it is not the bottleneck
+    hl = HandLoop(Train.Params.model_validate(params), data)
+    n, t0 = 0, time.perf_counter()
+    for b, (x, y) in enumerate(hl.loader):
+        n += len(y)
+    loader_rate = n / (time.perf_counter() - t0)
     print(f"model {args.arch}, {args.size} px digits, batch {args.batch}, {args.batches} batches x "
           f"{args.epochs - 1} timed epochs, workers {args.workers}, augment {'off' if args.no_augment else 'on'}")
+    print(f"input pipeline alone      : {loader_rate:8.1f} images/s")
     if args.sequential:
         p = Train.Params.model_validate(params)
         hand, light = [], []
