@@ -3,6 +3,7 @@ finished stage when the output is not a terminal), and a summary table at the en
 
 from __future__ import annotations
 
+import time
 from typing import Iterable
 
 from rich.console import Console
@@ -13,6 +14,8 @@ from .runs import RunRecord, StageRecord, flat_metrics
 STATUS_STYLE = {"cached": "green", "ran": "cyan", "failed": "bold red", "skipped": "yellow",
                 "will run": "cyan", "pending": "dim",
                 "ok": "green", "running": "yellow"}
+
+PLAIN_EVERY = 15.0  # seconds between progress lines per stage when the output is not a terminal
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -30,6 +33,7 @@ class Display:
         self.live = console.is_terminal
         self.title = title
         self._tasks: dict[str, int] = {}
+        self._last_plain: dict[str, float] = {}
         if self.live:
             from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -46,12 +50,18 @@ class Display:
             self._tasks[rec.name] = self.progress.add_task(rec.type, stage=rec.name, total=None)
 
     def update(self, name: str, completed: float | None = None, total: float | None = None,
-               description: str | None = None) -> None:
+               description: str | None = None, important: bool = False) -> None:
         if self.live and name in self._tasks:
             kw = {k: v for k, v in (("completed", completed), ("total", total), ("description", description)) if v is not None}
             self.progress.update(self._tasks[name], **kw)
+            if important and description:
+                self.progress.console.print(f"  {name}: {description}")
         elif description and not self.live:
-            console.print(f"  {name}: {description}")
+            # Plain output (CI, pipes): notes always, progress at most every PLAIN_EVERY seconds.
+            now = time.monotonic()
+            if important or now - self._last_plain.get(name, -PLAIN_EVERY) >= PLAIN_EVERY:
+                self._last_plain[name] = now
+                console.print(f"  {name}: {description}")
 
     def finished(self, rec: StageRecord) -> None:
         if self.live and rec.name in self._tasks:

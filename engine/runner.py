@@ -178,7 +178,7 @@ class Pipeline:
             rec.reason = rec.reason or self.why(st, material, record.name)
             tmp = self.cache.new_tmp(st.cls.name, key)
             ctx = Context(stage=st.name, out=tmp, log=logging.getLogger(f"edgepipe.stage.{st.name}"),
-                          _progress=lambda c, t, d: display.update(rec.name, c, t, d))
+                          _progress=lambda c, t, d, i: display.update(rec.name, c, t, d, important=i))
             try:
                 metrics = st.cls().run(st.params, inputs, tmp, ctx) or {}
             except BaseException as e:  # noqa: BLE001 - every failure is recorded, none leaves an entry

@@ -68,20 +68,21 @@ class Context:
     stage: str  # the stage's name in the pipeline (not its type)
     out: Path
     log: logging.Logger
-    # progress(completed, total, description) updates this stage's row in the progress display.
-    _progress: Callable[[float | None, float | None, str | None], None] = field(
-        default=lambda c, t, d: None, repr=False
+    # progress(completed, total, description, important) updates this stage's row in the display.
+    _progress: Callable[[float | None, float | None, str | None, bool], None] = field(
+        default=lambda c, t, d, i: None, repr=False
     )
 
     def progress(
         self, completed: float | None = None, total: float | None = None, description: str | None = None
     ) -> None:
-        self._progress(completed, total, description)
+        """Frequent updates (every batch is fine): shown live on a terminal, sampled in plain logs."""
+        self._progress(completed, total, description, False)
 
     def note(self, message: str) -> None:
         """A short line the user should see now (e.g. 'mmse quantization takes minutes')."""
         self.log.info(message)
-        self._progress(None, None, message)
+        self._progress(None, None, message, True)
 
 
 class Stage:
