@@ -139,3 +139,15 @@ def test_stage_modules_import_without_torch():
             "bad = [m for m in ('torch', 'torchvision', 'pytorch_lightning', 'sklearn') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bn_momentum_applies_to_every_batchnorm():
+    import torch
+
+    from stages.common.models import build_model
+
+    m = build_model({"arch": "mobilenet_v3_small", "bn_momentum": 0.1}, 3)
+    bns = [x for x in m.modules() if isinstance(x, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and {b.momentum for b in bns} == {0.1}
+    default = build_model({"arch": "mobilenet_v3_small"}, 3)
+    assert {b.momentum for b in default.modules() if isinstance(b, torch.nn.modules.batchnorm._BatchNorm)} == {0.01}

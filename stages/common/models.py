@@ -60,6 +60,9 @@ class ModelParams(Params):
     # gem_resnet: initial p of generalised-mean pooling and whether it is learned
     gem_p: float = 3.0
     gem_learnable: bool = True
+    # BatchNorm running-statistics momentum; null = the architecture's (torchvision's MobileNetV3 uses
+    # 0.01, whose statistics lag far behind the weights in a short run from scratch: 0.1 fixes that)
+    bn_momentum: float | None = None
     # local weights file (torchvision state_dict, our model.pt or a train checkpoint); never downloaded
     pretrained: Annotated[Path | None, HASH_CONTENT] = None
 
@@ -73,6 +76,8 @@ class ModelParams(Params):
             raise ValueError("dropout must be in [0, 1)")
         if self.gem_p <= 0:
             raise ValueError("gem_p must be > 0")
+        if self.bn_momentum is not None and not 0.0 < self.bn_momentum <= 1.0:
+            raise ValueError("bn_momentum must be in (0, 1]")
         return self
 
     def arch_dict(self) -> dict:
@@ -232,6 +237,17 @@ def build_model(arch: Union[Mapping[str, Any], ModelParams, str], num_classes: i
     p = _params(arch)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    model = _build(p, num_classes)
+    if p.bn_momentum is not None:
+        import torch
+
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = p.bn_momentum
+    return model
+
+
+def _build(p: ModelParams, num_classes: int):
     c = _classes()
     if p.arch in ("resnet18", "gem_resnet"):
         return c["EdgeResNet"](
