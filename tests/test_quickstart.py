@@ -66,7 +66,7 @@ def test_quickstart_packages(quickstart):
         names = set(z.namelist())
     assert {"model.rknn", "labels.txt", "main.c", "CMakeLists.txt"} <= {Path(n).name for n in names}
     manifest = json.loads((board / "package" / "manifest.json").read_text())
-    assert manifest["board"] == "rv1103"
+    assert manifest["board"]["name"] == "rv1103"
     assert set(manifest["accuracy"]) >= {"pytorch", "onnx", "ncnn", "rknn_normal", "rknn_mmse"}
     assert (board / "package" / "labels.txt").read_text().split() == [str(i) for i in range(10)]
 
