@@ -21,7 +21,6 @@ and ``write_package``. Nothing here imports torch; onnx is imported inside ``boa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import string
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from engine.hashing import sha256_file
 from engine.stage import Params
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -368,13 +368,6 @@ class PackageContext:
         self.copy(PREPROCESS_MODULE, "preprocess.py")
         self.copy(self.model_dir / "preprocess.json", "preprocess.json")
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_json(path: Path) -> dict:

@@ -35,7 +35,6 @@ without files (kind=digits) nor for RKNN backends (their logits come from the bu
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import time
 import warnings
@@ -46,6 +45,7 @@ from typing import Annotated, Any, Callable, Literal, Mapping
 import numpy as np
 from pydantic import Field, model_validator
 
+from engine.hashing import sha256_file
 from engine.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
 
 KINDS = ("torch", "torchscript", "onnx", "ncnn", "rknn")
@@ -288,7 +288,7 @@ def _detect(name: str, folder: Path, classes: list[str], hw: tuple[int, int], p,
         build = json.loads((folder / "build.json").read_text()) if (folder / "build.json").is_file() else {}
         sim = build.get("simulator") or {}
         want = sim.get("images_test_sha256")
-        if want and want != _sha256(data / "images_test.npy"):
+        if want and want != sha256_file(data / "images_test.npy"):
             raise StageError(f"input {name}: its test_logits.npy were computed on another test split (images_test.npy "
                              f"differs); wire the same dataset stage into rknn_quantize and evaluate")
         if logits.ndim != 2 or logits.shape[1] != len(classes):
@@ -550,13 +550,6 @@ def _read_labels(path: Path) -> list[str]:
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _json_safe(obj):

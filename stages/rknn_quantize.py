@@ -21,7 +21,6 @@ from native code, so only redirecting the process's file descriptors keeps the t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import os
@@ -36,6 +35,7 @@ from typing import Annotated, Any, Iterator, Literal
 
 from pydantic import Field, model_validator
 
+from engine.hashing import sha256_file
 from engine.stage import NOT_IN_KEY, Input, Params, Stage, StageError
 
 TARGETS = ("rv1103", "rv1106", "rv1103b", "rv1106b", "rk3562", "rk3566", "rk3568", "rk3576", "rk3588")
@@ -276,7 +276,7 @@ class RknnQuantize(Stage):
         return {
             "samples": n, "of": int(len(images)), "top1": round(top1, 6), "seconds": round(time.perf_counter() - t0, 3),
             # evaluate checks these: the logits belong to this exact test split
-            "images_test_sha256": _sha256(img_path), "labels_test_sha256": _sha256(lab_path),
+            "images_test_sha256": sha256_file(img_path), "labels_test_sha256": sha256_file(lab_path),
         }
 
 
@@ -404,13 +404,6 @@ def _toolkit_version() -> str:
     except metadata.PackageNotFoundError:  # pragma: no cover
         return "unknown"
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _maxrss_mb() -> float:
