@@ -22,7 +22,9 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def headline_metric(metrics: dict) -> str:
-    flat = [(k, v) for k, v in flat_metrics(metrics).items() if isinstance(v, float)]
+    """The first two result numbers of a stage (timings and sizes left out) for the summary table."""
+    flat = [(k, v) for k, v in flat_metrics(metrics).items()
+            if isinstance(v, float) and not k.endswith(("seconds", "_s", "_mb", "bytes"))]
     return ", ".join(f"{k}={v:.4g}" for k, v in flat[:2])
 
 
@@ -78,11 +80,11 @@ class Display:
 
 def summary(record: RunRecord) -> None:
     table = Table(title=f"{record.name} — {record.status}", title_justify="left")
-    for col in ("stage", "type", "status", "seconds", "key", "metrics"):
-        table.add_column(col, justify="right" if col == "seconds" else "left")
+    for col in ("stage", "status", "seconds", "key", "metrics"):
+        table.add_column(col, justify="right" if col == "seconds" else "left", no_wrap=col != "metrics")
     for s in record.stages.values():
-        table.add_row(s.name, s.type, f"[{STATUS_STYLE.get(s.status, '')}]{s.status}[/]", f"{s.seconds:.1f}",
-                      (s.key or "")[:10], headline_metric(s.metrics))
+        table.add_row(s.name, f"[{STATUS_STYLE.get(s.status, '')}]{s.status}[/]", f"{s.seconds:.1f}",
+                      (s.key or "")[:8], headline_metric(s.metrics))
     console.print(table)
     console.print(f"run folder: {record.run_dir}")
     for s in record.stages.values():
