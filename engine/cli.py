@@ -120,6 +120,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     for p in pipelines:
         p.graph.select(options.only)
         p._forced(options)
+    _warn_shadowed(jobs[0].overrides, pipelines[0])
     sweep = bool(opts.get("multirun"))
     failed = 0
     for num, (job, pipeline) in enumerate(zip(jobs, pipelines)):
@@ -149,6 +150,13 @@ def cmd_run(argv: Sequence[str]) -> int:
     return 1 if failed else 0
 
 
+def _warn_shadowed(overrides: list[str], pipeline) -> None:
+    from .config import shadowed_overrides
+
+    for note in shadowed_overrides(overrides, pipeline.stages):
+        print(f"edgepipe: warning: {note}", file=sys.stderr)
+
+
 def _unique(run_dir: Path) -> Path:
     """Two runs started in the same second get distinct folders."""
     candidate, n = run_dir, 1
@@ -167,6 +175,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
     out = []
     for job in _compose_jobs(opts, overrides):
         pipeline = Pipeline(job.cfg, _runs_root(job.cfg))
+        _warn_shadowed(job.overrides, pipeline)
         items = pipeline.plan(options, run_name=str(job.cfg.name))
         out.append({"overrides": job.overrides, "stages": [vars(i) for i in items]})
         if not opts.get("json"):

@@ -162,6 +162,42 @@ def validate_stage(cfg: DictConfig, name: str, entry: PipelineEntry, cls: type[S
         ) from None
 
 
+def config_key(spec: StageSpec, field_path: str) -> str:
+    """The config key a (dotted) params field comes from: `model.pretrained`, `dataset.path`."""
+    head, _, rest = field_path.partition(".")
+    if head in spec.entry.with_:
+        base = f"pipeline.stages.{spec.name}.with.{head}"
+    else:
+        base = spec.cls.sections.get(head, f"{spec.section}.{head}")
+    return f"{base}.{rest}" if rest else base
+
+
+def _missing_paths(spec: StageSpec) -> list[str]:
+    """Files and folders the stage's params name as content inputs, but which do not exist."""
+    from .cache import key_params  # the same walk that puts their content in the cache key
+
+    _, content = key_params(spec.params)
+    return [f"{config_key(spec, field)}: {path} does not exist (a file or folder this stage reads)  "
+            f"[stage '{spec.name}', type {spec.cls.name}]"
+            for field, path in content.items() if not path.exists()]
+
+
+def shadowed_overrides(overrides: list[str], specs: Mapping[str, StageSpec]) -> list[str]:
+    """Command-line overrides that no stage sees because every stage reading that section replaces
+    the key with its pipeline `with:` (e.g. `quantize.algorithm=mmse` in a pipeline that builds a
+    normal and an mmse variant)."""
+    notes = []
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        section, _, field = key.partition(".")
+        head = field.split(".", 1)[0]
+        readers = [s for s in specs.values() if s.section == section]
+        if head and readers and all(head in s.entry.with_ for s in readers):
+            where = ", ".join(f"pipeline.stages.{s.name}.with.{head}" for s in readers)
+            notes.append(f"{override} has no effect: {where} set{'s' if len(readers) == 1 else ''} it")
+    return notes
+
+
 def validate(cfg: DictConfig) -> tuple[PipelineSpec, dict[str, StageSpec]]:
     """Validate the whole pipeline: stage types and every stage's params. Collects all problems."""
     pipeline = load_pipeline(cfg)
@@ -181,6 +217,8 @@ def validate(cfg: DictConfig) -> tuple[PipelineSpec, dict[str, StageSpec]]:
                                     section_of(cfg, name, entry, cls))
         except ConfigError as e:
             problems.extend(e.problems)
+            continue
+        problems.extend(_missing_paths(specs[name]))
     if problems:
         raise ConfigError(problems)
     return pipeline, specs

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from . import runs
 from .cache import Cache, CorruptEntry, Hit, stage_key
-from .config import StageSpec, validate
+from .config import StageSpec, config_key, validate
 from .graph import Graph
 from .runs import RunRecord, StageRecord
 from .stage import Context, StageError
@@ -104,19 +104,16 @@ class Pipeline:
             changes.append(f"type {old.get('type')} -> {material['type']}")
         if old.get("version") != material["version"]:
             changes.append(f"stage version {old.get('version')} -> {material['version']}")
-        section = st.section
         old_p, new_p = runs.flat_metrics(old.get("params", {})), runs.flat_metrics(material["params"])
         for k in sorted(set(old_p) | set(new_p)):
             if old_p.get(k, "<unset>") != new_p.get(k, "<unset>"):
-                head = k.split(".")[0]
-                where = st.cls.sections.get(head, f"{section}.{head}") + k[len(head):]
-                changes.append(f"{where}: {old_p.get(k, '<unset>')} -> {new_p.get(k, '<unset>')}")
+                changes.append(f"{config_key(st, k)}: {old_p.get(k, '<unset>')} -> {new_p.get(k, '<unset>')}")
         for k in sorted(set(old.get("inputs", {})) | set(material["inputs"])):
             if old.get("inputs", {}).get(k) != material["inputs"].get(k):
                 changes.append(f"input '{k}' changed")
         for k in sorted(set(old.get("content", {})) | set(material["content"])):
             if old.get("content", {}).get(k) != material["content"].get(k):
-                changes.append(f"content of {section}.{k} changed")
+                changes.append(f"content of {config_key(st, k)} changed")
         return "; ".join(changes) if changes else "no previous output with this key"
 
     # ------------------------------------------------------------------ execute

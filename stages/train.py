@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from engine.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from stages.common.models import ModelParams
@@ -87,15 +87,15 @@ class Train(Stage):
 
     class Params(Params):
         mode: Literal["fromscratch", "finetune", "resume"] = "fromscratch"
-        epochs: int = 10
-        batch_size: int = 64
+        epochs: int = Field(10, ge=1)
+        batch_size: int = Field(64, ge=1)
         optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-        lr: float = 1e-3
-        weight_decay: float = 1e-4  # not applied to biases and norm layers
+        lr: float = Field(1e-3, gt=0)
+        weight_decay: float = Field(1e-4, ge=0)  # not applied to biases and norm layers
         momentum: float = 0.9  # sgd
         nesterov: bool = False  # sgd
         scheduler: Literal["none", "step", "cosine"] = "cosine"
-        step_every: int = 10  # step: multiply lr by step_factor every step_every epochs
+        step_every: int = Field(10, ge=1)  # step: multiply lr by step_factor every step_every epochs
         step_factor: float = 0.1
         min_lr: float = 0.0  # cosine floor
         label_smoothing: float = 0.0

@@ -168,6 +168,21 @@ def test_config_errors_name_the_key_and_write_nothing(ws, overrides, message):
     assert not ws.counts()
 
 
+def test_missing_content_path_is_a_config_error(ws):
+    r = ws.cli("run", "pipeline=folder", "+files.path=/no/such/folder")
+    assert r.rc == 2
+    assert "files.path: /no/such/folder does not exist" in r.err
+    assert not ws.runs.exists()
+
+
+def test_override_hidden_by_with_is_reported(ws):
+    # `side` reads the scale section but pins factor=7 with `with:`; scale itself still reads it.
+    r = ws.cli("plan", "scale.factor=3")
+    assert "has no effect" not in r.err
+    r = ws.cli("plan", "scale.factor=3", "+pipeline.stages.scale.with={factor: 2}", "+pipeline.stages.quant.config=quant")
+    assert "scale.factor=3 has no effect: pipeline.stages.scale.with.factor, pipeline.stages.side.with.factor set it" in r.err
+
+
 def test_hydra_override_forms(ws):
     assert ws.cli("run", "+experiment=small", "--only", "train").rc == 0
     run = ws.latest()
