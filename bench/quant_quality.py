@@ -93,7 +93,7 @@ def main() -> None:
                                     "rknn_mmse": work / f"rknn_{tag}_mmse"}, work / f"eval_{tag}", log)
         rows[variant] = (ev, builds)
 
-    n = json.loads((work / f"eval_raw" / "metrics.json").read_text())["samples"]
+    n = json.loads((work / "eval_raw" / "metrics.json").read_text())["samples"]
     print()
     print(f"top-1 on the digits test split ({n} images); fp32 = that variant's PyTorch model; Δ = top-1 points vs "
           f"the unclipped fp32 model; max|Δlogit| = vs the unclipped fp32 logits")

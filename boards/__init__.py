@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.hashing import sha256_file
 from engine.stage import Params
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -127,7 +127,10 @@ class Cache:
 
     @staticmethod
     def verify(path: Path, manifest: Mapping, rehash: bool = False) -> None:
-        """Check every file by size and mtime (cheap); re-hash only files whose mtime changed."""
+        """Check every file by size, mtime and ctime (cheap); re-hash only files whose times changed.
+        ctime cannot be set from user space, so a same-size edit that restores the mtime is caught too;
+        an edit within the filesystem's timestamp granularity of the entry's creation is not (use
+        `edgepipe reproduce --verify` to recompute)."""
         for rel, meta in manifest["files"].items():
             f = path / rel
             try:
@@ -136,7 +139,8 @@ class Cache:
                 raise CorruptEntry(f"{f}: deleted") from None
             if st.st_size != meta["size"]:
                 raise CorruptEntry(f"{f}: size {st.st_size} != {meta['size']} in the manifest")
-            if (rehash or st.st_mtime_ns != meta["mtime_ns"]) and sha256_file(f) != meta["sha256"]:
+            changed = st.st_mtime_ns != meta["mtime_ns"] or st.st_ctime_ns != meta.get("ctime_ns", st.st_ctime_ns)
+            if (rehash or changed) and sha256_file(f) != meta["sha256"]:
                 raise CorruptEntry(f"{f}: content changed since it was cached")
 
     # ---- locking -----------------------------------------------------------------------------
@@ -176,7 +180,8 @@ class Cache:
             f = tmp / rel
             os.chmod(f, stat.S_IMODE(f.stat().st_mode) & ~0o222)
             st = f.stat()
-            files[rel] = {"size": st.st_size, "sha256": sha256_file(f), "mtime_ns": st.st_mtime_ns}
+            files[rel] = {"size": st.st_size, "sha256": sha256_file(f), "mtime_ns": st.st_mtime_ns,
+                          "ctime_ns": st.st_ctime_ns}
         skip = VOLATILE + tuple(volatile)
         manifest = dict(manifest, files=files,
                         digest=tree_digest({r: m["sha256"] for r, m in files.items() if not matches(r, skip)}))

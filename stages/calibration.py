@@ -79,17 +79,10 @@ class Calibration(Stage):
     def run(self, params: "Calibration.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
         from PIL import Image
 
+        from stages.common.splits import load_split
+
         src = inputs["data"]
-        img_file, lab_file = src / f"images_{params.split}.npy", src / f"labels_{params.split}.npy"
-        for f in (img_file, lab_file):
-            if not f.is_file():
-                raise StageError(f"dataset folder {src} has no {f.name}: calibration.split={params.split!r} is not a split of this dataset")
-        images = np.load(img_file, mmap_mode="r")
-        labels = np.load(lab_file)
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise StageError(f"{img_file} holds {images.dtype} {list(images.shape)}; expected uint8 N x H x W x 3 (RGB)")
-        if len(images) != len(labels):
-            raise StageError(f"{img_file.name} has {len(images)} images but {lab_file.name} {len(labels)} labels")
+        images, labels = load_split(src, params.split, split_key="calibration.split")
         if len(images) == 0:
             raise StageError(f"split {params.split!r} of {src} is empty: choose another calibration.split")
         names = _class_names(src)

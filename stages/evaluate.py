@@ -100,17 +100,13 @@ class Evaluate(Stage):
     def run(self, p: "Evaluate.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
         from stages.common.preprocess import Preprocess
 
+        from stages.common.splits import load_split
+
         data = inputs["data"]
-        img_file, lab_file = data / f"images_{p.split}.npy", data / f"labels_{p.split}.npy"
-        for f in (img_file, lab_file, data / "labels.txt"):
-            if not f.is_file():
-                raise StageError(f"input data: {f} is missing (expected a dataset folder)")
+        if not (data / "labels.txt").is_file():
+            raise StageError(f"input data: {data / 'labels.txt'} is missing (expected a dataset folder)")
         classes = _read_labels(data / "labels.txt")
-        images = np.load(img_file, mmap_mode="r")
-        labels = np.load(lab_file).astype(np.int64)
-        if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(labels):
-            raise StageError(f"input data: {img_file.name} {list(images.shape)} / {lab_file.name} {list(labels.shape)} "
-                             f"are not N x H x W x 3 images with N labels")
+        images, labels = load_split(data, p.split, split_key="evaluate.split")
         n = len(labels) if p.limit is None else min(len(labels), p.limit)
         if n == 0:
             raise StageError(f"input data: the {p.split} split is empty")

@@ -26,7 +26,8 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from boards import BoardSettings, Finding, PackageContext, get_board, known_boards, read_json, sha256_file, write_zip
+from boards import BoardSettings, Finding, PackageContext, get_board, known_boards, read_json, write_zip
+from engine.hashing import sha256_file
 from engine.stage import Input, Params, Stage, StageError
 
 MODEL_FILES = {"onnx": "model.onnx", "ncnn": "model.ncnn.param", "rknn": "model.rknn"}

@@ -244,16 +244,10 @@ class RknnQuantize(Stage):
 
         from stages.common.preprocess import to_channel_order
 
-        img_path, lab_path = data_dir / "images_test.npy", data_dir / "labels_test.npy"
-        for f in (img_path, lab_path):
-            if not f.is_file():
-                raise StageError(f"input data: {f} is missing (expected a dataset folder)")
-        images = np.load(img_path, mmap_mode="r")
-        labels = np.load(lab_path)
-        if images.ndim != 4 or images.shape[1:] != (spec.height, spec.width, 3):
-            raise StageError(f"input data: images_test.npy has shape {tuple(images.shape)}, the model takes "
-                             f"{spec.height}x{spec.width}x3: the dataset and the model were made with different "
-                             f"preprocess.input_size")
+        from stages.common.splits import load_split, split_files
+
+        images, labels = load_split(data_dir, "test", size=(spec.height, spec.width))
+        img_path, lab_path = split_files(data_dir, "test")
         n = len(images) if p.data_limit is None else min(len(images), p.data_limit)
         t0 = time.perf_counter()
         with _toolkit(out / LOG_NAME, "== init_runtime (simulator)"):

@@ -195,6 +195,7 @@ def _parts() -> dict[str, Any]:
 
     from stages.common.models import build_model, trainable_prefixes
     from stages.common.preprocess import normalize
+    from stages.common.splits import load_split
 
     class EpochBatchSampler:
         """Yields lists of (index, epoch); the order is a function of (seed, epoch) only."""
@@ -321,15 +322,7 @@ def _parts() -> dict[str, Any]:
             self.augment, self.seed = augment, seed
             self.arrays: dict[str, tuple[Any, Any]] = {}
             for split in ("train", "val", "test"):
-                images = np.load(self.folder / f"images_{split}.npy", mmap_mode="r")
-                labels = np.load(self.folder / f"labels_{split}.npy")
-                if len(images) != len(labels):
-                    raise StageError(f"{self.folder}: images_{split}.npy has {len(images)} rows, labels {len(labels)}")
-                if len(images) and tuple(images.shape[1:3]) != tuple(spec.input_size):
-                    raise StageError(
-                        f"{self.folder}: images are {images.shape[1:3]} but preprocess.json says {spec.input_size}"
-                    )
-                self.arrays[split] = (images, labels)
+                self.arrays[split] = load_split(self.folder, split, size=tuple(spec.input_size))
 
         def size(self, split: str) -> int:
             return len(self.arrays[split][1])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Annotated
 
 from engine.stage import NOT_IN_KEY, ContentPath, Input, Params, Stage, StageError

@@ -98,6 +98,7 @@ def test_damaged_cache_entry_is_detected_and_recomputed(ws):
     ws.cli("run")
     entry = Path(ws.latest()["stages"]["quant"]["path"])
     target = entry / "value.txt"
+    time.sleep(0.05)  # past the filesystem's timestamp granularity (a few ms) since the entry was written
     os.chmod(target, 0o644)
     target.write_text("99")  # same size as "30": only the content check can see it
     ws.reset_counts()
