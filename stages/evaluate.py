@@ -71,6 +71,9 @@ class Evaluate(Stage):
     version = 1
     extra_inputs = True
     inputs = {"data": Input(required=True, doc="dataset folder; every other input is a backend to score")}
+    # Wall times differ on every run: kept apart so that metrics.json (which package reads) is
+    # byte-identical when the predictions are, and downstream stages stay cached.
+    volatile_outputs = ("timing.json",)
 
     class Params(Params):
         """The ``evaluate`` section."""
@@ -172,8 +175,11 @@ class Evaluate(Stage):
             "split": p.split, "samples": int(n), "classes": classes,
             "reference": ref.name if ref else None,
             "targets": {"float_tolerance": p.float_tolerance, "quant_max_drop_points": p.quant_max_drop},
-            "backends": {name: {k: v for k, v in row.items() if k not in ("note",)} for name, row in table.items()},
+            "backends": {name: {k: v for k, v in row.items() if k not in ("note", "seconds")}
+                         for name, row in table.items()},
         }
+        (out / "timing.json").write_text(json.dumps({name: {"seconds": row["seconds"]} for name, row in table.items()},
+                                                    indent=2) + "\n")
         for row in report["backends"].values():
             if "multicrop" in row:
                 row["multicrop"] = {k: v for k, v in row["multicrop"].items() if not k.startswith("pred_")}

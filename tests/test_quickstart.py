@@ -99,3 +99,7 @@ def test_quickstart_second_run_is_cached_and_edits_rerun_only_downstream(quickst
     run = json.loads((root / "runs" / "latest" / "run.json").read_text())
     ran = {k for k, s in run["stages"].items() if s["status"] == "ran"}
     assert ran == {"package_board", "package_onnx"}
+    # evaluation recomputed gives byte-identical results (timings are kept apart): packages stay cached
+    assert main(["run", "+experiment=quickstart", "package.top_k=3", "--force", "eval"]) == 0
+    run = json.loads((root / "runs" / "latest" / "run.json").read_text())
+    assert {k for k, s in run["stages"].items() if s["status"] == "ran"} == {"eval"}
