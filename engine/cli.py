@@ -1,6 +1,6 @@
 """The `edgepipe` command.
 
-    edgepipe run [-m] [--only S] [--force S] [--keep-going] [--no-cache] [OVERRIDE ...]
+    edgepipe run [-m] [--only S] [--force S] [--keep-going] [--no-cache] [--cfg job|resolved] [OVERRIDE ...]
     edgepipe plan [--json] [--only S] [--force S] [OVERRIDE ...]
     edgepipe dag [--format mermaid|dot] [OVERRIDE ...]
     edgepipe runs [--limit N] [--json]
@@ -9,6 +9,7 @@
     edgepipe compare RUN RUN ...
     edgepipe gc [--dry-run]
 
+Every verb that composes a config takes -cd/--config-dir DIR (default: ./conf, else the project's).
 Overrides use Hydra's syntax: `train.epochs=3`, `model=mobilenet_v3_small`, `+experiment=quickstart`,
 `+train.foo=1`, `~key`, and with -m sweeps such as `train.lr=1e-3,1e-2`.
 """
@@ -338,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE.strip())
         return 0
     verb, rest = argv[0], argv[1:]
+    if verb in ("run", "plan", "dag") and ("-h" in rest or "--help" in rest):
+        print(USAGE.strip())  # the other verbs have argparse's own --help
+        return 0
     if verb not in VERBS:
         from .config import did_you_mean
 
