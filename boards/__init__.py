@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from engine.stage import Params
 
@@ -75,6 +75,16 @@ def known_boards() -> list[str]:
     return sorted(_entry_points())
 
 
+def _check_board_name(name: str) -> str:
+    if name not in _entry_points():
+        raise ValueError(f"unknown board {name!r}; known boards: {', '.join(known_boards())}")
+    return name
+
+
+# A board name, validated against the registered profiles (config keys `board.name`, `package.board`).
+BoardName = Annotated[str, AfterValidator(_check_board_name)]
+
+
 class UnknownBoard(KeyError):
     def __str__(self) -> str:
         return f"unknown board {self.args[0]!r}; known boards: {', '.join(known_boards())}"
@@ -84,7 +94,7 @@ class BoardSettings(Params):
     """The ``board`` config section (conf/board/NAME.yaml): which board, plus optional limits the
     user can tune for their variant of it (a Luckfox Pico with more flash, a V831 with less free RAM)."""
 
-    name: str = "onnxruntime"
+    name: BoardName = "onnxruntime"
     # storage for the model file, MB (null: the profile's value; the profile may have none)
     flash_mb: float | None = Field(None, gt=0)
     # RAM of the board, MB, and the share of it a model may use (the OS and camera take the rest)
@@ -96,12 +106,6 @@ class BoardSettings(Params):
     # preflight: fail on warnings too (CPU-fallback operators, limits within 80 %)
     strict: bool = False
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in _entry_points():
-            raise ValueError(f"unknown board {v!r}; known boards: {', '.join(known_boards())}")
-        return v
 
 
 def get_board(name: str, settings: BoardSettings | Mapping[str, Any] | None = None) -> "BoardProfile":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import shutil
@@ -11,7 +12,7 @@ import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from omegaconf import DictConfig
 
@@ -94,8 +95,6 @@ class Pipeline:
         if prev is None or not prev.path:
             return "never ran"
         try:
-            import json
-
             old = json.loads((Path(prev.path) / "manifest.json").read_text())
         except (OSError, ValueError):
             return f"previous output {prev.key} is no longer in the cache"
@@ -247,5 +246,3 @@ def _library_versions() -> dict[str, str]:
                 pass
     return found
 
-
-ProgressFn = Callable[[str, float | None, float | None, str | None], None]

@@ -24,9 +24,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from boards import BoardSettings, Finding, PackageContext, get_board, known_boards, read_json, write_zip
+from boards import BoardName, BoardSettings, Finding, PackageContext, get_board, read_json, write_zip
 from engine.hashing import sha256_file
 from engine.stage import Input, Params, Stage, StageError
 
@@ -50,7 +50,7 @@ class Package(Stage):
 
     class Params(Params):
         # the board to package for (conf/package/default.yaml: ${board.name})
-        board: str = "onnxruntime"
+        board: BoardName = "onnxruntime"
         # classes shown per image by the generated scripts
         top_k: int = Field(5, ge=1)
         # run the board's checks on the converted model (flash size, reshape layers, CPU layers)
@@ -58,12 +58,6 @@ class Package(Stage):
         # the `board` section (limits); applied when it names the same board
         board_settings: BoardSettings | None = None
 
-        @field_validator("board")
-        @classmethod
-        def _known(cls, v: str) -> str:
-            if v not in known_boards():
-                raise ValueError(f"unknown board {v!r}; known boards: {', '.join(known_boards())}")
-            return v
 
     def run(self, p: "Package.Params", inputs, out: Path, ctx) -> dict[str, Any]:
         from stages.common.preprocess import Preprocess
