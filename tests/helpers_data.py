@@ -141,3 +141,26 @@ def make_bad_corpus(folder: Path) -> dict[str, str]:
     kinds["exif_rotated.jpg"] = "good"
     (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")  # hidden: ignored, not reported
     return kinds
+
+
+def make_photo_folder(root: Path, per_class: int = 100, size: int = 256, seed: int = 0) -> Path:
+    """A two-class folder of photo crops (JPEG): class ``china`` from scikit-learn's china.jpg, class
+    ``flower`` from its flower.jpg (both ship with scikit-learn). Each image is a random square crop
+    (90-300 px, random place, random mirror) resized to ``size``: real photographic texture, the
+    few-hundred-photos-per-class case of a bird feeder or MaixHub project."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images()
+    rng = np.random.default_rng(seed)
+    for name, photo in zip(("china", "flower"), photos.images):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w, _ = photo.shape
+        for i in range(per_class):
+            side = int(rng.integers(90, 300))
+            y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
+            crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+            if rng.random() < 0.5:
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            crop.save(folder / f"{name}_{i:04d}.jpg", quality=90)
+    return root
