@@ -1,6 +1,6 @@
 """The `edgepipe` command.
 
-    edgepipe run [-m] [--only S] [--force S] [--keep-going] [--no-cache] [--cfg job|resolved] [OVERRIDE ...]
+    edgepipe run [-m] [--only S] [--force S] [--keep-going] [--no-cache] [--cfg job|hydra|all] [--resolve] [OVERRIDE ...]
     edgepipe plan [--json] [--only S] [--force S] [OVERRIDE ...]
     edgepipe dag [--format mermaid|dot] [OVERRIDE ...]
     edgepipe runs [--limit N] [--json]
@@ -28,7 +28,13 @@ USAGE = __doc__
 
 # Flags of our own on run/plan/dag; everything else on those verbs is a Hydra override.
 _VALUE_FLAGS = {"--only", "--force", "--format", "--cfg", "--config-dir", "-cd"}
-_BOOL_FLAGS = {"--keep-going", "--no-cache", "--json", "-m", "--multirun"}
+_BOOL_FLAGS = {"--keep-going", "--no-cache", "--json", "-m", "--multirun", "--resolve"}
+# --cfg as in Hydra apps (`--cfg resolved` is the job config resolved, kept for older scripts)
+_CFG_PARTS = ("job", "hydra", "all", "resolved")
+
+
+# Set to show the traceback of an unexpected error (a bug) instead of one line.
+DEBUG_ENV = "EDGEPIPE_DEBUG"
 
 
 class UsageError(Exception):
@@ -88,6 +94,40 @@ def _runs_root(cfg) -> Path:
     return Path(str(cfg.runs_root))
 
 
+def _check_runs_root(root: Path) -> None:
+    """A config error naming runs_root when it cannot hold run folders (checked without creating
+    anything: the nearest existing folder above it must be a writable directory)."""
+    from .config import ConfigError
+
+    existing = root.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return
+    why = "is not a folder" if not existing.is_dir() else "is not writable"
+    raise ConfigError([f"runs_root: {root} cannot be created or written ({existing} {why}); "
+                       f"set runs_root=DIR or EDGEPIPE_RUNS to a writable folder"])
+
+
+def _print_cfg(jobs, part: str, resolve: bool) -> None:
+    """What Hydra's --cfg prints: the job config, Hydra's own config (the `hydra` node without its
+    help texts), or both."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if part not in _CFG_PARTS:
+        raise UsageError(f"--cfg {part}: use one of {', '.join(_CFG_PARTS[:3])} (add --resolve to resolve interpolations)")
+    for job in jobs:
+        hydra = OmegaConf.masked_copy(job.hydra_cfg, [k for k in job.hydra_cfg if k not in ("help", "hydra_help")])
+        parts = {"job": [job.cfg], "resolved": [job.cfg], "hydra": [OmegaConf.create({"hydra": hydra})],
+                 "all": [OmegaConf.create({"hydra": hydra}), job.cfg]}[part]
+        merged = OmegaConf.merge(*parts) if len(parts) > 1 else parts[0]
+        try:
+            print(OmegaConf.to_yaml(merged, resolve=resolve or part == "resolved"))
+        except OmegaConfBaseException as e:  # e.g. hydra.job.num, which only a sweep job has
+            raise UsageError(f"--cfg {part} --resolve: {str(e).splitlines()[0]}") from None
+
+
 def _compose_jobs(opts: dict, overrides: list[str]):
     from . import compose
 
@@ -111,23 +151,20 @@ def cmd_run(argv: Sequence[str]) -> int:
                       keep_going=bool(opts.get("keep_going")))
     jobs = _compose_jobs(opts, overrides)
     if opts.get("cfg"):
-        from omegaconf import OmegaConf
-
-        for job in jobs:
-            print(OmegaConf.to_yaml(job.cfg, resolve=opts["cfg"] == "resolved"))
+        _print_cfg(jobs, opts["cfg"], bool(opts.get("resolve")))
         return 0
     # Validate every job before anything is written to runs/.
     pipelines = [Pipeline(job.cfg, _runs_root(job.cfg)) for job in jobs]
     for p in pipelines:
         p.graph.select(options.only)
         p._forced(options)
+        _check_runs_root(p.runs_root)
     _warn_shadowed(jobs[0].overrides, pipelines[0])
     sweep = bool(opts.get("multirun"))
+    sweep_dir = _make_unique_dir(jobs[0].sweep_dir) if sweep else None
     failed = 0
     for num, (job, pipeline) in enumerate(zip(jobs, pipelines)):
-        run_dir = (jobs[0].sweep_dir / str(num)) if sweep else job.run_dir
-        run_dir = _unique(run_dir)
-        run_dir.mkdir(parents=True)
+        run_dir = _make_unique_dir(sweep_dir / str(num) if sweep_dir else job.run_dir)
         if sweep and num == 0:
             from omegaconf import OmegaConf
 
@@ -158,13 +195,17 @@ def _warn_shadowed(overrides: list[str], pipeline) -> None:
         print(f"edgepipe: warning: {note}", file=sys.stderr)
 
 
-def _unique(run_dir: Path) -> Path:
-    """Two runs started in the same second get distinct folders."""
-    candidate, n = run_dir, 1
-    while candidate.exists():
-        n += 1
-        candidate = run_dir.with_name(f"{run_dir.name}-{n}")
-    return candidate
+def _make_unique_dir(run_dir: Path) -> Path:
+    """Create the run folder, or `<name>-2`, `-3`, ... when another run started in the same second
+    took it: mkdir either creates a folder or fails, so two processes never share one."""
+    n = 1
+    while True:
+        candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            n += 1
 
 
 def cmd_plan(argv: Sequence[str]) -> int:
@@ -176,6 +217,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
     out = []
     for job in _compose_jobs(opts, overrides):
         pipeline = Pipeline(job.cfg, _runs_root(job.cfg))
+        _check_runs_root(pipeline.runs_root)  # plan records content digests in the cache's index
         _warn_shadowed(job.overrides, pipeline)
         items = pipeline.plan(options, run_name=str(job.cfg.name))
         out.append({"overrides": job.overrides, "stages": [vars(i) for i in items]})
@@ -349,18 +391,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .compose import ComposeError
     from .config import ConfigError
+    from .registry import PluginError
+    from .runs import RunFolderError
 
     try:
         return VERBS[verb](rest)
     except ConfigError as e:
         print("edgepipe: invalid config:\n" + "\n".join(f"  - {p}" for p in e.problems), file=sys.stderr)
         return 2
-    except (ComposeError, UsageError, FileNotFoundError) as e:
+    except (ComposeError, UsageError, FileNotFoundError, RunFolderError, PluginError) as e:
         print(f"edgepipe: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgepipe: interrupted; completed stages stay cached, the next run resumes from them", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, permissions, a folder removed under a running command
+        print(f"edgepipe: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bug: one line for the user, the traceback on request
+        if os.environ.get(DEBUG_ENV):
+            raise
+        logging.getLogger("edgepipe").info("internal error", exc_info=True)  # the run's edgepipe.log
+        first = (str(e).splitlines() or [""])[0]
+        print(f"edgepipe: internal error ({type(e).__name__}: {first}); set {DEBUG_ENV}=1 for the traceback "
+              f"and please report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

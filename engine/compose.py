@@ -10,6 +10,7 @@ and `hydra.run.dir` / `hydra.sweep.dir` behave as in any Hydra app.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,59 @@ CONFIG_DIR_ENV = "EDGEPIPE_CONFIG_DIR"
 
 class ComposeError(Exception):
     pass
+
+
+OVERRIDE_SYNTAX = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+
+
+def one_line(text: str) -> str:
+    """Hydra's multi-line messages as one line: no search-path dump, no 'See https://...' footer."""
+    text = text.split("Config search path:")[0]
+    lines = [ln.strip().rstrip(".") for ln in text.splitlines()
+             if ln.strip().strip("^") and not ln.strip().startswith(("See https://", "Error parsing override"))]
+    return "; ".join(lines)
+
+
+def parse_overrides(overrides: list[str], where: str = "override", config_loader=None) -> list:
+    """Hydra's parsed overrides, one at a time so that an error names the item that is wrong."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create(config_loader=config_loader)
+    parsed = []
+    for text in overrides:
+        try:
+            (o,) = parser.parse_overrides([text])
+        except (HydraException, ValueError) as e:
+            hint = "" if "=" in text or text.startswith("~") else (
+                " (not KEY=VALUE: a value with spaces must be quoted as one argument, key='a b')")
+            raise ComposeError(f"{where} '{text}'{hint}: {one_line(str(e))} (syntax: {OVERRIDE_SYNTAX})") from None
+        if not o.key_or_group:
+            raise ComposeError(f"{where} '{text}': no key before '='; write KEY=VALUE, e.g. train.lr=0.01")
+        parsed.append(o)
+    return parsed
+
+
+def yaml_problem(e: Exception) -> str:
+    """A YAML error as 'FILE, line N: what' (a !!python/... tag: refused, nothing was constructed)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}" if mark else "a config file"
+    problem = getattr(e, "problem", None) or str(e)
+    tag = re.search(r"tag '(?:tag:yaml.org,2002:)?([^']+)'", problem)
+    if tag:
+        return (f"{where}: YAML tag '!!{tag.group(1)}' is not allowed; config files hold plain data "
+                f"(strings, numbers, lists, mappings), nothing in them is run")
+    return f"{where}: not valid YAML: {one_line(problem)}"
+
+
+def _missing_config(e, overrides: list) -> str:
+    """'+experiment=nosuch: ...' with the available options on the same line."""
+    group = (e.missing_cfg_file or "").rpartition("/")[0]
+    named = next((o.input_line for o in overrides if o.key_or_group == group), None)
+    head = f"{named}: " if named else ""
+    if e.options:
+        return f"{head}no config '{e.missing_cfg_file}'; available {group or 'configs'}: {', '.join(e.options)}"
+    return head + one_line(str(e))
 
 
 def default_config_dir() -> Path:
@@ -53,12 +107,20 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
     if not (config_dir / f"{CONFIG_NAME}.yaml").is_file():
         raise ComposeError(f"{config_dir}/{CONFIG_NAME}.yaml not found; run edgepipe from the project folder "
                            f"or set {CONFIG_DIR_ENV}")
+    import yaml
+    from hydra.errors import MissingConfigException
+
+    parsed = parse_overrides(list(overrides))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None, job_name="edgepipe"):
             full = hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ComposeError(f"{e}\n(config folder: {config_dir})") from None
+    except yaml.YAMLError as e:
+        raise ComposeError(yaml_problem(e)) from None
+    except MissingConfigException as e:
+        raise ComposeError(f"{_missing_config(e, parsed)} (config folder: {config_dir})") from None
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise ComposeError(f"{one_line(str(e))} (config folder: {config_dir})") from None
     HydraConfig.instance().set_config(full)  # makes ${hydra:...} resolvable
     try:
         run_dir, sweep_dir = Path(str(full.hydra.run.dir)), Path(str(full.hydra.sweep.dir))
@@ -71,24 +133,32 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
 
 
 def is_sweep(overrides: list[str]) -> bool:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides))
+    return any(o.is_sweep_override() for o in parse_overrides(overrides))
 
 
 def expand_sweep(overrides: list[str], config_dir: Path | None = None) -> list[list[str]]:
-    """Each job's override list: `hydra.sweeper.params` from the config, then the command line."""
+    """Each job's override list: `hydra.sweeper.params` from the config, then the command line.
+    Grid sweeps only (Hydra's BasicSweeper): a,b / choice() / range() / glob()."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra._internal.utils import create_config_search_path
 
-    parser = OverridesParser.create()
-    parsed = parser.parse_overrides(overrides)
-    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    plain = [o.input_line for o in parse_overrides(overrides) if not o.is_sweep_override()]
     base = compose(plain, config_dir)
     node = OmegaConf.select(base.hydra_cfg, "sweeper.params")
     params = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else (node or {})
-    from_config = [f"{k}={v}" for k, v in params.items()]
-    batches = BasicSweeper.split_arguments(parser.parse_overrides(from_config + list(overrides)), None)
+    # glob() sweeps list a config group's options: the parser needs the config folder for that
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(config_dir or default_config_dir())))
+    parsed = (parse_overrides([f"{k}={v}" for k, v in params.items()], "hydra.sweeper.params", loader)
+              + parse_overrides(list(overrides), config_loader=loader))
+    for o in parsed:
+        if o.is_sweep_override() and not o.is_discrete_sweep():
+            raise ComposeError(f"override '{o.input_line}': {o.value_type.name.lower().replace('_sweep', '')}() "
+                               f"needs an optimizing sweeper (Optuna, Nevergrad); edgepipe runs grid sweeps: "
+                               f"a,b,c / choice(a,b) / range(start,stop,step)")
+        if o.is_sweep_override() and next(iter(o.sweep_string_iterator()), None) is None:
+            raise ComposeError(f"override '{o.input_line}': the sweep has no values")
+    batches = BasicSweeper.split_arguments(parsed, None)
     return [job for batch in batches for job in batch]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import shutil
 from pathlib import Path
 
@@ -16,12 +15,10 @@ def referenced_entries(runs_root: Path) -> set[str]:
     keep: set[str] = set()
     for run_dir in runs.iter_runs(runs_root):
         try:
-            data = json.loads((run_dir / runs.RUN_JSON).read_text())
-        except (OSError, ValueError):
+            record = runs.RunRecord.load(run_dir)
+        except (OSError, runs.RunFolderError):
             continue
-        for rec in data.get("stages", {}).values():
-            if rec.get("path"):
-                keep.add(str(Path(rec["path"]).resolve()))
+        keep |= {str(Path(rec.path).resolve()) for rec in record.stages.values() if rec.path}
     return keep
 
 

@@ -89,13 +89,14 @@ class Graph:
             down |= self.descendants(d)
         return down
 
-    def select(self, only: Iterable[str] | None) -> list[str]:
-        """Topological order restricted to `only` and what it needs (all stages when only is empty)."""
+    def select(self, only: Iterable[str] | None, option: str = "--only") -> list[str]:
+        """Topological order restricted to `only` and what it needs (all stages when only is empty).
+        ``option`` is the command-line option that named them (for the error)."""
         only = list(only or [])
         unknown = [n for n in only if n not in self.specs]
         if unknown:
             raise ConfigError(
-                [f"--only {n}: no such stage{did_you_mean(n, list(self.specs))}; stages: {', '.join(self.specs)}" for n in unknown]
+                [f"{option} {n}: no such stage{did_you_mean(n, list(self.specs))}; stages: {', '.join(self.specs)}" for n in unknown]
             )
         if not only:
             return list(self.order)

@@ -23,6 +23,10 @@ PLUGINS_ENV = "EDGEPIPE_PLUGINS"
 _registered: dict[str, type[Stage]] = {}
 
 
+class PluginError(Exception):
+    """A module named in $EDGEPIPE_PLUGINS that cannot be imported."""
+
+
 class UnknownStageType(KeyError):
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(name)
@@ -43,7 +47,10 @@ def _entry_points() -> dict:
 
 def _load_plugins() -> None:
     for module_name in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise PluginError(f"{PLUGINS_ENV}: cannot import '{module_name}' ({e}); fix or unset the variable") from None
         for obj in vars(module).values():
             if inspect.isclass(obj) and issubclass(obj, Stage) and obj is not Stage and hasattr(obj, "name"):
                 _registered.setdefault(obj.name, obj)

@@ -12,9 +12,12 @@ import shutil
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from . import runs
+from .compose import one_line, yaml_problem
 from .display import Display, console
 from .runner import Options, Pipeline
 
@@ -24,7 +27,14 @@ def _load(run_dir: Path):
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} an edgepipe run folder?")
     record = runs.RunRecord.load(run_dir)
-    cfg = OmegaConf.load(cfg_path)
+    try:
+        cfg = OmegaConf.load(cfg_path)
+    except yaml.YAMLError as e:
+        raise runs.RunFolderError(f"saved config {yaml_problem(e)}") from None
+    except (OmegaConfBaseException, ValueError) as e:
+        raise runs.RunFolderError(f"{cfg_path} is not a valid saved config ({one_line(str(e))})") from None
+    if not isinstance(cfg, DictConfig):
+        raise runs.RunFolderError(f"{cfg_path} is not a valid saved config (not a mapping)")
     cfg.runs_root = record.runs_root  # the cache the original run used
     return cfg, record
 

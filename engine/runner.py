@@ -215,7 +215,7 @@ class Pipeline:
     def _forced(self, options: Options) -> set[str]:
         if options.no_cache:
             return set(self.stages)
-        self.graph.select(options.force)  # validates the names
+        self.graph.select(options.force, "--force")  # validates the names
         return set(options.force)
 
     @staticmethod

@@ -12,6 +12,10 @@ from typing import Any, Iterator
 RUN_JSON = "run.json"
 
 
+class RunFolderError(ValueError):
+    """A run folder whose run.json or .hydra/ files cannot be read; the message names the file."""
+
+
 @dataclass
 class StageRecord:
     name: str
@@ -56,10 +60,17 @@ class RunRecord:
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunRecord":
-        data = json.loads((Path(run_dir) / RUN_JSON).read_text())
-        data.pop("seconds", None)
-        stages = {k: StageRecord(**v) for k, v in data.pop("stages", {}).items()}
-        return cls(**data, stages=stages)
+        path = Path(run_dir) / RUN_JSON
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            data.pop("seconds", None)
+            stages = {k: StageRecord(**v) for k, v in data.pop("stages", {}).items()}
+            return cls(**data, stages=stages)
+        except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not a run record
+            raise RunFolderError(f"{path} is not an edgepipe run record ({type(e).__name__}: {e}); "
+                                 f"was it edited by hand?") from None
 
 
 def link_stage(run_dir: Path, stage: str, target: Path) -> None:
@@ -114,15 +125,15 @@ def previous_record(runs_root: Path, stage: str, prefer_name: str | None, limit:
         if i >= limit:
             break
         try:
-            data = json.loads((run_dir / RUN_JSON).read_text())
-        except (OSError, ValueError):
+            record = RunRecord.load(run_dir)
+        except (OSError, RunFolderError):  # a damaged run.json is `show`'s to report, not plan's
             continue
-        rec = data.get("stages", {}).get(stage)
-        if not rec or rec.get("status") not in ("ran", "cached"):
+        rec = record.stages.get(stage)
+        if not rec or rec.status not in ("ran", "cached"):
             continue
-        if prefer_name is None or data.get("name") == prefer_name:
-            return StageRecord(**rec)
-        fallback = fallback or StageRecord(**rec)
+        if prefer_name is None or record.name == prefer_name:
+            return rec
+        fallback = fallback or rec
     return fallback
 
 
