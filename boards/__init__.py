@@ -222,6 +222,22 @@ class BoardProfile(BaseModel):
                                        f"package expects one score per class (N x classes)"))
         return out
 
+    def preprocess_problems(self, spec: "Preprocess") -> list[tuple[str, str]]:
+        """What this board cannot take in a preprocess spec, as (preprocess field, problem). Known from
+        the config alone: the preflight stage reports these at validation, before anything runs."""
+        out = []
+        if self.normalisation == "uniform":
+            try:
+                spec.awnn_mean_norm()
+            except ValueError:
+                out.append(("mean", f"{list(spec.mean)} (std {list(spec.std)}) differs per channel, but board={self.name} "
+                                    f"({self.title}) takes one mean and one norm for all three channels; use "
+                                    f"preprocess=uniform (mean 0.5, std 0.5) or equal values per channel"))
+        if self.max_input_size and max(spec.input_size) > self.max_input_size:
+            out.append(("input_size", f"{list(spec.input_size)} exceeds the {self.max_input_size} px that "
+                                      f"board={self.name} ({self.title}) takes; lower preprocess.input_size"))
+        return out
+
     def check_normalisation(self, spec: "Preprocess | None") -> list[Finding]:
         if spec is None or self.normalisation != "uniform":
             return []

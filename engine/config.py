@@ -4,6 +4,7 @@ the bad value and what is allowed."""
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -88,8 +89,24 @@ def _describe(err: Mapping[str, Any], model: type[BaseModel], origin: Mapping[st
         return f"{where}: unknown key{did_you_mean(str(loc[-1]), fields)}; allowed keys: {', '.join(fields)}"
     if err["type"] == "missing":
         return f"{where}: required, not set"
+    if err["type"] == "value_error" and _fields_at(model, loc):
+        return _describe_model_check(err, model, loc, origin, where)
     given = f"{err['input']!r} is not allowed: " if "input" in err else ""
     return f"{where}: {given}{err['msg']}"
+
+
+def _describe_model_check(err: Mapping[str, Any], model: type[BaseModel], loc: list[Any],
+                          origin: Mapping[str, str], where: str) -> str:
+    """A model validator's error (it has no field location): named by the field its message starts
+    with (`do_quantization=false: ...` -> `quantize.do_quantization=false: ...`), else by the section;
+    never with the whole section's values, which hide the one that matters."""
+    text = str(err.get("ctx", {}).get("error") or err["msg"])
+    first = re.match(r"[A-Za-z_]\w*", text)
+    if first and first.group() in _fields_at(model, loc):
+        field = first.group()
+        key = origin.get(field, f"{where}.{field}") if not loc else f"{where}.{field}"
+        return f"{key}{text[len(field):]}" if text[len(field):][:1] in ("=", ":", " ") else f"{key}: {text}"
+    return f"{where}: {text}"
 
 
 def _fields_at(model: type[BaseModel], loc: list[Any]) -> list[str]:
@@ -198,10 +215,31 @@ def shadowed_overrides(overrides: list[str], specs: Mapping[str, StageSpec]) -> 
     return notes
 
 
+# A run name becomes part of a folder name under runs_root: no separators, no '..'.
+_RUN_NAME = re.compile(r"[\w.+=,@-]+")
+
+
+def check_run_name(cfg: DictConfig) -> list[str]:
+    name = OmegaConf.select(cfg, "name", default=None, throw_on_missing=False)
+    if name is None:
+        return []
+    name = str(name)
+    if _RUN_NAME.fullmatch(name) and ".." not in name:
+        return []
+    return [f"name: {name!r} is not a valid run name (it becomes a folder under runs_root); use letters, "
+            f"digits and . _ - + = , @ only, no '/' and no '..'"]
+
+
+def _cross_checks(spec: StageSpec) -> list[str]:
+    """The stage type's own checks across sections (Stage.check), named by config key."""
+    return [f"{config_key(spec, field)}: {problem}  [stage '{spec.name}', type {spec.cls.name}]"
+            for field, problem in spec.cls.check(spec.params)]
+
+
 def validate(cfg: DictConfig) -> tuple[PipelineSpec, dict[str, StageSpec]]:
     """Validate the whole pipeline: stage types and every stage's params. Collects all problems."""
     pipeline = load_pipeline(cfg)
-    problems: list[str] = []
+    problems: list[str] = check_run_name(cfg)
     specs: dict[str, StageSpec] = {}
     for name, entry in pipeline.stages.items():
         try:
@@ -219,6 +257,7 @@ def validate(cfg: DictConfig) -> tuple[PipelineSpec, dict[str, StageSpec]]:
             problems.extend(e.problems)
             continue
         problems.extend(_missing_paths(specs[name]))
+        problems.extend(_cross_checks(specs[name]))
     if problems:
         raise ConfigError(problems)
     return pipeline, specs

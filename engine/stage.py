@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Mapping
+from typing import Annotated, Any, Callable, ClassVar, Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
@@ -103,6 +103,13 @@ class Stage:
     # A stage whose output is not a pure function of params + inputs (none should be) can say so here;
     # ``reproduce --verify`` then compares its metrics within a tolerance rather than its digests.
     deterministic: ClassVar[bool] = True
+
+    @classmethod
+    def check(cls, params: Any) -> Iterable[tuple[str, str]]:
+        """Checks across the sections a stage reads, run at validation (before anything runs): a
+        board and the normalisation it must express. Yield (params field path, problem); the engine
+        names the config key that field came from (`preprocess.mean`, not `preprocess`)."""
+        return ()
 
     def run(self, params: Any, inputs: Mapping[str, Path], out: Path, ctx: Context) -> Mapping[str, Any] | None:
         """Compute the outputs into ``out`` (an empty folder). Return metrics (JSON-able) or None."""

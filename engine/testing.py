@@ -17,8 +17,14 @@ from .stage import Context, Stage
 
 
 def validate_params(stage: str | type[Stage], params: Mapping[str, Any]):
+    from .config import ConfigError
+
     cls = registry.get(stage) if isinstance(stage, str) else stage
-    return cls.Params.model_validate(dict(params))
+    p = cls.Params.model_validate(dict(params))
+    problems = [f"{field}: {problem}" for field, problem in cls.check(p)]
+    if problems:
+        raise ConfigError(problems)
+    return p
 
 
 def run_stage(

@@ -2,8 +2,10 @@
 
 Input ``onnx``: an ``export_onnx`` folder (model.onnx, io.json, preprocess.json). Params: the ``board``
 section (conf/board/NAME.yaml: ``name`` plus optional limits), pulled in through ``sections``, and
-``strict``. Reads the graph with the ``onnx`` package only (milliseconds to a second), runs the board
-profile's checks (boards/), and
+``strict``. The ``preprocess`` section is pulled in too, so that what the board cannot take in it
+(per-channel normalisation on MaixII-Dock) is a config error at validation, before training starts.
+Reads the graph with the ``onnx`` package only (milliseconds to a second), runs the board profile's
+checks (boards/), and
 
 - fails with a StageError listing every error (the operator or limit, and what to change);
 - writes ``preflight.json`` (board facts, estimates, every finding) and returns the warnings as
@@ -17,27 +19,40 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Iterable
 
 from boards import BoardSettings, Finding, get_board
-from engine.stage import Input, Params, Stage, StageError
+from engine.stage import NOT_IN_KEY, Input, Params, Stage, StageError
+from stages.common.preprocess import Preprocess
 
 
 class Preflight(Stage):
     name = "preflight"
     version = 1
     inputs = {"onnx": Input(required=True, doc="export_onnx folder: model.onnx, io.json, preprocess.json")}
-    sections = {"board": "board"}
+    sections = {"board": "board", "preprocess": "preprocess"}
 
     class Params(Params):
         # the `board` section: which board and its tunable limits
         board: BoardSettings = BoardSettings()
         # fail on warnings too (CPU-fallback operators, limits above 80 %)
         strict: bool = False
+        # the `preprocess` section, for the checks at validation (check() below); run() reads the
+        # input's preprocess.json, which the input digest already covers: not in the key
+        preprocess: Annotated[Preprocess | None, NOT_IN_KEY] = None
+
+    @classmethod
+    def check(cls, p: "Preflight.Params") -> Iterable[tuple[str, str]]:
+        try:
+            board = get_board(p.board.name, p.board)
+        except ValueError as e:  # board.rknn_target that is not the board's
+            return [("board.rknn_target", str(e).removeprefix("board.rknn_target="))]
+        if p.preprocess is None:
+            return []
+        return [(f"preprocess.{field}", problem) for field, problem in board.preprocess_problems(p.preprocess)]
 
     def run(self, p: "Preflight.Params", inputs, out: Path, ctx) -> dict[str, Any]:
         from boards.graph import analyze
-        from stages.common.preprocess import Preprocess
 
         src = inputs["onnx"]
         model = src / "model.onnx"
