@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stages.train as train_mod  # noqa: E402
 from engine.testing import run_stage  # noqa: E402
 from stages.dataset import Dataset  # noqa: E402
-from stages.train import Train, _opt_dict, _parts  # noqa: E402
+from stages.train import Train, _opt_dict  # noqa: E402
 
 
 class HandLoop:
@@ -40,12 +40,16 @@ class HandLoop:
     def __init__(self, params, data: Path) -> None:
         from stages.common.preprocess import Preprocess
 
-        P = _parts()
-        self.torch = P["torch"]
+        import torch
+
+        from stages.common.train_data import NpyDataModule
+        from stages.common.train_module import Classifier
+
+        self.torch = torch
         spec = Preprocess.load(data)
         classes = (data / "labels.txt").read_text(encoding="utf-8").split()
-        dm = P["NpyDataModule"](data, spec, params.batch_size, params.workers, params.augment, params.seed)
-        module = P["Classifier"](params.model.arch_dict(), len(classes), _opt_dict(params))
+        dm = NpyDataModule(data, spec, params.batch_size, params.workers, params.augment, params.seed)
+        module = Classifier(params.model.arch_dict(), len(classes), _opt_dict(params))
         conf = module.configure_optimizers()
         self.opt = conf["optimizer"] if isinstance(conf, dict) else conf
         self.model, self.crit = module.model.train(), module.criterion
@@ -87,8 +91,8 @@ class HandLoop:
 
 
 def paired(params_dict: dict, data: Path, out: Path) -> tuple[list[float], list[float], list[int], float]:
-    P = _parts()
-    pl = P["pl"]
+    import pytorch_lightning as pl
+
     p = Train.Params.model_validate(params_dict)
     hand = HandLoop(p, data)
 

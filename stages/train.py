@@ -11,6 +11,15 @@ metrics, whatever ``workers`` is, and a resumed run sees the same data stream as
 Normalisation is ``stages.common.preprocess.normalize`` applied to each uint8 batch, the very function
 evaluation, calibration and the deploy scripts call. Augmentations (random resized crop, flips,
 rotation, colour jitter) act on uint8 tensors before it and never at evaluation.
+
+BatchNorm recalibration (``bn_recalibrate``, on by default): before each validation and before the
+final save, BatchNorm running statistics are recomputed over a fixed sample of un-augmented training
+images (stages/common/batchnorm.py), so the validation numbers, the checkpoint chosen as best on them,
+and every exported or quantized model describe the weights as they are. A non-finite loss stops the
+stage at once; a model that fits the training images but stays at chance on validation gets a warning.
+
+The torch side lives in ordinary modules imported inside ``run``: stages/common/train_data.py (arrays
+as seeded batches, augmentation) and stages/common/train_module.py (LightningModule, callbacks).
 """
 
 from __future__ import annotations
@@ -112,6 +121,10 @@ class Train(Stage):
         # cap on training batches per epoch (int) or fraction (float); null: all (tests, smoke runs)
         limit_train_batches: int | float | None = None
         workers: Annotated[int, NOT_IN_KEY] = 0
+        # recompute BatchNorm running statistics before each validation and before the final save,
+        # over this many un-augmented training images (null: all); see README "BatchNorm recalibration"
+        bn_recalibrate: bool = True
+        bn_recalibrate_images: int | None = Field(2048, ge=1)
         model: ModelParams = ModelParams()
 
         @field_validator("precision", mode="before")
@@ -149,7 +162,7 @@ class Train(Stage):
         logs.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _parts()  # import Lightning first: its import resets its logger's level
+            import stages.common.train_module  # noqa: F401 - Lightning first: its import resets its loggers' level
         levels = {name: logging.getLogger(name).level for name in _LOGGERS}
         for name in _LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -171,336 +184,6 @@ def _write_warnings(caught, path: Path) -> None:
         seen.setdefault(f"{w.category.__name__}: {str(w.message).strip()}", None)
     if seen:
         path.write_text("\n".join(seen) + "\n", encoding="utf-8")
-
-
-# -- torch parts, created on first use (the engine imports this module without torch) ------------
-_PARTS: dict[str, Any] = {}
-
-
-def _seed_for(*parts: int) -> int:
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-def _parts() -> dict[str, Any]:
-    if _PARTS:
-        return _PARTS
-    import numpy as np
-    import pytorch_lightning as pl
-    import torch
-    from torch import nn
-
-    from stages.common.models import build_model, trainable_prefixes
-    from stages.common.preprocess import normalize
-    from stages.common.splits import load_split
-
-    class EpochBatchSampler:
-        """Yields lists of (index, epoch); the order is a function of (seed, epoch) only."""
-
-        def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int) -> None:
-            self.n, self.batch_size, self.shuffle, self.drop_last, self.seed = n, batch_size, shuffle, drop_last, seed
-            self.epoch = 0
-
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = int(epoch)
-
-        def __len__(self) -> int:
-            return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
-
-        def __iter__(self):
-            epoch = self.epoch
-            if self.shuffle:
-                order = np.random.default_rng(_seed_for(self.seed, epoch, 1)).permutation(self.n)
-            else:
-                order = np.arange(self.n)
-            for start in range(0, len(self) * self.batch_size, self.batch_size):
-                yield [(int(i), epoch) for i in order[start : start + self.batch_size]]
-
-    class ArrayBatches(torch.utils.data.Dataset):
-        """Whole batches from the uint8 N x H x W x 3 arrays, normalised by preprocess.normalize."""
-
-        def __init__(self, images, labels, spec, augment: Augment | None = None, seed: int = 0) -> None:
-            self.images, self.labels, self.spec, self.seed = images, labels, spec, seed
-            self.augment = augment if augment is not None and augment.enabled() else None
-
-        def __len__(self) -> int:
-            return len(self.labels)
-
-        def __getitem__(self, batch):
-            idx = np.asarray([i for i, _ in batch], dtype=np.int64)
-            # a sorted fancy-index read is fastest on a memmap; reorder afterwards
-            order = np.argsort(idx, kind="stable")
-            raw = np.empty((len(idx),) + self.images.shape[1:], np.uint8)
-            raw[order] = self.images[idx[order]]
-            if self.augment is not None:
-                seeds = [_seed_for(self.seed, epoch, i, 2) for i, epoch in batch]
-                raw = augment_batch(raw, self.augment, seeds)
-            x = torch.from_numpy(normalize(raw, self.spec))
-            y = torch.from_numpy(np.asarray(self.labels[idx], dtype=np.int64))
-            return x, y
-
-    def augment_batch(raw, aug: Augment, seeds: list[int]):
-        """uint8 N x H x W x 3 -> augmented uint8 N x H x W x 3. Each sample's random parameters come
-        from its own seed. Random resized crop, flips and rotation are composed into one affine map per
-        sample and applied to the whole batch with one grid_sample (bilinear; rotation samples the
-        surrounding image where there is one, black outside). Colour jitter: brightness, contrast,
-        saturation (torchvision's formulas), hue as a rotation in YIQ space."""
-        import math
-
-        import torch.nn.functional as F
-
-        n, h, w, _ = raw.shape
-        x = torch.from_numpy(raw).permute(0, 3, 1, 2).float()
-        geometric = aug.random_resized_crop or aug.hflip or aug.vflip or aug.rotation
-        theta = np.zeros((n, 2, 3), np.float64)
-        jitter = np.ones((n, 4), np.float64)
-        jitter[:, 3] = 0.0
-        lo_r, hi_r = math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1])
-        for k, sd in enumerate(seeds):
-            rng = np.random.default_rng(sd)
-            ax, ay, cx, cy = 1.0, 1.0, 0.0, 0.0
-            if aug.random_resized_crop:
-                for _ in range(10):
-                    area = rng.uniform(*aug.crop_scale)
-                    ratio = math.exp(rng.uniform(lo_r, hi_r))
-                    fw, fh = math.sqrt(area * ratio), math.sqrt(area / ratio)  # fractions of W, H
-                    if fw <= 1.0 and fh <= 1.0:
-                        ax, ay = fw, fh
-                        cx, cy = rng.uniform(-(1 - fw), 1 - fw), rng.uniform(-(1 - fh), 1 - fh)
-                        break
-            fx = -1.0 if aug.hflip and rng.random() < aug.hflip else 1.0
-            fy = -1.0 if aug.vflip and rng.random() < aug.vflip else 1.0
-            phi = math.radians(rng.uniform(-aug.rotation, aug.rotation)) if aug.rotation else 0.0
-            # output -> input: crop(flip(rotate^-1(p))), rotation in pixel units (aspect-correct)
-            c, s = math.cos(phi), math.sin(phi)
-            rot = np.array([[c, s * h / w], [-s * w / h, c]])
-            theta[k, :, :2] = np.diag([ax * fx, ay * fy]) @ rot
-            theta[k, :, 2] = (cx, cy)
-            if aug.brightness:
-                jitter[k, 0] = rng.uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness)
-            if aug.contrast:
-                jitter[k, 1] = rng.uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast)
-            if aug.saturation:
-                jitter[k, 2] = rng.uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation)
-            if aug.hue:
-                jitter[k, 3] = rng.uniform(-aug.hue, aug.hue)
-        if geometric:
-            grid = F.affine_grid(torch.from_numpy(theta).float(), [n, 3, h, w], align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if aug.brightness or aug.contrast or aug.saturation or aug.hue:
-            j = torch.from_numpy(jitter).float()
-            gray_w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            if aug.brightness:
-                x = (x * j[:, 0].view(n, 1, 1, 1)).clamp(0, 255)
-            if aug.contrast:
-                m = (x * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-                x = ((x - m) * j[:, 1].view(n, 1, 1, 1) + m).clamp(0, 255)
-            if aug.saturation:
-                g = (x * gray_w).sum(1, keepdim=True)
-                x = ((x - g) * j[:, 2].view(n, 1, 1, 1) + g).clamp(0, 255)
-            if aug.hue:
-                to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-                from_yiq = torch.linalg.inv(to_yiq)
-                a = j[:, 3] * 2 * math.pi
-                cos, sin = torch.cos(a), torch.sin(a)
-                rot = torch.zeros(n, 3, 3)
-                rot[:, 0, 0] = 1
-                rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-                m = from_yiq @ rot @ to_yiq  # n x 3 x 3
-                x = torch.einsum("nij,njhw->nihw", m, x).clamp(0, 255)
-        return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-
-    class NpyDataModule(pl.LightningDataModule):
-        """The dataset stage's arrays as train/val/test loaders (one batch = one dataset item)."""
-
-        def __init__(self, folder: Path, spec, batch_size: int, workers: int, augment: Augment, seed: int) -> None:
-            super().__init__()
-            self.folder, self.spec, self.batch_size, self.workers = Path(folder), spec, batch_size, workers
-            self.augment, self.seed = augment, seed
-            self.arrays: dict[str, tuple[Any, Any]] = {}
-            for split in ("train", "val", "test"):
-                self.arrays[split] = load_split(self.folder, split, size=tuple(spec.input_size))
-
-        def size(self, split: str) -> int:
-            return len(self.arrays[split][1])
-
-        def _loader(self, split: str, train: bool):
-            images, labels = self.arrays[split]
-            ds = ArrayBatches(images, labels, self.spec, self.augment if train else None, self.seed)
-            n = len(labels)
-            sampler = EpochBatchSampler(n, self.batch_size, shuffle=train, drop_last=train and n > self.batch_size, seed=self.seed)
-            # an own generator: creating the iterator must not draw from the global RNG (it would
-            # shift dropout's stream depending on when Lightning creates the iterator)
-            return torch.utils.data.DataLoader(
-                ds, sampler=sampler, batch_size=None, num_workers=self.workers,
-                persistent_workers=self.workers > 0, pin_memory=False,
-                generator=torch.Generator().manual_seed(_seed_for(self.seed, 4)),
-            )
-
-        def train_dataloader(self):
-            return self._loader("train", True)
-
-        def val_dataloader(self):
-            return self._loader("val", False)
-
-        def test_dataloader(self):
-            return self._loader("test", False)
-
-    class Classifier(pl.LightningModule):
-        def __init__(self, arch: dict, num_classes: int, opt: dict) -> None:
-            super().__init__()
-            self.save_hyperparameters({"arch": arch, "num_classes": num_classes, "opt": opt})
-            self.opt = opt
-            self.model = build_model(arch, num_classes)
-            self.criterion = nn.CrossEntropyLoss(label_smoothing=opt["label_smoothing"])
-            self.frozen_modules: list[nn.Module] = []
-
-        def freeze_features(self) -> None:
-            keep = tuple(trainable_prefixes(self.model))
-            for name, prm in self.model.named_parameters():
-                prm.requires_grad = name.startswith(keep)
-            self.frozen_modules = [
-                m for name, m in self.model.named_modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not (name + ".").startswith(keep)
-            ]
-
-        def forward(self, x):
-            return self.model(x)
-
-        def _step(self, batch, prefix: str):
-            x, y = batch
-            logits = self.model(x)
-            loss = self.criterion(logits, y)
-            acc = (logits.argmax(1) == y).float().mean()
-            self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
-            self.log(f"{prefix}_acc", acc, on_step=False, on_epoch=True, batch_size=len(y))
-            return loss
-
-        def training_step(self, batch, batch_idx):
-            return self._step(batch, "train")
-
-        def validation_step(self, batch, batch_idx):
-            self._step(batch, "val")
-
-        def on_train_batch_start(self, batch, batch_idx: int) -> None:
-            if batch_idx == 0:  # dropout etc.: a function of (seed, epoch), resumed or not
-                torch.manual_seed(_seed_for(self.opt["seed"], self.current_epoch, 3))
-
-        def on_train_epoch_start(self) -> None:
-            for m in self.frozen_modules:
-                m.eval()
-            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
-
-        def configure_optimizers(self):
-            o = self.opt
-            decay, no_decay = [], []
-            for name, prm in self.model.named_parameters():
-                if prm.requires_grad:
-                    (no_decay if prm.ndim <= 1 else decay).append(prm)
-            groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-            if o["optimizer"] == "sgd":
-                opt = torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"])
-            elif o["optimizer"] == "adam":
-                opt = torch.optim.Adam(groups, lr=o["lr"])
-            else:
-                opt = torch.optim.AdamW(groups, lr=o["lr"])
-            if o["scheduler"] == "step":
-                sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o["step_every"], gamma=o["step_factor"])
-            elif o["scheduler"] == "cosine":
-                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o["epochs"], eta_min=o["min_lr"])
-            else:
-                return opt
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-    class EpochBook(pl.Callback):
-        """Per-epoch history, last/best/periodic checkpoints, progress and train throughput."""
-
-        def __init__(self, ckpt_dir: Path, every: int, epochs: int, ctx: Context, has_val: bool) -> None:
-            self.ckpt_dir, self.every, self.epochs, self.ctx, self.has_val = ckpt_dir, every, epochs, ctx, has_val
-            self.history: list[dict] = []
-            self.best_acc: float | None = None
-            self.best_epoch: int | None = None
-            self.best_state: dict | None = None
-            self.train_seconds: list[float] = []
-            self.train_images: list[int] = []
-            self.step_rates: list[float] = []  # images/s of each training step after the first epoch
-            self._t0 = 0.0
-            self._tb = 0.0
-            self._n = 0
-            self._timing = False
-            self._nb = 1
-
-        @property
-        def state_key(self) -> str:
-            return "edgepipe.EpochBook"
-
-        def state_dict(self) -> dict:
-            return {"history": self.history, "best_acc": self.best_acc, "best_epoch": self.best_epoch}
-
-        def load_state_dict(self, state: dict) -> None:
-            self.history = list(state.get("history", []))
-            self.best_acc, self.best_epoch = state.get("best_acc"), state.get("best_epoch")
-
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            self._nb = max(1, int(trainer.num_training_batches) if trainer.num_training_batches != float("inf") else 1)
-            self._n, self._timing, self._t0 = 0, True, time.perf_counter()
-            self._tb = self._t0
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            now = time.perf_counter()
-            if self.train_seconds and batch_idx > 0:  # not the warm-up epoch, not the first fetch
-                self.step_rates.append(len(batch[1]) / max(now - self._tb, 1e-9))
-            self._tb = now
-            self._n += len(batch[1])
-            step = max(1, self._nb // 20)
-            if (batch_idx + 1) % step == 0:
-                e = trainer.current_epoch
-                self.ctx.progress(e + (batch_idx + 1) / self._nb, self.epochs, f"epoch {e + 1}/{self.epochs} batch {batch_idx + 1}/{self._nb}")
-
-        def _stop_timer(self) -> None:
-            if self._timing:
-                self.train_seconds.append(time.perf_counter() - self._t0)
-                self.train_images.append(self._n)
-                self._timing = False
-
-        def on_validation_start(self, trainer, pl_module) -> None:
-            if not trainer.sanity_checking:
-                self._stop_timer()
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            self._stop_timer()
-            m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-            epoch = trainer.current_epoch + 1
-            row = {"epoch": epoch}
-            for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
-                if k in m:
-                    row[k] = m[k]
-            self.history = [h for h in self.history if h["epoch"] < epoch] + [row]
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            val = row.get("val_acc")
-            improved = self.has_val and val is not None and (self.best_acc is None or val > self.best_acc)
-            if improved:
-                self.best_acc, self.best_epoch = val, epoch
-                self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
-            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt", weights_only=False)
-            if improved:
-                shutil.copyfile(self.ckpt_dir / "last.ckpt", self.ckpt_dir / "best.ckpt")
-            if self.every and epoch % self.every == 0:
-                shutil.copyfile(self.ckpt_dir / "last.ckpt", self.ckpt_dir / f"epoch={epoch}.ckpt")
-            desc = f"epoch {epoch}/{self.epochs} loss {row.get('train_loss', float('nan')):.3f}"
-            if val is not None:
-                desc += f" val_acc {val:.3f}"
-            self.ctx.progress(epoch, self.epochs, desc)
-
-    _PARTS.update(
-        np=np, pl=pl, torch=torch, nn=nn, NpyDataModule=NpyDataModule, Classifier=Classifier,
-        EpochBook=EpochBook, EpochBatchSampler=EpochBatchSampler, ArrayBatches=ArrayBatches,
-        augment_batch=augment_batch,
-    )
-    return _PARTS
 
 
 def _opt_dict(p: "Train.Params") -> dict:
@@ -527,22 +210,46 @@ def _resume_checkpoint(p: "Train.Params", inputs) -> Path:
     return ckpt
 
 
-def _next_epoch(ckpt_path: Path, torch) -> int:
-    """The epoch index a Lightning checkpoint resumes at."""
+def _next_epoch(ckpt_path: Path) -> int:
+    """The epoch index a Lightning checkpoint resumes at (read safely: no code runs from the file)."""
+    from stages.common.models import WeightsError, safe_torch_load
+
     try:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise StageError(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}: {e}") from None
+        ck = safe_torch_load(ckpt_path)
+    except WeightsError as e:
+        raise StageError(f"train.resume_from: {e}") from None
     try:
         return int(ck["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
     except (KeyError, TypeError):
-        return int(ck.get("epoch", -1)) + 1
+        return int(ck.get("epoch", -1)) + 1 if isinstance(ck, dict) else 0
+
+
+def _finetune_source(p: "Train.Params", inputs) -> Path | None:
+    """The weights file a finetune starts from (None for other modes); mode/input mismatches are errors."""
+    init = inputs.get("init")
+    if p.mode == "fromscratch":
+        if init is not None:
+            raise StageError("an 'init' input is wired but train.mode=fromscratch; set train.mode=finetune (or resume)")
+        if p.model.pretrained is not None:
+            raise StageError("model.pretrained is set but train.mode=fromscratch; set train.mode=finetune or model.pretrained=null")
+    if p.mode != "finetune":
+        return None
+    if init is not None:
+        src = Path(init) / "model.pt"
+        if not src.is_file():
+            raise StageError(f"'init' input {init} has no model.pt (wire a train or clip_outliers output)")
+        return src
+    if p.model.pretrained is None:
+        raise StageError("train.mode=finetune needs model.pretrained=PATH or an 'init' input (a folder with model.pt)")
+    if not Path(p.model.pretrained).is_file():
+        raise StageError(f"model.pretrained: file not found: {p.model.pretrained}")
+    return Path(p.model.pretrained)
 
 
 def make_trainer(p: "Train.Params", out: Path, callbacks: list, loggers: bool = True):
     """The Trainer the stage uses (also used by bench/train_throughput.py)."""
-    P = _parts()
-    pl = P["pl"]
+    import pytorch_lightning as pl
+
     kwargs: dict[str, Any] = {}
     if loggers:
         from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -575,23 +282,104 @@ def make_trainer(p: "Train.Params", out: Path, callbacks: list, loggers: bool = 
     )
 
 
-def _evaluate(module, loader, torch) -> tuple[float | None, float | None]:
-    n, correct, loss_sum = 0, 0, 0.0
-    module.eval()
-    device = next(module.parameters()).device
-    with torch.inference_mode():
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = module(x).float()
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
-    return (correct / n, loss_sum / n) if n else (None, None)
+def _build_module(p: "Train.Params", num_classes: int, weights_src: Path | None, inputs):
+    """The LightningModule, with finetune weights loaded; (module, init report or None)."""
+    from stages.common.models import WeightsError, load_weights
+    from stages.common.train_module import Classifier
+
+    module = Classifier(p.model.arch_dict(), num_classes, _opt_dict(p))
+    if weights_src is None:
+        return module, None
+    try:
+        report = load_weights(module.model, weights_src)
+    except WeightsError as e:
+        raise StageError(str(e)) from None
+    report = {k: v for k, v in report.items() if k != "kept"}
+    # no machine-specific absolute paths in the outputs (they are content-addressed)
+    report["source"] = "init/model.pt" if inputs.get("init") is not None else f"model.pretrained ({weights_src.name})"
+    if p.freeze_features:
+        module.freeze_features()
+    return module, report
+
+
+def _fit(p: "Train.Params", trainer, module, dm, ckpt_path: Path | None, has_val: bool) -> None:
+    """trainer.fit with the failures a user can fix turned into one-line errors."""
+    from stages.common.train_module import NonFiniteLoss
+
+    val_loader = dm.val_dataloader() if has_val else None
+    train_loader = dm.train_dataloader()
+    if ckpt_path is not None:
+        # Lightning creates the first iterator (and prefetches) before it calls set_epoch on a
+        # resumed run: start the sampler at the checkpoint's next epoch so the stream is the same
+        train_loader.sampler.set_epoch(_next_epoch(ckpt_path))
+    try:
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
+                    ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    except NonFiniteLoss as e:
+        hint = f"lower train.lr (now {p.lr:g}; try {p.lr / 10:g})"
+        if p.optimizer == "sgd":
+            hint += " or use train.optimizer=adamw"
+        raise StageError(f"training diverged: the loss became {e.value} at epoch {e.epoch}, batch {e.batch}; "
+                         f"{hint}. No model was saved") from None
+    except KeyError as e:
+        raise StageError(f"checkpoint {ckpt_path} does not fit: missing {e}") from None
+    except RuntimeError as e:
+        if ckpt_path is not None and "state_dict" in str(e):
+            raise StageError(f"checkpoint {ckpt_path} does not fit model.{p.model.arch}: {str(e)[:2000]}") from None
+        raise
+
+
+def _final_model(module, book, out: Path, has_val: bool, recal_batches):
+    """The weights to save: this run's best, else (resume without improvement) the copied best.ckpt,
+    else the last; with BatchNorm statistics recomputed for exactly those weights."""
+    from stages.common.batchnorm import recalibrate
+    from stages.common.models import read_state_dict
+
+    if book.best_state is not None:
+        module.model.load_state_dict(book.best_state)
+    elif (out / "checkpoints" / "best.ckpt").is_file() and has_val:
+        sd, _ = read_state_dict(out / "checkpoints" / "best.ckpt")
+        module.model.load_state_dict(sd)
+    model = module.model.float().cpu().eval()
+    if recal_batches is not None:
+        recalibrate(model, recal_batches, module.frozen_modules)
+    return model
+
+
+def _copy_resume_best(ckpt_path: Path | None, out: Path) -> None:
+    if ckpt_path is None:
+        return
+    best_src = ckpt_path.parent / "best.ckpt"
+    if best_src.is_file() and best_src != ckpt_path:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(best_src, out / "checkpoints" / "best.ckpt")
+
+
+def _callbacks(p: "Train.Params", out: Path, ctx: Context, has_val: bool, recal_batches):
+    """(EpochBook, BnRecalibration or None, every callback in Lightning's order)."""
+    from stages.common.train_module import BnRecalibration, EpochBook
+
+    book = EpochBook(out / "checkpoints", p.checkpoint_every, p.epochs, ctx, has_val)
+    recal = BnRecalibration(recal_batches) if recal_batches is not None else None
+    callbacks: list = [book] + ([recal] if recal else [])  # recal after book: not counted as training time
+    if p.early_stopping is not None:
+        from pytorch_lightning.callbacks import EarlyStopping as PLEarlyStopping
+
+        callbacks.append(PLEarlyStopping(
+            monitor="val_acc", mode="max", patience=p.early_stopping.patience,
+            min_delta=p.early_stopping.min_delta, check_on_train_epoch_end=False,
+        ))
+    return book, recal, callbacks
 
 
 def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]:
-    from stages.common.models import WeightsError, load_weights, save_model
+    import pytorch_lightning as pl
+    import torch
+
+    from stages.common.models import save_model
     from stages.common.preprocess import Preprocess
+    from stages.common.train_data import NpyDataModule
+    from stages.common.train_module import accuracy_and_loss
 
     data = Path(inputs["data"])
     classes = _read_classes(data)
@@ -600,134 +388,101 @@ def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]
     spec = Preprocess.load(data)
     if p.model.in_channels != 3:
         raise StageError("model.in_channels must be 3 for the train stage (the dataset arrays are RGB)")
-
-    # mode checks before anything heavy
-    init = inputs.get("init")
-    if p.mode == "fromscratch":
-        if init is not None:
-            raise StageError("an 'init' input is wired but train.mode=fromscratch; set train.mode=finetune (or resume)")
-        if p.model.pretrained is not None:
-            raise StageError("model.pretrained is set but train.mode=fromscratch; set train.mode=finetune or model.pretrained=null")
+    weights_src = _finetune_source(p, inputs)  # mode checks before anything heavy
     ckpt_path = _resume_checkpoint(p, inputs) if p.mode == "resume" else None
-    weights_src = None
-    if p.mode == "finetune":
-        if init is not None:
-            weights_src = Path(init) / "model.pt"
-            if not weights_src.is_file():
-                raise StageError(f"'init' input {init} has no model.pt (wire a train or clip_outliers output)")
-        elif p.model.pretrained is not None:
-            weights_src = Path(p.model.pretrained)
-            if not weights_src.is_file():
-                raise StageError(f"model.pretrained: file not found: {weights_src}")
-        else:
-            raise StageError("train.mode=finetune needs model.pretrained=PATH or an 'init' input (a folder with model.pt)")
 
-    P = _parts()
-    torch, pl = P["torch"], P["pl"]
     det_before = torch.are_deterministic_algorithms_enabled()
     try:
         pl.seed_everything(p.seed, workers=False, verbose=False)
-        dm = P["NpyDataModule"](data, spec, p.batch_size, p.workers, p.augment, p.seed)
+        dm = NpyDataModule(data, spec, p.batch_size, p.workers, p.augment, p.seed)
         if dm.size("train") == 0:
             raise StageError(f"input 'data' ({data}) has no training images")
         has_val = dm.size("val") > 0
         if p.early_stopping is not None and not has_val:
             raise StageError("train.early_stopping monitors val_acc but the dataset has no validation split (dataset.split.val)")
-        module = P["Classifier"](p.model.arch_dict(), len(classes), _opt_dict(p))
-        init_report = None
-        if weights_src is not None:
-            try:
-                init_report = load_weights(module.model, weights_src)
-            except WeightsError as e:
-                raise StageError(str(e)) from None
-            init_report = {k: v for k, v in init_report.items() if k != "kept"}
-            # no machine-specific absolute paths in the outputs (they are content-addressed)
-            init_report["source"] = "init/model.pt" if init is not None else f"model.pretrained ({weights_src.name})"
-            if p.freeze_features:
-                module.freeze_features()
-        if ckpt_path is not None:
-            best_src = ckpt_path.parent / "best.ckpt"
-            if best_src.is_file() and best_src != ckpt_path:
-                (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(best_src, out / "checkpoints" / "best.ckpt")
-        book = P["EpochBook"](out / "checkpoints", p.checkpoint_every, p.epochs, ctx, has_val)
-        callbacks: list = [book]
-        if p.early_stopping is not None:
-            from pytorch_lightning.callbacks import EarlyStopping as PLEarlyStopping
-
-            callbacks.append(PLEarlyStopping(
-                monitor="val_acc", mode="max", patience=p.early_stopping.patience,
-                min_delta=p.early_stopping.min_delta, check_on_train_epoch_end=False,
-            ))
+        module, init_report = _build_module(p, len(classes), weights_src, inputs)
+        _copy_resume_best(ckpt_path, out)
+        recal_batches = dm.sample_batches("train", p.bn_recalibrate_images) if p.bn_recalibrate else None
+        book, recal, callbacks = _callbacks(p, out, ctx, has_val, recal_batches)
         try:
             trainer = make_trainer(p, out, callbacks)
         except Exception as e:  # noqa: BLE001 - e.g. 16-mixed on a CPU
             raise StageError(f"cannot set up training (precision={p.precision}, accelerator={p.accelerator}): {e}") from None
         ctx.progress(0, p.epochs, f"training {p.model.arch} for {p.epochs} epochs")
-        val_loader = dm.val_dataloader() if has_val else None
-        train_loader = dm.train_dataloader()
-        if ckpt_path is not None:
-            # Lightning creates the first iterator (and prefetches) before it calls set_epoch on a
-            # resumed run: start the sampler at the checkpoint's next epoch so the stream is the same
-            train_loader.sampler.set_epoch(_next_epoch(ckpt_path, torch))
-        try:
-            trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
-                        ckpt_path=str(ckpt_path) if ckpt_path else None)
-        except KeyError as e:
-            raise StageError(f"checkpoint {ckpt_path} does not fit: missing {e}") from None
-        except RuntimeError as e:
-            if ckpt_path is not None and "state_dict" in str(e):
-                raise StageError(f"checkpoint {ckpt_path} does not fit model.{p.model.arch}: {str(e)[:2000]}") from None
-            raise
-
-        # best weights: this run's best, else (resume without improvement) the copied best.ckpt, else last
-        if book.best_state is not None:
-            module.model.load_state_dict(book.best_state)
-        elif (out / "checkpoints" / "best.ckpt").is_file() and has_val:
-            from stages.common.models import read_state_dict
-
-            sd, _ = read_state_dict(out / "checkpoints" / "best.ckpt")
-            module.model.load_state_dict(sd)
-        model = module.model.float().cpu().eval()
-        val_acc, val_loss = _evaluate(model, dm.val_dataloader(), torch) if has_val else (None, None)
-        test_acc, test_loss = _evaluate(model, dm.test_dataloader(), torch) if dm.size("test") else (None, None)
+        _fit(p, trainer, module, dm, ckpt_path, has_val)
+        t0 = time.perf_counter()
+        model = _final_model(module, book, out, has_val, recal_batches)
+        recal_seconds = time.perf_counter() - t0 + recal.seconds if recal else None
+        scores = {
+            "val": accuracy_and_loss(model, dm.val_dataloader()) if has_val else (None, None),
+            "test": accuracy_and_loss(model, dm.test_dataloader()) if dm.size("test") else (None, None),
+            "train_eval": accuracy_and_loss(model, dm.sample_batches("train", TRAIN_ACC_SAMPLE)),
+        }
         save_model(out / "model.pt", model, p.model, len(classes))
     finally:
         torch.use_deterministic_algorithms(det_before)
 
     shutil.copyfile(data / "preprocess.json", out / "preprocess.json")
     shutil.copyfile(data / "labels.txt", out / "labels.txt")
+    metrics = _metrics(p, dm, book, scores, len(classes), has_val, init_report, ckpt_path)
+    if metrics["learning_check"]:
+        ctx.log.warning("%s: %s", ctx.stage, metrics["learning_check"])
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return _headline(metrics, book, recal_seconds)
+
+
+# eval-mode accuracy on this many training images (a fixed seeded sample) sits beside val_acc in
+# metrics.json: a large train/eval gap points at BatchNorm statistics or augmentation, not the data
+TRAIN_ACC_SAMPLE = 1024
+
+
+def _metrics(p: "Train.Params", dm, book, scores: dict, num_classes: int, has_val: bool, init_report,
+             ckpt_path: Path | None) -> dict[str, Any]:
+    from stages.common.train_module import learning_check
+
     history = book.history
-    best_epoch = book.best_epoch if has_val else (history[-1]["epoch"] if history else None)
-    metrics = {
+    (val_acc, val_loss), (test_acc, test_loss) = scores["val"], scores["test"]
+    train_loss = history[-1].get("train_loss") if history else None
+    val_accs = [h["val_acc"] for h in history if "val_acc" in h] + ([val_acc] if val_acc is not None else [])
+    return {
         "mode": p.mode,
         "arch": p.model.arch,
-        "num_classes": len(classes),
+        "num_classes": num_classes,
         "n_train": dm.size("train"),
         "n_val": dm.size("val"),
         "n_test": dm.size("test"),
         "epochs_run": len(history),
         "stopped_early": bool(p.early_stopping is not None and history and history[-1]["epoch"] < p.epochs),
-        "best_epoch": best_epoch,
+        "best_epoch": book.best_epoch if has_val else (history[-1]["epoch"] if history else None),
         "val_acc": val_acc,
         "val_loss": val_loss,
         "test_acc": test_acc,
         "test_loss": test_loss,
+        "train_eval_acc": scores["train_eval"][0],
+        "train_eval_images": min(dm.size("train"), TRAIN_ACC_SAMPLE),
+        "bn_recalibrate": ({"images": min(dm.size("train"), p.bn_recalibrate_images or dm.size("train"))}
+                           if p.bn_recalibrate else None),
+        "learning_check": learning_check(val_accs, dm.size("val"), train_loss, num_classes),
         "init": init_report,
         "resumed_from": (("init/" if p.resume_from is None else "resume_from/") + ckpt_path.name) if ckpt_path else None,
         "epochs": history,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+
+
+def _headline(m: dict, book, recal_seconds: float | None) -> dict[str, Any]:
+    """What run.json and the summary table show (timings are fine here: run.json is not hashed)."""
     secs, imgs = book.train_seconds, book.train_images
     if len(secs) > 1:  # leave the first (warm-up) epoch out
         secs, imgs = secs[1:], imgs[1:]
-    headline = {
-        "val_acc": val_acc,
-        "test_acc": test_acc,
-        "best_epoch": best_epoch,
+    history = m["epochs"]
+    return {
+        "val_acc": m["val_acc"],
+        "test_acc": m["test_acc"],
+        "train_eval_acc": m["train_eval_acc"],
+        "best_epoch": m["best_epoch"],
         "train_loss": history[-1].get("train_loss") if history else None,
         "epochs_run": len(history),
+        "bn_recalibrate_seconds": round(recal_seconds, 2) if recal_seconds is not None else None,
         "train_images_per_s": round(sum(imgs) / sum(secs), 1) if secs and sum(secs) > 0 else None,
         "train_images_per_s_median_step": round(statistics.median(book.step_rates), 1) if book.step_rates else None,
     }
-    return headline

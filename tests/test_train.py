@@ -14,7 +14,8 @@ from engine.testing import run_stage, validate_params
 from helpers_data import make_array_dataset
 from stages.common.models import build_model, load_model, read_bundle, save_model
 from stages.common.preprocess import Preprocess, normalize
-from stages.train import Train, _parts
+from stages.common.train_data import NpyDataModule, augment_batch
+from stages.train import Train
 
 FAST = {"epochs": 1, "batch_size": 8, "limit_train_batches": 2, "seed": 0}
 
@@ -144,10 +145,9 @@ def test_early_stopping_and_step_scheduler(data, tmp_path):
 
 
 def test_loaders_normalise_like_eval_and_augment_train_only(data):
-    P = _parts()
     spec = Preprocess.load(data)
     p = validate_params(Train, {"batch_size": 5, "augment": {"rotation": 20, "brightness": 0.3, "hue": 0.05}})
-    dm = P["NpyDataModule"](data, spec, 5, 0, p.augment, 0)
+    dm = NpyDataModule(data, spec, 5, 0, p.augment, 0)
     images = np.load(data / "images_val.npy")
     x, y = next(iter(dm.val_dataloader()))
     assert torch.equal(x, torch.from_numpy(normalize(images[:5], spec)))  # exactly the eval path
@@ -156,14 +156,14 @@ def test_loaders_normalise_like_eval_and_augment_train_only(data):
     xt2, _ = next(iter(dm.train_dataloader()))
     assert torch.equal(xt, xt2)  # a function of (seed, epoch, index)
     train = np.load(data / "images_train.npy")
-    plain = P["NpyDataModule"](data, spec, 5, 0, validate_params(Train, {"augment": {"random_resized_crop": False}}).augment, 0)
+    plain = NpyDataModule(data, spec, 5, 0, validate_params(Train, {"augment": {"random_resized_crop": False}}).augment, 0)
     xp, yp = next(iter(plain.train_dataloader()))
     sampler = plain.train_dataloader().sampler
     order = [i for i, _ in next(iter(sampler))]
     assert torch.equal(xp, torch.from_numpy(normalize(train[order], spec)))
     assert not torch.equal(xt, xp)
     aug = validate_params(Train, {"augment": {"crop_scale": [1, 1], "crop_ratio": [1, 1]}}).augment
-    assert np.array_equal(P["augment_batch"](train[:4], aug, [1, 2, 3, 4]), train[:4])  # identity crop
+    assert np.array_equal(augment_batch(train[:4], aug, [1, 2, 3, 4]), train[:4])  # identity crop
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ Bundle (``model.pt``): ``torch.save({"format": "edgepipe.model/1", "arch": <Mode
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping, Union
 
@@ -301,16 +302,34 @@ def save_model(path: Union[str, Path], module, arch: Union[Mapping[str, Any], Mo
     return path
 
 
-def _torch_load(path: Path):
+def safe_torch_load(path: Union[str, Path]):
+    """``torch.load`` that never runs code from the file: ``weights_only=True`` always (tensors,
+    containers and plain types only), with Lightning's AttributeDict allowed (a dict; our own
+    checkpoints' hyper-parameters). A file that needs any other type -- a pickled module, a checkpoint
+    with custom classes, a malicious pickle -- is refused, saying how to convert a file one trusts.
+    Users download weights: loading one must never execute it."""
     import pickle
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # e.g. a Lightning checkpoint whose hyper-parameters hold custom types: a local file the user named
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_safe_types()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"the Python object {found.group(1)}" if found else "Python objects beyond tensors"
+        raise WeightsError(
+            f"{path} is refused: loading it would run code ({what}); edgepipe loads only tensors and plain data "
+            "from weights files. If you trust the file, save its state_dict where you made it: "
+            "torch.save(model.state_dict(), 'weights.pt')") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise WeightsError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _safe_types() -> list:
+    from lightning_fabric.utilities.data import AttributeDict
+
+    return [AttributeDict]
 
 
 def read_bundle(path: Union[str, Path]) -> dict:
@@ -318,10 +337,7 @@ def read_bundle(path: Union[str, Path]) -> dict:
     path = _bundle_path(path)
     if not path.is_file():
         raise WeightsError(f"model bundle not found: {path}")
-    try:
-        obj = _torch_load(path)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise WeightsError(f"cannot read model bundle {path}: {type(e).__name__}: {e}") from e
+    obj = safe_torch_load(path)
     if not isinstance(obj, dict) or obj.get("format") != BUNDLE_FORMAT:
         raise WeightsError(f"{path} is not an edgepipe model bundle (expected format {BUNDLE_FORMAT!r})")
     return obj
@@ -337,20 +353,15 @@ def load_model(path: Union[str, Path]):
 
 def read_state_dict(path: Union[str, Path]) -> tuple[dict, dict]:
     """(state_dict, info) from any supported weights file: a torchvision state_dict, a model.pt bundle
-    (file or folder), a Lightning checkpoint of the train stage, or a pickled nn.Module.
+    (file or folder), a Lightning checkpoint of the train stage. Read with safe_torch_load: nothing in the file runs.
     info holds ``kind`` and, for bundles and train checkpoints, ``arch`` and ``num_classes``."""
     import torch
 
     path = _bundle_path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
-    try:
-        obj = _torch_load(path)
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
+    obj = safe_torch_load(path)
     info: dict[str, Any] = {"path": str(path)}
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
     if isinstance(obj, dict) and obj.get("format") == BUNDLE_FORMAT:
         info.update(kind="bundle", arch=obj.get("arch"), num_classes=obj.get("num_classes"))
         sd = obj["state_dict"]
