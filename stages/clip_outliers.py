@@ -7,6 +7,11 @@ mean +- k*std, per tensor or per output channel; BatchNorm weights are left alon
 ``exclude_bn: false``; the first and last layers can be excluded. Everything else (biases, BN
 statistics, excluded layers) is copied bit for bit.
 
+Clipped weights change activations, so BatchNorm running statistics computed before the clip are
+stale: with a ``data`` input (a dataset output) they are recomputed over its un-augmented training
+images (``bn_recalibrate``, stages/common/batchnorm.py); without one the report says they were not, and
+a warning suggests wiring ``data`` (a finetune after the clip recalibrates anyway).
+
 Writes ``model.pt`` (bundle), ``clip_report.csv`` / ``clip_report.json`` (per layer: min/max before and
 after, fraction clipped) and ``preprocess.json`` / ``labels.txt`` when the input had them. Clip a
 pretrained file, then finetune from it (train ``mode: finetune`` with ``needs: {init: clip}``), or clip
@@ -21,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from engine.stage import HASH_CONTENT, Context, Input, Params, Stage, StageError
 from stages.common.models import ModelParams
@@ -31,7 +36,10 @@ class ClipOutliers(Stage):
     name = "clip_outliers"
     version = 1
     sections = {"model": "model"}
-    inputs = {"model": Input(required=False, doc="a folder holding model.pt (train or clip_outliers output)")}
+    inputs = {
+        "model": Input(required=False, doc="a folder holding model.pt (train or clip_outliers output)"),
+        "data": Input(required=False, doc="a dataset output: BatchNorm statistics are recomputed over its training images"),
+    }
 
     class Params(Params):
         # none: copy the model unchanged (the report still lists every layer)
@@ -44,6 +52,9 @@ class ClipOutliers(Stage):
         exclude_bn: bool = True
         exclude_first: bool = False
         exclude_last: bool = False
+        # with a `data` input: recompute BatchNorm statistics over this many training images (null: all)
+        bn_recalibrate: bool = True
+        bn_recalibrate_images: int | None = Field(2048, ge=1)
         # a weights file instead of the `model` input (default: model.pretrained)
         weights: Annotated[Path | None, HASH_CONTENT] = None
         model: ModelParams = ModelParams()
@@ -121,6 +132,7 @@ class ClipOutliers(Stage):
                     "fraction_clipped": changed / before.numel(),
                 })
                 ctx.progress(i + 1, len(layers), f"clipping {name}")
+        recalibrated = _recalibrate_bn(module, inputs.get("data"), p, rows, ctx)
         save_model(out / "model.pt", module, arch, num_classes)
         if src_dir is not None:
             for f in ("preprocess.json", "labels.txt"):
@@ -144,9 +156,32 @@ class ClipOutliers(Stage):
             "fraction_clipped": (sum(r["fraction_clipped"] * _numel(r["shape"]) for r in clipped) / total) if total else 0.0,
             "max_absmax_before": max((r["absmax_before"] for r in clipped), default=None),
             "max_absmax_after": max((r["absmax_after"] for r in clipped), default=None),
+            "bn_recalibrated_images": recalibrated,
         }
         (out / "clip_report.json").write_text(json.dumps({"summary": summary, "layers": rows}, indent=2) + "\n", encoding="utf-8")
-        return {k: v for k, v in summary.items() if k in ("layers_clipped", "fraction_clipped", "max_absmax_before", "max_absmax_after")}
+        keep = ("layers_clipped", "fraction_clipped", "max_absmax_before", "max_absmax_after", "bn_recalibrated_images")
+        return {k: v for k, v in summary.items() if k in keep}
+
+
+def _recalibrate_bn(module, data, p: "ClipOutliers.Params", rows: list[dict], ctx: Context) -> int | None:
+    """Recompute BatchNorm statistics over the data input's training images when clipping changed any
+    weight; the number of images used, or None when they were not recomputed (and why is logged)."""
+    from stages.common.batchnorm import batchnorm_layers, recalibrate
+    from stages.common.preprocess import Preprocess
+    from stages.common.train_data import NpyDataModule
+
+    changed = any(r["fraction_clipped"] > 0 for r in rows)
+    if not (p.bn_recalibrate and changed and batchnorm_layers(module)):
+        return None
+    if data is None:
+        ctx.log.warning("%s: clipping changed weights but BatchNorm statistics were not recomputed (no 'data' "
+                        "input): wire needs: {data: <dataset stage>}, or finetune after the clip", ctx.stage)
+        return None
+    dm = NpyDataModule(Path(data), Preprocess.load(Path(data)), 64, 0, None, 0)
+    if dm.size("train") == 0:
+        raise StageError(f"input 'data' ({data}) has no training images to recompute BatchNorm statistics with")
+    ctx.progress(None, None, "recomputing BatchNorm statistics")
+    return recalibrate(module, dm.sample_batches("train", p.bn_recalibrate_images))
 
 
 def _numel(shape: list[int]) -> int:

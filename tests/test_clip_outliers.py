@@ -116,3 +116,32 @@ def test_finetune_starts_from_clipped_weights(tmp_path):
     assert met["init"]["reinitialized"] == [] and met["init"]["source"] == "init/model.pt"
     clipped, tuned = _sd(tmp_path / "clip"), _sd(tmp_path / "ft")
     assert torch.equal(tuned["layer1.0.conv1.weight"], clipped["layer1.0.conv1.weight"])
+
+
+def test_bn_statistics_recomputed_after_clipping_when_data_is_wired(tmp_path, caplog):
+    """Clipped weights change activations: with a data input the BN statistics are recomputed for the
+    clipped weights; without one they are copied unchanged and a warning says so."""
+    from stages.common.batchnorm import recalibrate
+    from stages.common.preprocess import Preprocess
+    from stages.common.train_data import NpyDataModule
+
+    src, before = _model_dir(tmp_path / "model")
+    data = make_array_dataset(tmp_path / "data", {"train": 10, "val": 2, "test": 2})
+    params = {"method": "percentile", "percentile": 99.0}
+    m = run_stage(ClipOutliers, params, {"model": src, "data": data}, tmp_path / "with")
+    with_data = _sd(tmp_path / "with")
+    assert m["bn_recalibrated_images"] == 30
+    assert not torch.equal(with_data["bn1.running_var"], before["bn1.running_var"])
+    # exactly the statistics of the clipped weights over the training images
+    module = build_model({"arch": "resnet18"}, 3)
+    module.load_state_dict(with_data)
+    expected = {k: v.clone() for k, v in module.state_dict().items()}
+    recalibrate(module, NpyDataModule(data, Preprocess.load(data), 64, 0, None, 0).sample_batches("train", None))
+    assert all(torch.allclose(module.state_dict()[k].float(), expected[k].float(), atol=1e-6) for k in expected)
+
+    caplog.clear()
+    m = run_stage(ClipOutliers, params, {"model": src}, tmp_path / "without")
+    without = _sd(tmp_path / "without")
+    assert m["bn_recalibrated_images"] is None
+    assert torch.equal(without["bn1.running_var"], before["bn1.running_var"])
+    assert "BatchNorm statistics were not recomputed" in caplog.text
