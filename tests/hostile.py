@@ -44,3 +44,10 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 def new_files(root: Path, before: dict[str, tuple[int, int]], allowed: tuple[str, ...] = ()) -> list[str]:
     """Files under ``root`` that were not in ``before``, outside the ``allowed`` prefixes."""
     return sorted(k for k in snapshot(root) if k not in before and not k.startswith(allowed))
+
+
+def assert_one_line_problems(result) -> None:
+    """Each problem is one line: stderr holds only ``edgepipe: ...`` lines and the ``  - ...`` items
+    of an ``invalid config:`` list (no dumped sections, no wrapped Hydra messages)."""
+    for line in filter(str.strip, result.err.splitlines()):
+        assert line.startswith(("edgepipe:", "  - ")), f"a problem spans several lines:\n{result.err}"
