@@ -7,7 +7,7 @@ records how far apart the logits are, so a conversion is verified, never assumed
     x, kinds = sample_inputs(spec, count=8, seed=0)            # float32 N x 3 x H x W
     ref = torch_logits(module, x)
     got = onnx_logits(out / "model.onnx", x)
-    result = compare(ref, got, kinds, reference="pytorch", candidate="onnxruntime", tolerance=1e-3)
+    result = compare(ref, got, kinds, reference_name="pytorch", candidate_name="onnxruntime", tolerance=1e-3)
     write_parity(out / "parity.json", result)
     check(result, "ONNX Runtime vs PyTorch")                   # StageError above tolerance
 
@@ -17,10 +17,19 @@ gradients, filled shapes, mild noise -- put through ``stages.common.preprocess.n
 exactly the values a real image gives). The export stages only see a model bundle, not the dataset,
 so "real-looking" inputs are drawn rather than read.
 
-The pass/fail criterion is the max absolute logit difference against ``tolerance``. Top-1 agreement
-is recorded as well; it follows from the tolerance: with every logit within ``tol`` of the
-reference, the top-1 class can only change on a sample whose two best reference logits are within
-``2 * tol`` of each other (a tie at that precision).
+The pass/fail rule is scale-aware (``RULE``)::
+
+    max_abs_diff <= tolerance + RTOL * (max - min of the reference logits)
+
+``tolerance`` (the stage's ``tolerance`` setting) bounds the difference for ordinary logits; the
+relative part lets a legitimate model whose logits run into the thousands through: float32 carries
+about 7 significant digits, so two correct backends differ there by 1e-3 or more (0.0078 was seen
+on logits in the thousands), while a wrong conversion misses by a sizeable fraction of the range.
+For logits spanning 20, RTOL adds 0.002. ``parity.json`` records both figures: ``max_abs_diff``
+and ``max_rel_diff`` (``max_abs_diff`` over the reference range), with ``allowed_abs_diff``, ``rtol``
+and ``rule``. Top-1 agreement is recorded as well; it follows from the rule: with every logit within
+``allowed`` of the reference, the top-1 class can only change on a sample whose two best reference
+logits are within ``2 * allowed`` of each other (a tie at that precision).
 
 Heavy libraries (torch, onnxruntime, ncnn) are imported inside the functions that need them.
 """
@@ -40,6 +49,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from stages.common.preprocess import Preprocess
 
 KINDS = ("random", "synthetic")
+# relative part of the pass rule: a fraction of the reference logits' range (max - min)
+RTOL = 1e-4
+RULE = "max_abs_diff <= tolerance + rtol * reference_range"
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -177,6 +189,13 @@ def _stats(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
     }
 
 
+def allowed_abs_diff(reference: np.ndarray, tolerance: float, rtol: float = RTOL) -> float:
+    """The largest max abs logit difference that passes (``RULE``): ``tolerance`` plus ``rtol`` times
+    the range (max - min) of the reference logits."""
+    ref = np.asarray(reference, dtype=np.float64)
+    return float(tolerance) + float(rtol) * (float(ref.max() - ref.min()) if ref.size else 0.0)
+
+
 def compare(
     reference: np.ndarray,
     candidate: np.ndarray,
@@ -185,10 +204,12 @@ def compare(
     reference_name: str,
     candidate_name: str,
     tolerance: float,
+    rtol: float = RTOL,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compare two N x K logit arrays: max/mean abs difference, top-1 agreement, overall and per
-    input kind; ``passed`` is ``max_abs_diff <= tolerance`` (and all candidate values finite)."""
+    input kind; ``passed`` is ``max_abs_diff <= tolerance + rtol * (reference max - min)`` (and all
+    candidate values finite)."""
     ref = np.asarray(reference, dtype=np.float32).reshape(len(reference), -1)
     got = np.asarray(candidate, dtype=np.float32).reshape(len(candidate), -1)
     if ref.shape != got.shape:
@@ -197,9 +218,15 @@ def compare(
         )
     result: dict[str, Any] = {"reference": reference_name, "candidate": candidate_name}
     result.update(_stats(ref, got))
+    span = float(ref.max() - ref.min()) if ref.size else 0.0
+    allowed = allowed_abs_diff(ref, tolerance, rtol)
+    result["max_rel_diff"] = result["max_abs_diff"] / span if span > 0 else (0.0 if result["max_abs_diff"] == 0 else float("inf"))
     result["tolerance"] = float(tolerance)
-    result["passed"] = bool(np.isfinite(got).all()) and result["max_abs_diff"] <= tolerance
-    result["reference_logit_range"] = [float(ref.min()), float(ref.max())]
+    result["rtol"] = float(rtol)
+    result["allowed_abs_diff"] = allowed
+    result["rule"] = RULE
+    result["passed"] = bool(np.isfinite(got).all()) and result["max_abs_diff"] <= allowed
+    result["reference_logit_range"] = [float(ref.min()), float(ref.max())] if ref.size else [0.0, 0.0]
     if kinds is not None:
         kinds = list(kinds)
         result["by_kind"] = {
@@ -228,21 +255,25 @@ def write_parity(path: Union[str, Path], result: Mapping[str, Any]) -> Path:
 
 
 def check(result: Mapping[str, Any], what: str, report: Union[str, Path, None] = None, hint: str = "") -> None:
-    """Raise StageError when ``result`` did not pass, saying by how much it missed the tolerance.
+    """Raise StageError when ``result`` did not pass, saying by how much it missed the allowed
+    difference (the tolerance plus its share of the reference logit range).
 
     The message carries every number the user needs. ``report`` (a path shown in the message) is for
     files that outlive the failure: the engine deletes a failed stage's output folder."""
     if result.get("passed"):
         return
     tol = result["tolerance"]
+    allowed = result.get("allowed_abs_diff", tol)
     diff = result["max_abs_diff"]
     where = f" (details: {report})" if report else ""
     if not math.isfinite(diff):
         msg = f"{what}: the converted model gives NaN/inf outputs{where}"
     else:
+        lo, hi = result.get("reference_logit_range", (0.0, 0.0))
         msg = (
-            f"{what}: max abs logit difference {diff:.3g} is {diff - tol:.3g} above the tolerance {tol:g} "
-            f"({diff / tol:.1f}x); top-1 agreement {result['top1_agreement']:.1%} on {result['samples']} samples{where}"
+            f"{what}: max abs logit difference {diff:.3g} is {diff - allowed:.3g} above the tolerance {allowed:.3g} "
+            f"({diff / allowed:.1f}x; {tol:g} + {result.get('rtol', 0.0):g} x the reference logit range {hi - lo:.3g}); "
+            f"top-1 agreement {result['top1_agreement']:.1%} on {result['samples']} samples{where}"
         )
     if hint:
         msg += f". {hint}"
