@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 _CHUNK = 1 << 20
 
@@ -30,15 +30,32 @@ def sha256_json(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
-def list_files(root: Path) -> list[str]:
-    """Every regular file under root as a POSIX relative path, sorted (symlinks followed to files)."""
+def list_files(root: Path, on_loop: Callable[[Path], None] | None = None) -> list[str]:
+    """Every regular file under root as a POSIX relative path, sorted. Symlinks are followed, to files
+    and to folders, so the content behind a linked folder counts like any other. A link back to a
+    folder it sits in (a loop) is not entered: everything behind it is listed already; ``on_loop``
+    gets its path."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in filenames:
-            full = Path(dirpath) / name
-            if full.is_file():
-                found.append(full.relative_to(root).as_posix())
+    stack: list[tuple[Path, str, frozenset[str]]] = [(Path(root), "", frozenset())]
+    while stack:
+        folder, rel, ancestors = stack.pop()
+        real = os.path.realpath(folder)
+        if real in ancestors:
+            if on_loop is not None:
+                on_loop(folder)
+            continue
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # unreadable folder: as os.walk, list what can be read
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    stack.append((folder / entry.name, f"{rel}{entry.name}/", ancestors | {real}))
+                elif entry.is_file():
+                    found.append(rel + entry.name)
+            except OSError:  # a dangling or unreadable link
+                continue
     return sorted(found)
 
 

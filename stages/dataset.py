@@ -6,12 +6,19 @@ Kinds (``dataset=KIND dataset.path=...``):
 - ``split_folders`` ``path/{train,val,test}/<class>/...``; a missing val/test is carved out of train.
 - ``filelist``      text lines ``relative/path<SEP>label`` (label = class name or index); ``path`` is
                     one list file (split by ratios) or a folder with ``train.txt``/``val.txt``/``test.txt``.
+                    A line whose file lies outside the dataset folder (``root``, symlinks resolved) is
+                    refused unless ``allow_outside_root``; then those files' content enters the cache key.
 - ``idx``           MNIST-format ``*-images-idx3-ubyte[.gz]`` + ``*-labels-idx1-ubyte[.gz]``.
 
 Outputs (DEVELOPERS.md): ``images_{split}.npy`` (uint8 N x H x W x 3 RGB, resized with the
 ``preprocess`` section), ``labels_{split}.npy`` (int64), ``index.csv`` (path,label,split),
 ``labels.txt``, ``class_counts.json``, ``skipped.csv`` (path,reason), ``preprocess.json``; also
 ``duplicates.csv`` (identical files found in two splits) and ``dataset.json`` (a summary).
+
+Everything the stage reads is in its cache key: the folders named by ``path``/``root`` are hashed with
+symlinks followed (engine.hashing.list_files, loops skipped), files a list names outside them by
+``outside_root_digest``. Class names travel as lines of ``labels.txt``: a name with a line break is
+refused.
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from engine.hashing import list_files, sha256_file, tree_digest
 from engine.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from stages.common.preprocess import Preprocess, load_image, resize
 
@@ -87,15 +95,111 @@ def _is_hidden(rel: Path) -> bool:
     return any(part.startswith(".") or part in ("__MACOSX", "Thumbs.db", "desktop.ini") for part in rel.parts)
 
 
-def _files_under(folder: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
-        for f in filenames:
-            p = Path(dirpath) / f
-            if not _is_hidden(p.relative_to(folder)):
-                out.append(p)
-    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
+def _files_under(folder: Path, loops: list[Path]) -> list[Path]:
+    """Files under folder, symlinks followed like the cache key's hashing does; loops go to ``loops``."""
+    return [folder / rel for rel in list_files(folder, on_loop=loops.append) if not _is_hidden(Path(rel))]
+
+
+def _line_break_in(name: str) -> bool:
+    """True if ``name`` would not come back as one line of labels.txt (``\n``, ``\r`` and every other
+    boundary str.splitlines knows)."""
+    return name.splitlines() != [name]
+
+
+def _list_files(path: Path, root: Path | None) -> list[tuple[Path, str | None]]:
+    """The list files of a filelist dataset and the split each one fixes (None: split by ratios)."""
+    if path.is_file():
+        if root is None:
+            raise StageError(
+                "dataset.root is required when dataset.path is a single list file: name the image folder "
+                "so its content is part of the cache key (or point dataset.path at the folder holding the lists)"
+            )
+        return [(path, None)]
+    if not path.is_dir():
+        raise StageError(f"dataset.path does not exist: {path}")
+    lists: list[tuple[Path, str | None]] = []
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix.lower() in (".txt", ".list", ".lst", ".csv"):
+            s = _SPLIT_ALIASES.get(f.stem.lower())
+            if s is not None:
+                lists.append((f, s))
+    if not lists:
+        candidates = [f for f in sorted(path.iterdir()) if f.is_file() and f.suffix.lower() in (".txt", ".list", ".lst")]
+        candidates = [f for f in candidates if f.name not in ("labels.txt", "classes.txt")]
+        if len(candidates) != 1:
+            raise StageError(
+                f"kind=filelist: {path} must hold train.txt (and optional val.txt, test.txt) or exactly one list "
+                f"file; found {[f.name for f in candidates]}"
+            )
+        lists = [(candidates[0], None)]
+    if not any(s == "train" for _, s in lists) and any(s for _, s in lists):
+        raise StageError(f"kind=filelist: {path} has {[f.name for f, _ in lists]} but no train list")
+    return lists
+
+
+@dataclass
+class _Row:
+    """One entry of a list file."""
+
+    list_file: Path
+    line: int
+    rel: str  # the path as written
+    label: str
+    split: str | None
+    file: Path  # root / rel, or rel when absolute
+    outside: bool  # resolves (symlinks followed) to a place outside root
+
+
+def _read_lists(path: Path, root: Path | None, sep: str) -> tuple[Path, list[_Row]]:
+    """(root, rows) of a filelist dataset; root defaults to the folder holding the lists."""
+    lists = _list_files(path, root)
+    root = Path(root) if root is not None else (path if path.is_dir() else path.parent)
+    if not root.is_dir():
+        raise StageError(f"dataset.root is not a folder: {root}")
+    real_root = root.resolve()
+    rows: list[_Row] = []
+    for lf, s in lists:
+        try:
+            text = lf.read_bytes().decode("utf-8-sig", errors="strict")
+        except UnicodeDecodeError as e:
+            raise StageError(f"{lf}: not UTF-8 text ({e.reason} at byte {e.start}); save the list as UTF-8") from None
+        for n, raw in enumerate(text.splitlines(), start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if sep not in line:
+                raise StageError(f"{lf}:{n}: no separator {sep!r} in line {raw!r} (set dataset.separator)")
+            rel, tok = line.rsplit(sep, 1)
+            rel, tok = rel.strip(), _nfc(tok.strip())
+            if not rel or not tok:
+                raise StageError(f"{lf}:{n}: expected 'path{sep}label', got {raw!r}")
+            f = Path(rel) if Path(rel).is_absolute() else root / rel
+            outside = not f.resolve().is_relative_to(real_root)
+            rows.append(_Row(lf, n, rel, tok, s, f, outside))
+    return root, rows
+
+
+_DIGESTS: dict[tuple, str] = {}  # (real path, size, mtime_ns, ctime_ns) -> sha256, for this process
+
+
+def _outside_root_digest(path: Path, root: Path | None, sep: str) -> str | None:
+    """Digest of the (existing) files the lists name outside root; None when there are none or the
+    lists cannot be read (the stage then says why)."""
+    try:
+        _, rows = _read_lists(Path(path), root, sep)
+    except (StageError, OSError):
+        return None
+    files: dict[str, str] = {}
+    for row in rows:
+        if not row.outside or not row.file.is_file():
+            continue
+        real = row.file.resolve()
+        st = real.stat()
+        memo = (str(real), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if memo not in _DIGESTS:
+            _DIGESTS[memo] = sha256_file(real)
+        files[str(real)] = _DIGESTS[memo]
+    return tree_digest(files) if files else None
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -116,6 +220,9 @@ class Dataset(Stage):
         # filelist: the folder list paths are relative to (default: the folder holding `path`)
         root: Annotated[Path | None, HASH_CONTENT] = None
         separator: str = "----"
+        # filelist: read lines whose file lies outside the dataset folder (`root`, symlinks resolved);
+        # off, such a line is an error naming the list file and line
+        allow_outside_root: bool = False
         # class names in label-index order (filelist/idx labels given as indices); or a labels file
         classes: list[str] | None = None
         classes_file: Annotated[Path | None, HASH_CONTENT] = None
@@ -128,6 +235,25 @@ class Dataset(Stage):
         # decoding threads (0 or null: one per CPU)
         workers: Annotated[int | None, NOT_IN_KEY] = None
         preprocess: Preprocess = Preprocess()
+        # not a setting, computed here: the content digest of the files the lists name outside `root`
+        # (allow_outside_root=true), so that editing one of them re-runs the stage
+        outside_root_digest: str | None = Field(None, validate_default=True)
+
+        @field_validator("outside_root_digest", mode="after")
+        @classmethod
+        def _outside_root_digest(cls, value: Any, info: ValidationInfo) -> str | None:
+            d = info.data
+            if d.get("kind") != "filelist" or not d.get("allow_outside_root") or d.get("path") is None:
+                return None
+            return _outside_root_digest(d["path"], d.get("root"), d.get("separator") or "----")
+
+        @field_validator("classes", mode="after")
+        @classmethod
+        def _one_line_names(cls, value: list[str] | None) -> list[str] | None:
+            broken = [c for c in value or [] if _line_break_in(str(c))]
+            if broken:
+                raise ValueError(f"{broken[0]!r} holds a line break; labels.txt keeps one class a line")
+            return value
 
         @model_validator(mode="after")
         def _check(self) -> "Dataset.Params":
@@ -278,6 +404,10 @@ class Dataset(Stage):
         base = base or root
         dirs = _class_dirs(base)
         names = [_nfc(d.name) for d in dirs]
+        for d, name in zip(dirs, names):
+            if _line_break_in(name):
+                raise StageError(f"class folder {str(d)!r} has a line break in its name; labels.txt holds one "
+                                 f"class a line: rename the folder")
         if classes is None:
             classes = given if given is not None else names
             unknown = [n for n in names if n not in classes]
@@ -289,7 +419,10 @@ class Dataset(Stage):
         for d, name in zip(dirs, names):
             if name not in classes:
                 raise StageError(f"class folder {d} is not a class of the train split ({classes})")
-            files = _files_under(d)
+            loops: list[Path] = []
+            files = _files_under(d, loops)
+            for link in loops:
+                ctx.note(f"skipped {link}: a symlink loop (it points to a folder it is in)")
             if not files:
                 raise StageError(f"class folder {d} has no files; remove it or add images")
             label = classes.index(name)
@@ -317,84 +450,38 @@ class Dataset(Stage):
                 items += more
         return items, classes
 
-    def _list_files(self, p) -> list[tuple[Path, str | None]]:
-        path = Path(p.path)
-        if path.is_file():
-            if p.root is None:
-                raise StageError(
-                    "dataset.root is required when dataset.path is a single list file: name the image folder "
-                    "so its content is part of the cache key (or point dataset.path at the folder holding the lists)"
-                )
-            return [(path, None)]
-        if not path.is_dir():
-            raise StageError(f"dataset.path does not exist: {path}")
-        lists: list[tuple[Path, str | None]] = []
-        for f in sorted(path.iterdir()):
-            if f.is_file() and f.suffix.lower() in (".txt", ".list", ".lst", ".csv"):
-                s = _SPLIT_ALIASES.get(f.stem.lower())
-                if s is not None:
-                    lists.append((f, s))
-        if not lists:
-            candidates = [f for f in sorted(path.iterdir()) if f.is_file() and f.suffix.lower() in (".txt", ".list", ".lst")]
-            candidates = [f for f in candidates if f.name not in ("labels.txt", "classes.txt")]
-            if len(candidates) != 1:
-                raise StageError(
-                    f"kind=filelist: {path} must hold train.txt (and optional val.txt, test.txt) or exactly one list "
-                    f"file; found {[f.name for f in candidates]}"
-                )
-            lists = [(candidates[0], None)]
-        if not any(s == "train" for _, s in lists) and any(s for _, s in lists):
-            raise StageError(f"kind=filelist: {path} has {[f.name for f, _ in lists]} but no train list")
-        return lists
-
     def _filelist(self, p, given, ctx):
-        lists = self._list_files(p)
-        path = Path(p.path)
-        root = Path(p.root) if p.root is not None else (path if path.is_dir() else path.parent)
-        if not root.is_dir():
-            raise StageError(f"dataset.root is not a folder: {root}")
-        sep = p.separator
-        rows: list[tuple[Path, int, str, str, str | None]] = []  # list file, line, rel path, label token, split
-        for lf, s in lists:
-            text = lf.read_bytes().decode("utf-8-sig", errors="strict")
-            for n, raw in enumerate(text.splitlines(), start=1):
-                line = raw.strip()
-                if not line or line.startswith("#"):
-                    continue
-                if sep not in line:
-                    raise StageError(f"{lf}:{n}: no separator {sep!r} in line {raw!r} (set dataset.separator)")
-                rel, tok = line.rsplit(sep, 1)
-                rel, tok = rel.strip(), _nfc(tok.strip())
-                if not rel or not tok:
-                    raise StageError(f"{lf}:{n}: expected 'path{sep}label', got {raw!r}")
-                rows.append((lf, n, rel, tok, s))
+        root, rows = _read_lists(Path(p.path), p.root, p.separator)
         if given is not None:
             classes = given
             lookup = {c: i for i, c in enumerate(classes)}
-        elif rows and all(re.fullmatch(r"\d+", t) for _, _, _, t, _ in rows):
-            classes = [str(i) for i in range(max(int(t) for _, _, _, t, _ in rows) + 1)]
+        elif rows and all(re.fullmatch(r"\d+", r.label) for r in rows):
+            classes = [str(i) for i in range(max(int(r.label) for r in rows) + 1)]
             lookup = {c: i for i, c in enumerate(classes)}
         else:
-            classes = sorted({t for _, _, _, t, _ in rows})
+            classes = sorted({r.label for r in rows})
             lookup = {c: i for i, c in enumerate(classes)}
         items = []
-        for lf, n, rel, tok, s in rows:
-            if tok in lookup:
-                label = lookup[tok]
-            elif re.fullmatch(r"\d+", tok) and int(tok) < len(classes):
-                label = int(tok)
+        for r in rows:
+            where = f"{r.list_file}:{r.line}"
+            if r.label in lookup:
+                label = lookup[r.label]
+            elif re.fullmatch(r"\d+", r.label) and int(r.label) < len(classes):
+                label = int(r.label)
             else:
-                raise StageError(f"{lf}:{n}: unknown label {tok!r}; known classes: {classes[:20]}")
-            f = Path(rel) if Path(rel).is_absolute() else root / rel
-            if not f.is_file():
-                raise StageError(f"{lf}:{n}: file {rel!r} not found (looked for {f})")
-            try:
-                shown = f.resolve().relative_to(root.resolve()).as_posix()
-            except ValueError:
-                shown = rel
-            items.append(_Item(path=shown, label=label, split=s, file=f))
+                raise StageError(f"{where}: unknown label {r.label!r}; known classes: {classes[:20]}")
+            # checked before the file is touched: a list must not make edgepipe read /etc/passwd
+            if r.outside and not p.allow_outside_root:
+                raise StageError(
+                    f"{where}: {r.rel!r} lies outside the dataset folder {root} (it resolves to {r.file.resolve()}); "
+                    f"move it under that folder, or set dataset.allow_outside_root=true to read it anyway"
+                )
+            if not r.file.is_file():
+                raise StageError(f"{where}: file {r.rel!r} not found (looked for {r.file})")
+            shown = r.rel if r.outside else r.file.resolve().relative_to(root.resolve()).as_posix()
+            items.append(_Item(path=shown, label=label, split=r.split, file=r.file))
         if not items:
-            raise StageError(f"no entries in the list file(s) {[str(f) for f, _ in lists]}")
+            raise StageError(f"no entries in the list file(s) of dataset.path={p.path}")
         return items, classes
 
     @staticmethod
