@@ -161,7 +161,7 @@ def cmd_run(argv: Sequence[str]) -> int:
         _check_runs_root(p.runs_root)
     _warn_shadowed(jobs[0].overrides, pipelines[0])
     sweep = bool(opts.get("multirun"))
-    sweep_dir = _make_unique_dir(jobs[0].sweep_dir) if sweep else None
+    sweep_dir = _make_unique_dir(jobs[0].sweep_dir, "hydra.sweep.dir") if sweep else None
     failed = 0
     for num, (job, pipeline) in enumerate(zip(jobs, pipelines)):
         run_dir = _make_unique_dir(sweep_dir / str(num) if sweep_dir else job.run_dir)
@@ -195,9 +195,11 @@ def _warn_shadowed(overrides: list[str], pipeline) -> None:
         print(f"edgepipe: warning: {note}", file=sys.stderr)
 
 
-def _make_unique_dir(run_dir: Path) -> Path:
+def _make_unique_dir(run_dir: Path, key: str = "hydra.run.dir") -> Path:
     """Create the run folder, or `<name>-2`, `-3`, ... when another run started in the same second
     took it: mkdir either creates a folder or fails, so two processes never share one."""
+    from .config import ConfigError
+
     n = 1
     while True:
         candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
@@ -205,7 +207,11 @@ def _make_unique_dir(run_dir: Path) -> Path:
             candidate.mkdir(parents=True)
             return candidate
         except FileExistsError:
+            if not candidate.is_dir():  # a file of that name: it is no run folder, never will be
+                raise ConfigError([f"{key}: {candidate} is a file; choose another folder"]) from None
             n += 1
+        except OSError as e:
+            raise ConfigError([f"{key}: cannot create {candidate} ({e.strerror}); choose a writable folder"]) from None
 
 
 def cmd_plan(argv: Sequence[str]) -> int:

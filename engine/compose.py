@@ -27,11 +27,15 @@ class ComposeError(Exception):
 OVERRIDE_SYNTAX = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
 
+# Lines of Hydra/OmegaConf messages that say nothing to a user.
+_NOISE = ("See https://", "Error parsing override", "full_key:", "object_type=", "reference_type=")
+
+
 def one_line(text: str) -> str:
     """Hydra's multi-line messages as one line: no search-path dump, no 'See https://...' footer."""
     text = text.split("Config search path:")[0]
-    lines = [ln.strip().rstrip(".") for ln in text.splitlines()
-             if ln.strip().strip("^") and not ln.strip().startswith(("See https://", "Error parsing override"))]
+    lines = [ln.strip().rstrip(".:") for ln in text.splitlines()
+             if ln.strip().strip("^") and not ln.strip().startswith(_NOISE)]
     return "; ".join(lines)
 
 
@@ -120,16 +124,28 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
     except MissingConfigException as e:
         raise ComposeError(f"{_missing_config(e, parsed)} (config folder: {config_dir})") from None
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise ComposeError(f"{one_line(str(e))} (config folder: {config_dir})") from None
+        cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ and str(e.__cause__) else ""
+        raise ComposeError(f"{one_line(str(e))}{cause} (config folder: {config_dir})") from None
+    except OSError as e:  # Hydra's config source on a file that holds a scalar: it does not say which
+        chosen = " ".join(o.input_line for o in parsed if "." not in o.key_or_group) or "config.yaml"
+        raise ComposeError(f"{e}: every config file must hold a YAML mapping; check the files these choose: "
+                           f"{chosen} (config folder: {config_dir})") from None
     HydraConfig.instance().set_config(full)  # makes ${hydra:...} resolvable
-    try:
-        run_dir, sweep_dir = Path(str(full.hydra.run.dir)), Path(str(full.hydra.sweep.dir))
-    except OmegaConfBaseException as e:
-        raise ComposeError(f"hydra.run.dir / hydra.sweep.dir: {e}") from None
+    run_dir, sweep_dir = _resolved_dir(full, "run"), _resolved_dir(full, "sweep")
     hydra_cfg = OmegaConf.create(OmegaConf.to_container(full.hydra, resolve=False))
     with open_dict(full):
         del full["hydra"]
     return Job(list(overrides), full, hydra_cfg, run_dir, sweep_dir)
+
+
+def _resolved_dir(full: DictConfig, which: str) -> Path:
+    """hydra.run.dir / hydra.sweep.dir with ${now:...} and ${runs_root} resolved."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return Path(str(full.hydra[which].dir))
+    except OmegaConfBaseException as e:
+        raise ComposeError(f"hydra.{which}.dir: {str(e).splitlines()[0]}") from None
 
 
 def is_sweep(overrides: list[str]) -> bool:

@@ -122,6 +122,28 @@ def test_runs_root_under_a_regular_file_is_a_config_error(ws, verb):
     assert blocker.read_text() == "not a folder\n"
 
 
+@pytest.mark.parametrize("override, names", [
+    ("hydra.run.dir={blocker}/run", ["hydra.run.dir", "Not a directory"]),
+    ("hydra.run.dir={blocker}", ["hydra.run.dir", "is a file"]),
+    ("runs_root=${{oc.env:EDGEPIPE_NO_SUCH_VARIABLE}}", ["hydra.run.dir", "EDGEPIPE_NO_SUCH_VARIABLE"]),
+], ids=["under-a-file", "a-file", "unset-variable"])
+def test_run_dir_that_cannot_be_made_is_a_config_error(ws, override, names):
+    blocker = ws.root / "afile"
+    blocker.write_text("not a folder\n")
+    failed_cleanly(ws, ["run", override.format(blocker=blocker)], 2, *names)
+    assert blocker.read_text() == "not a folder\n" and ws.counts() == {}
+
+
+@pytest.mark.parametrize("text, names", [
+    ("- a list\n", ["experiment/odd", "Cannot merge"]),
+    ("5\n", ["+experiment=odd", "YAML mapping"]),
+], ids=["list", "scalar"])
+def test_experiment_that_is_not_a_mapping(ws, user_conf, text, names):
+    (user_conf / "experiment" / "odd.yaml").write_text("# @package _global_\n" + text)
+    err = failed_cleanly(ws, ["plan", "+experiment=odd"], 2, *names)
+    assert "full_key" not in err
+
+
 @pytest.mark.parametrize("text, names", [
     ("src: {value: [1\n", ["not valid YAML", "line"]),
     ("- a list\n", ["not a mapping"]),
