@@ -67,6 +67,19 @@ def _split_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
     return opts, overrides
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (main() may run again with stderr redirected, as
+    in tests; a handler bound to the first stream would write to a closed one)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _setup_logging(run_dir: Path | None) -> None:
     """edgepipe's warnings on stderr; everything (third-party INFO included) in the run's log file."""
     root = logging.getLogger()
@@ -83,7 +96,7 @@ def _setup_logging(run_dir: Path | None) -> None:
         root.addHandler(fh)
     ep = logging.getLogger("edgepipe")
     if not any(getattr(h, "_edgepipe_console", False) for h in ep.handlers):
-        sh = logging.StreamHandler(sys.stderr)
+        sh = _StderrHandler()
         sh.setLevel(logging.WARNING)
         sh.setFormatter(logging.Formatter("edgepipe: %(levelname)s: %(message)s"))
         sh._edgepipe_console = True  # type: ignore[attr-defined]

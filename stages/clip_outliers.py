@@ -94,7 +94,8 @@ class ClipOutliers(Stage):
             else:
                 raise StageError("clip_outliers needs a 'model' input (a folder with model.pt) or clip.weights=PATH")
         except WeightsError as e:
-            raise StageError(str(e)) from None
+            source = "input 'model'" if src_dir is not None else "clip.weights" if p.weights else "model.pretrained"
+            raise StageError(f"{source}: {e}") from None
         module.eval()
 
         layers = _layers(module, torch)

@@ -290,10 +290,11 @@ def _build_module(p: "Train.Params", num_classes: int, weights_src: Path | None,
     module = Classifier(p.model.arch_dict(), num_classes, _opt_dict(p))
     if weights_src is None:
         return module, None
+    source = "input 'init'" if inputs.get("init") is not None else "model.pretrained"
     try:
         report = load_weights(module.model, weights_src)
     except WeightsError as e:
-        raise StageError(str(e)) from None
+        raise StageError(f"{source}: {e}") from None
     report = {k: v for k, v in report.items() if k != "kept"}
     # no machine-specific absolute paths in the outputs (they are content-addressed)
     report["source"] = "init/model.pt" if inputs.get("init") is not None else f"model.pretrained ({weights_src.name})"

@@ -1,0 +1,107 @@
+"""Hostile weights files and diverging training (issue 8): no code runs from a file a user downloaded,
+unreadable files and runs that blow up are one-line errors, and nothing half-made reaches the cache.
+
+Each file is generated here. A malicious pickle's payload would create a marker file: the marker must
+not exist afterwards."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.stage import StageError
+from engine.testing import run_stage
+from helpers_data import make_array_dataset
+from hostile import assert_clean_failure, new_files, snapshot
+from stages.common.models import WeightsError, build_model, read_state_dict
+
+# the digits quickstart data at 16 px and two short epochs: seconds per run
+FAST = ["pipeline=train", "dataset=digits", "preprocess.input_size=16", "train=tiny", "train.epochs=1",
+        "train.limit_train_batches=2", "model.stem=small"]
+
+
+class Payload:
+    """What a malicious weights file holds: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def malicious_file(path: Path, marker: Path, wrap=lambda p: {"state_dict": {"fc.weight": p}}) -> Path:
+    torch.save(wrap(Payload(marker)), path)
+    return path
+
+
+@pytest.fixture
+def marker(tmp_path) -> Path:
+    m = tmp_path / "PWNED"
+    yield m
+    assert not m.exists(), "code from a weights file ran"
+
+
+def test_malicious_pretrained_weights_are_refused(project, tmp_path, marker):
+    evil = malicious_file(tmp_path / "resnet18_imagenet.pth", marker)
+    before = snapshot(tmp_path)
+    r = project.cli("run", *FAST, "train.mode=finetune", f"model.pretrained={evil}")
+    err = assert_clean_failure(r, 1, "model.pretrained", "resnet18_imagenet.pth", "refused", "run code",
+                               "system")
+    assert "state_dict" in err  # says how to convert a file one trusts
+    assert not project.entries("train")  # nothing half-made in the cache
+    assert all(k.startswith("runs/") for k in new_files(tmp_path, before))
+
+
+def test_malicious_resume_checkpoint_is_refused(project, tmp_path, marker):
+    evil = malicious_file(tmp_path / "last.ckpt", marker, wrap=lambda p: {"epoch": 3, "state_dict": {}, "loops": p})
+    r = project.cli("run", *FAST, "train.mode=resume", f"++train.resume_from={evil}")
+    assert_clean_failure(r, 1, "train.resume_from", "last.ckpt", "refused")
+    assert not project.entries("train")
+
+
+def test_pickled_module_is_refused_with_how_to_convert(tmp_path):
+    """A whole pickled nn.Module needs its class's code to load: refused, not run."""
+    path = tmp_path / "model_full.pt"
+    torch.save(build_model({"arch": "resnet18", "stem": "small"}, 3), path)
+    with pytest.raises(WeightsError, match=r"model_full\.pt is refused: loading it would run code.*state_dict"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip or pickle at all", b"PK\x03\x04truncated"],
+                         ids=["empty", "garbage", "truncated-zip"])
+def test_unreadable_weights_file_is_one_line(tmp_path, content):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError) as e:
+        read_state_dict(path)
+    assert "weights.pth" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_malicious_clip_weights_are_refused(tmp_path, marker):
+    evil = malicious_file(tmp_path / "clip_me.pt", marker)
+    with pytest.raises(StageError, match=r"clip_me\.pt is refused"):
+        run_stage("clip_outliers", {"weights": evil, "model": {"arch": "resnet18"}}, {}, tmp_path / "out")
+
+
+def test_our_own_checkpoints_load_safely(tmp_path):
+    """Train checkpoints (Lightning, with our callbacks' state) read with weights_only=True."""
+    data = make_array_dataset(tmp_path / "data", {"train": 6, "val": 2, "test": 2})
+    run_stage("train", {"epochs": 1, "batch_size": 8, "model": {"arch": "resnet18", "stem": "small"}},
+              {"data": data}, tmp_path / "train")
+    sd, info = read_state_dict(tmp_path / "train" / "checkpoints" / "last.ckpt")
+    assert info["kind"] == "lightning" and "fc.weight" in sd
+
+
+def test_diverging_training_stops_with_the_epoch_and_a_lower_lr(project):
+    """SGD at an absurd learning rate: the loss turns non-finite; the stage stops at once, names the
+    epoch and train.lr, and writes no model (nothing reaches the cache)."""
+    r = project.cli("run", *FAST, "train.optimizer=sgd", "train.lr=1e12", "train.epochs=2")
+    err = assert_clean_failure(r, 1, "training diverged", "epoch 1", "train.lr", "train.optimizer=adamw")
+    assert "No model was saved" in err
+    assert not project.entries("train")
+    failed = list((project.runs / "latest").resolve().glob("failed/train"))
+    assert failed and not (failed[0] / "model.pt").exists()
