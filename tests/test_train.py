@@ -172,3 +172,22 @@ def test_workers_do_not_change_results(data, first, tmp_path):
     out, _ = first
     run_stage(Train, {**RUN, "workers": 2}, {"data": data}, tmp_path / "w2")
     assert _metrics(out) == _metrics(tmp_path / "w2")
+
+
+def test_learning_check_warns_only_at_chance_with_a_falling_loss():
+    from stages.common.train_module import learning_check
+
+    warning = learning_check([0.50, 0.52, 0.50], n_val=60, train_loss=0.02, num_classes=2)
+    assert warning and "chance" in warning and "train.bn_recalibrate" in warning and "train.lr" in warning
+    assert learning_check([0.50, 0.75], n_val=60, train_loss=0.02, num_classes=2) is None  # learned
+    assert learning_check([0.50, 0.50], n_val=60, train_loss=0.60, num_classes=2) is None  # not fitted either
+    assert learning_check([0.40], n_val=10, train_loss=0.1, num_classes=4)  # 10 images: 0.40 is chance + noise
+    assert learning_check([0.30], n_val=400, train_loss=0.1, num_classes=4) is None  # 400 images: 0.30 is not
+
+
+def test_metrics_hold_train_eval_accuracy_and_recalibration(data, first):
+    out, headline = first
+    met = _metrics(out)
+    assert met["bn_recalibrate"] == {"images": met["n_train"]}
+    assert met["train_eval_images"] == met["n_train"] and met["train_eval_acc"] == headline["train_eval_acc"]
+    assert headline["bn_recalibrate_seconds"] > 0
