@@ -34,7 +34,7 @@ from stages.common.models import ModelParams
 
 class ClipOutliers(Stage):
     name = "clip_outliers"
-    version = 1
+    version = 2  # 2: BatchNorm statistics recomputed with a data input
     sections = {"model": "model"}
     inputs = {
         "model": Input(required=False, doc="a folder holding model.pt (train or clip_outliers output)"),

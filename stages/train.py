@@ -87,7 +87,7 @@ class EarlyStopping(Params):
 
 class Train(Stage):
     name = "train"
-    version = 1
+    version = 2  # 2: BatchNorm recalibration, train_eval_acc and learning_check in metrics.json
     sections = {"model": "model"}
     inputs = {
         "data": Input(required=True, doc="a dataset stage output (images_*.npy, labels_*.npy, preprocess.json)"),
