@@ -20,8 +20,6 @@ from engine.stage import StageError
 from engine.testing import run_stage, validate_params
 from helpers_rknn import onnx_reference_logits, toy
 
-pytest.importorskip("rknn.api")
-
 
 @pytest.fixture(scope="module")
 def normal_build(tmp_path_factory) -> Path:
