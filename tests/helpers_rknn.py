@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -115,60 +114,19 @@ def write_model_bundle(folder: Path, module, arch, spec) -> Path:
     return folder
 
 
-def _have(stage: str) -> bool:
-    try:
-        from engine import registry
-
-        registry.get(stage)
-        return True
-    except Exception:  # noqa: BLE001 - not written yet
-        return False
-
-
 def export_onnx_folder(model_dir: Path, out: Path) -> Path:
-    """The export_onnx stage when it exists, else torch.onnx.export directly (same contract)."""
-    if not _have("export_onnx"):
-        return _export_onnx_direct(model_dir, out)
+    """The real export_onnx stage (no stand-in: a broken stage must fail the tests that use it)."""
     from engine.testing import run_stage
 
     run_stage("export_onnx", {}, {"model": model_dir}, out)
     return out
 
 
-def _export_onnx_direct(model_dir: Path, out: Path) -> Path:
-    import torch
-
-    from stages.common.models import load_model
-    from stages.common.preprocess import Preprocess
-
-    out.mkdir(parents=True)
-    spec = Preprocess.load(model_dir)
-    module = load_model(model_dir / "model.pt")
-    torch.onnx.export(module, (torch.zeros(*spec.input_shape),), str(out / "model.onnx"), dynamo=False,
-                      opset_version=13, input_names=["input0"], output_names=["output0"])
-    (out / "io.json").write_text(json.dumps({"input": "input0", "output": "output0", "input_shape": spec.input_shape}))
-    for f in ("preprocess.json", "labels.txt"):
-        shutil.copyfile(model_dir / f, out / f)
-    return out
-
-
 def write_calibration(data: Path, out: Path, n: int = 16) -> Path:
-    """A calibration folder (images/ + dataset.txt relative to the folder) from the train split: the
-    calibration stage when it exists, else the same layout written directly."""
-    if _have("calibration"):
-        from engine.testing import run_stage
+    """The real calibration stage: images/ + dataset.txt (relative to the folder) from the train split."""
+    from engine.testing import run_stage
 
-        run_stage("calibration", {"count": n, "split": "train"}, {"data": data}, out)
-        return out
-    from PIL import Image
-
-    (out / "images").mkdir(parents=True)
-    imgs = np.load(data / "images_train.npy")[:n]
-    lines = []
-    for i, a in enumerate(imgs):
-        Image.fromarray(a).save(out / "images" / f"{i:04d}.png")
-        lines.append(f"images/{i:04d}.png")
-    (out / "dataset.txt").write_text("\n".join(lines) + "\n")
+    run_stage("calibration", {"count": n, "split": "train"}, {"data": data}, out)
     return out
 
 
