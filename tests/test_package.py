@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from engine.stage import StageError
 from helpers_boards import (LABELS, REPO, export_onnx, install_rknnlite_stub, make_dataset, make_filelist_dataset,
@@ -134,7 +135,9 @@ def test_onnxruntime_infer_matches_onnxruntime(bundles, tmp_path):
     r = subprocess.run([sys.executable, "-I", str(board_dir / "infer.py"), str(images[0]), "--top-k", "1"],
                        capture_output=True, text=True, check=True)
     path, label, conf = r.stdout.strip().split("\t")
-    assert (path, label) == (str(images[0]), LABELS[direct[0].argmax()]) and 0 < float(conf) <= 1
+    e = np.exp(direct[0] - direct[0].max())
+    assert (path, label) == (str(images[0]), LABELS[direct[0].argmax()])
+    assert float(conf) == pytest.approx(e.max() / e.sum(), abs=1e-4)  # the softmax probability, 4 decimals
     bad = subprocess.run([sys.executable, "-I", str(board_dir / "infer.py"), str(tmp_path / "none")],
                          capture_output=True, text=True)
     assert bad.returncode == 1
@@ -314,7 +317,7 @@ def test_package_names_the_stage_a_board_needs(bundles, tmp_path):
 def test_package_params(bundles, tmp_path):
     from engine.testing import validate_params
 
-    with pytest.raises(Exception, match="unknown board 'v831'"):
+    with pytest.raises(ValidationError, match="unknown board 'v831'; known boards: maixii_dock, onnxruntime"):
         validate_params("package", {"board": "v831"})
     # the `board` section's limits apply when it names the packaged board
     with pytest.raises(StageError, match=r"model.rknn is .* exceeds the flash budget .*\(0.001 MB\)"):
