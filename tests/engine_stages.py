@@ -27,11 +27,19 @@ class Source(Stage):
         # Neither changes the output, so neither is in the cache key.
         sleep: Annotated[float, NOT_IN_KEY] = 0.0
         chatter: Annotated[int, NOT_IN_KEY] = 0
+        # hold the stage (and its cache lock) until this file exists: lets a test make two processes
+        # overlap for certain instead of hoping a sleep is long enough
+        wait_for: Annotated[str | None, NOT_IN_KEY] = None
 
     def run(self, p, inputs, out, ctx):
         _count(ctx, f"value={p.value}")
         (out / "started").write_text("")  # a killed run must not leave this in the cache
         time.sleep(p.sleep)
+        deadline = time.monotonic() + 120
+        while p.wait_for and not os.path.exists(p.wait_for):
+            if time.monotonic() > deadline:
+                raise StageError(f"t_source.wait_for: {p.wait_for} did not appear within 120 s")
+            time.sleep(0.02)
         (out / "value.txt").write_text(str(p.value))
         return {"value": p.value}
 

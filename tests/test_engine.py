@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -254,11 +255,91 @@ def test_dag_mermaid_and_dot(ws):
     assert r.out.startswith("digraph") and '"scale" -> "quant"' in r.out
 
 
-def test_two_processes_compute_each_stage_once(ws):
-    procs = [ws.spawn("run", "+src.sleep=1.5") for _ in range(2)]
-    outs = [p.communicate(timeout=60) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+WAITING = "src: waiting for another process computing it"  # the runner's note when a key's lock is held
+
+
+class Output:
+    """Collects a spawned CLI's stdout line by line (in a thread) so a test can wait for a line."""
+
+    def __init__(self, proc) -> None:
+        self.proc, self.lines, self._new = proc, [], threading.Condition()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            with self._new:
+                self.lines.append(line)
+                self._new.notify_all()
+        with self._new:  # end of output: a waiter need not sit out its timeout
+            self._new.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        with self._new:
+            ok = self._new.wait_for(lambda: any(text in ln for ln in self.lines) or self.proc.poll() is not None,
+                                    timeout)
+        assert ok and any(text in ln for ln in self.lines), f"never printed {text!r}:\n{self.text()}"
+
+    def finish(self, timeout: float = 60) -> str:
+        self.proc.wait(timeout=timeout)
+        self._thread.join(timeout)
+        return self.text()
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+@pytest.fixture
+def spawn(ws, monkeypatch):
+    """ws.spawn with unbuffered output; whatever a failing test leaves running is killed."""
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    started = []
+    yield lambda *args: started.append(ws.spawn(*args)) or started[-1]
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _until(predicate, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_two_processes_compute_each_stage_once(ws, spawn):
+    """The second process provably overlaps the first: it reaches src while the first holds src's lock
+    (src waits for a file the test creates only once the second says it is waiting), then reuses it."""
+    go = ws.root / "go"
+    first = Output(spawn("run", f"+src.wait_for={go}"))
+    _until(lambda: ws.counts().get("src") == 1)  # the first is inside src, holding its lock
+    second = Output(spawn("run", f"+src.wait_for={go}"))
+    second.wait_for(WAITING)
+    assert second.proc.poll() is None and first.proc.poll() is None
+    go.touch()
+    outs = [first.finish(), second.finish()]
+    assert [first.proc.returncode, second.proc.returncode] == [0, 0], outs
+    assert WAITING not in outs[0]
     assert ws.counts() == {"src": 1, "scale": 1, "quant": 1, "side": 1, "total": 1}
+    runs = [json.loads(p.read_text()) for p in ws.runs.glob("*/*/run.json")]
+    assert sorted(r["stages"]["src"]["status"] for r in runs) == ["cached", "ran"]
+
+
+def test_waiting_process_takes_over_when_the_lock_holder_is_killed(ws, spawn):
+    go = ws.root / "never"  # the first process never gets past src
+    first = spawn("run", f"+src.wait_for={go}")
+    _until(lambda: ws.counts().get("src") == 1)
+    second = Output(spawn("run"))
+    second.wait_for(WAITING)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(timeout=10)
+    out = second.finish()
+    assert second.proc.returncode == 0, out
+    assert ws.counts()["src"] == 2  # the killed attempt and the second process's own
+    assert ws.statuses()["src"] == "ran"
+    assert not list((ws.runs / "cache" / "t_source" / ".tmp").iterdir())  # the killed run's temp folder is gone
+    assert (ws.entries("t_source")[0] / "value.txt").read_text() == "3"
 
 
 def test_sigkill_mid_stage_leaves_no_entry_and_next_run_completes(ws):
