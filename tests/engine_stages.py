@@ -102,3 +102,18 @@ class Folder(Stage):
         names = sorted(f.name for f in p.path.iterdir() if f.is_file())
         (out / "value.txt").write_text(str(sum(len((p.path / n).read_bytes()) for n in names)))
         return {"files": len(names)}
+
+
+class Noisy(Stage):
+    """A non-deterministic stage, like an RKNN build or training on another machine: new bytes on every
+    run, and a score that moves by $EDGEPIPE_TEST_DRIFT (default 0) from 0.5. Its build time varies
+    too, and is a timing, never a result."""
+
+    name = "t_noisy"
+    deterministic = False
+    inputs = {"x": Input(required=False)}
+
+    def run(self, p, inputs, out, ctx):
+        _count(ctx, "")
+        (out / "model.bin").write_bytes(os.urandom(16))
+        return {"score": 0.5 + float(os.environ.get("EDGEPIPE_TEST_DRIFT", "0")), "build_s": time.time() % 1000}

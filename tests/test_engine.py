@@ -397,6 +397,25 @@ def test_reproduce_round_trip(ws):
     assert r.rc == 1 and "quant: not in the cache" in r.out
 
 
+def test_reproduce_verify_compares_a_non_deterministic_stage_by_its_metrics(ws, monkeypatch):
+    ws.cli("run", "+pipeline.stages.noisy={uses: t_noisy, needs: {x: src}}")
+    run_dir = str((ws.runs / "latest").resolve())
+    monkeypatch.setenv("EDGEPIPE_TEST_DRIFT", "0.0078125")  # the score moves by less than the default 0.01
+    r = ws.cli("reproduce", run_dir, "--verify")
+    assert r.rc == 0, r.out
+    assert "noisy: outputs differ byte-wise, metrics within 0.01" in r.out and "verified" in r.out
+    assert "src: identical outputs" in r.out
+    monkeypatch.setenv("EDGEPIPE_TEST_DRIFT", "0.25")
+    r = ws.cli("reproduce", run_dir, "--verify")
+    assert r.rc == 1
+    assert "noisy: metrics differ beyond 0.01: score: 0.5 -> 0.75" in r.out  # names the metric, not build_s
+    assert "build_s" not in r.out and "1 stages differ" in r.out
+    r = ws.cli("reproduce", run_dir, "--verify", "--tolerance", "0.3")
+    assert r.rc == 0 and "noisy: outputs differ byte-wise, metrics within 0.3" in r.out
+    r = ws.cli("reproduce", run_dir, "--verify", "--tolerance", "0.2")
+    assert r.rc == 1 and "score: 0.5 -> 0.75" in r.out
+
+
 def test_runs_show_compare(ws):
     ws.cli("run")
     ws.cli("run", "scale.factor=3")
