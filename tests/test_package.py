@@ -21,7 +21,7 @@ import pytest
 from pydantic import ValidationError
 
 from engine.stage import StageError
-from helpers_boards import (LABELS, REPO, export_onnx, install_rknnlite_stub, make_dataset, make_filelist_dataset,
+from helpers_boards import (LABELS, REPO, export_onnx, install_rknnlite_stub, make_dataset, make_digit_filelist,
                             make_folder_dataset, make_pretrained, run_experiment, stage, write_images)
 
 RKNN_API = REPO / "tests" / "rknn_api"
@@ -383,11 +383,15 @@ def test_experiment_rv1103_mobilenetv3(tmp_path):
 
 @pytest.mark.slow
 def test_experiment_mnist_gem_resnet(tmp_path):
-    data = make_filelist_dataset(tmp_path / "mnist_lists")
+    """At its defaults (but for fewer epochs and images) the experiment learns digits: its earlier SGD
+    lr 0.05 reached NaN loss in epoch 2 and shipped an 11% model."""
+    data = make_digit_filelist(tmp_path / "mnist_lists", count=500)
     record = run_experiment(tmp_path / "runs", "+experiment=mnist_gem_resnet", f"dataset.path={data}",
-                            "train.epochs=1", "train.batch_size=16")
+                            "train.epochs=2", "train.batch_size=16")
     st = record["stages"]
     assert st["torchscript"]["status"] == st["onnx"]["status"] == st["package"]["status"] == "ran"
+    top1 = st["eval"]["metrics"]["top1"]
+    assert top1["pytorch"] >= 0.9 and top1["onnx"] >= 0.9, top1  # 100 test digits
     assert json.loads((_pkg(record) / "manifest.json").read_text())["labels"] == [str(i) for i in range(10)]
 
 
