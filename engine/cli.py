@@ -172,6 +172,8 @@ def cmd_run(argv: Sequence[str]) -> int:
         p.graph.select(options.only)
         p._forced(options)
         _check_runs_root(p.runs_root)
+    for job, p in zip(jobs, pipelines):
+        _check_overrides(job, p)
     _warn_shadowed(jobs[0].overrides, pipelines[0])
     sweep = bool(opts.get("multirun"))
     sweep_dir = _make_unique_dir(jobs[0].sweep_dir, "hydra.sweep.dir") if sweep else None
@@ -199,6 +201,15 @@ def cmd_run(argv: Sequence[str]) -> int:
     if sweep:
         print(f"sweep: {len(jobs) - failed}/{len(jobs)} jobs ok in {jobs[0].sweep_dir}")
     return 1 if failed else 0
+
+
+def _check_overrides(job, pipeline) -> None:
+    """An override that no stage of the pipeline validates is still checked (a bad value is an error)."""
+    from .config import ConfigError, unvalidated_override_problems
+
+    problems = unvalidated_override_problems(job.cfg, job.overrides, pipeline.stages)
+    if problems:
+        raise ConfigError(problems)
 
 
 def _warn_shadowed(overrides: list[str], pipeline) -> None:
@@ -236,6 +247,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
     out = []
     for job in _compose_jobs(opts, overrides):
         pipeline = Pipeline(job.cfg, _runs_root(job.cfg))
+        _check_overrides(job, pipeline)
         _check_runs_root(pipeline.runs_root)  # plan records content digests in the cache's index
         _warn_shadowed(job.overrides, pipeline)
         items = pipeline.plan(options, run_name=str(job.cfg.name))

@@ -215,6 +215,47 @@ def shadowed_overrides(overrides: list[str], specs: Mapping[str, StageSpec]) -> 
     return notes
 
 
+def unvalidated_override_problems(cfg: DictConfig, overrides: list[str], specs: Mapping[str, StageSpec]) -> list[str]:
+    """Command-line overrides whose value no stage validates -- every stage reading the section replaces
+    the key with `with:`, or no stage of this pipeline reads the section -- checked against the stage
+    types that read it (else the type whose own section it is): a bad value is an error even where it
+    would have no effect, never a run that silently ignores it."""
+    problems: list[str] = []
+    for override in overrides:
+        if override.startswith("~") or "=" not in override:
+            continue
+        section, _, field = override.lstrip("+").split("=", 1)[0].partition(".")
+        head = field.split(".", 1)[0]
+        readers = [s for s in specs.values() if s.section == section]
+        if not head or any(head not in s.entry.with_ for s in readers):
+            continue  # validated as some stage's params already
+        entries = [(s.name, s.entry.model_copy(update={"with_": {k: v for k, v in s.entry.with_.items() if k != head}}), s.cls)
+                   for s in readers] or [(section, PipelineEntry(uses=cls.name, config=section), cls)
+                                         for cls in _types_owning(section)]
+        for name, entry, cls in entries:
+            try:
+                params, origin = assemble_params(cfg, name, entry, cls)
+                cls.Params.model_validate(params)
+            except ValidationError as e:
+                problems += [f"{_describe(err, cls.Params, origin, section)}  [stage type {cls.name}]"
+                             for err in e.errors() if err["loc"][:1] == (head,)]
+            except Exception:  # noqa: BLE001 - anything else is reported by the stages that do read it
+                continue
+    return list(dict.fromkeys(problems))
+
+
+def _types_owning(section: str) -> list[type[Stage]]:
+    found = []
+    for name in registry.known_types():
+        try:
+            cls = registry.get(name)
+        except Exception:  # noqa: BLE001 - a broken plugin is reported where it is used
+            continue
+        if (cls.config_section or cls.name) == section:
+            found.append(cls)
+    return found
+
+
 # A run name becomes part of a folder name under runs_root: no separators, no '..'.
 _RUN_NAME = re.compile(r"[\w.+=,@-]+")
 

@@ -343,3 +343,28 @@ def test_maixii_dock_with_uniform_normalisation_plans(project, data_dir):
 def test_board_rknn_target_that_is_not_the_boards(project, data_dir):
     failed_cleanly(project, ["plan", "+experiment=rv1103_mobilenetv3", f"dataset.path={data_dir}",
                              "board.rknn_target=rk3588"], 2, "board.rknn_target", "rv1103")
+
+
+# -- 11. bad values on the real conf/: exit 2, the exact key, nothing written (issue 15) --------------------
+@pytest.mark.parametrize("args, names", [
+    # the quickstart's two RKNN stages both set `algorithm` with `with:`: a bad value is still an error
+    (["+experiment=quickstart", "quantize.algorithm=mse"], ["quantize.algorithm", "'mse'", "mmse", "kl_divergence"]),
+    # the default pipeline has no RKNN stage: the value is checked against the type that reads `quantize`
+    (["quantize.algorithm=mse"], ["quantize.algorithm", "'mse'"]),
+    (["+experiment=quickstart", "pipeline.stages.rknn_mmse.with.algorithm=msee"],
+     ["pipeline.stages.rknn_mmse.with.algorithm", "'msee'", "normal"]),
+    (["+experiment=quickstart", "+pipeline.stages.rknn_mmse.with.optimisation_level=1"],
+     ["pipeline.stages.rknn_mmse.with.optimisation_level", "unknown key", "did you mean 'optimization_level'"]),
+    (["+experiment=quickstart", "train.mode=finetune", "model.pretrained=/no/such/resnet18.pth"],
+     ["model.pretrained", "/no/such/resnet18.pth", "does not exist"]),
+], ids=["shadowed-algorithm", "unread-algorithm", "with-value", "with-unknown-key", "missing-pretrained"])
+@pytest.mark.parametrize("verb", ["plan", "run"])
+def test_bad_values_on_the_real_conf_name_the_key(project, verb, args, names):
+    failed_cleanly(project, [verb, *args], 2, *names)
+    assert not project.runs.exists()
+
+
+def test_a_valid_value_hidden_by_with_is_only_a_warning(project):
+    r = project.cli("plan", "+experiment=quickstart", "quantize.algorithm=kl_divergence", "--json")
+    assert r.rc == 0, r.err
+    assert "quantize.algorithm=kl_divergence has no effect: pipeline.stages.rknn_normal.with.algorithm" in r.err
