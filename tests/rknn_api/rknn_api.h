@@ -4,6 +4,8 @@
  * generated C demo uses, with the same names, types and values as the SDK header, so that
  * `gcc -fsyntax-only -I tests/rknn_api demo.c` catches typos and type errors without the SDK.
  * On the board the demo is built against the real header shipped with the runtime library.
+ * Matches rknpu2 NPU SDK V2.3.2 (rknpu2/runtime/Linux/librknn_api/include/rknn_api.h); checked
+ * declaration by declaration in tests/test_rknn_api.py.
  */
 #ifndef _RKNN_API_H
 #define _RKNN_API_H
@@ -52,6 +54,12 @@ typedef enum _rknn_query_cmd {
     RKNN_QUERY_NATIVE_NC1HWC2_OUTPUT_ATTR = 9,
     RKNN_QUERY_NATIVE_NHWC_INPUT_ATTR = 10,
     RKNN_QUERY_NATIVE_NHWC_OUTPUT_ATTR = 11,
+    RKNN_QUERY_DEVICE_MEM_INFO = 12,
+    RKNN_QUERY_INPUT_DYNAMIC_RANGE = 13,
+    RKNN_QUERY_CURRENT_INPUT_ATTR = 14,
+    RKNN_QUERY_CURRENT_OUTPUT_ATTR = 15,
+    RKNN_QUERY_CURRENT_NATIVE_INPUT_ATTR = 16,
+    RKNN_QUERY_CURRENT_NATIVE_OUTPUT_ATTR = 17,
     RKNN_QUERY_CMD_MAX
 } rknn_query_cmd;
 
