@@ -37,7 +37,7 @@ PACKAGE_FORMAT = "edgepipe.package/1"
 
 class Package(Stage):
     name = "package"
-    version = 1
+    version = 2  # 2: the manifest's accuracy says whether each backend met its target (target_met)
     inputs = {
         "model": Input(required=True, doc="model bundle: export_onnx, ncnn or rknn_quantize folder"),
         "eval": Input(required=False, doc="evaluate folder (metrics.json): accuracy per backend in the manifest"),
@@ -169,8 +169,8 @@ def _accuracy(eval_dir: Path) -> dict[str, dict[str, Any]]:
     if isinstance(table, dict):
         for backend, m in table.items():
             if isinstance(m, dict) and any(k in m for k in ("top1", "accuracy")):
-                out[backend] = {k: v for k, v in m.items()
-                                if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+                # scalars only (not per-class tables or confusion matrices); target_met is a bool
+                out[backend] = {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}
                 if "top1" not in out[backend] and "accuracy" in m:
                     out[backend]["top1"] = m["accuracy"]
     return out

@@ -4,6 +4,8 @@ toy model's test split; numbers checked against a direct computation on the same
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -228,3 +230,62 @@ def test_multicrop_without_files_is_explained(tmp_path):
     with pytest.raises(StageError, match="does not exist; multicrop.root must be"):
         run_stage("evaluate", {"multicrop": {"enabled": True, "root": str(tmp_path)}},
                   {"data": t.data, "onnx": t.onnx}, tmp_path / "out")
+
+
+# -- a quantization that misses its target, and the package reading evaluate's real output ------------------
+@pytest.fixture(scope="module")
+def badly_calibrated(tmp_path_factory) -> Path:
+    """A real int8 build calibrated on two flat grey pictures: activation ranges far too narrow, so the
+    simulator's top-1 collapses (measured: 98% fp32 -> 28%)."""
+    from PIL import Image
+
+    t = toy()
+    root = tmp_path_factory.mktemp("badcal")
+    (root / "calib" / "images").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(root / "calib" / "images" / f"{i}.png")
+    (root / "calib" / "dataset.txt").write_text("images/0.png\nimages/1.png\n")
+    run_stage("rknn_quantize", {"accuracy_analysis_samples": 0}, {"onnx": t.onnx, "calib": root / "calib", "data": t.data},
+              root / "rknn")
+    return root / "rknn"
+
+
+def test_int8_drop_beyond_quant_max_drop_misses_the_target(badly_calibrated, tmp_path, caplog):
+    t = toy()
+    out = tmp_path / "eval"
+    with caplog.at_level(logging.INFO, logger="edgepipe.stage.evaluate"):
+        metrics = run_stage("evaluate", {"quant_max_drop": 1.0},
+                            {"data": t.data, "model": t.model, "rknn": badly_calibrated}, out)
+    drop = metrics["drop_points"]["rknn"]
+    assert drop > 10  # the build really lost accuracy
+    assert metrics["target_met"] == {"rknn": False}
+    row = json.loads((out / "metrics.json").read_text())["backends"]["rknn"]
+    assert row["target"] == "top-1 drop <= 1 points"
+    notes = [r.getMessage() for r in caplog.records if "misses its target" in r.getMessage()]  # shown to the user
+    assert len(notes) == 1 and notes[0].startswith("rknn: misses its target (top-1 drop <= 1 points)")
+    assert f"drop {drop:.2f} points" in notes[0]
+    assert re.search(r"^\| rknn \|.*\| ✗ \(top-1 drop <= 1 points\) \|$", (out / "eval.md").read_text(), re.M)
+    # the same build within a looser target
+    loose = run_stage("evaluate", {"quant_max_drop": drop + 1}, {"data": t.data, "model": t.model, "rknn": badly_calibrated},
+                      tmp_path / "loose")
+    assert loose["target_met"] == {"rknn": True}
+
+
+def test_package_reads_a_real_evaluate_output(evaluated, badly_calibrated, tmp_path):
+    """package's manifest carries what evaluate measured, per backend, from evaluate's own metrics.json."""
+    t = toy()
+    out, metrics = evaluated
+    pkg_metrics = run_stage("package", {"board": "onnxruntime"}, {"model": t.onnx, "eval": out}, tmp_path / "pkg")
+    manifest = json.loads((tmp_path / "pkg" / "package" / "manifest.json").read_text())
+    report = json.loads((out / "metrics.json").read_text())["backends"]
+    assert set(manifest["accuracy"]) == set(report) == {"model", "onnx", "ts", "ncnn", "rknn"}
+    for backend, row in report.items():
+        for key in ("top1", "agreement", "max_abs_diff", "drop_points", "target_met"):
+            assert manifest["accuracy"][backend].get(key) == row.get(key), (backend, key)
+        assert pkg_metrics[f"acc_{backend}"] == metrics["top1"][backend]
+    assert set(manifest["source"]) == {"eval", "model"}
+    # a failed target reaches the package too
+    run_stage("evaluate", {}, {"data": t.data, "model": t.model, "rknn": badly_calibrated}, tmp_path / "bad_eval")
+    run_stage("package", {"board": "onnxruntime"}, {"model": t.onnx, "eval": tmp_path / "bad_eval"}, tmp_path / "pkg2")
+    bad = json.loads((tmp_path / "pkg2" / "package" / "manifest.json").read_text())["accuracy"]["rknn"]
+    assert bad["target_met"] is False and bad["target"] == "top-1 drop <= 1 points"
