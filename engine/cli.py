@@ -1,15 +1,18 @@
 """The `edgepipe` command.
 
     edgepipe run [-m] [--only S] [--force S] [--keep-going] [--no-cache] [--cfg job|hydra|all] [--resolve] [OVERRIDE ...]
-    edgepipe plan [--json] [--only S] [--force S] [OVERRIDE ...]
+    edgepipe plan [--json] [--only S] [--force S] [--info] [OVERRIDE ...]
     edgepipe dag [--format mermaid|dot] [OVERRIDE ...]
     edgepipe runs [--limit N] [--json]
     edgepipe show RUN
     edgepipe reproduce RUN_DIR [--verify] [--tolerance T]
     edgepipe compare RUN RUN ...
     edgepipe gc [--dry-run]
+    edgepipe init [DIR]
+    edgepipe --version
 
-Every verb that composes a config takes -cd/--config-dir DIR (default: ./conf, else the project's).
+Every verb that composes a config takes -cd/--config-dir DIR (default: ./conf when it exists), a folder
+searched before edgepipe's built-in configs; --info lists the search path and where each file came from.
 Overrides use Hydra's syntax: `train.epochs=3`, `model=mobilenet_v3_small`, `+experiment=quickstart`,
 `+train.foo=1`, `~key`, and with -m sweeps such as `train.lr=1e-3,1e-2`.
 """
@@ -28,7 +31,7 @@ USAGE = __doc__
 
 # Flags of our own on run/plan/dag; everything else on those verbs is a Hydra override.
 _VALUE_FLAGS = {"--only", "--force", "--format", "--cfg", "--config-dir", "-cd"}
-_BOOL_FLAGS = {"--keep-going", "--no-cache", "--json", "-m", "--multirun", "--resolve"}
+_BOOL_FLAGS = {"--keep-going", "--no-cache", "--json", "-m", "--multirun", "--resolve", "--info"}
 # --cfg as in Hydra apps (`--cfg resolved` is the job config resolved, kept for older scripts)
 _CFG_PARTS = ("job", "hydra", "all", "resolved")
 
@@ -154,12 +157,32 @@ def _compose_jobs(opts: dict, overrides: list[str]):
     return [compose.compose(ov, cdir) for ov in job_overrides]
 
 
+def _print_info(opts: dict, overrides: list[str]) -> int:
+    """--info: the config search path and, for each config file merged, the entry it came from."""
+    from . import compose
+
+    info = compose.explain(overrides, Path(opts["config_dir"]) if opts.get("config_dir") else None)
+    if opts.get("json"):
+        print(json.dumps(info, indent=2))
+        return 0
+    print("config search path (for each file, the first folder that holds it wins):")
+    for s in info["search_path"]:
+        print(f"  {s['provider']:<9} {s['folder']}")
+    print("config files merged, in this order (later ones win):")
+    width = max((len(c["config"]) for c in info["configs"]), default=0)
+    for c in info["configs"]:
+        print(f"  {c['config']:<{width}}  {c['provider']:<9} {c['file']}")
+    return 0
+
+
 def cmd_run(argv: Sequence[str]) -> int:
-    from . import compose, runs
+    from . import __version__, compose, runs
     from .display import Display, summary
     from .runner import Options, Pipeline
 
     opts, overrides = _split_args(argv)
+    if opts.get("info"):
+        return _print_info(opts, overrides)
     options = Options(only=opts["only"], force=opts["force"], no_cache=bool(opts.get("no_cache")),
                       keep_going=bool(opts.get("keep_going")))
     jobs = _compose_jobs(opts, overrides)
@@ -188,7 +211,8 @@ def cmd_run(argv: Sequence[str]) -> int:
         compose.write_hydra_dir(run_dir, job)
         _setup_logging(run_dir)
         record = runs.RunRecord(name=str(job.cfg.name), run_dir=str(run_dir.resolve()),
-                                runs_root=str(pipeline.runs_root.resolve()), overrides=job.overrides)
+                                runs_root=str(pipeline.runs_root.resolve()), overrides=job.overrides,
+                                edgepipe_version=__version__, config_sources=job.sources, cwd=os.getcwd())
         runs.point_latest(pipeline.runs_root, run_dir)
         title = f"{record.name}" + (f" [job {num + 1}/{len(jobs)}: {' '.join(job.overrides)}]" if sweep else "")
         display = Display(title, pipeline.graph.select(options.only))
@@ -243,6 +267,8 @@ def cmd_plan(argv: Sequence[str]) -> int:
     from .runner import Options, Pipeline
 
     opts, overrides = _split_args(argv)
+    if opts.get("info"):
+        return _print_info(opts, overrides)
     options = Options(only=opts["only"], force=opts["force"], no_cache=bool(opts.get("no_cache")))
     out = []
     for job in _compose_jobs(opts, overrides):
@@ -270,6 +296,8 @@ def cmd_dag(argv: Sequence[str]) -> int:
     from .runner import Pipeline
 
     opts, overrides = _split_args(argv)
+    if opts.get("info"):
+        return _print_info(opts, overrides)
     job = _compose_jobs(opts, overrides)[0]
     graph = Pipeline(job.cfg, _runs_root(job.cfg)).graph
     fmt = opts.get("format", "mermaid")
@@ -402,14 +430,34 @@ def cmd_gc(argv: Sequence[str]) -> int:
     return gc.collect(a.root, dry_run=a.dry_run)
 
 
+def cmd_init(argv: Sequence[str]) -> int:
+    import argparse
+
+    from . import project
+
+    ap = argparse.ArgumentParser(prog="edgepipe init", description="write a project skeleton; never overwrites a file")
+    ap.add_argument("dir", nargs="?", type=Path, default=Path("."))
+    a = ap.parse_args(argv)
+    for line in project.init(a.dir):
+        print(line)
+    where = "" if a.dir == Path(".") else f"cd {a.dir} && "
+    print(f"next: put images in {a.dir / 'data'}/<class name>/, then {where}edgepipe plan +experiment=my_experiment")
+    return 0
+
+
 VERBS = {"run": cmd_run, "plan": cmd_plan, "dag": cmd_dag, "runs": cmd_runs, "show": cmd_show,
-         "reproduce": cmd_reproduce, "compare": cmd_compare, "gc": cmd_gc}
+         "reproduce": cmd_reproduce, "compare": cmd_compare, "gc": cmd_gc, "init": cmd_init}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE.strip())
+        return 0
+    if argv[0] in ("--version", "-V"):
+        from . import __version__
+
+        print(f"edgepipe {__version__}")
         return 0
     verb, rest = argv[0], argv[1:]
     if verb in ("run", "plan", "dag") and ("-h" in rest or "--help" in rest):
@@ -422,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .compose import ComposeError
     from .config import ConfigError
+    from .project import InitError
     from .registry import PluginError
     from .runs import RunFolderError
 
@@ -430,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print("edgepipe: invalid config:\n" + "\n".join(f"  - {p}" for p in e.problems), file=sys.stderr)
         return 2
-    except (ComposeError, UsageError, FileNotFoundError, RunFolderError, PluginError) as e:
+    except (ComposeError, UsageError, FileNotFoundError, RunFolderError, PluginError, InitError) as e:
         print(f"edgepipe: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,19 +5,30 @@ We use Hydra's compose API rather than `@hydra.main` so that a config is validat
 folder exists (an invalid config writes nothing to runs/), and so that one process runs every job of
 a sweep against one cache. Override syntax, config groups, `+experiment=`, `hydra.sweeper.params`
 and `hydra.run.dir` / `hydra.sweep.dir` behave as in any Hydra app.
+
+The config search path (first match wins, file by file): the user's folder (-cd DIR, else
+$EDGEPIPE_CONFIG_DIR, else ./conf when it exists), then edgepipe's built-in conf/ (installed as the
+package edgepipe_conf), then whatever `hydra.searchpath` adds. A user folder adds options to the
+built-in groups and replaces a built-in file of the same name; with its own config.yaml it is the
+primary config too (the built-in groups stay available behind it).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONFIG_NAME = "config"
 CONFIG_DIR_ENV = "EDGEPIPE_CONFIG_DIR"
+BUILTIN_PACKAGE = "edgepipe_conf"  # conf/, installed under this name (setup.py)
+BUILTIN_PROVIDER = "edgepipe"  # search-path provider names, as Hydra records them in hydra.runtime
+USER_PROVIDER = "project"
 
 
 class ComposeError(Exception):
@@ -81,14 +92,93 @@ def _missing_config(e, overrides: list) -> str:
     return head + one_line(str(e))
 
 
-def default_config_dir() -> Path:
-    """$EDGEPIPE_CONFIG_DIR, else ./conf when it holds config.yaml, else the repo's conf/."""
-    if os.environ.get(CONFIG_DIR_ENV):
-        return Path(os.environ[CONFIG_DIR_ENV]).resolve()
-    local = Path("conf")
-    if (local / f"{CONFIG_NAME}.yaml").is_file():
-        return local.resolve()
-    return (Path(__file__).resolve().parent.parent / "conf").resolve()
+def builtin_config_dir() -> Path | None:
+    """The folder of edgepipe's built-in conf/: the installed package (a wheel's copy, or conf/ itself
+    in an editable install), else a source checkout's conf/ next to engine/."""
+    if importlib.util.find_spec(BUILTIN_PACKAGE) is not None:
+        from importlib.resources import files
+
+        return Path(str(files(BUILTIN_PACKAGE)))
+    checkout = Path(__file__).resolve().parent.parent / "conf"
+    return checkout if (checkout / f"{CONFIG_NAME}.yaml").is_file() else None
+
+
+def user_config_dir(config_dir: Path | str | None = None) -> Path | None:
+    """The user's folder searched before the built-ins: config_dir (-cd), else $EDGEPIPE_CONFIG_DIR,
+    else ./conf when it exists; None when there is none (or it is the built-in folder itself)."""
+    named, where = config_dir, "-cd/--config-dir"
+    if named is None and os.environ.get(CONFIG_DIR_ENV):
+        named, where = os.environ[CONFIG_DIR_ENV], CONFIG_DIR_ENV
+    if named is not None:
+        folder = Path(named).expanduser().resolve()
+        if not folder.is_dir():
+            raise ComposeError(f"{where} {named}: no such folder; name your config folder (it holds "
+                               f"experiment/, model/, ... and optionally config.yaml)")
+    else:
+        folder = Path("conf").resolve()
+        if not folder.is_dir():
+            return None
+    builtin = builtin_config_dir()
+    return None if builtin is not None and folder == builtin.resolve() else folder
+
+
+def search_path(user_dir: Path | None):
+    """Hydra's search path: Hydra's own configs, the user's folder, the built-in conf/, then schemas."""
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+
+    builtin = builtin_config_dir()
+    if builtin is None and not (user_dir and (user_dir / f"{CONFIG_NAME}.yaml").is_file()):
+        raise ComposeError(f"edgepipe's built-in configuration ({BUILTIN_PACKAGE}) is missing: reinstall "
+                           f"edgepipe, or name a complete config folder with -cd DIR or {CONFIG_DIR_ENV}")
+    path = create_config_search_path(None)  # pkg://hydra.conf, SearchPathPlugins, structured://
+    schema = SearchPathQuery(provider="schema")
+    if user_dir is not None:
+        path.prepend(USER_PROVIDER, f"file://{user_dir}", anchor=schema)
+    if builtin is not None:
+        source = (f"pkg://{BUILTIN_PACKAGE}" if importlib.util.find_spec(BUILTIN_PACKAGE) else f"file://{builtin}")
+        path.prepend(BUILTIN_PROVIDER, source, anchor=schema)
+    return path
+
+
+@contextmanager
+def _hydra(user_dir: Path | None):
+    """Hydra initialised on edgepipe's search path (what initialize_config_dir does for one folder)."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    path = search_path(user_dir)
+    GlobalHydra.instance().clear()
+    version.setbase(None)
+    Hydra.create_main_hydra2(task_name="edgepipe", config_search_path=path)
+    try:
+        yield
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def source_folder(schema: str, path: str) -> str:
+    """Where a search-path entry is on disk (a pkg:// entry is resolved to its package folder)."""
+    if schema == "pkg":
+        try:
+            from importlib.resources import files
+
+            return str(files(path))
+        except (ModuleNotFoundError, TypeError, ValueError):
+            return f"pkg://{path} (not installed)"
+    return str(Path(path).resolve()) if schema == "file" else f"{schema}://{path}"
+
+
+def describe_sources(hydra_cfg: DictConfig) -> list[dict]:
+    """hydra.runtime.config_sources without Hydra's own entries: [{provider, path, folder}]."""
+    return [{"provider": s.provider, "path": f"{s.schema}://{s.path}", "folder": source_folder(s.schema, s.path)}
+            for s in hydra_cfg.runtime.config_sources if s.provider not in ("hydra", "schema")]
+
+
+def _where(user_dir: Path | None) -> str:
+    folders = ([str(user_dir)] if user_dir else []) + [f"edgepipe's built-in {BUILTIN_PACKAGE}"]
+    return f"config search path: {', then '.join(folders)}"
 
 
 @dataclass
@@ -98,44 +188,69 @@ class Job:
     hydra_cfg: DictConfig  # the `hydra` node as composed (for .hydra/hydra.yaml and sweeper params)
     run_dir: Path  # hydra.run.dir, resolved now (it holds ${now:...})
     sweep_dir: Path  # hydra.sweep.dir, resolved now
+    sources: list[dict] = field(default_factory=list)  # the search path it was composed from
 
 
 def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from hydra import compose as hydra_compose
     from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
-    config_dir = Path(config_dir or default_config_dir())
-    if not (config_dir / f"{CONFIG_NAME}.yaml").is_file():
-        raise ComposeError(f"{config_dir}/{CONFIG_NAME}.yaml not found; run edgepipe from the project folder "
-                           f"or set {CONFIG_DIR_ENV}")
-    import yaml
-    from hydra.errors import MissingConfigException
-
+    user_dir = user_config_dir(config_dir)
     parsed = parse_overrides(list(overrides))
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base=None, job_name="edgepipe"):
-            full = hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
-    except yaml.YAMLError as e:
-        raise ComposeError(yaml_problem(e)) from None
-    except MissingConfigException as e:
-        raise ComposeError(f"{_missing_config(e, parsed)} (config folder: {config_dir})") from None
-    except (HydraException, OmegaConfBaseException, ValueError) as e:
-        cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ and str(e.__cause__) else ""
-        raise ComposeError(f"{one_line(str(e))}{cause} (config folder: {config_dir})") from None
-    except OSError as e:  # Hydra's config source on a file that holds a scalar: it does not say which
-        chosen = " ".join(o.input_line for o in parsed if "." not in o.key_or_group) or "config.yaml"
-        raise ComposeError(f"{e}: every config file must hold a YAML mapping; check the files these choose: "
-                           f"{chosen} (config folder: {config_dir})") from None
+    with _hydra(user_dir), _composition_errors(parsed, user_dir):
+        full = hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(full)  # makes ${hydra:...} resolvable
     run_dir, sweep_dir = _resolved_dir(full, "run"), _resolved_dir(full, "sweep")
     hydra_cfg = OmegaConf.create(OmegaConf.to_container(full.hydra, resolve=False))
     with open_dict(full):
         del full["hydra"]
-    return Job(list(overrides), full, hydra_cfg, run_dir, sweep_dir)
+    return Job(list(overrides), full, hydra_cfg, run_dir, sweep_dir, describe_sources(hydra_cfg))
+
+
+@contextmanager
+def _composition_errors(parsed: list, user_dir: Path | None):
+    """Hydra's and the YAML parser's exceptions as one-line ComposeErrors."""
+    import yaml
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except yaml.YAMLError as e:
+        raise ComposeError(yaml_problem(e)) from None
+    except MissingConfigException as e:
+        raise ComposeError(f"{_missing_config(e, parsed)} ({_where(user_dir)})") from None
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ and str(e.__cause__) else ""
+        raise ComposeError(f"{one_line(str(e))}{cause} ({_where(user_dir)})") from None
+    except OSError as e:  # Hydra's config source on a file that holds a scalar: it does not say which
+        chosen = " ".join(o.input_line for o in parsed if "." not in o.key_or_group) or "config.yaml"
+        raise ComposeError(f"{e}: every config file must hold a YAML mapping; check the files these choose: "
+                           f"{chosen} ({_where(user_dir)})") from None
+
+
+def explain(overrides: list[str], config_dir: Path | None = None) -> dict:
+    """The search path and, for every config file merged (in merge order), the search-path entry it
+    came from: what `edgepipe plan --info` prints."""
+    from hydra._internal.defaults_list import create_defaults_list
+    from hydra.core.global_hydra import GlobalHydra
+
+    job = compose(overrides, config_dir)  # the same one-line errors as any other verb
+    user_dir = user_config_dir(config_dir)
+    with _hydra(user_dir), _composition_errors(parse_overrides(list(overrides)), user_dir):
+        loader = GlobalHydra.instance().config_loader()
+        parsed, repo = loader._parse_overrides_and_create_caching_repo(CONFIG_NAME, list(overrides))
+        defaults = create_defaults_list(repo=repo, config_name=CONFIG_NAME, overrides_list=parsed,
+                                        prepend_hydra=False, skip_missing=False).defaults
+        configs = []
+        for d in defaults:
+            source = next((s for s in repo.get_sources() if d.config_path and s.is_config(d.config_path)), None)
+            if source is None or any(c["config"] == d.config_path for c in configs):
+                continue
+            configs.append({"config": d.config_path, "package": d.package or "_global_",
+                            "provider": source.provider,
+                            "file": str(Path(source_folder(source.scheme(), source.path)) / f"{d.config_path}.yaml")})
+    return {"search_path": job.sources, "configs": configs}
 
 
 def _resolved_dir(full: DictConfig, which: str) -> Path:
@@ -157,14 +272,13 @@ def expand_sweep(overrides: list[str], config_dir: Path | None = None) -> list[l
     Grid sweeps only (Hydra's BasicSweeper): a,b / choice() / range() / glob()."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra._internal.utils import create_config_search_path
 
     plain = [o.input_line for o in parse_overrides(overrides) if not o.is_sweep_override()]
     base = compose(plain, config_dir)
     node = OmegaConf.select(base.hydra_cfg, "sweeper.params")
     params = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else (node or {})
     # glob() sweeps list a config group's options: the parser needs the config folder for that
-    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(config_dir or default_config_dir())))
+    loader = ConfigLoaderImpl(config_search_path=search_path(user_config_dir(config_dir)))
     parsed = (parse_overrides([f"{k}={v}" for k, v in params.items()], "hydra.sweeper.params", loader)
               + parse_overrides(list(overrides), config_loader=loader))
     for o in parsed:

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import runs
 from .compose import one_line, yaml_problem
+from .config import ConfigError
 from .display import Display, console
 from .runner import Options, Pipeline
 
@@ -42,7 +43,10 @@ def _load(run_dir: Path):
 def reproduce(run_dir: Path, verify: bool = False, tolerance: float = 0.01) -> int:
     run_dir = Path(run_dir)
     cfg, original = _load(run_dir)
-    pipeline = Pipeline(cfg, Path(original.runs_root))
+    try:
+        pipeline = Pipeline(cfg, Path(original.runs_root))
+    except ConfigError as e:  # e.g. a relative dataset.path, read from another folder than the run's
+        raise ConfigError(e.problems + [f"note: {hint}" for hint in _hints(original)]) from None
     only = list(original.stages)
     items = pipeline.plan(Options(only=only), run_name=original.name)
     problems = []
@@ -54,6 +58,8 @@ def reproduce(run_dir: Path, verify: bool = False, tolerance: float = 0.01) -> i
             problems.append(f"{item.name}: not in the cache ({item.reason})")
     for p in problems:
         console.print(f"  [red]✗[/] {p}")
+    for hint in _hints(original) if problems else []:
+        console.print(f"  [yellow]note[/]: {hint}")
     if problems and not verify:
         console.print(f"[red]not reproduced[/]: {len(problems)} of {len(items)} stages miss the cache")
         return 1
@@ -62,6 +68,20 @@ def reproduce(run_dir: Path, verify: bool = False, tolerance: float = 0.01) -> i
     if not verify:
         return 0
     return _verify(cfg, original, tolerance)
+
+
+def _hints(original: runs.RunRecord) -> list[str]:
+    """What differs from the original run's circumstances (an upgrade, another folder)."""
+    from . import __version__
+
+    hints = []
+    if original.edgepipe_version and original.edgepipe_version != __version__:
+        hints.append(f"the run was made with edgepipe {original.edgepipe_version}, this is {__version__}: "
+                     f"a stage whose code changed computes a new key")
+    if original.cwd and Path(original.cwd).resolve() != Path.cwd().resolve():
+        hints.append(f"the run was made in {original.cwd}; relative paths in its config are read from the "
+                     f"current folder: run reproduce from there")
+    return hints
 
 
 def _verify(cfg, original: runs.RunRecord, tolerance: float) -> int:

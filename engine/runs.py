@@ -41,6 +41,12 @@ class RunRecord:
     overrides: list[str] = field(default_factory=list)
     headline: dict[str, Any] | None = None
     stages: dict[str, StageRecord] = field(default_factory=dict)
+    # What `reproduce` needs to explain a miss: the edgepipe that ran, the config search path it
+    # composed from ([{provider, path, folder}], the user's folder first) and the folder it ran in
+    # (relative paths in the config are read from there). Absent from older records.
+    edgepipe_version: str | None = None
+    config_sources: list[dict[str, Any]] = field(default_factory=list)
+    cwd: str | None = None
 
     @property
     def seconds(self) -> float:
@@ -144,6 +150,9 @@ def write_report(record: RunRecord) -> None:
         lines.append(f"- overrides: `{' '.join(record.overrides)}`")
     if record.headline:
         lines.append(f"- headline: {record.headline['key']} = {record.headline['value']}")
+    if record.edgepipe_version:
+        lines.append(f"- edgepipe {record.edgepipe_version}, configs from: "
+                     + ", ".join(f"`{s['folder']}`" for s in record.config_sources))
     lines += ["", "| stage | type | status | seconds | key | metrics |", "|---|---|---|---|---|---|"]
     for s in record.stages.values():
         metrics = ", ".join(f"{k}={_short(v)}" for k, v in flat_metrics(s.metrics).items())
