@@ -219,9 +219,11 @@ def _reason(text: str) -> str:
 
 def run_pnnx(onnx_path: Path, shape: list[int], params: "NcnnConvert.Params", log: Path) -> tuple[str, Path, Path]:
     """Run pnnx on a copy of ``onnx_path`` in a scratch folder; returns (param text, bin path, scratch
-    folder -- the caller removes it). pnnx's output is written to ``log``."""
+    folder -- the caller removes it). pnnx's output is written to ``log``. The scratch folder is made
+    next to ``log`` (in the stage's temp folder), so a run killed mid-conversion leaves it where
+    `edgepipe gc` and the next run of the same key clean up, not in the system temp folder."""
     exe = pnnx_executable()
-    scratch = Path(tempfile.mkdtemp(prefix="edgepipe-pnnx-"))
+    scratch = Path(tempfile.mkdtemp(prefix=".pnnx-", dir=log.parent))
     try:
         model = scratch / "model.onnx"
         shutil.copyfile(onnx_path, model)

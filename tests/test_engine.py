@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
+import helpers_procs
 import pytest
+from helpers_procs import Output, until
 
 
 def test_second_run_is_all_cache_hits(ws):
@@ -255,57 +256,14 @@ def test_dag_mermaid_and_dot(ws):
     assert r.out.startswith("digraph") and '"scale" -> "quant"' in r.out
 
 
-WAITING = "src: waiting for another process computing it"  # the runner's note when a key's lock is held
-
-
-class Output:
-    """Collects a spawned CLI's stdout line by line (in a thread) so a test can wait for a line."""
-
-    def __init__(self, proc) -> None:
-        self.proc, self.lines, self._new = proc, [], threading.Condition()
-        self._thread = threading.Thread(target=self._pump, daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            with self._new:
-                self.lines.append(line)
-                self._new.notify_all()
-        with self._new:  # end of output: a waiter need not sit out its timeout
-            self._new.notify_all()
-
-    def wait_for(self, text: str, timeout: float = 60) -> None:
-        with self._new:
-            ok = self._new.wait_for(lambda: any(text in ln for ln in self.lines) or self.proc.poll() is not None,
-                                    timeout)
-        assert ok and any(text in ln for ln in self.lines), f"never printed {text!r}:\n{self.text()}"
-
-    def finish(self, timeout: float = 60) -> str:
-        self.proc.wait(timeout=timeout)
-        self._thread.join(timeout)
-        return self.text()
-
-    def text(self) -> str:
-        return "".join(self.lines)
+WAITING = f"src: {helpers_procs.WAITING}"
 
 
 @pytest.fixture
 def spawn(ws, monkeypatch):
-    """ws.spawn with unbuffered output; whatever a failing test leaves running is killed."""
-    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
-    started = []
-    yield lambda *args: started.append(ws.spawn(*args)) or started[-1]
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def _until(predicate, timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
+    spawner = helpers_procs.Spawner(ws, monkeypatch)
+    yield spawner
+    spawner.kill_all()
 
 
 def test_two_processes_compute_each_stage_once(ws, spawn):
@@ -313,7 +271,7 @@ def test_two_processes_compute_each_stage_once(ws, spawn):
     (src waits for a file the test creates only once the second says it is waiting), then reuses it."""
     go = ws.root / "go"
     first = Output(spawn("run", f"+src.wait_for={go}"))
-    _until(lambda: ws.counts().get("src") == 1)  # the first is inside src, holding its lock
+    until(lambda: ws.counts().get("src") == 1)  # the first is inside src, holding its lock
     second = Output(spawn("run", f"+src.wait_for={go}"))
     second.wait_for(WAITING)
     assert second.proc.poll() is None and first.proc.poll() is None
@@ -329,7 +287,7 @@ def test_two_processes_compute_each_stage_once(ws, spawn):
 def test_waiting_process_takes_over_when_the_lock_holder_is_killed(ws, spawn):
     go = ws.root / "never"  # the first process never gets past src
     first = spawn("run", f"+src.wait_for={go}")
-    _until(lambda: ws.counts().get("src") == 1)
+    until(lambda: ws.counts().get("src") == 1)
     second = Output(spawn("run"))
     second.wait_for(WAITING)
     os.kill(first.pid, signal.SIGKILL)
