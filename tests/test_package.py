@@ -343,7 +343,10 @@ def test_rv1103_package_refuses_layers_rknn_put_on_the_cpu(bundles, tmp_path):
 
 
 # -- the experiment files, end to end on small generated data in the users' layouts --------------------
-FAST = ["preprocess.input_size=32", "train.epochs=1", "train.batch_size=8", "calibration.count=4"]
+# Small and fast, but enough to assert an accuracy floor: 30% of the images are test images, and
+# batches of >= 8 (with 4, BatchNorm learns batch-relative features and evaluation sits at chance).
+FAST = ["preprocess.input_size=32", "calibration.count=4", "dataset.split.test=0.3"]
+MOBILENET = [*FAST, "train.epochs=5", "train.batch_size=16"]  # 80 images: 48 train, 24 test
 
 
 def _pkg(record: dict, stage_name: str = "package") -> Path:
@@ -352,10 +355,12 @@ def _pkg(record: dict, stage_name: str = "package") -> Path:
 
 @pytest.mark.slow
 def test_experiment_v831_resnet18(tmp_path):
-    data = make_folder_dataset(tmp_path / "two_classes", classes=("ok", "defect"))
+    data = make_folder_dataset(tmp_path / "two_classes", classes=("ok", "defect"), per_class=20)  # 12 test images
     record = run_experiment(tmp_path / "runs", "+experiment=v831_resnet18", f"dataset.path={data}", "model.stem=small",
-                            *FAST)
+                            *FAST, "train.epochs=3", "train.batch_size=8")
     assert record["stages"]["preflight"]["status"] == "ran"
+    top1 = record["stages"]["eval"]["metrics"]["top1"]
+    assert set(top1) == {"pytorch", "onnx", "ncnn"} and min(top1.values()) >= 0.9, top1
     pkg = _pkg(record)
     with zipfile.ZipFile(pkg / "maixhub_upload.zip") as zf:
         assert {n.split("/")[0] for n in zf.namelist()} == {"images", "model.param", "model.bin"}
@@ -367,13 +372,17 @@ def test_experiment_v831_resnet18(tmp_path):
 
 @pytest.mark.slow
 def test_experiment_rv1103_mobilenetv3(tmp_path):
-    data = make_folder_dataset(tmp_path / "binary", classes=("no", "yes"))
+    data = make_folder_dataset(tmp_path / "binary", classes=("no", "yes"), per_class=40)
     weights = make_pretrained(tmp_path / "mobilenet_v3_small.pth")
     record = run_experiment(tmp_path / "runs", "+experiment=rv1103_mobilenetv3", f"dataset.path={data}",
                             f"model.pretrained={weights}", "quantize.accuracy_analysis_samples=0",
-                            "quantize.data_limit=8", *FAST)
+                            "quantize.data_limit=8", *MOBILENET)
     st = record["stages"]
     assert st["clip"]["status"] == st["rknn_normal"]["status"] == st["rknn_mmse"]["status"] == "ran"
+    top1 = st["eval"]["metrics"]["top1"]
+    assert top1["pytorch"] >= 0.9 and top1["onnx"] >= 0.9, top1
+    # int8 in the simulator, on 8 test images (quantize.data_limit): at most 2 of them lost
+    assert top1["rknn_normal"] >= 0.75 and top1["rknn_mmse"] >= 0.75, top1
     pkg = _pkg(record)
     assert (pkg / "model.rknn").is_file() and (pkg / "main.c").is_file()
     manifest = json.loads((pkg / "manifest.json").read_text())
@@ -397,13 +406,15 @@ def test_experiment_mnist_gem_resnet(tmp_path):
 
 @pytest.mark.slow
 def test_experiment_onnx_catsdogs(tmp_path):
-    data = make_folder_dataset(tmp_path / "catsdogs", classes=("cat", "dog"))
+    data = make_folder_dataset(tmp_path / "catsdogs", classes=("cat", "dog"), per_class=40)
     weights = make_pretrained(tmp_path / "mobilenet_v3_small.pth")
     record = run_experiment(tmp_path / "runs", "+experiment=onnx_catsdogs", f"dataset.path={data}",
-                            f"model.pretrained={weights}", *FAST)
+                            f"model.pretrained={weights}", *MOBILENET)
+    top1 = record["stages"]["eval"]["metrics"]["top1"]
+    assert top1["pytorch"] >= 0.9 and top1["onnx"] >= 0.9, top1
     pkg = _pkg(record)
     rows = run_script(pkg / "infer.py", str(data), "--json")
-    assert len(rows) == 24 and {r["label"] for r in rows} <= {"cat", "dog"}
+    assert len(rows) == 80 and {r["label"] for r in rows} <= {"cat", "dog"}
     onnx_dir = Path(record["stages"]["onnx"]["path"])
     images = sorted(p for p in data.rglob("*.jpg"))
     assert [r["index"] for r in rows] == ort_logits(onnx_dir / "model.onnx", images).argmax(1).tolist()
