@@ -174,7 +174,10 @@ def _read_lists(path: Path, root: Path | None, sep: str) -> tuple[Path, list[_Ro
             if not rel or not tok:
                 raise StageError(f"{lf}:{n}: expected 'path{sep}label', got {raw!r}")
             f = Path(rel) if Path(rel).is_absolute() else root / rel
-            outside = not f.resolve().is_relative_to(real_root)
+            try:
+                outside = not f.resolve().is_relative_to(real_root)
+            except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop
+                raise StageError(f"{lf}:{n}: cannot use the path {rel!r}: {e}") from None
             rows.append(_Row(lf, n, rel, tok, s, f, outside))
     return root, rows
 

@@ -103,6 +103,15 @@ def test_filelist_outside_root_opt_in_reads_and_hashes_the_file(project):
     assert project.statuses()["data"] == "ran"
 
 
+@pytest.mark.parametrize("entry,why", [("a/nul\x00byte.png", "embedded null byte"), ("loop/x.png", "Symlink loop")])
+def test_filelist_entry_that_no_path_can_resolve_is_refused(project, entry, why):
+    data = _images(project.root / "data")
+    (data / "loop").symlink_to("loop")  # a link to itself
+    lf = _lists(data, f"{entry}----b\n")
+    r = _cli(project, "run", *_filelist(data))
+    assert why in assert_clean_failure(r, 1, f"{lf}:7", repr(entry))
+
+
 # -- symlinks: what is read is what is hashed ------------------------------------------------------------
 def test_symlinked_class_folder_content_is_in_the_cache_key(project):
     data = _images(project.root / "data", classes=("a",))
