@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 # Re-install when the dependency lists change. Every pip call gets constraints.txt, so nothing can
 # pull numpy 2 (which breaks rknn-toolkit2). rknn-toolkit2 goes in with --no-deps: it pins torch<=2.4.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=23.2" -c constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
