@@ -136,6 +136,29 @@ def test_user_pipeline_file_with_a_plugin_stage_type(user, monkeypatch):
     assert user.latest()["stages"]["double"]["metrics"] == {"value": 8.0}
 
 
+def test_reproduce_names_the_folder_and_version_the_run_was_made_with(user, monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("EDGEPIPE_PLUGINS", "engine_stages")
+    monkeypatch.syspath_prepend(str(TESTS))
+    write(user.root / "conf/pipeline/files.yaml", "stages:\n  files: {uses: t_folder}\n")
+    write(user.root / "data/a.txt", "abc")
+    assert user.cli("run", "pipeline=files", "+files.path=data").rc == 0
+    run_dir = (user.runs / "latest").resolve()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["cwd"] == str(user.root) and record["config_sources"][0]["folder"] == str(user.root / "conf")
+    assert user.cli("reproduce", str(run_dir)).rc == 0
+
+    os.chdir(tmp_path_factory.mktemp("elsewhere"))  # `data` is not here: the note says where to run it
+    r = user.cli("reproduce", str(run_dir))
+    assert_clean_failure(r, 2, "files.path", f"the run was made in {user.root}")
+
+    os.chdir(user.root)
+    record["edgepipe_version"] = "0.0.1"
+    (run_dir / "run.json").write_text(json.dumps(record))
+    write(user.root / "data/a.txt", "abcd")  # new content: a new key
+    r = user.cli("reproduce", str(run_dir))
+    assert r.rc == 1 and "made with edgepipe 0.0.1" in r.out, r.out
+
+
 def test_config_folder_with_its_own_config_yaml_is_the_primary_config(ws):
     """EDGEPIPE_CONFIG_DIR=tests/engine_conf (a config.yaml of its own): it is the primary config,
     and the built-in groups stay on the search path behind it."""
