@@ -54,7 +54,7 @@ class ClipOutliers(Stage):
         exclude_last: bool = False
         # with a `data` input: recompute BatchNorm statistics over this many training images (null: all)
         bn_recalibrate: bool = True
-        bn_recalibrate_images: int | None = Field(2048, ge=1)
+        bn_recalibrate_images: int | None = Field(1024, ge=1)
         # a weights file instead of the `model` input (default: model.pretrained)
         weights: Annotated[Path | None, HASH_CONTENT] = None
         model: ModelParams = ModelParams()

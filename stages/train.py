@@ -124,7 +124,7 @@ class Train(Stage):
         # recompute BatchNorm running statistics before each validation and before the final save,
         # over this many un-augmented training images (null: all); see README "BatchNorm recalibration"
         bn_recalibrate: bool = True
-        bn_recalibrate_images: int | None = Field(2048, ge=1)
+        bn_recalibrate_images: int | None = Field(1024, ge=1)
         model: ModelParams = ModelParams()
 
         @field_validator("precision", mode="before")
@@ -336,13 +336,14 @@ def _final_model(module, book, out: Path, has_val: bool, recal_batches):
     from stages.common.batchnorm import recalibrate
     from stages.common.models import read_state_dict
 
+    recalibrated = book.best_state is not None  # its statistics were recomputed before its validation
     if book.best_state is not None:
         module.model.load_state_dict(book.best_state)
     elif (out / "checkpoints" / "best.ckpt").is_file() and has_val:
         sd, _ = read_state_dict(out / "checkpoints" / "best.ckpt")
         module.model.load_state_dict(sd)
     model = module.model.float().cpu().eval()
-    if recal_batches is not None:
+    if recal_batches is not None and not recalibrated:
         recalibrate(model, recal_batches, module.frozen_modules)
     return model
 

@@ -107,6 +107,7 @@ class EpochBook(pl.Callback):
         self.ckpt_dir, self.every, self.epochs, self.ctx, self.has_val = ckpt_dir, every, epochs, ctx, has_val
         self.history: list[dict] = []
         self.best_acc: float | None = None
+        self.best_loss: float | None = None  # breaks ties in val_acc (small validation sets tie often)
         self.best_epoch: int | None = None
         self.best_state: dict | None = None
         self.train_seconds: list[float] = []
@@ -123,11 +124,13 @@ class EpochBook(pl.Callback):
         return "edgepipe.EpochBook"
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "best_acc": self.best_acc, "best_epoch": self.best_epoch}
+        return {"history": self.history, "best_acc": self.best_acc, "best_loss": self.best_loss,
+                "best_epoch": self.best_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state.get("history", []))
         self.best_acc, self.best_epoch = state.get("best_acc"), state.get("best_epoch")
+        self.best_loss = state.get("best_loss")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._nb = max(1, int(trainer.num_training_batches) if trainer.num_training_batches != float("inf") else 1)
@@ -155,6 +158,12 @@ class EpochBook(pl.Callback):
         if not trainer.sanity_checking:
             self._stop_timer()
 
+    def _better(self, acc: float, loss: float | None) -> bool:
+        """Higher validation accuracy, or the same with a lower validation loss."""
+        if self.best_acc is None or acc > self.best_acc:
+            return True
+        return acc == self.best_acc and loss is not None and (self.best_loss is None or loss < self.best_loss)
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._stop_timer()
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -166,9 +175,9 @@ class EpochBook(pl.Callback):
         self.history = [h for h in self.history if h["epoch"] < epoch] + [row]
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         val = row.get("val_acc")
-        improved = self.has_val and val is not None and (self.best_acc is None or val > self.best_acc)
+        improved = self.has_val and val is not None and self._better(val, row.get("val_loss"))
         if improved:
-            self.best_acc, self.best_epoch = val, epoch
+            self.best_acc, self.best_loss, self.best_epoch = val, row.get("val_loss"), epoch
             self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
         trainer.save_checkpoint(self.ckpt_dir / "last.ckpt", weights_only=False)
         if improved:
