@@ -191,3 +191,17 @@ def test_metrics_hold_train_eval_accuracy_and_recalibration(data, first):
     assert met["bn_recalibrate"] == {"images": met["n_train"]}
     assert met["train_eval_images"] == met["n_train"] and met["train_eval_acc"] == headline["train_eval_acc"]
     assert headline["bn_recalibrate_seconds"] > 0
+
+
+def test_recalibration_batches_never_end_with_a_lone_image(data):
+    """MobileNetV3 at 32 px has 1x1 feature maps: train-mode BatchNorm refuses a batch of one."""
+    from stages.common.batchnorm import recalibrate
+
+    dm = NpyDataModule(data, Preprocess.load(data), 7, 0, None, 0)  # 36 training images: 5 x 7 + 1
+    sizes = [len(y) for _, y in dm.sample_batches("train", None)]
+    assert sizes == [7, 7, 7, 7, 8] and len(dm.sample_batches("train", None)) == 5
+    model = build_model({"arch": "mobilenet_v3_small", "bn_momentum": 0.1}, 3).eval()
+    assert recalibrate(model, dm.sample_batches("train", None)) == 36
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not any(m.training for m in model.modules()) and {m.momentum for m in bns} == {0.1}  # restored
+    assert all(int(m.num_batches_tracked) == 5 for m in bns)

@@ -202,9 +202,17 @@ class SampleBatches:
     def __init__(self, batches: ArrayBatches, indices: np.ndarray, batch_size: int) -> None:
         self.batches, self.indices, self.batch_size = batches, indices, batch_size
 
+    def _bounds(self) -> list[tuple[int, int]]:
+        n, bs = len(self.indices), self.batch_size
+        bounds = [(start, min(start + bs, n)) for start in range(0, n, bs)]
+        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+            # a lone last image: train-mode BatchNorm cannot take one value per channel (1x1 maps)
+            bounds[-2:] = [(bounds[-2][0], n)]
+        return bounds
+
     def __len__(self) -> int:
-        return -(-len(self.indices) // self.batch_size)
+        return len(self._bounds())
 
     def __iter__(self):
-        for start in range(0, len(self.indices), self.batch_size):
-            yield self.batches[[(int(i), 0) for i in self.indices[start:start + self.batch_size]]]
+        for start, stop in self._bounds():
+            yield self.batches[[(int(i), 0) for i in self.indices[start:stop]]]
