@@ -42,8 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 BOARD_GROUP = "edgepipe.boards"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-# the shared preprocessing module copied verbatim into packages that run Python on the board
-PREPROCESS_MODULE = Path(__file__).resolve().parent.parent / "stages" / "common" / "preprocess.py"
+# the shared preprocessing functions (numpy + Pillow only), copied verbatim as preprocess.py into
+# packages that run Python on the board
+PREPROCESS_MODULE = Path(__file__).resolve().parent.parent / "stages" / "common" / "pixels.py"
 # share of a limit above which a check warns ("close to the limit")
 NEAR_LIMIT = 0.8
 MB = 1024 * 1024
@@ -354,6 +355,7 @@ class PackageContext:
     labels: list[str]
     pkg: Path  # the package folder being written
     calib_dir: Path | None = None
+    data_dir: Path | None = None  # the dataset folder: golden samples for the self-test (boards/golden.py)
     top_k: int = 5
     name: str = "model"
     notes: list[str] = field(default_factory=list)  # shown in the README and the manifest

@@ -21,7 +21,7 @@ class OnnxRuntimeBoard(BoardProfile):
     activation_bytes: float = 4.0
     quantizer: str | None = None
     package_files: tuple[str, ...] = ("model.onnx", "labels.txt", "preprocess.json", "preprocess.py", "infer.py",
-                                      "README.md", "manifest.json")
+                                      "selftest.py", "README.md", "manifest.json")
     deploy_script: str = "infer.py (numpy + Pillow + onnxruntime): an image or a folder -> label and confidence"
     sources: Mapping[str, Any] = Field(default_factory=lambda: {
         "limits": "none by default: set board.ram_mb / board.flash_mb for a small board (e.g. 512 for a Pi Zero 2)",
@@ -32,6 +32,7 @@ class OnnxRuntimeBoard(BoardProfile):
         pkg.write_labels()
         pkg.copy_preprocess()
         pkg.render("onnxruntime/infer.py.tmpl", "infer.py", top_k=pkg.top_k)
+        pkg.copy_template("selftest.py", "selftest.py")
         pkg.render("onnxruntime/README.md.tmpl", "README.md", board_title=self.title, top_k=pkg.top_k,
                    height=pkg.spec.height, width=pkg.spec.width,
                    notes="".join(f"- {n}\n" for n in pkg.notes) or "- none\n")

@@ -157,8 +157,8 @@ class RK35Board(RockchipBoard):
     """RK3566 / RK3588: librknnrt with CPU fallbacks, Python on the board (rknn-toolkit-lite2)."""
 
     runtime: str = "librknnrt + rknn-toolkit-lite2 (Python)"
-    package_files: tuple[str, ...] = ("model.rknn", "labels.txt", "infer.py", "preprocess.py", "preprocess.json",
-                                      "README.md", "manifest.json")
+    package_files: tuple[str, ...] = ("model.rknn", "labels.txt", "infer.py", "selftest.py", "preprocess.py",
+                                      "preprocess.json", "README.md", "manifest.json")
     deploy_script: str = "infer.py (rknn-toolkit-lite2, numpy, Pillow)"
 
     # RKNNLite.init_runtime arguments (core_mask exists on multi-core NPUs only)
@@ -170,6 +170,7 @@ class RK35Board(RockchipBoard):
         pkg.copy_preprocess()
         pkg.render("rknnlite/infer.py.tmpl", "infer.py", board_title=self.title, init_runtime=self.init_runtime,
                    top_k=pkg.top_k)
+        pkg.copy_template("selftest.py", "selftest.py")
         pkg.render("rknnlite/README.md.tmpl", "README.md", board_title=self.title, soc=self.soc, toolkit=TOOLKIT,
                    top_k=pkg.top_k, notes=_notes(pkg))
 

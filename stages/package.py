@@ -7,6 +7,10 @@ Inputs
 - ``eval`` (optional): an ``evaluate`` folder; its per-backend accuracy goes into the manifest.
 - ``calib`` (optional; required for maixii_dock): a ``calibration`` folder; MaixHub quantizes with
   its ``images/``.
+- ``data`` (optional): the ``dataset`` folder; the first test images become the package's golden
+  samples (``golden/``, manifest ``selftest``) for ``infer.py --selftest`` / ``./rknn_classify
+  --selftest`` on the board (boards/golden.py). RKNN packages take the expected outputs from the
+  ``rknn_quantize`` stage's simulator run (its ``data`` input must be wired too).
 
 Config section ``package`` (conf/package/default.yaml: ``board: ${board.name}``); a pipeline entry
 overrides it with ``with: {board: rv1103}``. The ``board`` section's limits apply when it names the
@@ -27,6 +31,7 @@ from typing import Any
 from pydantic import Field
 
 from boards import BoardName, BoardSettings, Finding, PackageContext, get_board, read_json, write_zip
+from boards.golden import GoldenError, write_golden
 from engine.hashing import sha256_file
 from engine.stage import Input, Params, Stage, StageError
 
@@ -37,11 +42,14 @@ PACKAGE_FORMAT = "edgepipe.package/1"
 
 class Package(Stage):
     name = "package"
-    version = 2  # 2: the manifest's accuracy says whether each backend met its target (target_met)
+    # 2: the manifest's accuracy says whether each backend met its target (target_met)
+    # 3: preprocess.py is stages/common/pixels.py (numpy + Pillow only); selftest.py and golden/ samples
+    version = 3
     inputs = {
         "model": Input(required=True, doc="model bundle: export_onnx, ncnn or rknn_quantize folder"),
         "eval": Input(required=False, doc="evaluate folder (metrics.json): accuracy per backend in the manifest"),
         "calib": Input(required=False, doc="calibration folder (images/): required for maixii_dock"),
+        "data": Input(required=False, doc="dataset folder: its first test images become the self-test's golden samples"),
     }
     sections = {"board_settings": "board"}
     # rknn-toolkit2 writes different model.rknn bytes for the same build (see rknn_quantize); the
@@ -96,9 +104,13 @@ class Package(Stage):
         pkg_dir = out / "package"
         pkg_dir.mkdir()
         pkg = PackageContext(board=board, model_dir=model_dir, model_file=model_file, spec=spec, io=io,
-                             labels=labels, pkg=pkg_dir, calib_dir=inputs.get("calib"), top_k=p.top_k,
+                             labels=labels, pkg=pkg_dir, calib_dir=inputs.get("calib"), data_dir=inputs.get("data"), top_k=p.top_k,
                              notes=[f.message for f in findings if f.level != "info"])
         ctx.progress(None, None, f"writing the {board.title} package")
+        try:  # first: its notes reach the README
+            selftest = write_golden(pkg, pkg.data_dir, c_demo="main.c" in board.package_files)
+        except GoldenError as e:
+            raise StageError(f"input data: {e}") from None
         try:
             board.write_package(pkg)
         except (ValueError, FileNotFoundError) as e:
@@ -125,6 +137,7 @@ class Package(Stage):
             "checks": [f.model_dump() for f in findings],
             "notes": pkg.notes,
             "files": files,
+            "selftest": selftest,
             **pkg.extra_manifest,
         }
         (pkg_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -36,9 +36,9 @@ def bundles(tmp_path_factory):
     b["calib"] = base / "calib"
     stage("ncnn", {}, {"onnx": b["onnx"]}, base / "ncnn")
     b["ncnn"] = base / "ncnn"
-    for target in ("rv1103", "rk3566"):
+    for target in ("rv1103", "rk3566"):  # with `data`: test_logits.npy, the golden outputs of the self-test
         stage("rknn_quantize", {"target": target, "accuracy_analysis_samples": 0},
-              {"onnx": b["onnx"], "calib": b["calib"]}, base / f"rknn_{target}")
+              {"onnx": b["onnx"], "calib": b["calib"], "data": b["data"]}, base / f"rknn_{target}")
         b[f"rknn_{target}"] = base / f"rknn_{target}"
     ev = base / "eval"
     ev.mkdir()
@@ -65,7 +65,7 @@ def sha256(path: Path) -> str:
 def check_common(pkg: Path, manifest: dict, board: str, model_src: Path, zip_path: Path) -> None:
     from boards import get_board
 
-    expected = set(get_board(board).package_files)
+    expected = set(get_board(board).package_files) | set((manifest["selftest"] or {}).get("sha256", {}))
     present = {str(p.relative_to(pkg)) for p in pkg.rglob("*") if p.is_file()}
     assert present == expected, present ^ expected
     assert manifest["format"] == "edgepipe.package/1" and manifest["board"]["name"] == board
@@ -107,8 +107,8 @@ def run_script(script: Path, *args: str, env: dict | None = None, cwd: Path | No
 def test_onnxruntime_package(bundles, tmp_path):
     metrics, pkg, manifest = package("onnxruntime", {"model": bundles["onnx"], "eval": bundles["eval"]}, tmp_path / "o")
     check_common(pkg, manifest, "onnxruntime", bundles["onnx"] / "model.onnx", tmp_path / "o" / "package.zip")
-    # one preprocessing definition: the shared module verbatim, and the model's settings
-    assert (pkg / "preprocess.py").read_bytes() == (REPO / "stages" / "common" / "preprocess.py").read_bytes()
+    # one preprocessing definition: the shared numpy/Pillow functions verbatim, and the model's settings
+    assert (pkg / "preprocess.py").read_bytes() == (REPO / "stages" / "common" / "pixels.py").read_bytes()
     assert (pkg / "preprocess.json").read_bytes() == (bundles["onnx"] / "preprocess.json").read_bytes()
     assert "import torch" not in (pkg / "infer.py").read_text()
     assert manifest["normalisation"]["mean"] == [0.5] * 3 and manifest["normalisation"]["mean_values_0_255"] == [127.5] * 3
@@ -219,7 +219,7 @@ def test_c_demo_runs_on_a_fake_runtime(bundles, tmp_path):
 def test_rk3566_package_and_infer_on_a_stub_rknnlite(bundles, tmp_path):
     _, pkg, manifest = package("rk3566", {"model": bundles["rknn_rk3566"]}, tmp_path / "k")
     check_common(pkg, manifest, "rk3566", bundles["rknn_rk3566"] / "model.rknn", tmp_path / "k" / "package.zip")
-    assert (pkg / "preprocess.py").read_bytes() == (REPO / "stages" / "common" / "preprocess.py").read_bytes()
+    assert (pkg / "preprocess.py").read_bytes() == (REPO / "stages" / "common" / "pixels.py").read_bytes()
     stub = install_rknnlite_stub(tmp_path / "stub")
     log = tmp_path / "stub.log"
     images = sorted(bundles["images"].iterdir())

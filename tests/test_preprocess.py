@@ -17,7 +17,7 @@ from stages.common.preprocess import (
     PRESETS, Preprocess, load_image, normalize, prepare, resize, to_channel_order,
 )
 
-MODULE = Path(__file__).resolve().parents[1] / "stages" / "common" / "preprocess.py"
+DEPLOY_MODULE = Path(__file__).resolve().parents[1] / "stages" / "common" / "pixels.py"
 
 
 def test_presets_sizes_and_validation():
@@ -128,19 +128,22 @@ def test_prepare_is_load_resize_normalize(tmp_path):
     assert np.array_equal(x, normalize(resize(load_image(tmp_path / "a.png"), spec)[None], spec))
 
 
-def test_module_depends_on_numpy_pillow_pydantic_only(tmp_path):
-    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+def test_deploy_module_depends_on_numpy_pillow_only(tmp_path):
+    """stages/common/pixels.py is what packages carry as preprocess.py: no pydantic on the board."""
+    tree = ast.parse(DEPLOY_MODULE.read_text(encoding="utf-8"))
     top = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             top |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             top.add(node.module.split(".")[0])
-    allowed = {"numpy", "PIL", "pydantic", "__future__"} | set(sys.stdlib_module_names)
+    allowed = {"numpy", "PIL", "__future__"} | set(sys.stdlib_module_names)
     assert top <= allowed, top - allowed
-    # copied verbatim next to a deploy script, it imports and works on its own
-    (tmp_path / "preprocess.py").write_text(MODULE.read_text(encoding="utf-8"), encoding="utf-8")
-    code = ("import sys, numpy as np, preprocess as pp; s = pp.Preprocess(input_size=8);"
+    # copied verbatim next to a deploy script, it imports and works on its own, reading what the host wrote
+    (tmp_path / "preprocess.py").write_text(DEPLOY_MODULE.read_text(encoding="utf-8"), encoding="utf-8")
+    Preprocess(input_size=8, mean="imagenet", std="imagenet", channel_order="BGR").save(tmp_path)
+    code = ("import sys, numpy as np, preprocess as pp; s = pp.PreprocessSpec.load('.');"
+            "assert s.channel_order == 'BGR' and s.mean == (0.485, 0.456, 0.406);"
             "x = pp.normalize(np.zeros((1, 8, 8, 3), np.uint8), s); assert x.shape == (1, 3, 8, 8);"
-            "assert 'torch' not in sys.modules and 'engine' not in sys.modules and 'stages' not in sys.modules")
+            "assert not {'torch', 'engine', 'stages', 'pydantic'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, env={"PYTHONPATH": str(tmp_path)})

@@ -3,7 +3,8 @@
  * "model" scores each class c by the mean of input channel c (3 classes), so a picture whose green
  * channel is brightest is class 1. Zero-copy outputs are int8 (scale 0.5, zero point -10), like an
  * int8 model's native output; rknn_outputs_get returns floats. FAKE_RKNN_SIZE sets H = W (default 8),
- * FAKE_RKNN_STRIDE the input row stride in pixels (default: the width).
+ * FAKE_RKNN_STRIDE the input row stride in pixels (default: the width), FAKE_RKNN_PERTURB a value
+ * added to class 0's output (a runtime that computes wrong numbers, for the demo's --selftest).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -91,6 +92,8 @@ static void compute(const uint8_t* px, int row_stride_px)
         for (int x = 0; x < hw; x++)
             for (int c = 0; c < 3; c++) sum[c] += px[(y * row_stride_px + x) * 3 + c];
     for (int c = 0; c < 3; c++) g_logits[c] = (float)(sum[c] / (hw * hw) / 25.0);
+    const char* perturb = getenv("FAKE_RKNN_PERTURB");
+    if (perturb) g_logits[0] += (float)atof(perturb);
 }
 
 int rknn_inputs_set(rknn_context context, uint32_t n_inputs, rknn_input inputs[])

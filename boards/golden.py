@@ -1,0 +1,143 @@
+"""Golden samples for a package's self-test: does the board compute what was measured here?
+
+The package stage takes the first ``SAMPLES`` images of the dataset's test split (its optional
+``data`` input) and writes into ``package/golden/``:
+
+- ``image_NN.png``: the image as the dataset holds it (uint8 RGB at the input size, lossless);
+- ``input.npy``: the exact tensors the runtime takes after preprocessing (ONNX: float32 N x 3 x H x W,
+  normalised; RKNN: uint8 N x H x W x 3 in the model's channel order, the NPU normalises);
+- ``expected.npy``: float32 N x classes, what the packaged model file itself gave on them here
+  (ONNX Runtime on this machine; RKNN: rknn-toolkit2's simulator, int8 outputs dequantized, from
+  ``rknn_quantize``'s ``test_logits.npy`` for the same test split);
+- RV1103/RV1106 (C demo): ``input_NN.rgb`` (raw bytes of input.npy's rows) and ``golden.txt``, the
+  same numbers as text for ``./rknn_classify --selftest``.
+
+The manifest's ``selftest`` section records them with their sha256, the tolerance
+(``atol + rtol * (max - min of expected)``) and the expected top-1. The deploy scripts' ``--selftest``
+(``boards/templates/selftest.py``; ``main.c``) run the tensor path (input.npy -> runtime) and the
+image path (image -> preprocess.py -> runtime) and tell runtime numerics from preprocessing.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.hashing import sha256_file
+
+from . import PackageContext
+
+GOLDEN_DIR = "golden"
+SAMPLES = 8
+# (atol, rtol of the expected logits' range): float32 runtimes differ by ~1e-5 between CPUs; an int8
+# NPU may differ from the simulator by a few output quantization steps
+TOLERANCE = {"onnx": (1e-3, 1e-3), "rknn": (0.0, 0.05)}
+
+
+class GoldenError(ValueError):
+    """The inputs cannot give golden samples that belong together (a user wiring error)."""
+
+
+def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = False) -> dict[str, Any] | None:
+    """Write ``golden/`` for the package's format; returns the manifest's ``selftest`` section, or
+    None (with a note) when the inputs hold nothing to make golden samples from."""
+    fmt = pkg.board.model_format
+    if data_dir is None:
+        pkg.notes.append("no golden samples for the self-test: wire package's `data` input to the dataset stage")
+        return None
+    if fmt not in TOLERANCE:
+        pkg.notes.append(f"no golden samples for the self-test: not implemented for {fmt} models yet")
+        return None
+    from stages.common.preprocess import normalize, to_channel_order
+    from stages.common.splits import load_split, split_files
+
+    images, labels = load_split(data_dir, "test", size=(pkg.spec.height, pkg.spec.width))
+    n = min(SAMPLES, len(images))
+    if n == 0:
+        pkg.notes.append("no golden samples for the self-test: the dataset's test split is empty")
+        return None
+    images = np.ascontiguousarray(images[:n])
+    if fmt == "onnx":
+        inputs = normalize(images, pkg.spec)
+        expected = _onnxruntime(pkg.model_file, inputs)
+        import onnxruntime
+
+        measured = f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider) on {platform.machine()}"
+    else:
+        inputs = to_channel_order(images, pkg.spec)
+        expected = _simulator_logits(pkg.model_dir, split_files(data_dir, "test")[0], n)
+        if expected is None:
+            pkg.notes.append("no golden samples for the self-test: the rknn_quantize stage ran without its `data` "
+                             "input (no test_logits.npy)")
+            return None
+        measured = "rknn-toolkit2 simulator on x86_64 (int8 outputs, dequantized; rknn_quantize's test_logits.npy)"
+
+    out = pkg.pkg / GOLDEN_DIR
+    out.mkdir()
+    from PIL import Image
+
+    names = [f"{GOLDEN_DIR}/image_{i:02d}.png" for i in range(n)]
+    for name, img in zip(names, images):
+        Image.fromarray(img, "RGB").save(pkg.pkg / name)
+    np.save(out / "input.npy", inputs)
+    np.save(out / "expected.npy", expected.astype(np.float32))
+    atol, rtol = TOLERANCE[fmt]
+    tolerance = float(atol + rtol * (float(expected.max()) - float(expected.min())))
+    top1 = [int(i) for i in expected.argmax(1)]
+    if c_demo:
+        _write_c_golden(out, inputs, expected, top1, tolerance)
+    files = sorted(str(f.relative_to(pkg.pkg)) for f in out.iterdir())
+    return {
+        "samples": n,
+        "source": f"the first {n} images of the dataset's test split",
+        "images": names,
+        "input": f"{GOLDEN_DIR}/input.npy",
+        "input_layout": "float32 N x 3 x H x W, normalised" if fmt == "onnx"
+        else "uint8 N x H x W x 3 in the model's channel order (the model normalises)",
+        "expected": f"{GOLDEN_DIR}/expected.npy",
+        "expected_top1": top1,
+        "labels": [int(v) for v in labels[:n]],
+        "measured_with": measured,
+        "atol": atol, "rtol": rtol, "tolerance": round(tolerance, 9),
+        "rule": "PASS when max |output - expected| <= tolerance on the tensor path and the image path",
+        "sha256": {f: sha256_file(pkg.pkg / f) for f in files},
+    }
+
+
+def _onnxruntime(model: Path, inputs: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.stack([np.asarray(sess.run(None, {name: x[None]})[0], np.float32).reshape(-1) for x in inputs])
+
+
+def _simulator_logits(model_dir: Path, images_file: Path, n: int) -> np.ndarray | None:
+    import json
+
+    logits_file = model_dir / "test_logits.npy"
+    if not logits_file.is_file():
+        return None
+    build = model_dir / "build.json"
+    sim = json.loads(build.read_text()).get("simulator", {}) if build.is_file() else {}
+    if sim.get("images_test_sha256") and sim["images_test_sha256"] != sha256_file(images_file):
+        raise GoldenError(f"{logits_file} holds the simulator's outputs for another test split than {images_file}; "
+                          f"wire package's `data` to the dataset the rknn_quantize stage simulated")
+    logits = np.load(logits_file)
+    if len(logits) < n:
+        raise GoldenError(f"{logits_file} holds {len(logits)} rows, fewer than the {n} golden samples")
+    return np.asarray(logits[:n], np.float32)
+
+
+def _write_c_golden(out: Path, inputs: np.ndarray, expected: np.ndarray, top1: list[int], tolerance: float) -> None:
+    """input_NN.rgb and golden.txt for the C demo (no npy or JSON parser there)."""
+    n, h, w, _ = inputs.shape
+    lines = ["edgepipe-golden 1", f"samples {n} classes {expected.shape[1]} height {h} width {w} tolerance {tolerance!r}"]
+    for i in range(n):
+        name = f"input_{i:02d}.rgb"
+        (out / name).write_bytes(np.ascontiguousarray(inputs[i], np.uint8).tobytes())
+        lines.append(" ".join([name, str(top1[i]), *(repr(float(v)) for v in expected[i])]))
+    (out / "golden.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")

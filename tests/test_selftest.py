@@ -1,0 +1,243 @@
+"""Golden self-tests in packages (issue 12): the package stage records golden samples and the outputs
+the packaged model gave on them here; the deploy scripts' --selftest says PASS, or FAIL naming the
+likely cause. Also: the onnxruntime package runs in a venv holding only numpy, Pillow and onnxruntime.
+
+Runtimes: the onnxruntime package on the real onnxruntime (in a fresh venv); the rknn-toolkit-lite2
+script on the stub rknnlite of helpers_boards (float ONNX Runtime with the .rknn's normalisation,
+against the real simulator's int8 outputs); the C demo on tests/rknn_api/fake_rknn.c."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers_boards import LABELS, REPO, export_onnx, install_rknnlite_stub, make_dataset, stage
+
+RKNN_API = REPO / "tests" / "rknn_api"
+SITE = Path(sysconfig.get_paths()["purelib"])
+# what the onnxruntime package needs on a board, from .venv: the packages and their bundled libraries
+CLEAN_VENV_PACKAGES = ("numpy", "numpy.libs", "PIL", "pillow.libs", "onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    base = tmp_path_factory.mktemp("golden")
+    b = {"onnx": export_onnx(base / "onnx", kind="linear"), "data": make_dataset(base / "data")}
+    stage("calibration", {"count": 6}, {"data": b["data"]}, base / "calib")
+    for target in ("rv1103", "rk3566"):
+        stage("rknn_quantize", {"target": target, "accuracy_analysis_samples": 0},
+              {"onnx": b["onnx"], "calib": base / "calib", "data": b["data"]}, base / f"rknn_{target}")
+        b[target] = base / f"rknn_{target}"
+    return b
+
+
+@pytest.fixture(scope="module")
+def clean_venv(tmp_path_factory):
+    """A fresh venv (no pip, nothing installed) whose site-packages hold only numpy, Pillow and
+    onnxruntime, linked from .venv: no pydantic, no edgepipe. Offline, unlike a pip install."""
+    root = tmp_path_factory.mktemp("venv") / "board"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    for name in CLEAN_VENV_PACKAGES:
+        if (SITE / name).exists():
+            (site / name).symlink_to(SITE / name)
+    return python
+
+
+def package(board: str, inputs: dict, out: Path) -> tuple[Path, dict]:
+    stage("package", {"board": board}, inputs, out)
+    return out / "package", json.loads((out / "package" / "manifest.json").read_text())
+
+
+def on_the_board(pkg: Path, where: Path) -> Path:
+    """The package unzipped into an empty folder: nothing from the repository."""
+    shutil.copytree(pkg, where)
+    return where
+
+
+def run(cmd: list, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_manifest_records_golden_samples(bundles, tmp_path):
+    from engine.stage import StageError
+
+    pkg, manifest = package("onnxruntime", {"model": bundles["onnx"], "data": bundles["data"]}, tmp_path / "o")
+    st = manifest["selftest"]
+    assert st["samples"] == 8 and len(st["images"]) == 8 and st["labels"] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert set(st["sha256"]) == {*st["images"], "golden/input.npy", "golden/expected.npy"}
+    assert all(manifest["files"][f] == d for f, d in st["sha256"].items())
+    # the golden input is the exact preprocessing of the dataset's test images; expected is ORT on them
+    import onnxruntime as ort
+
+    from stages.common.preprocess import Preprocess, normalize
+
+    images = np.load(bundles["data"] / "images_test.npy")[:8]
+    x = np.load(pkg / "golden" / "input.npy")
+    assert np.array_equal(x, normalize(images, Preprocess.load(bundles["onnx"])))
+    sess = ort.InferenceSession(str(bundles["onnx"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    direct = np.concatenate([sess.run(None, {"input0": x[i:i + 1]})[0] for i in range(8)])
+    assert np.array_equal(np.load(pkg / "golden" / "expected.npy"), direct)
+    assert st["expected_top1"] == direct.argmax(1).tolist() and st["measured_with"].startswith("onnxruntime ")
+    # rknn: the simulator's outputs from rknn_quantize, for the same test split
+    pkg, manifest = package("rv1103", {"model": bundles["rv1103"], "data": bundles["data"]}, tmp_path / "r")
+    sim = np.load(bundles["rv1103"] / "test_logits.npy")[:8]
+    assert np.array_equal(np.load(pkg / "golden" / "expected.npy"), sim)
+    assert np.load(pkg / "golden" / "input.npy").dtype == np.uint8
+    assert "simulator" in manifest["selftest"]["measured_with"]
+    header, *rows = (pkg / "golden" / "golden.txt").read_text().splitlines()[1:]
+    assert header.startswith("samples 8 classes 3 height 32 width 32 tolerance ") and len(rows) == 8
+    # no data input: no golden samples, and the README says why
+    pkg, manifest = package("onnxruntime", {"model": bundles["onnx"]}, tmp_path / "n")
+    assert manifest["selftest"] is None and not (pkg / "golden").exists()
+    assert "wire package's `data` input" in (pkg / "README.md").read_text()
+    # another dataset than the one rknn_quantize simulated: a one-line error
+    other = make_dataset(tmp_path / "other", seed=5)
+    with pytest.raises(StageError, match=r"input data: .*test_logits.npy holds the simulator's outputs for another"):
+        package("rv1103", {"model": bundles["rv1103"], "data": other}, tmp_path / "x")
+
+
+def test_onnxruntime_package_runs_and_selftests_in_a_clean_venv(bundles, clean_venv, tmp_path):
+    pkg, _ = package("onnxruntime", {"model": bundles["onnx"], "data": bundles["data"]}, tmp_path / "o")
+    board = on_the_board(pkg, tmp_path / "board")
+    nothing_else = run([clean_venv, "-I", "-c", "import pydantic"], tmp_path)
+    assert nothing_else.returncode == 1 and "No module named 'pydantic'" in nothing_else.stderr
+    r = run([clean_venv, "-I", board / "infer.py", board / "golden" / "image_00.png", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    expected = np.load(board / "golden" / "expected.npy")
+    assert json.loads(r.stdout)["label"] == LABELS[int(expected[0].argmax())]
+    r = run([clean_venv, "-I", board / "infer.py", "--selftest"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "top-1 8/8" in r.stdout and r.stdout.rstrip().endswith("PASS -- this board computes what was measured here")
+
+    # other preprocessing settings on the board: the tensor path passes, the image path fails
+    spec = json.loads((board / "preprocess.json").read_text())
+    (board / "preprocess.json").write_text(json.dumps({**spec, "mean": [0.485, 0.456, 0.406]}))
+    r = run([clean_venv, "-I", board / "infer.py", "--selftest"], tmp_path)
+    assert r.returncode == 1 and "FAIL -- preprocessing" in r.stdout, r.stdout
+    (board / "preprocess.json").write_text(json.dumps(spec))
+    # a runtime that computes other numbers (here: other weights under the recorded digest)
+    other = export_onnx(tmp_path / "other", kind="linear", module=None)
+    import onnx
+
+    model = onnx.load(other / "model.onnx")
+    for init in model.graph.initializer:
+        if init.name.endswith("bias"):
+            arr = onnx.numpy_helper.to_array(init) + 0.5
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(model, board / "model.onnx")
+    manifest = json.loads((board / "manifest.json").read_text())
+    manifest["model"]["sha256"] = __import__("hashlib").sha256((board / "model.onnx").read_bytes()).hexdigest()
+    (board / "manifest.json").write_text(json.dumps(manifest))
+    r = run([clean_venv, "-I", board / "infer.py", "--selftest"], tmp_path)
+    assert r.returncode == 1 and "FAIL -- runtime numerics or model" in r.stdout, r.stdout
+    # a golden file damaged in the copy
+    (board / "golden" / "expected.npy").write_bytes(b"x")
+    r = run([clean_venv, "-I", board / "infer.py", "--selftest"], tmp_path)
+    assert r.returncode == 1 and "files differ from manifest.json" in r.stdout and "golden/expected.npy" in r.stdout
+
+
+def regolden(board: Path, expected: np.ndarray) -> None:
+    """Replace the golden outputs (and their digests in manifest.json): the outputs of a stand-in runtime."""
+    import hashlib
+
+    np.save(board / "golden" / "expected.npy", expected.astype(np.float32))
+    manifest = json.loads((board / "manifest.json").read_text())
+    digest = hashlib.sha256((board / "golden" / "expected.npy").read_bytes()).hexdigest()
+    manifest["selftest"]["sha256"]["golden/expected.npy"] = manifest["files"]["golden/expected.npy"] = digest
+    (board / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_rknnlite_selftest_on_the_stub(bundles, tmp_path):
+    pkg, manifest = package("rk3566", {"model": bundles["rk3566"], "data": bundles["data"]}, tmp_path / "k")
+    board = on_the_board(pkg, tmp_path / "board")
+    stub = install_rknnlite_stub(tmp_path / "stub")
+    env = {"PYTHONPATH": str(stub), "STUB_LOG": str(tmp_path / "stub.log"),
+           "STUB_ONNX": str(bundles["onnx"] / "model.onnx"), "STUB_PREPROCESS": str(board / "preprocess.json")}
+    # the stub runs the float model, 0.01 (7 % of this tiny model's logit range) from the simulator's
+    # int8 outputs the package holds: more than an NPU may differ from the simulator (5 %)
+    r = run([sys.executable, board / "infer.py", "--selftest"], tmp_path, env)
+    assert r.returncode == 1 and "FAIL -- runtime numerics or model" in r.stdout, r.stdout
+    assert "rknn-toolkit2 simulator" in r.stdout
+    # golden outputs of the stub's own model (float ONNX on the golden uint8 inputs), digests updated
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(bundles["onnx"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.load(board / "golden" / "input.npy").astype(np.float32)
+    x = ((x - 127.5) / 127.5).transpose(0, 3, 1, 2)  # preprocess=uniform, RGB
+    regolden(board, np.concatenate([sess.run(None, {"input0": x[i:i + 1]})[0] for i in range(8)]))
+    (tmp_path / "stub.log").unlink()
+    r = run([sys.executable, board / "infer.py", "--selftest"], tmp_path, env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASS" in r.stdout and "top-1 8/8" in r.stdout
+    calls = [json.loads(line) for line in (tmp_path / "stub.log").read_text().splitlines()]
+    assert calls.count({"inference": [1, 32, 32, 3]}) == 16 and calls[-1] == {"release": True}
+    # a stub that normalises with other numbers (a runtime computing wrong): the tensor path fails
+    env["STUB_PREPROCESS"] = str(tmp_path / "wrong.json")
+    Path(env["STUB_PREPROCESS"]).write_text(json.dumps({**manifest["preprocess"], "std": [0.1, 0.1, 0.1]}))
+    r = run([sys.executable, board / "infer.py", "--selftest"], tmp_path, env)
+    assert r.returncode == 1 and "FAIL -- runtime numerics or model" in r.stdout, r.stdout
+
+
+def fake_outputs(rgb: bytes, size: int = 32) -> list[float]:
+    """What tests/rknn_api/fake_rknn.c returns on the zero-copy path: the mean of channel c / 25,
+    quantized to int8 (scale 0.5, zero point -10) and dequantized."""
+    px = np.frombuffer(rgb, np.uint8).reshape(size, size, 3).astype(np.float64)
+    logits = (px.sum(axis=(0, 1)) / (size * size) / 25.0).astype(np.float32)
+    q = np.trunc(logits / np.float32(0.5) + np.float32(-10)).astype(np.int8)
+    return [float((np.float32(v) + 10) * np.float32(0.5)) for v in q]
+
+
+def test_c_demo_selftest_on_a_fake_runtime(bundles, tmp_path):
+    """The demo as the README builds it (CMake, zero-copy) installs golden/ and runs it; the golden
+    outputs are replaced by the fake runtime's (the simulator's belong to the real model)."""
+    pkg, _ = package("rv1103", {"model": bundles["rv1103"], "data": bundles["data"]}, tmp_path / "r")
+    src = on_the_board(pkg, tmp_path / "src")
+    golden = src / "golden" / "golden.txt"
+    lines = golden.read_text().splitlines()
+    rows = []
+    for line in lines[2:]:
+        name = line.split()[0]
+        out = fake_outputs((src / "golden" / name).read_bytes())
+        rows.append(" ".join([name, str(int(np.argmax(out))), *map(repr, out)]))
+    golden.write_text("\n".join(lines[:2] + rows) + "\n")
+    api = tmp_path / "librknn_api"
+    (api / "include").mkdir(parents=True)
+    (api / "armhf-uclibc").mkdir()
+    shutil.copyfile(RKNN_API / "rknn_api.h", api / "include" / "rknn_api.h")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-std=c99", "-I", str(RKNN_API), str(RKNN_API / "fake_rknn.c"),
+                    "-o", str(api / "armhf-uclibc" / "librknnmrt.so")], check=True)
+    build, inst = tmp_path / "build", tmp_path / "install"
+    for cmd in (["cmake", "-S", src, "-B", build, f"-DRKNN_API_DIR={api}"], ["cmake", "--build", build],
+                ["cmake", "--install", build, "--prefix", inst]):
+        r = run(cmd, tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in (inst / "golden").iterdir()) == sorted(p.name for p in (src / "golden").iterdir())
+    env = {"FAKE_RKNN_SIZE": "32", "FAKE_RKNN_STRIDE": "40"}
+    r = run([inst / "rknn_classify", "--selftest"], inst, env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "max abs diff 0, top-1 8/8" in r.stdout and "selftest: PASS" in r.stdout
+    r = run([inst / "rknn_classify", "--selftest"], inst, {**env, "FAKE_RKNN_PERTURB": "3"})
+    assert r.returncode == 1 and "FAIL -- runtime numerics or model" in r.stdout, r.stdout
+    assert "preprocessing is not involved" in r.stdout
+    # a package built without golden samples says so
+    r = run([inst / "rknn_classify", "--selftest", "model.rknn", "none/golden.txt"], inst, env)
+    assert r.returncode == 2 and "no none/golden.txt" in r.stdout
+    # the image path of the C package: prepare_input.py --selftest (preprocessing on the host or board)
+    r = run([sys.executable, "-I", src / "prepare_input.py", "--selftest"], tmp_path)
+    assert r.returncode == 0 and "8/8 inputs identical" in r.stdout, r.stdout + r.stderr
+    spec = json.loads((src / "preprocess.json").read_text())
+    (src / "preprocess.json").write_text(json.dumps({**spec, "channel_order": "BGR"}))
+    r = run([sys.executable, "-I", src / "prepare_input.py", "--selftest"], tmp_path)
+    assert r.returncode == 1 and "FAIL -- preprocessing" in r.stdout, r.stdout
