@@ -388,6 +388,11 @@ def test_experiment_rv1103_mobilenetv3(tmp_path):
     manifest = json.loads((pkg / "manifest.json").read_text())
     assert manifest["board"]["quantizer_options"]["target"] == "rv1103"
     assert manifest["source"]["model"]["stage"] == "rknn_mmse"
+    # golden samples: the first test images and the simulator's int8 outputs on them (quantize.data_limit=8)
+    sim = np.load(Path(st["rknn_mmse"]["path"]) / "test_logits.npy")
+    assert manifest["selftest"]["samples"] == 8 and "simulator" in manifest["selftest"]["measured_with"]
+    assert np.array_equal(np.load(pkg / "golden" / "expected.npy"), sim[:8])
+    assert (pkg / "golden" / "golden.txt").is_file()
 
 
 @pytest.mark.slow
@@ -418,3 +423,5 @@ def test_experiment_onnx_catsdogs(tmp_path):
     onnx_dir = Path(record["stages"]["onnx"]["path"])
     images = sorted(p for p in data.rglob("*.jpg"))
     assert [r["index"] for r in rows] == ort_logits(onnx_dir / "model.onnx", images).argmax(1).tolist()
+    r = subprocess.run([sys.executable, "-I", str(pkg / "infer.py"), "--selftest"], capture_output=True, text=True)
+    assert r.returncode == 0 and "selftest: PASS" in r.stdout, r.stdout + r.stderr
