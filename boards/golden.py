@@ -9,6 +9,9 @@ The package stage takes the first ``SAMPLES`` images of the dataset's test split
 - ``expected.npy``: float32 N x classes, what the packaged model file itself gave on them here
   (ONNX Runtime on this machine; RKNN: rknn-toolkit2's simulator, int8 outputs dequantized, from
   ``rknn_quantize``'s ``test_logits.npy`` for the same test split);
+- MaixII-Dock: the same from the float ncnn model (ncnn on this machine). MaixHub converts it to an
+  int8 awnn model that is not measured here, so MaixPy3's ``main.py --selftest`` compares top-1 only
+  (``top1_min`` of the samples must agree) and has only the image path (maix.nn takes images);
 - RV1103/RV1106 (C demo): ``input_NN.rgb`` (raw bytes of input.npy's rows) and ``golden.txt``, the
   same numbers as text for ``./rknn_classify --selftest``.
 
@@ -34,7 +37,7 @@ GOLDEN_DIR = "golden"
 SAMPLES = 8
 # (atol, rtol of the expected logits' range): float32 runtimes differ by ~1e-5 between CPUs; an int8
 # NPU may differ from the simulator by a few output quantization steps
-TOLERANCE = {"onnx": (1e-3, 1e-3), "rknn": (0.0, 0.05)}
+TOLERANCE = {"onnx": (1e-3, 1e-3), "ncnn": (1e-3, 1e-3), "rknn": (0.0, 0.05)}
 
 
 class GoldenError(ValueError):
@@ -66,6 +69,10 @@ def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = Fals
         import onnxruntime
 
         measured = f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider) on {platform.machine()}"
+    elif fmt == "ncnn":
+        inputs = normalize(images, pkg.spec)
+        expected = _ncnn(pkg.model_file, pkg.io, inputs)
+        measured = f"ncnn (float32, the model uploaded to MaixHub) on {platform.machine()}"
     else:
         inputs = to_channel_order(images, pkg.spec)
         expected = _simulator_logits(pkg.model_dir, split_files(data_dir, "test")[0], n)
@@ -104,7 +111,9 @@ def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = Fals
         "labels": [int(v) for v in labels[:n]],
         "measured_with": measured,
         "atol": atol, "rtol": rtol, "tolerance": round(tolerance, 9),
-        "rule": "PASS when max |output - expected| <= tolerance on the tensor path and the image path",
+        "rule": "PASS when max |output - expected| <= tolerance on the tensor path and the image path"
+        if fmt != "ncnn" else "MaixPy3 (awnn int8): PASS when at least top1_min of the top-1 agree",
+        "top1_min": n - 1 if fmt == "ncnn" and n > 1 else n,
         "sha256": {f: sha256_file(pkg.pkg / f) for f in files},
     }
 
@@ -115,6 +124,13 @@ def _onnxruntime(model: Path, inputs: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return np.stack([np.asarray(sess.run(None, {name: x[None]})[0], np.float32).reshape(-1) for x in inputs])
+
+
+def _ncnn(param: Path, io: dict, inputs: np.ndarray) -> np.ndarray:
+    from stages.common import parity
+
+    net = parity.ncnn_net(param, param.with_name(param.name[: -len(".param")] + ".bin"), threads=1)
+    return np.asarray(parity.ncnn_logits(net, inputs, io["input"], io["output"]), np.float32).reshape(len(inputs), -1)
 
 
 def _simulator_logits(model_dir: Path, images_file: Path, n: int) -> np.ndarray | None:

@@ -368,6 +368,7 @@ def test_experiment_v831_resnet18(tmp_path):
     manifest = json.loads((pkg / "manifest.json").read_text())
     assert manifest["labels"] == ["defect", "ok"] and manifest["normalisation"]["awnn_mean"] == 127.5
     assert manifest["accuracy"] and manifest["source"]["model"]["type"] == "ncnn"
+    assert manifest["selftest"]["samples"] == 8 and (pkg / "golden" / "image_07.png").is_file()
 
 
 @pytest.mark.slow

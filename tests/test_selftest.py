@@ -241,3 +241,71 @@ def test_c_demo_selftest_on_a_fake_runtime(bundles, tmp_path):
     (src / "preprocess.json").write_text(json.dumps({**spec, "channel_order": "BGR"}))
     r = run([sys.executable, "-I", src / "prepare_input.py", "--selftest"], tmp_path)
     assert r.returncode == 1 and "FAIL -- preprocessing" in r.stdout, r.stdout
+
+
+MAIX_STUB = '''"""Stand-in for MaixPy3 in tests: nn.load runs the float ncnn model ($STUB_PARAM) with awnn's
+(x - mean) * norm from the load options; $STUB_REVERSE=1 returns the outputs reversed (a conversion
+gone wrong)."""
+import os
+
+import numpy as np
+
+camera = display = None
+
+
+class _Model:
+    def __init__(self, opt):
+        import ncnn
+
+        self.opt = opt
+        self.net = ncnn.Net()
+        self.net.load_param(os.environ["STUB_PARAM"])
+        self.net.load_model(os.environ["STUB_PARAM"][: -len(".param")] + ".bin")
+
+    def forward(self, img, quantize=True):
+        import ncnn
+
+        x = np.asarray(img, np.float32)
+        x = ((x - np.array(self.opt["mean"], np.float32)) * np.array(self.opt["norm"], np.float32)).transpose(2, 0, 1)
+        x = np.ascontiguousarray(x)
+        with self.net.create_extractor() as ex:
+            ex.input(next(iter(self.opt["inputs"])), ncnn.Mat(x))
+            _, out = ex.extract(next(iter(self.opt["outputs"])))
+        out = np.array(out).reshape(-1)
+        return out[::-1].copy() if os.environ.get("STUB_REVERSE") else out
+
+
+class _F:
+    @staticmethod
+    def softmax(x):
+        e = np.exp(x - np.max(x))
+        return e / e.sum()
+
+
+class nn:
+    F = _F
+
+    @staticmethod
+    def load(model, opt):
+        return _Model(opt)
+'''
+
+
+def test_maixpy3_selftest_on_a_stub(bundles, tmp_path):
+    """main.py --selftest: the golden images through maix.nn (a stub running the float ncnn model with
+    main.py's mean/norm), top-1 against the float ncnn outputs recorded here."""
+    ncnn_dir = tmp_path / "ncnn"
+    stage("ncnn", {}, {"onnx": bundles["onnx"]}, ncnn_dir)
+    stage("calibration", {"count": 4}, {"data": bundles["data"]}, tmp_path / "calib")
+    pkg, manifest = package("maixii_dock", {"model": ncnn_dir, "calib": tmp_path / "calib", "data": bundles["data"]},
+                            tmp_path / "m")
+    assert manifest["selftest"]["top1_min"] == 7 and "ncnn" in manifest["selftest"]["measured_with"]
+    board = on_the_board(pkg, tmp_path / "root")
+    stub = tmp_path / "stub" / "maix"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text(MAIX_STUB)
+    env = {"PYTHONPATH": str(stub.parent), "STUB_PARAM": str(board / "model.param")}
+    r = run([sys.executable, board / "main.py", "--selftest"], tmp_path, env)
+    assert r.returncode == 0 and "on 8/8" in r.stdout and "selftest: PASS" in r.stdout, r.stdout + r.stderr
+    r = run([sys.executable, board / "main.py", "--selftest"], tmp_path, {**env, "STUB_REVERSE": "1"})
+    assert r.returncode == 1 and "FAIL -- awnn conversion or preprocessing" in r.stdout, r.stdout + r.stderr
