@@ -61,6 +61,10 @@ def test_float_backends_match_fp32(evaluated):
         assert metrics["agreement"][b] == 1.0
         assert metrics["max_abs_diff"][b] <= 1e-3
         assert metrics["target_met"][b] is True
+    # README (Export, ncnn and calibration): ONNX, TorchScript and ncnn-fp32 within 1e-6 x the logit range
+    ref = np.load(out / "predictions.npz")["model.logits"]
+    for b in ("onnx", "ts", "ncnn"):
+        assert metrics["max_abs_diff"][b] <= 1e-6 * (ref.max() - ref.min()), (b, metrics["max_abs_diff"][b])
     assert metrics["top1"]["model"] >= 0.85  # the toy model learned its task
 
 
