@@ -8,9 +8,7 @@ reads is in its cache key (edit it: the next plan says the stage will run)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +18,6 @@ from helpers_data import class_image, save_image
 from hostile import assert_clean_failure, new_files, snapshot
 
 FAST = ("--only", "data", "preprocess.input_size=16")
-
-
-def _cli(project, *args: str):
-    """project.cli, with engine.cli's console log handler on this test's stderr: the handler is added
-    once per process, on the sys.stderr of that moment, and capsys gives every test a new one."""
-    for h in logging.getLogger("edgepipe").handlers:
-        if getattr(h, "_edgepipe_console", False):
-            h.stream = sys.stderr
-    return project.cli(*args)
 
 
 def _images(folder: Path, classes=("a", "b"), per_class: int = 3, seed: int = 0) -> Path:
@@ -55,7 +44,7 @@ def _folder(path: Path, *more: str) -> tuple[str, ...]:
 
 def _plan(project, *args: str) -> str:
     """The dataset stage's plan status: 'cached' or 'will run'."""
-    r = _cli(project, "plan", "--json", *args)
+    r = project.cli("plan", "--json", *args)
     assert r.rc == 0, r.err
     return {s["name"]: s["status"] for s in json.loads(r.out)["stages"]}["data"]
 
@@ -81,7 +70,7 @@ def test_filelist_entry_outside_the_dataset_folder_is_refused(project, entry):
     entry = str(outside) if entry == "ABSOLUTE" else entry
     lf = _lists(data, f"{entry}----b\n")
     before = snapshot(project.root)
-    r = _cli(project, "run", *_filelist(data))
+    r = project.cli("run", *_filelist(data))
     err = assert_clean_failure(r, 1, f"{lf}:7", entry, "dataset.allow_outside_root=true")
     assert "outside the dataset folder" in err
     assert new_files(project.root, before, allowed=("runs/",)) == []
@@ -92,14 +81,14 @@ def test_filelist_outside_root_opt_in_reads_and_hashes_the_file(project):
     outside = save_image(class_image(1, 9, size=(12, 12)), project.root / "outside" / "x.png")
     _lists(data, "../outside/x.png----b\n")
     args = _filelist(data, "dataset.allow_outside_root=true")
-    r = _cli(project, "run", *args)
+    r = project.cli("run", *args)
     assert r.rc == 0, r.err
     index = (Path(project.latest()["stages"]["data"]["path"]) / "index.csv").read_text(encoding="utf-8")
     assert "../outside/x.png" in index
     assert _plan(project, *args) == "cached"
     _touch_new_content(outside, seed=5)  # outside the folder dataset.path names: only its digest knows
     assert _plan(project, *args) == "will run"
-    assert _cli(project, "run", *args).rc == 0
+    assert project.cli("run", *args).rc == 0
     assert project.statuses()["data"] == "ran"
 
 
@@ -108,7 +97,7 @@ def test_filelist_entry_that_no_path_can_resolve_is_refused(project, entry, why)
     data = _images(project.root / "data")
     (data / "loop").symlink_to("loop")  # a link to itself
     lf = _lists(data, f"{entry}----b\n")
-    r = _cli(project, "run", *_filelist(data))
+    r = project.cli("run", *_filelist(data))
     assert why in assert_clean_failure(r, 1, f"{lf}:7", repr(entry))
 
 
@@ -117,14 +106,14 @@ def test_symlinked_class_folder_content_is_in_the_cache_key(project):
     data = _images(project.root / "data", classes=("a",))
     elsewhere = _images(project.root / "elsewhere", classes=("b",))
     (data / "b").symlink_to(elsewhere / "b", target_is_directory=True)
-    r = _cli(project, "run", *_folder(data))
+    r = project.cli("run", *_folder(data))
     assert r.rc == 0, r.err
     assert json.loads(Path(project.latest()["stages"]["data"]["path"], "class_counts.json").read_text())[
         "total"] == {"a": 3, "b": 3}
     assert _plan(project, *_folder(data)) == "cached"
     _touch_new_content(elsewhere / "b" / "1.png", seed=3)
     assert _plan(project, *_folder(data)) == "will run"
-    assert _cli(project, "run", *_folder(data)).rc == 0
+    assert project.cli("run", *_folder(data)).rc == 0
     assert project.statuses()["data"] == "ran"
 
 
@@ -133,7 +122,7 @@ def test_filelist_symlink_inside_the_folder_is_hashed(project):
     data = _images(project.root / "data")
     (data / "alias").symlink_to(data / "b", target_is_directory=True)
     _lists(data, "alias/2.png----b\n")
-    assert _cli(project, "run", *_filelist(data)).rc == 0
+    assert project.cli("run", *_filelist(data)).rc == 0
     _touch_new_content(data / "b" / "2.png", seed=4)
     assert _plan(project, *_filelist(data)) == "will run"
 
@@ -142,7 +131,7 @@ def test_symlink_loop_in_a_class_folder_is_skipped_not_followed_forever(project)
     data = _images(project.root / "data")
     (data / "a" / "again").symlink_to(data / "a", target_is_directory=True)  # a/again/again/... forever
     (data / "b" / "up").symlink_to(data, target_is_directory=True)  # b/up/b/up/... forever
-    r = _cli(project, "run", *_folder(data))
+    r = project.cli("run", *_folder(data))
     assert r.rc == 0 and "Traceback" not in r.out + r.err, r.err
     assert "symlink loop" in r.out + r.err
     counts = json.loads(Path(project.latest()["stages"]["data"]["path"], "class_counts.json").read_text())
@@ -155,7 +144,7 @@ def test_symlink_loop_in_a_class_folder_is_skipped_not_followed_forever(project)
 @pytest.mark.parametrize("name", ["two\nlines", "carriage\rreturn", "line\u2028separator"])
 def test_class_folder_with_a_line_break_is_refused(project, name):
     data = _images(project.root / "data", classes=("a", name, "z"))
-    r = _cli(project, "run", *_folder(data))
+    r = project.cli("run", *_folder(data))
     err = assert_clean_failure(r, 1, repr(str(data / name)), "rename the folder")
     assert "line break" in err
 
@@ -164,7 +153,7 @@ def test_configured_class_name_with_a_line_break_is_a_config_error(project):
     data = _images(project.root / "data")
     _lists(data)
     before = snapshot(project.root)
-    r = _cli(project, "run", *_filelist(data, "dataset.classes=['a','b\nc']"))
+    r = project.cli("run", *_filelist(data, "dataset.classes=['a','b\nc']"))
     assert_clean_failure(r, 2, "dataset.classes", repr("b\nc"))
     assert new_files(project.root, before) == []
 

@@ -183,6 +183,7 @@ def test_learning_check_warns_only_at_chance_with_a_falling_loss():
     assert learning_check([0.50, 0.50], n_val=60, train_loss=0.60, num_classes=2) is None  # not fitted either
     assert learning_check([0.40], n_val=10, train_loss=0.1, num_classes=4)  # 10 images: 0.40 is chance + noise
     assert learning_check([0.30], n_val=400, train_loss=0.1, num_classes=4) is None  # 400 images: 0.30 is not
+    assert learning_check([1.0], n_val=4, train_loss=0.1, num_classes=2) is None  # 4 images tell nothing
 
 
 def test_metrics_hold_train_eval_accuracy_and_recalibration(data, first):

@@ -56,8 +56,11 @@ class Classifier(pl.LightningModule):
         logits = self.model(x)
         loss = self.criterion(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
-        self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
-        self.log(f"{prefix}_acc", acc, on_step=False, on_epoch=True, batch_size=len(y))
+        # DDP: each rank trains on its share of the batches (averaged over ranks at epoch end) but
+        # validates on the whole validation split, so validation numbers need no reduction
+        sync = prefix == "train" and self.trainer.world_size > 1
+        self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=sync)
+        self.log(f"{prefix}_acc", acc, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=sync)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -179,7 +182,9 @@ class EpochBook(pl.Callback):
         if improved:
             self.best_acc, self.best_loss, self.best_epoch = val, row.get("val_loss"), epoch
             self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
-        trainer.save_checkpoint(self.ckpt_dir / "last.ckpt", weights_only=False)
+        trainer.save_checkpoint(self.ckpt_dir / "last.ckpt", weights_only=False)  # every rank: a barrier
+        if not trainer.is_global_zero:  # DDP: rank 0 alone writes files
+            return
         if improved:
             shutil.copyfile(self.ckpt_dir / "last.ckpt", self.ckpt_dir / "best.ckpt")
         if self.every and epoch % self.every == 0:
@@ -231,6 +236,8 @@ def learning_check(val_accs: list[float], n_val: int, train_loss: float | None, 
         return None
     chance = 1.0 / num_classes
     noise = max(2.0 * math.sqrt(chance * (1.0 - chance) / n_val), 0.02)
+    if chance + noise >= 1.0:  # too few validation images to tell chance from learning
+        return None
     if max(val_accs) > chance + noise or train_loss > 0.5 * math.log(num_classes):
         return None
     return (f"validation accuracy stayed at chance level ({max(val_accs):.2f}, chance 1/{num_classes} = {chance:.2f}) "
