@@ -90,12 +90,17 @@ def test_manifest_records_golden_samples(bundles, tmp_path):
     direct = np.concatenate([sess.run(None, {"input0": x[i:i + 1]})[0] for i in range(8)])
     assert np.array_equal(np.load(pkg / "golden" / "expected.npy"), direct)
     assert st["expected_top1"] == direct.argmax(1).tolist() and st["measured_with"].startswith("onnxruntime ")
+    readme = (pkg / "README.md").read_text()
+    assert "python3 infer.py --selftest" in readme and "run by ONNX Runtime there" in readme
+    assert "pip install numpy pillow onnxruntime\n" in readme
     # rknn: the simulator's outputs from rknn_quantize, for the same test split
     pkg, manifest = package("rv1103", {"model": bundles["rv1103"], "data": bundles["data"]}, tmp_path / "r")
     sim = np.load(bundles["rv1103"] / "test_logits.npy")[:8]
     assert np.array_equal(np.load(pkg / "golden" / "expected.npy"), sim)
     assert np.load(pkg / "golden" / "input.npy").dtype == np.uint8
     assert "simulator" in manifest["selftest"]["measured_with"]
+    readme = (pkg / "README.md").read_text()  # where the numbers were measured, how to check them on the board
+    assert "./rknn_classify --selftest" in readme and "simulator on the host (x86)" in readme
     header, *rows = (pkg / "golden" / "golden.txt").read_text().splitlines()[1:]
     assert header.startswith("samples 8 classes 3 height 32 width 32 tolerance ") and len(rows) == 8
     # no data input: no golden samples, and the README says why
