@@ -3,6 +3,7 @@ the stages' parameter models (no stage runs here)."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,32 @@ def _data_path(tmp_path: Path) -> str:
     return f"dataset.path={d}"
 
 
-def test_every_experiment_has_a_test_here():
-    assert {"quickstart", "v831_resnet18", "rv1103_mobilenetv3", "mnist_gem_resnet", "onnx_catsdogs"} <= set(EXPERIMENTS)
+def _floors(func: ast.FunctionDef) -> list[float]:
+    """The numbers a test compares an accuracy against with >= (its floors)."""
+    return [c.value for node in ast.walk(func) if isinstance(node, ast.Compare)
+            for op, c in zip(node.ops, node.comparators) if isinstance(op, ast.GtE)
+            and isinstance(c, ast.Constant) and isinstance(c.value, float)]
+
+
+def _e2e_tests() -> dict[str, ast.FunctionDef]:
+    """test_experiment_<name> functions of every test module (the quickstart's lives in test_quickstart.py)."""
+    found = {}
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_experiment_"):
+                found[node.name.removeprefix("test_experiment_")] = node
+            elif isinstance(node, ast.FunctionDef) and path.name == "test_quickstart.py" and _floors(node):
+                found.setdefault("quickstart", node)
+    return found
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_has_an_end_to_end_test_with_an_accuracy_floor(experiment):
+    """A new conf/experiment/NAME.yaml needs tests/test_*.py::test_experiment_NAME that runs it and
+    asserts a top-1 floor (a test that only checks files exist let a diverging default ship)."""
+    test = _e2e_tests().get(experiment)
+    assert test is not None, f"conf/experiment/{experiment}.yaml has no test_experiment_{experiment} in tests/"
+    assert any(f >= 0.5 for f in _floors(test)), f"{test.name} asserts no accuracy floor (>= 0.5 or more)"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
