@@ -7,8 +7,6 @@ half-written entry. A per-key file lock makes concurrent processes compute an en
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -16,10 +14,11 @@ import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 from pydantic import BaseModel
 
+from . import locks
 from .hashing import ContentIndex, content_digest, list_files, matches, sha256_file, sha256_json, tree_digest
 from .stage import HASH_CONTENT, NOT_IN_KEY, Stage
 
@@ -144,22 +143,17 @@ class Cache:
                 raise CorruptEntry(f"{f}: content changed since it was cached")
 
     # ---- locking -----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self, stage_type: str, key: str, on_wait=None) -> Iterator[None]:
-        """Exclusive per-key lock (flock: released by the OS if the holder dies)."""
-        lock_path = self.root / stage_type / ".locks" / f"{key}.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if on_wait:
-                    on_wait()
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def lock_path(self, stage_type: str, key: str) -> Path:
+        return self.root / stage_type / ".locks" / f"{key}.lock"
+
+    def lock(self, stage_type: str, key: str, on_wait: Callable[[], None] | None = None) -> ContextManager[None]:
+        """Exclusive per-key lock (released by the OS if the holder dies); `on_wait` is called when
+        another process holds it."""
+        return locks.held(self.lock_path(stage_type, key), on_wait)
+
+    def lock_if_free(self, stage_type: str, key: str) -> ContextManager[bool]:
+        """The key's lock if no process holds it now (gc leaves an entry in use alone)."""
+        return locks.held_if_free(self.lock_path(stage_type, key))
 
     # ---- writing -----------------------------------------------------------------------------
     def new_tmp(self, stage_type: str, key: str) -> Path:

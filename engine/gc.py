@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import shutil
 import sys
 from pathlib import Path
@@ -34,12 +33,8 @@ def collect(runs_root: Path, dry_run: bool = False) -> int:
     for stage_type, key, path in list(cache.entries()):
         if str(path.resolve()) in keep:
             continue
-        lock_path = cache.root / stage_type / ".locks" / f"{key}.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a") as fh:
-            try:  # an entry being written or read under lock right now is left alone
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        with cache.lock_if_free(stage_type, key) as free:
+            if not free:  # an entry being written or read under lock right now is left alone
                 continue
             size = entry_size(path)
             print(f"{'would remove' if dry_run else 'removed'} {stage_type}/{key} ({size / 1e6:.1f} MB)")
@@ -50,11 +45,8 @@ def collect(runs_root: Path, dry_run: bool = False) -> int:
     # Temp folders of killed runs (their key's lock is free) are garbage too.
     for tmp in sorted(cache.root.glob("*/.tmp/*")) if cache.root.is_dir() else []:
         key = tmp.name.split("-")[0] if not tmp.name.startswith("trash-") else tmp.name.split("-")[1]
-        lock_path = tmp.parent.parent / ".locks" / f"{key}.lock"
-        with open(lock_path, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        with cache.lock_if_free(tmp.parent.parent.name, key) as free:
+            if not free:
                 continue
             print(f"{'would remove' if dry_run else 'removed'} unfinished {tmp.relative_to(cache.root)}")
             if not dry_run:

@@ -408,3 +408,26 @@ def test_gc_removes_only_unreferenced_entries(ws):
     ws.reset_counts()
     ws.cli("run")
     assert set(ws.statuses().values()) == {"cached"}
+
+
+def test_gc_leaves_an_entry_whose_lock_is_held_alone(ws):
+    """A process holding a key's lock (computing or reading it) keeps gc off that entry; once the
+    lock is free the entry goes."""
+    import shutil
+
+    from engine.cache import Cache
+
+    ws.cli("run")
+    kept = json.loads(((ws.runs / "latest").resolve() / "run.json").read_text())
+    ws.cli("run", "scale.factor=3")
+    shutil.rmtree((ws.runs / "latest").resolve())
+    unreferenced = set(ws.entries("t_scale")) - {Path(s["path"]) for s in kept["stages"].values()}
+    assert len(unreferenced) == 2  # scale and quant of the deleted run
+    busy, other = sorted(unreferenced)
+    cache = Cache(ws.runs / "cache")
+    with cache.lock("t_scale", busy.name):
+        r = ws.cli("gc")
+        assert busy.is_dir() and f"t_scale/{busy.name}" not in r.out
+        assert not other.exists() and f"removed t_scale/{other.name}" in r.out
+    r = ws.cli("gc")
+    assert not busy.exists() and f"removed t_scale/{busy.name}" in r.out
