@@ -206,7 +206,7 @@ class Pipeline:
                 "metrics": metrics, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "libraries": _library_versions(),
             }
-            hit = self.cache.publish(tmp, st.cls.name, key, manifest, volatile=getattr(st.cls, "volatile_outputs", ()))
+            hit = self.cache.publish(tmp, st.cls.name, key, manifest, volatile=st.cls.volatile_outputs)
         rec.status, rec.seconds = "ran", seconds
         rec.path, rec.digest, rec.metrics = str(hit.path), hit.digest, metrics
         display.finished(rec)

@@ -103,6 +103,10 @@ class Stage:
     # A stage whose output is not a pure function of params + inputs (none should be) can say so here;
     # ``reproduce --verify`` then compares its metrics within a tolerance rather than its digests.
     deterministic: ClassVar[bool] = True
+    # Output files (glob patterns relative to the output folder) kept for people but read by no
+    # downstream stage, e.g. timings or a build log with dates: stored and listed in the manifest, left
+    # out of the output digest so a re-run that differs only in them still cuts off downstream stages.
+    volatile_outputs: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def check(cls, params: Any) -> Iterable[tuple[str, str]]:
