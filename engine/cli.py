@@ -5,6 +5,7 @@
     edgepipe dag [--format mermaid|dot] [OVERRIDE ...]
     edgepipe runs [--limit N] [--json]
     edgepipe show RUN
+    edgepipe report RUN
     edgepipe reproduce RUN_DIR [--verify] [--tolerance T]
     edgepipe compare RUN RUN ...
     edgepipe gc [--dry-run]
@@ -379,6 +380,25 @@ def cmd_show(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_report(argv: Sequence[str]) -> int:
+    import argparse
+
+    from . import report_html, runs
+
+    ap = argparse.ArgumentParser(prog="edgepipe report", description="rewrite report.md and report.html of a run "
+                                 "from its folder (run.json and the stage outputs); nothing is recomputed")
+    ap.add_argument("run", nargs="?", default="latest")
+    ap.add_argument("--root", type=Path, default=_default_runs_root())
+    a = ap.parse_args(argv)
+    run_dir = Path(runs.resolve_run(a.root, a.run)).resolve()
+    record = runs.RunRecord.load(run_dir)
+    record.run_dir = str(run_dir)  # where it is now (a moved or copied folder), not where it ran
+    runs.write_report(record)
+    print(run_dir / "report.md")
+    print(run_dir / report_html.REPORT_HTML)
+    return 0
+
+
 def cmd_compare(argv: Sequence[str]) -> int:
     import argparse
 
@@ -446,7 +466,7 @@ def cmd_init(argv: Sequence[str]) -> int:
 
 
 VERBS = {"run": cmd_run, "plan": cmd_plan, "dag": cmd_dag, "runs": cmd_runs, "show": cmd_show,
-         "reproduce": cmd_reproduce, "compare": cmd_compare, "gc": cmd_gc, "init": cmd_init}
+         "report": cmd_report, "reproduce": cmd_reproduce, "compare": cmd_compare, "gc": cmd_gc, "init": cmd_init}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Run folders: runs/<date>/<time>_<name>/ with .hydra/, run.json, report.md and stages/ links."""
+"""Run folders: runs/<date>/<time>_<name>/ with .hydra/, run.json, report.md, report.html and stages/ links."""
 
 from __future__ import annotations
 
@@ -144,6 +144,8 @@ def previous_record(runs_root: Path, stage: str, prefer_name: str | None, limit:
 
 
 def write_report(record: RunRecord) -> None:
+    from . import report_html  # matplotlib and jinja2 load only when a report is written
+
     lines = [f"# {record.name}", "", f"- folder: `{record.run_dir}`", f"- status: **{record.status}**",
              f"- seconds: {record.seconds:.1f}"]
     if record.overrides:
@@ -162,6 +164,7 @@ def write_report(record: RunRecord) -> None:
         lines += ["", "## Errors", ""] + [f"- **{s.name}**: {s.error}" for s in errors]
     lines += ["", "Stage outputs are linked under `stages/`; the exact config is in `.hydra/`.", ""]
     (Path(record.run_dir) / "report.md").write_text("\n".join(lines))
+    report_html.write_html(record)
 
 
 def flat_metrics(metrics: Any, prefix: str = "") -> dict[str, Any]:
