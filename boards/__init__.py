@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from engine.stage import Params
+from stages.common.bundle import write_labels
 
 if TYPE_CHECKING:  # pragma: no cover
     from stages.common.preprocess import Preprocess
@@ -380,9 +381,7 @@ class PackageContext:
         return self.copy(TEMPLATES / template, dest)
 
     def write_labels(self, dest: str = "labels.txt") -> Path:
-        path = self.pkg / dest
-        path.write_text("".join(f"{label}\n" for label in self.labels), encoding="utf-8")
-        return path
+        return write_labels(self.pkg / dest, self.labels)
 
     def copy_preprocess(self) -> None:
         """The shared preprocessing module, verbatim, and the model's preprocess.json."""

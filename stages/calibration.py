@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import Field
 
 from engine.stage import Context, Input, Params, Stage, StageError
+from stages.common.bundle import read_labels
 
 
 def stratified_counts(class_sizes: Mapping[int, int], count: int) -> dict[int, int]:
@@ -132,4 +133,4 @@ def _class_names(src: Path) -> list[str]:
     f = src / "labels.txt"
     if not f.is_file():
         return []
-    return [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return read_labels(f)

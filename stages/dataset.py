@@ -43,6 +43,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from engine.hashing import list_files, sha256_file, tree_digest
 from engine.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
+from stages.common.bundle import LABELS, write_labels
 from stages.common.preprocess import Preprocess, load_image, resize
 
 SPLITS = ("train", "val", "test")
@@ -328,7 +329,7 @@ class Dataset(Stage):
             for s in SPLITS:
                 for i in by_split[s]:
                     wr.writerow([items[i].path, items[i].label, s])
-        (out / "labels.txt").write_text("".join(c + "\n" for c in classes), encoding="utf-8")
+        write_labels(out / LABELS, classes)
         class_counts = {
             s: {c: sum(1 for i in by_split[s] if items[i].label == k) for k, c in enumerate(classes)} for s in SPLITS
         }

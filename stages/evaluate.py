@@ -48,6 +48,7 @@ from pydantic import Field, model_validator
 
 from engine.hashing import sha256_file
 from engine.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
+from stages.common.bundle import read_labels
 
 KINDS = ("torch", "torchscript", "onnx", "ncnn", "rknn")
 FLOAT_KINDS = ("torchscript", "onnx", "ncnn")  # should reproduce fp32 logits
@@ -109,7 +110,7 @@ class Evaluate(Stage):
         data = inputs["data"]
         if not (data / "labels.txt").is_file():
             raise StageError(f"input data: {data / 'labels.txt'} is missing (expected a dataset folder)")
-        classes = _read_labels(data / "labels.txt")
+        classes = read_labels(data / "labels.txt")
         images, labels = load_split(data, p.split, split_key="evaluate.split")
         n = len(labels) if p.limit is None else min(len(labels), p.limit)
         if n == 0:
@@ -243,7 +244,7 @@ def _detect(name: str, folder: Path, classes: list[str], hw: tuple[int, int], p,
         raise StageError(f"input {name}: the model takes {spec.height}x{spec.width} but the dataset's images are "
                          f"{hw[0]}x{hw[1]}: they were made with different preprocess.input_size")
     if (folder / "labels.txt").is_file():
-        theirs = _read_labels(folder / "labels.txt")
+        theirs = read_labels(folder / "labels.txt")
         if theirs != classes:
             raise StageError(f"input {name}: its labels.txt {theirs[:6]} does not match the dataset's {classes[:6]} "
                              f"(a model trained on other classes or another class order)")
@@ -550,10 +551,6 @@ def _confusion_png(path: Path, cm: np.ndarray, classes: list[str], title: str) -
 
 
 # -- small helpers ---------------------------------------------------------------------------------------
-def _read_labels(path: Path) -> list[str]:
-    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-
-
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 

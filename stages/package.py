@@ -34,6 +34,7 @@ from boards import BoardName, BoardSettings, Finding, PackageContext, get_board,
 from boards.golden import GoldenError, write_golden
 from engine.hashing import sha256_file
 from engine.stage import Input, Params, Stage, StageError
+from stages.common.bundle import read_labels
 
 MODEL_FILES = {"onnx": "model.onnx", "ncnn": "model.ncnn.param", "rknn": "model.rknn"}
 PRODUCER = {"onnx": "export_onnx", "ncnn": "ncnn", "rknn": "rknn_quantize"}
@@ -85,7 +86,7 @@ class Package(Stage):
             if not (model_dir / f).is_file():
                 raise StageError(f"input model: {model_dir / f} is missing (model bundles carry it forward)")
         spec = Preprocess.load(model_dir)
-        labels = (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines()
+        labels = read_labels(model_dir)
         io = read_json(model_dir / "io.json") if (model_dir / "io.json").is_file() else {}
         if fmt == "ncnn" and not io:
             raise StageError(f"input model: {model_dir / 'io.json'} is missing (the param's blob names)")
