@@ -64,6 +64,23 @@ def test_quickstart_accuracy_holds_on_every_backend(quickstart):
     assert run["headline"]["key"] == "eval.top1.rknn_mmse"
 
 
+def test_quickstart_report_html_shows_every_backend(quickstart, tmp_path):
+    """report.html in headless Chromium: curves and the five confusion matrices load, top-1 as in run.json."""
+    from test_report import assert_picture, embedded_pngs, open_in_browser
+
+    _, _, run, _ = quickstart
+    page = open_in_browser(Path(run["run_dir"]) / "report.html", tmp_path / "alone")
+    backends = ["pytorch", "onnx", "ncnn", "rknn_normal", "rknn_mmse"]
+    assert sorted(img["alt"] for img in page.images) == sorted(
+        ["loss and accuracy per epoch (train)"] + [f"confusion matrix of {b}" for b in backends])
+    assert all(int(img.get("data-natural-width", 0)) > 0 for img in page.images)
+    for png in embedded_pngs(page):
+        assert_picture(png)
+    top1 = run["stages"]["eval"]["metrics"]["top1"]
+    assert {b: float(v) for b, (v, _) in page.top1.items()} == top1
+    assert all(shown == f"{top1[b]:.2%}" for b, (_, shown) in page.top1.items())
+
+
 def test_quickstart_packages(quickstart):
     _, _, run, _ = quickstart
     board = Path(run["stages"]["package_board"]["path"])
