@@ -1,7 +1,9 @@
 """Board profiles: what a target takes, what it cannot run, and what its deploy package holds.
 
-A profile is a ``BoardProfile`` subclass registered under the ``edgepipe.boards`` entry points
-(pyproject.toml), one module per board. It states
+A profile is a ``BoardProfile`` registered under the ``edgepipe.boards`` entry points (pyproject.toml):
+one class per family holds the behaviour (``boards/rockchip.py``: Rockchip NPU with a C demo or with
+rknn-toolkit-lite2; ``maixii_dock.py``: ncnn/awnn; ``onnxruntime.py``), and a board of a known family is a
+data file, ``boards/profiles/<name>.yaml`` (its entry point names ``boards.profiles:<name>``). It states
 
 - the input it takes (layout, size limits) and the normalisation it can express;
 - operators it cannot run (errors) and operators that may fall back to a CPU path the board's
@@ -115,8 +117,10 @@ def get_board(name: str, settings: BoardSettings | Mapping[str, Any] | None = No
     ep = _entry_points().get(name)
     if ep is None:
         raise UnknownBoard(name)
-    cls = ep.load()
-    board = cls()
+    # a board with its own module registers its class; a board of a known family registers its
+    # profile, read from boards/profiles/<name>.yaml
+    loaded = ep.load()
+    board = loaded if isinstance(loaded, BoardProfile) else loaded()
     if settings is not None:
         if not isinstance(settings, BoardSettings):
             settings = BoardSettings.model_validate(dict(settings))

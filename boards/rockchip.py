@@ -161,8 +161,9 @@ class RK35Board(RockchipBoard):
                                       "preprocess.json", "README.md", "manifest.json")
     deploy_script: str = "infer.py (rknn-toolkit-lite2, numpy, Pillow)"
 
-    # RKNNLite.init_runtime arguments (core_mask exists on multi-core NPUs only)
-    init_runtime: ClassVar[str] = ""
+    # RKNNLite.init_runtime arguments (core_mask exists on multi-core NPUs only); rendered into
+    # infer.py, left out of facts() (preflight.json and the manifest record the profile as before)
+    init_runtime: str = Field("", exclude=True)
 
     def write_package(self, pkg: PackageContext) -> None:
         pkg.copy(pkg.model_file, "model.rknn")

@@ -61,6 +61,51 @@ def test_every_board_is_registered_with_its_facts():
     assert isinstance(get_board("rk3566"), RK35Board) and isinstance(get_board("rk3588"), RK35Board)
 
 
+def test_every_profile_file_is_a_registered_board_of_its_family():
+    """A board of a known family is data (boards/profiles/<name>.yaml) behind one entry point."""
+    import yaml
+
+    from boards.profiles import FAMILIES, PROFILES
+
+    files = sorted(PROFILES.glob("*.yaml"))
+    assert {f.stem for f in files} == {"rk3566", "rk3588", "rv1103", "rv1106"}
+    for f in files:
+        board = get_board(f.stem)
+        assert f.stem in known_boards() and type(board) is FAMILIES[yaml.safe_load(f.read_text())["family"]]
+    assert get_board("rk3588").init_runtime == "core_mask=RKNNLite.NPU_CORE_AUTO" and not get_board("rk3566").init_runtime
+    assert "init_runtime" not in get_board("rk3588").facts()  # preflight.json / manifests record what they did
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("family: rockchip_c_demo\nname: newboard\ntitle: t\nsoc: s\nram: 64\n", "ram"),
+    ("family: npu_of_the_future\nname: newboard\ntitle: t\nsoc: s\n", "family 'npu_of_the_future'"),
+    ("family: rockchip_c_demo\nname: other\ntitle: t\nsoc: s\n", "must be the file's name"),
+    ("- a list\n", "expected a mapping"),
+])
+def test_a_broken_profile_file_is_refused_naming_the_file(tmp_path, monkeypatch, text, problem):
+    import boards.profiles
+
+    monkeypatch.setattr(boards.profiles, "PROFILES", tmp_path)
+    (tmp_path / "newboard.yaml").write_text(text)
+    with pytest.raises(ValueError, match="newboard.yaml") as e:
+        boards.profiles.load_profile("newboard")
+    assert problem in str(e.value)
+
+
+def test_a_new_board_of_a_known_family_is_one_data_file(tmp_path, monkeypatch):
+    import boards.profiles
+    from boards.rockchip import LuckfoxBoard
+
+    rv1103 = get_board("rv1103")
+    monkeypatch.setattr(boards.profiles, "PROFILES", tmp_path)
+    (tmp_path / "rv1103b.yaml").write_text(
+        "family: rockchip_c_demo\nname: rv1103b\ntitle: Luckfox Pico (RV1103B)\nsoc: Rockchip RV1103B\n"
+        "ram_mb: 64\nflash_mb: 16\nquantizer_options: {target: rv1103b, do_quantization: true}\n")
+    board = boards.profiles.rv1103b  # what the entry point "boards.profiles:rv1103b" loads
+    assert isinstance(board, LuckfoxBoard) and board.ram_mb == 64 and board.model_format == "rknn"
+    assert board.package_files == rv1103.package_files and "Pow" in board.cpu_fallback_ops
+
+
 def test_board_modules_do_not_import_torch():
     code = ("import sys, boards, boards.graph, stages.preflight, stages.package\n"
             "[boards.get_board(n) for n in boards.known_boards()]\n"
