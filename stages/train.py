@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import statistics
 import time
@@ -118,6 +119,11 @@ class Train(Stage):
         seed: int = 0
         precision: Literal["32", "64", "bf16-mixed", "16-mixed"] = "32"
         accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+        # several devices: one DDP process each (torchrun-style workers the stage starts itself);
+        # batch_size is per device, as in Lightning. In the key: they change what is computed
+        devices: int = Field(1, ge=1)
+        strategy: Literal["auto", "ddp"] = "auto"  # auto: ddp when devices > 1
+        sync_batchnorm: bool = False  # DDP: BatchNorm statistics over all ranks' batches
         # cap on training batches per epoch (int) or fraction (float); null: all (tests, smoke runs)
         limit_train_batches: int | float | None = None
         workers: Annotated[int, NOT_IN_KEY] = 0
@@ -172,7 +178,8 @@ class Train(Stage):
                 try:
                     return _train(params, inputs, out, ctx)
                 finally:
-                    _write_warnings(caught, logs / "warnings.log")
+                    if os.environ.get("RANK", "0") == "0":  # DDP ranks: one writer
+                        _write_warnings(caught, logs / "warnings.log")
         finally:
             for name, level in levels.items():
                 logging.getLogger(name).setLevel(level)
@@ -264,7 +271,10 @@ def make_trainer(p: "Train.Params", out: Path, callbacks: list, loggers: bool = 
     return pl.Trainer(
         max_epochs=p.epochs,
         accelerator=p.accelerator,
-        devices=1,
+        devices=p.devices,
+        strategy="ddp" if p.devices > 1 else "auto",
+        sync_batchnorm=p.sync_batchnorm and p.devices > 1,
+        use_distributed_sampler=False,  # EpochBatchSampler splits the batches between ranks itself
         precision=precision,
         # CPU ops are deterministic; a CUDA op without a deterministic kernel (adaptive pooling's
         # backward) warns into logs/warnings.log instead of failing the run
@@ -392,18 +402,25 @@ def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]
         raise StageError("model.in_channels must be 3 for the train stage (the dataset arrays are RGB)")
     weights_src = _finetune_source(p, inputs)  # mode checks before anything heavy
     ckpt_path = _resume_checkpoint(p, inputs) if p.mode == "resume" else None
+    if p.devices > 1 and "LOCAL_RANK" not in os.environ:
+        from stages.common.train_ranks import launch
+
+        return launch(p, inputs, out, ctx)  # this function again, once per rank
+    rank, world = int(os.environ.get("RANK", 0)), p.devices
 
     det_before = torch.are_deterministic_algorithms_enabled()
     try:
         pl.seed_everything(p.seed, workers=False, verbose=False)
-        dm = NpyDataModule(data, spec, p.batch_size, p.workers, p.augment, p.seed)
-        if dm.size("train") == 0:
-            raise StageError(f"input 'data' ({data}) has no training images")
+        dm = NpyDataModule(data, spec, p.batch_size, p.workers, p.augment, p.seed, rank, world)
+        if dm.size("train") < p.batch_size * world and world > 1 or dm.size("train") == 0:
+            raise StageError(f"input 'data' ({data}) has {dm.size('train')} training images: too few for "
+                             f"train.devices={world} x train.batch_size={p.batch_size}")
         has_val = dm.size("val") > 0
         if p.early_stopping is not None and not has_val:
             raise StageError("train.early_stopping monitors val_acc but the dataset has no validation split (dataset.split.val)")
         module, init_report = _build_module(p, len(classes), weights_src, inputs)
-        _copy_resume_best(ckpt_path, out)
+        if rank == 0:
+            _copy_resume_best(ckpt_path, out)
         recal_batches = dm.sample_batches("train", p.bn_recalibrate_images) if p.bn_recalibrate else None
         book, recal, callbacks = _callbacks(p, out, ctx, has_val, recal_batches)
         try:
@@ -412,6 +429,8 @@ def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]
             raise StageError(f"cannot set up training (precision={p.precision}, accelerator={p.accelerator}): {e}") from None
         ctx.progress(0, p.epochs, f"training {p.model.arch} for {p.epochs} epochs")
         _fit(p, trainer, module, dm, ckpt_path, has_val)
+        if not trainer.is_global_zero:
+            return {}  # DDP: rank 0 writes the outputs
         t0 = time.perf_counter()
         model = _final_model(module, book, out, has_val, recal_batches)
         recal_seconds = time.perf_counter() - t0 + recal.seconds if recal else None

@@ -31,17 +31,22 @@ def seed_for(*parts: int) -> int:
 
 
 class EpochBatchSampler:
-    """Yields lists of (index, epoch); the order is a function of (seed, epoch) only."""
+    """Yields lists of (index, epoch); the order is a function of (seed, epoch) only. With several
+    ranks (DDP), rank r takes global batches r, r + world, r + 2 world, ... of that same order, and
+    every rank gets the same number of batches (a rank waiting for another's last step would hang)."""
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int) -> None:
+    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
+                 rank: int = 0, world: int = 1) -> None:
         self.n, self.batch_size, self.shuffle, self.drop_last, self.seed = n, batch_size, shuffle, drop_last, seed
+        self.rank, self.world = rank, world
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        batches = self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        return batches // self.world
 
     def __iter__(self):
         epoch = self.epoch
@@ -49,8 +54,10 @@ class EpochBatchSampler:
             order = np.random.default_rng(seed_for(self.seed, epoch, 1)).permutation(self.n)
         else:
             order = np.arange(self.n)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        for b in range(len(self)):
+            start = (b * self.world + self.rank) * self.batch_size
             yield [(int(i), epoch) for i in order[start : start + self.batch_size]]
+
 
 class ArrayBatches(torch.utils.data.Dataset):
     """Whole batches from the uint8 N x H x W x 3 arrays, normalised by preprocess.normalize."""
@@ -150,10 +157,12 @@ def augment_batch(raw, aug, seeds: list[int]):
 class NpyDataModule(pl.LightningDataModule):
     """The dataset stage's arrays as train/val/test loaders (one batch = one dataset item)."""
 
-    def __init__(self, folder: Path, spec, batch_size: int, workers: int, augment, seed: int) -> None:
+    def __init__(self, folder: Path, spec, batch_size: int, workers: int, augment, seed: int,
+                 rank: int = 0, world: int = 1) -> None:
         super().__init__()
         self.folder, self.spec, self.batch_size, self.workers = Path(folder), spec, batch_size, workers
         self.augment, self.seed = augment, seed
+        self.rank, self.world = rank, world  # training batches are split between DDP ranks
         self.arrays: dict[str, tuple[Any, Any]] = {}
         for split in ("train", "val", "test"):
             self.arrays[split] = load_split(self.folder, split, size=tuple(spec.input_size))
@@ -165,7 +174,8 @@ class NpyDataModule(pl.LightningDataModule):
         images, labels = self.arrays[split]
         ds = ArrayBatches(images, labels, self.spec, self.augment if train else None, self.seed)
         n = len(labels)
-        sampler = EpochBatchSampler(n, self.batch_size, shuffle=train, drop_last=train and n > self.batch_size, seed=self.seed)
+        sampler = EpochBatchSampler(n, self.batch_size, shuffle=train, drop_last=train and n > self.batch_size,
+                                    seed=self.seed, rank=self.rank if train else 0, world=self.world if train else 1)
         # an own generator: creating the iterator must not draw from the global RNG (it would
         # shift dropout's stream depending on when Lightning creates the iterator)
         return torch.utils.data.DataLoader(

@@ -1,0 +1,47 @@
+"""Training on several devices: two DDP processes on this CPU (gloo), started by the train stage as
+torchrun workers, train the quickstart's model to the accuracy one process gets, and write one set of
+outputs. No GPU needed: ``devices=2`` without one and without ``strategy`` means two CPU processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.stage import StageError
+from engine.testing import run_stage
+
+pytestmark = pytest.mark.slow
+
+# the quickstart's model on its digits at 32 px; batch_size is per device, so 2 x 32 == 1 x 64
+TRAIN = {"epochs": 3, "lr": 3e-3, "accelerator": "cpu", "seed": 0, "model": {"arch": "resnet18", "stem": "small"}}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """No validation split: both runs keep their last epoch, so the comparison is of training alone
+    (with one, a 100 % validation score in an early epoch can pick different epochs in the two runs)."""
+    out = tmp_path_factory.mktemp("digits") / "data"
+    run_stage("dataset", {"kind": "digits", "split": {"val": 0.0, "test": 0.2}, "preprocess": {"input_size": 32}}, {}, out)
+    return out
+
+
+def test_two_ddp_processes_train_like_one(digits, tmp_path):
+    one = run_stage("train", {**TRAIN, "batch_size": 64}, {"data": digits}, tmp_path / "one")
+    two = run_stage("train", {**TRAIN, "batch_size": 32, "devices": 2}, {"data": digits}, tmp_path / "two")
+    assert abs(two["test_acc"] - one["test_acc"]) <= 0.01, (one, two)  # within 1 point (360 test digits)
+    assert two["test_acc"] >= 0.95
+    out = tmp_path / "two"
+    assert (out / "model.pt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "logs" / "ranks.log").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 3 and len(metrics["epochs"]) == 3  # one writer, one history
+    assert not list(out.glob("*.json.*")) and sorted(p.name for p in out.iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir())  # the same files as a one-process run
+
+
+def test_a_rank_error_is_the_stage_error(digits, tmp_path):
+    """A user error inside the ranks reaches the user as the stage's one-line error."""
+    with pytest.raises(StageError, match=r"too few for train.devices=2 x train.batch_size=2000"):
+        run_stage("train", {**TRAIN, "batch_size": 2000, "devices": 2}, {"data": digits}, tmp_path / "x")
