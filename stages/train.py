@@ -200,10 +200,11 @@ def _opt_dict(p: "Train.Params") -> dict:
 
 
 def _read_classes(data: Path) -> list[str]:
-    f = data / "labels.txt"
-    if not f.is_file():
+    from stages.common.bundle import read_labels
+
+    if not (data / "labels.txt").is_file():
         raise StageError(f"input 'data' ({data}) has no labels.txt: wire a dataset stage output")
-    return [line for line in f.read_text(encoding="utf-8").splitlines() if line]
+    return read_labels(data)
 
 
 def _resume_checkpoint(p: "Train.Params", inputs) -> Path:
