@@ -1,15 +1,9 @@
 """`evaluate`: every backend the pipeline produced, scored on the same test images, in one table.
 
 Inputs: ``data`` (required) is a ``dataset`` folder; every other input is a backend, labelled by its
-input name, whose kind is detected from its folder:
-
-| folder holds                            | kind          | run with                                   |
-|-----------------------------------------|---------------|--------------------------------------------|
-| ``model.rknn`` + ``test_logits.npy``    | ``rknn``      | nothing: logits from rknn_quantize's x86 simulator |
-| ``model.torchscript.pt``                | ``torchscript`` | ``torch.jit.load``                        |
-| ``model.pt``                            | ``torch``     | ``stages.common.models.load_model`` (fp32) |
-| ``model.onnx``                          | ``onnx``      | onnxruntime (CPU)                          |
-| ``*.ncnn.param`` + ``.bin``             | ``ncnn``      | the ncnn Python package                    |
+input name, whose kind is detected from its folder by the backend registry
+(``stages.common.backends``: PyTorch ``model.pt``, TorchScript, ONNX Runtime, ncnn, and the RKNN
+simulator's stored ``test_logits.npy``; the first registered class that recognises the folder wins).
 
 Each backend gets the test images through its own ``preprocess.json`` with the shared
 ``stages.common.preprocess.normalize`` (uint8 RGB -> float NCHW in its channel order): the code
@@ -38,20 +32,20 @@ from __future__ import annotations
 import csv
 import json
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from engine.hashing import sha256_file
 from engine.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
+from stages.common import backends
+from stages.common.backends import Backend
 from stages.common.bundle import read_labels
 
-KINDS = ("torch", "torchscript", "onnx", "ncnn", "rknn")
-FLOAT_KINDS = ("torchscript", "onnx", "ncnn")  # should reproduce fp32 logits
+# the reference when evaluate.reference is null: the first backend of these kinds
+REFERENCE_KINDS = ("torch", "torchscript", "onnx")
 
 
 class MultiCrop(Params):
@@ -141,13 +135,13 @@ class Evaluate(Stage):
         for i, b in enumerate(backends):
             ctx.progress(i, len(backends), f"{b.name} ({b.kind})")
             t0 = time.perf_counter()
-            logits = b.logits(images, ctx) if b.kind != "rknn" else b.precomputed[:n]
+            logits = b.runner.stored_logits()[:n] if b.runner.precomputed else b.logits(images, ctx)
             if logits.ndim != 2 or logits.shape[1] != len(classes):
                 raise StageError(f"input {b.name}: the model gives outputs of shape {list(logits.shape)}, expected "
                                  f"N x {len(classes)} (one logit per class of labels.txt)")
-            r: dict[str, Any] = {"kind": b.kind, "folder": str(b.folder), "logits": logits,
-                                 "seconds": round(time.perf_counter() - t0, 3), "detail": b.info.get("detail")}
-            if crops is not None and b.kind != "rknn":
+            r: dict[str, Any] = {"kind": b.kind, "folder": str(b.folder), "logits": logits, "target": b.runner.target,
+                                 "seconds": round(time.perf_counter() - t0, 3), "detail": b.runner.detail}
+            if crops is not None and not b.runner.precomputed:
                 k = crops.shape[1]
                 flat = b.logits(crops.reshape(-1, *crops.shape[2:]), ctx)
                 r["crop_logits"] = flat.reshape(n, k, -1)
@@ -194,14 +188,16 @@ class Evaluate(Stage):
 # -- backends -------------------------------------------------------------------------------------------
 @dataclass
 class _Backend:
+    """One backend input: its name, its preprocess.json and the loaded backend (stages.common.backends)."""
+
     name: str
-    kind: str
     folder: Path
     spec: Any
-    io: dict
-    run: Callable[[np.ndarray], np.ndarray] | None = None
-    precomputed: np.ndarray | None = None
-    info: dict = field(default_factory=dict)
+    runner: Backend
+
+    @property
+    def kind(self) -> str:
+        return self.runner.kind
 
     def logits(self, images: np.ndarray, ctx: Context) -> np.ndarray:
         from stages.common.preprocess import normalize
@@ -210,33 +206,23 @@ class _Backend:
         step = 256
         for i in range(0, len(images), step):
             x = normalize(np.asarray(images[i:i + step]), self.spec)
-            outs.append(np.asarray(self.run(x), dtype=np.float32).reshape(len(x), -1))
+            outs.append(np.asarray(self.runner.logits(x), dtype=np.float32).reshape(len(x), -1))
         return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
 def detect_kind(folder: Path) -> str | None:
-    """The backend kind a model folder holds (see the module docstring), or None."""
-    if (folder / "model.rknn").is_file():
-        return "rknn"
-    if (folder / "model.torchscript.pt").is_file():
-        return "torchscript"
-    if (folder / "model.pt").is_file():
-        return "torch"
-    if (folder / "model.onnx").is_file():
-        return "onnx"
-    if sorted(folder.glob("*.ncnn.param")):
-        return "ncnn"
-    return None
+    """The backend kind a model folder holds (the first registered backend that recognises it), or None."""
+    cls = backends.recognise(folder)
+    return cls.kind if cls else None
 
 
 def _detect(name: str, folder: Path, classes: list[str], hw: tuple[int, int], p, data: Path, ctx) -> _Backend:
-    from stages.common import parity
     from stages.common.preprocess import Preprocess
 
-    kind = detect_kind(folder)
-    if kind is None:
-        raise StageError(f"input {name}: {folder} holds no model evaluate can run (model.pt, model.torchscript.pt, "
-                         f"model.onnx, *.ncnn.param, or model.rknn + test_logits.npy)")
+    cls = backends.recognise(folder)
+    if cls is None:
+        raise StageError(f"input {name}: {folder} holds no model evaluate can run ({backends.model_files()}; "
+                         f"model.rknn needs test_logits.npy beside it)")
     if not (folder / "preprocess.json").is_file():
         raise StageError(f"input {name}: {folder / 'preprocess.json'} is missing (every model bundle carries it)")
     spec = Preprocess.load(folder)
@@ -249,66 +235,15 @@ def _detect(name: str, folder: Path, classes: list[str], hw: tuple[int, int], p,
             raise StageError(f"input {name}: its labels.txt {theirs[:6]} does not match the dataset's {classes[:6]} "
                              f"(a model trained on other classes or another class order)")
     io = json.loads((folder / "io.json").read_text()) if (folder / "io.json").is_file() else {}
-    b = _Backend(name, kind, folder, spec, io)
-
-    if kind == "torch":
-        import torch
-
-        from stages.common.models import load_model
-
-        module = load_model(folder / "model.pt")
-        b.run = lambda x: _torch_run(module, x, p)
-    elif kind == "torchscript":
-        import torch
-
-        with warnings.catch_warnings():  # torch 2.14: "torch.jit.load is deprecated"
-            warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(str(folder / "model.torchscript.pt"), map_location="cpu").eval()
-        b.run = lambda x: _torch_run(module, x, p)
-    elif kind == "onnx":
-        sess = parity.onnx_session(folder / "model.onnx", threads=p.threads)
-        inp = sess.get_inputs()[0]
-        input_name = io.get("input") or inp.name
-        dynamic = not isinstance(inp.shape[0], int)
-        b.run = lambda x: parity.onnx_logits(sess, x, input_name, batch=p.batch if dynamic else None)
-    elif kind == "ncnn":
-        param = sorted(folder.glob("*.ncnn.param"))[0]
-        binf = param.with_suffix(".bin")
-        if not binf.is_file():
-            raise StageError(f"input {name}: {binf} is missing next to {param.name}")
-        if not io.get("input") or not io.get("output"):
-            raise StageError(f"input {name}: {folder / 'io.json'} must name the ncnn input/output blobs")
-        net = parity.ncnn_net(param, binf, threads=p.threads)
-        b.run = lambda x: parity.ncnn_logits(net, x, io["input"], io["output"])
-        b.info["net"] = net  # keep the net alive as long as the backend
-    else:  # rknn: logits from the build session's simulator
-        if p.split != "test":
-            raise StageError(f"input {name}: RKNN results exist for the test split only (evaluate.split={p.split})")
-        logits_file = folder / "test_logits.npy"
-        if not logits_file.is_file():
-            raise StageError(f"input {name}: {logits_file} is missing: the rknn simulator only runs in the build "
-                             f"session, so wire the dataset into the rknn_quantize stage (needs: {{data: ...}})")
-        logits = np.load(logits_file).astype(np.float32)
-        build = json.loads((folder / "build.json").read_text()) if (folder / "build.json").is_file() else {}
-        sim = build.get("simulator") or {}
-        want = sim.get("images_test_sha256")
-        if want and want != sha256_file(data / "images_test.npy"):
-            raise StageError(f"input {name}: its test_logits.npy were computed on another test split (images_test.npy "
-                             f"differs); wire the same dataset stage into rknn_quantize and evaluate")
-        if logits.ndim != 2 or logits.shape[1] != len(classes):
-            raise StageError(f"input {name}: test_logits.npy has shape {list(logits.shape)}, expected N x {len(classes)}")
-        b.precomputed = logits
-        b.info["quantized"] = bool(build.get("do_quantization", True))
-        b.info["detail"] = " ".join(str(build[k]) for k in ("target", "algorithm", "dtype") if build.get(k))
-        if p.multicrop.enabled:
-            ctx.log.info("backend %s: RKNN logits are single-crop only (multi-crop needs the build session)", name)
-    return b
-
-
-def _torch_run(module, x: np.ndarray, p) -> np.ndarray:
-    from stages.common import parity
-
-    return parity.torch_logits(module, x, batch=p.batch)
+    try:
+        runner = cls(folder, io, threads=p.threads, batch=p.batch)
+        runner.check_data(data, p.split, classes)
+    except backends.BackendError as e:
+        raise StageError(f"input {name}: {e}") from None
+    if runner.precomputed and p.multicrop.enabled:
+        ctx.log.info("backend %s: %s logits are single-crop only (multi-crop needs the build session)",
+                     name, runner.kind)
+    return _Backend(name, folder, spec, runner)
 
 
 def _pick_reference(backends: list[_Backend], wanted: str | None) -> _Backend | None:
@@ -318,7 +253,7 @@ def _pick_reference(backends: list[_Backend], wanted: str | None) -> _Backend | 
                 return b
         raise StageError(f"evaluate.reference={wanted!r} is not one of the backend inputs "
                          f"{[b.name for b in backends]}")
-    for kind in ("torch", "torchscript", "onnx"):
+    for kind in REFERENCE_KINDS:
         for b in backends:
             if b.kind == kind:
                 return b
@@ -429,13 +364,12 @@ def _score(results, labels, classes, ref_name, p) -> dict[str, dict[str, Any]]:
                 "reference_top1": ref_top1,
                 "drop_points": round((ref_top1 - float((bl.argmax(1) == labels[:k]).mean())) * 100, 4),
             })
-            quantized = r["kind"] == "rknn"
-            if r["kind"] in FLOAT_KINDS:
+            if r["target"] == "float":
                 allowed = parity.allowed_abs_diff(rl, p.float_tolerance)
                 ok = row["agreement"] == 1.0 and row["max_abs_diff"] <= allowed
                 row["target"] = (f"agreement 100% and max abs diff <= {allowed:.3g} "
                                  f"({p.float_tolerance:g} + {parity.RTOL:g} x reference logit range)")
-            elif quantized:
+            elif r["target"] == "quantized":
                 ok = row["drop_points"] <= p.quant_max_drop
                 row["target"] = f"top-1 drop <= {p.quant_max_drop:g} points"
             else:

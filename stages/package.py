@@ -34,10 +34,9 @@ from boards import BoardName, BoardSettings, Finding, PackageContext, get_board,
 from boards.golden import GoldenError, write_golden
 from engine.hashing import sha256_file
 from engine.stage import Input, Params, Stage, StageError
+from stages.common.backends import BACKENDS, by_kind
 from stages.common.bundle import read_labels
 
-MODEL_FILES = {"onnx": "model.onnx", "ncnn": "model.ncnn.param", "rknn": "model.rknn"}
-PRODUCER = {"onnx": "export_onnx", "ncnn": "ncnn", "rknn": "rknn_quantize"}
 PACKAGE_FORMAT = "edgepipe.package/1"
 
 
@@ -75,13 +74,14 @@ class Package(Stage):
         board = get_board(p.board, settings)
         model_dir = inputs["model"]
         fmt = board.model_format
-        model_file = model_dir / MODEL_FILES[fmt]
+        backend = by_kind(fmt)  # the board's model format is a backend kind (stages/common/backends.py)
+        model_file = model_dir / backend.model_file
         if not model_file.is_file():
-            found = [k for k, f in MODEL_FILES.items() if (model_dir / f).is_file()]
+            found = [b.kind for b in BACKENDS if (model_dir / b.model_file).is_file()]
             raise StageError(
-                f"board {board.name} ({board.title}) takes a {fmt} model ({MODEL_FILES[fmt]}), but the `model` input "
+                f"board {board.name} ({board.title}) takes a {fmt} model ({backend.model_file}), but the `model` input "
                 f"{model_dir} holds {', '.join(found) + ' model' if found else 'no model file'}; wire package's "
-                f"`model` to a {PRODUCER[fmt]} stage")
+                f"`model` to a {backend.producer} stage")
         for f in ("preprocess.json", "labels.txt"):
             if not (model_dir / f).is_file():
                 raise StageError(f"input model: {model_dir / f} is missing (model bundles carry it forward)")

@@ -134,6 +134,39 @@ def test_rknn_logits_from_another_split_are_refused(backends, tmp_path):
         run_stage("evaluate", {}, {"data": data, "rknn": backends["rknn"]}, tmp_path / "a")
 
 
+def test_a_registered_backend_class_is_picked_up(backends, tmp_path, monkeypatch):
+    """Adding a backend is one class plus its registration: evaluate recognises its folders and scores it."""
+    from stages.common import backends as registry
+
+    class ConstantBackend(registry.Backend):
+        """Logits stored as one vector: every image gets the same class."""
+
+        kind, model_file, target = "constant", "model.constant.npy", "float"
+
+        def _load(self) -> None:
+            self.vector = np.load(self.folder / self.model_file)
+
+        def logits(self, x: np.ndarray) -> np.ndarray:
+            return np.tile(self.vector, (len(x), 1)).astype(np.float32)
+
+    monkeypatch.setattr(registry, "BACKENDS", list(registry.BACKENDS))
+    registry.register(ConstantBackend)
+    t = toy()
+    folder = tmp_path / "constant"
+    folder.mkdir()
+    for f in ("preprocess.json", "labels.txt"):
+        shutil.copy(t.onnx / f, folder / f)
+    vector = np.zeros(len(CLASSES), np.float32)
+    vector[1] = 1.0
+    np.save(folder / "model.constant.npy", vector)
+    run_stage("evaluate", {}, {"data": t.data, "model": backends["model"], "c": folder}, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert {n: r["kind"] for n, r in report["backends"].items()} == {"model": "torch", "c": "constant"}
+    labels = np.load(t.data / "labels_test.npy")
+    assert report["backends"]["c"]["top1"] == pytest.approx(float((labels == 1).mean()))
+    assert report["backends"]["c"]["target_met"] is False  # a "float" backend must reproduce the fp32 logits
+
+
 def test_bad_inputs_are_named(backends, tmp_path):
     t = toy()
     other = tmp_path / "other"
