@@ -9,8 +9,6 @@ Config section ``export`` (conf/export/onnx.yaml, conf/export/onnx_dynamic.yaml)
 
 from __future__ import annotations
 
-import json
-import shutil
 import tempfile
 import time
 import warnings
@@ -56,6 +54,7 @@ class ExportOnnx(Stage):
 
     def run(self, params: "ExportOnnx.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
         from stages.common import parity
+        from stages.common.export import check_channels, copy_bundle_files, load_bundle_folder, write_io
 
         if params.input_name == params.output_name:
             raise StageError("export.input_name and export.output_name must differ")
@@ -100,34 +99,7 @@ class ExportOnnx(Stage):
         }
 
 
-# -- helpers shared with export_torchscript ------------------------------------------------------------
-def load_bundle_folder(src: Path):
-    """(module in eval mode, Preprocess, bundle info) from a model folder; StageError naming the
-    missing file otherwise."""
-    from stages.common.models import read_bundle, load_model
-    from stages.common.preprocess import Preprocess
-
-    for name in ("model.pt", "preprocess.json", "labels.txt"):
-        if not (src / name).is_file():
-            raise StageError(f"input model folder {src} has no {name} (expected a train/clip_outliers output)")
-    try:
-        spec = Preprocess.load(src)
-    except Exception as e:  # noqa: BLE001 - a broken file is the user's to fix
-        raise StageError(f"cannot read {src / 'preprocess.json'}: {e}") from e
-    info = read_bundle(src / "model.pt")
-    module = load_model(src / "model.pt")
-    return module, spec, {"arch": info.get("arch") or {}, "num_classes": info.get("num_classes")}
-
-
-def check_channels(info: Mapping[str, Any], shape: list[int], section: str) -> None:
-    in_ch = (info.get("arch") or {}).get("in_channels", 3)
-    if in_ch != shape[1]:
-        raise StageError(
-            f"the model takes {in_ch} input channels but preprocess.json gives {shape[1]} (RGB); "
-            f"{section} cannot export a model whose input the preprocessing does not produce"
-        )
-
-
+# -- helpers ---------------------------------------------------------------------------------------------
 def export_onnx(module, path: Path, shape: list[int], params: "ExportOnnx.Params", ctx: Context) -> None:
     import torch
 
@@ -198,13 +170,3 @@ def check_onnx(path: Path, input_name: str, output_name: str) -> list[str]:
     if ins != [input_name] or outs != [output_name]:
         raise StageError(f"exported ONNX has inputs {ins} / outputs {outs}, expected [{input_name}] / [{output_name}]")
     return sorted({n.op_type for n in model.graph.node})
-
-
-def write_io(out: Path, input_name: str, output_name: str, shape: list[int]) -> None:
-    io = {"input": input_name, "output": output_name, "input_shape": [int(s) for s in shape]}
-    (out / "io.json").write_text(json.dumps(io, indent=2) + "\n", encoding="utf-8")
-
-
-def copy_bundle_files(src: Path, out: Path) -> None:
-    for name in ("preprocess.json", "labels.txt"):
-        shutil.copyfile(src / name, out / name)

@@ -43,7 +43,7 @@ class ExportTorchScript(Stage):
         import torch
 
         from stages.common import parity
-        from stages.export_onnx import check_channels, copy_bundle_files, load_bundle_folder, write_io
+        from stages.common.export import check_channels, copy_bundle_files, load_bundle_folder, write_io
 
         src = inputs["model"]
         module, spec, info = load_bundle_folder(src)
