@@ -15,6 +15,10 @@ Outputs (DEVELOPERS.md): ``images_{split}.npy`` (uint8 N x H x W x 3 RGB, resize
 ``labels.txt``, ``class_counts.json``, ``skipped.csv`` (path,reason), ``preprocess.json``; also
 ``duplicates.csv`` (identical files found in two splits) and ``dataset.json`` (a summary).
 
+Memory does not grow with the number of images: decoded images go, in index order, into a scratch
+file of fixed-size rows in ``out`` (removed before the stage returns), and each split's array is
+copied from it a chunk at a time; the bytes are those ``np.save`` of the whole stack would write.
+
 Everything the stage reads is in its cache key: the folders named by ``path``/``root`` are hashed with
 symlinks followed (engine.hashing.list_files, loops skipped), files a list names outside them by
 ``outside_root_digest``. Class names travel as lines of ``labels.txt``: a name with a line break is
@@ -27,16 +31,17 @@ import csv
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
 import struct
 import unicodedata
-from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, defaultdict, deque
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -211,6 +216,88 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: _nfc(d.name))
 
 
+
+# -- decoding, streamed -----------------------------------------------------------------------------
+_CHUNK = 64  # images per decoding task
+
+
+def _decode_one(file: str | None, array: np.ndarray | None, spec) -> tuple[np.ndarray | None, str | None, str | None]:
+    """(uint8 H x W x 3 pixels, sha1 of the source bytes, None) or (None, None, why it was skipped)."""
+    from PIL import Image
+
+    if array is not None:
+        img = Image.fromarray(np.ascontiguousarray(array), "L" if array.ndim == 2 else "RGB").convert("RGB")
+        return resize(img, spec), hashlib.sha1(array.tobytes()).hexdigest(), None
+    try:
+        data = Path(file).read_bytes()
+    except OSError as e:
+        return None, None, f"unreadable: {e.strerror or e}"
+    if not data:
+        return None, None, "empty file (0 bytes)"
+    try:
+        arr = resize(load_image(io.BytesIO(data)), spec)
+    except Exception as e:  # noqa: BLE001 - every decoder failure is a skip reason
+        if type(e).__name__ == "UnidentifiedImageError":
+            return None, None, "not an image (Pillow cannot identify the format)"
+        return None, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'decode failed'}"
+    return arr, hashlib.sha1(data).hexdigest(), None
+
+
+def _decode_chunk(jobs: list[tuple[str | None, np.ndarray | None]], spec) -> list[tuple]:
+    return [_decode_one(file, array, spec) for file, array in jobs]
+
+
+def _in_order(pool: Executor, chunks: list, spec, window: int) -> Iterator[list[tuple]]:
+    """Results of ``_decode_chunk`` in chunk order, with at most ``window`` chunks in flight, so
+    decoded images waiting for an earlier chunk never pile up in memory."""
+    pending: deque = deque()
+    todo = iter(chunks)
+    for chunk in itertools.islice(todo, window):
+        pending.append(pool.submit(_decode_chunk, chunk, spec))
+    while pending:
+        result = pending.popleft().result()
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append(pool.submit(_decode_chunk, nxt, spec))
+        yield result
+
+
+class _Rows:
+    """Decoded images on disk, one fixed-size row per item (index order), so memory does not grow with
+    the number of images; ``copy_rows`` writes a split's ``images_{split}.npy`` from them in chunks.
+    Plain file reads and writes, not a memmap: a memmap's written pages count in the process's RSS
+    until it is unmapped."""
+
+    def __init__(self, path: Path, n: int, size: tuple[int, int]) -> None:
+        self.path, self.shape = path, (size[0], size[1], 3)
+        self.row = size[0] * size[1] * 3
+        self._f = open(path, "w+b")
+        self._f.truncate(n * self.row)  # sparse: rows of skipped files take no disk
+
+    def put(self, i: int, arr: np.ndarray) -> None:
+        if arr.shape != self.shape or arr.dtype != np.uint8:  # resize() always gives this; a guard, not a path
+            raise StageError(f"decoded image {i} has shape {arr.shape} {arr.dtype}, expected {self.shape} uint8")
+        os.pwrite(self._f.fileno(), np.ascontiguousarray(arr).tobytes(), i * self.row)
+
+    def copy_rows(self, idx: list[int], dest: Path) -> None:
+        """``np.save(dest, stack of rows idx)``, byte for byte, ``_COPY_ROWS`` rows at a time."""
+        with open(dest, "wb") as f:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": (len(idx), *self.shape)}
+            np.lib.format.write_array_header_1_0(f, header)
+            fd = self._f.fileno()
+            for start in range(0, len(idx), _COPY_ROWS):
+                f.write(b"".join(os.pread(fd, self.row, i * self.row) for i in idx[start : start + _COPY_ROWS]))
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
+_COPY_ROWS = 256
+
+
 class Dataset(Stage):
     name = "dataset"
     version = 1
@@ -296,8 +383,15 @@ class Dataset(Stage):
                 m = rx.search(Path(it.path).name)
                 it.group = (m.group(1) if m.groups() else m.group(0)) if m else None
 
-        images, digests, skipped = self._decode(items, p, ctx)
-        keep = [i for i, im in enumerate(images) if im is not None]
+        scratch = _Rows(out / ".decoded.tmp", len(items), tuple(p.preprocess.input_size))
+        try:
+            return self._write(items, classes, scratch, p, out, ctx)
+        finally:
+            scratch.close()
+
+    def _write(self, items: list[_Item], classes: list[str], scratch: "_Rows", p, out: Path, ctx) -> dict[str, Any]:
+        ok, digests, skipped = self._decode(items, p, scratch, ctx)
+        keep = [i for i, good in enumerate(ok) if good]
         if skipped and p.strict:
             lines = "; ".join(f"{path}: {why}" for path, why in skipped[:10])
             more = f" (and {len(skipped) - 10} more)" if len(skipped) > 10 else ""
@@ -316,13 +410,12 @@ class Dataset(Stage):
                 raise StageError(f"class {name!r} has no training images; add some or change the split")
 
         # -- outputs ----------------------------------------------------------------------------
-        h, w = p.preprocess.input_size
         by_split: dict[str, list[int]] = {s: [i for i in keep if splits[i] == s] for s in SPLITS}
         for s in SPLITS:
             idx = by_split[s]
-            arr = np.stack([images[i] for i in idx]) if idx else np.zeros((0, h, w, 3), np.uint8)
-            np.save(out / f"images_{s}.npy", np.ascontiguousarray(arr, dtype=np.uint8))
+            scratch.copy_rows(idx, out / f"images_{s}.npy")
             np.save(out / f"labels_{s}.npy", np.asarray([items[i].label for i in idx], dtype=np.int64))
+        scratch.close()
         with open(out / "index.csv", "w", newline="", encoding="utf-8") as f:
             wr = csv.writer(f)
             wr.writerow(["path", "label", "split"])
@@ -550,54 +643,40 @@ class Dataset(Stage):
         return items, classes
 
     # -- decoding -------------------------------------------------------------------------------
-    def _decode(self, items: list[_Item], p, ctx):
-        spec = p.preprocess
-        from PIL import Image
-
-        def one(it: _Item):
-            if it.array is not None:
-                a = it.array
-                img = Image.fromarray(np.ascontiguousarray(a), "L" if a.ndim == 2 else "RGB").convert("RGB")
-                return resize(img, spec), hashlib.sha1(a.tobytes()).hexdigest(), None
-            try:
-                data = it.file.read_bytes()
-            except OSError as e:
-                return None, None, f"unreadable: {e.strerror or e}"
-            if not data:
-                return None, None, "empty file (0 bytes)"
-            try:
-                img = load_image(io.BytesIO(data))
-                arr = resize(img, spec)
-            except Exception as e:  # noqa: BLE001 - every decoder failure is a skip reason
-                if type(e).__name__ == "UnidentifiedImageError":
-                    return None, None, "not an image (Pillow cannot identify the format)"
-                return None, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'decode failed'}"
-            return arr, hashlib.sha1(data).hexdigest(), None
-
+    def _decode(self, items: list[_Item], p, scratch: "_Rows", ctx):
+        """Decode every item into its row of ``scratch``, in index order whatever the worker count;
+        (decoded or not per item, sha1 digests, (path, reason) of the skipped)."""
         workers = p.workers or os.cpu_count() or 1
         n = len(items)
-        images: list[np.ndarray | None] = [None] * n
+        ok = [False] * n
         digests: list[str | None] = [None] * n
         skipped: list[tuple[str, str]] = []
         ctx.progress(0, n, f"decoding {n} images")
         step = max(1, n // 50)
-        if workers <= 1 or n < 64:
-            results = map(one, items)
-            pool = None
+        jobs = [(str(it.file) if it.array is None else None, it.array) for it in items]
+        chunks = [jobs[i : i + _CHUNK] for i in range(0, n, _CHUNK)]
+        pool = None
+        if workers > 1 and n >= 2 * _CHUNK:
+            pool = ThreadPoolExecutor(workers)
+            results = _in_order(pool, chunks, p.preprocess, 2 * workers)
         else:
-            pool = ThreadPoolExecutor(max_workers=workers)
-            results = pool.map(one, items, chunksize=32)
+            results = (_decode_chunk(c, p.preprocess) for c in chunks)
+        i = 0
         try:
-            for i, (arr, digest, why) in enumerate(results):
-                images[i], digests[i] = arr, digest
-                if why is not None:
-                    skipped.append((items[i].path, why))
-                if (i + 1) % step == 0 or i + 1 == n:
-                    ctx.progress(i + 1, n, f"decoding images {i + 1}/{n}")
+            for chunk in results:
+                for arr, digest, why in chunk:
+                    if why is None:
+                        scratch.put(i, arr)
+                        ok[i], digests[i] = True, digest
+                    else:
+                        skipped.append((items[i].path, why))
+                    i += 1
+                    if i % step == 0 or i == n:
+                        ctx.progress(i, n, f"decoding images {i}/{n}")
         finally:
             if pool is not None:
-                pool.shutdown()
-        return images, digests, skipped
+                pool.shutdown(cancel_futures=True)
+        return ok, digests, skipped
 
     # -- splitting ------------------------------------------------------------------------------
     def _assign(self, items: list[_Item], keep: list[int], classes: list[str], p) -> dict[int, str]:

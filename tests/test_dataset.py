@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from engine.stage import StageError
 from engine.testing import run_stage, validate_params
 from helpers_data import CLASSES, class_image, make_bad_corpus, make_image_folder, save_image, write_idx
-from stages.common.preprocess import Preprocess
+from stages.common.preprocess import Preprocess, load_image, resize
 from stages.dataset import Dataset
 
 SPLITS = ("train", "val", "test")
@@ -277,3 +278,29 @@ def test_config_groups_validate():
     for f in sorted((conf / "clip").glob("*.yaml")):
         assert validate_params(ClipOutliers, load("clip", f.stem)).method == f.stem
     assert Preprocess.model_validate(load("preprocess", "default")) == Preprocess()  # defaults agree
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def test_streamed_arrays_equal_plain_decode(tmp_path):
+    """images_{split}.npy, written a chunk at a time, hold exactly the bytes np.save gives for the stack
+    of load_image + resize of the files index.csv lists; an empty split is a valid empty array; the
+    scratch file of decoded rows is gone."""
+    root = make_image_folder(tmp_path / "data", per_class=12, ext="jpg", nested=True)
+    make_bad_corpus(root / CLASSES[0] / "bad")
+    pre = {"input_size": [12, 20], "resize": "letterbox"}
+    run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": pre, "workers": 1,
+                        "split": {"val": 0.25, "test": 0.0}}, {}, tmp_path / "out")
+    out, spec = tmp_path / "out", Preprocess(**pre)
+    rows = _index(out)
+    for s in SPLITS:
+        paths = [r["path"] for r in rows if r["split"] == s]
+        want = (np.stack([resize(load_image(root / p), spec) for p in paths]) if paths
+                else np.zeros((0, 12, 20, 3), np.uint8))
+        assert (out / f"images_{s}.npy").read_bytes() == _npy_bytes(want), s
+    assert len(np.load(out / "images_test.npy")) == 0 and len(np.load(out / "images_val.npy")) > 0
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]
