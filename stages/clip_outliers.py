@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from engine.stage import HASH_CONTENT, Context, Input, Params, Stage, StageError
+from stages.common.bundle import copy_forward
 from stages.common.models import ModelParams
 
 
@@ -136,9 +136,7 @@ class ClipOutliers(Stage):
         recalibrated = _recalibrate_bn(module, inputs.get("data"), p, rows, ctx)
         save_model(out / "model.pt", module, arch, num_classes)
         if src_dir is not None:
-            for f in ("preprocess.json", "labels.txt"):
-                if (Path(src_dir) / f).is_file():
-                    shutil.copyfile(Path(src_dir) / f, out / f)
+            copy_forward(src_dir, out, missing_ok=True)
         fields = list(rows[0].keys()) if rows else ["layer"]
         with open(out / "clip_report.csv", "w", newline="", encoding="utf-8") as f:
             wr = csv.DictWriter(f, fieldnames=fields)

@@ -42,7 +42,7 @@ from pydantic import Field, model_validator
 from engine.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from stages.common import backends
 from stages.common.backends import Backend
-from stages.common.bundle import read_labels
+from stages.common.bundle import LABELS, PREPROCESS, check_bundle, read_io, read_labels
 
 # the reference when evaluate.reference is null: the first backend of these kinds
 REFERENCE_KINDS = ("torch", "torchscript", "onnx")
@@ -102,9 +102,8 @@ class Evaluate(Stage):
         from stages.common.splits import load_split
 
         data = inputs["data"]
-        if not (data / "labels.txt").is_file():
-            raise StageError(f"input data: {data / 'labels.txt'} is missing (expected a dataset folder)")
-        classes = read_labels(data / "labels.txt")
+        check_bundle(data, (LABELS,), input="data", hint="expected a dataset folder")
+        classes = read_labels(data)
         images, labels = load_split(data, p.split, split_key="evaluate.split")
         n = len(labels) if p.limit is None else min(len(labels), p.limit)
         if n == 0:
@@ -223,18 +222,17 @@ def _detect(name: str, folder: Path, classes: list[str], hw: tuple[int, int], p,
     if cls is None:
         raise StageError(f"input {name}: {folder} holds no model evaluate can run ({backends.model_files()}; "
                          f"model.rknn needs test_logits.npy beside it)")
-    if not (folder / "preprocess.json").is_file():
-        raise StageError(f"input {name}: {folder / 'preprocess.json'} is missing (every model bundle carries it)")
+    check_bundle(folder, (PREPROCESS,), input=name, hint="every model bundle carries it")
     spec = Preprocess.load(folder)
     if tuple(spec.input_size) != tuple(hw):
         raise StageError(f"input {name}: the model takes {spec.height}x{spec.width} but the dataset's images are "
                          f"{hw[0]}x{hw[1]}: they were made with different preprocess.input_size")
-    if (folder / "labels.txt").is_file():
-        theirs = read_labels(folder / "labels.txt")
+    if (folder / LABELS).is_file():
+        theirs = read_labels(folder)
         if theirs != classes:
             raise StageError(f"input {name}: its labels.txt {theirs[:6]} does not match the dataset's {classes[:6]} "
                              f"(a model trained on other classes or another class order)")
-    io = json.loads((folder / "io.json").read_text()) if (folder / "io.json").is_file() else {}
+    io = read_io(folder)
     try:
         runner = cls(folder, io, threads=p.threads, batch=p.batch)
         runner.check_data(data, p.split, classes)

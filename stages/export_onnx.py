@@ -54,7 +54,8 @@ class ExportOnnx(Stage):
 
     def run(self, params: "ExportOnnx.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
         from stages.common import parity
-        from stages.common.export import check_channels, copy_bundle_files, load_bundle_folder, write_io
+        from stages.common.bundle import copy_forward
+        from stages.common.export import check_channels, load_bundle_folder, write_io
 
         if params.input_name == params.output_name:
             raise StageError("export.input_name and export.output_name must differ")
@@ -88,7 +89,7 @@ class ExportOnnx(Stage):
                      hint="Raise export.tolerance only if you accept that difference")
 
         write_io(out, params.input_name, params.output_name, shape)
-        copy_bundle_files(src, out)
+        copy_forward(src, out)
         ctx.progress(3, 3, "done")
         return {
             "opset": params.opset,

@@ -43,7 +43,8 @@ class ExportTorchScript(Stage):
         import torch
 
         from stages.common import parity
-        from stages.common.export import check_channels, copy_bundle_files, load_bundle_folder, write_io
+        from stages.common.bundle import copy_forward
+        from stages.common.export import check_channels, load_bundle_folder, write_io
 
         src = inputs["model"]
         module, spec, info = load_bundle_folder(src)
@@ -83,6 +84,6 @@ class ExportTorchScript(Stage):
                      hint="Raise torchscript.tolerance only if you accept that difference")
 
         write_io(out, "input0", "output0", shape)
-        copy_bundle_files(src, out)
+        copy_forward(src, out)
         ctx.progress(2, 2, "done")
         return {"trace_seconds": round(trace_s, 3), "torchscript_bytes": path.stat().st_size, **parity.metrics(result)}

@@ -125,13 +125,12 @@ class NcnnConvert(Stage):
 
     def run(self, params: "NcnnConvert.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
         from stages.common import parity
+        from stages.common.bundle import FORWARD, IO, check_bundle, copy_forward, read_io
         from stages.common.preprocess import Preprocess
 
         src = inputs["onnx"]
-        for name in ("model.onnx", "io.json", "preprocess.json", "labels.txt"):
-            if not (src / name).is_file():
-                raise StageError(f"input onnx folder {src} has no {name} (expected an export_onnx output)")
-        io_in = json.loads((src / "io.json").read_text(encoding="utf-8"))
+        check_bundle(src, ("model.onnx", IO, *FORWARD), input="onnx", hint="expected an export_onnx output")
+        io_in = read_io(src)
         shape = [int(s) for s in io_in["input_shape"]]
         if len(shape) != 4:
             raise StageError(f"{src / 'io.json'}: input_shape {shape} is not [1, C, H, W]")
@@ -177,9 +176,8 @@ class NcnnConvert(Stage):
 
         ctx.progress(2, 3, "writing")
         io = {"input": ins[0], "output": outs[0], "input_shape": shape}
-        (out / "io.json").write_text(json.dumps(io, indent=2) + "\n", encoding="utf-8")
-        for name in ("preprocess.json", "labels.txt"):
-            shutil.copyfile(src / name, out / name)
+        (out / IO).write_text(json.dumps(io, indent=2) + "\n", encoding="utf-8")
+        copy_forward(src, out)
         ctx.progress(3, 3, "done")
         return {
             "convert_seconds": round(convert_s, 3),

@@ -30,12 +30,12 @@ from typing import Any
 
 from pydantic import Field
 
-from boards import BoardName, BoardSettings, Finding, PackageContext, get_board, read_json, write_zip
+from boards import BoardName, BoardSettings, Finding, PackageContext, get_board, write_zip
 from boards.golden import GoldenError, write_golden
 from engine.hashing import sha256_file
 from engine.stage import Input, Params, Stage, StageError
 from stages.common.backends import BACKENDS, by_kind
-from stages.common.bundle import read_labels
+from stages.common.bundle import FORWARD, check_bundle, read_io, read_labels
 
 PACKAGE_FORMAT = "edgepipe.package/1"
 
@@ -82,12 +82,10 @@ class Package(Stage):
                 f"board {board.name} ({board.title}) takes a {fmt} model ({backend.model_file}), but the `model` input "
                 f"{model_dir} holds {', '.join(found) + ' model' if found else 'no model file'}; wire package's "
                 f"`model` to a {backend.producer} stage")
-        for f in ("preprocess.json", "labels.txt"):
-            if not (model_dir / f).is_file():
-                raise StageError(f"input model: {model_dir / f} is missing (model bundles carry it forward)")
+        check_bundle(model_dir, FORWARD, input="model", hint="model bundles carry it forward")
         spec = Preprocess.load(model_dir)
         labels = read_labels(model_dir)
-        io = read_json(model_dir / "io.json") if (model_dir / "io.json").is_file() else {}
+        io = read_io(model_dir)
         if fmt == "ncnn" and not io:
             raise StageError(f"input model: {model_dir / 'io.json'} is missing (the param's blob names)")
 

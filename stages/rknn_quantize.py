@@ -108,14 +108,13 @@ class RknnQuantize(Stage):
             return self
 
     def run(self, p: "RknnQuantize.Params", inputs, out: Path, ctx) -> dict[str, Any]:
+        from stages.common.bundle import FORWARD, IO, check_bundle, copy_forward, read_io
         from stages.common.preprocess import Preprocess
 
         onnx_dir = inputs["onnx"]
-        for f in ("model.onnx", "io.json", "preprocess.json", "labels.txt"):
-            if not (onnx_dir / f).is_file():
-                raise StageError(f"input onnx: {onnx_dir / f} is missing (expected an export_onnx folder)")
+        check_bundle(onnx_dir, ("model.onnx", IO, *FORWARD), input="onnx", hint="expected an export_onnx folder")
         spec = Preprocess.load(onnx_dir)
-        io = json.loads((onnx_dir / "io.json").read_text())
+        io = read_io(onnx_dir)
         shape = [int(v) for v in io.get("input_shape", spec.input_shape)]
         if shape[2:] != [spec.height, spec.width]:
             raise StageError(f"input onnx: io.json input_shape {shape} does not match preprocess.json input_size "
@@ -203,8 +202,7 @@ class RknnQuantize(Stage):
             if calib_list is not None and calib_list.exists():
                 calib_list.unlink()
 
-        for f in ("io.json", "preprocess.json", "labels.txt"):
-            shutil.copyfile(onnx_dir / f, out / f)
+        copy_forward(onnx_dir, out, io=True)
         (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
         return metrics
 

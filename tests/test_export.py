@@ -143,7 +143,7 @@ def test_onnx_parity_failure_says_by_how_much(model_dir, tmp_path, monkeypatch):
 def test_onnx_input_errors(tmp_path, model_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(StageError, match="has no model.pt"):
+    with pytest.raises(StageError, match="model.pt is missing"):
         run_stage("export_onnx", {}, {"model": empty}, tmp_path / "o1")
     gray = make_model_dir(tmp_path / "gray", arch={**TINY, "in_channels": 1}, num_classes=3, size=32)
     with pytest.raises(StageError, match="1 input channels"):

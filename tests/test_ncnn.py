@@ -184,5 +184,5 @@ def test_pnnx_failure_gives_short_message(onnx_dir, tmp_path):
 def test_missing_input_file(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(StageError, match="has no model.onnx"):
+    with pytest.raises(StageError, match="model.onnx is missing"):
         run_stage("ncnn", {}, {"onnx": empty}, tmp_path / "out")

@@ -1,5 +1,7 @@
 """The model bundle: the files that travel with a model from stage to stage (model file,
-``preprocess.json``, ``labels.txt``, ``io.json``). For now: the one reader and writer of ``labels.txt``.
+``preprocess.json``, ``labels.txt``, ``io.json``): the one reader and writer of ``labels.txt``, the
+check that a bundle folder holds what a stage needs (``check_bundle``), the copy of the files that travel
+unchanged (``copy_forward``) and the reader of ``io.json`` (``read_io``).
 
 ``labels.txt`` holds one class name a line, in output order, UTF-8, each line ending in ``\\n``. Names
 are kept verbatim (spaces, unicode and leading/trailing blanks are part of a name); the dataset stage
@@ -9,10 +11,18 @@ refuses names that ``str.splitlines`` would break, so a name always comes back a
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Iterable
 
+from engine.stage import StageError
+
 LABELS = "labels.txt"
+PREPROCESS = "preprocess.json"
+IO = "io.json"
+# the files every model bundle carries forward unchanged from the stage before it
+FORWARD = (PREPROCESS, LABELS)
 
 
 def labels_file(folder_or_file: Path) -> Path:
@@ -36,3 +46,36 @@ def write_labels(path: Path, names: Iterable[str]) -> Path:
     path = labels_file(path)
     path.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
     return path
+
+
+def check_bundle(folder: Path, needs: Iterable[str] = FORWARD, *, input: str, hint: str) -> None:
+    """StageError naming the input and the first file of ``needs`` that ``folder`` lacks, e.g.
+    ``input onnx: /x/io.json is missing (expected an export_onnx output)``; ``hint`` goes in the brackets."""
+    folder = Path(folder)
+    for name in needs:
+        if not (folder / name).is_file():
+            raise StageError(f"input {input}: {folder / name} is missing ({hint})")
+
+
+def copy_forward(src_folder: Path, out: Path, *, io: bool = False, missing_ok: bool = False) -> list[str]:
+    """Copy ``preprocess.json`` and ``labels.txt`` (and ``io.json`` with ``io=True``) from a bundle
+    folder into ``out``, byte for byte; ``missing_ok``: copy those present. Returns the names copied."""
+    copied = []
+    for name in (*FORWARD, IO) if io else FORWARD:
+        src = Path(src_folder) / name
+        if missing_ok and not src.is_file():
+            continue
+        shutil.copyfile(src, Path(out) / name)
+        copied.append(name)
+    return copied
+
+
+def read_io(folder: Path) -> dict:
+    """A bundle folder's ``io.json`` (blob names, input shape), or {} when it has none."""
+    path = Path(folder) / IO
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): re-run the stage that wrote it") from None

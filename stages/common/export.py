@@ -1,14 +1,14 @@
 """Helpers shared by the stages that convert a ``model.pt`` bundle (export_onnx, export_torchscript):
-load the bundle folder, check its input channels, write ``io.json``, carry the bundle files forward."""
+load the bundle folder, check its input channels, write ``io.json``."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 from engine.stage import StageError
+from stages.common.bundle import FORWARD, IO, check_bundle
 
 
 def load_bundle_folder(src: Path):
@@ -17,9 +17,7 @@ def load_bundle_folder(src: Path):
     from stages.common.models import read_bundle, load_model
     from stages.common.preprocess import Preprocess
 
-    for name in ("model.pt", "preprocess.json", "labels.txt"):
-        if not (src / name).is_file():
-            raise StageError(f"input model folder {src} has no {name} (expected a train/clip_outliers output)")
+    check_bundle(src, ("model.pt", *FORWARD), input="model", hint="expected a train/clip_outliers output")
     try:
         spec = Preprocess.load(src)
     except Exception as e:  # noqa: BLE001 - a broken file is the user's to fix
@@ -40,9 +38,4 @@ def check_channels(info: Mapping[str, Any], shape: list[int], section: str) -> N
 
 def write_io(out: Path, input_name: str, output_name: str, shape: list[int]) -> None:
     io = {"input": input_name, "output": output_name, "input_shape": [int(s) for s in shape]}
-    (out / "io.json").write_text(json.dumps(io, indent=2) + "\n", encoding="utf-8")
-
-
-def copy_bundle_files(src: Path, out: Path) -> None:
-    for name in ("preprocess.json", "labels.txt"):
-        shutil.copyfile(src / name, out / name)
+    (out / IO).write_text(json.dumps(io, indent=2) + "\n", encoding="utf-8")
