@@ -18,6 +18,8 @@ Outputs (DEVELOPERS.md): ``images_{split}.npy`` (uint8 N x H x W x 3 RGB, resize
 Memory does not grow with the number of images: decoded images go, in index order, into a scratch
 file of fixed-size rows in ``out`` (removed before the stage returns), and each split's array is
 copied from it a chunk at a time; the bytes are those ``np.save`` of the whole stack would write.
+Decoding runs in ``workers`` spawned processes, results taken in index order, so the arrays are the
+same for any worker count.
 
 Everything the stage reads is in its cache key: the folders named by ``path``/``root`` are hashed with
 symlinks followed (engine.hashing.list_files, loops skipped), files a list names outside them by
@@ -33,12 +35,14 @@ import hashlib
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import struct
 import unicodedata
 from collections import Counter, defaultdict, deque
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal
@@ -218,7 +222,18 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 # -- decoding, streamed -----------------------------------------------------------------------------
-_CHUNK = 64  # images per decoding task
+_CHUNK = 64  # images per task of a decoding worker
+
+
+def _one_thread() -> None:
+    """Decoding workers run one thread each: the workers are the parallelism."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _decode_one(file: str | None, array: np.ndarray | None, spec) -> tuple[np.ndarray | None, str | None, str | None]:
@@ -247,7 +262,7 @@ def _decode_chunk(jobs: list[tuple[str | None, np.ndarray | None]], spec) -> lis
     return [_decode_one(file, array, spec) for file, array in jobs]
 
 
-def _in_order(pool: Executor, chunks: list, spec, window: int) -> Iterator[list[tuple]]:
+def _in_order(pool: ProcessPoolExecutor, chunks: list, spec, window: int) -> Iterator[list[tuple]]:
     """Results of ``_decode_chunk`` in chunk order, with at most ``window`` chunks in flight, so
     decoded images waiting for an earlier chunk never pile up in memory."""
     pending: deque = deque()
@@ -323,7 +338,7 @@ class Dataset(Stage):
         group_by: str | None = None
         # true: any unreadable image is an error instead of a line in skipped.csv
         strict: bool = False
-        # decoding threads (0 or null: one per CPU)
+        # decoding processes (0 or null: one per CPU); the arrays are the same for any count
         workers: Annotated[int | None, NOT_IN_KEY] = None
         preprocess: Preprocess = Preprocess()
         # not a setting, computed here: the content digest of the files the lists name outside `root`
@@ -646,7 +661,7 @@ class Dataset(Stage):
     def _decode(self, items: list[_Item], p, scratch: "_Rows", ctx):
         """Decode every item into its row of ``scratch``, in index order whatever the worker count;
         (decoded or not per item, sha1 digests, (path, reason) of the skipped)."""
-        workers = p.workers or os.cpu_count() or 1
+        workers = p.workers or _cpus()
         n = len(items)
         ok = [False] * n
         digests: list[str | None] = [None] * n
@@ -657,8 +672,11 @@ class Dataset(Stage):
         chunks = [jobs[i : i + _CHUNK] for i in range(0, n, _CHUNK)]
         pool = None
         if workers > 1 and n >= 2 * _CHUNK:
-            pool = ThreadPoolExecutor(workers)
-            results = _in_order(pool, chunks, p.preprocess, 2 * workers)
+            # processes, not threads: the Python part of each image's work holds the one GIL; spawn,
+            # not fork, so no thread or lock of this process (progress display, torch) is copied
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_one_thread)
+            results = _in_order(pool, chunks, p.preprocess, workers + 2)
         else:
             results = (_decode_chunk(c, p.preprocess) for c in chunks)
         i = 0
@@ -673,6 +691,9 @@ class Dataset(Stage):
                     i += 1
                     if i % step == 0 or i == n:
                         ctx.progress(i, n, f"decoding images {i}/{n}")
+        except BrokenProcessPool:
+            raise StageError(f"a decoding worker died (out of memory, or a crash in an image decoder) near "
+                             f"{items[min(i, n - 1)].path!r}; rerun with dataset.workers=1 to find the file") from None
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
