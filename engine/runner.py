@@ -174,6 +174,7 @@ class Pipeline:
             rec.reason = rec.reason or self.why(st, material, record.name)
             tmp = self.cache.new_tmp(st.cls.name, key)
             ctx = Context(stage=st.name, out=tmp, log=logging.getLogger(f"edgepipe.stage.{st.name}"),
+                          scratch=self.cache.root / ".scratch" / st.cls.name,
                           _progress=lambda c, t, d, i: display.update(rec.name, c, t, d, important=i))
             try:
                 metrics = st.cls().run(st.params, inputs, tmp, ctx) or {}

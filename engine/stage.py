@@ -72,6 +72,11 @@ class Context:
     _progress: Callable[[float | None, float | None, str | None, bool], None] = field(
         default=lambda c, t, d, i: None, repr=False
     )
+    # A folder of this stage type's own reusable intermediates, shared by every run of the cache
+    # (runs/cache/.scratch/<type>; the dataset stage keeps decoded images there). Not an output: what
+    # a stage reads from it must be keyed by everything that made it, and written atomically.
+    # None (engine.testing.run_stage unless given one): keep nothing.
+    scratch: Path | None = None
 
     def progress(
         self, completed: float | None = None, total: float | None = None, description: str | None = None

@@ -32,6 +32,7 @@ def run_stage(
     params: Mapping[str, Any],
     inputs: Mapping[str, Path] | None = None,
     out: Path | None = None,
+    scratch: Path | None = None,
 ) -> Mapping[str, Any] | None:
     cls = registry.get(stage) if isinstance(stage, str) else stage
     p = validate_params(cls, params)
@@ -39,5 +40,5 @@ def run_stage(
         raise ValueError("out= is required")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=False)
-    ctx = Context(stage=cls.name, out=out, log=logging.getLogger(f"edgepipe.stage.{cls.name}"))
+    ctx = Context(stage=cls.name, out=out, log=logging.getLogger(f"edgepipe.stage.{cls.name}"), scratch=scratch)
     return cls().run(p, {k: Path(v) for k, v in (inputs or {}).items()}, out, ctx)

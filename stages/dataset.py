@@ -19,7 +19,8 @@ Memory does not grow with the number of images: decoded images go, in index orde
 file of fixed-size rows in ``out`` (removed before the stage returns), and each split's array is
 copied from it a chunk at a time; the bytes are those ``np.save`` of the whole stack would write.
 Decoding runs in ``workers`` spawned processes, results taken in index order, so the arrays are the
-same for any worker count.
+same for any worker count. With ``keep_decoded``, each file's decoded row is kept in the engine's
+scratch folder (``Context.scratch``) under its sha1, so a re-run decodes only new or changed files.
 
 Everything the stage reads is in its cache key: the folders named by ``path``/``root`` are hashed with
 symlinks followed (engine.hashing.list_files, loops skipped), files a list names outside them by
@@ -50,7 +51,7 @@ from typing import Annotated, Any, Iterator, Literal
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from engine.hashing import list_files, sha256_file, tree_digest
+from engine.hashing import list_files, sha256_file, sha256_json, tree_digest
 from engine.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from stages.common.bundle import LABELS, write_labels
 from stages.common.preprocess import Preprocess, load_image, resize
@@ -236,44 +237,93 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _decode_one(file: str | None, array: np.ndarray | None, spec) -> tuple[np.ndarray | None, str | None, str | None]:
-    """(uint8 H x W x 3 pixels, sha1 of the source bytes, None) or (None, None, why it was skipped)."""
+@dataclass(frozen=True)
+class _Decoded:
+    """Decoded images kept per file between runs (``Context.scratch``): ``folder/<sha1 of the file>``
+    holds the row's raw bytes. ``folder`` is named by everything else that makes the pixels (the
+    resize settings, pixels.py's code, Pillow's version), so an entry is valid for any run that finds
+    it; entries are written to a temp name and renamed, so a killed run leaves none half-written."""
+
+    folder: Path
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def under(cls, scratch: Path, spec) -> "_Decoded":
+        import PIL
+
+        from stages.common import pixels
+
+        made_by = {"format": 1, "pillow": PIL.__version__, "pixels.py": sha256_file(Path(pixels.__file__)),
+                   **{k: getattr(spec, k) for k in ("input_size", "resize", "interpolation", "pad_value")}}
+        h, w = spec.input_size
+        return cls(Path(scratch) / "decoded" / sha256_json(made_by)[:32], (h, w, 3))
+
+    def _entry(self, digest: str) -> Path:
+        return self.folder / digest[:2] / digest
+
+    def get(self, digest: str) -> np.ndarray | None:
+        try:
+            data = self._entry(digest).read_bytes()
+        except OSError:
+            return None
+        arr = np.frombuffer(data, np.uint8)
+        return arr.reshape(self.shape) if arr.size == int(np.prod(self.shape)) else None
+
+    def put(self, digest: str, arr: np.ndarray) -> None:
+        entry = self._entry(digest)
+        tmp = entry.with_name(f".{digest}.{os.getpid()}.tmp")
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(np.ascontiguousarray(arr).tobytes())
+            os.replace(tmp, entry)
+        except OSError:  # a full or read-only disk costs the reuse next time, not this run
+            tmp.unlink(missing_ok=True)
+
+
+def _decode_one(file: str | None, array: np.ndarray | None, spec, kept: _Decoded | None = None) -> tuple:
+    """(uint8 H x W x 3 pixels, sha1 of the source bytes, None, decoded here) or (None, None, why it
+    was skipped, True). Pixels ``kept`` from an earlier run for the same bytes are not decoded again."""
     from PIL import Image
 
     if array is not None:
         img = Image.fromarray(np.ascontiguousarray(array), "L" if array.ndim == 2 else "RGB").convert("RGB")
-        return resize(img, spec), hashlib.sha1(array.tobytes()).hexdigest(), None
+        return resize(img, spec), hashlib.sha1(array.tobytes()).hexdigest(), None, True
     try:
         data = Path(file).read_bytes()
     except OSError as e:
-        return None, None, f"unreadable: {e.strerror or e}"
+        return None, None, f"unreadable: {e.strerror or e}", True
     if not data:
-        return None, None, "empty file (0 bytes)"
+        return None, None, "empty file (0 bytes)", True
+    digest = hashlib.sha1(data).hexdigest()
+    if kept is not None and (arr := kept.get(digest)) is not None:
+        return arr, digest, None, False
     try:
         arr = resize(load_image(io.BytesIO(data)), spec)
     except Exception as e:  # noqa: BLE001 - every decoder failure is a skip reason
         if type(e).__name__ == "UnidentifiedImageError":
-            return None, None, "not an image (Pillow cannot identify the format)"
-        return None, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'decode failed'}"
-    return arr, hashlib.sha1(data).hexdigest(), None
+            return None, None, "not an image (Pillow cannot identify the format)", True
+        return None, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'decode failed'}", True
+    if kept is not None:
+        kept.put(digest, arr)
+    return arr, digest, None, True
 
 
-def _decode_chunk(jobs: list[tuple[str | None, np.ndarray | None]], spec) -> list[tuple]:
-    return [_decode_one(file, array, spec) for file, array in jobs]
+def _decode_chunk(jobs: list[tuple[str | None, np.ndarray | None]], spec, kept: _Decoded | None) -> list[tuple]:
+    return [_decode_one(file, array, spec, kept) for file, array in jobs]
 
 
-def _in_order(pool: ProcessPoolExecutor, chunks: list, spec, window: int) -> Iterator[list[tuple]]:
+def _in_order(pool: ProcessPoolExecutor, chunks: list, spec, kept, window: int) -> Iterator[list[tuple]]:
     """Results of ``_decode_chunk`` in chunk order, with at most ``window`` chunks in flight, so
     decoded images waiting for an earlier chunk never pile up in memory."""
     pending: deque = deque()
     todo = iter(chunks)
     for chunk in itertools.islice(todo, window):
-        pending.append(pool.submit(_decode_chunk, chunk, spec))
+        pending.append(pool.submit(_decode_chunk, chunk, spec, kept))
     while pending:
         result = pending.popleft().result()
         nxt = next(todo, None)
         if nxt is not None:
-            pending.append(pool.submit(_decode_chunk, nxt, spec))
+            pending.append(pool.submit(_decode_chunk, nxt, spec, kept))
         yield result
 
 
@@ -340,6 +390,9 @@ class Dataset(Stage):
         strict: bool = False
         # decoding processes (0 or null: one per CPU); the arrays are the same for any count
         workers: Annotated[int | None, NOT_IN_KEY] = None
+        # keep decoded images per file in the cache's scratch folder (runs/cache/.scratch/dataset), so a
+        # re-run after changing k files (or the split seed) decodes k files; false: no copy on disk
+        keep_decoded: Annotated[bool, NOT_IN_KEY] = True
         preprocess: Preprocess = Preprocess()
         # not a setting, computed here: the content digest of the files the lists name outside `root`
         # (allow_outside_root=true), so that editing one of them re-runs the stage
@@ -405,7 +458,7 @@ class Dataset(Stage):
             scratch.close()
 
     def _write(self, items: list[_Item], classes: list[str], scratch: "_Rows", p, out: Path, ctx) -> dict[str, Any]:
-        ok, digests, skipped = self._decode(items, p, scratch, ctx)
+        ok, digests, skipped, n_decoded = self._decode(items, p, scratch, ctx)
         keep = [i for i, good in enumerate(ok) if good]
         if skipped and p.strict:
             lines = "; ".join(f"{path}: {why}" for path, why in skipped[:10])
@@ -473,6 +526,7 @@ class Dataset(Stage):
             **{f"n_{s}": len(by_split[s]) for s in SPLITS},
             "skipped": len(skipped),
             "duplicates_across_splits": len(dups),
+            "decoded": n_decoded,  # the rest came from decoded images kept by an earlier run
         }
 
     # -- classes --------------------------------------------------------------------------------
@@ -666,23 +720,26 @@ class Dataset(Stage):
         ok = [False] * n
         digests: list[str | None] = [None] * n
         skipped: list[tuple[str, str]] = []
+        n_decoded = 0
         ctx.progress(0, n, f"decoding {n} images")
         step = max(1, n // 50)
         jobs = [(str(it.file) if it.array is None else None, it.array) for it in items]
         chunks = [jobs[i : i + _CHUNK] for i in range(0, n, _CHUNK)]
+        kept = _Decoded.under(ctx.scratch, p.preprocess) if ctx.scratch is not None and p.keep_decoded else None
         pool = None
         if workers > 1 and n >= 2 * _CHUNK:
             # processes, not threads: the Python part of each image's work holds the one GIL; spawn,
             # not fork, so no thread or lock of this process (progress display, torch) is copied
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_one_thread)
-            results = _in_order(pool, chunks, p.preprocess, workers + 2)
+            results = _in_order(pool, chunks, p.preprocess, kept, workers + 2)
         else:
-            results = (_decode_chunk(c, p.preprocess) for c in chunks)
+            results = (_decode_chunk(c, p.preprocess, kept) for c in chunks)
         i = 0
         try:
             for chunk in results:
-                for arr, digest, why in chunk:
+                for arr, digest, why, decoded in chunk:
+                    n_decoded += decoded
                     if why is None:
                         scratch.put(i, arr)
                         ok[i], digests[i] = True, digest
@@ -697,7 +754,7 @@ class Dataset(Stage):
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
-        return ok, digests, skipped
+        return ok, digests, skipped, n_decoded
 
     # -- splitting ------------------------------------------------------------------------------
     def _assign(self, items: list[_Item], keep: list[int], classes: list[str], p) -> dict[int, str]:

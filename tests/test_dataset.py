@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import shutil
@@ -321,3 +322,40 @@ def test_workers_give_identical_bytes(tmp_path):
     assert names == sorted(f.name for f in outs[2].iterdir())
     for name in names:
         assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes(), name
+
+
+def test_kept_decoded_images_reused(tmp_path):
+    """With a scratch folder, a re-run decodes only new or changed files (none for a new split seed), in
+    worker processes too, and writes the bytes a cold run writes; a deleted file leaves index.csv; a
+    damaged entry is decoded again; no temp file is left among the entries."""
+    root = make_image_folder(tmp_path / "data", per_class=45, ext="jpg")
+    scratch = tmp_path / "scratch"
+
+    def same_as_cold(out: Path, **params) -> None:
+        cold = tmp_path / f"cold_{out.name}"
+        run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE, **params}, {}, cold)
+        names = sorted(f.name for f in cold.iterdir())
+        assert names == sorted(f.name for f in out.iterdir())
+        for name in names:
+            assert (cold / name).read_bytes() == (out / name).read_bytes(), name
+
+    def run(name: str, **params) -> dict:
+        prm = {"kind": "folder", "path": root, "preprocess": PRE, "workers": 1, **params}
+        return run_stage(Dataset, prm, {}, tmp_path / name, scratch=scratch)
+
+    assert run("first")["decoded"] == 135
+    assert run("seed", seed=1)["decoded"] == 0
+    same_as_cold(tmp_path / "seed", seed=1)
+    save_image(class_image(1, 99), root / CLASSES[0] / "img 0.jpg")  # changed
+    save_image(class_image(2, 98), root / CLASSES[2] / "new.jpg")  # added
+    (root / CLASSES[1] / "img 3.jpg").unlink()  # deleted
+    assert run("changed", workers=2)["decoded"] == 2
+    same_as_cold(tmp_path / "changed")
+    assert f"{CLASSES[1]}/img 3.jpg" not in {r["path"] for r in _index(tmp_path / "changed")}
+    entries = [f for f in scratch.rglob("*") if f.is_file()]
+    assert len(entries) == 137 and not [f for f in entries if f.name.startswith(".")]
+    sha1 = hashlib.sha1((root / CLASSES[2] / "new.jpg").read_bytes()).hexdigest()
+    [entry] = [f for f in entries if f.name == sha1]
+    entry.write_bytes(b"damaged")
+    assert run("damaged")["decoded"] == 1
+    same_as_cold(tmp_path / "damaged")
