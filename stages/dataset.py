@@ -40,6 +40,7 @@ import multiprocessing
 import os
 import re
 import struct
+import time
 import unicodedata
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -242,7 +243,8 @@ class _Decoded:
     """Decoded images kept per file between runs (``Context.scratch``): ``folder/<sha1 of the file>``
     holds the row's raw bytes. ``folder`` is named by everything else that makes the pixels (the
     resize settings, pixels.py's code, Pillow's version), so an entry is valid for any run that finds
-    it; entries are written to a temp name and renamed, so a killed run leaves none half-written."""
+    it. Entries are written into ``folder/.tmp`` and renamed, so a killed run leaves none half-written;
+    its temp files are removed by a later run once an hour old (younger ones may be a live run's)."""
 
     folder: Path
     shape: tuple[int, int, int]
@@ -256,7 +258,18 @@ class _Decoded:
         made_by = {"format": 1, "pillow": PIL.__version__, "pixels.py": sha256_file(Path(pixels.__file__)),
                    **{k: getattr(spec, k) for k in ("input_size", "resize", "interpolation", "pad_value")}}
         h, w = spec.input_size
-        return cls(Path(scratch) / "decoded" / sha256_json(made_by)[:32], (h, w, 3))
+        kept = cls(Path(scratch) / "decoded" / sha256_json(made_by)[:32], (h, w, 3))
+        kept.drop_stale()
+        return kept
+
+    def drop_stale(self, age_s: float = 3600.0) -> None:
+        try:
+            with os.scandir(self.folder / ".tmp") as entries:
+                for e in entries:
+                    if e.stat().st_mtime < time.time() - age_s:
+                        os.unlink(e.path)
+        except OSError:  # no folder yet, or another run removed a file first
+            pass
 
     def _entry(self, digest: str) -> Path:
         return self.folder / digest[:2] / digest
@@ -271,9 +284,10 @@ class _Decoded:
 
     def put(self, digest: str, arr: np.ndarray) -> None:
         entry = self._entry(digest)
-        tmp = entry.with_name(f".{digest}.{os.getpid()}.tmp")
+        tmp = self.folder / ".tmp" / f"{digest}.{os.getpid()}"
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp.parent.mkdir(exist_ok=True)
             tmp.write_bytes(np.ascontiguousarray(arr).tobytes())
             os.replace(tmp, entry)
         except OSError:  # a full or read-only disk costs the reuse next time, not this run
@@ -727,7 +741,8 @@ class Dataset(Stage):
         chunks = [jobs[i : i + _CHUNK] for i in range(0, n, _CHUNK)]
         kept = _Decoded.under(ctx.scratch, p.preprocess) if ctx.scratch is not None and p.keep_decoded else None
         pool = None
-        if workers > 1 and n >= 2 * _CHUNK:
+        # in-memory sources (digits, idx) only resize small arrays: starting processes costs more
+        if workers > 1 and n >= 2 * _CHUNK and any(it.file is not None for it in items):
             # processes, not threads: the Python part of each image's work holds the one GIL; spawn,
             # not fork, so no thread or lock of this process (progress display, torch) is copied
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -353,9 +354,14 @@ def test_kept_decoded_images_reused(tmp_path):
     same_as_cold(tmp_path / "changed")
     assert f"{CLASSES[1]}/img 3.jpg" not in {r["path"] for r in _index(tmp_path / "changed")}
     entries = [f for f in scratch.rglob("*") if f.is_file()]
-    assert len(entries) == 137 and not [f for f in entries if f.name.startswith(".")]
+    assert len(entries) == 137 and not [f for f in entries if ".tmp" in f.parts]
+    kept = entries[0].parents[1]  # scratch/decoded/<settings>/<sha1[:2]>/<sha1>
+    stale = kept / ".tmp" / "killed-run"  # what a run killed between write and rename leaves
+    stale.write_bytes(b"half")
+    os.utime(stale, (1, 1))
     sha1 = hashlib.sha1((root / CLASSES[2] / "new.jpg").read_bytes()).hexdigest()
     [entry] = [f for f in entries if f.name == sha1]
     entry.write_bytes(b"damaged")
     assert run("damaged")["decoded"] == 1
     same_as_cold(tmp_path / "damaged")
+    assert not stale.exists() and [f.name for f in (kept / ".tmp").iterdir()] == []
