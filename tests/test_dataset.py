@@ -8,6 +8,9 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ import pytest
 from engine.stage import StageError
 from engine.testing import run_stage, validate_params
 from helpers_data import CLASSES, class_image, make_bad_corpus, make_image_folder, save_image, write_idx
+from helpers_procs import until
 from stages.common.preprocess import Preprocess, load_image, resize
 from stages import dataset as dataset_module
 from stages.dataset import Dataset
@@ -365,3 +369,43 @@ def test_kept_decoded_images_reused(tmp_path):
     assert run("damaged")["decoded"] == 1
     same_as_cold(tmp_path / "damaged")
     assert not stale.exists() and [f.name for f in (kept / ".tmp").iterdir()] == []
+
+
+KILLED_RUN = """
+import sys
+from pathlib import Path
+from engine.testing import run_stage
+from stages.dataset import Dataset
+root, out, scratch = map(Path, sys.argv[1:])
+run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": {"input_size": 32}, "workers": 1}, {}, out,
+          scratch=scratch)
+"""
+
+
+def test_killed_run_leaves_whole_entries(tmp_path):
+    """SIGKILL in the middle of decoding: every decoded-image entry left is whole and right (the pixels of
+    the file its name digests), and the next run decodes only the files without one."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for i in range(300):
+        save_image(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), root / "ab"[i % 2] / f"{i}.jpg")
+    scratch = tmp_path / "scratch"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(root), str(tmp_path / "killed"), str(scratch)],
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        until(lambda: len(list(scratch.glob("decoded/*/??/*"))) >= 10 or proc.poll() is not None, timeout=120,
+              what="decoded images to be kept")
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    spec = Preprocess(input_size=32)
+    by_sha1 = {hashlib.sha1(f.read_bytes()).hexdigest(): f for f in root.rglob("*.jpg")}
+    entries = list(scratch.glob("decoded/*/??/*"))
+    assert 10 <= len(entries) < 300
+    for entry in entries:
+        assert entry.read_bytes() == resize(load_image(by_sha1[entry.name]), spec).tobytes(), entry
+    m = run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": {"input_size": 32}}, {}, tmp_path / "next",
+                  scratch=scratch)
+    assert m["decoded"] == 300 - len(entries)
