@@ -389,6 +389,7 @@ def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]
     import pytorch_lightning as pl
     import torch
 
+    from stages.common.bundle import copy_forward
     from stages.common.models import save_model
     from stages.common.preprocess import Preprocess
     from stages.common.train_data import NpyDataModule
@@ -444,8 +445,7 @@ def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]
     finally:
         torch.use_deterministic_algorithms(det_before)
 
-    shutil.copyfile(data / "preprocess.json", out / "preprocess.json")
-    shutil.copyfile(data / "labels.txt", out / "labels.txt")
+    copy_forward(data, out)  # preprocess.json + labels.txt travel with the model
     metrics = _metrics(p, dm, book, scores, len(classes), has_val, init_report, ckpt_path)
     if metrics["learning_check"]:
         ctx.log.warning("%s: %s", ctx.stage, metrics["learning_check"])
