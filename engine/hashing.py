@@ -72,8 +72,9 @@ def tree_digest(files: Mapping[str, str]) -> str:
 
 
 class ContentIndex:
-    """Remembers sha256 by (absolute path, size, mtime_ns) so a dataset folder whose files did not
-    change is hashed without reading them. Stored as one JSON file; a damaged index is ignored."""
+    """Remembers sha256 by (absolute path, size, mtime_ns, inode, device) so a dataset folder whose
+    files did not change is hashed without reading them. Stored as one JSON file; a damaged index is
+    ignored. The stat follows symlinks: a link pointed at another file misses by the target's inode."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -88,14 +89,16 @@ class ContentIndex:
                 self._entries = {}
         return self._entries
 
-    def sha256(self, path: Path) -> str:
-        st = path.stat()
-        key = str(path.resolve())
+    def sha256(self, path: Path, key: str | None = None) -> str:
+        """``key``: the absolute path the entry is stored under (default: path resolved; a folder's
+        files pass their resolved folder + relative path, sparing a resolve per file)."""
+        st = os.stat(path)
+        key = key or str(Path(path).resolve())
         hit = self._load().get(key)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+        if hit and hit[:2] == [st.st_size, st.st_mtime_ns] and hit[3:] == [st.st_ino, st.st_dev]:
             return hit[2]
         digest = sha256_file(path)
-        self._load()[key] = [st.st_size, st.st_mtime_ns, digest]
+        self._load()[key] = [st.st_size, st.st_mtime_ns, digest, st.st_ino, st.st_dev]
         self._dirty = True
         return digest
 
@@ -113,7 +116,8 @@ def content_digest(path: Path, index: ContentIndex) -> str:
     """Digest of a file's or a folder's content (names and bytes, not timestamps)."""
     path = Path(path)
     if path.is_dir():
-        return tree_digest({rel: index.sha256(path / rel) for rel in list_files(path)})
+        real = path.resolve()
+        return tree_digest({rel: index.sha256(path / rel, key=f"{real}/{rel}") for rel in list_files(path)})
     if path.is_file():
         return index.sha256(path)
     raise FileNotFoundError(path)
