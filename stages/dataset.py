@@ -20,7 +20,7 @@ file of fixed-size rows in ``out`` (removed before the stage returns), and each 
 copied from it a chunk at a time; the bytes are those ``np.save`` of the whole stack would write.
 Decoding runs in ``workers`` spawned processes, results taken in index order, so the arrays are the
 same for any worker count. With ``keep_decoded``, each file's decoded row is kept in the engine's
-scratch folder (``Context.scratch``) under its sha1, so a re-run decodes only new or changed files.
+scratch folder (``Context.scratch``) under its sha256, so a re-run decodes only new or changed files.
 
 Everything the stage reads is in its cache key: the folders named by ``path``/``root`` are hashed with
 symlinks followed (engine.hashing.list_files, loops skipped), files a list names outside them by
@@ -240,7 +240,7 @@ def _cpus() -> int:
 
 @dataclass(frozen=True)
 class _Decoded:
-    """Decoded images kept per file between runs (``Context.scratch``): ``folder/<sha1 of the file>``
+    """Decoded images kept per file between runs (``Context.scratch``): ``folder/<sha256 of the file>``
     holds the row's raw bytes. ``folder`` is named by everything else that makes the pixels (the
     resize settings, pixels.py's code, Pillow's version), so an entry is valid for any run that finds
     it. Entries are written into ``folder/.tmp`` and renamed, so a killed run leaves none half-written;
@@ -308,8 +308,10 @@ def _decode_one(file: str | None, array: np.ndarray | None, spec, kept: _Decoded
         return None, None, f"unreadable: {e.strerror or e}", True
     if not data:
         return None, None, "empty file (0 bytes)", True
-    digest = hashlib.sha1(data).hexdigest()
-    if kept is not None and (arr := kept.get(digest)) is not None:
+    digest = hashlib.sha1(data).hexdigest()  # duplicates.csv's column
+    # kept pixels go by sha256: crafted sha1 collisions exist, so two files must never share an entry
+    content = hashlib.sha256(data).hexdigest() if kept is not None else ""
+    if kept is not None and (arr := kept.get(content)) is not None:
         return arr, digest, None, False
     try:
         arr = resize(load_image(io.BytesIO(data)), spec)
@@ -318,7 +320,7 @@ def _decode_one(file: str | None, array: np.ndarray | None, spec, kept: _Decoded
             return None, None, "not an image (Pillow cannot identify the format)", True
         return None, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'decode failed'}", True
     if kept is not None:
-        kept.put(digest, arr)
+        kept.put(content, arr)
     return arr, digest, None, True
 
 

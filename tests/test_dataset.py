@@ -359,12 +359,12 @@ def test_kept_decoded_images_reused(tmp_path):
     assert f"{CLASSES[1]}/img 3.jpg" not in {r["path"] for r in _index(tmp_path / "changed")}
     entries = [f for f in scratch.rglob("*") if f.is_file()]
     assert len(entries) == 137 and not [f for f in entries if ".tmp" in f.parts]
-    kept = entries[0].parents[1]  # scratch/decoded/<settings>/<sha1[:2]>/<sha1>
+    kept = entries[0].parents[1]  # scratch/decoded/<settings>/<sha256[:2]>/<sha256>
     stale = kept / ".tmp" / "killed-run"  # what a run killed between write and rename leaves
     stale.write_bytes(b"half")
     os.utime(stale, (1, 1))
-    sha1 = hashlib.sha1((root / CLASSES[2] / "new.jpg").read_bytes()).hexdigest()
-    [entry] = [f for f in entries if f.name == sha1]
+    sha256 = hashlib.sha256((root / CLASSES[2] / "new.jpg").read_bytes()).hexdigest()
+    [entry] = [f for f in entries if f.name == sha256]
     entry.write_bytes(b"damaged")
     assert run("damaged")["decoded"] == 1
     same_as_cold(tmp_path / "damaged")
@@ -401,11 +401,11 @@ def test_killed_run_leaves_whole_entries(tmp_path):
         proc.kill()
         proc.wait(timeout=30)
     spec = Preprocess(input_size=32)
-    by_sha1 = {hashlib.sha1(f.read_bytes()).hexdigest(): f for f in root.rglob("*.jpg")}
+    by_sha256 = {hashlib.sha256(f.read_bytes()).hexdigest(): f for f in root.rglob("*.jpg")}
     entries = list(scratch.glob("decoded/*/??/*"))
     assert 10 <= len(entries) < 300
     for entry in entries:
-        assert entry.read_bytes() == resize(load_image(by_sha1[entry.name]), spec).tobytes(), entry
+        assert entry.read_bytes() == resize(load_image(by_sha256[entry.name]), spec).tobytes(), entry
     m = run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": {"input_size": 32}}, {}, tmp_path / "next",
                   scratch=scratch)
     assert m["decoded"] == 300 - len(entries)
