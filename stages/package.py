@@ -44,7 +44,7 @@ class Package(Stage):
     name = "package"
     # 2: the manifest's accuracy says whether each backend met its target (target_met)
     # 3: preprocess.py is stages/common/pixels.py (numpy + Pillow only); selftest.py and golden/ samples
-    version = 3
+    version = 4  # 4: the packaged preprocess.py (pixels.py) shares InputGeometry with the host model
     inputs = {
         "model": Input(required=True, doc="model bundle: export_onnx, ncnn or rknn_quantize folder"),
         "eval": Input(required=False, doc="evaluate folder (metrics.json): accuracy per backend in the manifest"),

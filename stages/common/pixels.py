@@ -44,18 +44,9 @@ CHANNEL_ORDERS = ("RGB", "BGR")
 LAYOUTS = ("NCHW",)
 
 
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """The settings of ``preprocess.json`` as a plain record (what deploy scripts read)."""
-
-    input_size: tuple = (32, 32)  # (height, width)
-    resize: str = "stretch"
-    interpolation: str = "bilinear"
-    pad_value: int = 0
-    mean: tuple = (0.5, 0.5, 0.5)  # 0..1 scale, RGB order
-    std: tuple = (0.5, 0.5, 0.5)
-    channel_order: str = "RGB"
-    layout: str = "NCHW"
+class InputGeometry:
+    """What both spellings of the settings (this module's PreprocessSpec, the host's pydantic
+    Preprocess) derive from their ``input_size`` (height, width) and ``channel_order``."""
 
     @property
     def height(self) -> int:
@@ -73,6 +64,26 @@ class PreprocessSpec:
     def channel_index(self) -> list:
         """Indices that take RGB channels to the model's channel order."""
         return [0, 1, 2] if self.channel_order == "RGB" else [2, 1, 0]
+
+
+def spec_file(path: Union[str, Path]) -> Path:
+    """``preprocess.json`` of a folder, or the file itself."""
+    path = Path(path)
+    return path / FILENAME if path.is_dir() else path
+
+
+@dataclass(frozen=True)
+class PreprocessSpec(InputGeometry):
+    """The settings of ``preprocess.json`` as a plain record (what deploy scripts read)."""
+
+    input_size: tuple = (32, 32)  # (height, width)
+    resize: str = "stretch"
+    interpolation: str = "bilinear"
+    pad_value: int = 0
+    mean: tuple = (0.5, 0.5, 0.5)  # 0..1 scale, RGB order
+    std: tuple = (0.5, 0.5, 0.5)
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
 
     @classmethod
     def from_dict(cls, data: Any) -> "PreprocessSpec":
@@ -98,9 +109,7 @@ class PreprocessSpec:
     @classmethod
     def load(cls, path: Union[str, Path]) -> "PreprocessSpec":
         """Read ``preprocess.json`` from a folder (or the file itself)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / FILENAME
+        path = spec_file(path)
         try:
             return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
         except ValueError as e:

@@ -29,8 +29,8 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from stages.common.pixels import (  # noqa: F401  (re-exported: the functions every stage calls)
-    CHANNEL_ORDERS, FILENAME, INTERPOLATIONS, LAYOUTS, RESIZE_MODES, PreprocessSpec, load_image, normalize,
-    prepare, prepare_batch, resize, to_channel_order,
+    CHANNEL_ORDERS, FILENAME, INTERPOLATIONS, LAYOUTS, RESIZE_MODES, InputGeometry, PreprocessSpec, load_image,
+    normalize, prepare, prepare_batch, resize, spec_file, to_channel_order,
 )
 
 # mean, std on the 0..1 scale, RGB order
@@ -43,7 +43,7 @@ PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]
 Triple = tuple[float, float, float]
 
 
-class Preprocess(BaseModel):
+class Preprocess(BaseModel, InputGeometry):
     """How an image becomes the model's input tensor (written to ``preprocess.json``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -107,24 +107,7 @@ class Preprocess(BaseModel):
             raise ValueError("pad_value must be in 0..255")
         return v
 
-    # -- convenience ------------------------------------------------------------------------------
-    @property
-    def height(self) -> int:
-        return self.input_size[0]
-
-    @property
-    def width(self) -> int:
-        return self.input_size[1]
-
-    @property
-    def input_shape(self) -> list[int]:
-        """[1, 3, H, W]"""
-        return [1, 3, self.height, self.width]
-
-    def channel_index(self) -> list[int]:
-        """Indices that take RGB channels to the model's channel order."""
-        return [0, 1, 2] if self.channel_order == "RGB" else [2, 1, 0]
-
+    # -- convenience (height, width, input_shape, channel_index: pixels.InputGeometry) -------------
     def rknn_mean_std(self) -> tuple[list[float], list[float]]:
         """(mean_values, std_values) on 0..255 per channel, in the model's channel order (rknn config)."""
         idx = self.channel_index()
@@ -154,7 +137,4 @@ class Preprocess(BaseModel):
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Preprocess":
         """Read ``preprocess.json`` from a folder (or the file itself)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / FILENAME
-        return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        return cls.model_validate(json.loads(spec_file(path).read_text(encoding="utf-8")))
