@@ -7,15 +7,9 @@ copies verbatim into packages as ``preprocess.py``; they are re-exported here. T
 pydantic model ``Preprocess`` that validates the config section and writes ``preprocess.json``
 (boards read it back with ``pixels.PreprocessSpec``, which needs no pydantic).
 
-    spec = Preprocess.load("model_dir")          # reads model_dir/preprocess.json
-    img = load_image("cat.jpg")                  # PIL RGB, EXIF orientation applied
-    arr = resize(img, spec)                      # uint8 H x W x 3, RGB
-    x = normalize(arr[None], spec)               # float32 1 x 3 x H x W, in spec.channel_order
+    spec = Preprocess.load("model_dir")   # then load_image / resize / normalize as in pixels.py
 
-Conventions
-- ``mean``/``std`` are on the 0..1 scale (like torchvision) and listed in **RGB** order whatever the
-  channel order is: ``normalize`` computes ``(x / 255 - mean) / std`` on RGB pixels and then reorders
-  the channels to ``channel_order``.
+Conventions (mean/std on the 0..1 scale, RGB order: see pixels.py), and
 - ``rknn_mean_std()`` / ``awnn_mean_norm()`` give the same normalisation in the 0..255 form that
   board toolchains take, in the model's input channel order.
 """
