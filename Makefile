@@ -22,7 +22,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/edgepipe run +experiment=quickstart
-	@echo; echo "report:   runs/latest/report.md   (and runs/latest/stages/eval/eval.md)"
+	@echo; echo "report:   runs/latest/report.html   (and runs/latest/report.md, runs/latest/stages/eval/eval.md)"
 	@echo "packages: $$(ls runs/latest/stages/package_*/package.zip | tr '\n' ' ')"
 	@echo "again (all cached): $(BIN)/edgepipe run +experiment=quickstart"
 

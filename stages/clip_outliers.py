@@ -68,98 +68,121 @@ class ClipOutliers(Stage):
             return self
 
     def run(self, params: "ClipOutliers.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]:
-        import torch
+        from stages.common.models import save_model
 
-        from stages.common.models import (
-            WeightsError, build_model, infer_num_classes, load_weights, read_bundle, read_state_dict, save_model,
-        )
-
-        p = params
         src_dir = inputs.get("model")
-        weights = p.weights if p.weights is not None else p.model.pretrained
-        if src_dir is not None and p.weights is not None:
-            raise StageError("clip_outliers: both a 'model' input and clip.weights are given; use one")
-        try:
-            if src_dir is not None:
-                bundle = read_bundle(Path(src_dir) / "model.pt")
-                arch, num_classes = bundle["arch"], bundle["num_classes"]
-                module = build_model(arch, num_classes)
-                module.load_state_dict(bundle["state_dict"], strict=True)
-            elif weights is not None:
-                sd, info = read_state_dict(weights)
-                arch = info.get("arch") or p.model
-                num_classes = info.get("num_classes") or infer_num_classes(sd, arch)
-                module = build_model(arch, num_classes)
-                load_weights(module, sd)
-            else:
-                raise StageError("clip_outliers needs a 'model' input (a folder with model.pt) or clip.weights=PATH")
-        except WeightsError as e:
-            source = "input 'model'" if src_dir is not None else "clip.weights" if p.weights else "model.pretrained"
-            raise StageError(f"{source}: {e}") from None
-        module.eval()
-
-        layers = _layers(module, torch)
-        rows = []
-        with torch.no_grad():
-            for i, (name, kind, mod) in enumerate(layers):
-                w = mod.weight
-                before = w.detach().clone()
-                reason = None
-                if p.method == "none":
-                    reason = "method none"
-                elif kind == "bn" and p.exclude_bn:
-                    reason = "exclude_bn"
-                elif kind != "bn" and p.exclude_first and name == _first(layers):
-                    reason = "exclude_first"
-                elif kind != "bn" and p.exclude_last and name == _last(layers):
-                    reason = "exclude_last"
-                if reason is None:
-                    lo, hi = _bounds(before, p, kind, torch)
-                    w.copy_(torch.maximum(torch.minimum(before, hi), lo))
-                after = w.detach()
-                changed = int((after != before).sum())
-                rows.append({
-                    "layer": name,
-                    "kind": kind,
-                    "shape": list(before.shape),
-                    "clipped": reason is None,
-                    "skipped_because": reason or "",
-                    "min_before": float(before.min()),
-                    "max_before": float(before.max()),
-                    "min_after": float(after.min()),
-                    "max_after": float(after.max()),
-                    "absmax_before": float(before.abs().max()),
-                    "absmax_after": float(after.abs().max()),
-                    "fraction_clipped": changed / before.numel(),
-                })
-                ctx.progress(i + 1, len(layers), f"clipping {name}")
-        recalibrated = _recalibrate_bn(module, inputs.get("data"), p, rows, ctx)
+        module, arch, num_classes = _load(params, src_dir)
+        rows = _clip(module, params, ctx)
+        recalibrated = _recalibrate_bn(module, inputs.get("data"), params, rows, ctx)
         save_model(out / "model.pt", module, arch, num_classes)
         if src_dir is not None:
             copy_forward(src_dir, out, missing_ok=True)
-        fields = list(rows[0].keys()) if rows else ["layer"]
-        with open(out / "clip_report.csv", "w", newline="", encoding="utf-8") as f:
-            wr = csv.DictWriter(f, fieldnames=fields)
-            wr.writeheader()
-            for r in rows:
-                wr.writerow({**r, "shape": "x".join(map(str, r["shape"]))})
-        clipped = [r for r in rows if r["clipped"]]
-        total = sum(_numel(r["shape"]) for r in clipped)
-        summary = {
-            "method": p.method,
-            "percentile": p.percentile if p.method == "percentile" else None,
-            "k": p.k if p.method == "std" else None,
-            "granularity": p.granularity,
-            "layers_clipped": len(clipped),
-            "layers_total": len(rows),
-            "fraction_clipped": (sum(r["fraction_clipped"] * _numel(r["shape"]) for r in clipped) / total) if total else 0.0,
-            "max_absmax_before": max((r["absmax_before"] for r in clipped), default=None),
-            "max_absmax_after": max((r["absmax_after"] for r in clipped), default=None),
-            "bn_recalibrated_images": recalibrated,
-        }
-        (out / "clip_report.json").write_text(json.dumps({"summary": summary, "layers": rows}, indent=2) + "\n", encoding="utf-8")
+        summary = _write_report(out, rows, params, recalibrated)
         keep = ("layers_clipped", "fraction_clipped", "max_absmax_before", "max_absmax_after", "bn_recalibrated_images")
         return {k: v for k, v in summary.items() if k in keep}
+
+
+def _load(p: "ClipOutliers.Params", src_dir):
+    """(module in eval mode, arch, num_classes) from the 'model' input or a weights file."""
+    from stages.common.models import (
+        WeightsError, build_model, infer_num_classes, load_weights, read_bundle, read_state_dict,
+    )
+
+    weights = p.weights if p.weights is not None else p.model.pretrained
+    if src_dir is not None and p.weights is not None:
+        raise StageError("clip_outliers: both a 'model' input and clip.weights are given; use one")
+    try:
+        if src_dir is not None:
+            bundle = read_bundle(Path(src_dir) / "model.pt")
+            arch, num_classes = bundle["arch"], bundle["num_classes"]
+            module = build_model(arch, num_classes)
+            module.load_state_dict(bundle["state_dict"], strict=True)
+        elif weights is not None:
+            sd, info = read_state_dict(weights)
+            arch = info.get("arch") or p.model
+            num_classes = info.get("num_classes") or infer_num_classes(sd, arch)
+            module = build_model(arch, num_classes)
+            load_weights(module, sd)
+        else:
+            raise StageError("clip_outliers needs a 'model' input (a folder with model.pt) or clip.weights=PATH")
+    except WeightsError as e:
+        source = "input 'model'" if src_dir is not None else "clip.weights" if p.weights else "model.pretrained"
+        raise StageError(f"{source}: {e}") from None
+    return module.eval(), arch, num_classes
+
+
+def _clip(module, p: "ClipOutliers.Params", ctx: Context) -> list[dict]:
+    """Clip every conv/linear (and, unless excluded, BN) weight in place; one report row per layer."""
+    import torch
+
+    layers = _layers(module, torch)
+    rows = []
+    with torch.no_grad():
+        for i, (name, kind, mod) in enumerate(layers):
+            w = mod.weight
+            before = w.detach().clone()
+            reason = _skip_reason(p, layers, name, kind)
+            if reason is None:
+                lo, hi = _bounds(before, p, kind, torch)
+                w.copy_(torch.maximum(torch.minimum(before, hi), lo))
+            rows.append(_row(name, kind, before, w.detach(), reason))
+            ctx.progress(i + 1, len(layers), f"clipping {name}")
+    return rows
+
+
+def _skip_reason(p: "ClipOutliers.Params", layers, name: str, kind: str) -> str | None:
+    if p.method == "none":
+        return "method none"
+    if kind == "bn" and p.exclude_bn:
+        return "exclude_bn"
+    if kind != "bn" and p.exclude_first and name == _first(layers):
+        return "exclude_first"
+    if kind != "bn" and p.exclude_last and name == _last(layers):
+        return "exclude_last"
+    return None
+
+
+def _row(name: str, kind: str, before, after, reason: str | None) -> dict[str, Any]:
+    return {
+        "layer": name,
+        "kind": kind,
+        "shape": list(before.shape),
+        "clipped": reason is None,
+        "skipped_because": reason or "",
+        "min_before": float(before.min()),
+        "max_before": float(before.max()),
+        "min_after": float(after.min()),
+        "max_after": float(after.max()),
+        "absmax_before": float(before.abs().max()),
+        "absmax_after": float(after.abs().max()),
+        "fraction_clipped": int((after != before).sum()) / before.numel(),
+    }
+
+
+def _write_report(out: Path, rows: list[dict], p: "ClipOutliers.Params", recalibrated: int | None) -> dict[str, Any]:
+    """clip_report.csv (a row per layer) and clip_report.json (summary + rows); returns the summary."""
+    fields = list(rows[0].keys()) if rows else ["layer"]
+    with open(out / "clip_report.csv", "w", newline="", encoding="utf-8") as f:
+        wr = csv.DictWriter(f, fieldnames=fields)
+        wr.writeheader()
+        for r in rows:
+            wr.writerow({**r, "shape": "x".join(map(str, r["shape"]))})
+    clipped = [r for r in rows if r["clipped"]]
+    total = sum(_numel(r["shape"]) for r in clipped)
+    summary = {
+        "method": p.method,
+        "percentile": p.percentile if p.method == "percentile" else None,
+        "k": p.k if p.method == "std" else None,
+        "granularity": p.granularity,
+        "layers_clipped": len(clipped),
+        "layers_total": len(rows),
+        "fraction_clipped": (sum(r["fraction_clipped"] * _numel(r["shape"]) for r in clipped) / total) if total else 0.0,
+        "max_absmax_before": max((r["absmax_before"] for r in clipped), default=None),
+        "max_absmax_after": max((r["absmax_after"] for r in clipped), default=None),
+        "bn_recalibrated_images": recalibrated,
+    }
+    (out / "clip_report.json").write_text(json.dumps({"summary": summary, "layers": rows}, indent=2) + "\n", encoding="utf-8")
+    return summary
 
 
 def _recalibrate_bn(module, data, p: "ClipOutliers.Params", rows: list[dict], ctx: Context) -> int | None:
