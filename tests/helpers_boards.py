@@ -237,3 +237,26 @@ def run_experiment(runs: Path, *overrides: str) -> dict:
     failed = {n: s.get("error") for n, s in record["stages"].items() if s["status"] == "failed"}
     assert rc == 0 and not failed, failed or rc
     return record
+
+
+RKNN_API = REPO / "tests" / "rknn_api"
+
+
+def build_c_demo(pkg: Path, work: Path) -> Path:
+    """Build an RV1103/RV1106 package's C demo as its README says (CMake, RKNN_API_DIR, zero-copy)
+    against the fake librknnmrt.so of tests/rknn_api; returns the install folder."""
+    import shutil
+    import subprocess
+
+    api = work / "librknn_api"
+    (api / "include").mkdir(parents=True)
+    (api / "armhf-uclibc").mkdir()
+    shutil.copyfile(RKNN_API / "rknn_api.h", api / "include" / "rknn_api.h")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-std=c99", "-I", str(RKNN_API), str(RKNN_API / "fake_rknn.c"),
+                    "-o", str(api / "armhf-uclibc" / "librknnmrt.so")], check=True)
+    build, inst = work / "build", work / "install"
+    for cmd in (["cmake", "-S", str(pkg), "-B", str(build), f"-DRKNN_API_DIR={api}"],
+                ["cmake", "--build", str(build)], ["cmake", "--install", str(build), "--prefix", str(inst)]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    return inst

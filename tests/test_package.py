@@ -21,8 +21,9 @@ import pytest
 from pydantic import ValidationError
 
 from engine.stage import StageError
-from helpers_boards import (LABELS, REPO, export_onnx, install_rknnlite_stub, make_dataset, make_digit_filelist,
-                            make_folder_dataset, make_pretrained, run_experiment, stage, write_images)
+from helpers_boards import (LABELS, REPO, build_c_demo, export_onnx, install_rknnlite_stub, make_dataset,
+                            make_digit_filelist, make_folder_dataset, make_pretrained, run_experiment, stage,
+                            write_images)
 
 RKNN_API = REPO / "tests" / "rknn_api"
 
@@ -186,17 +187,7 @@ def test_c_demo_runs_on_a_fake_runtime(bundles, tmp_path):
     assert ppm.startswith(b"P6\n32 32\n255\n") and len(ppm) == len(b"P6\n32 32\n255\n") + 32 * 32 * 3
     # the zero-copy build as the README says (CMake, RKNN_API_DIR), against a fake librknnmrt.so
     assert shutil.which("cmake"), "cmake is missing: apt-get install cmake (.ci/run installs it)"
-    api = tmp_path / "librknn_api"
-    (api / "include").mkdir(parents=True)
-    (api / "armhf-uclibc").mkdir()
-    shutil.copyfile(RKNN_API / "rknn_api.h", api / "include" / "rknn_api.h")
-    subprocess.run(["gcc", "-shared", "-fPIC", "-std=c99", "-I", str(RKNN_API), str(RKNN_API / "fake_rknn.c"),
-                    "-o", str(api / "armhf-uclibc" / "librknnmrt.so")], check=True)
-    build, inst = tmp_path / "build", tmp_path / "install"
-    for cmd in (["cmake", "-S", str(pkg), "-B", str(build), f"-DRKNN_API_DIR={api}"],
-                ["cmake", "--build", str(build)], ["cmake", "--install", str(build), "--prefix", str(inst)]):
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout + r.stderr
+    inst = build_c_demo(pkg, tmp_path)
     assert {p.name for p in inst.iterdir()} == {"rknn_classify", "lib", "model.rknn", "labels.txt"}
     # the general-API build (rknn_inputs_set / rknn_outputs_get), straight with gcc
     exe = tmp_path / "demo_general"

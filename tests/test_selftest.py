@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_boards import LABELS, REPO, export_onnx, install_rknnlite_stub, make_dataset, stage
+from helpers_boards import LABELS, REPO, build_c_demo, export_onnx, install_rknnlite_stub, make_dataset, stage
 
 RKNN_API = REPO / "tests" / "rknn_api"
 SITE = Path(sysconfig.get_paths()["purelib"])
@@ -217,17 +217,7 @@ def test_c_demo_selftest_on_a_fake_runtime(bundles, tmp_path):
         out = fake_outputs((src / "golden" / name).read_bytes())
         rows.append(" ".join([name, str(int(np.argmax(out))), *map(repr, out)]))
     golden.write_text("\n".join(lines[:2] + rows) + "\n")
-    api = tmp_path / "librknn_api"
-    (api / "include").mkdir(parents=True)
-    (api / "armhf-uclibc").mkdir()
-    shutil.copyfile(RKNN_API / "rknn_api.h", api / "include" / "rknn_api.h")
-    subprocess.run(["gcc", "-shared", "-fPIC", "-std=c99", "-I", str(RKNN_API), str(RKNN_API / "fake_rknn.c"),
-                    "-o", str(api / "armhf-uclibc" / "librknnmrt.so")], check=True)
-    build, inst = tmp_path / "build", tmp_path / "install"
-    for cmd in (["cmake", "-S", src, "-B", build, f"-DRKNN_API_DIR={api}"], ["cmake", "--build", build],
-                ["cmake", "--install", build, "--prefix", inst]):
-        r = run(cmd, tmp_path)
-        assert r.returncode == 0, r.stdout + r.stderr
+    inst = build_c_demo(src, tmp_path)
     assert sorted(p.name for p in (inst / "golden").iterdir()) == sorted(p.name for p in (src / "golden").iterdir())
     env = {"FAKE_RKNN_SIZE": "32", "FAKE_RKNN_STRIDE": "40"}
     r = run([inst / "rknn_classify", "--selftest"], inst, env)
