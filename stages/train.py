@@ -385,6 +385,16 @@ def _callbacks(p: "Train.Params", out: Path, ctx: Context, has_val: bool, recal_
     return book, recal, callbacks
 
 
+def _check_train_size(data: Path, p: "Train.Params") -> None:
+    """Every DDP rank needs at least one full batch (a rank without one would leave the others waiting)."""
+    from stages.common.splits import load_split
+
+    n = len(load_split(data, "train")[1])
+    if n == 0 or (p.devices > 1 and n < p.batch_size * p.devices):
+        raise StageError(f"input 'data' ({data}) has {n} training images: too few for "
+                         f"train.devices={p.devices} x train.batch_size={p.batch_size}")
+
+
 def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]:
     import pytorch_lightning as pl
     import torch
@@ -404,6 +414,7 @@ def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]
         raise StageError("model.in_channels must be 3 for the train stage (the dataset arrays are RGB)")
     weights_src = _finetune_source(p, inputs)  # mode checks before anything heavy
     ckpt_path = _resume_checkpoint(p, inputs) if p.mode == "resume" else None
+    _check_train_size(data, p)  # before any rank starts
     if p.devices > 1 and "LOCAL_RANK" not in os.environ:
         from stages.common.train_ranks import launch
 
@@ -414,9 +425,6 @@ def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]
     try:
         pl.seed_everything(p.seed, workers=False, verbose=False)
         dm = NpyDataModule(data, spec, p.batch_size, p.workers, p.augment, p.seed, rank, world)
-        if dm.size("train") < p.batch_size * world and world > 1 or dm.size("train") == 0:
-            raise StageError(f"input 'data' ({data}) has {dm.size('train')} training images: too few for "
-                             f"train.devices={world} x train.batch_size={p.batch_size}")
         has_val = dm.size("val") > 0
         if p.early_stopping is not None and not has_val:
             raise StageError("train.early_stopping monitors val_acc but the dataset has no validation split (dataset.split.val)")
@@ -435,7 +443,7 @@ def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]
             return {}  # DDP: rank 0 writes the outputs
         t0 = time.perf_counter()
         model = _final_model(module, book, out, has_val, recal_batches)
-        recal_seconds = time.perf_counter() - t0 + recal.seconds if recal else None
+        recal_seconds = (time.perf_counter() - t0 + recal.seconds) if recal else None
         scores = {
             "val": accuracy_and_loss(model, dm.val_dataloader()) if has_val else (None, None),
             "test": accuracy_and_loss(model, dm.test_dataloader()) if dm.size("test") else (None, None),

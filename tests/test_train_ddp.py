@@ -41,7 +41,15 @@ def test_two_ddp_processes_train_like_one(digits, tmp_path):
         p.name for p in (tmp_path / "one").iterdir())  # the same files as a one-process run
 
 
-def test_a_rank_error_is_the_stage_error(digits, tmp_path):
-    """A user error inside the ranks reaches the user as the stage's one-line error."""
+def test_too_few_images_for_the_devices_fail_before_any_rank_starts(digits, tmp_path):
     with pytest.raises(StageError, match=r"too few for train.devices=2 x train.batch_size=2000"):
         run_stage("train", {**TRAIN, "batch_size": 2000, "devices": 2}, {"data": digits}, tmp_path / "x")
+    assert not (tmp_path / "x" / "logs" / "ranks.log").exists()
+
+
+def test_an_error_inside_the_ranks_is_the_stage_error(digits, tmp_path):
+    """A diverging run stops in a rank; its one-line message becomes the stage's, no model is written."""
+    params = {**TRAIN, "batch_size": 32, "devices": 2, "optimizer": "sgd", "lr": 1e12}
+    with pytest.raises(StageError, match=r"rank \d: training diverged: .* lower train.lr"):
+        run_stage("train", params, {"data": digits}, tmp_path / "x")
+    assert (tmp_path / "x" / "logs" / "ranks.log").is_file() and not (tmp_path / "x" / "model.pt").exists()

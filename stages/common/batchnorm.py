@@ -31,10 +31,10 @@ def batchnorm_layers(model: nn.Module, frozen: Iterable[nn.Module] = ()) -> list
 def recalibrate(model: nn.Module, batches: Iterable, frozen: Iterable[nn.Module] = ()) -> int:
     """Recompute the running mean/var of ``model``'s BatchNorm layers over ``batches`` ((x, y) or x).
     The model's own train/eval flags are restored afterwards. Returns the number of images seen (0 when
-    the model has no BatchNorm layer, which is then left untouched)."""
+    the model has no BatchNorm layer or there are no batches: the model is then left untouched)."""
     layers = batchnorm_layers(model, frozen)
-    if not layers:
-        return 0
+    if not layers or (hasattr(batches, "__len__") and len(batches) == 0):
+        return 0  # nothing to recompute with: reset statistics would be worse than stale ones
     was_training = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in layers}
     device = next(model.parameters()).device
