@@ -1,7 +1,8 @@
 """The model zoo and the ``model.pt`` bundle format.
 
 Importing this module does not import torch (stage modules use ``ModelParams`` at top level while the
-engine plans); torch/torchvision are imported when a model is built or loaded.
+engine plans); torch/torchvision are imported when a model is built or loaded. The torch classes
+(GeM, EdgeResNet, EdgeMobileNetV3) are ordinary module-level classes in ``model_zoo.py``.
 
 Architectures (``model.arch``):
 - ``resnet18``            torchvision ResNet-18.
@@ -28,6 +29,7 @@ Bundle (``model.pt``): ``torch.save({"format": "edgepipe.model/1", "arch": <Mode
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping, Union
 
@@ -92,138 +94,6 @@ class WeightsError(StageError):
     """A weights file that is missing or does not fit the model (the message lists the keys)."""
 
 
-# -- torch classes, created on first use ----------------------------------------------------------
-_CLASSES: dict[str, type] = {}
-
-
-def _classes() -> dict[str, type]:
-    if _CLASSES:
-        return _CLASSES
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-    from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
-    from torchvision.models.resnet import BasicBlock, ResNet
-
-    class GeM(nn.Module):
-        """Generalised-mean pooling: (mean(x.clamp(eps) ** p)) ** (1/p), output N x C x 1 x 1."""
-
-        def __init__(self, p: float = 3.0, learnable: bool = True, eps: float = 1e-6) -> None:
-            super().__init__()
-            t = torch.full((1,), float(p))
-            if learnable:
-                self.p = nn.Parameter(t)
-            else:
-                self.register_buffer("p", t)
-            self.eps = eps
-
-        def forward(self, x):
-            p = self.p
-            return F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(p), 1).pow(1.0 / p)
-
-        def extra_repr(self) -> str:
-            return f"p={float(self.p.detach()[0]):.3f}, eps={self.eps}"
-
-    def _conv_like_linear(cin: int, cout: int, linear_init: str) -> nn.Conv2d:
-        conv = nn.Conv2d(cin, cout, kernel_size=1, bias=True)
-        if linear_init == "normal":  # torchvision mobilenet's classifier init
-            nn.init.normal_(conv.weight, 0, 0.01)
-            nn.init.zeros_(conv.bias)
-        return conv  # else: PyTorch default init, the same as nn.Linear's
-
-    class EdgeResNet(ResNet):
-        """torchvision ResNet (same state_dict keys) with stem/pool/head options."""
-
-        head_prefixes = ("fc.",)  # re-initialised when the class count differs
-        trainable_prefixes = ("fc.", "avgpool.")  # left trainable when features are frozen
-        first_conv = "conv1"
-
-        def __init__(
-            self,
-            depth: int,
-            num_classes: int,
-            head: str = "linear",
-            in_channels: int = 3,
-            stem: str = "imagenet",
-            pool: str = "avg",
-            gem_p: float = 3.0,
-            gem_learnable: bool = True,
-            dropout: float = 0.0,
-        ) -> None:
-            layers = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}[depth]
-            super().__init__(BasicBlock, layers, num_classes=num_classes)
-            if stem == "small":
-                self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-                self.maxpool = nn.Identity()
-            elif in_channels != 3:
-                self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
-            if pool == "gem":
-                self.avgpool = GeM(gem_p, gem_learnable)
-            self.conv_head = head == "conv"
-            if self.conv_head:
-                self.fc = _conv_like_linear(512, num_classes, "default")
-            self.dropout = float(dropout)
-
-        def forward(self, x):
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            x = self.avgpool(x)
-            if self.dropout > 0:
-                x = F.dropout(x, self.dropout, self.training)
-            if self.conv_head:
-                return self.fc(x).mean(dim=(2, 3))
-            return self.fc(torch.flatten(x, 1))
-
-    class EdgeMobileNetV3(MobileNetV3):
-        """torchvision MobileNetV3 (same state_dict keys) with in_channels/head options."""
-
-        head_prefixes = ("classifier.3.",)
-        trainable_prefixes = ("classifier.",)
-        first_conv = "features.0.0"
-
-        def __init__(
-            self,
-            arch: str,
-            num_classes: int,
-            head: str = "linear",
-            in_channels: int = 3,
-            width_mult: float = 1.0,
-            dropout: float = 0.2,
-        ) -> None:
-            setting, last_channel = _mobilenet_v3_conf(arch, width_mult=width_mult)
-            super().__init__(setting, last_channel, num_classes=num_classes, dropout=dropout)
-            if in_channels != 3:
-                old = self.features[0][0]
-                new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
-                nn.init.kaiming_normal_(new.weight, mode="fan_out")
-                self.features[0][0] = new
-            self.conv_head = head == "conv"
-            if self.conv_head:
-                lin0, lin3 = self.classifier[0], self.classifier[3]
-                self.classifier[0] = _conv_like_linear(lin0.in_features, lin0.out_features, "normal")
-                self.classifier[3] = _conv_like_linear(lin3.in_features, lin3.out_features, "normal")
-
-        def forward(self, x):
-            x = self.avgpool(self.features(x))
-            if self.conv_head:
-                return self.classifier(x).mean(dim=(2, 3))
-            return self.classifier(torch.flatten(x, 1))
-
-    for cls in (GeM, EdgeResNet, EdgeMobileNetV3):
-        # picklable as stages.common.models.<Name> (module __getattr__ below recreates them)
-        cls.__module__ = __name__
-        cls.__qualname__ = cls.__name__
-    _CLASSES.update(GeM=GeM, EdgeResNet=EdgeResNet, EdgeMobileNetV3=EdgeMobileNetV3)
-    return _CLASSES
-
-
-def __getattr__(name: str) -> Any:  # GeM, EdgeResNet, EdgeMobileNetV3 on demand
-    if name in ("GeM", "EdgeResNet", "EdgeMobileNetV3"):
-        return _classes()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # -- building ---------------------------------------------------------------------------------------
 def _params(arch: Union[Mapping[str, Any], ModelParams, str]) -> ModelParams:
     if isinstance(arch, ModelParams):
@@ -249,9 +119,10 @@ def build_model(arch: Union[Mapping[str, Any], ModelParams, str], num_classes: i
 
 
 def _build(p: ModelParams, num_classes: int):
-    c = _classes()
+    from .model_zoo import EdgeMobileNetV3, EdgeResNet
+
     if p.arch in ("resnet18", "gem_resnet"):
-        return c["EdgeResNet"](
+        return EdgeResNet(
             depth=18 if p.arch == "resnet18" else p.depth,
             num_classes=num_classes,
             head=p.head,
@@ -262,7 +133,7 @@ def _build(p: ModelParams, num_classes: int):
             gem_learnable=p.gem_learnable,
             dropout=0.0 if p.dropout is None else p.dropout,
         )
-    return c["EdgeMobileNetV3"](
+    return EdgeMobileNetV3(
         arch=p.arch,
         num_classes=num_classes,
         head=p.head,
@@ -425,58 +296,75 @@ def load_weights(module, source: Union[str, Path, Mapping[str, Any]]) -> dict:
     else:
         sd, info, where = dict(source), {"kind": "state_dict"}, "<state_dict>"
     own = module.state_dict()
-    heads = head_prefixes(module)
-    first = getattr(module, "first_conv", None)
-    new: dict[str, Any] = {}
-    adapted, reinit, mismatched, unexpected = [], [], [], []
-    for k, v in sd.items():
-        if k not in own:
-            unexpected.append(k)
-            continue
-        t = own[k]
-        if v.shape == t.shape:
-            new[k] = v
-        elif v.numel() == t.numel() and v.squeeze().shape == t.squeeze().shape and v.dim() in (1, 2, 4) and t.dim() in (1, 2, 4):
-            new[k] = v.reshape(t.shape)  # Linear <-> 1x1 conv
-            adapted.append(k)
-        elif any(k.startswith(h) for h in heads):
-            reinit.append(k)
-        elif first and k == f"{first}.weight" and v.dim() == 4 and v.shape[0] == t.shape[0] and v.shape[2:] == t.shape[2:]:
-            if t.shape[1] == 1:
-                new[k] = v.sum(dim=1, keepdim=True)
-            else:
-                new[k] = v.mean(dim=1, keepdim=True).repeat(1, t.shape[1], 1, 1) * (v.shape[1] / t.shape[1])
-            adapted.append(k)
-        else:
-            mismatched.append(f"{k}: file {list(v.shape)} vs model {list(t.shape)}")
-    # a head is re-initialised as a whole (weight and bias)
-    if reinit:
-        prefixes = {k.rsplit(".", 1)[0] + "." for k in reinit}
-        for k in list(new):
-            if any(k.startswith(p) for p in prefixes):
-                del new[k]
-                reinit.append(k)
-    optional = ("avgpool.p", "num_batches_tracked")
-    missing = [k for k in own if k not in sd and not k.endswith(optional)]
-    if missing or unexpected or mismatched:
-        parts = [f"weights {where} do not fit the model ({type(module).__name__})"]
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_fmt_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_fmt_keys(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {_fmt_keys(mismatched)}")
-        parts.append("check model.arch / model.depth / model.stem / model.in_channels against the file")
-        raise WeightsError("; ".join(parts))
+    fit = _fit_tensors(sd, own, head_prefixes(module), getattr(module, "first_conv", None))
+    _refuse_misfit(fit, sd, own, where, type(module).__name__)
     merged = dict(own)
-    merged.update({k: v.to(dtype=own[k].dtype) if torch.is_floating_point(own[k]) else v for k, v in new.items()})
+    merged.update({k: v.to(dtype=own[k].dtype) if torch.is_floating_point(own[k]) else v for k, v in fit.new.items()})
     module.load_state_dict(merged, strict=True)
-    kept = sorted(k for k in own if k not in new)
     return {
         "source": where,
         "kind": info.get("kind"),
-        "loaded": len(new),
-        "adapted": sorted(adapted),
-        "reinitialized": sorted(set(reinit)),
-        "kept": kept,
+        "loaded": len(fit.new),
+        "adapted": sorted(fit.adapted),
+        "reinitialized": sorted(set(fit.reinit)),
+        "kept": sorted(k for k in own if k not in fit.new),
     }
+
+
+@dataclass
+class _Fit:
+    """How each tensor of a weights file fits the model's state_dict."""
+
+    new: dict[str, Any] = field(default_factory=dict)  # key -> tensor to load (maybe reshaped)
+    adapted: list[str] = field(default_factory=list)
+    reinit: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+
+def _fit_tensors(sd: Mapping[str, Any], own: Mapping[str, Any], heads: tuple[str, ...], first: str | None) -> _Fit:
+    fit = _Fit()
+    for k, v in sd.items():
+        if k not in own:
+            fit.unexpected.append(k)
+            continue
+        t = own[k]
+        if v.shape == t.shape:
+            fit.new[k] = v
+        elif v.numel() == t.numel() and v.squeeze().shape == t.squeeze().shape and v.dim() in (1, 2, 4) and t.dim() in (1, 2, 4):
+            fit.new[k] = v.reshape(t.shape)  # Linear <-> 1x1 conv
+            fit.adapted.append(k)
+        elif any(k.startswith(h) for h in heads):
+            fit.reinit.append(k)
+        elif first and k == f"{first}.weight" and v.dim() == 4 and v.shape[0] == t.shape[0] and v.shape[2:] == t.shape[2:]:
+            fit.new[k] = _adapt_channels(v, t.shape[1])
+            fit.adapted.append(k)
+        else:
+            fit.mismatched.append(f"{k}: file {list(v.shape)} vs model {list(t.shape)}")
+    # a head is re-initialised as a whole (weight and bias), not half-loaded
+    prefixes = {k.rsplit(".", 1)[0] + "." for k in fit.reinit}
+    for k in [k for k in fit.new if any(k.startswith(p) for p in prefixes)]:
+        del fit.new[k]
+        fit.reinit.append(k)
+    return fit
+
+
+def _adapt_channels(weight, channels: int):
+    """A first conv's weights for another input channel count: RGB summed into grey, grey spread over
+    channels (scaled so the response to a grey image is unchanged)."""
+    if channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    return weight.mean(dim=1, keepdim=True).repeat(1, channels, 1, 1) * (weight.shape[1] / channels)
+
+
+def _refuse_misfit(fit: _Fit, sd: Mapping[str, Any], own: Mapping[str, Any], where: str, model: str) -> None:
+    optional = ("avgpool.p", "num_batches_tracked")
+    missing = [k for k in own if k not in sd and not k.endswith(optional)]
+    if not (missing or fit.unexpected or fit.mismatched):
+        return
+    parts = [f"weights {where} do not fit the model ({model})"]
+    for label, keys in (("missing keys", missing), ("unexpected keys", fit.unexpected), ("shape mismatches", fit.mismatched)):
+        if keys:
+            parts.append(f"{label} ({len(keys)}): {_fmt_keys(keys)}")
+    parts.append("check model.arch / model.depth / model.stem / model.in_channels against the file")
+    raise WeightsError("; ".join(parts))
