@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 
 from engine.hashing import ContentIndex, content_digest, sha256_file, tree_digest
 
@@ -19,7 +20,7 @@ def _folder(tmp_path):
 
 def test_unchanged_stat_is_not_read_again(tmp_path):
     root = _folder(tmp_path)
-    index = ContentIndex(tmp_path / "index.json")
+    index = ContentIndex(tmp_path / "index.sqlite")
     first = content_digest(root, index)
     assert first == tree_digest({"a.bin": sha256_file(root / "a.bin"), "sub/b.bin": sha256_file(root / "sub/b.bin")})
     index.save()
@@ -28,9 +29,9 @@ def test_unchanged_stat_is_not_read_again(tmp_path):
     with open(root / "a.bin", "r+b") as f:
         f.write(b"Z")
     os.utime(root / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert content_digest(root, ContentIndex(tmp_path / "index.json")) == first
+    assert content_digest(root, ContentIndex(tmp_path / "index.sqlite")) == first
     os.utime(root / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a new mtime is read again
-    assert content_digest(root, ContentIndex(tmp_path / "index.json")) != first
+    assert content_digest(root, ContentIndex(tmp_path / "index.sqlite")) != first
 
 
 def test_symlink_pointed_elsewhere_is_a_change(tmp_path):
@@ -41,17 +42,64 @@ def test_symlink_pointed_elsewhere_is_a_change(tmp_path):
     st = os.stat(one)
     os.utime(two, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only the inode tells
     (root / "link.bin").symlink_to(one)
-    index = ContentIndex(tmp_path / "index.json")
+    index = ContentIndex(tmp_path / "index.sqlite")
     before = content_digest(root, index)
     (root / "link.bin").unlink()
     (root / "link.bin").symlink_to(two)
     assert content_digest(root, index) != before
 
 
-def test_entries_without_inode_are_hashed_again(tmp_path):
-    """An index written before entries held inode and device: its digests are not trusted."""
+def _counting(monkeypatch) -> list[str]:
+    """Records the files engine.hashing reads (sha256_file), to tell a lookup from a re-hash."""
+    import engine.hashing
+
+    read, real = [], engine.hashing.sha256_file
+    monkeypatch.setattr(engine.hashing, "sha256_file", lambda p: read.append(os.path.basename(p)) or real(p))
+    return read
+
+
+def test_a_changed_file_costs_its_own_hash(tmp_path, monkeypatch):
     root = _folder(tmp_path)
-    st = os.stat(root / "a.bin")
-    (tmp_path / "index.json").write_text(json.dumps({str(root.resolve() / "a.bin"): [st.st_size, st.st_mtime_ns, "0" * 64]}))
-    index = ContentIndex(tmp_path / "index.json")
-    assert index.sha256(root / "a.bin", key=str(root.resolve() / "a.bin")) == sha256_file(root / "a.bin")
+    for i in range(20):
+        (root / f"f{i}.bin").write_bytes(b"%d" % i)
+    index = ContentIndex(tmp_path / "index.sqlite")
+    content_digest(root, index)
+    index.save()
+    read = _counting(monkeypatch)
+    assert content_digest(root, ContentIndex(tmp_path / "index.sqlite")) and read == []
+    (root / "f3.bin").write_bytes(b"three")
+    index = ContentIndex(tmp_path / "index.sqlite")
+    changed = content_digest(root, index)
+    assert read == ["f3.bin"]
+    assert changed == tree_digest({rel: sha256_file(root / rel) for rel in ["a.bin", "sub/b.bin"] + [f"f{i}.bin" for i in range(20)]})
+
+
+def test_a_deleted_file_leaves_the_index(tmp_path):
+    root = _folder(tmp_path)
+    index = ContentIndex(tmp_path / "index.sqlite")
+    content_digest(root, index)
+    index.save()
+    (root / "sub" / "b.bin").unlink()
+    index = ContentIndex(tmp_path / "index.sqlite")
+    assert content_digest(root, index) == tree_digest({"a.bin": sha256_file(root / "a.bin")})
+    index.save()
+    with sqlite3.connect(tmp_path / "index.sqlite") as db:
+        paths = [p for (p,) in db.execute("SELECT path FROM files")]
+    assert paths == [str(root.resolve() / "a.bin")]
+
+
+def test_a_damaged_index_is_rebuilt_with_a_warning(tmp_path, capsys):
+    root = _folder(tmp_path)
+    index = ContentIndex(tmp_path / "index.sqlite")
+    good = content_digest(root, index)
+    index.save()
+    data = (tmp_path / "index.sqlite").read_bytes()
+    for damaged in (data[: len(data) // 3], b"not a database" * 100, b"{" + json.dumps({"a": 1}).encode()):
+        (tmp_path / "index.sqlite").write_bytes(damaged)
+        index = ContentIndex(tmp_path / "index.sqlite")
+        assert content_digest(root, index) == good
+        index.save()
+        assert "content index" in capsys.readouterr().err
+        # rebuilt: the next process finds every file without reading one
+        assert content_digest(root, ContentIndex(tmp_path / "index.sqlite")) == good
+        assert capsys.readouterr().err == ""
