@@ -1,26 +1,26 @@
 """report.html: one self-contained page per run, beside report.md.
 
-It reads only what the run and its stages already wrote (run.json's record, .hydra/hydra.yaml, each
-stage's metrics.json, class_counts.json, skipped.csv, confusion_<backend>.png, the train stage's
-logs/csv/metrics.csv); it recomputes nothing and never imports torch. Pictures are PNGs embedded as
-base64 and the page has no external link, font or script, so a copied run folder still shows it.
+It reads only what the run and its stages already wrote (run.json's record, .hydra/, each stage's
+output files: metrics, class counts, predictions, features, clip ranges, package manifests); it
+recomputes nothing and never imports torch. Pictures are PNGs embedded as base64, memoised under the
+cache's scratch folder (report_figures), and the page has no external link, font or script (a
+Content-Security-Policy says so to the browser), so a copied run folder still shows it.
+Sections per stage type: report_sections; the summary's facts: report_summary.
 """
 
 from __future__ import annotations
 
-import base64
-import csv
-import hashlib
-import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from . import report_figures as figs
+from .report_sections import READERS, RunView, fmt, stage_dir
+from .report_summary import CHANGES_SHOWN, config_changes, mb, model_facts, model_format
 from .runs import RunRecord, StageRecord
 
 REPORT_HTML = "report.html"
-SKIPPED_SHOWN = 100  # skipped.csv rows listed; the count says how many there are
+CHANGES_VERSION = 1  # bump when config_changes reports differently: memoised by it
 
 
 def write_html(record: RunRecord) -> Path:
@@ -37,24 +37,62 @@ def write_html(record: RunRecord) -> Path:
 
 def context(record: RunRecord, run_dir: Path) -> dict[str, Any]:
     """Everything the template shows, as plain values."""
-    sections = {"dataset": [], "train": [], "evaluate": []}
+    view = RunView(record, run_dir, Path(record.runs_root) / "cache" / ".scratch" / "report", pipeline_needs(run_dir))
+    sections: dict[str, list] = {t: [] for t in READERS}
     for s in record.stages.values():
         folder = stage_dir(run_dir, s)
-        if folder is not None and s.type in sections:
-            scratch = Path(s.path).parent.parent / ".scratch" / "report" if s.path else None
-            sections[s.type].append({"stage": s.name, **READERS[s.type](folder, scratch)})
+        if folder is not None and s.type in READERS:
+            sections[s.type].append({"stage": s.name, **READERS[s.type](view, s, folder)})
     return {"r": record, "seconds": f"{record.seconds:.1f}", "choices": config_choices(run_dir),
             "headline": fmt(record.headline.get("value")) if record.headline else "",
-            "stages": [stage_row(s) for s in record.stages.values()], **sections}
+            "summary": summary(view), "stages": [stage_row(s) for s in record.stages.values()],
+            "clip": sections.pop("clip_outliers"), "csp": CSP, **sections}
 
 
-def stage_dir(run_dir: Path, s: StageRecord) -> Path | None:
-    """The stage's outputs: its stages/ link (relative: survives a copied run folder, when the cache came
-    along), else the cache entry, else the failed/ folder a stage that raised leaves behind."""
-    for folder in (run_dir / "stages" / s.name, Path(s.path) if s.path else None, run_dir / "failed" / s.name):
-        if folder is not None and folder.is_dir():
-            return folder
-    return None
+def pipeline_needs(run_dir: Path) -> dict[str, dict[str, str]]:
+    """{stage: {input: upstream stage}} from the run's .hydra/config.yaml ({} when unreadable)."""
+    from omegaconf import OmegaConf
+
+    try:
+        stages = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml").pipeline.stages,
+                                        resolve=False)
+        return {name: {str(k): str(v) for k, v in (entry.get("needs") or {}).items()} for name, entry in stages.items()}
+    except Exception:  # noqa: BLE001 - no or an unreadable .hydra/: sizes and image grids are left out
+        return {}
+
+
+def summary(view: RunView) -> dict[str, Any]:
+    """The model and its parameter count, model size per format, and the config values changed."""
+    rec = view.record
+    model = None
+    for s in rec.stages.values():
+        folder = view.folder(s.name)
+        if s.type == "train" and folder is not None and (folder / "model.pt").is_file():
+            model = model_facts(folder / "model.pt")
+            break
+    sizes = []
+    for s in rec.stages.values():
+        folder = view.folder(s.name)
+        found = model_format(folder) if folder is not None else None
+        if found:
+            sizes.append({"stage": s.name, "format": found[0], "size": mb(found[1])})
+    changes = memo_changes(view)
+    return {"model": model, "parameters": f"{model['parameters']:,}" if model else "", "sizes": sizes,
+            "changes": (changes or [])[:CHANGES_SHOWN], "changes_count": len(changes or []),
+            "changes_problem": None if changes is not None else "the default config could not be composed"}
+
+
+def memo_changes(view: RunView) -> list[list[str]] | None:
+    """config_changes, kept under the scratch folder by the run's config and its config folders: composing
+    the default config costs a Hydra compose (~0.3 s) that a cached run need not pay again."""
+    try:
+        text = (view.run_dir / ".hydra" / "config.yaml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    shown = ("changes", CHANGES_VERSION, text, view.record.config_sources, view.record.edgepipe_version)
+    data = figs.memo_bytes(view.scratch, shown, ".json", lambda: json.dumps(
+        config_changes(view.run_dir, view.record.config_sources)).encode())
+    return json.loads(data)
 
 
 def stage_row(s: StageRecord) -> dict[str, Any]:
@@ -74,164 +112,14 @@ def config_choices(run_dir: Path) -> dict[str, str]:
     return dict(sorted(shown.items(), key=lambda kv: kv[0] != "experiment"))  # the experiment first
 
 
-# -- dataset ------------------------------------------------------------------------------------------
-def dataset_section(folder: Path, scratch: Path | None = None) -> dict[str, Any]:
-    counts = read_json(folder / "class_counts.json") or {}
-    splits = [s for s in counts if isinstance(counts[s], dict)]
-    classes = list(counts[splits[0]]) if splits else []
-    rows = [[c] + [counts[s].get(c, 0) for s in splits] for c in classes]
-    skipped = read_csv(folder / "skipped.csv")
-    return {"splits": splits, "rows": rows, "skipped": skipped[:SKIPPED_SHOWN], "skipped_count": len(skipped),
-            "problem": None if counts else f"no readable {folder / 'class_counts.json'}"}
-
-
-# -- training -----------------------------------------------------------------------------------------
-def train_section(folder: Path, scratch: Path | None = None) -> dict[str, Any]:
-    metrics = read_json(folder / "metrics.json") or {}
-    epochs = metrics.get("epochs") or epochs_from_csv(folder / "logs" / "csv" / "metrics.csv")
-    best = metrics.get("best_epoch")
-    facts = {k: metrics[k] for k in ("arch", "mode", "epochs_run", "best_epoch", "val_acc", "test_acc", "train_eval_acc")
-             if metrics.get(k) is not None}
-    return {"facts": {k: fmt(v) for k, v in facts.items()},
-            "curves": png_uri(memo_png(scratch, ("curves", CURVES_VERSION, epochs, best),
-                                       lambda: curves_png(epochs, best))) if epochs else None,
-            "problem": None if epochs else f"no per-epoch history in {folder} (metrics.json or logs/csv/metrics.csv)"}
-
-
-def epochs_from_csv(path: Path) -> list[dict[str, Any]]:
-    """Lightning's CSV log has one row per logging call (0-based epochs): merge them per epoch."""
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for row in read_csv(path, header=True):
-        try:
-            epoch = int(row["epoch"]) + 1
-        except (KeyError, ValueError):
-            continue
-        merged = by_epoch.setdefault(epoch, {"epoch": epoch})
-        merged.update({k: float(v) for k, v in row.items() if k != "epoch" and v not in ("", None)})
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-CURVES_VERSION = 1  # bump when curves_png draws differently: memoised PNGs are keyed by it
-
-
-def memo_png(scratch: Path | None, shown: Any, render) -> bytes:
-    """``render()``'s PNG, kept under the cache's scratch folder by a digest of what it shows: a fully
-    cached run writes its report without importing matplotlib again (~0.9 s of a 1.3 s run)."""
-    if scratch is None:
-        return render()
-    path = scratch / (hashlib.sha256(json.dumps(shown, sort_keys=True, default=str).encode()).hexdigest()[:32] + ".png")
-    if path.is_file():
-        return path.read_bytes()
-    data = render()
-    try:  # temp + rename: a reader never sees half a file
-        scratch.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError:  # a read-only cache still gets its report
-        pass
-    return data
-
-
-def curves_png(epochs: list[dict[str, Any]], best: int | None) -> bytes:
-    """Loss and accuracy per epoch, train and validation, the best epoch marked."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(10, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    for i, metric in enumerate(("loss", "acc")):
-        ax = fig.add_subplot(1, 2, i + 1)
-        for split, style in (("train", "-o"), ("val", "-s")):
-            pts = [(e["epoch"], e[f"{split}_{metric}"]) for e in epochs if e.get(f"{split}_{metric}") is not None]
-            if pts:
-                ax.plot(*zip(*pts), style, label=f"{split} {metric}", markersize=4)
-        if best is not None:
-            ax.axvline(best, color="tab:red", linestyle="--", linewidth=1, label=f"best epoch {best}")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_title("loss" if metric == "loss" else "accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
-
-
-# -- evaluation ---------------------------------------------------------------------------------------
-def evaluate_section(folder: Path, scratch: Path | None = None) -> dict[str, Any]:
-    report = read_json(folder / "metrics.json") or {}
-    backends = report.get("backends") or {}
-    return {"split": report.get("split", "?"), "samples": report.get("samples", "?"),
-            "reference": report.get("reference"), "classes": report.get("classes") or [],
-            "rows": [backend_row(n, row, report.get("reference")) for n, row in backends.items()],
-            "confusion": [{"name": n, "uri": png_file_uri(folder / f"confusion_{safe_name(n)}.png")} for n in backends],
-            "problem": None if backends else f"no readable {folder / 'metrics.json'}"}
-
-
-def backend_row(name: str, row: dict[str, Any], reference: str | None) -> dict[str, Any]:
-    verdict = {True: "pass", False: "fail", None: ""}[row.get("target_met")]
-    per_class = row.get("per_class") or {}
-    return {"name": name, "kind": row.get("kind", "") + (f" ({row['detail']})" if row.get("detail") else ""),
-            "samples": row.get("samples", ""), "top1": row.get("top1"), "top1_text": pct(row.get("top1")),
-            "change": f"{-row['drop_points'] + 0.0:+.2f}" if "drop_points" in row else "",
-            "agreement": pct(row.get("agreement")),
-            "max_abs_diff": f"{row['max_abs_diff']:.3g}" if "max_abs_diff" in row else "",
-            "verdict": "reference" if name == reference else verdict, "target": row.get("target", ""),
-            "per_class": {c: pct(v, 1) for c, v in per_class.items()}}
-
-
-def safe_name(name: str) -> str:
-    """evaluate's file-name rule for confusion_<backend>.png (stages.evaluate._safe)."""
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
-# -- small helpers ------------------------------------------------------------------------------------
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def read_csv(path: Path, header: bool = False) -> list:
-    """Rows after the header (as lists), or as dicts with header=True; [] when unreadable."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            if header:
-                return list(csv.DictReader(f))
-            return list(csv.reader(f))[1:]
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return []
-
-
-def png_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
-def png_file_uri(path: Path) -> str | None:
-    try:
-        return png_uri(path.read_bytes())
-    except OSError:
-        return None
-
-
-def pct(v: Any, digits: int = 2) -> str:
-    return f"{v:.{digits}%}" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
-
-
-def fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-READERS = {"dataset": dataset_section, "train": train_section, "evaluate": evaluate_section}
+# Content-Security-Policy: the browser loads nothing but the page itself and its data: images
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{{ csp }}">
 <title>edgepipe report: {{ r.name }}</title>
 <style>
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
@@ -242,22 +130,46 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 code { background: #f4f4f4; padding: 0 0.2em; }
 .pass { color: #176317; font-weight: bold; } .fail { color: #a31515; font-weight: bold; }
 .ok { color: #176317; } .failed { color: #a31515; } .note { color: #666; font-style: italic; }
+.best { background: #fff3c4; } .badge { font-size: 0.8em; background: #f0c000; border-radius: 3px; padding: 0 0.3em; }
 img { max-width: 100%; border: 1px solid #eee; }
 .confusion { display: inline-block; vertical-align: top; margin: 0 1em 1em 0; max-width: 520px; }
+details { margin: 0.5em 0 1em; } summary { cursor: pointer; }
 </style>
 </head>
 <body>
 <h1>{{ r.name }}</h1>
 <h2 id="summary">Summary</h2>
-<table>
+<table class="summary">
 <tr><th>status</th><td class="{{ r.status }}">{{ r.status }}</td></tr>
 <tr><th>seconds</th><td>{{ seconds }}</td></tr>
 <tr><th>folder</th><td><code>{{ r.run_dir }}</code></td></tr>
+{% if choices.get("experiment") %}<tr><th>experiment</th><td>{{ choices["experiment"] }}</td></tr>{% endif %}
 {% if r.overrides %}<tr><th>overrides</th><td><code>{{ r.overrides | join(" ") }}</code></td></tr>{% endif %}
 {% if r.headline %}<tr><th>headline</th><td>{{ r.headline.key }} = {{ headline }}</td></tr>{% endif %}
 {% if choices %}<tr><th>config</th><td><code>{% for group, option in choices.items() %}{{ group }}={{ option }} {% endfor %}</code></td></tr>{% endif %}
+{% if summary.model %}<tr><th>model</th><td>{{ summary.model.arch }}, {{ summary.model.num_classes }} classes,
+<span class="parameters">{{ summary.parameters }}</span> parameters</td></tr>{% endif %}
+{% for d in dataset %}{% if d.spec %}<tr><th>input</th><td>{% for k, v in d.spec.items() %}{{ k }}: <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</td></tr>{% endif %}{% endfor %}
+{% for p in package %}<tr><th>package {{ p.stage }}</th><td>board <b>{{ p.board }}</b>{% if p.title %} ({{ p.title }}){% endif %}:
+<code>{{ p.folder }}</code>{% if p.zip %}, <code>{{ p.zip }}</code>{% endif %}</td></tr>
+{% endfor %}
 {% if r.edgepipe_version %}<tr><th>edgepipe</th><td>{{ r.edgepipe_version }}</td></tr>{% endif %}
 </table>
+{% if summary.sizes %}
+<h3>Model size on disk</h3>
+<table class="sizes"><tr><th>stage</th><th>format</th><th>size</th></tr>
+{% for z in summary.sizes %}<tr><td>{{ z.stage }}</td><td>{{ z.format }}</td><td class="num">{{ z.size }}</td></tr>
+{% endfor %}</table>
+{% endif %}
+<h3>Parameters that differ from the defaults</h3>
+{% if summary.changes_problem %}<p class="note">{{ summary.changes_problem }}</p>
+{% elif not summary.changes %}<p class="note">none: the run used the default config</p>
+{% else %}
+<table class="changes"><tr><th>key</th><th>default</th><th>this run</th></tr>
+{% for c in summary.changes %}<tr><td><code>{{ c[0] }}</code></td><td>{{ c[1] }}</td><td>{{ c[2] }}</td></tr>
+{% endfor %}</table>
+{% if summary.changes_count > summary.changes | length %}<p class="note">{{ summary.changes_count }} in all; the first {{ summary.changes | length }} listed (see .hydra/config.yaml)</p>{% endif %}
+{% endif %}
 
 {% for d in dataset %}
 <h2 id="dataset-{{ d.stage }}">Dataset ({{ d.stage }})</h2>
@@ -281,26 +193,55 @@ img { max-width: 100%; border: 1px solid #eee; }
 {% else %}<p class="note">{{ t.problem }}</p>{% endif %}
 {% endfor %}
 
+{% for c in clip %}
+<h2 id="clip-{{ c.stage }}">Outlier clipping ({{ c.stage }})</h2>
+{% if c.facts %}<table>{% for k, v in c.facts.items() %}<tr><th>{{ k }}</th><td>{{ v }}</td></tr>{% endfor %}</table>{% endif %}
+{% if c.picture %}<img class="ranges" alt="weight range per layer before and after clipping ({{ c.stage }})" src="{{ c.picture }}">
+<details><summary>per layer ({{ c.rows | length }})</summary>
+<table class="clip-layers"><tr><th>layer</th><th>kind</th><th>clipped</th><th>range before</th><th>range after</th><th>weights clipped</th></tr>
+{% for row in c.rows %}<tr>{% for v in row %}<td>{{ v }}</td>{% endfor %}</tr>
+{% endfor %}</table></details>
+{% else %}<p class="note">{{ c.problem }}</p>{% endif %}
+{% endfor %}
+
 {% for e in evaluate %}
 <h2 id="evaluate-{{ e.stage }}">Backends ({{ e.stage }}: {{ e.split }} split, {{ e.samples }} images)</h2>
 {% if e.problem %}<p class="note">{{ e.problem }}</p>{% else %}
 <table class="backends">
 <tr><th>backend</th><th>kind</th><th>samples</th><th>top-1</th><th>&Delta; vs fp32 (points)</th><th>agreement with fp32</th>
-<th>max abs logit diff</th><th>target</th></tr>
-{% for b in e.rows %}<tr data-backend="{{ b.name }}"><td>{{ b.name }}</td><td>{{ b.kind }}</td><td class="num">{{ b.samples }}</td>
+<th>max abs logit diff</th><th>model size</th><th>target</th></tr>
+{% for b in e.rows %}<tr data-backend="{{ b.name }}"{% if b.best_int8 %} class="best"{% endif %}><td>{{ b.name }}{% if b.best_int8 %} <span class="badge">best int8</span>{% endif %}</td>
+<td>{{ b.kind }}</td><td class="num">{{ b.samples }}</td>
 <td class="num top1" data-value="{{ b.top1 }}">{{ b.top1_text }}</td><td class="num">{{ b.change }}</td>
-<td class="num">{{ b.agreement }}</td><td class="num">{{ b.max_abs_diff }}</td>
+<td class="num">{{ b.agreement }}</td><td class="num">{{ b.max_abs_diff }}</td><td class="num">{{ b.size }}</td>
 <td><span class="{{ b.verdict }}">{{ b.verdict }}</span>{% if b.target %} ({{ b.target }}){% endif %}</td></tr>
 {% endfor %}
 </table>
 <h3>Per-class accuracy</h3>
-<table><tr><th>class</th>{% for b in e.rows %}<th>{{ b.name }}</th>{% endfor %}</tr>
+<table class="per-class"><tr><th>class</th>{% for b in e.rows %}<th>{{ b.name }}</th>{% endfor %}</tr>
 {% for c in e.classes %}<tr><td>{{ c }}</td>{% for b in e.rows %}<td class="num">{{ b.per_class.get(c, "") }}</td>{% endfor %}</tr>
 {% endfor %}</table>
-<h3>Confusion matrices (rows: true class, columns: predicted)</h3>
-{% for c in e.confusion %}<div class="confusion">{% if c.uri %}<img alt="confusion matrix of {{ c.name }}" src="{{ c.uri }}">
-{% else %}<p class="note">{{ c.name }}: no confusion PNG</p>{% endif %}</div>
+{% if e.images_problem %}<p class="note">{{ e.images_problem }}</p>{% endif %}
+{% for b in e.per_backend %}
+<h3 id="backend-{{ b.name }}">{{ b.name }}</h3>
+<div class="confusion">{% if b.confusion %}<img alt="confusion matrix of {{ b.name }}" src="{{ b.confusion }}">
+{% else %}<p class="note">{{ b.name }}: no confusion PNG</p>{% endif %}</div>
+{% if b.wrong %}<p>{{ b.wrong.title }}</p>{% if b.wrong.uri %}<img class="grid" alt="misclassified by {{ b.name }}" src="{{ b.wrong.uri }}">{% endif %}{% endif %}
 {% endfor %}
+{% for d in e.disagree %}{% if d %}
+<h3>Where {{ d.name }} (int8) and {{ d.reference }} (fp32) disagree</h3>
+<p>{{ d.title }}</p>
+{% if d.uri %}<img class="grid" alt="{{ d.name }} disagrees with {{ d.reference }}" src="{{ d.uri }}">{% endif %}
+{% endif %}{% endfor %}
+{% if e.multicrop %}
+<h3>Multi-crop</h3>
+<table class="multicrop"><tr><th>backend</th><th>crops</th><th>single-crop top-1</th><th>mean-probability top-1</th><th>vote top-1</th><th>undecided</th></tr>
+{% for m in e.multicrop %}<tr><td>{{ m[0] }}</td>{% for v in m[1:] %}<td class="num">{{ v }}</td>{% endfor %}</tr>
+{% endfor %}</table>
+{% endif %}
+<h3>t-SNE of the features ({{ e.reference or "PyTorch" }})</h3>
+{% if e.tsne.uri %}<img class="tsne" alt="t-SNE of the test features by class" src="{{ e.tsne.uri }}">
+{% else %}<p class="note">{{ e.tsne.problem }}</p>{% endif %}
 {% endif %}
 {% endfor %}
 

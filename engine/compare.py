@@ -1,0 +1,269 @@
+"""`edgepipe compare`: one row per job of a sweep (or per run folder named), best first.
+
+Columns are only what tells the jobs apart: the overrides whose values differ between them, the
+headline and the metrics asked for (`--metrics top1,drop_points,seconds`). The same table is printed
+(rich, fits 100 columns) and written as compare.csv, compare.md and compare.html, the last with the
+headline plotted against each swept parameter. `write_sweep_comparison(sweep_dir)` is what a sweep
+calls when it ends. Reads run.json only; never imports torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .runs import RUN_JSON, RunFolderError, RunRecord, flat_metrics, resolve_run
+
+DEFAULT_METRICS = ("seconds",)
+OUTPUTS = ("compare.csv", "compare.md", "compare.html")
+MISSING = "-"
+
+
+class CompareError(ValueError):
+    """Nothing to compare, or a metric that no job has; the message says what to pass instead."""
+
+
+@dataclass
+class Job:
+    label: str  # the sweep's job number or the run folder's name
+    record: RunRecord
+    overrides: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # flattened: "<stage>.<metric>[.<backend>]", "seconds"
+
+    @property
+    def headline(self) -> Any:
+        return (self.record.headline or {}).get("value")
+
+
+@dataclass
+class Comparison:
+    jobs: list[Job]  # best first
+    swept: list[str]  # override keys whose values differ between the jobs
+    headline: str | None  # the headline key (from the first job that has one)
+    metric_keys: list[str]  # flattened metric keys shown, in --metrics order
+    lower_is_better: bool
+
+    def header(self) -> list[str]:
+        return ["job", *self.swept, *([self.headline] if self.headline else []), *self.metric_keys]
+
+    def rows(self) -> list[list[str]]:
+        return [[j.label, *(j.overrides.get(k, MISSING) for k in self.swept),
+                 *([show(j.headline)] if self.headline else []),
+                 *(show(j.metrics.get(k)) for k in self.metric_keys)] for j in self.jobs]
+
+
+# -- reading ------------------------------------------------------------------------------------------
+def run_folders(refs: Sequence[str], runs_root: Path) -> list[tuple[str, Path]]:
+    """(label, run folder) for each argument: a sweep folder gives its jobs (sub-folders holding
+    run.json, by job number), anything else is resolved like `edgepipe show` does."""
+    found: list[tuple[str, Path]] = []
+    for ref in refs:
+        p = Path(ref)
+        if p.is_dir() and not (p / RUN_JSON).is_file():
+            jobs = sorted((d for d in p.iterdir() if (d / RUN_JSON).is_file()), key=_job_order)
+            if not jobs:
+                raise CompareError(f"{p} holds no run.json and no job folders with one; "
+                                   f"pass a sweep folder (runs/<date>/<time>_<name>_sweep) or run folders")
+            found += [(d.name if len(refs) == 1 else f"{p.name}/{d.name}", d) for d in jobs]
+        else:
+            run_dir = Path(resolve_run(runs_root, ref))
+            found.append((run_dir.name, run_dir))
+    return found
+
+
+def _job_order(d: Path) -> tuple:
+    return (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name)
+
+
+def load_jobs(folders: Iterable[tuple[str, Path]]) -> list[Job]:
+    jobs = []
+    for label, run_dir in folders:
+        record = RunRecord.load(run_dir)
+        metrics = {f"{s}.{k}": v for s, rec in record.stages.items() for k, v in flat_metrics(rec.metrics).items()}
+        metrics["seconds"] = round(record.seconds, 1)
+        jobs.append(Job(label, record, parse_overrides(record.overrides), metrics))
+    return jobs
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
+    """`+experiment=quickstart`, `train.lr=1e-3`, `~key` -> {key: value}; '+'/'++' do not change what differs."""
+    out = {}
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        key = key.lstrip("+")
+        out[key] = value if eq else "(deleted)" if key.startswith("~") else ""
+    return out
+
+
+# -- comparing ----------------------------------------------------------------------------------------
+def compare(jobs: list[Job], metrics: Sequence[str] = DEFAULT_METRICS) -> Comparison:
+    if not jobs:
+        raise CompareError("nothing to compare: pass a sweep folder or run folders")
+    keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
+    swept = [k for k in keys if len({j.overrides.get(k, MISSING) for j in jobs}) > 1]
+    headline = next((j.record.headline["key"] for j in jobs if j.record.headline), None)
+    lower = headline is not None and lower_is_better(headline)
+    metric_keys = [k for m in metrics for k in matching(m, jobs) if k != headline]
+    ordered = sorted(jobs, key=lambda j: _rank(j, lower))
+    return Comparison(ordered, swept, headline, list(dict.fromkeys(metric_keys)), lower)
+
+
+def lower_is_better(key: str) -> bool:
+    """`train.val_loss`, `eval.drop_points.rknn`, `seconds`: smaller is better; top-1 and accuracies are not."""
+    parts = key.split(".")
+    metric = parts[1] if len(parts) > 1 else parts[0]
+    return any(w in metric for w in ("loss", "drop", "error")) or metric.endswith(("seconds", "_s", "_ms"))
+
+
+def matching(metric: str, jobs: list[Job]) -> list[str]:
+    """The flattened keys a --metrics name stands for: itself (`seconds`, `eval.top1.onnx`), or every
+    `<stage>.<metric>` and `<stage>.<metric>.<backend>` (`top1` -> eval.top1.pytorch, eval.top1.onnx)."""
+    every = list(dict.fromkeys(k for j in jobs for k in j.metrics))
+    if metric in every:
+        return [metric]
+    found = [k for k in every if metric in k.split(".")[1:2] or k.startswith(metric + ".")]
+    if not found:
+        known = sorted({k.split(".")[1] for k in every if "." in k})
+        raise CompareError(f"--metrics {metric}: no job has that metric; known: {', '.join(known + ['seconds'])}")
+    return found
+
+
+def _rank(job: Job, lower: bool) -> tuple:
+    """Failed jobs and jobs without a headline last; then by headline, best first; ties by job order."""
+    v = job.headline
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+        return (1, 0.0)
+    return (0, v if lower else -v)
+
+
+def show(v: Any) -> str:
+    if v is None:
+        return MISSING
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+# -- output -------------------------------------------------------------------------------------------
+def rich_table(c: Comparison):
+    from rich.table import Table
+
+    table = Table(title=f"{len(c.jobs)} jobs, best {'lowest' if c.lower_is_better else 'highest'} "
+                        f"{c.headline or ''} first", title_justify="left")
+    for i, name in enumerate(c.header()):
+        numeric = i > len(c.swept)
+        table.add_column(_short_header(name), justify="right" if numeric else "left", overflow="fold")
+    for row in c.rows():
+        table.add_row(*row)
+    return table
+
+
+def _short_header(key: str) -> str:
+    """`eval.top1.rknn_mmse` -> `eval.top1` over `rknn_mmse`: rich then wraps at the line break, not mid-word."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) + "\n" + ".".join(parts[2:]) if len(parts) > 2 else key
+
+
+def write_outputs(c: Comparison, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / name for name in OUTPUTS]
+    with open(paths[0], "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(c.header())
+        w.writerows(c.rows())
+    paths[1].write_text(markdown(c), encoding="utf-8")
+    paths[2].write_text(html_page(c), encoding="utf-8")
+    return paths
+
+
+def markdown(c: Comparison) -> str:
+    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(esc(h) for h in c.header()) + " |",
+             "|" + "|".join("---" if i <= len(c.swept) else "---:" for i in range(len(c.header()))) + "|"]
+    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in c.rows()]
+    return "\n".join(lines) + "\n"
+
+
+def html_page(c: Comparison) -> str:
+    """A self-contained page: the table and the headline against each swept parameter (embedded PNG)."""
+    from .report_figures import png_uri
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in c.header())
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>\n" for row in c.rows())
+    plot = (f'<img alt="{html.escape(c.headline)} against each swept parameter" src="{png_uri(sweep_plot(c))}">'
+            if c.headline and c.swept and any(_number(j.headline) is not None for j in c.jobs) else
+            '<p class="note">no plot: the jobs share every override or have no numeric headline</p>')
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+            f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; style-src \'unsafe-inline\'">\n'
+            f"<title>edgepipe compare</title>\n<style>body {{ font-family: system-ui, sans-serif; margin: 2em; }}\n"
+            f"table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 0.2em 0.6em; }}\n"
+            f"img {{ max-width: 100%; }} .note {{ color: #666; }}</style></head>\n<body>\n"
+            f"<h1>{len(c.jobs)} jobs, best first</h1>\n<table>\n<tr>{head}</tr>\n{body}</table>\n{plot}\n</body></html>\n")
+
+
+def sweep_plot(c: Comparison) -> bytes:
+    """The headline against each swept parameter, one panel each; numbers on a numeric axis (log when
+    they span more than two decades), anything else as categories in job order."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(c.swept)
+    fig = Figure(figsize=(min(4.5 * n, 14), 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(c.swept):
+        ax = fig.add_subplot(1, n, i + 1)
+        pts = [(j.overrides.get(key, MISSING), _number(j.headline)) for j in c.jobs if _number(j.headline) is not None]
+        xs = [_number(x) for x, _ in pts]
+        if all(x is not None for x in xs):
+            pairs = sorted(zip(xs, (y for _, y in pts)))
+            ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "o-")
+            if min(xs) > 0 and max(xs) / min(xs) > 100:
+                ax.set_xscale("log")
+        else:
+            cats = list(dict.fromkeys(x for x, _ in pts))
+            ax.plot([cats.index(x) for x, _ in pts], [y for _, y in pts], "o")
+            ax.set_xticks(range(len(cats)), cats, rotation=20, fontsize=8)
+        ax.set_xlabel(key)
+        ax.set_ylabel(c.headline)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _number(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) or isinstance(v, bool) else f
+
+
+# -- entry points -------------------------------------------------------------------------------------
+def write_sweep_comparison(sweep_dir: Path, metrics: Sequence[str] = DEFAULT_METRICS) -> Path:
+    """compare.csv/.md/.html in a sweep folder, over its jobs; returns compare.html's path."""
+    jobs = load_jobs(run_folders([str(sweep_dir)], Path(sweep_dir)))
+    return write_outputs(compare(jobs, metrics), Path(sweep_dir))[2]
+
+
+def run(refs: Sequence[str], runs_root: Path, metrics: Sequence[str], out_dir: Path | None, width: int | None) -> list[Path]:
+    """What `edgepipe compare` does: print the table, write the three files (in the sweep folder when one
+    sweep folder is compared, else in out_dir or the current folder)."""
+    from rich.console import Console
+
+    folders = run_folders(refs, runs_root)
+    c = compare(load_jobs(folders), metrics)
+    if out_dir is None:
+        single = Path(refs[0]) if len(refs) == 1 else None
+        out_dir = single if single is not None and single.is_dir() and not (single / RUN_JSON).is_file() else Path(".")
+    Console(highlight=False, width=width).print(rich_table(c))
+    return write_outputs(c, out_dir)
+
+
+__all__ = ["CompareError", "RunFolderError", "compare", "load_jobs", "run", "run_folders", "write_sweep_comparison"]

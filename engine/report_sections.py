@@ -1,0 +1,275 @@
+"""What report.html shows for each stage type, read from the files the stages wrote: the dataset's counts
+and skipped files, the training history, clip_outliers' per-layer weight ranges, evaluate's backend
+table, confusion matrices, misclassified and int8-vs-fp32 images, t-SNE and multi-crop results, and
+the board packages. Every picture goes through report_figures.memo_png (drawn once per content).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import report_figures as figs
+from .report_summary import input_spec, mb, model_format, package_facts
+from .runs import RunRecord, StageRecord
+
+SKIPPED_SHOWN = 100  # skipped.csv rows listed; the count says how many there are
+FEATURES = "features.npz"  # evaluate's penultimate-layer features of the PyTorch model: features, labels
+TSNE_SEED = 0
+
+
+@dataclass
+class RunView:
+    """A run folder as the report reads it: the record, its stage folders and the pipeline's wiring."""
+
+    record: RunRecord
+    run_dir: Path
+    scratch: Path | None  # runs/cache/.scratch/report, where pictures are memoised
+    needs: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> {input: upstream stage}
+
+    def folder(self, stage: str) -> Path | None:
+        s = self.record.stages.get(stage)
+        return stage_dir(self.run_dir, s) if s else None
+
+
+def stage_dir(run_dir: Path, s: StageRecord) -> Path | None:
+    """The stage's outputs: its stages/ link (relative: survives a copied run folder, when the cache came
+    along), else the cache entry, else the failed/ folder a stage that raised leaves behind."""
+    for folder in (run_dir / "stages" / s.name, Path(s.path) if s.path else None, run_dir / "failed" / s.name):
+        if folder is not None and folder.is_dir():
+            return folder
+    return None
+
+
+# -- dataset ------------------------------------------------------------------------------------------
+def dataset_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:
+    counts = read_json(folder / "class_counts.json") or {}
+    splits = [k for k in counts if isinstance(counts[k], dict)]
+    classes = list(counts[splits[0]]) if splits else []
+    rows = [[c] + [counts[k].get(c, 0) for k in splits] for c in classes]
+    skipped = read_csv(folder / "skipped.csv")
+    return {"splits": splits, "rows": rows, "skipped": skipped[:SKIPPED_SHOWN], "skipped_count": len(skipped),
+            "spec": input_spec(folder),
+            "problem": None if counts else f"no readable {folder / 'class_counts.json'}"}
+
+
+# -- training -----------------------------------------------------------------------------------------
+def train_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:
+    metrics = read_json(folder / "metrics.json") or {}
+    epochs = metrics.get("epochs") or epochs_from_csv(folder / "logs" / "csv" / "metrics.csv")
+    best = metrics.get("best_epoch")
+    facts = {k: metrics[k] for k in ("arch", "mode", "epochs_run", "best_epoch", "val_acc", "test_acc", "train_eval_acc")
+             if metrics.get(k) is not None}
+    curves = None
+    if epochs:
+        curves = figs.png_uri(figs.memo_png(view.scratch, ("curves", figs.CURVES_VERSION, epochs, best),
+                                            lambda: figs.curves_png(epochs, best)))
+    return {"facts": {k: fmt(v) for k, v in facts.items()}, "curves": curves,
+            "problem": None if epochs else f"no per-epoch history in {folder} (metrics.json or logs/csv/metrics.csv)"}
+
+
+def epochs_from_csv(path: Path) -> list[dict[str, Any]]:
+    """Lightning's CSV log has one row per logging call (0-based epochs): merge them per epoch."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for row in read_csv(path, header=True):
+        try:
+            epoch = int(row["epoch"]) + 1
+        except (KeyError, ValueError):
+            continue
+        merged = by_epoch.setdefault(epoch, {"epoch": epoch})
+        merged.update({k: float(v) for k, v in row.items() if k != "epoch" and v not in ("", None)})
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+# -- clip_outliers ------------------------------------------------------------------------------------
+def clip_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:
+    report = read_json(folder / "clip_report.json") or {}
+    layers = [r for r in report.get("layers") or [] if all(f"{m}_{w}" in r for m in ("min", "max") for w in ("before", "after"))]
+    summary = report.get("summary") or {}
+    picture = None
+    if layers:
+        shown = [{k: r[k] for k in ("layer", "min_before", "max_before", "min_after", "max_after")} for r in layers]
+        picture = figs.png_uri(figs.memo_png(view.scratch, ("ranges", figs.RANGES_VERSION, shown),
+                                             lambda: figs.weight_ranges_png(shown)))
+    rows = [[r["layer"], r.get("kind", ""), "yes" if r.get("clipped") else (r.get("skipped_because") or "no"),
+             f"{r['min_before']:.4g} .. {r['max_before']:.4g}", f"{r['min_after']:.4g} .. {r['max_after']:.4g}",
+             pct(r.get("fraction_clipped"), 3)] for r in layers]
+    facts = {k: fmt(v) for k, v in summary.items() if v is not None}
+    return {"facts": facts, "picture": picture, "rows": rows,
+            "problem": None if layers else f"no per-layer ranges in {folder / 'clip_report.json'}"}
+
+
+# -- evaluate -----------------------------------------------------------------------------------------
+def evaluate_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:
+    report = read_json(folder / "metrics.json") or {}
+    backends = report.get("backends") or {}
+    if not backends:
+        return {"split": "?", "samples": "?", "problem": f"no readable {folder / 'metrics.json'}"}
+    classes = report.get("classes") or []
+    ref = report.get("reference")
+    needs = view.needs.get(s.name, {})
+    rows = [backend_row(n, row, ref, view.folder(needs[n]) if n in needs else None) for n, row in backends.items()]
+    int8 = [r for r in rows if r["int8"] and r["top1"] is not None]
+    best = max(int8, key=lambda r: r["top1"])["name"] if int8 else None
+    for r in rows:
+        r["best_int8"] = r["name"] == best
+    pictures = ImagePictures(view, folder, needs.get("data"), report, classes)
+    per_backend = [{"name": n, "confusion": png_file_uri(folder / f"confusion_{safe_name(n)}.png"),
+                    "wrong": pictures.misclassified(n)} for n in backends]
+    disagree = [pictures.disagreement(r["name"], ref) for r in rows if r["int8"] and ref]
+    multicrop = [[n, row["multicrop"].get("crops"), pct(row.get("top1")), pct(row["multicrop"].get("top1_mean")),
+                  pct(row["multicrop"].get("top1_vote")), row["multicrop"].get("undecided")]
+                 for n, row in backends.items() if isinstance(row.get("multicrop"), dict)]
+    return {"split": report.get("split", "?"), "samples": report.get("samples", "?"), "reference": ref,
+            "classes": classes, "rows": rows, "per_backend": per_backend, "disagree": disagree,
+            "tsne": tsne(view, folder, classes), "multicrop": multicrop,
+            "images_problem": pictures.problem, "problem": None}
+
+
+def backend_row(name: str, row: dict[str, Any], reference: str | None, model_folder: Path | None) -> dict[str, Any]:
+    verdict = {True: "pass", False: "fail", None: ""}[row.get("target_met")]
+    per_class = row.get("per_class") or {}
+    found = model_format(model_folder) if model_folder else None
+    return {"name": name, "kind": row.get("kind", "") + (f" ({row['detail']})" if row.get("detail") else ""),
+            "samples": row.get("samples", ""), "top1": row.get("top1"), "top1_text": pct(row.get("top1")),
+            "change": f"{-row['drop_points'] + 0.0:+.2f}" if "drop_points" in row else "",
+            "agreement": pct(row.get("agreement")),
+            "max_abs_diff": f"{row['max_abs_diff']:.3g}" if "max_abs_diff" in row else "",
+            "size": mb(found[1]) if found else "", "int8": is_int8(row),
+            "verdict": "reference" if name == reference else verdict, "target": row.get("target", ""),
+            "per_class": {c: pct(v, 1) for c, v in per_class.items()}}
+
+
+def is_int8(row: dict[str, Any]) -> bool:
+    """A quantized backend: evaluate scores it against the top-1 drop target (RKNN int8 builds)."""
+    return str(row.get("target", "")).startswith("top-1 drop") or row.get("kind") == "rknn"
+
+
+class ImagePictures:
+    """Grids of test images (the dataset's pixels) chosen from predictions.npz."""
+
+    def __init__(self, view: RunView, folder: Path, data_stage: str | None, report: dict, classes: list[str]) -> None:
+        self.view, self.classes, self.problem = view, classes, None
+        self.labels, self.preds, self.images = None, {}, None
+        try:
+            with np.load(folder / "predictions.npz") as z:
+                self.labels = z["labels"]
+                self.preds = {k[: -len(".pred")]: z[k] for k in z.files if k.endswith(".pred")}
+        except (OSError, KeyError, ValueError) as e:
+            self.problem = f"no readable {folder / 'predictions.npz'} ({e})"
+            return
+        data = view.folder(data_stage) if data_stage else None
+        path = data / f"images_{report.get('split')}.npy" if data else None
+        try:
+            self.images = np.load(path, mmap_mode="r") if path else None
+        except (OSError, ValueError):
+            self.images = None
+        if self.images is None or len(self.images) < len(self.labels):
+            self.problem = f"the test images are not readable ({path or 'no data input'}): no image grids"
+            self.images = None
+
+    def _grid(self, idx: np.ndarray, captions: list[str], what: str) -> dict[str, Any]:
+        shown = idx[: figs.GRID_MAX]
+        title = f"{len(idx)} {what}" + (f" (the first {len(shown)} shown)" if len(idx) > len(shown) else "")
+        if not len(shown) or self.images is None:
+            return {"title": title, "uri": None}
+        pixels = np.asarray(self.images[shown])
+        caps = captions[: len(shown)]
+        uri = figs.png_uri(figs.memo_png(self.view.scratch, ("grid", figs.GRID_VERSION, pixels, caps),
+                                         lambda: figs.grid_png(pixels, caps)))
+        return {"title": title, "uri": uri}
+
+    def _name(self, i: int) -> str:
+        return self.classes[i] if 0 <= i < len(self.classes) else str(i)
+
+    def misclassified(self, backend: str) -> dict[str, Any] | None:
+        pred = self.preds.get(backend)
+        if pred is None or self.labels is None:
+            return None
+        y = self.labels[: len(pred)]
+        idx = np.flatnonzero(pred != y)
+        caps = [f"true {self._name(int(y[i]))}\npred {self._name(int(pred[i]))}" for i in idx]
+        return {"name": backend, **self._grid(idx, caps, f"of {len(pred)} test images misclassified by {backend}")}
+
+    def disagreement(self, int8: str, ref: str) -> dict[str, Any] | None:
+        a, b = self.preds.get(ref), self.preds.get(int8)
+        if a is None or b is None or self.labels is None:
+            return None
+        n = min(len(a), len(b))
+        idx = np.flatnonzero(a[:n] != b[:n])
+        caps = [f"{ref} {self._name(int(a[i]))} / {self._name(int(b[i]))}\ntrue {self._name(int(self.labels[i]))}"
+                for i in idx]
+        return {"name": int8, "reference": ref,
+                **self._grid(idx, caps, f"test images where {int8} and {ref} disagree")}
+
+
+def tsne(view: RunView, folder: Path, classes: list[str]) -> dict[str, Any]:
+    path = folder / FEATURES
+    if not path.is_file():
+        return {"uri": None, "problem": f"no {FEATURES} in the evaluate output: t-SNE needs the PyTorch model's features"}
+    try:
+        with np.load(path) as z:
+            features, labels = z["features"], z["labels"]
+    except (OSError, KeyError, ValueError) as e:
+        return {"uri": None, "problem": f"{path} is not readable ({e})"}
+    if len(features) < 5 or len(features) != len(labels):
+        return {"uri": None, "problem": f"{path}: {len(features)} feature rows, {len(labels)} labels: too few for a t-SNE"}
+    data = figs.memo_png(view.scratch, ("tsne", figs.TSNE_VERSION, TSNE_SEED, features, labels, classes),
+                         lambda: figs.tsne_png(features, labels, classes, TSNE_SEED))
+    return {"uri": figs.png_uri(data), "problem": None, "count": min(len(features), figs.TSNE_MAX)}
+
+
+# -- package ------------------------------------------------------------------------------------------
+def package_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:
+    facts = package_facts(folder)
+    link = view.run_dir / "stages" / s.name
+    base = link if link.exists() else folder
+    return {**facts, "folder": str(base / "package"), "zip": str(base / "package.zip") if facts["zip"] else ""}
+
+
+# -- small helpers ------------------------------------------------------------------------------------
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_csv(path: Path, header: bool = False) -> list:
+    """Rows after the header (as lists), or as dicts with header=True; [] when unreadable."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if header:
+                return list(csv.DictReader(f))
+            return list(csv.reader(f))[1:]
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+
+
+def png_file_uri(path: Path) -> str | None:
+    try:
+        return figs.png_uri(path.read_bytes())
+    except OSError:
+        return None
+
+
+def safe_name(name: str) -> str:
+    """evaluate's file-name rule for confusion_<backend>.png (stages.evaluate._safe)."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def pct(v: Any, digits: int = 2) -> str:
+    return f"{v:.{digits}%}" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
+
+
+def fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+READERS = {"dataset": dataset_section, "train": train_section, "clip_outliers": clip_section,
+           "evaluate": evaluate_section, "package": package_section}
