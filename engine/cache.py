@@ -1,20 +1,25 @@
-"""The content-addressed stage cache: runs/cache/<type>/<key>/ with a manifest.json.
+"""The content-addressed stage cache: runs/cache/<type>/<key>/ holds out/ (the stage's output folder,
+all of it the stage's own) and manifest.json (the engine's record of it) beside it.
 
 Entries are immutable (files are made read-only) and appear atomically: a stage runs into a temp
-folder that is renamed into place only after its manifest is written, so a killed run leaves no
-half-written entry. A per-key file lock makes concurrent processes compute an entry once.
+folder that is renamed into place, with its manifest beside it, only when it is complete, so a killed
+run leaves no half-written entry. A per-key file lock makes concurrent processes compute an entry
+once. With a remote (engine/remote.py) a local miss is looked up there, checked file by file and
+published the same way.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
 import uuid
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping
 
 from pydantic import BaseModel
 
@@ -22,11 +27,16 @@ from . import locks
 from .hashing import ContentIndex, content_digest, list_files, matches, sha256_file, sha256_json, tree_digest
 from .stage import HASH_CONTENT, NOT_IN_KEY, Stage
 
+if TYPE_CHECKING:
+    from .remote import Remote
+
 MANIFEST = "manifest.json"
+OUT = "out"  # the stage's output folder inside an entry; the manifest sits beside it
 # Files a stage keeps for people but that no downstream stage reads (logs carry timestamps): they are
 # stored and listed, but left out of the output digest so a byte-identical re-run cuts off early.
 VOLATILE = ("*.log", "logs/*", "logs/**/*")
 KEY_LENGTH = 32
+log = logging.getLogger("edgepipe")
 
 
 def _has_marker(field: Any, marker: object) -> bool:
@@ -35,7 +45,9 @@ def _has_marker(field: Any, marker: object) -> bool:
 
 def key_params(params: BaseModel) -> tuple[dict, dict[str, Path]]:
     """The params as they enter the cache key (without NOT_IN_KEY fields), and the content paths
-    (HASH_CONTENT fields) whose digests enter it too, by dotted field path."""
+    (HASH_CONTENT fields) whose digests enter it too, by dotted field path. A content path's string
+    is left out of the params (its digest stands for it): the same data at another path, another
+    user's checkout, gives the same key."""
     content: dict[str, Path] = {}
 
     def walk(model: BaseModel, prefix: str) -> dict:
@@ -46,6 +58,7 @@ def key_params(params: BaseModel) -> tuple[dict, dict[str, Path]]:
                 continue
             if _has_marker(field, HASH_CONTENT) and value is not None:
                 content[prefix + name] = Path(value)
+                continue
             if isinstance(value, BaseModel):
                 out[name] = walk(value, f"{prefix}{name}.")
             else:
@@ -67,8 +80,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def tool_versions(cls: type[Stage]) -> dict[str, str]:
+    """The installed version of each distribution the stage declares in `tools` (read from package
+    metadata: nothing is imported)."""
+    found = {}
+    for dist in cls.tools:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
 def stage_key(cls: type[Stage], params: BaseModel, input_digests: Mapping[str, str], index: ContentIndex) -> tuple[str, dict]:
-    """Key = hash(type, version, params, input digests, content digests). Returns (key, material)."""
+    """Key = hash(type, version, params, input digests, content digests, tool versions). Returns
+    (key, material). Nothing in it names a path on this machine."""
     kp, content_paths = key_params(params)
     content = {}
     for field, path in content_paths.items():
@@ -82,14 +108,17 @@ def stage_key(cls: type[Stage], params: BaseModel, input_digests: Mapping[str, s
         "params": kp,
         "inputs": dict(sorted(input_digests.items())),
         "content": content,
+        "tools": tool_versions(cls),
     }
     return sha256_json(material)[:KEY_LENGTH], material
 
 
 @dataclass
 class Hit:
-    path: Path
+    path: Path | None  # the entry's output folder (<key>/out); None for a remote entry not fetched
     manifest: dict
+    fetched: bool = False  # downloaded from the remote just now
+    remote_only: bool = False  # in the remote cache, not (yet) here
 
     @property
     def digest(self) -> str:
@@ -101,35 +130,69 @@ class CorruptEntry(Exception):
 
 
 class Cache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, remote: "Remote | None" = None) -> None:
         # Absolute, so stages get absolute input and output paths whatever folder they work in.
         self.root = Path(root).resolve()
         self.index = ContentIndex(self.root / ".index" / "content.json")
+        self.remote = remote
 
     def entry(self, stage_type: str, key: str) -> Path:
+        """The entry's folder: out/ (the stage's output) and manifest.json."""
         return self.root / stage_type / key
 
     # ---- lookup ------------------------------------------------------------------------------
-    def lookup(self, stage_type: str, key: str) -> Hit | None:
-        """The entry if present and intact; None if absent; CorruptEntry if its files changed."""
+    def lookup(self, stage_type: str, key: str, fetch: bool = True) -> Hit | None:
+        """The entry if present and intact; None if absent; CorruptEntry if its files changed. On a
+        local miss the remote (if any) is asked: with `fetch` (call with the key's lock held) the entry
+        is downloaded, checked and published here; without, a remote hit is only reported."""
         path = self.entry(stage_type, key)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except FileNotFoundError:
             if path.exists():
                 raise CorruptEntry(f"{path}: manifest.json is missing") from None
-            return None
+            return self._remote_lookup(stage_type, key, fetch) if self.remote else None
         except ValueError:
             raise CorruptEntry(f"{path}: manifest.json is not valid JSON") from None
-        self.verify(path, manifest)
-        return Hit(path, manifest)
+        self.verify(path / OUT, manifest)
+        return Hit(path / OUT, manifest)
+
+    def _remote_lookup(self, stage_type: str, key: str, fetch: bool) -> Hit | None:
+        from .remote import RemoteError
+
+        assert self.remote is not None
+        tmp = None
+        try:
+            manifest = self.remote.manifest(stage_type, key)
+            if manifest is None:
+                return None
+            if not fetch:
+                return Hit(None, manifest, remote_only=True)
+            tmp = self.new_tmp(stage_type, key)
+            hashes = self.remote.download(stage_type, key, manifest, tmp)
+        except RemoteError as e:  # reached at the start (check_remote), so a passing failure: compute here
+            log.warning("%s; computing %s/%s here", e, stage_type, key)
+            hashes = None
+        if hashes is None:  # damaged (warned): the stage is recomputed
+            if tmp is not None:
+                _rmtree(tmp)
+            return None
+        record = {k: v for k, v in manifest.items() if k not in ("files", "digest")} | {"fetched": True}
+        hit = self.publish(tmp, stage_type, key, record, hashes=hashes, digest=manifest["digest"])
+        hit.fetched = True
+        return hit
+
+    def check_remote(self) -> None:
+        """Fail now, with one line naming cache.remote, if the remote cannot be reached."""
+        if self.remote:
+            self.remote.check()
 
     @staticmethod
     def verify(path: Path, manifest: Mapping, rehash: bool = False) -> None:
-        """Check every file by size, mtime and ctime (cheap); re-hash only files whose times changed.
-        ctime cannot be set from user space, so a same-size edit that restores the mtime is caught too;
-        an edit within the filesystem's timestamp granularity of the entry's creation is not (use
-        `edgepipe reproduce --verify` to recompute)."""
+        """Check every file of an output folder by size, mtime and ctime (cheap); re-hash only files
+        whose times changed. ctime cannot be set from user space, so a same-size edit that restores the
+        mtime is caught too; an edit within the filesystem's timestamp granularity of the entry's
+        creation is not (use `edgepipe reproduce --verify` to recompute)."""
         for rel, meta in manifest["files"].items():
             f = path / rel
             try:
@@ -157,8 +220,9 @@ class Cache:
 
     # ---- writing -----------------------------------------------------------------------------
     def new_tmp(self, stage_type: str, key: str) -> Path:
-        """An empty folder to run a stage into. Call with the key's lock held: any older temp folder
-        of this key belongs to a dead process (a killed run), so it is removed."""
+        """An empty folder to run a stage into (it becomes the entry's out/). Call with the key's lock
+        held: any older temp folder of this key belongs to a dead process (a killed run), so it is
+        removed."""
         tmp_root = self.root / stage_type / ".tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         for stale in tmp_root.glob(f"{key}-*"):
@@ -167,29 +231,34 @@ class Cache:
         tmp.mkdir()
         return tmp
 
-    def publish(self, tmp: Path, stage_type: str, key: str, manifest: dict, volatile: tuple[str, ...] = ()) -> Hit:
-        """Hash the outputs, write the manifest, make files read-only, rename into place."""
+    def publish(self, tmp: Path, stage_type: str, key: str, manifest: dict, volatile: tuple[str, ...] = (),
+                hashes: Mapping[str, str] | None = None, digest: str | None = None) -> Hit:
+        """Hash the outputs (or take `hashes`, already checked, and `digest`), make them read-only, and
+        rename them into place as out/ with the manifest beside it, in one rename."""
         files: dict[str, dict] = {}
         for rel in list_files(tmp):
             f = tmp / rel
             os.chmod(f, stat.S_IMODE(f.stat().st_mode) & ~0o222)
             st = f.stat()
-            files[rel] = {"size": st.st_size, "sha256": sha256_file(f), "mtime_ns": st.st_mtime_ns,
-                          "ctime_ns": st.st_ctime_ns}
+            files[rel] = {"size": st.st_size, "sha256": hashes[rel] if hashes else sha256_file(f),
+                          "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
         skip = VOLATILE + tuple(volatile)
-        manifest = dict(manifest, files=files,
-                        digest=tree_digest({r: m["sha256"] for r, m in files.items() if not matches(r, skip)}))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        os.chmod(tmp / MANIFEST, 0o444)
+        manifest = dict(manifest, files=files, digest=digest or tree_digest(
+            {r: m["sha256"] for r, m in files.items() if not matches(r, skip)}))
+        staged = tmp.with_name(f"{tmp.name}-entry")  # in .tmp, named by the key: a killed run's is cleaned
+        staged.mkdir()
+        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        os.chmod(staged / MANIFEST, 0o444)
+        os.rename(tmp, staged / OUT)
         final = self.entry(stage_type, key)
         if final.exists():  # --force, or replacing a corrupt entry
             trash = self.root / stage_type / ".tmp" / f"trash-{key}-{uuid.uuid4().hex[:8]}"
             os.rename(final, trash)
-            os.rename(tmp, final)
+            os.rename(staged, final)
             _rmtree(trash)
         else:
-            os.rename(tmp, final)
-        return Hit(final, manifest)
+            os.rename(staged, final)
+        return Hit(final / OUT, manifest)
 
     def discard(self, stage_type: str, key: str) -> None:
         path = self.entry(stage_type, key)
@@ -201,11 +270,24 @@ class Cache:
 
     # ---- listing -----------------------------------------------------------------------------
     def entries(self) -> Iterator[tuple[str, str, Path]]:
+        """(type, key, entry folder) of every entry."""
         if not self.root.is_dir():
             return
         for type_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for entry in sorted(p for p in type_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 yield type_dir.name, entry.name, entry
+
+
+def entry_of(output: Path) -> Path:
+    """The entry folder of an output folder (a run's stage path). Entries made before the manifest
+    moved beside the output are their own output folder."""
+    output = Path(output)
+    return output.parent if output.name == OUT else output
+
+
+def read_manifest(output: Path) -> dict:
+    """The engine's record of an output folder (OSError / ValueError when it is gone or damaged)."""
+    return json.loads((entry_of(output) / MANIFEST).read_text())
 
 
 def _rmtree(path: Path) -> None:
@@ -214,4 +296,3 @@ def _rmtree(path: Path) -> None:
 
 def entry_size(path: Path) -> int:
     return sum((path / rel).stat().st_size for rel in list_files(path))
-

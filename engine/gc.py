@@ -7,22 +7,23 @@ import sys
 from pathlib import Path
 
 from . import runs
-from .cache import Cache, entry_size
+from .cache import Cache, entry_of, entry_size
 
 
 def referenced_entries(runs_root: Path) -> set[str]:
-    """Absolute paths of cache entries named by any run.json (any status) or linked from any run's
-    stages/ folder: a run whose run.json was damaged still keeps its outputs."""
+    """Absolute paths of cache entries (the folder holding out/ and manifest.json) named by any run.json
+    (any status) or linked from any run's stages/ folder: a run whose run.json was damaged still keeps
+    its outputs."""
     keep: set[str] = set()
     for run_dir in runs.iter_runs(runs_root):
         links = run_dir / "stages"
-        keep |= {str(link.resolve()) for link in links.iterdir()} if links.is_dir() else set()
+        keep |= {str(entry_of(link.resolve())) for link in links.iterdir()} if links.is_dir() else set()
         try:
             record = runs.RunRecord.load(run_dir)
         except (OSError, runs.RunFolderError) as e:
             print(f"edgepipe: warning: {e}; keeping the entries its stages/ folder links to", file=sys.stderr)
             continue
-        keep |= {str(Path(rec.path).resolve()) for rec in record.stages.values() if rec.path}
+        keep |= {str(entry_of(Path(rec.path).resolve())) for rec in record.stages.values() if rec.path}
     return keep
 
 

@@ -77,6 +77,9 @@ class Context:
     # a stage reads from it must be keyed by everything that made it, and written atomically.
     # None (engine.testing.run_stage unless given one): keep nothing.
     scratch: Path | None = None
+    # Where each input came from, by input name: {"type", "stage", "key", "digest"} of the upstream
+    # output (what a package records as its sources). Empty under engine.testing.run_stage.
+    sources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def progress(
         self, completed: float | None = None, total: float | None = None, description: str | None = None
@@ -112,6 +115,19 @@ class Stage:
     # downstream stage, e.g. timings or a build log with dates: stored and listed in the manifest, left
     # out of the output digest so a re-run that differs only in them still cuts off downstream stages.
     volatile_outputs: ClassVar[tuple[str, ...]] = ()
+    # Distributions (pip names) whose version shapes the outputs, e.g. ("rknn-toolkit2",): their
+    # installed versions (package metadata, nothing imported) are part of the cache key, so an upgrade
+    # re-runs the stage and `plan` names it (rknn-toolkit2 2.5.0 -> 2.6.0).
+    tools: ClassVar[tuple[str, ...]] = ()
+
+    # Rough peak memory of one run of the stage in MB (resident, the process included): with
+    # `run --jobs N` a stage starts only when it fits --max-memory beside the stages running.
+    peak_memory_mb: ClassVar[int] = 500
+
+    @classmethod
+    def peak_memory(cls, params: Any) -> float:
+        """Peak memory (MB) for these params; override when it depends on them (rknn mmse vs normal)."""
+        return cls.peak_memory_mb
 
     @classmethod
     def check(cls, params: Any) -> Iterable[tuple[str, str]]:

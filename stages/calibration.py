@@ -67,6 +67,7 @@ class Calibration(Stage):
     """Pick ``count`` images of a split, stratified by class, as PNG files plus the list rknn reads."""
 
     name = "calibration"
+    tools = ("pillow",)  # their versions are in the cache key
     version = 1
     inputs = {"data": Input(required=True, doc="dataset output: images_{split}.npy, labels_{split}.npy, labels.txt")}
 

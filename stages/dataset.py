@@ -381,6 +381,7 @@ _COPY_ROWS = 256
 
 class Dataset(Stage):
     name = "dataset"
+    tools = ("pillow",)  # their versions are in the cache key
     version = 1
     sections = {"preprocess": "preprocess"}
     inputs: dict[str, Input] = {}

@@ -17,8 +17,7 @@ overrides it with ``with: {board: rv1103}``. The ``board`` section's limits appl
 same board.
 
 Outputs: ``package/`` (the board's files, README.md and ``manifest.json``) and ``package.zip`` (the
-same files under one folder, deterministic: fixed timestamps). The manifest sits inside package/:
-the engine keeps the output folder's top-level ``manifest.json`` for its cache record.
+same files under one folder, deterministic: fixed timestamps).
 What each board's package holds is written by its profile (boards/<name>.py, ``write_package``).
 """
 
@@ -132,7 +131,7 @@ class Package(Stage):
             "preprocess": spec.to_dict(),
             "labels": labels,
             "accuracy": accuracy,
-            "source": {name: _source(path) for name, path in sorted(inputs.items())},
+            "source": {name: _source(ctx, name) for name in sorted(inputs)},
             "checks": [f.model_dump() for f in findings],
             "notes": pkg.notes,
             "files": files,
@@ -156,18 +155,10 @@ def _packaged_name(board: str, model_file: Path, files: dict) -> str:
     return model_file.name
 
 
-def _source(path: Path) -> dict[str, Any]:
-    """Where an input came from: stage type, pipeline name, cache key and output digest from the engine's
-    record of that folder (nothing machine-specific: the manifest must not change between machines)."""
-    info: dict[str, Any] = {}
-    record = path / "manifest.json"
-    if record.is_file():
-        try:
-            m = json.loads(record.read_text())
-            info.update({k: m[k] for k in ("type", "stage", "key", "digest") if k in m})
-        except (OSError, ValueError):
-            pass
-    return info
+def _source(ctx, name: str) -> dict[str, Any]:
+    """Where an input came from: stage type, pipeline name, cache key and output digest, as the engine
+    hands them over (ctx.sources; nothing machine-specific: the manifest must not change between machines)."""
+    return {k: v for k, v in ctx.sources.get(name, {}).items() if k in ("type", "stage", "key", "digest")}
 
 
 def _accuracy(eval_dir: Path) -> dict[str, dict[str, Any]]:

@@ -56,6 +56,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 class RknnQuantize(Stage):
     name = "rknn_quantize"
+    tools = ("rknn-toolkit2", "onnx")  # their versions are in the cache key
     config_section = "quantize"
     version = 1
     # rknn-toolkit2 writes a different model.rknn for the same inputs (~9.5k bytes differ between two

@@ -85,7 +85,7 @@ def test_a_plugin_stage_runs_after_a_builtin_one_and_is_cached(user):
     metrics = run["stages"]["balance"]["metrics"]
     assert metrics["classes"] == 10 and 0.05 <= metrics["smallest_share"] < 0.1  # digits: ten classes, ~10% each
     (entry,) = user.entries("class_balance")
-    shares = json.loads((entry / "balance.json").read_text())
+    shares = json.loads((entry / "out" / "balance.json").read_text())
     assert list(shares) == [str(d) for d in range(10)] and abs(sum(shares.values()) - 1.0) < 1e-3
 
     assert user.cli("run", *args).rc == 0

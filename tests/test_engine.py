@@ -47,15 +47,17 @@ def test_run_folder_layout(ws):
     for name, stage in run["stages"].items():
         link = run_dir / "stages" / name
         assert link.resolve() == Path(stage["path"]).resolve()
-        assert (link / "manifest.json").is_file()
+        # the stage owns its output folder; the engine's manifest sits beside it
+        assert link.resolve().name == "out" and not (link / "manifest.json").exists()
+        assert (link.resolve().parent / "manifest.json").is_file()
         assert stage["seconds"] >= 0 and len(stage["key"]) == 32
-    manifest = json.loads((run_dir / "stages" / "scale" / "manifest.json").read_text())
+    manifest = json.loads(((run_dir / "stages" / "scale").resolve().parent / "manifest.json").read_text())
     assert manifest["params"] == {"factor": 2, "modulo": None, "sleep": 0.0}
     assert set(manifest["files"]) == {"value.txt", "run.log"}
     assert manifest["libraries"]["python"]
     # cache entries are read-only: a stage or a user cannot edit them by accident
     # (checked by mode bits: the tests run as root, for whom os.access always says writable)
-    for f in (run_dir / "stages" / "scale" / "value.txt", Path(run["stages"]["scale"]["path"]) / "manifest.json"):
+    for f in (run_dir / "stages" / "scale" / "value.txt", Path(run["stages"]["scale"]["path"]).parent / "manifest.json"):
         assert f.stat().st_mode & 0o222 == 0, oct(f.stat().st_mode)
 
 
@@ -297,7 +299,7 @@ def test_waiting_process_takes_over_when_the_lock_holder_is_killed(ws, spawn):
     assert ws.counts()["src"] == 2  # the killed attempt and the second process's own
     assert ws.statuses()["src"] == "ran"
     assert not list((ws.runs / "cache" / "t_source" / ".tmp").iterdir())  # the killed run's temp folder is gone
-    assert (ws.entries("t_source")[0] / "value.txt").read_text() == "3"
+    assert (ws.entries("t_source")[0] / "out" / "value.txt").read_text() == "3"
 
 
 def test_sigkill_mid_stage_leaves_no_entry_and_next_run_completes(ws):
@@ -317,7 +319,7 @@ def test_sigkill_mid_stage_leaves_no_entry_and_next_run_completes(ws):
     assert ws.statuses()["src"] == "ran"
     assert not list((ws.runs / "cache" / "t_source" / ".tmp").iterdir())
     entry = ws.entries("t_source")[0]
-    assert (entry / "value.txt").read_text() == "3" and (entry / "manifest.json").is_file()
+    assert (entry / "out" / "value.txt").read_text() == "3" and (entry / "manifest.json").is_file()
 
 
 def test_sweep_shares_common_stages(ws):
@@ -404,7 +406,7 @@ def test_gc_removes_only_unreferenced_entries(ws):
     after = {p for t in ("t_source", "t_scale", "t_add") for p in ws.entries(t)}
     assert len(before - after) == 3  # scale, quant, total of the deleted run
     kept = json.loads((keep_dir / "run.json").read_text())
-    assert {Path(s["path"]) for s in kept["stages"].values()} == after
+    assert {Path(s["path"]).parent for s in kept["stages"].values()} == after
     ws.reset_counts()
     ws.cli("run")
     assert set(ws.statuses().values()) == {"cached"}
@@ -421,7 +423,7 @@ def test_gc_leaves_an_entry_whose_lock_is_held_alone(ws):
     kept = json.loads(((ws.runs / "latest").resolve() / "run.json").read_text())
     ws.cli("run", "scale.factor=3")
     shutil.rmtree((ws.runs / "latest").resolve())
-    unreferenced = set(ws.entries("t_scale")) - {Path(s["path"]) for s in kept["stages"].values()}
+    unreferenced = set(ws.entries("t_scale")) - {Path(s["path"]).parent for s in kept["stages"].values()}
     assert len(unreferenced) == 2  # scale and quant of the deleted run
     busy, other = sorted(unreferenced)
     cache = Cache(ws.runs / "cache")

@@ -89,6 +89,7 @@ def test_sigkill_during_pnnx_then_gc_then_a_waiter_takes_over(project, spawn):
     st = project.statuses()
     assert st == {"data": "cached", "train": "cached", "onnx": "cached", "ncnn": "ran"}, text
     (entry,) = project.entries("ncnn")
-    assert {"model.ncnn.param", "model.ncnn.bin", "parity.json", "manifest.json"} <= {p.name for p in entry.iterdir()}
-    assert not [p for p in entry.iterdir() if p.name.startswith(".pnnx-")]
+    assert {"model.ncnn.param", "model.ncnn.bin", "parity.json"} <= {p.name for p in (entry / "out").iterdir()}
+    assert (entry / "manifest.json").is_file()
+    assert not [p for p in (entry / "out").iterdir() if p.name.startswith(".pnnx-")]
     assert list((cache / "ncnn" / ".tmp").iterdir()) == []  # the killed holder's temp folder is gone
