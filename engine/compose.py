@@ -24,6 +24,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from . import compose_cache
+
 CONFIG_NAME = "config"
 CONFIG_DIR_ENV = "EDGEPIPE_CONFIG_DIR"
 BUILTIN_PACKAGE = "edgepipe_conf"  # conf/, installed under this name (setup.py)
@@ -192,10 +194,13 @@ class Job:
 
 
 def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
+    user_dir = user_config_dir(config_dir)
+    key = compose_cache.Key(overrides, [d for d in (user_dir, builtin_config_dir()) if d is not None])
+    if (job := compose_cache.load(key)) is not None:  # the same files, overrides, env and versions
+        return job  # without importing Hydra
     from hydra import compose as hydra_compose
     from hydra.core.hydra_config import HydraConfig
 
-    user_dir = user_config_dir(config_dir)
     parsed = parse_overrides(list(overrides))
     with _hydra(user_dir), _composition_errors(parsed, user_dir):
         full = hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
@@ -204,7 +209,9 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
     hydra_cfg = OmegaConf.create(OmegaConf.to_container(full.hydra, resolve=False))
     with open_dict(full):
         del full["hydra"]
-    return Job(list(overrides), full, hydra_cfg, run_dir, sweep_dir, describe_sources(hydra_cfg))
+    job = Job(list(overrides), full, hydra_cfg, run_dir, sweep_dir, describe_sources(hydra_cfg))
+    compose_cache.store(key, job)
+    return job
 
 
 @contextmanager
@@ -264,6 +271,8 @@ def _resolved_dir(full: DictConfig, which: str) -> Path:
 
 
 def is_sweep(overrides: list[str]) -> bool:
+    if compose_cache.composed_as_one_job(overrides):  # spares importing Hydra's parser
+        return False
     return any(o.is_sweep_override() for o in parse_overrides(overrides))
 
 

@@ -1,0 +1,190 @@
+"""Composed configs kept by everything that made them, so an unchanged config is not composed again:
+Hydra's compose (and importing Hydra) is most of a fully cached run's time.
+
+An entry is found by a key of: the overrides, the working folder (hydra.runtime.cwd), the config
+search path's folders with the name, size, mtime, ctime and inode of every .yaml file in them (an
+edited, added or removed file is a new key), the Python and edgepipe code that composes, and the
+modification times of the folders packages are installed in (installing or upgrading Hydra,
+OmegaConf or a Hydra plugin changes them). Values of environment variables the config files name
+(``${oc.env:NAME}``) are kept in the entry and must be equal when it is used. What Hydra resolves
+at compose time only (``${now:}`` in hydra.run.dir) is resolved again on every use; the job config
+keeps its interpolations, as a composed one does. A config whose ``hydra.searchpath`` adds folders
+is not kept (their files are not in the key).
+
+Entries are JSON files under $EDGEPIPE_COMPOSE_CACHE (default ~/.cache/edgepipe/compose, or
+$XDG_CACHE_HOME's); EDGEPIPE_COMPOSE_CACHE=off turns the cache off. A damaged entry is a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import sysconfig
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf, open_dict
+
+from .hashing import scan_files
+
+FORMAT = 1
+ENV = "EDGEPIPE_COMPOSE_CACHE"
+KEEP = 200  # entries; the oldest go first
+_ENV_NAME = re.compile(r"\$\{(?:oc\.)?env:\s*([A-Za-z_][A-Za-z0-9_]*)")
+_CODE = ("compose.py", "compose_cache.py", "__init__.py")  # engine/ files whose code makes the Job
+
+
+def folder() -> Path | None:
+    named = os.environ.get(ENV)
+    if named:
+        return None if named.lower() in ("off", "0", "false", "no") else Path(named).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edgepipe" / "compose"
+
+
+class Key:
+    """What a composition depends on, computed before composing (a file edited while Hydra reads it
+    then makes the next run miss, never hit on a config the edit is not in)."""
+
+    def __init__(self, overrides: list[str], folders: list[Path]) -> None:
+        self.overrides, self.folders = list(overrides), folders
+        self.files = [(str(f), _yaml_stats(f)) for f in folders]
+        here = Path(__file__).parent
+        installed = {p for p in (sysconfig.get_paths().get("purelib"), sysconfig.get_paths().get("platlib")) if p}
+        material = {"format": FORMAT, "overrides": self.overrides, "cwd": os.getcwd(), "files": self.files,
+                    "python": sys.version, "prefix": sys.prefix,
+                    "code": [_stat(here / name) for name in _CODE],
+                    "installed": sorted((p, _stat(Path(p))) for p in installed)}
+        self.digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def _stat(path: Path) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "-"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def _yaml_stats(root: Path) -> list[str]:
+    return [f"{rel}\0{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+            for rel, _, st in scan_files(root) if rel.endswith((".yaml", ".yml"))]
+
+
+def _env_names(folders: list[Path]) -> list[str]:
+    names: set[str] = set()
+    for root in folders:
+        for rel, path, _ in scan_files(root, stat=False):
+            if rel.endswith((".yaml", ".yml")):
+                try:
+                    names.update(_ENV_NAME.findall(Path(path).read_text(encoding="utf-8", errors="replace")))
+                except OSError:
+                    return ["\0unreadable"]  # an env name may hide in it: compare an impossible one
+    return sorted(names)
+
+
+def load(key: Key):
+    """The Job composed earlier for this key, or None."""
+    from .compose import Job, _resolved_dir
+
+    where = folder()
+    if where is None:
+        return None
+    try:
+        entry = json.loads((where / f"{key.digest}.json").read_text(encoding="utf-8"))
+        if entry.get("format") != FORMAT or entry["overrides"] != key.overrides:
+            return None
+        if any(os.environ.get(name) != value for name, value in entry["env"].items()):
+            return None
+        full = OmegaConf.create({**entry["cfg"], "hydra": entry["hydra"]})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    _register_resolvers(entry)
+    run_dir, sweep_dir = _resolved_dir(full, "run"), _resolved_dir(full, "sweep")
+    hydra_cfg = OmegaConf.create(entry["hydra"])
+    with open_dict(full):
+        del full["hydra"]
+    OmegaConf.set_struct(full, entry["struct"])
+    return Job(list(key.overrides), full, hydra_cfg, run_dir, sweep_dir, entry["sources"])
+
+
+def store(key: Key, job) -> None:
+    """Keep job for key; a config that cannot come back equal from JSON is not kept."""
+    where = folder()
+    if where is None or OmegaConf.select(job.hydra_cfg, "searchpath"):
+        return
+    cfg = OmegaConf.to_container(job.cfg, resolve=False)
+    hydra = OmegaConf.to_container(job.hydra_cfg, resolve=False)
+    entry = {"format": FORMAT, "overrides": key.overrides, "cfg": cfg, "hydra": hydra,
+             "struct": bool(OmegaConf.is_struct(job.cfg)), "sources": job.sources,
+             "env": {name: os.environ.get(name) for name in _env_names(key.folders)}}
+    try:
+        text = json.dumps(entry, allow_nan=False)
+        if json.loads(text) != entry:  # e.g. an integer key would come back a string
+            return
+        where.mkdir(parents=True, exist_ok=True)
+        tmp = where / f".{key.digest}.{os.getpid()}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, where / f"{key.digest}.json")
+        marker = _one_job_marker(where, key.overrides)
+        marker.parent.mkdir(exist_ok=True)
+        marker.touch()
+        _prune(where)
+    except (OSError, TypeError, ValueError):  # a read-only home, a value JSON cannot hold: no cache
+        return
+
+
+def _one_job_marker(where: Path, overrides: list[str]) -> Path:
+    return where / "one-job" / hashlib.sha256(json.dumps(list(overrides)).encode()).hexdigest()[:40]
+
+
+def composed_as_one_job(overrides: list[str]) -> bool:
+    """True when these overrides were composed as one job before: whether an override list is a sweep
+    is its syntax alone, so the answer holds for any config."""
+    where = folder()
+    return where is not None and _one_job_marker(where, overrides).is_file()
+
+
+def _prune(where: Path) -> None:
+    entries = sorted(where.glob("*.json"), key=lambda p: _mtime(p))
+    for old in entries[: max(0, len(entries) - KEEP)]:
+        old.unlink(missing_ok=True)
+    markers = sorted((where / "one-job").iterdir(), key=_mtime)
+    for old in markers[: max(0, len(markers) - KEEP)]:
+        old.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+_current: dict = {}
+
+
+def _hydra_node(path: str):
+    """${hydra:path} of the job last taken from the cache (Hydra's resolver reads HydraConfig, which
+    only a composition in this process sets)."""
+    if "full" not in _current:
+        entry = _current["entry"]
+        _current["full"] = OmegaConf.create({**entry["cfg"], "hydra": entry["hydra"]})
+    return OmegaConf.select(_current["full"].hydra, path)
+
+
+def _register_resolvers(entry: dict) -> None:
+    """The resolvers Hydra registers when it composes (hydra.core.utils.setup_globals), for a job that
+    was not composed in this process. A later composition by Hydra registers Hydra's again."""
+    _current.clear()
+    _current["entry"] = entry
+    OmegaConf.register_new_resolver("hydra", _hydra_node, replace=True)
+    if not OmegaConf.has_resolver("now"):
+        OmegaConf.register_new_resolver("now", lambda pattern: datetime.now().strftime(pattern), use_cache=True)
+    if not OmegaConf.has_resolver("python_version"):
+        levels = {"major": f"{sys.version_info[0]}", "minor": "{0}.{1}".format(*sys.version_info),
+                  "micro": "{0}.{1}.{2}".format(*sys.version_info)}
+        OmegaConf.register_new_resolver("python_version", lambda level="minor": levels.get(level))

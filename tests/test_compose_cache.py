@@ -1,0 +1,128 @@
+"""engine.compose_cache: a config composed before comes back from the cache, equal to what Hydra
+composes, and never stale: an edited or added config file, another override, another value of an
+environment variable a config names, a damaged entry all compose again (real Hydra, real conf/)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from omegaconf import OmegaConf
+
+from engine import compose, compose_cache
+
+EXPERIMENT = """\
+# @package _global_
+defaults:
+  - quickstart
+  - _self_
+name: mine
+train:
+  epochs: {epochs}
+note: ${{oc.env:EDGEPIPE_TEST_NOTE,none}}
+choice: ${{hydra:runtime.choices.model}}
+"""
+
+
+@pytest.fixture
+def conf(tmp_path, monkeypatch):
+    """A user's conf/ with one experiment, and an empty compose cache of its own."""
+    monkeypatch.setenv(compose_cache.ENV, str(tmp_path / "compose-cache"))
+    monkeypatch.delenv("EDGEPIPE_TEST_NOTE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text(EXPERIMENT.format(epochs=3))
+    return tmp_path / "conf"
+
+
+def _hits(monkeypatch) -> list[bool]:
+    """Whether each compose came from the cache."""
+    seen, real = [], compose_cache.load
+    monkeypatch.setattr(compose_cache, "load", lambda key: seen.append(bool(job := real(key))) or job)
+    return seen
+
+
+def _compose(*overrides: str):
+    job = compose.compose(list(overrides))
+    return OmegaConf.to_container(job.cfg, resolve=True), job
+
+
+def test_a_cached_config_equals_a_composed_one(conf, monkeypatch):
+    hits = _hits(monkeypatch)
+    first, job1 = _compose("+experiment=mine", "train.lr=0.5")
+    again, job2 = _compose("+experiment=mine", "train.lr=0.5")
+    assert hits == [False, True]
+    assert again == first and first["train"]["epochs"] == 3 and first["choice"] == "resnet18"
+    assert OmegaConf.to_container(job2.hydra_cfg) == OmegaConf.to_container(job1.hydra_cfg)
+    assert job2.sources == job1.sources and job2.overrides == job1.overrides
+    assert OmegaConf.is_struct(job2.cfg) == OmegaConf.is_struct(job1.cfg)
+    assert job2.run_dir.parent.parent == job1.run_dir.parent.parent  # ${now:...} resolved again, same root
+    assert not compose.is_sweep(["+experiment=mine", "train.lr=0.5"])
+    assert compose.is_sweep(["+experiment=mine", "train.lr=0.5,0.1"])
+
+
+def test_an_edited_config_file_is_composed_again(conf, monkeypatch):
+    hits = _hits(monkeypatch)
+    assert _compose("+experiment=mine")[0]["train"]["epochs"] == 3
+    path = conf / "experiment" / "mine.yaml"
+    st = os.stat(path)
+    path.write_text(EXPERIMENT.format(epochs=7))  # same size; the mtime is put back: ctime still tells
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _compose("+experiment=mine")[0]["train"]["epochs"] == 7
+    assert hits == [False, False]
+
+
+def test_an_added_config_file_is_composed_again(conf, monkeypatch):
+    hits = _hits(monkeypatch)
+    before = _compose("seed=1")[0]
+    (conf / "train").mkdir()
+    # a file named like a built-in one replaces it
+    (conf / "train" / "default.yaml").write_text("epochs: 11\nbatch_size: 5\nlr: 0.1\n")
+    after = _compose("seed=1")[0]
+    assert hits == [False, False]
+    assert before["train"]["batch_size"] != 5 and after["train"]["batch_size"] == 5
+
+
+def test_another_override_is_another_entry(conf, monkeypatch):
+    hits = _hits(monkeypatch)
+    assert _compose("+experiment=mine", "train.epochs=4")[0]["train"]["epochs"] == 4
+    assert _compose("+experiment=mine", "train.epochs=5")[0]["train"]["epochs"] == 5
+    assert _compose("+experiment=mine", "train.epochs=4")[0]["train"]["epochs"] == 4
+    assert hits == [False, False, True]
+
+
+def test_an_environment_variable_a_config_names(conf, monkeypatch):
+    hits = _hits(monkeypatch)
+    assert _compose("+experiment=mine")[0]["note"] == "none"
+    monkeypatch.setenv("EDGEPIPE_TEST_NOTE", "hello")
+    assert _compose("+experiment=mine")[0]["note"] == "hello"
+    assert _compose("+experiment=mine")[0]["note"] == "hello"
+    assert hits == [False, False, True]
+
+
+def test_a_damaged_entry_is_a_miss(conf, monkeypatch):
+    hits = _hits(monkeypatch)
+    first = _compose("+experiment=mine")[0]
+    for entry in (conf.parent / "compose-cache").glob("*.json"):
+        entry.write_text('{"format": 1, "overrides": ["+experiment=mine"], "cfg": [')
+    assert _compose("+experiment=mine")[0] == first
+    assert _compose("+experiment=mine")[0] == first
+    assert hits == [False, False, True]
+
+
+def test_off_composes_every_time(conf, monkeypatch):
+    monkeypatch.setenv(compose_cache.ENV, "off")
+    hits = _hits(monkeypatch)
+    _compose("+experiment=mine")
+    _compose("+experiment=mine")
+    assert hits == [False, False]
+    assert not (conf.parent / "compose-cache").exists()
+
+
+def test_a_config_error_is_not_cached(conf, monkeypatch):
+    with pytest.raises(compose.ComposeError):
+        compose.compose(["+experiment=nosuch"])
+    (conf / "experiment" / "nosuch.yaml").write_text("# @package _global_\nname: found\n")
+    time.sleep(0.01)
+    assert _compose("+experiment=nosuch")[0]["name"] == "found"
