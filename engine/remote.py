@@ -99,7 +99,7 @@ class Remote:
                 fsspec.get_filesystem_class(protocol)
         except ImportError as e:
             raise ConfigError([f"cache.remote: {url} needs a package that is not installed ({_one_line(e)}); "
-                               f"install it into edgepipe's environment (pip install -c constraints.txt ...) "
+                               f"install that package into edgepipe's venv (pip install -c constraints.txt NAME) "
                                f"or use another URL"]) from None
         except ValueError:
             raise ConfigError([f"cache.remote: {url}: fsspec knows no protocol '{protocol}'; use a URL such as "
@@ -211,12 +211,14 @@ class Remote:
 
 
 def push(record: Any, cache: Cache, remote: Remote) -> int:
-    """`edgepipe push`: upload the entries a run used (a RunRecord). Returns the exit status."""
+    """`edgepipe push`: upload the entries a run used (a RunRecord), each once. Returns the exit status."""
     remote.check()
     done = {"uploaded": 0, "already in cache.remote": 0, "skipped": 0}
+    seen: set[tuple[str, str]] = set()  # two stages of a run can share an entry (same type, same key)
     for rec in record.stages.values():
-        if not rec.path or not rec.key or rec.status not in ("ran", "cached"):
+        if not rec.path or not rec.key or rec.status not in ("ran", "cached") or (rec.type, rec.key) in seen:
             continue
+        seen.add((rec.type, rec.key))
         entry = entry_of(Path(rec.path))
         with cache.lock(rec.type, rec.key):  # gc leaves it alone meanwhile
             why = _unpushable(entry)

@@ -23,7 +23,8 @@ from .display import Display, console
 from .runner import Options, Pipeline
 
 
-def _load(run_dir: Path):
+def load_run(run_dir: Path):
+    """A run folder's saved config (runs_root set to the cache it used) and its run.json record."""
     cfg_path = run_dir / ".hydra" / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} an edgepipe run folder?")
@@ -42,7 +43,7 @@ def _load(run_dir: Path):
 
 def reproduce(run_dir: Path, verify: bool = False, tolerance: float = 0.01) -> int:
     run_dir = Path(run_dir)
-    cfg, original = _load(run_dir)
+    cfg, original = load_run(run_dir)
     try:
         pipeline = Pipeline(cfg, Path(original.runs_root))
     except ConfigError as e:  # e.g. a relative dataset.path, read from another folder than the run's
