@@ -63,6 +63,16 @@ def select(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
+def picked_rows(images: np.ndarray, picked: np.ndarray, chunk: int = 256):
+    """(index, uint8 H x W x 3 row) of each picked index, read from the memory-mapped split ``chunk``
+    rows at a time (splits.read_rows), so memory holds a chunk, never the split."""
+    from stages.common.splits import read_rows
+
+    for start in range(0, len(picked), chunk):
+        rows = picked[start : start + chunk]
+        yield from zip(rows.tolist(), read_rows(images, rows))
+
+
 class Calibration(Stage):
     """Pick ``count`` images of a split, stratified by class, as PNG files plus the list rknn reads."""
 
@@ -99,11 +109,11 @@ class Calibration(Stage):
         (out / "images").mkdir()
         files = []
         width = max(4, len(str(len(picked) - 1)))
-        for k, i in enumerate(picked):
+        for k, (i, pixels) in enumerate(picked_rows(images, picked)):
             label = int(labels[i])
             rel = f"images/{k:0{width}d}.png"
             # PNG: lossless, so the pixels are exactly the dataset's preprocessed ones
-            Image.fromarray(np.ascontiguousarray(images[i]), "RGB").save(out / rel, format="PNG", optimize=False)
+            Image.fromarray(pixels, "RGB").save(out / rel, format="PNG", optimize=False)
             files.append({"file": rel, "index": int(i), "label": label,
                           "class": names[label] if 0 <= label < len(names) else str(label)})
             if k % 16 == 0:

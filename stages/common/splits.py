@@ -38,3 +38,17 @@ def load_split(folder: Path, split: str, size: tuple[int, int] | None = None, wh
         raise StageError(f"{what}: {img_file.name} images are {tuple(images.shape[1:3])} (H, W) but the model takes "
                          f"{tuple(size)}: the dataset and the model were made with different preprocess.input_size")
     return images, labels
+
+
+def read_rows(images: np.ndarray, rows) -> np.ndarray:
+    """A copy of some rows (a slice or sorted indices) of a split's memory-mapped array. The map's pages
+    are handed back afterwards (MADV_DONTNEED; they stay in the page cache): pages read through a map
+    count as the process's resident memory until unmapped, so reading a 100,000-image split batch by
+    batch would otherwise grow the process by the whole file."""
+    import mmap
+
+    batch = np.array(images[rows])
+    mapped = getattr(images, "_mmap", None)
+    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)
+    return batch

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.common.preprocess import normalize
-from stages.common.splits import load_split
+from stages.common.splits import load_split, read_rows
 
 
 def seed_for(*parts: int) -> int:
@@ -71,10 +71,11 @@ class ArrayBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, batch):
         idx = np.asarray([i for i, _ in batch], dtype=np.int64)
-        # a sorted fancy-index read is fastest on a memmap; reorder afterwards
+        # a sorted fancy-index read is fastest on a memmap; reorder afterwards. read_rows hands the
+        # map's pages back, so an epoch over a 100,000-image split does not grow the process by it
         order = np.argsort(idx, kind="stable")
         raw = np.empty((len(idx),) + self.images.shape[1:], np.uint8)
-        raw[order] = self.images[idx[order]]
+        raw[order] = read_rows(self.images, idx[order])
         if self.augment is not None:
             seeds = [seed_for(self.seed, epoch, i, 2) for i, epoch in batch]
             raw = augment_batch(raw, self.augment, seeds)
