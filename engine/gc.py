@@ -1,9 +1,11 @@
-"""`edgepipe gc`: remove cache entries that no run refers to."""
+"""`edgepipe gc`: remove cache entries that no run refers to, and scratch files unused for a week."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from . import runs
@@ -54,4 +56,35 @@ def collect(runs_root: Path, dry_run: bool = False) -> int:
                 shutil.rmtree(tmp, ignore_errors=True)
     verb = "would free" if dry_run else "freed"
     print(f"gc: {removed} unreferenced cache entries, {verb} {freed / 1e6:.1f} MB")
+    n_scratch, scratch_bytes = collect_scratch(cache.root / ".scratch", dry_run)
+    print(f"gc: {n_scratch} scratch files unused for {SCRATCH_DAYS} days, {verb} {scratch_bytes / 1e6:.1f} MB")
     return 0
+
+
+SCRATCH_DAYS = 7
+
+
+def collect_scratch(scratch: Path, dry_run: bool = False, days: float = SCRATCH_DAYS) -> tuple[int, int]:
+    """Files of the stages' scratch folder (decoded images kept per file, memoised report figures) not
+    read or written for ``days`` (atime: relatime updates it once a day): they only spare work, and the
+    dataset stage writes one per file it ever decoded, so the folder would grow without end. A stage
+    that finds one removed computes it again. Empty folders left behind go too."""
+    cutoff, removed, freed = time.time() - days * 86400, 0, 0
+    for folder, _, files in os.walk(scratch, topdown=False) if scratch.is_dir() else []:
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                st = os.stat(path)
+                if max(st.st_atime, st.st_mtime) >= cutoff:
+                    continue
+                if not dry_run:
+                    os.unlink(path)
+            except OSError:  # removed by a running stage meanwhile
+                continue
+            removed, freed = removed + 1, freed + st.st_size
+        if not dry_run and folder != str(scratch):
+            try:
+                os.rmdir(folder)  # only when empty
+            except OSError:
+                pass
+    return removed, freed

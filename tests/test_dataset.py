@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -409,3 +410,27 @@ def test_killed_run_leaves_whole_entries(tmp_path):
     m = run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": {"input_size": 32}}, {}, tmp_path / "next",
                   scratch=scratch)
     assert m["decoded"] == 300 - len(entries)
+
+
+def test_gc_removes_decoded_images_unused_for_a_week(tmp_path):
+    """`edgepipe gc` removes kept decoded images not read or written for SCRATCH_DAYS (the scratch folder
+    would otherwise grow with every file ever decoded); the next run decodes just those again."""
+    from engine import gc
+
+    root = make_image_folder(tmp_path / "data", per_class=10, ext="jpg")
+    scratch = tmp_path / "cache" / ".scratch"
+
+    def run(name: str) -> dict:
+        return run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE, "workers": 1}, {},
+                         tmp_path / name, scratch=scratch / "dataset")
+
+    assert run("first")["decoded"] == 30
+    entries = sorted(scratch.glob("dataset/decoded/*/??/*"))
+    old = time.time() - (gc.SCRATCH_DAYS + 1) * 86400
+    for entry in entries[:4]:
+        os.utime(entry, (old, old))
+    assert gc.collect_scratch(scratch, dry_run=True)[0] == 4 and len(list(scratch.glob("dataset/decoded/*/??/*"))) == 30
+    removed, freed = gc.collect_scratch(scratch)
+    assert removed == 4 and freed == 4 * 16 * 16 * 3
+    assert sorted(scratch.glob("dataset/decoded/*/??/*")) == entries[4:]
+    assert run("again")["decoded"] == 4
