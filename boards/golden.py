@@ -38,6 +38,12 @@ SAMPLES = 8
 # (atol, rtol of the expected logits' range): float32 runtimes differ by ~1e-5 between CPUs; an int8
 # NPU may differ from the simulator by a few output quantization steps
 TOLERANCE = {"onnx": (1e-3, 1e-3), "ncnn": (1e-3, 1e-3), "rknn": (0.0, 0.05)}
+# where the expected outputs were measured (manifest selftest.measured_with)
+MEASURED = {
+    "onnx": "onnxruntime {version} (CPUExecutionProvider) on {machine}",
+    "ncnn": "ncnn (float32, the model uploaded to MaixHub) on {machine}",
+    "rknn": "rknn-toolkit2 simulator on x86_64 (int8 outputs, dequantized; rknn_quantize's test_logits.npy)",
+}
 
 
 class GoldenError(ValueError):
@@ -54,43 +60,14 @@ def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = Fals
     if data_dir is None:
         pkg.notes.append("no golden samples for the self-test: wire package's `data` input to the dataset stage")
         return None
-    from stages.common.preprocess import normalize, to_channel_order
-    from stages.common.splits import load_split, split_files
-
-    images, labels = load_split(data_dir, "test", size=(pkg.spec.height, pkg.spec.width))
-    n = min(SAMPLES, len(images))
-    if n == 0:
-        pkg.notes.append("no golden samples for the self-test: the dataset's test split is empty")
+    samples = _golden_samples(pkg, data_dir)
+    if samples is None:
         return None
-    images = np.ascontiguousarray(images[:n])
-    if fmt == "onnx":
-        inputs = normalize(images, pkg.spec)
-        expected = _onnxruntime(pkg.model_file, inputs)
-        import onnxruntime
-
-        measured = f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider) on {platform.machine()}"
-    elif fmt == "ncnn":
-        inputs = normalize(images, pkg.spec)
-        expected = _ncnn(pkg.model_file, pkg.io, inputs)
-        measured = f"ncnn (float32, the model uploaded to MaixHub) on {platform.machine()}"
-    else:
-        inputs = to_channel_order(images, pkg.spec)
-        expected = _simulator_logits(pkg.model_dir, split_files(data_dir, "test")[0], n)
-        if expected is None or len(expected) == 0:
-            pkg.notes.append("no golden samples for the self-test: the rknn_quantize stage ran without its `data` "
-                             "input (no test_logits.npy)")
-            return None
-        n = len(expected)  # quantize.data_limit may have simulated fewer
-        images, inputs = images[:n], inputs[:n]
-        measured = "rknn-toolkit2 simulator on x86_64 (int8 outputs, dequantized; rknn_quantize's test_logits.npy)"
-
+    images, labels, inputs, expected, measured = samples
+    n = len(expected)
     out = pkg.pkg / GOLDEN_DIR
     out.mkdir()
-    from PIL import Image
-
-    names = [f"{GOLDEN_DIR}/image_{i:02d}.png" for i in range(n)]
-    for name, img in zip(names, images):
-        Image.fromarray(img, "RGB").save(pkg.pkg / name)
+    names = _write_images(pkg.pkg, images)
     np.save(out / "input.npy", inputs)
     np.save(out / "expected.npy", expected.astype(np.float32))
     atol, rtol = TOLERANCE[fmt]
@@ -118,33 +95,65 @@ def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = Fals
     }
 
 
-def _onnxruntime(model: Path, inputs: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+def _golden_samples(pkg: PackageContext, data_dir: Path):
+    """(images, labels, runtime inputs, expected outputs, where they were measured) of the first test
+    images, the expected outputs from the packaged model through the backend registry; None (with a
+    note) when there is nothing to take them from."""
+    from stages.common import backends
+    from stages.common.preprocess import normalize, to_channel_order
+    from stages.common.splits import load_split
 
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.stack([np.asarray(sess.run(None, {name: x[None]})[0], np.float32).reshape(-1) for x in inputs])
-
-
-def _ncnn(param: Path, io: dict, inputs: np.ndarray) -> np.ndarray:
-    from stages.common import parity
-
-    net = parity.ncnn_net(param, param.with_name(param.name[: -len(".param")] + ".bin"), threads=1)
-    return np.asarray(parity.ncnn_logits(net, inputs, io["input"], io["output"]), np.float32).reshape(len(inputs), -1)
-
-
-def _simulator_logits(model_dir: Path, images_file: Path, n: int) -> np.ndarray | None:
-    import json
-
-    logits_file = model_dir / "test_logits.npy"
-    if not logits_file.is_file():
+    images, labels = load_split(data_dir, "test", size=(pkg.spec.height, pkg.spec.width))
+    n = min(SAMPLES, len(images))
+    if n == 0:
+        pkg.notes.append("no golden samples for the self-test: the dataset's test split is empty")
         return None
-    build = model_dir / "build.json"
-    sim = json.loads(build.read_text()).get("simulator", {}) if build.is_file() else {}
-    if sim.get("images_test_sha256") and sim["images_test_sha256"] != sha256_file(images_file):
-        raise GoldenError(f"{logits_file} holds the simulator's outputs for another test split than {images_file}; "
-                          f"wire package's `data` to the dataset the rknn_quantize stage simulated")
-    return np.asarray(np.load(logits_file)[:n], np.float32)
+    images = np.ascontiguousarray(images[:n])
+    fmt = pkg.board.model_format
+    backend = backends.by_kind(fmt)
+    if backend.precomputed:  # RKNN: the simulator's outputs, stored by rknn_quantize for this test split
+        if not (pkg.model_dir / backend.logits_file).is_file():
+            pkg.notes.append("no golden samples for the self-test: the rknn_quantize stage ran without its `data` "
+                             f"input (no {backend.logits_file})")
+            return None
+        expected = _stored_logits(backend, pkg, data_dir)[:n]
+        n = len(expected)  # quantize.data_limit may have simulated fewer
+        return images[:n], labels, to_channel_order(images, pkg.spec)[:n], expected, _measured(fmt)
+    inputs = normalize(images, pkg.spec)
+    runner = backends.load(fmt, pkg.model_dir, pkg.io, batch=None)
+    try:
+        expected = np.asarray(runner.logits(inputs), np.float32).reshape(n, -1)
+    finally:
+        runner.close()
+    return images, labels, inputs, expected, _measured(fmt)
+
+
+def _measured(fmt: str) -> str:
+    from importlib import metadata
+
+    return MEASURED[fmt].format(version=metadata.version("onnxruntime"), machine=platform.machine())
+
+
+def _stored_logits(backend, pkg: PackageContext, data_dir: Path) -> np.ndarray:
+    from stages.common.backends import BackendError
+
+    runner = backend(pkg.model_dir, pkg.io)
+    try:
+        runner.check_data(data_dir, "test", pkg.labels)
+    except BackendError as e:
+        raise GoldenError(f"{pkg.model_dir}: {e}; wire package's `data` to the dataset the rknn_quantize stage "
+                          f"simulated") from None
+    return np.asarray(runner.stored_logits(), np.float32)
+
+
+def _write_images(pkg_dir: Path, images: np.ndarray) -> list[str]:
+    """image_NN.png (lossless) of each golden image; their names relative to the package."""
+    from PIL import Image
+
+    names = [f"{GOLDEN_DIR}/image_{i:02d}.png" for i in range(len(images))]
+    for name, img in zip(names, images):
+        Image.fromarray(img, "RGB").save(pkg_dir / name)
+    return names
 
 
 def _write_c_golden(out: Path, inputs: np.ndarray, expected: np.ndarray, top1: list[int], tolerance: float) -> None:

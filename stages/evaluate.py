@@ -4,10 +4,13 @@ Inputs: ``data`` (required) is a ``dataset`` folder; every other input is a back
 input name, whose kind is detected from its folder by the backend registry
 (``stages.common.backends``: PyTorch ``model.pt``, TorchScript, ONNX Runtime, ncnn, and the RKNN
 simulator's stored ``test_logits.npy``; the first registered class that recognises the folder wins).
+An ``rknn_quantize`` folder run with ``quantize.board_eval.device_id`` also holds the board NPU's
+logits: scored as a second row, ``<input>_board`` (kind ``rknn_board``), beside the simulator's.
 
 Each backend gets the test images through its own ``preprocess.json`` with the shared
 ``stages.common.preprocess.normalize`` (uint8 RGB -> float NCHW in its channel order): the code
-training used. Input/output blob names come from its ``io.json``.
+training used. Input/output blob names come from its ``io.json``. The split is read memory-mapped,
+a batch at a time (a 100,000-image split is never in memory at once).
 
 Per backend: top-1, per-class accuracy, confusion matrix (``confusion_<backend>.png``), and against
 the fp32 reference (the first PyTorch backend unless ``evaluate.reference`` names one): top-1
@@ -15,21 +18,20 @@ agreement, max/mean abs logit difference and the top-1 change in points. Quality
 backends agree 100% within ``float_tolerance`` plus ``parity.RTOL`` x the reference logit range, the
 converting stages' rule; quantized ones lose at most ``quant_max_drop``
 points) are checked and printed, not enforced. Outputs: ``metrics.json``, ``eval.md``,
-``predictions.npz``, ``confusion_<backend>.png``.
+``predictions.npz``, ``confusion_<backend>.png``, ``features.npz`` (penultimate-layer features of the
+first PyTorch backend on up to ``features_samples`` seeded test images, float16, with their labels,
+row indices and predictions: what the report's t-SNE draws), ``timing.json`` (not in the digest).
 
-Multi-crop (``evaluate.multicrop.enabled``): the dataset's arrays are already resized (stretched,
-letterboxed or centre-cropped) to the model's input, so crops cannot be cut from them. Multi-crop
-re-reads each test image's original file (``index.csv`` path under ``multicrop.root``, normally
-``dataset.path``), cuts K overlapping windows of the model's aspect ratio along the long side,
-resizes each to the input size, and combines the K predictions by mean probability and by vote
-(a class wins when at least ``vote_threshold`` of the crops agree; otherwise ``negative_class``
-when given, else the mean-probability class, counted as undecided). Not available for datasets
-without files (kind=digits) nor for RKNN backends (their logits come from the build session).
+Multi-crop (``evaluate.multicrop.enabled``; ``stages.common.multicrop``): K overlapping windows of
+each test image's original file, combined by mean probability and by vote (a class wins when at
+least ``vote_threshold`` of the crops agree; otherwise ``negative_class`` when given, else the
+mean-probability class, counted as undecided). RKNN models get theirs from rknn_quantize, which
+reads the same ``evaluate.multicrop`` section and runs the crops through the simulator in its build
+session (``test_crop_logits.npy``). Not available for datasets without files (kind=digits).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import dataclass
@@ -39,32 +41,25 @@ from typing import Annotated, Any, Literal, Mapping
 import numpy as np
 from pydantic import Field, model_validator
 
-from engine.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
+from engine.stage import NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from stages.common import backends
 from stages.common.backends import Backend
 from stages.common.bundle import LABELS, PREPROCESS, check_bundle, read_io, read_labels
+from stages.common.multicrop import MultiCrop, combine_crops, crop_batches, crop_boxes, original_files
+
+__all__ = ["Evaluate", "MultiCrop", "combine_crops", "crop_boxes", "detect_kind"]
 
 # the reference when evaluate.reference is null: the first backend of these kinds
 REFERENCE_KINDS = ("torch", "torchscript", "onnx")
-
-
-class MultiCrop(Params):
-    """``evaluate.multicrop``: K overlapping crops of the original (non-square) test images."""
-
-    enabled: bool = False
-    crops: int = Field(3, ge=2, le=16)
-    # vote: a class wins when at least this share of the crops predicts it
-    vote_threshold: float = Field(0.5, gt=0.0, le=1.0)
-    # vote: the class predicted when no class reaches the threshold (e.g. "background"); null: fall back
-    # to the mean-probability class and count the image as undecided
-    negative_class: str | None = None
-    # the folder index.csv paths are relative to (normally the dataset's `path`)
-    root: Annotated[Path | None, HASH_CONTENT] = None
+# images normalised and run per batch: bounds memory for any split size
+STEP = 256
 
 
 class Evaluate(Stage):
     name = "evaluate"
-    version = 1
+    tools = ("torch", "onnxruntime", "ncnn")  # their versions are in the cache key
+    # 2: features.npz; RKNN multi-crop and board rows
+    version = 2
     extra_inputs = True
     inputs = {"data": Input(required=True, doc="dataset folder; every other input is a backend to score")}
     # Wall times differ on every run: kept apart so that metrics.json (which package reads) is
@@ -84,6 +79,9 @@ class Evaluate(Stage):
         float_tolerance: float = Field(1e-3, gt=0)
         quant_max_drop: float = Field(1.0, ge=0)
         multicrop: MultiCrop = MultiCrop()
+        # features.npz: penultimate-layer features of at most this many images (0: none), drawn with the seed
+        features_samples: int = Field(2000, ge=0)
+        features_seed: int = 0
         # batch size for backends that take one (torch, torchscript, dynamic-batch ONNX)
         batch: Annotated[int, NOT_IN_KEY] = Field(32, ge=1)
         threads: Annotated[int, NOT_IN_KEY] = Field(1, ge=1)
@@ -95,99 +93,66 @@ class Evaluate(Stage):
                                  "paths are relative to (usually dataset.path)")
             return self
 
-    # ------------------------------------------------------------------------------------------------
     def run(self, p: "Evaluate.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
-        from stages.common.preprocess import Preprocess
-
-        from stages.common.splits import load_split
-
-        data = inputs["data"]
-        check_bundle(data, (LABELS,), input="data", hint="expected a dataset folder")
-        classes = read_labels(data)
-        images, labels = load_split(data, p.split, split_key="evaluate.split")
-        n = len(labels) if p.limit is None else min(len(labels), p.limit)
-        if n == 0:
-            raise StageError(f"input data: the {p.split} split is empty")
-        images = np.asarray(images[:n])
-        labels = labels[:n]
-        data_spec = Preprocess.load(data) if (data / "preprocess.json").is_file() else None
-
-        backends = [_detect(name, path, classes, images.shape[1:3], p, data, ctx)
-                    for name, path in inputs.items() if name != "data"]
-        if not backends:
+        split = _read_split(inputs["data"], p)
+        models = [m for name, folder in inputs.items() if name != "data"
+                  for m in _load_backends(name, folder, split, p, ctx)]
+        if not models:
             raise StageError("evaluate has no backend to score: add model folders to its `needs:` "
                              "(e.g. model: train, onnx: onnx, rknn: rknn)")
-        if data_spec is not None:
-            for b in backends:
-                if (b.spec.resize, b.spec.interpolation) != (data_spec.resize, data_spec.interpolation):
-                    ctx.log.warning("backend %s: preprocess resize=%s/%s differs from the dataset's %s/%s; the test "
-                                    "images were resized the dataset's way", b.name, b.spec.resize,
-                                    b.spec.interpolation, data_spec.resize, data_spec.interpolation)
-        ref = _pick_reference(backends, p.reference)
-
-        crops = None
+        ref = _pick_reference(models, p.reference)
+        results = {m.name: _single_crop(m, split, ctx) for m in models}
         if p.multicrop.enabled:
-            crops = _multicrop_images(data, p, data_spec or backends[0].spec, images.shape[1:3], n, ctx)
-
-        # -- run every backend --------------------------------------------------------------------------
-        results: dict[str, dict[str, Any]] = {}
-        for i, b in enumerate(backends):
-            ctx.progress(i, len(backends), f"{b.name} ({b.kind})")
-            t0 = time.perf_counter()
-            logits = b.runner.stored_logits()[:n] if b.runner.precomputed else b.logits(images, ctx)
-            if logits.ndim != 2 or logits.shape[1] != len(classes):
-                raise StageError(f"input {b.name}: the model gives outputs of shape {list(logits.shape)}, expected "
-                                 f"N x {len(classes)} (one logit per class of labels.txt)")
-            r: dict[str, Any] = {"kind": b.kind, "folder": str(b.folder), "logits": logits, "target": b.runner.target,
-                                 "seconds": round(time.perf_counter() - t0, 3), "detail": b.runner.detail}
-            if crops is not None and not b.runner.precomputed:
-                k = crops.shape[1]
-                flat = b.logits(crops.reshape(-1, *crops.shape[2:]), ctx)
-                r["crop_logits"] = flat.reshape(n, k, -1)
-            results[b.name] = r
-        ctx.progress(len(backends), len(backends), "scoring")
-
-        # -- score --------------------------------------------------------------------------------------
-        table = _score(results, labels, classes, ref.name if ref else None, p)
-        for b in backends:
-            if "note" in table[b.name]:
-                ctx.note(table[b.name]["note"])
-
-        for name, r in results.items():
-            _confusion_png(out / f"confusion_{_safe(name)}.png", np.asarray(table[name]["confusion"]), classes,
-                           f"{name} ({r['kind']}): top-1 {table[name]['top1']:.2%} on {table[name]['samples']}")
-        arrays: dict[str, np.ndarray] = {"labels": labels}
-        for name, r in results.items():
-            arrays[f"{name}.logits"] = r["logits"].astype(np.float32)
-            arrays[f"{name}.pred"] = r["logits"].argmax(1).astype(np.int64)
-            if "crop_logits" in r:
-                arrays[f"{name}.crop_logits"] = r["crop_logits"].astype(np.float32)
-                arrays[f"{name}.pred_mean"] = np.asarray(table[name]["multicrop"]["pred_mean"], np.int64)
-                arrays[f"{name}.pred_vote"] = np.asarray(table[name]["multicrop"]["pred_vote"], np.int64)
-        np.savez_compressed(out / "predictions.npz", **arrays)
-
-        report = {
-            "split": p.split, "samples": int(n), "classes": classes,
-            "reference": ref.name if ref else None,
-            "targets": {"float_tolerance": p.float_tolerance, "quant_max_drop_points": p.quant_max_drop},
-            "backends": {name: {k: v for k, v in row.items() if k not in ("note", "seconds")}
-                         for name, row in table.items()},
-        }
-        (out / "timing.json").write_text(json.dumps({name: {"seconds": row["seconds"]} for name, row in table.items()},
-                                                    indent=2) + "\n")
-        for row in report["backends"].values():
-            if "multicrop" in row:
-                row["multicrop"] = {k: v for k, v in row["multicrop"].items() if not k.startswith("pred_")}
-        (out / "metrics.json").write_text(json.dumps(_json_safe(report), indent=2, ensure_ascii=False) + "\n",
-                                          encoding="utf-8")
-        (out / "eval.md").write_text(_markdown(report, p), encoding="utf-8")
+            _add_crop_logits(results, models, split, p, ctx)
+        ctx.progress(len(models), len(models), "scoring")
+        table = _score(results, split.labels, split.classes, ref.name if ref else None, p)
+        for m in models:
+            if "note" in table[m.name]:
+                ctx.note(table[m.name]["note"])
+        report = _report(table, split, ref, p)
+        _write_outputs(out, results, table, report, split, p)
+        _write_features(out, models, ref, results, split, p, ctx)
         return _flat_metrics(report)
+
+
+# -- the split --------------------------------------------------------------------------------------------
+@dataclass
+class _Split:
+    """The scored rows of a dataset split: images stay memory-mapped (read a batch at a time)."""
+
+    name: str
+    folder: Path
+    classes: list[str]
+    images: np.ndarray  # uint8 n x H x W x 3, memory-mapped
+    labels: np.ndarray  # int64 n
+    spec: Any  # the dataset's Preprocess, or None
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return tuple(self.images.shape[1:3])
+
+
+def _read_split(data: Path, p) -> _Split:
+    from stages.common.preprocess import Preprocess
+    from stages.common.splits import load_split
+
+    check_bundle(data, (LABELS,), input="data", hint="expected a dataset folder")
+    images, labels = load_split(data, p.split, split_key="evaluate.split")
+    n = len(labels) if p.limit is None else min(len(labels), p.limit)
+    if n == 0:
+        raise StageError(f"input data: the {p.split} split is empty")
+    spec = Preprocess.load(data) if (data / PREPROCESS).is_file() else None
+    return _Split(p.split, data, read_labels(data), images[:n], labels[:n], spec)
 
 
 # -- backends -------------------------------------------------------------------------------------------
 @dataclass
 class _Backend:
-    """One backend input: its name, its preprocess.json and the loaded backend (stages.common.backends)."""
+    """One scored backend: its row name, its folder's preprocess.json and the loaded backend."""
 
     name: str
     folder: Path
@@ -198,13 +163,14 @@ class _Backend:
     def kind(self) -> str:
         return self.runner.kind
 
-    def logits(self, images: np.ndarray, ctx: Context) -> np.ndarray:
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits of uint8 N x H x W x 3 images (a memory map is read STEP images at a time)."""
         from stages.common.preprocess import normalize
+        from stages.common.splits import read_rows
 
         outs = []
-        step = 256
-        for i in range(0, len(images), step):
-            x = normalize(np.asarray(images[i:i + step]), self.spec)
+        for i in range(0, len(images), STEP):
+            x = normalize(read_rows(images, slice(i, i + STEP)), self.spec)
             outs.append(np.asarray(self.runner.logits(x), dtype=np.float32).reshape(len(x), -1))
         return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
@@ -215,112 +181,95 @@ def detect_kind(folder: Path) -> str | None:
     return cls.kind if cls else None
 
 
-def _detect(name: str, folder: Path, classes: list[str], hw: tuple[int, int], p, data: Path, ctx) -> _Backend:
+def _load_backends(name: str, folder: Path, split: _Split, p, ctx) -> list[_Backend]:
+    """The backend(s) of one input: the class that recognises its folder, and its companions there."""
     from stages.common.preprocess import Preprocess
 
-    cls = backends.recognise(folder)
-    if cls is None:
+    classes = backends.recognise_all(folder)
+    if not classes:
         raise StageError(f"input {name}: {folder} holds no model evaluate can run ({backends.model_files()}; "
                          f"model.rknn needs test_logits.npy beside it)")
     check_bundle(folder, (PREPROCESS,), input=name, hint="every model bundle carries it")
     spec = Preprocess.load(folder)
-    if tuple(spec.input_size) != tuple(hw):
+    if tuple(spec.input_size) != split.hw:
         raise StageError(f"input {name}: the model takes {spec.height}x{spec.width} but the dataset's images are "
-                         f"{hw[0]}x{hw[1]}: they were made with different preprocess.input_size")
-    if (folder / LABELS).is_file():
-        theirs = read_labels(folder)
-        if theirs != classes:
-            raise StageError(f"input {name}: its labels.txt {theirs[:6]} does not match the dataset's {classes[:6]} "
-                             f"(a model trained on other classes or another class order)")
+                         f"{split.hw[0]}x{split.hw[1]}: they were made with different preprocess.input_size")
+    if (folder / LABELS).is_file() and read_labels(folder) != split.classes:
+        raise StageError(f"input {name}: its labels.txt {read_labels(folder)[:6]} does not match the dataset's "
+                         f"{split.classes[:6]} (a model trained on other classes or another class order)")
+    if split.spec is not None and (spec.resize, spec.interpolation) != (split.spec.resize, split.spec.interpolation):
+        ctx.log.warning("backend %s: preprocess resize=%s/%s differs from the dataset's %s/%s; the test images were "
+                        "resized the dataset's way", name, spec.resize, spec.interpolation, split.spec.resize,
+                        split.spec.interpolation)
     io = read_io(folder)
-    try:
-        runner = cls(folder, io, threads=p.threads, batch=p.batch)
-        runner.check_data(data, p.split, classes)
-    except backends.BackendError as e:
-        raise StageError(f"input {name}: {e}") from None
-    if runner.precomputed and p.multicrop.enabled:
-        ctx.log.info("backend %s: %s logits are single-crop only (multi-crop needs the build session)",
-                     name, runner.kind)
-    return _Backend(name, folder, spec, runner)
+    loaded = []
+    for cls in classes:
+        try:
+            runner = cls(folder, io, threads=p.threads, batch=p.batch)
+            runner.check_data(split.folder, p.split, split.classes)
+        except backends.BackendError as e:
+            raise StageError(f"input {name}: {e}") from None
+        loaded.append(_Backend(name + cls.suffix, folder, spec, runner))
+    return loaded
 
 
-def _pick_reference(backends: list[_Backend], wanted: str | None) -> _Backend | None:
+def _pick_reference(models: list[_Backend], wanted: str | None) -> _Backend | None:
     if wanted is not None:
-        for b in backends:
+        for b in models:
             if b.name == wanted:
                 return b
         raise StageError(f"evaluate.reference={wanted!r} is not one of the backend inputs "
-                         f"{[b.name for b in backends]}")
+                         f"{[b.name for b in models]}")
     for kind in REFERENCE_KINDS:
-        for b in backends:
+        for b in models:
             if b.kind == kind:
                 return b
     return None
 
 
+def _single_crop(m: _Backend, split: _Split, ctx) -> dict[str, Any]:
+    """The backend's logits on the split's arrays (stored ones for precomputed backends), checked."""
+    ctx.progress(None, None, f"{m.name} ({m.kind})")
+    t0 = time.perf_counter()
+    logits = m.runner.stored_logits()[:split.n] if m.runner.precomputed else m.logits(split.images)
+    if logits.ndim != 2 or logits.shape[1] != len(split.classes):
+        raise StageError(f"input {m.name}: the model gives outputs of shape {list(logits.shape)}, expected "
+                         f"N x {len(split.classes)} (one logit per class of labels.txt)")
+    return {"kind": m.kind, "folder": str(m.folder), "logits": logits, "target": m.runner.target,
+            "seconds": round(time.perf_counter() - t0, 3), "detail": m.runner.detail}
+
+
 # -- multi-crop -------------------------------------------------------------------------------------------
-def crop_boxes(w: int, h: int, aspect: float, k: int) -> list[tuple[int, int, int, int]]:
-    """K windows (left, top, right, bottom) of width/height ``aspect``, as large as the image allows,
-    evenly spaced along its long side (overlapping when K windows do not fit side by side)."""
-    if w / h >= aspect:
-        ch, cw = h, max(1, min(w, round(h * aspect)))
-        xs = np.linspace(0, w - cw, k).round().astype(int)
-        return [(int(x), 0, int(x) + cw, ch) for x in xs]
-    cw, ch = w, max(1, min(h, round(w / aspect)))
-    ys = np.linspace(0, h - ch, k).round().astype(int)
-    return [(0, int(y), cw, int(y) + ch) for y in ys]
-
-
-def _multicrop_images(data: Path, p, spec, hw, n: int, ctx) -> np.ndarray:
-    """uint8 N x K x H x W x 3 crops of the original files of the first N rows of the split."""
-    from stages.common.preprocess import load_image, resize
-
-    index = data / "index.csv"
-    if not index.is_file():
-        raise StageError(f"evaluate.multicrop needs {index} (the dataset's list of original files)")
-    with open(index, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("split") == p.split]
-    if len(rows) < n:
-        raise StageError(f"{index} lists {len(rows)} {p.split} images, the arrays hold {n}")
-    root = Path(p.multicrop.root)
-    if root.is_file():
-        root = root.parent
-    h, w = hw
+def _add_crop_logits(results: dict, models: list[_Backend], split: _Split, p, ctx) -> None:
+    """results[name]["crop_logits"] (N x K x C) for every backend that has them: computed ones run the
+    crops of each chunk of original files; precomputed ones give what their stage stored."""
     k = p.multicrop.crops
-    crops = np.empty((n, k, h, w, 3), np.uint8)
-    for i, row in enumerate(rows[:n]):
-        path = root / row["path"]
-        if not path.is_file():
-            raise StageError(f"evaluate.multicrop: {path} (index.csv row of {p.split} image {i}) does not exist; "
-                             f"multicrop.root must be the folder index.csv paths are relative to (dataset.path). "
-                             f"Datasets without files (kind=digits) cannot be multi-cropped")
-        img = load_image(path)
-        for j, box in enumerate(crop_boxes(img.width, img.height, w / h, k)):
-            crops[i, j] = resize(img.crop(box), spec)
-        if i % 64 == 0:
-            ctx.progress(i, n, "multi-crop: reading original images" if i == 0 else None)
-    return crops
+    computed = [m for m in models if not m.runner.precomputed]
+    for m in models:
+        if m.runner.precomputed:
+            _stored_crop_logits(results[m.name], m, split, k, ctx)
+    if not computed:
+        return
+    files = original_files(split.folder, split.name, split.n, p.multicrop.root)
+    parts: dict[str, list[np.ndarray]] = {m.name: [] for m in computed}
+    for start, crops in crop_batches(files, k, split.spec or computed[0].spec, split.hw):
+        ctx.progress(start, split.n, "multi-crop: reading original images" if start == 0 else None)
+        for m in computed:
+            parts[m.name].append(m.logits(crops.reshape(-1, *crops.shape[2:])).reshape(len(crops), k, -1))
+    for name, chunks in parts.items():
+        results[name]["crop_logits"] = np.concatenate(chunks)
 
 
-def combine_crops(crop_logits: np.ndarray, threshold: float, negative: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean-probability prediction, vote prediction, undecided mask) from N x K x C crop logits."""
-    z = crop_logits - crop_logits.max(-1, keepdims=True)
-    prob = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-    pred_mean = prob.mean(1).argmax(-1)
-    n, k, c = crop_logits.shape
-    votes = np.zeros((n, c), np.int64)
-    for j in range(k):
-        np.add.at(votes, (np.arange(n), crop_logits[:, j].argmax(-1)), 1)
-    if negative is not None:
-        votes_pos = votes.copy()
-        votes_pos[:, negative] = -1
-        best = votes_pos.argmax(-1)
-        decided = votes_pos[np.arange(n), best] >= threshold * k - 1e-9
-        pred_vote = np.where(decided, best, negative)
-        return pred_mean, pred_vote, np.zeros(n, bool)
-    best = votes.argmax(-1)
-    decided = votes[np.arange(n), best] >= threshold * k - 1e-9
-    return pred_mean, np.where(decided, best, pred_mean), ~decided
+def _stored_crop_logits(result: dict, m: _Backend, split: _Split, k: int, ctx) -> None:
+    stored = m.runner.stored_crop_logits()
+    if stored is None:
+        ctx.note(f"{m.name}: no multi-crop logits in {m.folder} ({m.kind}: its stage computes them; rknn_quantize "
+                 f"does when it reads the same evaluate.multicrop settings with enabled=true)")
+        return
+    if stored.ndim != 3 or stored.shape[1] != k:
+        raise StageError(f"input {m.name}: its test_crop_logits.npy holds {list(stored.shape)[1:2]} crops per image, "
+                         f"evaluate.multicrop.crops={k}: rebuild it with the same evaluate.multicrop settings")
+    result["crop_logits"] = stored[:split.n]
 
 
 # -- scoring ----------------------------------------------------------------------------------------------
@@ -331,67 +280,139 @@ def confusion(labels: np.ndarray, pred: np.ndarray, c: int) -> np.ndarray:
 
 
 def _score(results, labels, classes, ref_name, p) -> dict[str, dict[str, Any]]:
-    from stages.common import parity  # float backends: the converting stages' scale-aware rule
-
-    c = len(classes)
-    table: dict[str, dict[str, Any]] = {}
+    """One row per backend: top-1, per-class accuracy, confusion; against the reference: agreement,
+    logit differences, the top-1 change and the quality target; multi-crop figures."""
     ref = results.get(ref_name) if ref_name else None
+    table: dict[str, dict[str, Any]] = {}
     for name, r in results.items():
-        logits = r["logits"]
-        m = len(logits)
-        y = labels[:m]
-        pred = logits.argmax(1)
-        cm = confusion(y, pred, c)
-        support = cm.sum(1)
-        row: dict[str, Any] = {
-            "kind": r["kind"], "samples": int(m),
-            "top1": float((pred == y).mean()) if m else float("nan"),
-            "per_class": {cls: (float(cm[i, i] / support[i]) if support[i] else None) for i, cls in enumerate(classes)},
-            "confusion": cm.tolist(), "seconds": r["seconds"],
-        }
-        if r.get("detail"):
-            row["detail"] = r["detail"]
+        row = _accuracy_row(r, labels, classes)
         if ref is not None and name != ref_name:
-            k = min(m, len(ref["logits"]))
-            rl, bl = ref["logits"][:k], logits[:k]
-            diff = np.abs(rl.astype(np.float64) - bl.astype(np.float64))
-            ref_top1 = float((rl.argmax(1) == labels[:k]).mean())
-            row.update({
-                "agreement": float((rl.argmax(1) == bl.argmax(1)).mean()),
-                "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-                "reference_top1": ref_top1,
-                "drop_points": round((ref_top1 - float((bl.argmax(1) == labels[:k]).mean())) * 100, 4),
-            })
-            if r["target"] == "float":
-                allowed = parity.allowed_abs_diff(rl, p.float_tolerance)
-                ok = row["agreement"] == 1.0 and row["max_abs_diff"] <= allowed
-                row["target"] = (f"agreement 100% and max abs diff <= {allowed:.3g} "
-                                 f"({p.float_tolerance:g} + {parity.RTOL:g} x reference logit range)")
-            elif r["target"] == "quantized":
-                ok = row["drop_points"] <= p.quant_max_drop
-                row["target"] = f"top-1 drop <= {p.quant_max_drop:g} points"
-            else:
-                ok = None
-            row["target_met"] = ok
-            if ok is False:
-                row["note"] = (f"{name}: misses its target ({row['target']}): agreement {row['agreement']:.2%}, "
-                               f"max abs diff {row['max_abs_diff']:.3g}, drop {row['drop_points']:.2f} points")
+            row.update(_versus_reference(name, r, ref["logits"], labels, p))
         if "crop_logits" in r:
-            neg = None
-            if p.multicrop.negative_class is not None:
-                if p.multicrop.negative_class not in classes:
-                    raise StageError(f"evaluate.multicrop.negative_class={p.multicrop.negative_class!r} is not a class "
-                                     f"({classes})")
-                neg = classes.index(p.multicrop.negative_class)
-            pm, pv, undecided = combine_crops(r["crop_logits"], p.multicrop.vote_threshold, neg)
-            row["multicrop"] = {
-                "crops": int(r["crop_logits"].shape[1]),
-                "top1_mean": float((pm == labels[:m]).mean()), "top1_vote": float((pv == labels[:m]).mean()),
-                "undecided": int(undecided.sum()), "vote_threshold": p.multicrop.vote_threshold,
-                "pred_mean": pm.tolist(), "pred_vote": pv.tolist(),
-            }
+            row["multicrop"] = _multicrop_row(r["crop_logits"], labels, classes, p)
         table[name] = row
     return table
+
+
+def _accuracy_row(r: dict, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    logits = r["logits"]
+    m = len(logits)
+    y = labels[:m]
+    pred = logits.argmax(1)
+    cm = confusion(y, pred, len(classes))
+    support = cm.sum(1)
+    row: dict[str, Any] = {
+        "kind": r["kind"], "samples": int(m),
+        "top1": float((pred == y).mean()) if m else float("nan"),
+        "per_class": {cls: (float(cm[i, i] / support[i]) if support[i] else None) for i, cls in enumerate(classes)},
+        "confusion": cm.tolist(), "seconds": r["seconds"],
+    }
+    if r.get("detail"):
+        row["detail"] = r["detail"]
+    return row
+
+
+def _versus_reference(name: str, r: dict, ref_logits: np.ndarray, labels: np.ndarray, p) -> dict[str, Any]:
+    from stages.common import parity  # float backends: the converting stages' scale-aware rule
+
+    k = min(len(r["logits"]), len(ref_logits))
+    rl, bl = ref_logits[:k], r["logits"][:k]
+    diff = np.abs(rl.astype(np.float64) - bl.astype(np.float64))
+    ref_top1 = float((rl.argmax(1) == labels[:k]).mean())
+    row: dict[str, Any] = {
+        "agreement": float((rl.argmax(1) == bl.argmax(1)).mean()),
+        "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+        "reference_top1": ref_top1,
+        "drop_points": round((ref_top1 - float((bl.argmax(1) == labels[:k]).mean())) * 100, 4),
+    }
+    ok = None
+    if r["target"] == "float":
+        allowed = parity.allowed_abs_diff(rl, p.float_tolerance)
+        ok = row["agreement"] == 1.0 and row["max_abs_diff"] <= allowed
+        row["target"] = (f"agreement 100% and max abs diff <= {allowed:.3g} "
+                         f"({p.float_tolerance:g} + {parity.RTOL:g} x reference logit range)")
+    elif r["target"] == "quantized":
+        ok = row["drop_points"] <= p.quant_max_drop
+        row["target"] = f"top-1 drop <= {p.quant_max_drop:g} points"
+    row["target_met"] = ok
+    if ok is False:
+        row["note"] = (f"{name}: misses its target ({row['target']}): agreement {row['agreement']:.2%}, "
+                       f"max abs diff {row['max_abs_diff']:.3g}, drop {row['drop_points']:.2f} points")
+    return row
+
+
+def _multicrop_row(crop_logits: np.ndarray, labels: np.ndarray, classes: list[str], p) -> dict[str, Any]:
+    mc = p.multicrop
+    neg = None
+    if mc.negative_class is not None:
+        if mc.negative_class not in classes:
+            raise StageError(f"evaluate.multicrop.negative_class={mc.negative_class!r} is not a class ({classes})")
+        neg = classes.index(mc.negative_class)
+    pm, pv, undecided = combine_crops(crop_logits, mc.vote_threshold, neg)
+    y = labels[:len(crop_logits)]
+    return {
+        "crops": int(crop_logits.shape[1]), "samples": int(len(crop_logits)),
+        "top1_mean": float((pm == y).mean()), "top1_vote": float((pv == y).mean()),
+        "undecided": int(undecided.sum()), "vote_threshold": mc.vote_threshold,
+        "pred_mean": pm.tolist(), "pred_vote": pv.tolist(),
+    }
+
+
+def _report(table: dict, split: _Split, ref: _Backend | None, p) -> dict[str, Any]:
+    """metrics.json's content: per-backend rows without notes, timings or per-image predictions."""
+    rows = {name: {k: v for k, v in row.items() if k not in ("note", "seconds")} for name, row in table.items()}
+    for row in rows.values():
+        if "multicrop" in row:
+            row["multicrop"] = {k: v for k, v in row["multicrop"].items() if not k.startswith("pred_")}
+    return {
+        "split": p.split, "samples": int(split.n), "classes": split.classes,
+        "reference": ref.name if ref else None,
+        "targets": {"float_tolerance": p.float_tolerance, "quant_max_drop_points": p.quant_max_drop},
+        "backends": rows,
+    }
+
+
+def _write_outputs(out: Path, results: dict, table: dict, report: dict, split: _Split, p) -> None:
+    """confusion_<backend>.png, predictions.npz, timing.json, metrics.json and eval.md."""
+    for name, r in results.items():
+        _confusion_png(out / f"confusion_{_safe(name)}.png", np.asarray(table[name]["confusion"]), split.classes,
+                       f"{name} ({r['kind']}): top-1 {table[name]['top1']:.2%} on {table[name]['samples']}")
+    arrays: dict[str, np.ndarray] = {"labels": split.labels}
+    for name, r in results.items():
+        arrays[f"{name}.logits"] = r["logits"].astype(np.float32)
+        arrays[f"{name}.pred"] = r["logits"].argmax(1).astype(np.int64)
+        if "crop_logits" in r:
+            arrays[f"{name}.crop_logits"] = r["crop_logits"].astype(np.float32)
+            arrays[f"{name}.pred_mean"] = np.asarray(table[name]["multicrop"]["pred_mean"], np.int64)
+            arrays[f"{name}.pred_vote"] = np.asarray(table[name]["multicrop"]["pred_vote"], np.int64)
+    np.savez_compressed(out / "predictions.npz", **arrays)
+    (out / "timing.json").write_text(json.dumps({name: {"seconds": row["seconds"]} for name, row in table.items()},
+                                                indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(_json_safe(report), indent=2, ensure_ascii=False) + "\n",
+                                      encoding="utf-8")
+    (out / "eval.md").write_text(_markdown(report, p), encoding="utf-8")
+
+
+def _write_features(out: Path, models: list[_Backend], ref: _Backend | None, results: dict, split: _Split, p,
+                    ctx) -> None:
+    """features.npz: penultimate-layer features (float16) of the reference PyTorch backend (else the
+    first one) on at most features_samples test images drawn with features_seed, with their labels,
+    split row indices and predictions. Nothing without a PyTorch backend or with features_samples=0."""
+    torch_models = [m for m in models if m.kind == "torch"]
+    if not torch_models or p.features_samples == 0:
+        return
+    m = ref if ref is not None and ref.kind == "torch" else torch_models[0]
+    rng = np.random.default_rng(p.features_seed)
+    index = np.sort(rng.choice(split.n, size=min(split.n, p.features_samples), replace=False))
+    ctx.progress(None, None, f"features of {len(index)} images ({m.name})")
+    from stages.common.preprocess import normalize
+    from stages.common.splits import read_rows
+
+    feats = [m.runner.features(normalize(read_rows(split.images, index[i:i + STEP]), m.spec)).astype(np.float16)
+             for i in range(0, len(index), STEP)]
+    np.savez_compressed(out / "features.npz", features=np.concatenate(feats), labels=split.labels[index],
+                        index=index.astype(np.int64), pred=results[m.name]["logits"][index].argmax(1).astype(np.int64),
+                        classes=np.asarray(split.classes), backend=np.asarray(m.name))
 
 
 def _flat_metrics(report: dict) -> dict[str, Any]:
@@ -427,17 +448,8 @@ def _markdown(report: dict, p) -> str:
         mad = f"{row['max_abs_diff']:.3g}" if "max_abs_diff" in row else ""
         kind = row["kind"] + (f" ({row['detail']})" if row.get("detail") else "")
         lines.append(f"| {name} | {kind} | {row['samples']} | {row['top1']:.2%} | {drop} | {agree} | {mad} | {tgt} |")
-    mc_rows = [(n, r["multicrop"]) for n, r in report["backends"].items() if "multicrop" in r]
-    if mc_rows:
-        lines += ["", f"## Multi-crop ({mc_rows[0][1]['crops']} crops of the original images)", "",
-                  "| backend | single-crop top-1 | mean-probability top-1 | vote top-1 | undecided |", "|---|---:|---:|---:|---:|"]
-        for n, mc in mc_rows:
-            lines.append(f"| {n} | {report['backends'][n]['top1']:.2%} | {mc['top1_mean']:.2%} | {mc['top1_vote']:.2%} "
-                         f"| {mc['undecided']} |")
-        lines.append("")
-        lines.append(f"Vote: a class wins when at least {p.multicrop.vote_threshold:.0%} of the crops agree"
-                     + (f"; otherwise `{p.multicrop.negative_class}`." if p.multicrop.negative_class
-                        else "; otherwise the mean-probability class (counted as undecided)."))
+    if p.multicrop.enabled:
+        lines += _multicrop_markdown(report, p)
     names = list(report["backends"])
     lines += ["", "## Per-class accuracy", "", "| class | " + " | ".join(names) + " |",
               "|---|" + "---:|" * len(names)]
@@ -452,6 +464,24 @@ def _markdown(report: dict, p) -> str:
         lines.append(f"![{n}](confusion_{_safe(n)}.png)")
     lines.append("")
     return "\n".join(lines)
+
+
+def _multicrop_markdown(report: dict, p) -> list[str]:
+    """The multi-crop table: single-crop beside mean-probability and vote top-1, one row per backend
+    (a backend without crop logits says so)."""
+    lines = ["", f"## Multi-crop ({p.multicrop.crops} crops of the original images)", "",
+             "| backend | single-crop top-1 | mean-probability top-1 | vote top-1 | undecided |",
+             "|---|---:|---:|---:|---:|"]
+    for n, row in report["backends"].items():
+        mc = row.get("multicrop")
+        cells = (f"{mc['top1_mean']:.2%} | {mc['top1_vote']:.2%} | {mc['undecided']}" if mc
+                 else "no crop logits | | ")
+        lines.append(f"| {n} | {row['top1']:.2%} | {cells} |")
+    lines.append("")
+    lines.append(f"Vote: a class wins when at least {p.multicrop.vote_threshold:.0%} of the crops agree"
+                 + (f"; otherwise `{p.multicrop.negative_class}`." if p.multicrop.negative_class
+                    else "; otherwise the mean-probability class (counted as undecided)."))
+    return lines
 
 
 def _confusion_png(path: Path, cm: np.ndarray, classes: list[str], title: str) -> None:

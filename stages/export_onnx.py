@@ -25,6 +25,7 @@ class ExportOnnx(Stage):
     Runtime against PyTorch on sample inputs."""
 
     name = "export_onnx"
+    tools = ("torch", "onnx", "onnxruntime")  # their versions are in the cache key
     config_section = "export"
     version = 1
     inputs = {"model": Input(required=True, doc="model bundle folder: model.pt, preprocess.json, labels.txt")}
@@ -53,7 +54,7 @@ class ExportOnnx(Stage):
             return v
 
     def run(self, params: "ExportOnnx.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
-        from stages.common import parity
+        from stages.common import backends, parity
         from stages.common.bundle import copy_forward
         from stages.common.export import check_channels, load_bundle_folder, write_io
 
@@ -76,17 +77,11 @@ class ExportOnnx(Stage):
         ops = check_onnx(path, params.input_name, params.output_name)
 
         ctx.progress(2, 3, "parity check vs PyTorch")
-        x, kinds = parity.sample_inputs(spec, params.parity_samples, params.seed, channels=shape[1])
-        ref = parity.torch_logits(module, x)
-        batch = len(x) if params.dynamic_batch else None  # a dynamic model also runs the whole batch
-        got = parity.onnx_logits(path, x, params.input_name, batch=batch)
-        result = parity.compare(
-            ref, got, kinds, reference_name="pytorch", candidate_name="onnxruntime", tolerance=params.tolerance,
-            extra={"seed": params.seed, "batch": len(x) if batch else 1},
-        )
-        parity.write_parity(out / "parity.json", result)
-        parity.check(result, "ONNX Runtime vs PyTorch",
-                     hint="Raise export.tolerance only if you accept that difference")
+        batch = params.parity_samples if params.dynamic_batch else None  # a dynamic model runs the whole batch
+        result = parity.check_backends(
+            backends.load("torch", src, batch=None), backends.load("onnx", out, {"input": params.input_name}, batch=batch),
+            spec, params, out, what="ONNX Runtime vs PyTorch", extra={"batch": batch or 1}, channels=shape[1],
+            hint="Raise export.tolerance only if you accept that difference")
 
         write_io(out, params.input_name, params.output_name, shape)
         copy_forward(src, out)

@@ -28,6 +28,7 @@ class ExportTorchScript(Stage):
     """Trace a trained model to TorchScript and check the saved file against the eager model."""
 
     name = "export_torchscript"
+    tools = ("torch",)  # their versions are in the cache key
     config_section = "torchscript"
     version = 1
     inputs = {"model": Input(required=True, doc="model bundle folder: model.pt, preprocess.json, labels.txt")}
@@ -42,7 +43,7 @@ class ExportTorchScript(Stage):
     def run(self, params: "ExportTorchScript.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
         import torch
 
-        from stages.common import parity
+        from stages.common import backends, parity
         from stages.common.bundle import copy_forward
         from stages.common.export import check_channels, load_bundle_folder, write_io
 
@@ -68,20 +69,11 @@ class ExportTorchScript(Stage):
         trace_s = time.perf_counter() - t0
 
         ctx.progress(1, 2, "parity check vs PyTorch")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "torch.jit.load is deprecated" (FutureWarning, torch 2.14)
-            loaded = torch.jit.load(str(path), map_location="cpu").eval()
-        x, kinds = parity.sample_inputs(spec, params.parity_samples, params.seed, channels=shape[1])
-        ref = parity.torch_logits(module, x)
-        # the whole batch at once: a traced classifier must take any batch size
-        got = parity.torch_logits(loaded, x, batch=len(x))
-        result = parity.compare(
-            ref, got, kinds, reference_name="pytorch", candidate_name="torchscript", tolerance=params.tolerance,
-            extra={"seed": params.seed, "batch": len(x)},
-        )
-        parity.write_parity(out / "parity.json", result)
-        parity.check(result, "TorchScript vs PyTorch",
-                     hint="Raise torchscript.tolerance only if you accept that difference")
+        # the saved file runs the whole batch at once: a traced classifier must take any batch size
+        result = parity.check_backends(
+            backends.load("torch", src, batch=None), backends.load("torchscript", out, batch=params.parity_samples),
+            spec, params, out, what="TorchScript vs PyTorch", extra={"batch": params.parity_samples},
+            channels=shape[1], hint="Raise torchscript.tolerance only if you accept that difference")
 
         write_io(out, "input0", "output0", shape)
         copy_forward(src, out)

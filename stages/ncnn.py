@@ -105,6 +105,7 @@ class NcnnConvert(Stage):
     """Convert an ONNX model to ncnn with pnnx; patch the Input shape; verify against ONNX Runtime."""
 
     name = "ncnn"
+    tools = ("pnnx", "ncnn", "torch")  # their versions are in the cache key
     version = 1
     inputs = {"onnx": Input(required=True, doc="export_onnx output: model.onnx, io.json, preprocess.json, labels.txt")}
 
@@ -135,47 +136,19 @@ class NcnnConvert(Stage):
         if len(shape) != 4:
             raise StageError(f"{src / 'io.json'}: input_shape {shape} is not [1, C, H, W]")
         shape[0] = 1
-        _, c, h, w = shape
+        c = shape[1]
         spec = Preprocess.load(src)
 
         ctx.progress(0, 3, "pnnx: converting")
-        log = out / "pnnx.log"
         t0 = time.perf_counter()
-        param_text, bin_path, scratch = run_pnnx(src / "model.onnx", shape, params, log)
+        param_text, ins, outs = _convert(src / "model.onnx", shape, params, out)
         convert_s = time.perf_counter() - t0
-        try:
-            check_layers(param_text, log)
-            ins, outs = param_io(param_text)
-            if len(ins) != 1 or len(outs) != 1:
-                raise StageError(f"the ncnn model has inputs {ins} and outputs {outs}; a classifier needs one of each (see {log})")
-            if params.input_shape_in_param:
-                param_text = patch_input_shape(param_text, w, h, c)
-            (out / "model.ncnn.param").write_text(param_text, encoding="utf-8")
-            shutil.copyfile(bin_path, out / "model.ncnn.bin")
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
 
         ctx.progress(1, 3, "parity check: ncnn vs ONNX Runtime")
-        x, kinds = parity.sample_inputs(spec, params.parity_samples, params.seed, channels=c)
-        ref = parity.onnx_logits(src / "model.onnx", x, io_in.get("input"))
-        net = parity.ncnn_net(out / "model.ncnn.param", out / "model.ncnn.bin")
-        try:
-            got = parity.ncnn_logits(net, x, ins[0], outs[0])
-        finally:
-            net.clear()
-        result = parity.compare(
-            ref, got, kinds, reference_name="onnxruntime", candidate_name="ncnn", tolerance=params.tolerance,
-            extra={"seed": params.seed, "fp16_weights": params.fp16},
-        )
-        parity.write_parity(out / "parity.json", result)
-        parity.check(
-            result, "ncnn vs ONNX Runtime",
-            hint=("fp16 weights move logits by ~1e-3: raise ncnn.tolerance or set ncnn.fp16=false" if params.fp16
-                  else "Raise ncnn.tolerance only if you accept that difference"),
-        )
+        io = {"input": ins[0], "output": outs[0], "input_shape": shape}
+        result = _parity(src, io_in, out, io, spec, params, c)
 
         ctx.progress(2, 3, "writing")
-        io = {"input": ins[0], "output": outs[0], "input_shape": shape}
         (out / IO).write_text(json.dumps(io, indent=2) + "\n", encoding="utf-8")
         copy_forward(src, out)
         ctx.progress(3, 3, "done")
@@ -186,6 +159,42 @@ class NcnnConvert(Stage):
             "fp16": params.fp16,
             **parity.metrics(result),
         }
+
+
+def _convert(onnx: Path, shape: list[int], params: "NcnnConvert.Params", out: Path) -> tuple[str, list[str], list[str]]:
+    """pnnx in a scratch folder -> out/model.ncnn.param (Input shape patched) and .bin; (param text, input
+    blobs, output blobs). Everything pnnx prints goes to out/pnnx.log."""
+    log = out / "pnnx.log"
+    _, c, h, w = shape
+    param_text, bin_path, scratch = run_pnnx(onnx, shape, params, log)
+    try:
+        check_layers(param_text, log)
+        ins, outs = param_io(param_text)
+        if len(ins) != 1 or len(outs) != 1:
+            raise StageError(f"the ncnn model has inputs {ins} and outputs {outs}; a classifier needs one of each (see {log})")
+        if params.input_shape_in_param:
+            param_text = patch_input_shape(param_text, w, h, c)
+        (out / "model.ncnn.param").write_text(param_text, encoding="utf-8")
+        shutil.copyfile(bin_path, out / "model.ncnn.bin")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return param_text, ins, outs
+
+
+def _parity(src: Path, io_in: dict, out: Path, io: dict, spec, params: "NcnnConvert.Params", channels: int) -> dict:
+    """ncnn (the files just written) against ONNX Runtime (the input), through the backend registry."""
+    from stages.common import backends, parity
+
+    reference = backends.load("onnx", src, io_in, batch=None)
+    candidate = backends.load("ncnn", out, io)
+    try:
+        return parity.check_backends(
+            reference, candidate, spec, params, out, what="ncnn vs ONNX Runtime", extra={"fp16_weights": params.fp16},
+            channels=channels,
+            hint=("fp16 weights move logits by ~1e-3: raise ncnn.tolerance or set ncnn.fp16=false" if params.fp16
+                  else "Raise ncnn.tolerance only if you accept that difference"))
+    finally:
+        candidate.close()
 
 
 # -- pnnx ----------------------------------------------------------------------------------------------

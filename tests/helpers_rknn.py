@@ -152,9 +152,9 @@ def toy(channel_order: str = "RGB") -> Toy:
 
 def onnx_reference_logits(t: Toy, n: int | None = None) -> np.ndarray:
     """onnxruntime logits of the toy's ONNX model on its test split (the model's own preprocessing)."""
-    from stages.common import parity
+    from stages.common import backends
     from stages.common.preprocess import Preprocess, normalize
 
     spec = Preprocess.load(t.onnx)
     x = normalize(np.load(t.data / "images_test.npy")[:n], spec)
-    return parity.onnx_logits(t.onnx / "model.onnx", x, "input0")
+    return backends.load("onnx", t.onnx, {"input": "input0"}, batch=None).logits(x)

@@ -94,14 +94,14 @@ def test_metrics_agree_with_a_direct_computation(evaluated):
 
 def test_fp32_logits_are_the_training_preprocessing(evaluated):
     """The torch backend's logits are load_model + the shared normalize, nothing else."""
-    from stages.common import parity
+    from stages.common.backends import torch_logits
     from stages.common.models import load_model
     from stages.common.preprocess import Preprocess, normalize
 
     out, _ = evaluated
     t = toy()
     x = normalize(np.load(t.data / "images_test.npy"), Preprocess.load(t.model))
-    direct = parity.torch_logits(load_model(t.model / "model.pt"), x, batch=16)
+    direct = torch_logits(load_model(t.model / "model.pt"), x, batch=16)
     assert np.allclose(np.load(out / "predictions.npz")["model.logits"], direct, atol=1e-5)
 
 
@@ -250,7 +250,7 @@ def test_multicrop_on_original_files(backends, tmp_path):
     # crops of the originals are what the backend saw: recompute crop 0 of image 0 directly
     import csv
 
-    from stages.common import parity
+    from stages.common.backends import torch_logits
     from stages.common.models import load_model
     from stages.common.preprocess import Preprocess, load_image, normalize, resize
 
@@ -258,7 +258,7 @@ def test_multicrop_on_original_files(backends, tmp_path):
     img = load_image(src / rows[0]["path"])
     spec = Preprocess.load(t.model)
     x = normalize(resize(img.crop((0, 0, 32, 32)), spec)[None], spec)
-    direct = parity.torch_logits(load_model(t.model / "model.pt"), x)
+    direct = torch_logits(load_model(t.model / "model.pt"), x)
     assert np.allclose(pred["model.crop_logits"][0, 0], direct[0], atol=1e-4)
 
 
@@ -326,3 +326,100 @@ def test_package_reads_a_real_evaluate_output(evaluated, badly_calibrated, tmp_p
     run_stage("package", {"board": "onnxruntime"}, {"model": t.onnx, "eval": tmp_path / "bad_eval"}, tmp_path / "pkg2")
     bad = json.loads((tmp_path / "pkg2" / "package" / "manifest.json").read_text())["accuracy"]["rknn"]
     assert bad["target_met"] is False and bad["target"] == "top-1 drop <= 1 points"
+
+
+# -- features.npz (the report's t-SNE) and memory -------------------------------------------------------------
+def test_features_are_the_penultimate_layer(evaluated):
+    """features.npz holds the inputs of the classifier's last layer: that layer applied to them gives the
+    model's logits (up to float16 rounding)."""
+    import torch
+
+    from stages.common.models import load_model
+
+    out, _ = evaluated
+    t = toy()
+    f = np.load(out / "features.npz")
+    labels = np.load(t.data / "labels_test.npy")
+    n = len(labels)
+    assert f["features"].dtype == np.float16 and len(f["features"]) == n  # fewer than 2,000: every image
+    assert np.array_equal(f["index"], np.arange(n)) and np.array_equal(f["labels"], labels)
+    assert str(f["backend"]) == "model" and f["classes"].tolist() == CLASSES
+    pred = np.load(out / "predictions.npz")
+    assert np.array_equal(f["pred"], pred["model.pred"])
+    last = [m for m in load_model(t.model / "model.pt").modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]
+    w = last.weight.detach().numpy().reshape(len(CLASSES), -1)
+    logits = f["features"].astype(np.float32) @ w.T + last.bias.detach().numpy()
+    ref = pred["model.logits"]
+    assert np.abs(logits - ref).max() <= 2e-3 * (ref.max() - ref.min())
+
+
+def test_features_are_capped_and_seeded(backends, tmp_path):
+    t = toy()
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        run_stage("evaluate", {"features_samples": 10, "features_seed": seed}, {"data": t.data, "model": backends["model"]},
+                  tmp_path / name)
+        runs[name] = np.load(tmp_path / name / "features.npz")["index"]
+    assert len(runs["a"]) == 10 and np.all(np.diff(runs["a"]) > 0)
+    assert np.array_equal(runs["a"], runs["b"]) and not np.array_equal(runs["a"], runs["c"])
+    run_stage("evaluate", {"features_samples": 0}, {"data": t.data, "model": backends["model"]}, tmp_path / "none")
+    assert not (tmp_path / "none" / "features.npz").exists()
+    run_stage("evaluate", {}, {"data": t.data, "onnx": backends["onnx"]}, tmp_path / "onnx")  # no PyTorch backend
+    assert not (tmp_path / "onnx" / "features.npz").exists()
+
+
+_BIG_SPLIT = r"""
+import json, shutil, sys
+from pathlib import Path
+import numpy as np
+import matplotlib.figure  # imported before the baseline: the confusion PNGs need it whatever the split size
+from engine.testing import run_stage
+from stages.common import backends
+
+class Constant(backends.Backend):
+    kind, model_file, target = "constant", "model.constant.npy", "float"
+    def _load(self):
+        self.vector = np.load(self.folder / self.model_file)
+    def logits(self, x):
+        return np.tile(self.vector, (len(x), 1)).astype(np.float32) + x[:, :1, 0, 0]
+
+backends.register(Constant)
+data, model, out = map(Path, sys.argv[1:4])
+def rss_mb(key):
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 1024
+base = rss_mb("VmRSS")
+run_stage("evaluate", {}, {"data": data, "c": model}, out)
+print(json.dumps({"base": base, "peak": rss_mb("VmHWM")}))
+"""
+
+
+def test_a_100000_image_split_is_read_a_batch_at_a_time(tmp_path):
+    """Issue 11: evaluate reads the split memory-mapped, one batch at a time; 100,000 images (307 MB)
+    grow the process by far less than the file (measured: see the assertion's message)."""
+    import subprocess
+    import sys
+
+    t = toy()
+    data, model = tmp_path / "data", tmp_path / "constant"
+    data.mkdir()
+    model.mkdir()
+    for f in ("preprocess.json", "labels.txt"):
+        shutil.copy(t.data / f, data / f)
+        shutil.copy(t.onnx / f, model / f)
+    n = 100_000
+    images = np.lib.format.open_memmap(data / "images_test.npy", mode="w+", dtype=np.uint8, shape=(n, 32, 32, 3))
+    images[:] = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    images.flush()
+    del images
+    np.save(data / "labels_test.npy", np.arange(n, dtype=np.int64) % len(CLASSES))
+    np.save(model / "model.constant.npy", np.arange(len(CLASSES), dtype=np.float32))
+    file_mb = (data / "images_test.npy").stat().st_size / 2**20
+    res = subprocess.run([sys.executable, "-c", _BIG_SPLIT, str(data), str(model), str(tmp_path / "out")],
+                         capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rss = json.loads(res.stdout.strip().splitlines()[-1])
+    grown = rss["peak"] - rss["base"]
+    print(f"evaluate: {grown:.0f} MB for a {file_mb:.0f} MB split")
+    assert grown < 0.25 * file_mb, f"evaluate grew by {grown:.0f} MB reading a {file_mb:.0f} MB split"
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["samples"] == n

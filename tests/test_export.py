@@ -111,7 +111,7 @@ def test_onnx_outputs_names_and_parity(onnx_out):
 def test_onnx_dynamic_batch_simplified_custom_names(model_dir, tmp_path):
     import onnx
 
-    from stages.common.parity import onnx_session
+    from stages.common.backends import onnx_session
 
     out = tmp_path / "out"
     metrics = run_stage("export_onnx", {"dynamic_batch": True, "simplify": True, "opset": 17,
@@ -129,10 +129,10 @@ def test_onnx_dynamic_batch_simplified_custom_names(model_dir, tmp_path):
 
 
 def test_onnx_parity_failure_says_by_how_much(model_dir, tmp_path, monkeypatch):
-    from stages.common import parity
+    from stages.common.backends import OnnxBackend
 
-    real = parity.onnx_logits
-    monkeypatch.setattr(parity, "onnx_logits", lambda *a, **k: real(*a, **k) + 0.05)
+    real = OnnxBackend.logits
+    monkeypatch.setattr(OnnxBackend, "logits", lambda self, x: real(self, x) + 0.05)
     with pytest.raises(StageError) as e:
         run_stage("export_onnx", {"tolerance": 0.01}, {"model": model_dir}, tmp_path / "out")
     msg = str(e.value)
@@ -197,17 +197,10 @@ def test_torchscript_outputs_and_parity(model_dir, tmp_path):
 
 
 def test_torchscript_parity_failure(model_dir, tmp_path, monkeypatch):
-    from stages.common import parity
+    from stages.common.backends import TorchScriptBackend
 
-    real = parity.torch_logits
-    calls = []
-
-    def shifted(module, x, batch=None):
-        calls.append(batch)
-        y = real(module, x, batch)
-        return y + 1.0 if batch else y  # the loaded file runs batched, the eager reference does not
-
-    monkeypatch.setattr(parity, "torch_logits", shifted)
+    real = TorchScriptBackend.logits
+    monkeypatch.setattr(TorchScriptBackend, "logits", lambda self, x: real(self, x) + 1.0)  # the saved file only
     with pytest.raises(StageError, match=r"TorchScript vs PyTorch: max abs logit difference 1 is 0.999 above the tolerance 0.001"):
         run_stage("export_torchscript", {}, {"model": model_dir}, tmp_path / "out")
 

@@ -104,15 +104,15 @@ def test_ncnn_runtime_matches_onnxruntime_directly(ncnn_fp32, onnx_dir):
     arrays agree with onnxruntime (a freed array would give garbage)."""
     import gc
 
-    from stages.common import parity
+    from stages.common import backends
 
     out, _ = ncnn_fp32
     io = json.loads((out / "io.json").read_text())
     x = np.random.default_rng(1).standard_normal((3, 3, 32, 48)).astype(np.float32)
-    ref = parity.onnx_logits(onnx_dir / "model.onnx", x)
-    net = parity.ncnn_net(out / "model.ncnn.param", out / "model.ncnn.bin")
+    ref = backends.load("onnx", onnx_dir, batch=None).logits(x)
+    ncnn = backends.load("ncnn", out, io)
     for _ in range(2):
-        got = parity.ncnn_logits(net, x.copy(), io["input"], io["output"])
+        got = ncnn.logits(x.copy())
         gc.collect()
         np.testing.assert_allclose(got, ref, atol=1e-4)
 
@@ -128,10 +128,10 @@ def test_ncnn_fp16_weights_smaller_and_less_exact(ncnn_fp32, onnx_dir, tmp_path)
 
 
 def test_ncnn_parity_failure_message(onnx_dir, tmp_path, monkeypatch):
-    from stages.common import parity
+    from stages.common.backends import NcnnBackend
 
-    real = parity.ncnn_logits
-    monkeypatch.setattr(parity, "ncnn_logits", lambda *a, **k: real(*a, **k) - 0.02)
+    real = NcnnBackend.logits
+    monkeypatch.setattr(NcnnBackend, "logits", lambda self, x: real(self, x) - 0.02)
     with pytest.raises(StageError) as e:
         run_stage("ncnn", {"tolerance": 0.005}, {"onnx": onnx_dir}, tmp_path / "out")
     msg = str(e.value)

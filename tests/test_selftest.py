@@ -109,7 +109,7 @@ def test_manifest_records_golden_samples(bundles, tmp_path):
     assert "wire package's `data` input" in (pkg / "README.md").read_text()
     # another dataset than the one rknn_quantize simulated: a one-line error
     other = make_dataset(tmp_path / "other", seed=5)
-    with pytest.raises(StageError, match=r"input data: .*test_logits.npy holds the simulator's outputs for another"):
+    with pytest.raises(StageError, match=r"input data: .*test_logits.npy were computed on another test split"):
         package("rv1103", {"model": bundles["rv1103"], "data": other}, tmp_path / "x")
 
 

@@ -1,15 +1,18 @@
 """Parity checks between two backends of the same model, shared by every converting stage.
 
-Each converting stage (``export_onnx``, ``export_torchscript``, ``ncnn``, and later ``rknn_quantize``
-and ``evaluate``) runs the model it produced and the model it started from on the same inputs and
-records how far apart the logits are, so a conversion is verified, never assumed:
+Each converting stage (``export_onnx``, ``export_torchscript``, ``ncnn``) runs the model it produced
+and the model it started from, both loaded through the backend registry
+(``stages.common.backends``), on the same inputs and records how far apart the logits are, so a
+conversion is verified, never assumed:
 
-    x, kinds = sample_inputs(spec, count=8, seed=0)            # float32 N x 3 x H x W
-    ref = torch_logits(module, x)
-    got = onnx_logits(out / "model.onnx", x)
-    result = compare(ref, got, kinds, reference_name="pytorch", candidate_name="onnxruntime", tolerance=1e-3)
-    write_parity(out / "parity.json", result)
-    check(result, "ONNX Runtime vs PyTorch")                   # StageError above tolerance
+    reference = backends.load("torch", src, batch=None)          # one sample at a time
+    candidate = backends.load("onnx", out, {"input": "input0"})
+    result = check_backends(reference, candidate, spec, params, out, what="ONNX Runtime vs PyTorch",
+                            hint="Raise export.tolerance only if you accept that difference")
+
+``check_backends`` draws the inputs (``sample_inputs``), compares (``compare``), writes
+``parity.json`` and raises StageError above the tolerance (``check``). This module holds only what
+is not a backend: inputs, the comparison and its rule, the report.
 
 Inputs come in two kinds: ``random`` (standard normal in the normalised space, which also exercises
 values outside the range real pixels reach) and ``synthetic`` (image-like uint8 pictures -- smooth
@@ -31,7 +34,6 @@ and ``rule``. Top-1 agreement is recorded as well; it follows from the rule: wit
 ``allowed`` of the reference, the top-1 class can only change on a sample whose two best reference
 logits are within ``2 * allowed`` of each other (a tie at that precision).
 
-Heavy libraries (torch, onnxruntime, ncnn) are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -102,79 +104,6 @@ def sample_inputs(
         raise ValueError(f"synthetic images have {synth.shape[1]} channels, the model takes {channels}")
     x = np.ascontiguousarray(np.concatenate([random, synth]), dtype=np.float32)
     return x, ["random"] * n_random + ["synthetic"] * n_synth
-
-
-# -- backends -----------------------------------------------------------------------------------------
-def torch_logits(module, x: np.ndarray, batch: int | None = None) -> np.ndarray:
-    """Run a torch module (eager or TorchScript) on float32 N x C x H x W; one sample at a time when
-    ``batch`` is None (the shape an exported batch-1 model sees)."""
-    import torch
-
-    step = batch or 1
-    outs = []
-    with torch.inference_mode():
-        for i in range(0, len(x), step):
-            outs.append(module(torch.from_numpy(np.ascontiguousarray(x[i : i + step]))).detach().cpu().numpy())
-    return np.concatenate(outs).astype(np.float32)
-
-
-def onnx_session(path: Union[str, Path], threads: int = 1):
-    """An onnxruntime CPU session with its native warnings silenced (severity >= error only)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-
-
-def onnx_logits(path_or_session, x: np.ndarray, input_name: str | None = None, batch: int | None = None) -> np.ndarray:
-    """Run an ONNX model with onnxruntime; one sample at a time unless ``batch`` is given (a model
-    exported with a dynamic batch takes any)."""
-    sess = path_or_session if hasattr(path_or_session, "run") else onnx_session(path_or_session)
-    name = input_name or sess.get_inputs()[0].name
-    step = batch or 1
-    outs = [sess.run(None, {name: np.ascontiguousarray(x[i : i + step])})[0] for i in range(0, len(x), step)]
-    return np.concatenate(outs).astype(np.float32)
-
-
-def ncnn_net(param: Union[str, Path], bin: Union[str, Path], threads: int = 1):
-    """Load an ncnn model on the CPU, fp32 arithmetic and storage (so the check measures the converted
-    weights and graph, not a runtime's fp16/bf16 choice). Raises StageError if it does not load."""
-    import ncnn
-
-    net = ncnn.Net()
-    net.opt.use_vulkan_compute = False
-    net.opt.num_threads = threads
-    for flag in ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_storage", "use_int8_inference"):
-        if hasattr(net.opt, flag):
-            setattr(net.opt, flag, False)
-    if net.load_param(str(param)) != 0:
-        raise StageError(f"ncnn cannot load {param}")
-    if net.load_model(str(bin)) != 0:
-        raise StageError(f"ncnn cannot load the weights {bin} (does it match {Path(param).name}?)")
-    return net
-
-
-def ncnn_logits(net, x: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
-    """Run an ncnn ``Net`` one sample at a time (ncnn has no batch dimension); returns N x K."""
-    import ncnn
-
-    outs = []
-    for i in range(len(x)):
-        # ncnn.Mat(array) wraps the array's memory without copying: ``arr`` must stay referenced
-        # until extract() has returned, or ncnn reads freed memory and the output is garbage.
-        arr = np.ascontiguousarray(x[i], dtype=np.float32)
-        mat_in = ncnn.Mat(arr)
-        with net.create_extractor() as ex:
-            ex.input(input_name, mat_in)
-            rc, mat_out = ex.extract(output_name)
-            if rc != 0:
-                raise StageError(f"ncnn failed to compute blob {output_name!r} from {input_name!r} (code {rc})")
-            outs.append(np.array(mat_out, dtype=np.float32).reshape(-1).copy())
-        del mat_in, arr
-    return np.stack(outs)
 
 
 # -- comparison ---------------------------------------------------------------------------------------
@@ -278,6 +207,19 @@ def check(result: Mapping[str, Any], what: str, report: Union[str, Path, None] =
     if hint:
         msg += f". {hint}"
     raise StageError(msg)
+
+
+def check_backends(reference, candidate, spec, params, out: Path, *, what: str, hint: str = "",
+                   extra: Mapping[str, Any] | None = None, channels: int = 3) -> dict[str, Any]:
+    """Both backends on ``params.parity_samples`` sample inputs (seed ``params.seed``), compared with
+    ``params.tolerance``; writes ``out/parity.json``, raises StageError when it misses (``check``)."""
+    x, kinds = sample_inputs(spec, params.parity_samples, params.seed, channels=channels)
+    result = compare(reference.logits(x), candidate.logits(x), kinds, reference_name=reference.name,
+                     candidate_name=candidate.name, tolerance=params.tolerance,
+                     extra={"seed": params.seed, **(extra or {})})
+    write_parity(Path(out) / "parity.json", result)
+    check(result, what, hint=hint)
+    return result
 
 
 def metrics(result: Mapping[str, Any], prefix: str = "parity_") -> dict[str, Any]:
