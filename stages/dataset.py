@@ -379,6 +379,45 @@ class _Rows:
 _COPY_ROWS = 256
 
 
+# -- outputs ----------------------------------------------------------------------------------------
+def _check_decoded(items: list[_Item], keep: list[int], classes: list[str], skipped, p) -> Counter:
+    """Images per class among those decoded; an error for strict mode's skips or an empty class."""
+    if skipped and p.strict:
+        lines = "; ".join(f"{path}: {why}" for path, why in skipped[:10])
+        more = f" (and {len(skipped) - 10} more)" if len(skipped) > 10 else ""
+        raise StageError(f"{len(skipped)} unreadable image(s) with dataset.strict=true: {lines}{more}")
+    counts = Counter(items[i].label for i in keep)
+    for c, name in enumerate(classes):
+        if counts[c] == 0:
+            n_bad = sum(1 for it in items if it.label == c)
+            hint = f" (all {n_bad} of its files were unreadable)" if n_bad else ""
+            raise StageError(f"class {name!r} has no images{hint} in {p.path or p.kind}; remove it or add images")
+    return counts
+
+
+def _write_arrays(items: list[_Item], by_split: dict[str, list[int]], scratch: "_Rows", out: Path) -> None:
+    for s in SPLITS:
+        idx = by_split[s]
+        scratch.copy_rows(idx, out / f"images_{s}.npy")
+        np.save(out / f"labels_{s}.npy", np.asarray([items[i].label for i in idx], dtype=np.int64))
+    scratch.close()
+
+
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        wr = csv.writer(f)
+        wr.writerow(header)
+        wr.writerows(rows)
+
+
+def _write_class_counts(items: list[_Item], by_split: dict[str, list[int]], classes: list[str], counts: Counter,
+                        out: Path) -> None:
+    per_split = {s: Counter(items[i].label for i in by_split[s]) for s in SPLITS}
+    class_counts = {s: {c: per_split[s][k] for k, c in enumerate(classes)} for s in SPLITS}
+    class_counts["total"] = {c: counts[k] for k, c in enumerate(classes)}
+    (out / "class_counts.json").write_text(json.dumps(class_counts, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 class Dataset(Stage):
     name = "dataset"
     tools = ("pillow",)  # their versions are in the cache key
@@ -477,53 +516,22 @@ class Dataset(Stage):
     def _write(self, items: list[_Item], classes: list[str], scratch: "_Rows", p, out: Path, ctx) -> dict[str, Any]:
         ok, digests, skipped, n_decoded = self._decode(items, p, scratch, ctx)
         keep = [i for i, good in enumerate(ok) if good]
-        if skipped and p.strict:
-            lines = "; ".join(f"{path}: {why}" for path, why in skipped[:10])
-            more = f" (and {len(skipped) - 10} more)" if len(skipped) > 10 else ""
-            raise StageError(f"{len(skipped)} unreadable image(s) with dataset.strict=true: {lines}{more}")
-        counts = Counter(items[i].label for i in keep)
-        for c, name in enumerate(classes):
-            if counts[c] == 0:
-                n_bad = sum(1 for it in items if it.label == c)
-                hint = f" (all {n_bad} of its files were unreadable)" if n_bad else ""
-                raise StageError(f"class {name!r} has no images{hint} in {p.path or p.kind}; remove it or add images")
-
+        counts = _check_decoded(items, keep, classes, skipped, p)
         splits = self._assign(items, keep, classes, p)
         train_labels = {items[i].label for i in keep if splits[i] == "train"}
         for c, name in enumerate(classes):
             if c not in train_labels:
                 raise StageError(f"class {name!r} has no training images; add some or change the split")
-
-        # -- outputs ----------------------------------------------------------------------------
         by_split: dict[str, list[int]] = {s: [i for i in keep if splits[i] == s] for s in SPLITS}
-        for s in SPLITS:
-            idx = by_split[s]
-            scratch.copy_rows(idx, out / f"images_{s}.npy")
-            np.save(out / f"labels_{s}.npy", np.asarray([items[i].label for i in idx], dtype=np.int64))
-        scratch.close()
-        with open(out / "index.csv", "w", newline="", encoding="utf-8") as f:
-            wr = csv.writer(f)
-            wr.writerow(["path", "label", "split"])
-            for s in SPLITS:
-                for i in by_split[s]:
-                    wr.writerow([items[i].path, items[i].label, s])
+        _write_arrays(items, by_split, scratch, out)
+        _write_csv(out / "index.csv", ["path", "label", "split"],
+                   ([items[i].path, items[i].label, s] for s in SPLITS for i in by_split[s]))
         write_labels(out / LABELS, classes)
-        class_counts = {
-            s: {c: sum(1 for i in by_split[s] if items[i].label == k) for k, c in enumerate(classes)} for s in SPLITS
-        }
-        class_counts["total"] = {c: counts[k] for k, c in enumerate(classes)}
-        (out / "class_counts.json").write_text(json.dumps(class_counts, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        with open(out / "skipped.csv", "w", newline="", encoding="utf-8") as f:
-            wr = csv.writer(f)
-            wr.writerow(["path", "reason"])
-            wr.writerows(skipped)
+        _write_class_counts(items, by_split, classes, counts, out)
+        _write_csv(out / "skipped.csv", ["path", "reason"], skipped)
         dups = self._duplicates(items, keep, splits, digests)
-        with open(out / "duplicates.csv", "w", newline="", encoding="utf-8") as f:
-            wr = csv.writer(f)
-            wr.writerow(["sha1", "split", "path"])
-            for digest, rows in dups:
-                for s, path in rows:
-                    wr.writerow([digest, s, path])
+        _write_csv(out / "duplicates.csv", ["sha1", "split", "path"],
+                   ([digest, s, path] for digest, rows in dups for s, path in rows))
         p.preprocess.save(out)
         summary = {
             "kind": p.kind,
