@@ -177,55 +177,63 @@ def _print_info(opts: dict, overrides: list[str]) -> int:
 
 
 def cmd_run(argv: Sequence[str]) -> int:
-    from . import __version__, compose, runs
-    from .display import Display, summary
-    from .runner import Options, Pipeline
+    from .runner import Options
 
     opts, overrides = _split_args(argv)
     if opts.get("info"):
         return _print_info(opts, overrides)
     options = Options(only=opts["only"], force=opts["force"], no_cache=bool(opts.get("no_cache")),
                       keep_going=bool(opts.get("keep_going")))
-    jobs = _compose_jobs(opts, overrides)
-    if opts.get("cfg"):
-        _print_cfg(jobs, opts["cfg"], bool(opts.get("resolve")))
-        return 0
-    # Validate every job before anything is written to runs/.
-    pipelines = [Pipeline(job.cfg, _runs_root(job.cfg)) for job in jobs]
-    for p in pipelines:
-        p.graph.select(options.only)
-        p._forced(options)
-        _check_runs_root(p.runs_root)
-    for job, p in zip(jobs, pipelines):
-        _check_overrides(job, p)
-    _warn_shadowed(jobs[0].overrides, pipelines[0])
-    sweep = bool(opts.get("multirun"))
-    sweep_dir = _make_unique_dir(jobs[0].sweep_dir, "hydra.sweep.dir") if sweep else None
-    failed = 0
-    for num, (job, pipeline) in enumerate(zip(jobs, pipelines)):
-        run_dir = _make_unique_dir(sweep_dir / str(num) if sweep_dir else job.run_dir)
-        if sweep and num == 0:
-            from omegaconf import OmegaConf
+    if opts.get("multirun"):
+        from . import sweep  # Hydra's sweeper and launcher plugins
 
-            OmegaConf.save(OmegaConf.create({"hydra": job.hydra_cfg, **OmegaConf.to_container(job.cfg)}),
-                           run_dir.parent / "multirun.yaml")
-        compose.write_hydra_dir(run_dir, job)
-        _setup_logging(run_dir)
-        record = runs.RunRecord(name=str(job.cfg.name), run_dir=str(run_dir.resolve()),
-                                runs_root=str(pipeline.runs_root.resolve()), overrides=job.overrides,
-                                edgepipe_version=__version__, config_sources=job.sources, cwd=os.getcwd())
-        runs.point_latest(pipeline.runs_root, run_dir)
-        title = f"{record.name}" + (f" [job {num + 1}/{len(jobs)}: {' '.join(job.overrides)}]" if sweep else "")
-        display = Display(title, pipeline.graph.select(options.only))
-        try:
-            pipeline.execute(record, options, display)
-        finally:
-            display.close()
+        return sweep.multirun(opts, overrides, options)
+    (job,) = _compose_jobs(opts, overrides)
+    if opts.get("cfg"):
+        _print_cfg([job], opts["cfg"], bool(opts.get("resolve")))
+        return 0
+    pipeline = validated_pipeline(job, options)  # before anything is written to runs/
+    _warn_shadowed(job.overrides, pipeline)
+    run_dir = _make_unique_dir(job.run_dir)
+    from . import compose
+
+    compose.write_hydra_dir(run_dir, job)
+    record = execute_job(job, pipeline, options, run_dir, title=str(job.cfg.name))
+    return 1 if record.status != "ok" else 0
+
+
+def validated_pipeline(job, options):
+    """The job's pipeline, validated (config, --only/--force names, runs_root, overrides) or a ConfigError."""
+    from .runner import Pipeline
+
+    pipeline = Pipeline(job.cfg, _runs_root(job.cfg))
+    pipeline.graph.select(options.only)
+    pipeline._forced(options)
+    _check_runs_root(pipeline.runs_root)
+    _check_overrides(job, pipeline)
+    return pipeline
+
+
+def execute_job(job, pipeline, options, run_dir: Path, title: str, summary_table: bool = True):
+    """Run one validated job in its folder (its .hydra/ already written): run.json, runs/latest, the
+    progress display and the summary (a job in a parallel launcher's worker leaves its table to the
+    sweep's end). A single run and every sweep job (any launcher) come here."""
+    from . import __version__, runs
+    from .display import Display, summary
+
+    _setup_logging(run_dir)
+    record = runs.RunRecord(name=str(job.cfg.name), run_dir=str(run_dir.resolve()),
+                            runs_root=str(pipeline.runs_root.resolve()), overrides=job.overrides,
+                            edgepipe_version=__version__, config_sources=job.sources, cwd=os.getcwd())
+    runs.point_latest(pipeline.runs_root, run_dir)
+    display = Display(title, pipeline.graph.select(options.only))
+    try:
+        pipeline.execute(record, options, display)
+    finally:
+        display.close()
+    if summary_table:
         summary(record)
-        failed += record.status != "ok"
-    if sweep:
-        print(f"sweep: {len(jobs) - failed}/{len(jobs)} jobs ok in {jobs[0].sweep_dir}")
-    return 1 if failed else 0
+    return record
 
 
 def _check_overrides(job, pipeline) -> None:

@@ -278,7 +278,8 @@ def is_sweep(overrides: list[str]) -> bool:
 
 def expand_sweep(overrides: list[str], config_dir: Path | None = None) -> list[list[str]]:
     """Each job's override list: `hydra.sweeper.params` from the config, then the command line.
-    Grid sweeps only (Hydra's BasicSweeper): a,b / choice() / range() / glob()."""
+    Grid sweeps (Hydra's BasicSweeper): a,b / choice() / range() / glob(); engine/sweep.py runs them
+    on Hydra's launchers, and Optuna searches too."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
@@ -293,8 +294,8 @@ def expand_sweep(overrides: list[str], config_dir: Path | None = None) -> list[l
     for o in parsed:
         if o.is_sweep_override() and not o.is_discrete_sweep():
             raise ComposeError(f"override '{o.input_line}': {o.value_type.name.lower().replace('_sweep', '')}() "
-                               f"needs an optimizing sweeper (Optuna, Nevergrad); edgepipe runs grid sweeps: "
-                               f"a,b,c / choice(a,b) / range(start,stop,step)")
+                               f"needs an optimizing sweeper (add hydra/sweeper=optuna to `run -m`); the grid "
+                               f"sweeper takes a,b,c / choice(a,b) / range(start,stop,step)")
         if o.is_sweep_override() and next(iter(o.sweep_string_iterator()), None) is None:
             raise ComposeError(f"override '{o.input_line}': the sweep has no values")
     batches = BasicSweeper.split_arguments(parsed, None)
@@ -308,5 +309,12 @@ def write_hydra_dir(run_dir: Path, job: Job) -> None:
     OmegaConf.save(job.cfg, d / "config.yaml", resolve=False)
     OmegaConf.save(OmegaConf.create({"hydra": job.hydra_cfg}), d / "hydra.yaml", resolve=False)
     OmegaConf.save(OmegaConf.create(job.overrides), d / "overrides.yaml")
-    # The resolved config too: what every stage actually saw, for reading without Hydra.
-    OmegaConf.save(job.cfg, d / "resolved.yaml", resolve=True)
+    write_resolved(run_dir, job.cfg)
+
+
+def write_resolved(run_dir: Path, cfg: DictConfig) -> None:
+    """.hydra/resolved.yaml: the config resolved, what every stage actually saw, for reading without
+    Hydra (a sweep job's other .hydra/ files are written by Hydra's run_job)."""
+    d = Path(run_dir) / ".hydra"
+    d.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, d / "resolved.yaml", resolve=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -41,6 +41,8 @@ class PipelineSpec(BaseModel):
     stages: dict[str, PipelineEntry]
     # "stage.metric" shown by `edgepipe runs`; default: the first numeric metric of the last stage.
     headline: str | None = None
+    # which way the headline is better: what `run -m hydra/sweeper=optuna` optimises towards
+    headline_direction: Literal["maximize", "minimize"] = "maximize"
 
 
 @dataclass

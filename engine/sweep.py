@@ -1,0 +1,327 @@
+"""`edgepipe run -m`: sweeps on Hydra's own sweeper and launcher plugins.
+
+The sweeper (`hydra/sweeper=basic`, the grid, or `optuna`) draws the jobs, the launcher (`basic`: one
+after another in this process; `joblib`, `submitit_local`, `submitit_slurm`, `ray`: in other
+processes or on a cluster) runs each through Hydra's `run_job`, which composes the job's config, makes
+its folder (hydra.sweep.dir/hydra.sweep.subdir) and writes `.hydra/`. The job function (`Task`) then
+runs the same pipeline code as a single run. Every job reads and writes the one cache under
+runs_root through the per-key locks, so a stage common to several jobs is computed once, whichever
+job gets there first, and a sweep run again after an interruption recomputes only what did not finish.
+
+A grid sweep is expanded and every job validated here, before anything is written to runs/; an
+Optuna trial is only known when drawn, so an invalid one fails that trial (a one-line error) and the
+study goes on. Each job leaves `sweep_job.json` in its folder; `after_sweep` reads them at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .compose import ComposeError
+
+JOB_RESULT = "sweep_job.json"  # what each job leaves in its folder for after_sweep
+OPTUNA_RESULTS = "optimization_results.yaml"  # what the Optuna sweeper writes in the sweep folder
+RAY_HINT = "pip install -e '.[ray]' in edgepipe's checkout (or pip install hydra-ray-launcher)"
+
+
+@dataclass
+class Task:
+    """The job function Hydra's launchers call with each job's config (picklable by reference, so a
+    joblib/submitit/ray worker imports this module and runs the same code)."""
+
+    options: Any  # runner.Options
+    total: int | None  # jobs in the sweep, when known (for the title)
+    threads: int | None  # OpenMP/torch threads per job in a parallel launcher (None: leave alone)
+    in_process: bool  # the basic launcher: this process, the live display when on a terminal
+
+    def __call__(self, cfg: DictConfig) -> float | None:
+        """The job's headline value, or None when it failed or has none: the Optuna sweeper marks
+        that trial failed and goes on (an exception would also make Hydra print a worker dump)."""
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        run_dir, num = Path(hc.runtime.output_dir), int(hc.job.num)
+        overrides = [str(o) for o in hc.overrides.task]
+        if not self.in_process:
+            os.environ["TTY_COMPATIBLE"] = "0"  # plain lines: several workers share one terminal
+            _limit_threads(self.threads)
+        result = {"num": num, "overrides": overrides, "run_dir": str(run_dir.resolve()),
+                  "status": "failed", "headline": None, "error": None}
+        try:
+            result.update(self._run(cfg, hc, run_dir, num, overrides))
+        except Exception as e:  # noqa: BLE001 - every failure is this job's one line, not a worker dump
+            result["error"] = _one_line(e)
+            print(f"edgepipe: {_job_name(result, self.total)} failed: {result['error']}", file=sys.stderr)
+        _write_json(run_dir / JOB_RESULT, result)
+        value = (result["headline"] or {}).get("value") if result["status"] == "ok" else None
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def _run(self, cfg: DictConfig, hc: DictConfig, run_dir: Path, num: int, overrides: list[str]) -> dict:
+        from . import cli, compose
+
+        hydra_cfg = OmegaConf.create(OmegaConf.to_container(hc, resolve=False))
+        job = compose.Job(overrides, cfg, hydra_cfg, run_dir, Path(str(hc.sweep.dir)),
+                          compose.describe_sources(hydra_cfg))
+        pipeline = cli.validated_pipeline(job, self.options)
+        compose.write_resolved(run_dir, cfg)  # Hydra wrote config/hydra/overrides.yaml already
+        from rich.markup import escape
+
+        of = f"/{self.total}" if self.total else ""
+        record = cli.execute_job(job, pipeline, self.options, run_dir, summary_table=self.in_process,
+                                 title=escape(f"{cfg.name} [job {num + 1}{of}: {' '.join(overrides)}]"))
+        failed = [f"{s.name}: {s.error}" for s in record.stages.values() if s.error]
+        return {"status": record.status, "headline": record.headline,
+                "error": failed[0] if failed else None}
+
+
+def _job_name(result: dict, total: int | None = None) -> str:
+    of = f"/{total}" if total else ""
+    return f"job {result.get('num', 0) + 1}{of} ({' '.join(result.get('overrides', []))})"
+
+
+def _one_line(e: Exception) -> str:
+    from .config import ConfigError
+
+    if isinstance(e, ConfigError):
+        return "invalid config: " + "; ".join(e.problems)
+    if isinstance(e, (ComposeError, OSError)):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    first = (str(e).splitlines() or [""])[0]
+    return f"internal error ({type(e).__name__}: {first})"
+
+
+def _limit_threads(threads: int | None) -> None:
+    """cores / parallel jobs OpenMP and torch threads: two torch processes each spinning every core
+    slow each other down tenfold. A thread count the user set in the environment wins."""
+    if not threads or "OMP_NUM_THREADS" in os.environ:
+        return
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if "torch" in sys.modules:  # a reused worker process that imported torch for an earlier job
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- parent
+def multirun(opts: dict, overrides: list[str], options) -> int:
+    """`edgepipe run -m OVERRIDES`: validate, then sweep on the chosen Hydra sweeper and launcher."""
+    from . import compose
+
+    cdir = Path(opts["config_dir"]) if opts.get("config_dir") else None
+    parsed = compose.parse_overrides(list(overrides))
+    _check_ray(parsed)
+    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    base = compose.compose(plain, cdir)
+    sweeper = str(base.hydra_cfg.runtime.choices.get("hydra/sweeper", "basic"))
+    launcher = str(base.hydra_cfg.runtime.choices.get("hydra/launcher", "basic"))
+    grid = sweeper == "basic"
+    if grid:
+        jobs = [compose.compose(ov, cdir) for ov in compose.expand_sweep(overrides, cdir)]
+    else:
+        _check_search_space(parsed, base, sweeper)
+        jobs = [base]
+    if opts.get("cfg"):
+        from .cli import _print_cfg
+
+        _print_cfg(jobs, opts["cfg"], bool(opts.get("resolve")))
+        return 0
+    from .cli import _make_unique_dir, _warn_shadowed, validated_pipeline
+
+    # Validate every job before anything is written to runs/ (an Optuna trial: the base config).
+    pipelines = [validated_pipeline(job, options) for job in jobs]
+    _warn_shadowed(jobs[0].overrides, pipelines[0])
+    sweep_dir = _make_unique_dir(base.sweep_dir, "hydra.sweep.dir")
+    hydra_overrides = _hydra_overrides(parsed, base, sweep_dir, pipelines[0], sweeper)
+    total = len(jobs) if grid else _n_trials(base, parsed)
+    task = Task(options=options, total=total, in_process=launcher == "basic",
+                threads=_threads_per_job(base.hydra_cfg, launcher, sweeper, len(jobs)))
+    error = _launch(list(overrides) + hydra_overrides, cdir, task, sweeper)
+    return after_sweep(sweep_dir, collect_results(sweep_dir), error=error, grid=grid)
+
+
+def _check_ray(parsed: list) -> None:
+    import importlib.util
+
+    for o in parsed:
+        if o.key_or_group == "hydra/launcher" and o.value() == "ray" \
+                and importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None:
+            raise ComposeError(f"{o.input_line}: hydra-ray-launcher is not installed; {RAY_HINT}")
+
+
+def _check_search_space(parsed: list, base, sweeper: str) -> None:
+    """Each sweep override (and hydra.sweeper.params entry) as the Optuna sweeper will read it: one
+    that it cannot turn into a distribution is a one-line error naming it, before anything runs."""
+    if sweeper != "optuna":
+        return
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+
+    from . import compose
+
+    node = OmegaConf.select(base.hydra_cfg, "sweeper.params")
+    params = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else (node or {})
+    for o in compose.parse_overrides([f"{k}={v}" for k, v in params.items()], "hydra.sweeper.params") + parsed:
+        if not o.is_sweep_override():
+            continue
+        if o.is_hydra_override():
+            raise ComposeError(f"override '{o.input_line}': Hydra's own settings cannot be swept")
+        try:
+            create_optuna_distribution_from_override(o)
+        except Exception as e:  # noqa: BLE001 - the plugin raises ValueError, NotImplementedError, ...
+            raise ComposeError(f"override '{o.input_line}': the Optuna sweeper cannot search it "
+                               f"({compose.one_line(str(e)) or type(e).__name__}); use interval(low,high), "
+                               f"tag(log, interval(low,high)), int(interval(a,b)), choice(a,b) or range(a,b)") from None
+
+
+def _given(parsed: list, key: str) -> bool:
+    return any(o.key_or_group == key for o in parsed)
+
+
+def _quoted(path: Path) -> str:
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _hydra_overrides(parsed: list, base, sweep_dir: Path, pipeline, sweeper: str) -> list[str]:
+    """What edgepipe adds to the user's overrides for Hydra: the sweep folder made unique above, no
+    logging set up by Hydra (edgepipe's own goes to each run's edgepipe.log), and for Optuna the
+    experiment's headline direction and failed trials that do not stop the study (unless given)."""
+    extra = [f"hydra.sweep.dir={_quoted(sweep_dir)}"]
+    choices = base.hydra_cfg.runtime.choices
+    for group in ("hydra/job_logging", "hydra/hydra_logging"):
+        if not _given(parsed, group) and choices.get(group) == "default":
+            extra.append(f"{group}=none")
+    if sweeper == "optuna":
+        if not _given(parsed, "hydra.sweeper.direction"):
+            extra.append(f"hydra.sweeper.direction={pipeline.spec.headline_direction}")
+        if not _given(parsed, "hydra.sweeper.max_failure_rate"):
+            extra.append("hydra.sweeper.max_failure_rate=1.0")
+    return extra
+
+
+def _n_trials(base, parsed: list) -> int | None:
+    value = OmegaConf.select(base.hydra_cfg, "sweeper.n_trials")
+    return int(value) if isinstance(value, int) else None
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _threads_per_job(hydra_cfg: DictConfig, launcher: str, sweeper: str, grid_jobs: int) -> int | None:
+    """cores / jobs running at once on this machine; a cluster job gets its cpus_per_task."""
+    node = hydra_cfg.launcher
+    if launcher == "basic":
+        return None
+    if launcher.startswith("submitit_slurm"):
+        return OmegaConf.select(node, "cpus_per_task", default=None)
+    batch = int(OmegaConf.select(hydra_cfg, "sweeper.n_jobs", default=0) or 0) if sweeper != "basic" else grid_jobs
+    at_once = batch or _cpus()
+    n_jobs = OmegaConf.select(node, "n_jobs", default=None)
+    if isinstance(n_jobs, int):  # joblib: -1 is every core, -2 all but one, ...
+        at_once = min(at_once, n_jobs if n_jobs > 0 else max(1, _cpus() + 1 + n_jobs))
+    per_task = OmegaConf.select(node, "cpus_per_task", default=None)
+    return int(per_task) if per_task else max(1, _cpus() // max(1, at_once))
+
+
+def _launch(overrides: list[str], cdir: Path | None, task: Task, sweeper: str) -> str | None:
+    """Compose the sweep's config as Hydra's multirun does and hand it to the sweeper plugin, which
+    instantiates the launcher. Returns a one-line error when the sweep as a whole stopped."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.plugins import Plugins
+    from hydra.types import HydraContext, RunMode
+
+    from . import compose
+
+    user_dir = compose.user_config_dir(cdir)
+    parsed = compose.parse_overrides(overrides)
+    with compose._hydra(user_dir):
+        with compose._composition_errors(parsed, user_dir):
+            hydra = GlobalHydra.instance().hydra
+            cfg = hydra.compose_config(compose.CONFIG_NAME, overrides, run_mode=RunMode.MULTIRUN)
+        from hydra._internal.callbacks import Callbacks
+
+        context = HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=Callbacks(cfg))
+        Path(str(cfg.hydra.sweep.dir), "multirun.yaml").parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, Path(str(cfg.hydra.sweep.dir)) / "multirun.yaml")
+        _quiet_plugins()
+        try:
+            sweep = Plugins.instance().instantiate_sweeper(config=cfg, hydra_context=context, task_function=task)
+            sweep.sweep(arguments=[str(o) for o in cfg.hydra.overrides.task])
+        except (KeyboardInterrupt, ComposeError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a launcher or sweeper failure: one line, not a dump
+            first = (str(e).splitlines() or [""])[0]
+            return f"the {sweeper} sweeper stopped: {type(e).__name__}: {first}"
+    return None
+
+
+def _quiet_plugins() -> None:
+    """The plugins' INFO/WARNING lines repeat what the jobs print and after_sweep sums up."""
+    logging.getLogger("hydra_plugins").setLevel(logging.ERROR)
+    logging.getLogger("hydra").setLevel(logging.ERROR)
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:
+        pass
+
+
+def collect_results(sweep_dir: Path) -> list[dict]:
+    """Every job's sweep_job.json under the sweep folder, by job number."""
+    found = []
+    for path in Path(sweep_dir).rglob(JOB_RESULT):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return sorted(found, key=lambda r: r.get("num", 0))
+
+
+def after_sweep(sweep_dir: Path, job_results: list[dict], error: str | None = None, grid: bool = True) -> int:
+    """What runs when a sweep ends: a line per job (its headline, or its one-line error), "sweep: N/M
+    jobs ok", and an Optuna study's best trial (its overrides and value, from the sweeper's
+    optimization_results.yaml in the sweep folder). The exit status: a grid sweep fails when any job
+    failed; an Optuna study when no trial completed."""
+    ok = [r for r in job_results if r.get("status") == "ok"]
+    for r in job_results:
+        h = r.get("headline") or {}
+        what = (f"{h.get('key')} = {_short(h.get('value'))}" if h else "") if r in ok else r.get("error")
+        print(f"  {'ok' if r in ok else 'failed':<6} {_job_name(r, len(job_results))}  {what or ''}")
+    print(f"sweep: {len(ok)}/{len(job_results)} jobs ok in {sweep_dir}")
+    best = best_trial(sweep_dir)
+    if best:
+        params = " ".join(f"{k}={v}" for k, v in best["best_params"].items())
+        print(f"best: {params} -> {_short(best['best_value'])} (in {Path(sweep_dir) / OPTUNA_RESULTS})")
+    if error and (grid or ok):
+        print(f"edgepipe: {error}", file=sys.stderr)
+    elif not grid and not ok:
+        print("edgepipe: no trial completed; each trial's error is above", file=sys.stderr)
+    if grid:
+        return 1 if error or len(ok) < len(job_results) or not job_results else 0
+    return 0 if best else 1
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def best_trial(sweep_dir: Path) -> dict | None:
+    """The Optuna sweeper's optimization_results.yaml ({best_params, best_value}), if it wrote one."""
+    path = Path(sweep_dir) / OPTUNA_RESULTS
+    if not path.is_file():
+        return None
+    data = OmegaConf.to_container(OmegaConf.load(path))
+    return data if isinstance(data, dict) and "best_params" in data else None
