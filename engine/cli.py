@@ -1,6 +1,7 @@
 """The `edgepipe` command.
 
-    edgepipe run [-m] [--only S] [--force S] [--keep-going] [--no-cache] [--cfg job|hydra|all] [--resolve] [OVERRIDE ...]
+    edgepipe run [-m] [--only S] [--force S] [--keep-going] [--no-cache] [--jobs N] [--max-memory SIZE]
+                 [--cfg job|hydra|all] [--resolve] [OVERRIDE ...]
     edgepipe plan [--json] [--only S] [--force S] [--info] [OVERRIDE ...]
     edgepipe dag [--format mermaid|dot] [OVERRIDE ...]
     edgepipe runs [--limit N] [--json]
@@ -31,7 +32,7 @@ from typing import Sequence
 USAGE = __doc__
 
 # Flags of our own on run/plan/dag; everything else on those verbs is a Hydra override.
-_VALUE_FLAGS = {"--only", "--force", "--format", "--cfg", "--config-dir", "-cd"}
+_VALUE_FLAGS = {"--only", "--force", "--format", "--cfg", "--config-dir", "-cd", "--jobs", "-j", "--max-memory"}
 _BOOL_FLAGS = {"--keep-going", "--no-cache", "--json", "-m", "--multirun", "--resolve", "--info"}
 # --cfg as in Hydra apps (`--cfg resolved` is the job config resolved, kept for older scripts)
 _CFG_PARTS = ("job", "hydra", "all", "resolved")
@@ -57,7 +58,7 @@ def _split_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
                 if value is None:
                     raise UsageError(f"{name} needs a value")
             key = name.lstrip("-").replace("-", "_")
-            key = {"cd": "config_dir"}.get(key, key)
+            key = {"cd": "config_dir", "j": "jobs"}.get(key, key)
             if key in ("only", "force"):
                 opts[key] += [v for v in value.split(",") if v]
             else:
@@ -69,6 +70,21 @@ def _split_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
         else:
             overrides.append(arg)
     return opts, overrides
+
+
+def _parallel_options(opts: dict) -> dict:
+    """run's --jobs N (default: min(4, cores)) and --max-memory SIZE (default: 3/4 of the available memory)."""
+    from . import scheduler
+
+    jobs = opts.get("jobs")
+    if jobs is not None and (not jobs.isdigit() or int(jobs) < 1):
+        raise UsageError(f"--jobs {jobs}: give a whole number of stages to run at the same time (1 or more)")
+    size = opts.get("max_memory")
+    try:
+        budget = scheduler.parse_size(size) if size is not None else None
+    except ValueError:
+        raise UsageError(f"--max-memory {size}: give a size such as 8G or 512M") from None
+    return {"jobs": int(jobs) if jobs else scheduler.default_jobs(), "max_memory_mb": budget}
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -183,7 +199,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     if opts.get("info"):
         return _print_info(opts, overrides)
     options = Options(only=opts["only"], force=opts["force"], no_cache=bool(opts.get("no_cache")),
-                      keep_going=bool(opts.get("keep_going")))
+                      keep_going=bool(opts.get("keep_going")), **_parallel_options(opts))
     if opts.get("multirun"):
         from . import sweep  # Hydra's sweeper and launcher plugins
 

@@ -1,8 +1,12 @@
-"""What the user sees in the terminal: a rich progress display while stages run (one line per
-finished stage when the output is not a terminal), and a summary table at the end."""
+"""What the user sees in the terminal: a rich progress display while stages run, one row per running
+stage (`run --jobs N` runs several at once); one line per finished stage, and a line naming the
+stages running whenever more than one does, when the output is not a terminal; a summary table at
+the end. Stage threads and the relay of worker processes call it at the same time: a lock keeps
+each call whole."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Iterable
 
@@ -36,6 +40,8 @@ class Display:
         self.title = title
         self._tasks: dict[str, int] = {}
         self._last_plain: dict[str, float] = {}
+        self._running: list[str] = []
+        self._lock = threading.RLock()
         if self.live:
             from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -48,11 +54,20 @@ class Display:
             console.print(f"edgepipe: {title}")
 
     def started(self, rec: StageRecord) -> None:
-        if self.live:
-            self._tasks[rec.name] = self.progress.add_task(rec.type, stage=rec.name, total=None)
+        with self._lock:
+            self._running.append(rec.name)
+            if self.live:
+                self._tasks[rec.name] = self.progress.add_task(rec.type, stage=rec.name, total=None)
+            elif len(self._running) > 1:
+                console.print(f"  running  {', '.join(self._running)}")
 
     def update(self, name: str, completed: float | None = None, total: float | None = None,
                description: str | None = None, important: bool = False) -> None:
+        with self._lock:
+            self._update(name, completed, total, description, important)
+
+    def _update(self, name: str, completed: float | None, total: float | None, description: str | None,
+                important: bool) -> None:
         if self.live and name in self._tasks:
             kw = {k: v for k, v in (("completed", completed), ("total", total), ("description", description)) if v is not None}
             self.progress.update(self._tasks[name], **kw)
@@ -66,6 +81,12 @@ class Display:
                 console.print(f"  {name}: {description}")
 
     def finished(self, rec: StageRecord) -> None:
+        with self._lock:
+            if rec.name in self._running:
+                self._running.remove(rec.name)
+            self._finished(rec)
+
+    def _finished(self, rec: StageRecord) -> None:
         if self.live and rec.name in self._tasks:
             self.progress.remove_task(self._tasks.pop(rec.name))
         style = STATUS_STYLE.get(rec.status, "")

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import shutil
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from omegaconf import DictConfig
 
-from . import runs
-from .cache import Cache, CorruptEntry, Hit, stage_key
+from . import remote, runs, scheduler
+from .cache import Cache, CorruptEntry, Hit, read_manifest, stage_key
 from .config import StageSpec, config_key, validate
 from .graph import Graph
 from .runs import RunRecord, StageRecord
-from .stage import Context, StageError
+from .stage import Context, Stage, StageError
 
 log = logging.getLogger("edgepipe")
 
@@ -37,6 +37,8 @@ class Options:
     force: list[str] = field(default_factory=list)
     no_cache: bool = False
     keep_going: bool = False
+    jobs: int = 1  # stages run at the same time (scheduler.py); 1: one after another, in this process
+    max_memory_mb: float | None = None  # the declared peak memory of stages running at once; None: a default
 
 
 @dataclass
@@ -56,11 +58,13 @@ class Pipeline:
         self.runs_root = Path(runs_root)
         self.spec, self.stages = validate(cfg)
         self.graph = Graph(self.stages)
-        self.cache = Cache(self.runs_root / "cache")
+        self._save_lock = threading.Lock()
+        self.cache = Cache(self.runs_root / "cache", remote=remote.from_config(cfg))
 
     # ------------------------------------------------------------------ plan (dry run)
     def plan(self, options: Options, run_name: str | None = None) -> list[PlanItem]:
         forced = self._forced(options)
+        self.cache.check_remote()
         items: list[PlanItem] = []
         digests: dict[str, str | None] = {}
         for name in self.graph.select(options.only):
@@ -75,12 +79,13 @@ class Pipeline:
             hit, damage = None, None
             if name not in forced:
                 try:
-                    hit = self.cache.lookup(st.cls.name, key)
+                    hit = self.cache.lookup(st.cls.name, key, fetch=False)
                 except CorruptEntry as e:
                     damage = str(e)
             if hit:
                 digests[name] = hit.digest
-                items.append(PlanItem(name, st.cls.name, "cached", key, "up to date"))
+                items.append(PlanItem(name, st.cls.name, "cached", key,
+                                      "in cache.remote (fetched when run)" if hit.remote_only else "up to date"))
             else:
                 digests[name] = None
                 reason = ("forced" if name in forced else f"cache entry damaged: {damage}" if damage
@@ -95,7 +100,7 @@ class Pipeline:
         if prev is None or not prev.path:
             return "never ran"
         try:
-            old = json.loads((Path(prev.path) / "manifest.json").read_text())
+            old = read_manifest(Path(prev.path))
         except (OSError, ValueError):
             return f"previous output {prev.key} is no longer in the cache"
         changes = []
@@ -107,6 +112,8 @@ class Pipeline:
         for k in sorted(set(old_p) | set(new_p)):
             if old_p.get(k, "<unset>") != new_p.get(k, "<unset>"):
                 changes.append(f"{config_key(st, k)}: {old_p.get(k, '<unset>')} -> {new_p.get(k, '<unset>')}")
+        old_t = old.get("tools", {})
+        changes += [f"{t} {old_t.get(t, '<unset>')} -> {v}" for t, v in material["tools"].items() if old_t.get(t) != v]
         for k in sorted(set(old.get("inputs", {})) | set(material["inputs"])):
             if old.get("inputs", {}).get(k) != material["inputs"].get(k):
                 changes.append(f"input '{k}' changed")
@@ -118,29 +125,28 @@ class Pipeline:
     # ------------------------------------------------------------------ execute
     def execute(self, record: RunRecord, options: Options, display: Any) -> RunRecord:
         forced = self._forced(options)
+        self.cache.check_remote()
         order = self.graph.select(options.only)
         for name in order:
             record.stages[name] = StageRecord(name=name, type=self.stages[name].cls.name)
         record.save()
         failed: set[str] = set()
-        for name in order:
-            st, rec = self.stages[name], record.stages[name]
-            blocked = [up for up in self.graph.upstream(name) if up in failed]
-            if blocked:
-                rec.status, rec.reason = "skipped", f"{', '.join(blocked)} failed"
-                failed.add(name)
-                display.finished(rec)
-                continue
-            if failed and not options.keep_going:
-                rec.status, rec.reason = "skipped", "an earlier stage failed (use --keep-going to run independent branches)"
-                display.finished(rec)
-                continue
-            self._run_stage(st, rec, record, name in forced, display)
+
+        def finished(name: str) -> None:
+            rec = record.stages[name]
             if rec.status == "failed":
                 failed.add(name)
             else:
                 runs.link_stage(Path(record.run_dir), name, Path(rec.path))
-            record.save()
+            self._save(record)
+
+        if options.jobs <= 1:
+            for name in order:
+                if not self._skipped(name, record, failed, options, display):
+                    self._run_stage(self.stages[name], record.stages[name], record, name in forced, display)
+                    finished(name)
+        else:
+            self._execute_parallel(order, record, options, display, forced, failed, finished)
         self.cache.index.save()
         record.status = "failed" if failed else "ok"
         record.finished = time.time()
@@ -149,7 +155,46 @@ class Pipeline:
         runs.write_report(record)
         return record
 
-    def _run_stage(self, st: StageSpec, rec: StageRecord, record: RunRecord, forced: bool, display: Any) -> None:
+    def _skipped(self, name: str, record: RunRecord, failed: set[str], options: Options, display: Any) -> bool:
+        """Record why `name` does not run (an upstream stage failed; without --keep-going, any stage)."""
+        rec = record.stages[name]
+        blocked = [up for up in self.graph.upstream(name) if up in failed]
+        if blocked:
+            rec.status, rec.reason = "skipped", f"{', '.join(blocked)} failed"
+            failed.add(name)
+        elif failed and not options.keep_going:
+            rec.status, rec.reason = "skipped", "an earlier stage failed (use --keep-going to run independent branches)"
+        else:
+            return False
+        display.finished(rec)
+        return True
+
+    def _execute_parallel(self, order: list[str], record: RunRecord, options: Options, display: Any,
+                          forced: set[str], failed: set[str], finished: Callable[[str], None]) -> None:
+        """--jobs N: independent stages at the same time, each stage's `run` in a worker process.
+        Stages already running when one fails (without --keep-going) finish; nothing new starts."""
+        budget = options.max_memory_mb or scheduler.default_memory_mb()
+        workers = scheduler.StageProcesses(
+            options.jobs, on_progress=lambda n, c, t, d, i: display.update(n, c, t, d, important=i))
+        try:
+            scheduler.run_parallel(
+                order, {n: self.graph.upstream(n) for n in order}, jobs=options.jobs, budget_mb=budget,
+                memory_mb=lambda n: self.stages[n].cls.peak_memory(self.stages[n].params),
+                skip=lambda n: self._skipped(n, record, failed, options, display),
+                start=lambda n: self._run_stage(self.stages[n], record.stages[n], record, n in forced, display,
+                                                call=workers.call),
+                finished=finished, interrupt=workers.stop_workers)
+        finally:
+            workers.close()
+
+    def _save(self, record: RunRecord) -> None:
+        with self._save_lock:  # stage threads and the scheduler both write run.json
+            record.save()
+
+    def _run_stage(self, st: StageSpec, rec: StageRecord, record: RunRecord, forced: bool, display: Any,
+                   call: Callable[..., tuple[dict, dict[str, str]]] | None = None) -> None:
+        """Look the stage up in the cache under its key's lock, else run it (`call`: in this process
+        by default, scheduler.StageProcesses.call for --jobs N) and publish its outputs."""
         digests = {i: record.stages[up].digest for i, up in st.entry.needs.items()}
         inputs = {i: Path(record.stages[up].path) for i, up in st.entry.needs.items()}
         key, material = stage_key(st.cls, st.params, digests, self.cache.index)
@@ -168,16 +213,19 @@ class Pipeline:
                     rec.reason = f"cache entry damaged: {e}"
             if hit:
                 rec.status, rec.seconds = "cached", time.time() - t0
+                rec.reason = "fetched from cache.remote" if hit.fetched else rec.reason
                 rec.path, rec.digest, rec.metrics = str(hit.path), hit.digest, hit.manifest.get("metrics") or {}
                 display.finished(rec)
                 return
             rec.reason = rec.reason or self.why(st, material, record.name)
             tmp = self.cache.new_tmp(st.cls.name, key)
-            ctx = Context(stage=st.name, out=tmp, log=logging.getLogger(f"edgepipe.stage.{st.name}"),
-                          scratch=self.cache.root / ".scratch" / st.cls.name,
-                          _progress=lambda c, t, d, i: display.update(rec.name, c, t, d, important=i))
+            context = dict(
+                scratch=self.cache.root / ".scratch" / st.cls.name,
+                sources={i: {"type": record.stages[up].type, "stage": up, "key": record.stages[up].key,
+                             "digest": record.stages[up].digest} for i, up in st.entry.needs.items()})
             try:
-                metrics = st.cls().run(st.params, inputs, tmp, ctx) or {}
+                metrics, libraries = (call or _call_in_process)(st.cls, st.name, st.params, inputs, tmp, context,
+                                                                display)
             except BaseException as e:  # noqa: BLE001 - every failure is recorded, none leaves an entry
                 # What the failed stage wrote (its logs above all) moves to the run folder, never
                 # into the cache; messages that name a file in it are pointed at the new place.
@@ -197,7 +245,7 @@ class Pipeline:
                 else:  # KeyboardInterrupt / SystemExit: record and stop
                     rec.error = f"interrupted ({type(e).__name__})"
                     record.status, record.finished = "failed", time.time()
-                    record.save()
+                    self._save(record)
                     raise
                 display.finished(rec)
                 return
@@ -205,7 +253,7 @@ class Pipeline:
             manifest = {
                 **material, "key": key, "stage": st.name, "seconds": round(seconds, 3),
                 "metrics": metrics, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "libraries": _library_versions(),
+                "libraries": libraries,
             }
             hit = self.cache.publish(tmp, st.cls.name, key, manifest, volatile=st.cls.volatile_outputs)
         rec.status, rec.seconds = "ran", seconds
@@ -235,6 +283,15 @@ class Pipeline:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     return {"key": f"{rec.name}.{k}", "value": v}
         return None
+
+
+def _call_in_process(cls: type[Stage], stage_name: str, params: Any, inputs: Mapping[str, Path], out: Path,
+                     context: Mapping[str, Any], display: Any) -> tuple[dict, dict[str, str]]:
+    """--jobs 1: the stage runs in this process. Returns (metrics, library versions)."""
+    ctx = Context(stage=stage_name, out=out, log=logging.getLogger(f"edgepipe.stage.{stage_name}"), **context,
+                  _progress=lambda c, t, d, i: display.update(stage_name, c, t, d, important=i))
+    metrics = cls().run(params, inputs, out, ctx) or {}
+    return metrics, _library_versions()
 
 
 def _library_versions() -> dict[str, str]:

@@ -21,6 +21,7 @@ def _count(ctx, what: str) -> None:
 
 class Source(Stage):
     name = "t_source"
+    tools = ("pyyaml",)  # a real installed distribution: its version is in the key (tests fake an upgrade)
 
     class Params(Params):
         value: int = 1
@@ -117,3 +118,42 @@ class Noisy(Stage):
         _count(ctx, "")
         (out / "model.bin").write_bytes(os.urandom(16))
         return {"score": 0.5 + float(os.environ.get("EDGEPIPE_TEST_DRIFT", "0")), "build_s": time.time() % 1000}
+
+
+class Meet(Stage):
+    """For `run --jobs N` tests: appends '<stage> start|end <time> <pid>' to $EDGEPIPE_TEST_SPANS, and
+    with `meet: OTHER` waits (up to 60 s) until stage OTHER has started, so a test knows two stages ran
+    at the same time without timing anything. `hold_for` keeps it running until a file exists;
+    `memory_mb` is its declared peak memory."""
+
+    name = "t_meet"
+    inputs = {"x": Input(required=False)}
+
+    class Params(Params):
+        factor: int = 1
+        meet: Annotated[str | None, NOT_IN_KEY] = None
+        hold_for: Annotated[str | None, NOT_IN_KEY] = None
+        memory_mb: Annotated[int, NOT_IN_KEY] = 0
+
+    @classmethod
+    def peak_memory(cls, params):
+        return params.memory_mb or cls.peak_memory_mb
+
+    def run(self, p, inputs, out, ctx):
+        spans = os.environ["EDGEPIPE_TEST_SPANS"]
+        _count(ctx, f"factor={p.factor}")
+        with open(spans, "a") as f:
+            f.write(f"{ctx.stage} start {time.time()} {os.getpid()}\n")
+        (out / "started").write_text("")  # an interrupted run must not leave this in the cache
+        deadline = time.monotonic() + 60
+        while p.meet and f"{p.meet} start" not in open(spans).read():
+            if time.monotonic() > deadline:
+                raise StageError(f"t_meet.meet: stage {p.meet} did not start within 60 s")
+            time.sleep(0.02)
+        while p.hold_for and not os.path.exists(p.hold_for):
+            time.sleep(0.02)
+        value = sum(int((d / "value.txt").read_text()) for d in inputs.values()) + p.factor
+        (out / "value.txt").write_text(str(value))
+        with open(spans, "a") as f:
+            f.write(f"{ctx.stage} end {time.time()} {os.getpid()}\n")
+        return {"value": float(value)}
