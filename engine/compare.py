@@ -13,6 +13,7 @@ import csv
 import html
 import io
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -59,25 +60,33 @@ class Comparison:
 
 # -- reading ------------------------------------------------------------------------------------------
 def run_folders(refs: Sequence[str], runs_root: Path) -> list[tuple[str, Path]]:
-    """(label, run folder) for each argument: a sweep folder gives its jobs (sub-folders holding
-    run.json, by job number), anything else is resolved like `edgepipe show` does."""
+    """(label, run folder) for each argument: a sweep folder gives its jobs (the folders under it holding
+    run.json, labelled by their path in it: the job number), anything else is resolved like `edgepipe
+    show` does."""
     found: list[tuple[str, Path]] = []
     for ref in refs:
         p = Path(ref)
         if p.is_dir() and not (p / RUN_JSON).is_file():
-            jobs = sorted((d for d in p.iterdir() if (d / RUN_JSON).is_file()), key=_job_order)
+            jobs = sweep_jobs(p)
             if not jobs:
                 raise CompareError(f"{p} holds no run.json and no job folders with one; "
                                    f"pass a sweep folder (runs/<date>/<time>_<name>_sweep) or run folders")
-            found += [(d.name if len(refs) == 1 else f"{p.name}/{d.name}", d) for d in jobs]
+            found += [(label if len(refs) == 1 else f"{p.name}/{label}", d) for label, d in jobs]
         else:
             run_dir = Path(resolve_run(runs_root, ref))
             found.append((run_dir.name, run_dir))
     return found
 
 
-def _job_order(d: Path) -> tuple:
-    return (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name)
+def sweep_jobs(sweep_dir: Path) -> list[tuple[str, Path]]:
+    """Job folders under a sweep folder, at any depth (launchers differ), in job-number order; a job's
+    own stages/, failed/ and .hydra/ are not searched (and links are not followed)."""
+    jobs = []
+    for folder, dirs, files in os.walk(sweep_dir):
+        if RUN_JSON in files:
+            jobs.append((Path(folder).relative_to(sweep_dir).as_posix(), Path(folder)))
+            dirs.clear()
+    return sorted(jobs, key=lambda j: [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in j[0].split("/")])
 
 
 def load_jobs(folders: Iterable[tuple[str, Path]]) -> list[Job]:
@@ -85,7 +94,7 @@ def load_jobs(folders: Iterable[tuple[str, Path]]) -> list[Job]:
     for label, run_dir in folders:
         record = RunRecord.load(run_dir)
         metrics = {f"{s}.{k}": v for s, rec in record.stages.items() for k, v in flat_metrics(rec.metrics).items()}
-        metrics["seconds"] = round(record.seconds, 1)
+        metrics["seconds"] = record.seconds
         jobs.append(Job(label, record, parse_overrides(record.overrides), metrics))
     return jobs
 

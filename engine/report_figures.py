@@ -21,7 +21,7 @@ import numpy as np
 CURVES_VERSION = 1
 GRID_VERSION = 1
 TSNE_VERSION = 1
-RANGES_VERSION = 1
+RANGES_VERSION = 2
 
 GRID_MAX = 40  # images shown per grid; the caption says how many there are
 TSNE_MAX = 2000  # t-SNE points (a seeded subsample above this: the figure stays a few seconds)

@@ -150,7 +150,7 @@ details { margin: 0.5em 0 1em; } summary { cursor: pointer; }
 {% if summary.model %}<tr><th>model</th><td>{{ summary.model.arch }}, {{ summary.model.num_classes }} classes,
 <span class="parameters">{{ summary.parameters }}</span> parameters</td></tr>{% endif %}
 {% for d in dataset %}{% if d.spec %}<tr><th>input</th><td>{% for k, v in d.spec.items() %}{{ k }}: <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</td></tr>{% endif %}{% endfor %}
-{% for p in package %}<tr><th>package {{ p.stage }}</th><td>board <b>{{ p.board }}</b>{% if p.title %} ({{ p.title }}){% endif %}:
+{% for p in package %}<tr><th>package{% if p.stage != "package" %} {{ p.stage }}{% endif %}</th><td>board <b>{{ p.board }}</b>{% if p.title %} ({{ p.title }}){% endif %}:
 <code>{{ p.folder }}</code>{% if p.zip %}, <code>{{ p.zip }}</code>{% endif %}</td></tr>
 {% endfor %}
 {% if r.edgepipe_version %}<tr><th>edgepipe</th><td>{{ r.edgepipe_version }}</td></tr>{% endif %}

@@ -92,8 +92,10 @@ def clip_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:
     layers = [r for r in report.get("layers") or [] if all(f"{m}_{w}" in r for m in ("min", "max") for w in ("before", "after"))]
     summary = report.get("summary") or {}
     picture = None
-    if layers:
-        shown = [{k: r[k] for k in ("layer", "min_before", "max_before", "min_after", "max_after")} for r in layers]
+    # BatchNorm scales sit near 1 and dwarf the conv ranges: drawn only when they were clipped
+    drawn = [r for r in layers if r.get("kind") != "bn" or r.get("clipped")]
+    if drawn:
+        shown = [{k: r[k] for k in ("layer", "min_before", "max_before", "min_after", "max_after")} for r in drawn]
         picture = figs.png_uri(figs.memo_png(view.scratch, ("ranges", figs.RANGES_VERSION, shown),
                                              lambda: figs.weight_ranges_png(shown)))
     rows = [[r["layer"], r.get("kind", ""), "yes" if r.get("clipped") else (r.get("skipped_because") or "no"),

@@ -183,7 +183,7 @@ def test_damaged_run_json_does_not_break_plan_runs_or_gc(ws):
     (["show", "nosuchrun"], ["nosuchrun"]),
     (["compare", "latest", "nosuchrun"], ["nosuchrun"]),
     (["reproduce", "nosuchdir"], ["nosuchdir"]),
-    (["dag", "--format", "png"], ["--format"]),
+    (["dag", "--format", "jpeg"], ["--format"]),
     (["plan", "--only"], ["--only"]),
     (["plan", "--bogus"], ["--bogus"]),
 ], ids=["show", "compare", "reproduce", "dag-format", "flag-without-value", "unknown-flag"])

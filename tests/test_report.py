@@ -1,31 +1,49 @@
 """report.html: written by every run beside report.md, rewritten by `edgepipe report RUN`, and looked at
-as a person would: opened in headless Chromium (Debian's chromium; .ci/run installs it) with every
-host name unresolvable, every image loaded, and the numbers shown equal to run.json's."""
+as a person would: opened in headless Chromium (Debian's chromium; .ci/run installs it) over the
+DevTools protocol with every host name unresolvable, every image loaded, no request but the page and
+its data: images, and the numbers shown equal to run.json's and the stage outputs'. Also `edgepipe dag
+--format png|svg` (Graphviz's dot; .ci/run installs graphviz)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import os
 import shutil
 import subprocess
+import sys
+import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_browser import Browser
 from PIL import Image
 
 from engine.report_html import REPORT_HTML
 
-# the digits data at 16 px, two short epochs, ONNX export and evaluation of both backends: seconds
+# the digits data at 16 px, two short epochs, weights clipped, ONNX export, an RKNN int8 build in the
+# simulator, evaluation of the three and an ONNX Runtime package: every section of the report, in seconds
 CHEAP_EVAL = ["pipeline=train", "dataset=digits", "preprocess.input_size=16", "train=tiny", "train.epochs=2",
-              "train.limit_train_batches=4", "model.stem=small",
-              "+pipeline.stages.onnx={uses:export_onnx,needs:{model:train}}",
-              "+pipeline.stages.eval={uses:evaluate,needs:{data:data,pytorch:train,onnx:onnx}}"]
-# after load, each image's natural width goes into an attribute that --dump-dom shows
-PROBE = ('<script>window.addEventListener("load", () => { for (const i of document.images) '
-         '{ i.dataset.naturalWidth = i.naturalWidth; } document.body.dataset.loaded = "yes"; });</script>')
+              "train.limit_train_batches=4", "model.stem=small", "clip=percentile", "clip.percentile=99.5",
+              "+pipeline.stages.clip={uses:clip_outliers,config:clip,needs:{model:train,data:data}}",
+              "+pipeline.stages.onnx={uses:export_onnx,needs:{model:clip}}",
+              "+pipeline.stages.calib={uses:calibration,needs:{data:data}}",
+              "+pipeline.stages.rknn={uses:rknn_quantize,needs:{onnx:onnx,calib:calib,data:data},config:quantize}",
+              "+pipeline.stages.eval={uses:evaluate,needs:{data:data,pytorch:clip,onnx:onnx,rknn:rknn}}",
+              "+pipeline.stages.package={uses:package,needs:{model:onnx,eval:eval,data:data},with:{board:onnxruntime}}"]
+# what the page shows once loaded, read in the browser
+SHOWN = """({
+  images: Array.from(document.images, i => ({alt: i.alt, width: i.naturalWidth, height: i.naturalHeight})),
+  text: document.body.innerText,
+  backends: Array.from(document.querySelectorAll("table.backends tr[data-backend]"), tr => ({
+    name: tr.dataset.backend, top1: Number(tr.querySelector("td.top1").dataset.value),
+    cells: Array.from(tr.cells, c => c.innerText.trim()), best: tr.classList.contains("best")})),
+  parameters: document.querySelector(".parameters").innerText,
+  titles: Array.from(document.querySelectorAll("img.grid"), i => i.previousElementSibling.innerText),
+})"""
 
 
 class Page(HTMLParser):
@@ -35,7 +53,6 @@ class Page(HTMLParser):
         super().__init__()
         self.images: list[dict] = []
         self.top1: dict[str, tuple[str, str]] = {}  # backend -> (data-value, text shown)
-        self.body: dict = {}
         self.text: list[str] = []
         self._backend: str | None = None
         self._cell: dict | None = None
@@ -45,8 +62,6 @@ class Page(HTMLParser):
         a = dict(attrs)
         if tag == "img":
             self.images.append(a)
-        elif tag == "body":
-            self.body = a
         elif tag == "tr":
             self._backend = a.get("data-backend")
         elif tag == "td" and "top1" in (a.get("class") or "").split():
@@ -71,10 +86,10 @@ def png_pixels(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("L"), dtype=np.float64)
 
 
-def assert_picture(data: bytes, min_side: int = 100) -> None:
+def assert_picture(data: bytes, min_side: int = 100, max_side: int = 4000) -> None:
     """A valid PNG of a sensible size that is not blank."""
     px = png_pixels(data)
-    assert min(px.shape) >= min_side and max(px.shape) <= 4000, px.shape
+    assert min(px.shape) >= min_side and max(px.shape) <= max_side, px.shape
     assert px.var() > 100.0, px.var()  # a white page with a few grey lines stays far below this
 
 
@@ -84,25 +99,8 @@ def embedded_pngs(page: Page) -> list[bytes]:
     return [base64.b64decode(img["src"][len(prefix):]) for img in page.images]
 
 
-def chromium(*args: str, cwd: Path) -> str:
-    exe = shutil.which("chromium")
-    assert exe, "chromium is missing: apt-get install chromium (.ci/run installs it)"
-    # no host name resolves: a page that needed the network would show broken images
-    cmd = [exe, "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={cwd / 'chromium-profile'}",
-           "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=10000", *args]
-    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r.stdout
-
-
-def open_in_browser(report: Path, where: Path) -> Page:
-    """The report alone in an empty folder (self-contained), as Chromium shows it after load."""
-    where.mkdir()
-    probe = where / "report.html"
-    probe.write_text(report.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    page = Page(chromium("--dump-dom", probe.as_uri(), cwd=where))
-    assert page.body.get("data-loaded") == "yes", "the page never finished loading"
-    return page
+def words(text: str) -> str:
+    return " ".join(text.split())
 
 
 # -- every run, on the engine's cheap stages ----------------------------------------------------------
@@ -146,10 +144,19 @@ def test_report_of_an_unknown_or_damaged_run_is_one_line(ws, tmp_path):
     assert r.rc == 2 and len(r.err.strip().splitlines()) == 1 and "run.json is not an edgepipe run record" in r.err
 
 
-# -- a real training and evaluation, looked at in Chromium --------------------------------------------
+def test_summary_lists_the_values_that_differ_from_the_defaults(ws):
+    assert ws.cli("run", "src.value=4", "scale.factor=2").rc == 0
+    html = ((ws.runs / "latest") / REPORT_HTML).read_text(encoding="utf-8")
+    table = html[html.index('<table class="changes">'):]
+    table = table[:table.index("</table>")]
+    # src.value differs (3 -> 4); scale.factor=2 is its default, so it is not listed
+    assert "<td><code>src.value</code></td><td>3</td><td>4</td>" in table and "scale.factor" not in table
+
+
+# -- a real training, clipping, export, int8 build and evaluation, looked at in Chromium -----------------
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory):
-    """pipeline=train plus ONNX export and evaluation of PyTorch and ONNX Runtime, once for the module."""
+    """CHEAP_EVAL run once for the module: (run folder, run.json)."""
     from conftest import REPO
 
     root = tmp_path_factory.mktemp("report")
@@ -166,46 +173,163 @@ def evaluated_run(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(scope="module")
+def shown(evaluated_run, tmp_path_factory):
+    """The report copied alone into an empty folder (self-contained), opened in Chromium: what the page
+    shows, the requests it made, the problems the browser logged, and a screenshot."""
+    run_dir, _ = evaluated_run
+    where = tmp_path_factory.mktemp("alone")
+    page_file = where / REPORT_HTML
+    shutil.copyfile(run_dir / REPORT_HTML, page_file)
+    with Browser(where / "profile") as browser:
+        page = browser.open(page_file)
+        seen = page.evaluate(SHOWN)
+        seen.update(requests=page.requests, problems=page.problems, screenshot=page.screenshot(where / "report.png"))
+    return seen
+
+
+def predictions(run_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(run_dir / "stages" / "eval" / "predictions.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
 @pytest.mark.slow
-def test_report_in_chromium_shows_curves_backends_and_confusion(evaluated_run, tmp_path):
+def test_report_in_chromium_loads_every_image_and_nothing_from_the_network(evaluated_run, shown):
     run_dir, run = evaluated_run
-    page = open_in_browser(run_dir / REPORT_HTML, tmp_path / "alone")
-    # every image loaded from the page itself: curves + one confusion matrix per backend
-    widths = [int(img.get("data-natural-width", 0)) for img in page.images]
-    assert len(widths) == 3 and all(w > 0 for w in widths), widths
-    assert [img["alt"] for img in page.images] == ["loss and accuracy per epoch (train)",
-                                                   "confusion matrix of pytorch", "confusion matrix of onnx"]
-    for png in embedded_pngs(page):
-        assert_picture(png)
-    # the numbers shown are run.json's
-    top1 = run["stages"]["eval"]["metrics"]["top1"]
-    assert set(page.top1) == {"pytorch", "onnx"}
-    for backend, (value, shown) in page.top1.items():
-        assert float(value) == top1[backend] and shown == f"{top1[backend]:.2%}"
-    text = " ".join(" ".join(page.text).split())
-    assert f"test_acc {run['stages']['train']['metrics']['test_acc']:.4g}" in text
-    assert "pass (agreement 100%" in text  # ONNX Runtime meets its target
+    alts = [i["alt"] for i in shown["images"]]
+    backends = ["pytorch", "onnx", "rknn"]
+    expected = ["loss and accuracy per epoch (train)", "weight range per layer before and after clipping (clip)"]
+    for b in backends:
+        expected += [f"confusion matrix of {b}", f"misclassified by {b}"]
+    assert [a for a in alts if "disagrees" not in a] == [*expected, "t-SNE of the test features by class"]
+    assert all(i["width"] > 0 and i["height"] > 0 for i in shown["images"]), shown["images"]
+    # nothing but the page itself and its embedded images was requested; no CSP or network complaint
+    assert shown["requests"] and {u.split(":", 1)[0] for u in shown["requests"]} <= {"file", "data"}, shown["requests"]
+    assert shown["problems"] == []
+    assert_picture(shown["screenshot"].read_bytes(), max_side=40000)
+
+
+@pytest.mark.slow
+def test_a_page_that_reaches_out_is_caught(tmp_path):
+    """The check above can fail: a page without the CSP that loads an image from a host is seen doing so."""
+    page_file = tmp_path / "leaky.html"
+    page_file.write_text('<!DOCTYPE html><html><body><img src="https://cdn.example.com/x.png"></body></html>')
+    with Browser(tmp_path / "profile") as browser:
+        page = browser.open(page_file)
+        assert "https://cdn.example.com/x.png" in page.requests
+        assert any("ERR_NAME_NOT_RESOLVED" in p for p in page.problems)
+        assert page.evaluate("document.images[0].naturalWidth") == 0
+
+
+@pytest.mark.slow
+def test_report_numbers_equal_run_json_and_the_stage_outputs(evaluated_run, shown):
+    run_dir, run = evaluated_run
+    stages = run["stages"]
+    text = words(shown["text"])
+    top1 = stages["eval"]["metrics"]["top1"]
+    assert {b["name"]: b["top1"] for b in shown["backends"]} == top1
+    for b in shown["backends"]:
+        assert b["cells"][3] == f"{top1[b['name']]:.2%}"
+    assert f"test_acc {stages['train']['metrics']['test_acc']:.4g}" in text
     counts = json.loads((run_dir / "stages" / "data" / "class_counts.json").read_text())
     assert f"7 {counts['train']['7']} {counts['val']['7']} {counts['test']['7']} {counts['total']['7']}" in text
-    # a screenshot as a person sees it, kept in the test's folder
-    shot = tmp_path / "report.png"
-    chromium(f"--screenshot={shot}", "--window-size=1200,2000", (tmp_path / "alone" / "report.html").as_uri(),
-             cwd=tmp_path)
-    assert_picture(shot.read_bytes())
+    # the one int8 backend is the best int8; its size is model.rknn's
+    rows = {b["name"]: b for b in shown["backends"]}
+    assert [n for n, b in rows.items() if b["best"]] == ["rknn"] and "best int8" in rows["rknn"]["cells"][0]
+    assert rows["rknn"]["cells"][7] == f"{(run_dir / 'stages' / 'rknn' / 'model.rknn').stat().st_size / 1e6:.2f} MB"
+    assert rows["onnx"]["cells"][7] == f"{(run_dir / 'stages' / 'onnx' / 'model.onnx').stat().st_size / 1e6:.2f} MB"
+    # the parameter count, read from model.pt without torch, is torch's
+    from stages.common.models import load_model
+
+    module = load_model(run_dir / "stages" / "train" / "model.pt")
+    assert shown["parameters"] == f"{sum(p.numel() for p in module.parameters()):,}"
+    # the image grids hold the images the predictions say
+    pred = predictions(run_dir)
+    labels = pred["labels"]
+    n = len(labels)
+    for b in ("pytorch", "onnx", "rknn"):
+        wrong = int((pred[f"{b}.pred"] != labels).sum())
+        assert any(t.startswith(f"{wrong} of {n} test images misclassified by {b}") for t in shown["titles"]), b
+    disagree = int((pred["rknn.pred"] != pred["pytorch.pred"]).sum())
+    assert f"{disagree} test images where rknn and pytorch disagree" in text
+    # the clip table shows clip_report.json's ranges, and clipping changed some
+    layers = json.loads((run_dir / "stages" / "clip" / "clip_report.json").read_text())["layers"]
+    assert any(r["max_after"] < r["max_before"] for r in layers)
+    # the summary: input spec, package paths, the values changed from the defaults
+    assert "input size (H x W): 16 x 16" in text and "mean (0..1): [0.5, 0.5, 0.5]" in text
+    assert f"board onnxruntime" in text and str(run_dir / "stages" / "package" / "package.zip") in text
+    assert "train.epochs 10 2" in text and "clip.method none percentile" in text and "clip.percentile - 99.5" in text
 
 
 @pytest.mark.slow
-def test_curves_mark_the_best_epoch_and_report_costs_no_recomputation(evaluated_run, capsys):
+def test_pictures_are_valid_sized_and_not_blank(evaluated_run):
+    run_dir, _ = evaluated_run
+    pngs = embedded_pngs(Page((run_dir / REPORT_HTML).read_text(encoding="utf-8")))
+    assert len(pngs) >= 9
+    for png in pngs:
+        assert_picture(png)
+
+
+@pytest.mark.slow
+def test_tsne_is_seeded_and_coloured_by_class(evaluated_run):
+    from engine.report_figures import tsne_png
+
+    run_dir, _ = evaluated_run
+    with np.load(run_dir / "stages" / "eval" / "features.npz") as z:
+        features, labels = z["features"], z["labels"]
+    classes = [str(i) for i in range(10)]
+    first = tsne_png(features, labels, classes, seed=0)
+    assert tsne_png(features, labels, classes, seed=0) == first  # the same run draws the same picture
+    assert_picture(first)
+    with Image.open(io.BytesIO(first)) as im:
+        colours = {c for _, c in im.convert("RGB").getcolors(1 << 20) or []}
+    from matplotlib import colormaps
+
+    tab10 = {tuple(round(255 * v) for v in colormaps["tab10"](i)[:3]) for i in range(10)}
+    assert len(tab10 & colours) >= 8  # one colour per class present in the scatter
+
+
+@pytest.mark.slow
+def test_report_costs_no_recomputation_and_draws_nothing_again(evaluated_run):
     run_dir, run = evaluated_run
     metrics = json.loads((run_dir / "stages" / "train" / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     page = Page((run_dir / REPORT_HTML).read_text(encoding="utf-8"))
-    assert f"best_epoch {metrics['best_epoch']}" in " ".join(" ".join(page.text).split())
-    from engine.cli import main
-
+    assert f"best_epoch {metrics['best_epoch']}" in words(" ".join(page.text))
     stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "stages").rglob("*") if p.is_file()}
     before = (run_dir / REPORT_HTML).read_bytes()
-    assert main(["report", str(run_dir)]) == 0
+    # a fresh process: every picture and the config comparison come from the scratch folder, so
+    # neither matplotlib, scikit-learn, hydra's compose nor torch is imported
+    code = ("import sys; from engine.cli import main; rc = main(['report', sys.argv[1]]); "
+            "print(rc, sorted(m for m in ('matplotlib', 'sklearn', 'torch', 'hydra') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[-2] == "0 []", r.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no stage output touched
     assert (run_dir / REPORT_HTML).read_bytes() == before  # same inputs, same page
     assert json.loads((run_dir / "run.json").read_text()) == run
+
+
+# -- edgepipe dag --format png|svg ---------------------------------------------------------------------
+def test_dag_png_and_svg_with_graphviz(ws, tmp_path):
+    assert shutil.which("dot"), "Graphviz's dot is missing: apt-get install graphviz (.ci/run installs it)"
+    r = ws.cli("dag", "--format", "png", "-o", str(tmp_path / "dag.png"))
+    assert r.rc == 0, r.err
+    assert r.out.strip() == str(tmp_path / "dag.png")
+    assert_picture((tmp_path / "dag.png").read_bytes(), min_side=50)
+    r = ws.cli("dag", "--format=svg", "--output", str(tmp_path / "dag.svg"))
+    assert r.rc == 0, r.err
+    svg = ET.parse(tmp_path / "dag.svg").getroot()
+    texts = {t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")}
+    assert {"src", "scale", "quant", "total"} <= texts  # every stage is drawn
+    assert ws.cli("dag").out.startswith("flowchart LR")  # Mermaid stays the default
+
+
+def test_dag_png_without_graphviz_says_how_to_install(ws, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    r = ws.cli("dag", "--format", "png", "-o", str(tmp_path / "dag.png"))
+    assert r.rc == 2 and len(r.err.strip().splitlines()) == 1
+    assert "apt-get install graphviz" in r.err and not (tmp_path / "dag.png").exists()
+    r = ws.cli("dag", "--format", "jpeg")
+    assert r.rc == 2 and "--format takes mermaid, dot, png or svg" in r.err
