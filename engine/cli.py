@@ -3,12 +3,12 @@
     edgepipe run [-m] [--only S] [--force S] [--keep-going] [--no-cache] [--jobs N] [--max-memory SIZE]
                  [--cfg job|hydra|all] [--resolve] [OVERRIDE ...]
     edgepipe plan [--json] [--only S] [--force S] [--info] [OVERRIDE ...]
-    edgepipe dag [--format mermaid|dot] [OVERRIDE ...]
+    edgepipe dag [--format mermaid|dot|png|svg] [-o FILE] [OVERRIDE ...]
     edgepipe runs [--limit N] [--json]
     edgepipe show RUN
     edgepipe report RUN
     edgepipe reproduce RUN_DIR [--verify] [--tolerance T]
-    edgepipe compare RUN RUN ...
+    edgepipe compare SWEEP_DIR|RUN ... [--metrics top1,drop_points,seconds] [--out DIR]
     edgepipe gc [--dry-run]
     edgepipe init [DIR]
     edgepipe --version
@@ -320,16 +320,43 @@ def cmd_plan(argv: Sequence[str]) -> int:
 def cmd_dag(argv: Sequence[str]) -> int:
     from .runner import Pipeline
 
+    argv, output = _take_output(argv)
     opts, overrides = _split_args(argv)
     if opts.get("info"):
         return _print_info(opts, overrides)
+    fmt = opts.get("format", "mermaid")
+    if fmt not in ("mermaid", "dot", "png", "svg"):
+        raise UsageError("--format takes mermaid, dot, png or svg")
     job = _compose_jobs(opts, overrides)[0]
     graph = Pipeline(job.cfg, _runs_root(job.cfg)).graph
-    fmt = opts.get("format", "mermaid")
-    if fmt not in ("mermaid", "dot"):
-        raise UsageError("--format takes mermaid or dot")
-    sys.stdout.write(graph.mermaid() if fmt == "mermaid" else graph.dot())
+    text = graph.mermaid() if fmt == "mermaid" else graph.dot()
+    if fmt in ("png", "svg"):
+        from .dag_image import render_dot
+
+        path = render_dot(text, fmt, output or Path(f"dag.{fmt}"))
+        print(path)
+    elif output:
+        output.write_text(text, encoding="utf-8")
+        print(output)
+    else:
+        sys.stdout.write(text)
     return 0
+
+
+def _take_output(argv: Sequence[str]) -> tuple[list[str], Path | None]:
+    """dag's `-o FILE` / `--output FILE`, taken out before the overrides are split."""
+    rest, output, it = [], None, iter(argv)
+    for arg in it:
+        if arg in ("-o", "--output"):
+            value = next(it, None)
+            if value is None:
+                raise UsageError(f"{arg} needs a file name")
+            output = Path(value)
+        elif arg.startswith("--output="):
+            output = Path(arg.partition("=")[2])
+        else:
+            rest.append(arg)
+    return rest, output
 
 
 def _default_runs_root() -> Path:
@@ -426,26 +453,23 @@ def cmd_report(argv: Sequence[str]) -> int:
 def cmd_compare(argv: Sequence[str]) -> int:
     import argparse
 
-    from rich.table import Table
+    from . import compare
 
-    from . import runs
-    from .display import console
-
-    ap = argparse.ArgumentParser(prog="edgepipe compare")
-    ap.add_argument("runs", nargs="+")
+    ap = argparse.ArgumentParser(prog="edgepipe compare", description="one row per job, best first: the overrides "
+                                 "that differ, the headline and --metrics; writes compare.csv, .md and .html")
+    ap.add_argument("runs", nargs="+", help="a sweep folder, or run folders (paths, 'latest' or part of a name)")
+    ap.add_argument("--metrics", default=",".join(compare.DEFAULT_METRICS),
+                    help="comma-separated metric names (top1, drop_points, seconds, or full keys such as eval.top1.onnx)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for compare.csv/.md/.html "
+                    "(default: the sweep folder, else the current folder)")
+    ap.add_argument("--width", type=int, default=None, help="terminal columns for the table (default: the terminal's)")
     ap.add_argument("--root", type=Path, default=_default_runs_root())
     a = ap.parse_args(argv)
-    records = [runs.RunRecord.load(runs.resolve_run(a.root, ref)) for ref in a.runs]
-    table = Table(title="metrics", title_justify="left")
-    table.add_column("metric")
-    columns = []
-    for r in records:
-        table.add_column(f"{Path(r.run_dir).name}\n{' '.join(r.overrides)}", justify="right")
-        columns.append({f"{s}.{k}": v for s, rec in r.stages.items() for k, v in runs.flat_metrics(rec.metrics).items()})
-    for key in sorted(set().union(*columns)):
-        table.add_row(key, *[(f"{c[key]:.4g}" if isinstance(c.get(key), float) else str(c.get(key, "")))
-                             for c in columns])
-    console.print(table)
+    try:
+        paths = compare.run(a.runs, a.root, [m for m in a.metrics.split(",") if m], a.out, a.width)
+    except compare.CompareError as e:
+        raise UsageError(str(e)) from None
+    print(f"wrote {', '.join(p.name for p in paths)} in {paths[0].parent}")
     return 0
 
 
