@@ -37,6 +37,7 @@ from pydantic import Field, model_validator
 
 from engine.hashing import sha256_file
 from engine.stage import NOT_IN_KEY, Input, Params, Stage, StageError
+from stages.common.multicrop import MultiCrop
 
 TARGETS = ("rv1103", "rv1106", "rv1103b", "rv1106b", "rk3562", "rk3566", "rk3568", "rk3576", "rk3588")
 DTYPES = ("w8a8", "w8a16", "w16a16i_dfp", "w4a16")
@@ -51,14 +52,33 @@ DTYPES_BY_TARGET: dict[str, tuple[str, ...]] = {
 INT_ONLY_TARGETS = ("rv1103", "rv1106", "rv1103b", "rv1106b")
 
 LOG_NAME = "rknn.log"
+# test images (or original files, for crops) read and run per chunk
+CHUNK = 64
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class CropSource(MultiCrop):
+    """``evaluate.multicrop`` as rknn_quantize reads it: only what makes the crops is in its cache key
+    (changing the vote does not rebuild the model)."""
+
+    vote_threshold: Annotated[float, NOT_IN_KEY] = Field(0.5, gt=0.0, le=1.0)
+    negative_class: Annotated[str | None, NOT_IN_KEY] = None
+
+
+class BoardEval(Params):
+    """``quantize.board_eval``: the test split on a board connected through adb (rknn_server running on it)."""
+
+    # the board's adb serial (`adb devices`); null: simulator only
+    device_id: str | None = None
 
 
 class RknnQuantize(Stage):
     name = "rknn_quantize"
     tools = ("rknn-toolkit2", "onnx")  # their versions are in the cache key
     config_section = "quantize"
-    version = 1
+    # 2: test_crop_logits.npy (evaluate.multicrop), board_test_logits.npy (quantize.board_eval)
+    version = 2
+    sections = {"multicrop": "evaluate.multicrop"}
     # rknn-toolkit2 writes a different model.rknn for the same inputs (~9.5k bytes differ between two
     # identical builds); the simulator outputs are reproducible. model.rknn stays in the output digest
     # (a forced rebuild re-runs evaluate/package, so a package always holds this entry's model);
@@ -93,6 +113,11 @@ class RknnQuantize(Stage):
         # the toolkit's debug-level log in rknn.log (~2.5x bigger): it holds the compiler's layer table
         # (which layers run on the CPU) and memory totals that board checks read; never changes the model
         verbose_log: Annotated[bool, NOT_IN_KEY] = True
+        # evaluate.multicrop (read from that section): with `data` wired and enabled, the simulator also
+        # runs the crops of the original test files (test_crop_logits.npy)
+        multicrop: CropSource = CropSource()
+        # run the test split on a connected board's NPU too (board_test_logits.npy)
+        board_eval: BoardEval = BoardEval()
 
         @model_validator(mode="after")
         def _check(self) -> "RknnQuantize.Params":
@@ -109,103 +134,81 @@ class RknnQuantize(Stage):
             return self
 
     def run(self, p: "RknnQuantize.Params", inputs, out: Path, ctx) -> dict[str, Any]:
-        from stages.common.bundle import FORWARD, IO, check_bundle, copy_forward, read_io
-        from stages.common.preprocess import Preprocess
+        from stages.common.bundle import copy_forward
 
         onnx_dir = inputs["onnx"]
-        check_bundle(onnx_dir, ("model.onnx", IO, *FORWARD), input="onnx", hint="expected an export_onnx folder")
-        spec = Preprocess.load(onnx_dir)
-        io = read_io(onnx_dir)
-        shape = [int(v) for v in io.get("input_shape", spec.input_shape)]
-        if shape[2:] != [spec.height, spec.width]:
-            raise StageError(f"input onnx: io.json input_shape {shape} does not match preprocess.json input_size "
-                             f"{list(spec.input_size)}")
-        shape[0] = 1
-        mean, std = spec.rknn_mean_std()
-        log_path = out / LOG_NAME
-
-        calib_list = None
-        n_calib = 0
-        analysis_inputs: list[str] = []
-        if p.do_quantization:
-            if "calib" not in inputs:
-                raise StageError("rknn_quantize needs a `calib` input (a calibration stage) when do_quantization=true; "
-                                 "add `calib: <calibration stage>` to its `needs:`")
-            entries = _calibration_entries(inputs["calib"], spec)
-            n_calib = len(entries)
-            calib_list = out / ".dataset_abs.txt"  # rknn reads list paths relative to the CWD: absolute copy
-            calib_list.write_text("".join(" ".join(e) + "\n" for e in entries))
-            analysis_inputs = [e[0] for e in entries[: p.accuracy_analysis_samples]]
-
-        toolkit = _toolkit_version()
-        info: dict[str, Any] = {
-            "toolkit": f"rknn-toolkit2 {toolkit}", "target": p.target,
-            "do_quantization": p.do_quantization,
-            "algorithm": p.algorithm if p.do_quantization else None,
-            "method": p.method if p.do_quantization else None,
-            "dtype": p.dtype if p.do_quantization else "float16",
-            "optimization_level": p.optimization_level, "mean_values": mean, "std_values": std,
-            "channel_order": spec.channel_order, "input": io.get("input"), "output": io.get("output"),
-            "input_shape": shape, "calibration_images": n_calib,
-        }
+        spec, io, shape = _read_onnx_bundle(onnx_dir)
+        if p.board_eval.device_id is not None:  # before a build of minutes, not after it
+            if "data" not in inputs:
+                raise StageError("quantize.board_eval.device_id needs the rknn_quantize stage's `data` input (the "
+                                 "test split to run on the board): add `data: <dataset stage>` to its `needs:`")
+            check_board_connected(p.board_eval.device_id)
+        calib_list, analysis_inputs, n_calib = _calibration_list(p, inputs, out, spec)
+        info = _build_info(p, spec, io, shape, n_calib)
+        metrics: dict[str, Any] = {}
         rknn = None
         sampler = _PeakRss()
+        log_path = out / LOG_NAME
         try:
-            if p.do_quantization and p.algorithm == "mmse":
-                ctx.note(f"mmse quantization takes minutes ({n_calib} calibration images at {spec.height}x{spec.width}; "
-                         f"resnet18 at 224 px took ~6 min here, normal ~6 s)")
-            else:
-                ctx.progress(None, None, "building" + (f" ({p.algorithm})" if p.do_quantization else " (float16)"))
-            with sampler, _toolkit(log_path, "== config, load_onnx, build, export_rknn"):
-                from rknn.api import RKNN
-
-                from stages.common.quiet import reroute_logger
-
-                rknn = RKNN(verbose=True if p.verbose_log else False)
-                reroute_logger("rknnLogger")  # its handler may hold an import-time sys.stderr
-                _ok("config", rknn.config(
-                    mean_values=[mean], std_values=[std], target_platform=p.target,
-                    quantized_dtype=p.dtype, quantized_algorithm=p.algorithm, quantized_method=p.method,
-                    optimization_level=p.optimization_level, quant_img_RGB2BGR=spec.channel_order == "BGR",
-                ))
-                t0 = time.perf_counter()
-                _ok("load_onnx", rknn.load_onnx(
-                    model=str(onnx_dir / "model.onnx"), inputs=[io["input"]], input_size_list=[shape],
-                    outputs=[io["output"]],
-                ))
-                t1 = time.perf_counter()
-                _ok("build", rknn.build(do_quantization=p.do_quantization,
-                                        dataset=str(calib_list) if calib_list else None))
-                t2 = time.perf_counter()
-                _ok("export_rknn", rknn.export_rknn(str(out / "model.rknn")))
-            info.update(load_s=round(t1 - t0, 3), build_s=round(t2 - t1, 3), rss_peak_mb=sampler.peak_mb,
-                        process_maxrss_mb=_maxrss_mb(), model_bytes=(out / "model.rknn").stat().st_size)
-            if calib_list is not None:
-                calib_list.unlink()
-
+            with sampler:
+                rknn = self._build(p, spec, io, shape, onnx_dir, calib_list, out, ctx, info)
+            info.update(rss_peak_mb=sampler.peak_mb, process_maxrss_mb=_maxrss_mb(),
+                        model_bytes=(out / "model.rknn").stat().st_size)
             info["accuracy_analysis"] = self._analyse(rknn, analysis_inputs, out, ctx)
-
-            metrics: dict[str, Any] = {"build_s": info["build_s"], "rss_peak_mb": info["rss_peak_mb"]}
+            metrics.update(build_s=info["build_s"], rss_peak_mb=info["rss_peak_mb"])
             if "data" in inputs:
-                sim = self._simulate(rknn, inputs["data"], spec, p, out, ctx)
-                info["simulator"] = sim
-                metrics["sim_top1"] = sim["top1"]
+                info["simulator"] = _simulate(rknn, inputs["data"], spec, p, out, ctx)
+                metrics["sim_top1"] = info["simulator"]["top1"]
+            if p.board_eval.device_id is not None:
+                info["board"] = _on_board(rknn, inputs["data"], spec, p, out, ctx)
+                metrics["board_top1"] = info["board"]["top1"]
         except _ToolkitFailure as e:
-            what = "rknn simulator failed" if e.what in ("init_runtime", "inference") else "rknn build failed"
-            raise StageError(f"{what}: {e.what}: {_reason(e, log_path)}; see {log_path}") from None
+            raise StageError(_failure_message(e, log_path, p)) from None
         finally:
-            if rknn is not None:
-                with _toolkit(log_path, "== release"):
-                    try:
-                        rknn.release()
-                    except Exception:  # noqa: BLE001 - nothing useful to do
-                        pass
+            _release(rknn, log_path)
             if calib_list is not None and calib_list.exists():
                 calib_list.unlink()
 
         copy_forward(onnx_dir, out, io=True)
         (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
         return metrics
+
+    # -- the build ------------------------------------------------------------------------------------
+    def _build(self, p, spec, io: dict, shape: list[int], onnx_dir: Path, calib_list: Path | None, out: Path, ctx,
+               info: dict):
+        """config, load_onnx, build, export_rknn; returns the RKNN session (the simulator runs in it)."""
+        mean, std = spec.rknn_mean_std()
+        if p.do_quantization and p.algorithm == "mmse":
+            ctx.note(f"mmse quantization takes minutes ({info['calibration_images']} calibration images at "
+                     f"{spec.height}x{spec.width}; resnet18 at 224 px took ~6 min here, normal ~6 s)")
+        else:
+            ctx.progress(None, None, "building" + (f" ({p.algorithm})" if p.do_quantization else " (float16)"))
+        with _toolkit(out / LOG_NAME, "== config, load_onnx, build, export_rknn"):
+            from rknn.api import RKNN
+
+            from stages.common.quiet import reroute_logger
+
+            rknn = RKNN(verbose=True if p.verbose_log else False)
+            reroute_logger("rknnLogger")  # its handler may hold an import-time sys.stderr
+            _ok("config", rknn.config(
+                mean_values=[mean], std_values=[std], target_platform=p.target,
+                quantized_dtype=p.dtype, quantized_algorithm=p.algorithm, quantized_method=p.method,
+                optimization_level=p.optimization_level, quant_img_RGB2BGR=spec.channel_order == "BGR",
+            ))
+            t0 = time.perf_counter()
+            _ok("load_onnx", rknn.load_onnx(
+                model=str(onnx_dir / "model.onnx"), inputs=[io["input"]], input_size_list=[shape],
+                outputs=[io["output"]],
+            ))
+            t1 = time.perf_counter()
+            _ok("build", rknn.build(do_quantization=p.do_quantization,
+                                    dataset=str(calib_list) if calib_list else None))
+            t2 = time.perf_counter()
+            _ok("export_rknn", rknn.export_rknn(str(out / "model.rknn")))
+        info.update(load_s=round(t1 - t0, 3), build_s=round(t2 - t1, 3))
+        if calib_list is not None:
+            calib_list.unlink()
+        return rknn
 
     # -- accuracy analysis ----------------------------------------------------------------------------
     def _analyse(self, rknn, images: list[str], out: Path, ctx) -> str:
@@ -238,48 +241,230 @@ class RknnQuantize(Stage):
         target.write_text("\n".join(parts))
         return status
 
-    # -- simulator on the test split -----------------------------------------------------------------
-    def _simulate(self, rknn, data_dir: Path, spec, p, out: Path, ctx) -> dict[str, Any]:
-        import numpy as np
 
-        from stages.common.preprocess import to_channel_order
-
-        from stages.common.splits import load_split, split_files
-
-        images, labels = load_split(data_dir, "test", size=(spec.height, spec.width))
-        img_path, lab_path = split_files(data_dir, "test")
-        n = len(images) if p.data_limit is None else min(len(images), p.data_limit)
-        t0 = time.perf_counter()
-        with _toolkit(out / LOG_NAME, "== init_runtime (simulator)"):
-            _ok("init_runtime", rknn.init_runtime())
-        logits = []
-        chunk = 64
-        for start in range(0, n, chunk):
-            ctx.progress(start, n, f"simulator on {n} test images" if start == 0 else None)
-            batch = to_channel_order(np.asarray(images[start:min(n, start + chunk)]), spec)
-            with _toolkit(out / LOG_NAME, None):
-                for x in batch:
-                    res = rknn.inference(inputs=[np.ascontiguousarray(x[None])], data_format="nhwc")
-                    if not res:
-                        raise _ToolkitFailure("inference", None)
-                    logits.append(np.asarray(res[0], dtype=np.float32).reshape(-1))
-        ctx.progress(n, n, None)
-        arr = np.stack(logits) if logits else np.zeros((0, 0), np.float32)
-        np.save(out / "test_logits.npy", arr)
-        top1 = float((arr.argmax(1) == labels[:n]).mean()) if n else float("nan")
-        return {
-            "samples": n, "of": int(len(images)), "top1": round(top1, 6), "seconds": round(time.perf_counter() - t0, 3),
-            # evaluate checks these: the logits belong to this exact test split
-            "images_test_sha256": sha256_file(img_path), "labels_test_sha256": sha256_file(lab_path),
-        }
+# -- the test split: simulator and board ------------------------------------------------------------
+def _simulate(rknn, data_dir: Path, spec, p, out: Path, ctx) -> dict[str, Any]:
+    """The x86 simulator on the test split (test_logits.npy) and, with evaluate.multicrop enabled, on the
+    crops of its original files (test_crop_logits.npy): it only runs in this build session."""
+    t0 = time.perf_counter()
+    with _toolkit(out / LOG_NAME, "== init_runtime (simulator)"):
+        _ok("init_runtime", rknn.init_runtime())
+    result = _run_split(rknn, data_dir, spec, p, out / "test_logits.npy", out, ctx, "simulator")
+    if p.multicrop.enabled:
+        result["crops"] = _simulate_crops(rknn, data_dir, spec, p, result["samples"], out, ctx)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return result
 
 
-# -- helpers ------------------------------------------------------------------------------------------
+def _on_board(rknn, data_dir: Path, spec, p, out: Path, ctx) -> dict[str, Any]:
+    """The same model on the connected board's NPU (adb + rknn_server) on the test split:
+    board_test_logits.npy, which evaluate scores as ``<input>_board`` beside the simulator."""
+    serial = p.board_eval.device_id
+    t0 = time.perf_counter()
+    ctx.progress(None, None, f"board {serial}: init_runtime")
+    try:
+        with _toolkit(out / LOG_NAME, f"== init_runtime (target={p.target}, device_id={serial})"):
+            _ok("init_runtime", rknn.init_runtime(target=p.target, device_id=serial))
+        result = _run_split(rknn, data_dir, spec, p, out / "board_test_logits.npy", out, ctx, f"board {serial}")
+    except _ToolkitFailure as e:
+        e.board = True
+        raise
+    result.update(device_id=serial, seconds=round(time.perf_counter() - t0, 3))
+    return result
+
+
+def _run_split(rknn, data_dir: Path, spec, p, dest: Path, out: Path, ctx, where: str) -> dict[str, Any]:
+    """The initialised runtime on the first data_limit test images, a chunk at a time; N x C logits saved
+    to ``dest``; what they were computed on (evaluate checks the digests)."""
+    import numpy as np
+
+    from stages.common.preprocess import to_channel_order
+    from stages.common.splits import load_split, read_rows, split_files
+
+    images, labels = load_split(data_dir, "test", size=(spec.height, spec.width))
+    n = len(images) if p.data_limit is None else min(len(images), p.data_limit)
+    logits = []
+    for start in range(0, n, CHUNK):
+        ctx.progress(start, n, f"{where} on {n} test images" if start == 0 else None)
+        logits.append(_infer(rknn, to_channel_order(read_rows(images, slice(start, min(n, start + CHUNK))), spec), out))
+    ctx.progress(n, n, None)
+    arr = np.concatenate(logits) if logits else np.zeros((0, 0), np.float32)
+    np.save(dest, arr)
+    img_path, lab_path = split_files(data_dir, "test")
+    return {
+        "samples": n, "of": int(len(images)),
+        "top1": round(float((arr.argmax(1) == labels[:n]).mean()) if n else float("nan"), 6),
+        # evaluate checks these: the logits belong to this exact test split
+        "images_test_sha256": sha256_file(img_path), "labels_test_sha256": sha256_file(lab_path),
+    }
+
+
+def _simulate_crops(rknn, data_dir: Path, spec, p, n: int, out: Path, ctx) -> dict[str, Any]:
+    """N x K x C simulator logits of evaluate.multicrop's K crops of each original test file."""
+    import numpy as np
+
+    from stages.common.multicrop import crop_batches, original_files
+    from stages.common.preprocess import to_channel_order
+
+    k = p.multicrop.crops
+    files = original_files(data_dir, "test", n, p.multicrop.root)
+    parts = []
+    for start, crops in crop_batches(files, k, spec, (spec.height, spec.width)):
+        ctx.progress(start, n, f"simulator on {k} crops of {n} original images" if start == 0 else None)
+        flat = to_channel_order(crops.reshape(-1, *crops.shape[2:]), spec)
+        parts.append(_infer(rknn, flat, out).reshape(len(crops), k, -1))
+    arr = np.concatenate(parts) if parts else np.zeros((0, k, 0), np.float32)
+    np.save(out / "test_crop_logits.npy", arr)
+    return {"crops": k, "samples": int(len(arr))}
+
+
+def _infer(rknn, batch, out: Path):
+    """N x C float32 outputs of uint8 N x H x W x C images in the model's channel order, one at a time."""
+    import numpy as np
+
+    rows = []
+    with _toolkit(out / LOG_NAME, None):
+        for x in batch:
+            res = rknn.inference(inputs=[np.ascontiguousarray(x[None])], data_format="nhwc")
+            if not res:
+                raise _ToolkitFailure("inference", None)
+            rows.append(np.asarray(res[0], dtype=np.float32).reshape(-1))
+    return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+
+
+# -- the board's connection (adb) ------------------------------------------------------------------------
+def adb_executable() -> str | None:
+    """adb on PATH, else the one rknn-toolkit2 ships (rknn/3rdparty/platform-tools), else None."""
+    found = shutil.which("adb")
+    if found:
+        return found
+    import importlib.util
+
+    spec = importlib.util.find_spec("rknn")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        bundled = Path(folder) / "3rdparty" / "platform-tools" / "adb" / "linux-x86_64" / "adb"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    return None
+
+
+def adb_devices(adb: str) -> list[str]:
+    """'SERIAL (state)' of every device `adb devices` lists. An adb server this call had to start is
+    stopped again (the toolkit starts its own when it connects)."""
+    import subprocess
+
+    was_running = _adb_server_running()
+    try:
+        res = subprocess.run([adb, "devices"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise StageError(f"quantize.board_eval: `{adb} devices` failed: {e}") from None
+    finally:
+        if not was_running:
+            subprocess.run([adb, "kill-server"], capture_output=True, timeout=30)
+    rows = [ln.split() for ln in res.stdout.splitlines()[1:] if ln.strip() and not ln.startswith("*")]
+    return [f"{r[0]} ({r[1]})" if len(r) > 1 else r[0] for r in rows]
+
+
+def _adb_server_running() -> bool:
+    import socket
+
+    port = int(os.environ.get("ANDROID_ADB_SERVER_PORT", "5037"))
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def check_board_connected(serial: str) -> None:
+    """A one-line StageError unless `adb devices` lists ``serial`` as a ready device: what it sees, or
+    that adb is missing and how to get it."""
+    adb = adb_executable()
+    if adb is None:
+        raise StageError(f"quantize.board_eval.device_id={serial}: adb is not installed (neither on PATH nor in "
+                         f"rknn-toolkit2): install it (Debian/Ubuntu: apt-get install adb), connect the board by USB "
+                         f"and check with `adb devices`")
+    seen = adb_devices(adb)
+    if f"{serial} (device)" in seen:
+        return
+    listed = ", ".join(seen) if seen else "no device"
+    raise StageError(f"quantize.board_eval.device_id={serial}: the board is not connected; `adb devices` ({adb}) lists "
+                     f"{listed}: connect it by USB (or `adb connect IP:5555`), start rknn_server on it and use a "
+                     f"serial `adb devices` shows")
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+def _read_onnx_bundle(onnx_dir: Path) -> tuple[Any, dict, list[int]]:
+    """(Preprocess, io.json, batch-1 input shape) of the export_onnx folder, checked."""
+    from stages.common.bundle import FORWARD, IO, check_bundle, read_io
+    from stages.common.preprocess import Preprocess
+
+    check_bundle(onnx_dir, ("model.onnx", IO, *FORWARD), input="onnx", hint="expected an export_onnx folder")
+    spec = Preprocess.load(onnx_dir)
+    io = read_io(onnx_dir)
+    shape = [int(v) for v in io.get("input_shape", spec.input_shape)]
+    if shape[2:] != [spec.height, spec.width]:
+        raise StageError(f"input onnx: io.json input_shape {shape} does not match preprocess.json input_size "
+                         f"{list(spec.input_size)}")
+    shape[0] = 1
+    return spec, io, shape
+
+
+def _calibration_list(p, inputs, out: Path, spec) -> tuple[Path | None, list[str], int]:
+    """(the calibration list with absolute paths, the images analysed layer by layer, the image count);
+    (None, [], 0) for a float16 build."""
+    if not p.do_quantization:
+        return None, [], 0
+    if "calib" not in inputs:
+        raise StageError("rknn_quantize needs a `calib` input (a calibration stage) when do_quantization=true; "
+                         "add `calib: <calibration stage>` to its `needs:`")
+    entries = _calibration_entries(inputs["calib"], spec)
+    calib_list = out / ".dataset_abs.txt"  # rknn reads list paths relative to the CWD: absolute copy
+    calib_list.write_text("".join(" ".join(e) + "\n" for e in entries))
+    return calib_list, [e[0] for e in entries[: p.accuracy_analysis_samples]], len(entries)
+
+
+def _build_info(p, spec, io: dict, shape: list[int], n_calib: int) -> dict[str, Any]:
+    """build.json's description of the build (timings and memory are added as they are measured)."""
+    mean, std = spec.rknn_mean_std()
+    return {
+        "toolkit": f"rknn-toolkit2 {_toolkit_version()}", "target": p.target,
+        "do_quantization": p.do_quantization,
+        "algorithm": p.algorithm if p.do_quantization else None,
+        "method": p.method if p.do_quantization else None,
+        "dtype": p.dtype if p.do_quantization else "float16",
+        "optimization_level": p.optimization_level, "mean_values": mean, "std_values": std,
+        "channel_order": spec.channel_order, "input": io.get("input"), "output": io.get("output"),
+        "input_shape": shape, "calibration_images": n_calib,
+    }
+
+
+def _failure_message(e: "_ToolkitFailure", log_path: Path, p) -> str:
+    """One line for a toolkit failure; on the board, what `adb devices` sees."""
+    if e.board:
+        adb = adb_executable()
+        seen = (", ".join(adb_devices(adb)) or "no device") if adb else "nothing (adb is not installed)"
+        return (f"rknn on board {p.board_eval.device_id} failed: {e.what}: {_reason(e, log_path)}; `adb devices` "
+                f"lists {seen}; is rknn_server running on the board, with the toolkit's librknnrt version? "
+                f"see {log_path}")
+    what = "rknn simulator failed" if e.what in ("init_runtime", "inference") else "rknn build failed"
+    return f"{what}: {e.what}: {_reason(e, log_path)}; see {log_path}"
+
+
+def _release(rknn, log_path: Path) -> None:
+    if rknn is None:
+        return
+    with _toolkit(log_path, "== release"):
+        try:
+            rknn.release()
+        except Exception:  # noqa: BLE001 - nothing useful to do
+            pass
+
+
 class _ToolkitFailure(Exception):
     def __init__(self, what: str, exc: BaseException | None) -> None:
         super().__init__(what)
         self.what = what
         self.exc = exc
+        self.board = False  # set when the call ran against a connected board
 
 
 def _ok(what: str, ret: Any) -> Any:

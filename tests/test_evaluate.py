@@ -423,3 +423,31 @@ def test_a_100000_image_split_is_read_a_batch_at_a_time(tmp_path):
     print(f"evaluate: {grown:.0f} MB for a {file_mb:.0f} MB split")
     assert grown < 0.25 * file_mb, f"evaluate grew by {grown:.0f} MB reading a {file_mb:.0f} MB split"
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["samples"] == n
+
+
+def test_board_logits_are_a_row_beside_the_simulators(backends, tmp_path):
+    """An rknn_quantize folder run with quantize.board_eval holds board_test_logits.npy (no board here:
+    the simulator's logits with one prediction changed stand in for them): evaluate scores it as
+    `rknn_board` beside `rknn`."""
+    t = toy()
+    rk = tmp_path / "rknn"
+    shutil.copytree(backends["rknn"], rk)
+    sim = np.load(rk / "test_logits.npy")
+    board = sim.copy()
+    board[0] = np.roll(board[0], 1)
+    np.save(rk / "board_test_logits.npy", board)
+    build = json.loads((rk / "build.json").read_text())
+    build["board"] = {**build["simulator"], "device_id": "SERIAL1"}
+    (rk / "build.json").write_text(json.dumps(build))
+    out = tmp_path / "out"
+    metrics = run_stage("evaluate", {}, {"data": t.data, "model": t.model, "rknn": rk}, out)
+    report = json.loads((out / "metrics.json").read_text())["backends"]
+    assert report["rknn_board"]["kind"] == "rknn_board" and report["rknn"]["kind"] == "rknn"
+    labels = np.load(t.data / "labels_test.npy")
+    assert metrics["top1"]["rknn_board"] == pytest.approx(float(np.mean(board.argmax(1) == labels)))
+    assert np.array_equal(np.load(out / "predictions.npz")["rknn_board.logits"], board)
+    assert "| rknn_board | rknn_board (rv1103 SERIAL1) |" in (out / "eval.md").read_text()
+    build["board"]["images_test_sha256"] = "0" * 64
+    (rk / "build.json").write_text(json.dumps(build))
+    with pytest.raises(StageError, match=r"input rknn: its board_test_logits.npy were computed on another test split"):
+        run_stage("evaluate", {}, {"data": t.data, "rknn": rk}, tmp_path / "again")

@@ -4,6 +4,7 @@ and stages.common.quiet (the fd-level redirection every toolkit call runs under)
 from __future__ import annotations
 
 import ctypes
+import re
 import json
 import logging
 import os
@@ -238,3 +239,106 @@ def test_quiet_nests_and_keeps_grabbed_streams_valid(tmp_path, capfd):
     os.write(2, b"fd 2 still open\n")
     captured = capfd.readouterr()
     assert "fd 1 still open" in captured.out and "fd 2 still open" in captured.err
+
+
+# -- multi-crop in the simulator (evaluate.multicrop) ------------------------------------------------------
+@pytest.fixture(scope="module")
+def wide_dataset(tmp_path_factory) -> tuple[Path, Path]:
+    """(dataset folder, original files): wide 64x32 pictures of the toy's colours, stretched to 32x32."""
+    from PIL import Image
+
+    from helpers_rknn import CLASSES, toy_images
+
+    t = toy()
+    root = tmp_path_factory.mktemp("wide")
+    src = root / "images"
+    imgs, labels = toy_images(40, seed=7, size=32)
+    for i, (a, c) in enumerate(zip(imgs, labels)):
+        (src / CLASSES[c]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate([a, a[:, ::-1]], axis=1)).save(src / CLASSES[c] / f"{i:03d}.png")
+    pre = json.loads((t.data / "preprocess.json").read_text())
+    run_stage("dataset", {"kind": "folder", "path": str(src), "classes": CLASSES, "preprocess": pre,
+                          "split": {"val": 0.1, "test": 0.5}}, {}, root / "data")
+    return root / "data", src
+
+
+def test_simulator_runs_the_crops_and_evaluate_scores_them(wide_dataset, tmp_path):
+    t = toy()
+    data, src = wide_dataset
+    multicrop = {"enabled": True, "crops": 3, "root": str(src)}
+    rk = tmp_path / "rknn"
+    run_stage("rknn_quantize", {"accuracy_analysis_samples": 0, "multicrop": multicrop},
+              {"onnx": t.onnx, "calib": t.calib, "data": data}, rk)
+    crops = np.load(rk / "test_crop_logits.npy")
+    n = len(np.load(data / "labels_test.npy"))
+    assert crops.shape == (n, 3, 4)
+    assert json.loads((rk / "build.json").read_text())["simulator"]["crops"] == {"crops": 3, "samples": n}
+    out = tmp_path / "eval"
+    metrics = run_stage("evaluate", {"multicrop": multicrop}, {"data": data, "onnx": t.onnx, "rknn": rk}, out)
+    pred = np.load(out / "predictions.npz")
+    assert np.array_equal(pred["rknn.crop_logits"], crops)
+    # the int8 crops agree with ONNX Runtime's crops of the same files
+    assert np.mean(crops.argmax(-1) == pred["onnx.crop_logits"].argmax(-1)) >= 0.9
+    assert set(metrics["multicrop_top1_mean"]) == {"onnx", "rknn"}
+    md = (out / "eval.md").read_text()
+    assert re.search(r"^\| rknn \| [\d.]+% \| [\d.]+% \| [\d.]+% \| \d+ \|$", md, re.M), md
+    # crops computed for 3 windows do not stand for 4
+    with pytest.raises(StageError, match=r"holds \[3\] crops per image, evaluate.multicrop.crops=4"):
+        run_stage("evaluate", {"multicrop": {**multicrop, "crops": 4}}, {"data": data, "rknn": rk}, tmp_path / "e4")
+
+
+def test_the_vote_is_not_in_the_builds_key():
+    """Only what makes the crops rebuilds the model: the vote is evaluate's business."""
+    from engine.cache import key_params
+
+    base = {"enabled": True, "crops": 3, "root": "/x"}
+    keys = [key_params(validate_params("rknn_quantize", {"multicrop": {**base, **extra}}))[0]
+            for extra in ({}, {"vote_threshold": 0.9, "negative_class": "red"}, {"crops": 4})]
+    assert keys[0] == keys[1] != keys[2]
+
+
+# -- on-board evaluation (quantize.board_eval) ---------------------------------------------------------------
+def _adb_server_up() -> bool:
+    from stages.rknn_quantize import _adb_server_running
+
+    return _adb_server_running()
+
+
+def test_board_eval_without_a_board_lists_what_adb_sees(tmp_path):
+    """No board here: a one-line error before any build, listing what `adb devices` (the toolkit's own adb
+    when none is on PATH) sees; an adb server the check started is stopped again."""
+    from stages.rknn_quantize import adb_executable
+
+    t = toy()
+    server_before = _adb_server_up()
+    with pytest.raises(StageError) as e:
+        run_stage("rknn_quantize", {"board_eval": {"device_id": "NOBOARD42"}},
+                  {"onnx": t.onnx, "calib": t.calib, "data": t.data}, tmp_path / "out")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("quantize.board_eval.device_id=NOBOARD42: ")
+    adb = adb_executable()
+    if adb is None:
+        assert "adb is not installed" in msg and "apt-get install adb" in msg
+    else:
+        assert f"the board is not connected; `adb devices` ({adb}) lists " in msg
+        listed = subprocess.run([adb, "devices"], capture_output=True, text=True).stdout
+        if not server_before:
+            subprocess.run([adb, "kill-server"], capture_output=True)
+        if not [ln for ln in listed.splitlines()[1:] if ln.strip() and not ln.startswith("*")]:
+            assert "lists no device" in msg
+    assert not (tmp_path / "out" / "model.rknn").exists()  # refused before minutes of building
+    assert _adb_server_up() == server_before
+
+
+def test_board_eval_needs_the_test_split(tmp_path):
+    t = toy()
+    with pytest.raises(StageError, match=r"quantize.board_eval.device_id needs the rknn_quantize stage's `data` input"):
+        run_stage("rknn_quantize", {"board_eval": {"device_id": "X"}}, {"onnx": t.onnx, "calib": t.calib}, tmp_path / "o")
+
+
+def test_the_toolkits_bundled_adb_is_found():
+    """rknn-toolkit2 ships adb (rknn/3rdparty/platform-tools): a board can be reached without installing it."""
+    from stages.rknn_quantize import adb_executable
+
+    adb = adb_executable()
+    assert adb is not None and os.access(adb, os.X_OK)
