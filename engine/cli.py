@@ -10,6 +10,8 @@
     edgepipe reproduce RUN_DIR [--verify] [--tolerance T]
     edgepipe compare SWEEP_DIR|RUN ... [--metrics top1,drop_points,seconds] [--out DIR]
     edgepipe gc [--dry-run]
+    edgepipe push [RUN] [cache.remote=URL]
+    edgepipe pull RUN | OVERRIDE ...
     edgepipe init [DIR]
     edgepipe --version
 
@@ -227,6 +229,7 @@ def validated_pipeline(job, options):
     pipeline._forced(options)
     _check_runs_root(pipeline.runs_root)
     _check_overrides(job, pipeline)
+    pipeline.cache.check_remote()  # an unreachable cache.remote: one line, before anything is written
     return pipeline
 
 
@@ -498,6 +501,62 @@ def cmd_gc(argv: Sequence[str]) -> int:
     return gc.collect(a.root, dry_run=a.dry_run)
 
 
+def _cache_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """push's and pull's arguments: `cache.*=...` overrides (for a run's saved config) and the rest."""
+    cache = [a for a in args if a.lstrip("+").startswith("cache.") and "=" in a]
+    return cache, [a for a in args if a not in cache]
+
+
+def _saved_run_config(ref: str, root: Path, cache_overrides: list[str]):
+    """A run's saved config with `cache.*` overrides applied, its record, and the cache it used."""
+    import yaml
+    from omegaconf import OmegaConf, open_dict
+
+    from . import reproduce, runs
+
+    cfg, record = reproduce.load_run(runs.resolve_run(root, ref))
+    with open_dict(cfg):
+        for override in cache_overrides:
+            key, _, value = override.lstrip("+").partition("=")
+            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, force_add=True)
+    return cfg, record
+
+
+def cmd_push(argv: Sequence[str]) -> int:
+    """Upload the cache entries a run used to cache.remote (the run's, or one given here)."""
+    from . import remote
+    from .cache import Cache
+
+    cache_overrides, rest = _cache_overrides(argv)
+    root = _default_runs_root()
+    if len(rest) > 1:
+        raise UsageError(f"push takes one run (default: latest), got {' '.join(rest)}")
+    cfg, record = _saved_run_config(rest[0] if rest else "latest", root, cache_overrides)
+    shared = remote.from_config(cfg)
+    if shared is None:
+        raise UsageError(f"{record.run_dir}: its config sets no cache.remote; name one: edgepipe push "
+                         f"{rest[0] if rest else 'latest'} cache.remote=s3://bucket/prefix")
+    return remote.push(record, Cache(Path(record.runs_root) / "cache"), shared)
+
+
+def cmd_pull(argv: Sequence[str]) -> int:
+    """Fetch from cache.remote what a run's config, or the config these overrides compose, needs."""
+    from . import remote, runs
+    from .runner import Pipeline
+
+    opts, overrides = _split_args(argv)
+    cache_overrides, rest = _cache_overrides(overrides)
+    if len(rest) == 1 and "=" not in rest[0] and not rest[0].startswith(("+", "~")):
+        root = _default_runs_root()
+        cfg, _ = _saved_run_config(rest[0], root, cache_overrides)
+        pipelines = [Pipeline(cfg, root)]  # this machine's cache, wherever the run was made
+    else:
+        pipelines = [Pipeline(job.cfg, _runs_root(job.cfg)) for job in _compose_jobs(opts, overrides)]
+    for p in pipelines:
+        _check_runs_root(p.runs_root)
+    return max(remote.pull(p) for p in pipelines)
+
+
 def cmd_init(argv: Sequence[str]) -> int:
     import argparse
 
@@ -514,7 +573,8 @@ def cmd_init(argv: Sequence[str]) -> int:
 
 
 VERBS = {"run": cmd_run, "plan": cmd_plan, "dag": cmd_dag, "runs": cmd_runs, "show": cmd_show,
-         "report": cmd_report, "reproduce": cmd_reproduce, "compare": cmd_compare, "gc": cmd_gc, "init": cmd_init}
+         "report": cmd_report, "reproduce": cmd_reproduce, "compare": cmd_compare, "gc": cmd_gc, "init": cmd_init,
+         "push": cmd_push, "pull": cmd_pull}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -528,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgepipe {__version__}")
         return 0
     verb, rest = argv[0], argv[1:]
-    if verb in ("run", "plan", "dag") and ("-h" in rest or "--help" in rest):
+    if verb in ("run", "plan", "dag", "push", "pull") and ("-h" in rest or "--help" in rest):
         print(USAGE.strip())  # the other verbs have argparse's own --help
         return 0
     if verb not in VERBS:
@@ -540,6 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     from .project import InitError
     from .registry import PluginError
+    from .remote import RemoteError
     from .runs import RunFolderError
 
     try:
@@ -550,6 +611,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ComposeError, UsageError, FileNotFoundError, RunFolderError, PluginError, InitError) as e:
         print(f"edgepipe: {e}", file=sys.stderr)
         return 2
+    except RemoteError as e:  # the shared cache cannot be reached: a runtime failure
+        print(f"edgepipe: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("edgepipe: interrupted; completed stages stay cached, the next run resumes from them", file=sys.stderr)
         return 130
