@@ -64,6 +64,14 @@ class CropSource(MultiCrop):
     vote_threshold: Annotated[float, NOT_IN_KEY] = Field(0.5, gt=0.0, le=1.0)
     negative_class: Annotated[str | None, NOT_IN_KEY] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unused_when_disabled(cls, data: Any) -> Any:
+        # disabled: crops and root make nothing, so they must not change the build's cache key either
+        if isinstance(data, dict) and not data.get("enabled", False):
+            data = {k: v for k, v in data.items() if k not in ("crops", "root")}
+        return data
+
 
 class BoardEval(Params):
     """``quantize.board_eval``: the test split on a board connected through adb (rknn_server running on it)."""
@@ -74,6 +82,7 @@ class BoardEval(Params):
 
 class RknnQuantize(Stage):
     name = "rknn_quantize"
+    peak_memory_mb = 1000  # MB, for run --jobs: rknn-toolkit2 with torch and onnxruntime; mmse: see peak_memory
     tools = ("rknn-toolkit2", "onnx")  # their versions are in the cache key
     config_section = "quantize"
     # 2: test_crop_logits.npy (evaluate.multicrop), board_test_logits.npy (quantize.board_eval)
@@ -132,6 +141,11 @@ class RknnQuantize(Stage):
                     f"use one of {list(DTYPES_BY_TARGET[self.target])}"
                 )
             return self
+
+    @classmethod
+    def peak_memory(cls, params) -> float:
+        """run --jobs: an mmse build holds ~1.7 GB (resnet18 in one process); normal and kl much less."""
+        return 1800 if params.do_quantization and params.algorithm == "mmse" else cls.peak_memory_mb
 
     def run(self, p: "RknnQuantize.Params", inputs, out: Path, ctx) -> dict[str, Any]:
         from stages.common.bundle import copy_forward

@@ -295,6 +295,9 @@ def test_the_vote_is_not_in_the_builds_key():
     keys = [key_params(validate_params("rknn_quantize", {"multicrop": {**base, **extra}}))[0]
             for extra in ({}, {"vote_threshold": 0.9, "negative_class": "red"}, {"crops": 4})]
     assert keys[0] == keys[1] != keys[2]
+    off = [key_params(validate_params("rknn_quantize", {"multicrop": m}))[0]
+           for m in ({}, {"enabled": False, "crops": 5, "root": "/y"})]
+    assert off[0] == off[1]  # disabled: its settings make nothing
 
 
 # -- on-board evaluation (quantize.board_eval) ---------------------------------------------------------------
