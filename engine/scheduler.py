@@ -278,6 +278,13 @@ def _worker_run(stage_cls: type, stage_name: str, params: Any, inputs: dict, out
     signal.signal(signal.SIGTERM, _raise_interrupt)  # stop_workers: unwind like Ctrl-C at --jobs 1
     try:
         metrics = stage_cls().run(params, inputs, out, ctx) or {}
+        # What the stage really held, beside its declaration, in the run's edgepipe.log (for tuning
+        # Stage.peak_memory_mb and --max-memory); ru_maxrss is in KiB on Linux.
+        import resource
+
+        peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        log.info("stage %s: worker peak RSS %.0f MB (declared %.0f MB)", stage_name, peak / 1024,
+                 stage_cls.peak_memory(params))
         return dict(metrics), _library_versions()
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

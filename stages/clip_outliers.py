@@ -34,6 +34,7 @@ from stages.common.models import ModelParams
 
 class ClipOutliers(Stage):
     name = "clip_outliers"
+    peak_memory_mb = 1000  # MB, for run --jobs: torch, the model and calibration batches
     tools = ("torch",)  # their versions are in the cache key
     version = 2  # 2: BatchNorm statistics recomputed with a data input
     sections = {"model": "model"}

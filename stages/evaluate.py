@@ -57,6 +57,7 @@ STEP = 256
 
 class Evaluate(Stage):
     name = "evaluate"
+    peak_memory_mb = 1500  # MB, for run --jobs: every backend loaded, the rknn simulator too (~1.1 GB measured at 32 px)
     tools = ("torch", "onnxruntime", "ncnn")  # their versions are in the cache key
     # 2: features.npz; RKNN multi-crop and board rows
     version = 2

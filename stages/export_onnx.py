@@ -25,6 +25,7 @@ class ExportOnnx(Stage):
     Runtime against PyTorch on sample inputs."""
 
     name = "export_onnx"
+    peak_memory_mb = 1200  # MB, for run --jobs: torch + onnx + onnxruntime for the parity check (~1.1 GB measured at 32 px)
     tools = ("torch", "onnx", "onnxruntime")  # their versions are in the cache key
     config_section = "export"
     version = 1

@@ -28,6 +28,7 @@ class ExportTorchScript(Stage):
     """Trace a trained model to TorchScript and check the saved file against the eager model."""
 
     name = "export_torchscript"
+    peak_memory_mb = 1000  # MB, for run --jobs: torch, the model traced twice
     tools = ("torch",)  # their versions are in the cache key
     config_section = "torchscript"
     version = 1

@@ -105,6 +105,7 @@ class NcnnConvert(Stage):
     """Convert an ONNX model to ncnn with pnnx; patch the Input shape; verify against ONNX Runtime."""
 
     name = "ncnn"
+    peak_memory_mb = 600  # MB, for run --jobs: torch, ncnn and the pnnx child (~0.4 GB measured at 32 px)
     tools = ("pnnx", "ncnn", "torch")  # their versions are in the cache key
     version = 1
     inputs = {"onnx": Input(required=True, doc="export_onnx output: model.onnx, io.json, preprocess.json, labels.txt")}

@@ -28,6 +28,7 @@ from stages.common.preprocess import Preprocess
 
 class Preflight(Stage):
     name = "preflight"
+    peak_memory_mb = 300  # MB, for run --jobs: onnx only (~0.3 GB measured)
     version = 1
     inputs = {"onnx": Input(required=True, doc="export_onnx folder: model.onnx, io.json, preprocess.json")}
     sections = {"board": "board", "preprocess": "preprocess"}

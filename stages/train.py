@@ -88,6 +88,7 @@ class EarlyStopping(Params):
 
 class Train(Stage):
     name = "train"
+    peak_memory_mb = 1500  # MB, for run --jobs: Lightning, the model, its optimizer state and batches
     tools = ("torch", "pytorch-lightning")  # their versions are in the cache key
     version = 2  # 2: BatchNorm recalibration, train_eval_acc and learning_check in metrics.json
     sections = {"model": "model"}

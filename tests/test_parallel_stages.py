@@ -195,3 +195,13 @@ def test_sizes_and_defaults():
     assert 1 <= scheduler.default_jobs() <= min(4, scheduler.cpu_count())
     assert scheduler.threads_per_stage(scheduler.cpu_count() * 2) == 1
     assert 0 < scheduler.default_memory_mb() < psutil.virtual_memory().total / 2**20
+
+
+def test_stages_declare_their_peak_memory():
+    from engine import registry
+
+    rknn = registry.get("rknn_quantize")
+    params = {"target": "rv1103"}
+    assert rknn.peak_memory(rknn.Params(**params, algorithm="mmse")) >= 1700  # the issue's ~1.7 GB
+    assert rknn.peak_memory(rknn.Params(**params, algorithm="normal")) < 1700
+    assert registry.get("train").peak_memory_mb > registry.get("preflight").peak_memory_mb
