@@ -64,6 +64,14 @@ class CropSource(MultiCrop):
     vote_threshold: Annotated[float, NOT_IN_KEY] = Field(0.5, gt=0.0, le=1.0)
     negative_class: Annotated[str | None, NOT_IN_KEY] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unused_when_disabled(cls, data: Any) -> Any:
+        # disabled: crops and root make nothing, so they must not change the build's cache key either
+        if isinstance(data, dict) and not data.get("enabled", False):
+            data = {k: v for k, v in data.items() if k not in ("crops", "root")}
+        return data
+
 
 class BoardEval(Params):
     """``quantize.board_eval``: the test split on a board connected through adb (rknn_server running on it)."""
