@@ -174,7 +174,7 @@ class ContentIndex:
         """``key``: the absolute path the entry is stored under (default: path resolved)."""
         st = os.stat(path)
         key = key or str(Path(path).resolve())
-        sig = _signature(st)
+        sig = signature(st)
         hit = self._known(key)
         if hit and hit[0] == sig:
             return hit[1]
@@ -182,12 +182,24 @@ class ContentIndex:
         self._files[key] = (sig, digest)
         return digest
 
+    def recorded(self) -> dict[str, tuple[str, str]]:
+        """Every file entry, {absolute path: (stat signature, sha256)}: one query, for a caller that
+        looks up many files (the dataset stage's own index of its sources)."""
+        found = {p: (sig, d) for p, sig, d in self._query("SELECT path, stat, sha256 FROM files", ())}
+        found.update({p: row for p, row in self._files.items() if row is not None})
+        return found
+
+    def record(self, key: str, sig: str, digest: str) -> None:
+        """Remember ``digest`` for the file at absolute path ``key`` while its stat is ``sig``
+        (``signature`` of the stat taken before the file was read)."""
+        self._files[key] = (sig, digest)
+
     def folder_digest(self, folder: Path) -> str:
         """tree_digest of the folder's files (list_files' listing): one stat per file; the files are
         read only when their stat is not the one their digest was recorded under."""
         real = os.path.realpath(folder)
         listing = scan_files(folder)
-        signed = [(rel, _signature(st), path) for rel, path, st in listing]
+        signed = [(rel, signature(st), path) for rel, path, st in listing]
         listed = hashlib.sha256("".join(f"{rel}\0{sig}\n" for rel, sig, _ in signed).encode()).hexdigest()
         tree = self._trees.get(real) or next(iter(self._query(
             "SELECT listing, digest FROM trees WHERE folder = ?", (real,))), None)
@@ -217,7 +229,7 @@ CREATE TABLE IF NOT EXISTS trees (folder TEXT PRIMARY KEY, listing TEXT NOT NULL
 """
 
 
-def _signature(st: os.stat_result) -> str:
+def signature(st: os.stat_result) -> str:
     """What a file's recorded digest is valid for (text: an inode may not fit sqlite's 64-bit integer)."""
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_dev}"
 

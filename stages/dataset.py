@@ -52,7 +52,7 @@ from typing import Annotated, Any, Iterator, Literal
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from engine.hashing import list_files, sha256_file, sha256_json, tree_digest
+from engine.hashing import ContentIndex, list_files, sha256_file, sha256_json, signature, tree_digest
 from engine.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from stages.common.bundle import LABELS, write_labels
 from stages.common.preprocess import Preprocess, load_image, resize
@@ -94,7 +94,7 @@ class _Item:
     path: str  # as written to index.csv (relative to the dataset root) or "digits/17"
     label: int
     split: str | None = None  # fixed by the source (split folders/lists/idx files), else None
-    file: Path | None = None  # file to decode (None: `array` holds the pixels)
+    file: Path | str | None = None  # file to decode (None: `array` holds the pixels)
     array: np.ndarray | None = None  # uint8 H x W (grayscale) or H x W x 3
     group: str | None = None
 
@@ -103,13 +103,15 @@ def _nfc(s: str) -> str:
     return unicodedata.normalize("NFC", s)
 
 
-def _is_hidden(rel: Path) -> bool:
-    return any(part.startswith(".") or part in ("__MACOSX", "Thumbs.db", "desktop.ini") for part in rel.parts)
+def _is_hidden(rel: str) -> bool:
+    """``rel``: a relative POSIX path."""
+    return any(part.startswith(".") or part in ("__MACOSX", "Thumbs.db", "desktop.ini") for part in rel.split("/"))
 
 
-def _files_under(folder: Path, loops: list[Path]) -> list[Path]:
-    """Files under folder, symlinks followed like the cache key's hashing does; loops go to ``loops``."""
-    return [folder / rel for rel in list_files(folder, on_loop=loops.append) if not _is_hidden(Path(rel))]
+def _files_under(folder: Path, loops: list[Path]) -> list[str]:
+    """Files under folder as relative POSIX paths, symlinks followed like the cache key's hashing
+    does; loops go to ``loops``."""
+    return [rel for rel in list_files(folder, on_loop=loops.append) if not _is_hidden(rel)]
 
 
 def _line_break_in(name: str) -> bool:
@@ -274,13 +276,18 @@ class _Decoded:
     def _entry(self, digest: str) -> Path:
         return self.folder / digest[:2] / digest
 
-    def get(self, digest: str) -> np.ndarray | None:
+    def read(self, digest: str) -> bytes | None:
+        """The row's bytes, or None (no entry, or a damaged one of another size)."""
         try:
-            data = self._entry(digest).read_bytes()
+            with open(os.path.join(self.folder, digest[:2], digest), "rb") as f:
+                data = f.read()
         except OSError:
             return None
-        arr = np.frombuffer(data, np.uint8)
-        return arr.reshape(self.shape) if arr.size == int(np.prod(self.shape)) else None
+        return data if len(data) == self.shape[0] * self.shape[1] * self.shape[2] else None
+
+    def get(self, digest: str) -> np.ndarray | None:
+        data = self.read(digest)
+        return None if data is None else np.frombuffer(data, np.uint8).reshape(self.shape)
 
     def put(self, digest: str, arr: np.ndarray) -> None:
         entry = self._entry(digest)
@@ -295,8 +302,9 @@ class _Decoded:
 
 
 def _decode_one(file: str | None, array: np.ndarray | None, spec, kept: _Decoded | None = None) -> tuple:
-    """(uint8 H x W x 3 pixels, sha1 of the source bytes, None, decoded here) or (None, None, why it
-    was skipped, True). Pixels ``kept`` from an earlier run for the same bytes are not decoded again."""
+    """(uint8 H x W x 3 pixels, digest, None, decoded here) or (None, digest or None, why it was
+    skipped, True). The digest is the sha256 of a file's bytes (sha1 of an in-memory array's).
+    Pixels ``kept`` from an earlier run for the same bytes are not decoded again."""
     from PIL import Image
 
     if array is not None:
@@ -308,20 +316,61 @@ def _decode_one(file: str | None, array: np.ndarray | None, spec, kept: _Decoded
         return None, None, f"unreadable: {e.strerror or e}", True
     if not data:
         return None, None, "empty file (0 bytes)", True
-    digest = hashlib.sha1(data).hexdigest()  # duplicates.csv's column
-    # kept pixels go by sha256: crafted sha1 collisions exist, so two files must never share an entry
-    content = hashlib.sha256(data).hexdigest() if kept is not None else ""
-    if kept is not None and (arr := kept.get(content)) is not None:
+    # sha256, not sha1: crafted sha1 collisions exist, and two files must never share kept pixels
+    digest = hashlib.sha256(data).hexdigest()
+    if kept is not None and (arr := kept.get(digest)) is not None:
         return arr, digest, None, False
     try:
         arr = resize(load_image(io.BytesIO(data)), spec)
     except Exception as e:  # noqa: BLE001 - every decoder failure is a skip reason
         if type(e).__name__ == "UnidentifiedImageError":
-            return None, None, "not an image (Pillow cannot identify the format)", True
-        return None, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'decode failed'}", True
+            return None, digest, "not an image (Pillow cannot identify the format)", True
+        return None, digest, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'decode failed'}", True
     if kept is not None:
-        kept.put(content, arr)
+        kept.put(digest, arr)
     return arr, digest, None, True
+
+
+class _Sources:
+    """The sha256 of each source file by its stat (size, mtime, inode, device), kept in the scratch
+    folder (engine.hashing.ContentIndex, sqlite), so a re-run neither reads nor hashes a file that did
+    not change: with its decoded row kept, it costs a stat and one read of that row."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.index = ContentIndex(Path(scratch) / "sources.sqlite")
+        self.known = self.index.recorded()
+        self.cwd = os.getcwd()
+        self.seen: dict[int, tuple[str, str]] = {}  # item -> (absolute path, stat signature before reading)
+
+    def lookup(self, i: int, file: Path) -> str | None:
+        """The recorded sha256 of item i's file if its stat is the recorded one; None otherwise."""
+        path = os.path.join(self.cwd, file)  # file may be relative; no resolve per file
+        try:
+            sig = signature(os.stat(path))
+        except OSError:
+            return None
+        self.seen[i] = (path, sig)
+        hit = self.known.get(path)
+        return hit[1] if hit is not None and hit[0] == sig else None
+
+    def record(self, i: int, digest: str) -> None:
+        if i in self.seen:
+            self.index.record(*self.seen[i], digest)
+
+
+def _reuse(items: list[_Item], sources: _Sources, kept: _Decoded, rows: "_Rows", ok: list, digests: list) -> list[int]:
+    """Rows of unchanged files (recorded stat, kept pixels) copied into ``rows`` without reading the
+    file; the indices of the items left to decode."""
+    rest = []
+    for i, it in enumerate(items):
+        digest = sources.lookup(i, it.file) if it.file is not None else None
+        data = kept.read(digest) if digest is not None else None
+        if data is None:
+            rest.append(i)
+            continue
+        rows.put_bytes(i, data)
+        ok[i], digests[i] = True, digest
+    return rest
 
 
 def _decode_chunk(jobs: list[tuple[str | None, np.ndarray | None]], spec, kept: _Decoded | None) -> list[tuple]:
@@ -359,6 +408,9 @@ class _Rows:
         if arr.shape != self.shape or arr.dtype != np.uint8:  # resize() always gives this; a guard, not a path
             raise StageError(f"decoded image {i} has shape {arr.shape} {arr.dtype}, expected {self.shape} uint8")
         os.pwrite(self._f.fileno(), np.ascontiguousarray(arr).tobytes(), i * self.row)
+
+    def put_bytes(self, i: int, data: bytes) -> None:
+        os.pwrite(self._f.fileno(), data, i * self.row)
 
     def copy_rows(self, idx: list[int], dest: Path) -> None:
         """``np.save(dest, stack of rows idx)``, byte for byte, ``_COPY_ROWS`` rows at a time."""
@@ -617,8 +669,8 @@ class Dataset(Stage):
             if not files:
                 raise StageError(f"class folder {d} has no files; remove it or add images")
             label = classes.index(name)
-            for f in files:
-                items.append(_Item(path=f.relative_to(root).as_posix(), label=label, split=split, file=f))
+            shown = d.relative_to(root).as_posix()  # strings per file: 100,000 Path objects cost seconds
+            items += [_Item(path=f"{shown}/{rel}", label=label, split=split, file=os.path.join(d, rel)) for rel in files]
         return items, classes
 
     def _split_folders(self, p, given, ctx):
@@ -738,22 +790,40 @@ class Dataset(Stage):
 
     # -- decoding -------------------------------------------------------------------------------
     def _decode(self, items: list[_Item], p, scratch: "_Rows", ctx):
-        """Decode every item into its row of ``scratch``, in index order whatever the worker count;
-        (decoded or not per item, sha1 digests, (path, reason) of the skipped)."""
-        workers = p.workers or _cpus()
+        """Each item's row of ``scratch``: copied from the kept pixels of an unchanged file, else
+        decoded (in worker processes); the same bytes whatever the worker count. Returns (decoded
+        or not per item, content digests, (path, reason) of the skipped in index order, decoded)."""
         n = len(items)
-        ok = [False] * n
-        digests: list[str | None] = [None] * n
-        skipped: list[tuple[str, str]] = []
-        n_decoded = 0
-        ctx.progress(0, n, f"decoding {n} images")
-        step = max(1, n // 50)
-        jobs = [(str(it.file) if it.array is None else None, it.array) for it in items]
-        chunks = [jobs[i : i + _CHUNK] for i in range(0, n, _CHUNK)]
+        ok, digests = [False] * n, [None] * n
         kept = _Decoded.under(ctx.scratch, p.preprocess) if ctx.scratch is not None and p.keep_decoded else None
+        sources = _Sources(ctx.scratch) if kept is not None else None
+        ctx.progress(0, n, f"decoding {n} images")
+        todo = _reuse(items, sources, kept, scratch, ok, digests) if sources is not None else list(range(n))
+        skipped, n_decoded = [], 0
+        for i, (arr, digest, why, decoded) in self._decoded(items, todo, p, kept, ctx, n - len(todo)):
+            n_decoded += decoded
+            digests[i] = digest
+            if why is None:
+                scratch.put(i, arr)
+                ok[i] = True
+                if sources is not None:
+                    sources.record(i, digest)
+            else:
+                skipped.append((items[i].path, why))
+        if sources is not None:
+            sources.index.save()
+        return ok, digests, skipped, n_decoded
+
+    def _decoded(self, items: list[_Item], todo: list[int], p, kept, ctx, done: int) -> Iterator[tuple[int, tuple]]:
+        """(index, _decode_one's result) of the items ``todo``, in that order, decoded in ``workers``
+        spawned processes (chunks of _CHUNK, a bounded window of them in flight) or in this one."""
+        workers, n = p.workers or _cpus(), done + len(todo)
+        step = max(1, n // 50)
+        jobs = [(str(items[i].file) if items[i].array is None else None, items[i].array) for i in todo]
+        chunks = [jobs[k : k + _CHUNK] for k in range(0, len(jobs), _CHUNK)]
         pool = None
         # in-memory sources (digits, idx) only resize small arrays: starting processes costs more
-        if workers > 1 and n >= 2 * _CHUNK and any(it.file is not None for it in items):
+        if workers > 1 and len(todo) >= 2 * _CHUNK and any(items[i].file is not None for i in todo):
             # processes, not threads: the Python part of each image's work holds the one GIL; spawn,
             # not fork, so no thread or lock of this process (progress display, torch) is copied
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -761,26 +831,21 @@ class Dataset(Stage):
             results = _in_order(pool, chunks, p.preprocess, kept, workers + 2)
         else:
             results = (_decode_chunk(c, p.preprocess, kept) for c in chunks)
-        i = 0
+        k = 0
         try:
             for chunk in results:
-                for arr, digest, why, decoded in chunk:
-                    n_decoded += decoded
-                    if why is None:
-                        scratch.put(i, arr)
-                        ok[i], digests[i] = True, digest
-                    else:
-                        skipped.append((items[i].path, why))
-                    i += 1
-                    if i % step == 0 or i == n:
-                        ctx.progress(i, n, f"decoding images {i}/{n}")
+                for result in chunk:
+                    yield todo[k], result
+                    k += 1
+                    if (done + k) % step == 0 or done + k == n:
+                        ctx.progress(done + k, n, f"decoding images {done + k}/{n}")
         except BrokenProcessPool:
+            where = items[todo[min(k, len(todo) - 1)]].path
             raise StageError(f"a decoding worker died (out of memory, or a crash in an image decoder) near "
-                             f"{items[min(i, n - 1)].path!r}; rerun with dataset.workers=1 to find the file") from None
+                             f"{where!r}; rerun with dataset.workers=1 to find the file") from None
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
-        return ok, digests, skipped, n_decoded
 
     # -- splitting ------------------------------------------------------------------------------
     def _assign(self, items: list[_Item], keep: list[int], classes: list[str], p) -> dict[int, str]:
@@ -810,7 +875,10 @@ class Dataset(Stage):
         per_class: dict[int, list[list[int]]] = defaultdict(list)
         for key in sorted(groups):
             members = groups[key]
-            label = Counter(items[i].label for i in members).most_common(1)[0][0]
+            if len(members) == 1:  # most files are a group of one
+                label = items[members[0]].label
+            else:
+                label = Counter(items[i].label for i in members).most_common(1)[0][0]
             per_class[label].append(members)
         order = ["train", "val", "test"]
         for c in sorted(per_class):
@@ -834,8 +902,18 @@ class Dataset(Stage):
 
     @staticmethod
     def _duplicates(items, keep, splits, digests) -> list[tuple[str, list[tuple[str, str]]]]:
+        """(sha1, [(split, path)]) of identical files (equal digests) in more than one split, by sha1
+        (duplicates.csv's column; a file's digest here is its sha256, hashed again with sha1 only for
+        the few files listed)."""
         where: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        first: dict[str, int] = {}
         for i in keep:
             if digests[i] is not None:
                 where[digests[i]].append((splits[i], items[i].path))
-        return [(d, rows) for d, rows in sorted(where.items()) if len({s for s, _ in rows}) > 1]
+                first.setdefault(digests[i], i)
+        found = []
+        for d, rows in where.items():
+            if len({s for s, _ in rows}) > 1:
+                it = items[first[d]]
+                found.append((d if it.file is None else hashlib.sha1(Path(it.file).read_bytes()).hexdigest(), rows))
+        return sorted(found)

@@ -358,7 +358,7 @@ def test_kept_decoded_images_reused(tmp_path):
     assert run("changed", workers=2)["decoded"] == 2
     same_as_cold(tmp_path / "changed")
     assert f"{CLASSES[1]}/img 3.jpg" not in {r["path"] for r in _index(tmp_path / "changed")}
-    entries = [f for f in scratch.rglob("*") if f.is_file()]
+    entries = [f for f in (scratch / "decoded").rglob("*") if f.is_file()]
     assert len(entries) == 137 and not [f for f in entries if ".tmp" in f.parts]
     kept = entries[0].parents[1]  # scratch/decoded/<settings>/<sha256[:2]>/<sha256>
     stale = kept / ".tmp" / "killed-run"  # what a run killed between write and rename leaves
@@ -434,3 +434,26 @@ def test_gc_removes_decoded_images_unused_for_a_week(tmp_path):
     assert removed == 4 and freed == 4 * 16 * 16 * 3
     assert sorted(scratch.glob("dataset/decoded/*/??/*")) == entries[4:]
     assert run("again")["decoded"] == 4
+
+
+def test_unchanged_files_are_not_read_again(tmp_path, monkeypatch):
+    """With decoded images kept, a re-run takes each unchanged file's sha256 from the stat it was
+    recorded under (scratch/sources.sqlite) and its pixels from the kept entry: no file is read but a
+    changed one; the outputs, duplicates.csv's sha1 column included, equal a cold run's."""
+    root = make_image_folder(tmp_path / "data", per_class=20, ext="jpg")
+    for k in range(6):  # identical files in two classes: some land in two splits
+        shutil.copy(root / CLASSES[0] / f"img {k}.jpg", root / CLASSES[1] / f"copy {k}.jpg")
+    scratch = tmp_path / "scratch"
+    prm = {"kind": "folder", "path": root, "preprocess": PRE, "workers": 1}
+    assert run_stage(Dataset, prm, {}, tmp_path / "first", scratch=scratch)["decoded"] == 60  # copies: kept once
+    read, real = [], dataset_module._decode_one
+    monkeypatch.setattr(dataset_module, "_decode_one",
+                        lambda file, array, spec, kept=None: read.append(Path(file).name) or real(file, array, spec, kept))
+    assert run_stage(Dataset, prm, {}, tmp_path / "again", scratch=scratch)["decoded"] == 0 and read == []
+    save_image(class_image(2, 97), root / CLASSES[2] / "img 1.jpg")
+    assert run_stage(Dataset, prm, {}, tmp_path / "changed", scratch=scratch)["decoded"] == 1
+    assert read == ["img 1.jpg"]
+    run_stage(Dataset, prm, {}, tmp_path / "cold")
+    assert len(_index(tmp_path / "cold")) == 66 and (tmp_path / "cold" / "duplicates.csv").read_text().count("\n") > 1
+    for name in sorted(f.name for f in (tmp_path / "cold").iterdir()):
+        assert (tmp_path / "changed" / name).read_bytes() == (tmp_path / "cold" / name).read_bytes(), name
