@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_remote_cache import s3  # noqa: F401 - the moto S3 server fixture
 
 pytestmark = pytest.mark.slow
 
@@ -196,3 +197,22 @@ def test_readme_2x2_sweep_makes_2_trainings_and_8_rknn_builds(quickstart, capsys
     # the lr=0.001 jobs share one training
     assert stage[(("train.lr=0.001", "quantize.method=channel"), "train")]["key"] == \
         stage[(("train.lr=0.001", "quantize.method=layer"), "train")]["key"]
+
+
+def test_a_teammate_runs_the_quickstart_from_the_s3_cache_computing_nothing(quickstart, s3, tmp_path, monkeypatch):
+    """cache.remote on a real S3-compatible server (moto's, 127.0.0.1) through s3fs: the first machine
+    pushes its quickstart run; a second one (its own folder and runs root) runs the quickstart and every
+    stage is a remote hit, each file checked against its sha256."""
+    _, _, run, main = quickstart
+    remote = ["cache.remote=s3://team/edgepipe", f"+cache.remote_options.client_kwargs.endpoint_url={s3}"]
+    assert main(["push", run["run_dir"], *remote]) == 0
+    second = tmp_path / "teammate"
+    second.mkdir()
+    monkeypatch.setenv("EDGEPIPE_RUNS", str(second / "runs"))
+    monkeypatch.chdir(second)
+    assert main(["run", "+experiment=quickstart", *remote]) == 0
+    mine = json.loads((second / "runs" / "latest" / "run.json").read_text())
+    assert {s["status"] for s in mine["stages"].values()} == {"cached"}
+    assert {s["reason"] for s in mine["stages"].values()} == {"fetched from cache.remote"}
+    assert {k: s["key"] for k, s in mine["stages"].items()} == {k: s["key"] for k, s in run["stages"].items()}
+    assert mine["stages"]["eval"]["metrics"] == run["stages"]["eval"]["metrics"]
