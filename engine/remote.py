@@ -23,6 +23,7 @@ import uuid
 import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -67,6 +68,8 @@ def from_config(cfg: DictConfig) -> "Remote | None":
     if not settings.remote:
         return None
     secrets = sorted(_secret_keys(settings.remote_options, "cache.remote_options"))
+    if urlsplit(settings.remote).password:
+        secrets.insert(0, "cache.remote")  # sftp://user:password@host/...
     if secrets:
         raise ConfigError([f"{k}: credentials do not belong in the config (it is saved in every run folder); "
                            f"give them to the back-end itself (for s3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "

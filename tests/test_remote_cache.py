@@ -137,6 +137,8 @@ def test_bad_remote_settings_are_one_line_errors(ws):
     assert_clean_failure(r, 2, "cache.remote", "nosuch")
     r = ws.cli("plan", "cache.remote=s3://bucket/x", "+cache.remote_options.secret=abc")
     assert_clean_failure(r, 2, "cache.remote_options.secret", "credentials")
+    r = ws.cli("plan", "cache.remote=sftp://me:hunter2@host/cache")
+    assert "hunter2" not in r.err and "credentials" in assert_clean_failure(r, 2, "cache.remote")
     r = ws.cli("push")
     assert_clean_failure(r, 2, "latest")  # no run yet
     assert ws.cli("run").rc == 0
