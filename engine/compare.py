@@ -154,28 +154,60 @@ def show(v: Any) -> str:
     if v is None:
         return MISSING
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
 
 
 # -- output -------------------------------------------------------------------------------------------
-def rich_table(c: Comparison):
+def rich_tables(c: Comparison, width: int) -> list:
+    """The terminal tables: values never wrap or get cut (a number cut in two is misread); headers are
+    shortened (`eval.top1.rknn_mmse` -> `top1` over `rknn_mmse`) and wrap at their line breaks. When the
+    metrics do not fit `width` they go on in further tables, each repeating the job, the differing
+    overrides and the headline."""
     from rich.table import Table
 
-    table = Table(title=f"{len(c.jobs)} jobs, best {'lowest' if c.lower_is_better else 'highest'} "
-                        f"{c.headline or ''} first", title_justify="left")
-    for i, name in enumerate(c.header()):
-        numeric = i > len(c.swept)
-        table.add_column(_short_header(name), justify="right" if numeric else "left", overflow="fold")
-    for row in c.rows():
-        table.add_row(*row)
-    return table
+    header, rows = c.header(), c.rows()
+    labels = short_headers(header, len(c.swept))
+    need = [max([len(r[i]) for r in rows] + [max(len(w) for w in label.split("\n"))]) for i, label in enumerate(labels)]
+    fixed = list(range(len(c.swept) + 1 + (1 if c.headline else 0)))
+    chunks: list[list[int]] = [[]]
+    used = sum(need[i] + 3 for i in fixed) + 1
+    for i in range(len(fixed), len(header)):
+        if chunks[-1] and used + need[i] + 3 > width:
+            chunks.append([])
+            used = sum(need[j] + 3 for j in fixed) + 1
+        chunks[-1].append(i)
+        used += need[i] + 3
+    tables = []
+    for n, chunk in enumerate(chunks):
+        title = (f"{len(c.jobs)} jobs, best {c.headline or 'headline'} first ({'lowest' if c.lower_is_better else 'highest'})"
+                 + (f" ({n + 1}/{len(chunks)})" if len(chunks) > 1 else ""))
+        table = Table(title=title, title_justify="left")
+        for i in fixed + chunk:
+            table.add_column(labels[i], justify="right" if i > len(c.swept) else "left", no_wrap=True, min_width=need[i])
+        for row in rows:
+            table.add_row(*(row[i] for i in fixed + chunk))
+        tables.append(table)
+    return tables
 
 
-def _short_header(key: str) -> str:
-    """`eval.top1.rknn_mmse` -> `eval.top1` over `rknn_mmse`: rich then wraps at the line break, not mid-word."""
-    parts = key.split(".")
-    return ".".join(parts[:2]) + "\n" + ".".join(parts[2:]) if len(parts) > 2 else key
+def short_headers(header: list[str], swept: int) -> list[str]:
+    """Column labels for the terminal: overrides as `group.` over `key`, metrics without their stage
+    (kept where two stages have the same metric) and the backend on a second line."""
+    out = []
+    metrics = header[swept + 1:]
+    for i, key in enumerate(header):
+        parts = key.split(".")
+        if i == 0 or len(parts) == 1:
+            out.append(key)
+        elif i <= swept:  # long keys (`+pipeline.stages.eval.with.algorithm`) wrap before their last part
+            out.append(key if len(key) <= 14 else ".".join(parts[:-1]) + ".\n" + parts[-1])
+        else:
+            rest = ".".join(parts[1:])
+            clash = sum(1 for m in metrics if m.split(".", 1)[-1] == rest) > 1
+            head = ".".join(parts[:2]) if clash else parts[1]
+            out.append(head + ("\n" + ".".join(parts[2:]) if len(parts) > 2 else ""))
+    return out
 
 
 def write_outputs(c: Comparison, out_dir: Path) -> list[Path]:
@@ -271,7 +303,9 @@ def run(refs: Sequence[str], runs_root: Path, metrics: Sequence[str], out_dir: P
     if out_dir is None:
         single = Path(refs[0]) if len(refs) == 1 else None
         out_dir = single if single is not None and single.is_dir() and not (single / RUN_JSON).is_file() else Path(".")
-    Console(highlight=False, width=width).print(rich_table(c))
+    console = Console(highlight=False, width=width)
+    for table in rich_tables(c, console.width):
+        console.print(table)
     return write_outputs(c, out_dir)
 
 

@@ -239,7 +239,7 @@ details { margin: 0.5em 0 1em; } summary { cursor: pointer; }
 {% for m in e.multicrop %}<tr><td>{{ m[0] }}</td>{% for v in m[1:] %}<td class="num">{{ v }}</td>{% endfor %}</tr>
 {% endfor %}</table>
 {% endif %}
-<h3>t-SNE of the features ({{ e.reference or "PyTorch" }})</h3>
+<h3>t-SNE of the penultimate-layer features{% if e.tsne.backend %} ({{ e.tsne.backend }}){% endif %}</h3>
 {% if e.tsne.uri %}<img class="tsne" alt="t-SNE of the test features by class" src="{{ e.tsne.uri }}">
 {% else %}<p class="note">{{ e.tsne.problem }}</p>{% endif %}
 {% endif %}

@@ -213,17 +213,20 @@ class ImagePictures:
 def tsne(view: RunView, folder: Path, classes: list[str]) -> dict[str, Any]:
     path = folder / FEATURES
     if not path.is_file():
-        return {"uri": None, "problem": f"no {FEATURES} in the evaluate output: t-SNE needs the PyTorch model's features"}
+        return {"uri": None, "backend": None,
+                "problem": f"no {FEATURES} in the evaluate output: t-SNE needs a PyTorch backend's features"}
     try:
         with np.load(path) as z:
             features, labels = z["features"], z["labels"]
+            backend = str(z["backend"]) if "backend" in z.files else None
     except (OSError, KeyError, ValueError) as e:
-        return {"uri": None, "problem": f"{path} is not readable ({e})"}
+        return {"uri": None, "backend": None, "problem": f"{path} is not readable ({e})"}
     if len(features) < 5 or len(features) != len(labels):
-        return {"uri": None, "problem": f"{path}: {len(features)} feature rows, {len(labels)} labels: too few for a t-SNE"}
+        return {"uri": None, "backend": None,
+                "problem": f"{path}: {len(features)} feature rows, {len(labels)} labels: too few for a t-SNE"}
     data = figs.memo_png(view.scratch, ("tsne", figs.TSNE_VERSION, TSNE_SEED, features, labels, classes),
                          lambda: figs.tsne_png(features, labels, classes, TSNE_SEED))
-    return {"uri": figs.png_uri(data), "problem": None, "count": min(len(features), figs.TSNE_MAX)}
+    return {"uri": figs.png_uri(data), "problem": None, "backend": backend}
 
 
 # -- package ------------------------------------------------------------------------------------------

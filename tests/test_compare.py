@@ -41,7 +41,8 @@ def test_sweep_rows_best_first_with_only_the_differing_override(ws, sweep):
     # the terminal table: 100 columns, nothing cut, no shared override
     lines = r.out.splitlines()
     table = lines[:lines.index(next(line for line in lines if line.startswith("wrote ")))]
-    assert len(table) == 3 + 4 + 1 and max(len(line) for line in table) <= 100 and "…" not in r.out
+    assert sum(line.startswith("│") for line in table) == 3  # one table, a line per job
+    assert max(len(line) for line in table) <= 100 and "…" not in r.out
     assert "scale.factor" in r.out and "src.value" not in r.out
     assert [line.split("│")[1].strip() for line in lines if line.startswith("│")] == ["1", "2", "0"]
     md = (sweep / "compare.md").read_text().splitlines()
@@ -83,6 +84,17 @@ def test_run_folders_and_chosen_metrics(ws, tmp_path):
     run = json.loads((second / "run.json").read_text())
     valued = [f"{s}.value" for s, rec in run["stages"].items() if "value" in rec["metrics"]]
     assert valued and rows[0][3:] == [*valued, "seconds"]
+    # too many columns for the width: the metrics go on in further tables, each with the job and the
+    # differing override again; nothing is cut or wrapped
+    r = ws.cli("compare", str(first), str(second), "--metrics", "value,seconds", "--out", str(tmp_path / "out"),
+               "--width", "60")
+    assert r.rc == 0, r.err
+    lines = r.out.splitlines()
+    titles = [line for line in lines if line.startswith("2 jobs, best total.sum first")]
+    assert len(titles) > 1 and all(len(line) <= 60 for line in lines if not line.startswith("wrote "))
+    assert "…" not in r.out and sum(second.name in line for line in lines) == len(titles)
+    shown = " ".join(lines)
+    assert all(v.split(".")[1] in shown for v in valued) and "seconds" in shown
 
 
 def test_unknown_metric_or_empty_folder_is_one_line(ws, sweep, tmp_path):

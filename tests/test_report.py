@@ -311,6 +311,46 @@ def test_report_costs_no_recomputation_and_draws_nothing_again(evaluated_run):
     assert json.loads((run_dir / "run.json").read_text()) == run
 
 
+def test_multicrop_results_are_shown(tmp_path):
+    """evaluate with multi-crop on a folder of wide images (as in test_evaluate), reported from a run
+    folder whose record points at the stage outputs: the multi-crop table shows metrics.json's numbers."""
+    from helpers_rknn import CLASSES, toy, toy_images
+
+    from engine.report_html import write_html
+    from engine.runs import RunRecord, StageRecord
+    from engine.testing import run_stage
+
+    t = toy()
+    src = tmp_path / "images"
+    imgs, labels = toy_images(48, seed=7, size=32)
+    for i, (a, c) in enumerate(zip(imgs, labels)):
+        (src / CLASSES[c]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate([a, a[:, ::-1]], axis=1)).save(src / CLASSES[c] / f"{i:03d}.png")
+    pre = json.loads((t.data / "preprocess.json").read_text())
+    run_stage("dataset", {"kind": "folder", "path": str(src), "classes": CLASSES, "preprocess": pre,
+                          "split": {"val": 0.1, "test": 0.5}}, {}, tmp_path / "data")
+    params = {"multicrop": {"enabled": True, "crops": 3, "root": str(src), "vote_threshold": 0.5}}
+    run_stage("evaluate", params, {"data": tmp_path / "data", "model": t.model, "onnx": t.onnx}, tmp_path / "eval")
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(
+        "pipeline:\n  stages:\n    data: {uses: dataset}\n"
+        "    eval: {uses: evaluate, needs: {data: data, model: model, onnx: onnx}}\n")
+    record = RunRecord(name="multicrop", run_dir=str(run_dir), runs_root=str(tmp_path / "runs"), status="ok", stages={
+        "data": StageRecord("data", "dataset", "ran", path=str(tmp_path / "data")),
+        "eval": StageRecord("eval", "evaluate", "ran", path=str(tmp_path / "eval"))})
+    html = write_html(record).read_text(encoding="utf-8")
+    table = html[html.index('<table class="multicrop">'):]
+    table = words(" ".join(Page(table[:table.index("</table>")]).text))
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for name, row in report["backends"].items():
+        mc = row["multicrop"]
+        assert (f"{name} {mc['crops']} {row['top1']:.2%} {mc['top1_mean']:.2%} {mc['top1_vote']:.2%} "
+                f"{mc['undecided']}") in table
+    for png in embedded_pngs(Page(html)):
+        assert_picture(png)
+
+
 # -- edgepipe dag --format png|svg ---------------------------------------------------------------------
 def test_dag_png_and_svg_with_graphviz(ws, tmp_path):
     assert shutil.which("dot"), "Graphviz's dot is missing: apt-get install graphviz (.ci/run installs it)"
