@@ -205,3 +205,28 @@ def test_stages_declare_their_peak_memory():
     assert rknn.peak_memory(rknn.Params(**params, algorithm="mmse")) >= 1700  # the issue's ~1.7 GB
     assert rknn.peak_memory(rknn.Params(**params, algorithm="normal")) < 1700
     assert registry.get("train").peak_memory_mb > registry.get("preflight").peak_memory_mb
+
+
+QUICK = ["+experiment=quickstart", "train.epochs=1", "train.limit_train_batches=2", "train.bn_recalibrate_images=64",
+         "--only", "ncnn,preflight,calib"]
+
+
+@pytest.mark.slow
+def test_quickstart_branches_at_jobs_2_match_jobs_1(project):
+    """The real stages in worker processes: train beside calib, ncnn beside preflight (1 epoch of 2
+    batches: the model is what matters). Forced again at --jobs 1, in this process, every
+    deterministic stage gives the same output digest."""
+    r = project.cli("run", "--jobs", "2", *QUICK)
+    assert r.rc == 0, r.err
+    assert "running  train, calib" in r.out and "running  preflight, ncnn" in r.out, r.out
+    two = project.latest()
+    assert project.statuses(two) == {n: "ran" for n in ("data", "train", "calib", "onnx", "preflight", "ncnn")}
+    r = project.cli("run", "--jobs", "1", "--no-cache", *QUICK)
+    assert r.rc == 0, r.err
+    one = project.latest()
+    assert project.statuses(one) == project.statuses(two)
+    from engine import registry
+
+    for name, rec in two["stages"].items():
+        if registry.get(rec["type"]).deterministic:
+            assert one["stages"][name]["digest"] == rec["digest"], name
