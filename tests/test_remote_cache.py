@@ -4,6 +4,7 @@ s3fs); push and pull; keys without machine paths; tool versions in keys."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -137,6 +138,8 @@ def test_bad_remote_settings_are_one_line_errors(ws):
     assert_clean_failure(r, 2, "cache.remote", "nosuch")
     r = ws.cli("plan", "cache.remote=s3://bucket/x", "+cache.remote_options.secret=abc")
     assert_clean_failure(r, 2, "cache.remote_options.secret", "credentials")
+    if importlib.util.find_spec("gcsfs") is None:  # not a dependency: what a user without it sees
+        assert_clean_failure(ws.cli("plan", "cache.remote=gs://bucket/x"), 2, "cache.remote", "gcsfs", "pip install")
     r = ws.cli("plan", "cache.remote=sftp://me:hunter2@host/cache")
     assert "hunter2" not in r.err and "credentials" in assert_clean_failure(r, 2, "cache.remote")
     r = ws.cli("push")
