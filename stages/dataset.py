@@ -248,7 +248,7 @@ class _Decoded:
     it. Entries are written into ``folder/.tmp`` and renamed, so a killed run leaves none half-written;
     its temp files are removed by a later run once an hour old (younger ones may be a live run's)."""
 
-    folder: Path
+    folder: str
     shape: tuple[int, int, int]
 
     @classmethod
@@ -260,13 +260,13 @@ class _Decoded:
         made_by = {"format": 1, "pillow": PIL.__version__, "pixels.py": sha256_file(Path(pixels.__file__)),
                    **{k: getattr(spec, k) for k in ("input_size", "resize", "interpolation", "pad_value")}}
         h, w = spec.input_size
-        kept = cls(Path(scratch) / "decoded" / sha256_json(made_by)[:32], (h, w, 3))
+        kept = cls(os.path.join(scratch, "decoded", sha256_json(made_by)[:32]), (h, w, 3))
         kept.drop_stale()
         return kept
 
     def drop_stale(self, age_s: float = 3600.0) -> None:
         try:
-            with os.scandir(self.folder / ".tmp") as entries:
+            with os.scandir(os.path.join(self.folder, ".tmp")) as entries:
                 for e in entries:
                     if e.stat().st_mtime < time.time() - age_s:
                         os.unlink(e.path)
@@ -274,12 +274,12 @@ class _Decoded:
             pass
 
     def _entry(self, digest: str) -> Path:
-        return self.folder / digest[:2] / digest
+        return Path(self.folder, digest[:2], digest)
 
     def read(self, digest: str) -> bytes | None:
         """The row's bytes, or None (no entry, or a damaged one of another size)."""
         try:
-            with open(os.path.join(self.folder, digest[:2], digest), "rb") as f:
+            with open(f"{self.folder}/{digest[:2]}/{digest}", "rb") as f:  # a string: called per file
                 data = f.read()
         except OSError:
             return None
@@ -291,7 +291,7 @@ class _Decoded:
 
     def put(self, digest: str, arr: np.ndarray) -> None:
         entry = self._entry(digest)
-        tmp = self.folder / ".tmp" / f"{digest}.{os.getpid()}"
+        tmp = Path(self.folder, ".tmp", f"{digest}.{os.getpid()}")
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
             tmp.parent.mkdir(exist_ok=True)
