@@ -177,9 +177,13 @@ def _compose_jobs(opts: dict, overrides: list[str]):
 
 
 def _print_info(opts: dict, overrides: list[str]) -> int:
-    """--info: the config search path and, for each config file merged, the entry it came from."""
+    """--info: the config search path and, for each config file merged, the entry it came from (with
+    -m: of the sweep's fixed overrides; Hydra's own launcher/sweeper files are not listed)."""
     from . import compose
 
+    if opts.get("multirun"):
+        overrides = [o.input_line for o in compose.parse_overrides(overrides)
+                     if not o.is_sweep_override() and not o.is_hydra_override()]
     info = compose.explain(overrides, Path(opts["config_dir"]) if opts.get("config_dir") else None)
     if opts.get("json"):
         print(json.dumps(info, indent=2))

@@ -53,8 +53,10 @@ class Task:
         if not self.in_process:
             os.environ["TTY_COMPATIBLE"] = "0"  # plain lines: several workers share one terminal
             _limit_threads(self.threads)
+            _own_start_method()
         result = {"num": num, "overrides": overrides, "run_dir": str(run_dir.resolve()),
-                  "status": "failed", "headline": None, "error": None}
+                  "status": "failed", "headline": None, "error": None,
+                  "threads": os.environ.get("OMP_NUM_THREADS")}  # what this job's torch/OpenMP used
         try:
             result.update(self._run(cfg, hc, run_dir, num, overrides))
         except Exception as e:  # noqa: BLE001 - every failure is this job's one line, not a worker dump
@@ -107,6 +109,15 @@ def _limit_threads(threads: int | None) -> None:
         os.environ[var] = str(threads)
     if "torch" in sys.modules:  # a reused worker process that imported torch for an earlier job
         sys.modules["torch"].set_num_threads(threads)
+
+
+def _own_start_method() -> None:
+    """A joblib (loky) worker makes 'loky' its default start method, which a process it spawns
+    (the dataset stage's decoders, parallel stages) cannot import: back to the platform's own."""
+    import multiprocessing
+
+    if multiprocessing.get_start_method(allow_none=True) == "loky":
+        multiprocessing.set_start_method(None, force=True)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -169,6 +180,12 @@ def _check_search_space(parsed: list, base, sweeper: str) -> None:
     from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
 
     from . import compose
+
+    directions = OmegaConf.select(base.hydra_cfg, "sweeper.direction")
+    for d in (directions if OmegaConf.is_list(directions) else [directions]):
+        if str(getattr(d, "name", d)) not in ("minimize", "maximize"):
+            raise ComposeError(f"hydra.sweeper.direction={d}: use maximize or minimize (default: the "
+                               f"pipeline's headline_direction)")
 
     node = OmegaConf.select(base.hydra_cfg, "sweeper.params")
     params = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else (node or {})
@@ -305,7 +322,7 @@ def after_sweep(sweep_dir: Path, job_results: list[dict], error: str | None = No
     if best:
         params = " ".join(f"{k}={v}" for k, v in best["best_params"].items())
         print(f"best: {params} -> {_short(best['best_value'])} (in {Path(sweep_dir) / OPTUNA_RESULTS})")
-    if error and (grid or ok):
+    if error:
         print(f"edgepipe: {error}", file=sys.stderr)
     elif not grid and not ok:
         print("edgepipe: no trial completed; each trial's error is above", file=sys.stderr)
