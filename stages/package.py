@@ -65,44 +65,25 @@ class Package(Stage):
         # the `board` section (limits); applied when it names the same board
         board_settings: BoardSettings | None = None
 
-
     def run(self, p: "Package.Params", inputs, out: Path, ctx) -> dict[str, Any]:
         from stages.common.preprocess import Preprocess
 
         settings = p.board_settings if p.board_settings and p.board_settings.name == p.board else None
         board = get_board(p.board, settings)
         model_dir = inputs["model"]
-        fmt = board.model_format
-        backend = by_kind(fmt)  # the board's model format is a backend kind (stages/common/backends.py)
-        model_file = model_dir / backend.model_file
-        if not model_file.is_file():
-            found = [b.kind for b in BACKENDS if (model_dir / b.model_file).is_file()]
-            raise StageError(
-                f"board {board.name} ({board.title}) takes a {fmt} model ({backend.model_file}), but the `model` input "
-                f"{model_dir} holds {', '.join(found) + ' model' if found else 'no model file'}; wire package's "
-                f"`model` to a {backend.producer} stage")
+        model_file = _model_file(board, model_dir)
         check_bundle(model_dir, FORWARD, input="model", hint="model bundles carry it forward")
         spec = Preprocess.load(model_dir)
-        labels = read_labels(model_dir)
         io = read_io(model_dir)
-        if fmt == "ncnn" and not io:
+        if board.model_format == "ncnn" and not io:
             raise StageError(f"input model: {model_dir / 'io.json'} is missing (the param's blob names)")
-
-        findings: list[Finding] = []
-        try:
-            findings = board.check_package(model_dir, model_file)
-        except ValueError as e:
-            raise StageError(f"input model: {e}") from None
-        errors = [f for f in findings if f.level == "error"]
-        if errors and p.check:
-            raise StageError(f"{model_file.name} does not fit {board.title}:\n"
-                             + "\n".join(f"  - {f.check}: {f.message}" for f in errors)
-                             + "\n  (package.check=false packages it anyway)")
+        findings = _check_model(board, model_dir, model_file, p.check)
 
         pkg_dir = out / "package"
         pkg_dir.mkdir()
         pkg = PackageContext(board=board, model_dir=model_dir, model_file=model_file, spec=spec, io=io,
-                             labels=labels, pkg=pkg_dir, calib_dir=inputs.get("calib"), data_dir=inputs.get("data"), top_k=p.top_k,
+                             labels=read_labels(model_dir), pkg=pkg_dir, calib_dir=inputs.get("calib"),
+                             data_dir=inputs.get("data"), top_k=p.top_k,
                              notes=[f.message for f in findings if f.level != "info"])
         ctx.progress(None, None, f"writing the {board.title} package")
         try:  # first: its notes reach the README
@@ -115,29 +96,7 @@ class Package(Stage):
             raise StageError(f"package for {board.name}: {e}") from None
 
         accuracy = _accuracy(inputs["eval"]) if "eval" in inputs else {}
-        files = {str(f.relative_to(pkg_dir)): sha256_file(f) for f in sorted(pkg_dir.rglob("*")) if f.is_file()}
-        manifest = {
-            "format": PACKAGE_FORMAT,
-            "board": {k: board.facts()[k] for k in ("name", "title", "soc", "runtime", "quantizer",
-                                                     "quantizer_options", "deploy_script")},
-            "model": {"file": _packaged_name(board.name, model_file, files), "format": fmt,
-                      "sha256": sha256_file(model_file), "bytes": model_file.stat().st_size},
-            "input": {"name": io.get("input"), "shape": io.get("input_shape", spec.input_shape),
-                      "size_hw": [spec.height, spec.width], "resize": spec.resize,
-                      "interpolation": spec.interpolation, "channel_order": spec.channel_order,
-                      "on_board": board.input_layout},
-            "output": {"name": io.get("output"), "classes": len(labels)},
-            "normalisation": board.normalisation_for(spec),
-            "preprocess": spec.to_dict(),
-            "labels": labels,
-            "accuracy": accuracy,
-            "source": {name: _source(ctx, name) for name in sorted(inputs)},
-            "checks": [f.model_dump() for f in findings],
-            "notes": pkg.notes,
-            "files": files,
-            "selftest": selftest,
-            **pkg.extra_manifest,
-        }
+        manifest = _manifest(pkg, findings, accuracy, selftest, {name: _source(ctx, name) for name in sorted(inputs)})
         (pkg_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
         top = f"edgepipe_{board.name}"
@@ -146,6 +105,64 @@ class Package(Stage):
         return {"board": board.name, "files": len(members), "model_mb": round(model_file.stat().st_size / 2**20, 3),
                 "zip_mb": round((out / "package.zip").stat().st_size / 2**20, 3),
                 **{f"acc_{b}": v["top1"] for b, v in accuracy.items() if isinstance(v.get("top1"), (int, float))}}
+
+
+def _model_file(board, model_dir: Path) -> Path:
+    """The model file of the board's format in the `model` input (its format is a backend kind,
+    stages/common/backends.py); a one-line error naming what the folder holds otherwise."""
+    fmt = board.model_format
+    backend = by_kind(fmt)
+    model_file = model_dir / backend.model_file
+    if not model_file.is_file():
+        found = [b.kind for b in BACKENDS if (model_dir / b.model_file).is_file()]
+        raise StageError(
+            f"board {board.name} ({board.title}) takes a {fmt} model ({backend.model_file}), but the `model` input "
+            f"{model_dir} holds {', '.join(found) + ' model' if found else 'no model file'}; wire package's "
+            f"`model` to a {backend.producer} stage")
+    return model_file
+
+
+def _check_model(board, model_dir: Path, model_file: Path, enforce: bool) -> list[Finding]:
+    """The board's checks (flash size, reshape layers, CPU layers); errors stop the stage when enforced."""
+    try:
+        findings = board.check_package(model_dir, model_file)
+    except ValueError as e:
+        raise StageError(f"input model: {e}") from None
+    errors = [f for f in findings if f.level == "error"]
+    if errors and enforce:
+        raise StageError(f"{model_file.name} does not fit {board.title}:\n"
+                         + "\n".join(f"  - {f.check}: {f.message}" for f in errors)
+                         + "\n  (package.check=false packages it anyway)")
+    return findings
+
+
+def _manifest(pkg: PackageContext, findings: list[Finding], accuracy: dict, selftest, sources: dict) -> dict[str, Any]:
+    """package/manifest.json: the board, the model and its input/output, preprocessing, accuracy,
+    sources, checks, notes, every file's sha256 and the self-test."""
+    board, spec, io, model_file = pkg.board, pkg.spec, pkg.io, pkg.model_file
+    files = {str(f.relative_to(pkg.pkg)): sha256_file(f) for f in sorted(pkg.pkg.rglob("*")) if f.is_file()}
+    return {
+        "format": PACKAGE_FORMAT,
+        "board": {k: board.facts()[k] for k in ("name", "title", "soc", "runtime", "quantizer",
+                                                 "quantizer_options", "deploy_script")},
+        "model": {"file": _packaged_name(board.name, model_file, files), "format": board.model_format,
+                  "sha256": sha256_file(model_file), "bytes": model_file.stat().st_size},
+        "input": {"name": io.get("input"), "shape": io.get("input_shape", spec.input_shape),
+                  "size_hw": [spec.height, spec.width], "resize": spec.resize,
+                  "interpolation": spec.interpolation, "channel_order": spec.channel_order,
+                  "on_board": board.input_layout},
+        "output": {"name": io.get("output"), "classes": len(pkg.labels)},
+        "normalisation": board.normalisation_for(spec),
+        "preprocess": spec.to_dict(),
+        "labels": pkg.labels,
+        "accuracy": accuracy,
+        "source": sources,
+        "checks": [f.model_dump() for f in findings],
+        "notes": pkg.notes,
+        "files": files,
+        "selftest": selftest,
+        **pkg.extra_manifest,
+    }
 
 
 def _packaged_name(board: str, model_file: Path, files: dict) -> str:
