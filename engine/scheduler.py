@@ -2,10 +2,11 @@
 
 Readiness comes from graphlib.TopologicalSorter (prepare / get_ready / done). Each started stage gets
 a thread of this process, which does what it does at --jobs 1 (the per-key lock, the cache lookup,
-the temp folder, publishing), while the stage's own `run` goes to a fresh worker process
-(concurrent.futures.ProcessPoolExecutor with one spawned worker): torch stages in threads of one
-process would share one OpenMP pool, rknn-toolkit2 is not known to be thread-safe, and a process
-that dies (out of memory) takes only its own stage with it. Each worker gets cores/jobs
+the temp folder, publishing), while the stage's own `run` goes to a worker process
+(concurrent.futures.ProcessPoolExecutor with one spawned worker, kept for later stages so heavy
+imports are paid once per worker): torch stages in threads of one process would share one OpenMP
+pool, rknn-toolkit2 is not known to be thread-safe, and a process that dies (out of memory) takes
+only its own stage with it. Each worker gets cores/jobs
 OpenMP/MKL threads (unless OMP_NUM_THREADS is set), so two torch processes on two cores do not
 spin against each other. Progress and log records come back to this process through one queue.
 
@@ -153,8 +154,11 @@ def _startable(waiting: list[tuple[int, str]], running: Mapping[cf.Future, str],
 
 # ------------------------------------------------------------------------------- worker processes
 class StageProcesses:
-    """Runs stage `run` calls in fresh worker processes and relays their progress and log records.
+    """Runs stage `run` calls in worker processes and relays their progress and log records.
 
+    A worker is a ProcessPoolExecutor of one spawned process, taken by one stage at a time and kept
+    for the next stage when it is done (so torch and the toolkit are imported once per worker, as at
+    --jobs 1 once per run); one whose process died is dropped, which fails only the stage it ran.
     One queue carries ('progress', stage, completed, total, description, important) and ('log',
     LogRecord) back; a thread of this process hands them to the display and to logging."""
 
@@ -164,8 +168,24 @@ class StageProcesses:
         self.threads = threads_per_stage(jobs)
         self.on_progress = on_progress
         self.interrupted = threading.Event()
+        self._idle: list[cf.ProcessPoolExecutor] = []
+        self._all: list[cf.ProcessPoolExecutor] = []
+        self._lock = threading.Lock()
         self._pump = threading.Thread(target=self._relay, name="edgepipe-relay", daemon=True)
         self._pump.start()
+
+    def _take(self) -> cf.ProcessPoolExecutor:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            worker = cf.ProcessPoolExecutor(max_workers=1, mp_context=self.context, initializer=_worker_init,
+                                            initargs=(self.queue, os.getpid(), self.threads))
+            self._all.append(worker)
+            return worker
+
+    def _give_back(self, worker: cf.ProcessPoolExecutor) -> None:
+        with self._lock:
+            self._idle.append(worker)
 
     def _relay(self) -> None:
         while True:
@@ -187,16 +207,21 @@ class StageProcesses:
         stage come back as they are; a worker that dies becomes a StageError naming how it ended."""
         from .stage import StageError
 
-        with cf.ProcessPoolExecutor(max_workers=1, mp_context=self.context, initializer=_worker_init,
-                                    initargs=(self.queue, os.getpid(), self.threads)) as pool:
-            future = pool.submit(_worker_run, stage_cls, stage_name, params, dict(inputs), out, dict(context))
-            try:
-                return future.result()
-            except cf.process.BrokenProcessPool:
-                if self.interrupted.is_set():
-                    raise KeyboardInterrupt from None
-                raise StageError(f"the stage's worker process died (killed, e.g. for lack of memory: "
-                                 f"see `dmesg`; rerun with a smaller --jobs or --max-memory)") from None
+        worker = self._take()
+        try:
+            result = worker.submit(_worker_run, stage_cls, stage_name, params, dict(inputs), out,
+                                   dict(context)).result()
+        except cf.process.BrokenProcessPool:
+            worker.shutdown(wait=False)  # its process is gone: never handed out again
+            if self.interrupted.is_set():
+                raise KeyboardInterrupt from None
+            raise StageError("the stage's worker process died (killed, e.g. for lack of memory: see `dmesg`; "
+                             "rerun with a smaller --jobs or --max-memory)") from None
+        except BaseException:
+            self._give_back(worker)  # the stage raised; its process is fine
+            raise
+        self._give_back(worker)
+        return result
 
     def stop_workers(self) -> None:
         """Ask every worker process to stop (SIGTERM: the stage unwinds as on Ctrl-C), then kill what
@@ -213,6 +238,8 @@ class StageProcesses:
                 p.kill()
 
     def close(self) -> None:
+        for worker in self._all:
+            worker.shutdown(wait=True)
         self.queue.put(None)
         self._pump.join(timeout=10)
         self.queue.close()
@@ -276,17 +303,45 @@ def _worker_run(stage_cls: type, stage_name: str, params: Any, inputs: dict, out
     ctx = Context(stage=stage_name, out=out, log=logging.getLogger(f"edgepipe.stage.{stage_name}"), **context,
                   _progress=progress)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # stop_workers: unwind like Ctrl-C at --jobs 1
+    peak = _PeakRss()
     try:
         metrics = stage_cls().run(params, inputs, out, ctx) or {}
         # What the stage really held, beside its declaration, in the run's edgepipe.log (for tuning
-        # Stage.peak_memory_mb and --max-memory); ru_maxrss is in KiB on Linux.
-        import resource
-
-        peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-        log.info("stage %s: worker peak RSS %.0f MB (declared %.0f MB)", stage_name, peak / 1024,
+        # Stage.peak_memory_mb and --max-memory).
+        log.info("stage %s: worker peak RSS %.0f MB (declared %.0f MB)", stage_name, peak.stop() / 2**20,
                  stage_cls.peak_memory(params))
         return dict(metrics), _library_versions()
     finally:
+        peak.stop()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+class _PeakRss:
+    """The largest resident memory of this worker and its children (pnnx) while a stage runs,
+    sampled every 0.1 s by a thread."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.peak = 0
+        self._proc = psutil.Process()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while True:
+            try:
+                procs = [self._proc, *self._proc.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+            except Exception:  # noqa: BLE001 - a child that ended between listing and reading
+                pass
+            if self._done.wait(0.1):
+                return
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return self.peak
