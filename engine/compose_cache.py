@@ -71,16 +71,16 @@ def _stat(path: Path) -> str:
 
 def _yaml_stats(root: Path) -> list[str]:
     return [f"{rel}\0{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
-            for rel, _, st in scan_files(root) if rel.endswith((".yaml", ".yml"))]
+            for rel, st in scan_files(root) if rel.endswith((".yaml", ".yml"))]
 
 
 def _env_names(folders: list[Path]) -> list[str]:
     names: set[str] = set()
     for root in folders:
-        for rel, path, _ in scan_files(root, stat=False):
+        for rel, _ in scan_files(root, stat=False):
             if rel.endswith((".yaml", ".yml")):
                 try:
-                    names.update(_ENV_NAME.findall(Path(path).read_text(encoding="utf-8", errors="replace")))
+                    names.update(_ENV_NAME.findall((root / rel).read_text(encoding="utf-8", errors="replace")))
                 except OSError:
                     return ["\0unreadable"]  # an env name may hide in it: compare an impossible one
     return sorted(names)
