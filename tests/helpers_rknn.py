@@ -158,3 +158,23 @@ def onnx_reference_logits(t: Toy, n: int | None = None) -> np.ndarray:
     spec = Preprocess.load(t.onnx)
     x = normalize(np.load(t.data / "images_test.npy")[:n], spec)
     return backends.load("onnx", t.onnx, {"input": "input0"}, batch=None).logits(x)
+
+
+def wide_dataset(root: Path, n: int = 48) -> tuple[Path, Path]:
+    """(dataset folder, original files) of ``n`` wide 64x32 pictures of the toy's colours, the object in
+    both halves, which the dataset stage stretches to 32x32: what multi-crop is for."""
+    import json
+
+    from PIL import Image
+
+    from engine.testing import run_stage
+
+    src = root / "images"
+    imgs, labels = toy_images(n, seed=7, size=SIZE)
+    for i, (a, c) in enumerate(zip(imgs, labels)):
+        (src / CLASSES[c]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate([a, a[:, ::-1]], axis=1)).save(src / CLASSES[c] / f"{i:03d}.png")
+    pre = json.loads((toy().data / "preprocess.json").read_text())
+    run_stage("dataset", {"kind": "folder", "path": str(src), "classes": CLASSES, "preprocess": pre,
+                          "split": {"val": 0.1, "test": 0.5}}, {}, root / "data")
+    return root / "data", src

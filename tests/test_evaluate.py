@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from engine.stage import StageError
 from engine.testing import run_stage, validate_params
-from helpers_rknn import CLASSES, toy, toy_images
+from helpers_rknn import CLASSES, toy, wide_dataset
 
 
 @pytest.fixture(scope="module")
@@ -223,21 +223,11 @@ def test_combine_crops_mean_and_vote():
 def test_multicrop_on_original_files(backends, tmp_path):
     """A folder dataset of wide 64x32 images: the arrays are stretched to 32x32, multi-crop scores
     three 32x32 windows of each original file, beside single-crop."""
-    from PIL import Image
-
     t = toy()
-    src = tmp_path / "images"
-    imgs, labels = toy_images(48, seed=7, size=32)
-    for i, (a, c) in enumerate(zip(imgs, labels)):
-        wide = np.concatenate([a, a[:, ::-1]], axis=1)  # 32 x 64, the object appears in both halves
-        (src / CLASSES[c]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(wide).save(src / CLASSES[c] / f"{i:03d}.png")
-    pre = json.loads((t.data / "preprocess.json").read_text())
-    run_stage("dataset", {"kind": "folder", "path": str(src), "classes": CLASSES, "preprocess": pre,
-                          "split": {"val": 0.1, "test": 0.5}}, {}, tmp_path / "data")
+    data, src = wide_dataset(tmp_path)
     out = tmp_path / "eval"
     params = {"multicrop": {"enabled": True, "crops": 3, "root": str(src), "vote_threshold": 0.5}}
-    metrics = run_stage("evaluate", params, {"data": tmp_path / "data", "model": t.model, "onnx": t.onnx}, out)
+    metrics = run_stage("evaluate", params, {"data": data, "model": t.model, "onnx": t.onnx}, out)
     report = json.loads((out / "metrics.json").read_text())
     n = report["samples"]
     pred = np.load(out / "predictions.npz")

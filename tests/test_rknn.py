@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from engine.stage import StageError
 from engine.testing import run_stage, validate_params
 from helpers_rknn import onnx_reference_logits, toy
+from helpers_rknn import wide_dataset as make_wide_dataset
 
 
 @pytest.fixture(scope="module")
@@ -244,22 +245,7 @@ def test_quiet_nests_and_keeps_grabbed_streams_valid(tmp_path, capfd):
 # -- multi-crop in the simulator (evaluate.multicrop) ------------------------------------------------------
 @pytest.fixture(scope="module")
 def wide_dataset(tmp_path_factory) -> tuple[Path, Path]:
-    """(dataset folder, original files): wide 64x32 pictures of the toy's colours, stretched to 32x32."""
-    from PIL import Image
-
-    from helpers_rknn import CLASSES, toy_images
-
-    t = toy()
-    root = tmp_path_factory.mktemp("wide")
-    src = root / "images"
-    imgs, labels = toy_images(40, seed=7, size=32)
-    for i, (a, c) in enumerate(zip(imgs, labels)):
-        (src / CLASSES[c]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.concatenate([a, a[:, ::-1]], axis=1)).save(src / CLASSES[c] / f"{i:03d}.png")
-    pre = json.loads((t.data / "preprocess.json").read_text())
-    run_stage("dataset", {"kind": "folder", "path": str(src), "classes": CLASSES, "preprocess": pre,
-                          "split": {"val": 0.1, "test": 0.5}}, {}, root / "data")
-    return root / "data", src
+    return make_wide_dataset(tmp_path_factory.mktemp("wide"))
 
 
 def test_simulator_runs_the_crops_and_evaluate_scores_them(wide_dataset, tmp_path):
