@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TESTS
 from hostile import assert_clean_failure
 
 # the chain pipeline (tests/engine_conf/pipeline/chain.yaml): src -> scale -> quant, src -> side, total
@@ -77,7 +78,9 @@ def assert_grid_jobs(ws, sweep_dir: Path) -> list[dict]:
 # -- grid sweeps on parallel launchers ----------------------------------------------------------------------
 def test_grid_on_joblib_computes_each_stage_once_in_two_processes(ws, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # so that the sweep sets it per worker
-    rc, out, err = spawn_cli(ws, "run", "-m", *JOBLIB, *GRID, "hydra.sweep.subdir=job_${hydra.job.num}")
+    monkeypatch.delenv("EDGEPIPE_CONFIG_DIR")  # -cd instead: the workers compose from the same search path
+    rc, out, err = spawn_cli(ws, "run", "-m", "-cd", str(TESTS / "engine_conf"), *JOBLIB, *GRID,
+                             "hydra.sweep.subdir=job_${hydra.job.num}")
     assert rc == 0, err
     assert ws.counts() == MINIMAL
     (sweep_dir,) = sweep_dirs(ws)
@@ -254,3 +257,21 @@ def test_quickstart_2x2_on_joblib_trains_twice_and_builds_8_rknn_models(project)
     ran = Counter(s["type"] for run in runs for s in run["stages"].values() if s["status"] == "ran")
     assert ran["train"] == 2 and ran["rknn_quantize"] == 8 and ran["dataset"] == 1
     assert assert_cache_intact(project) >= 14  # and none of them damaged
+
+
+@pytest.mark.slow
+def test_optuna_over_train_lr_on_the_real_training(project):
+    """3 Optuna trials over train.lr (log scale) on the train pipeline (tiny, 1 epoch of 3 batches):
+    the study maximizes train.test_acc, names the best trial, and the dataset is computed once."""
+    r = project.cli("run", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=0",
+                    "pipeline=train", "train=tiny", "train.epochs=1", "train.limit_train_batches=3",
+                    "train.lr=tag(log, interval(0.0001, 0.01))")
+    assert r.rc == 0, r.err
+    (sweep_dir,) = sweep_dirs(project)
+    results = job_results(sweep_dir)
+    assert [x["status"] for x in results] == ["ok"] * 3
+    assert {x["headline"]["key"] for x in results} == {"train.test_acc"}
+    best = max(results, key=lambda x: x["headline"]["value"])
+    lr = next(o for o in best["overrides"] if o.startswith("train.lr="))
+    assert f"best: {lr} -> " in r.out
+    assert len(project.entries("dataset")) == 1 and len(project.entries("train")) == 3
