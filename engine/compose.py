@@ -285,6 +285,10 @@ def expand_sweep(overrides: list[str], config_dir: Path | None = None) -> list[l
 
     plain = [o.input_line for o in parse_overrides(overrides) if not o.is_sweep_override()]
     base = compose(plain, config_dir)
+    sweeper = base.hydra_cfg.runtime.choices.get("hydra/sweeper", "basic")
+    if sweeper != "basic":  # `run -m` hands it to the plugin (engine/sweep.py); plan/dag cannot
+        raise ComposeError(f"hydra/sweeper={sweeper} draws its jobs while it runs, so they cannot be listed "
+                           f"beforehand; plan one job's values without -m, or run the search with run -m")
     node = OmegaConf.select(base.hydra_cfg, "sweeper.params")
     params = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else (node or {})
     # glob() sweeps list a config group's options: the parser needs the config folder for that

@@ -197,6 +197,11 @@ def test_optuna_search_space_errors_are_one_line(ws, args, names):
     assert not ws.runs.exists()
 
 
+def test_plan_of_an_optuna_search_says_why_not(ws):
+    assert_clean_failure(ws.cli("plan", "-m", "hydra/sweeper=optuna", "src.value=interval(1,9)"), 2,
+                         "hydra/sweeper=optuna", "without -m")
+
+
 def test_grid_job_invalid_on_a_launcher_writes_nothing(ws):
     """Every grid job is validated before runs/ is touched, whatever the launcher."""
     assert_clean_failure(ws.cli("run", "-m", *JOBLIB, "src.value=1,abc"), 2, "src.value", "'abc'")
