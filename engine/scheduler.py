@@ -219,6 +219,8 @@ class StageProcesses:
                              "rerun with a smaller --jobs or --max-memory)") from None
         except BaseException:
             self._give_back(worker)  # the stage raised; its process is fine
+            if self.interrupted.is_set():  # e.g. its pnnx child ended by the terminal's Ctrl-C
+                raise KeyboardInterrupt from None
             raise
         self._give_back(worker)
         return result
