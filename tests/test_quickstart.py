@@ -66,20 +66,31 @@ def test_quickstart_accuracy_holds_on_every_backend(quickstart):
 
 
 def test_quickstart_report_html_shows_every_backend(quickstart, tmp_path):
-    """report.html in headless Chromium: curves and the five confusion matrices load, top-1 as in run.json."""
-    from test_report import assert_picture, embedded_pngs, open_in_browser
+    """report.html in headless Chromium: curves, t-SNE and the five confusion matrices load, nothing is
+    fetched, top-1 as in run.json."""
+    import shutil
+
+    from helpers_browser import Browser
+    from test_report import SHOWN, assert_picture, embedded_pngs, Page
 
     _, _, run, _ = quickstart
-    page = open_in_browser(Path(run["run_dir"]) / "report.html", tmp_path / "alone")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copyfile(Path(run["run_dir"]) / "report.html", alone / "report.html")
+    with Browser(tmp_path / "profile") as browser:
+        page = browser.open(alone / "report.html")
+        shown = page.evaluate(SHOWN)
+        assert {u.split(":", 1)[0] for u in page.requests} <= {"file", "data"} and page.problems == []
     backends = ["pytorch", "onnx", "ncnn", "rknn_normal", "rknn_mmse"]
-    assert sorted(img["alt"] for img in page.images) == sorted(
-        ["loss and accuracy per epoch (train)"] + [f"confusion matrix of {b}" for b in backends])
-    assert all(int(img.get("data-natural-width", 0)) > 0 for img in page.images)
-    for png in embedded_pngs(page):
+    alts = {img["alt"] for img in shown["images"]}
+    assert {"loss and accuracy per epoch (train)", "t-SNE of the test features by class",
+            *(f"confusion matrix of {b}" for b in backends)} <= alts
+    assert all(img["width"] > 0 for img in shown["images"])
+    for png in embedded_pngs(Page((alone / "report.html").read_text(encoding="utf-8"))):
         assert_picture(png)
     top1 = run["stages"]["eval"]["metrics"]["top1"]
-    assert {b: float(v) for b, (v, _) in page.top1.items()} == top1
-    assert all(shown == f"{top1[b]:.2%}" for b, (_, shown) in page.top1.items())
+    assert {b["name"]: b["top1"] for b in shown["backends"]} == top1
+    assert all(b["cells"][3] == f"{top1[b['name']]:.2%}" for b in shown["backends"])
 
 
 def test_quickstart_packages(quickstart):
