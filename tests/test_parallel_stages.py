@@ -86,6 +86,9 @@ def test_independent_stages_run_at_the_same_time_in_worker_processes(ws, spans):
     # the worker's library versions reach the manifest as at --jobs 1
     manifest = read_manifest(Path(ws.latest()["stages"]["left"]["path"]))
     assert manifest["libraries"]["python"] and manifest["metrics"] == {"value": 4.0}
+    # the workers' log records reach the run's edgepipe.log
+    log = (Path(ws.latest()["run_dir"]) / "edgepipe.log").read_text()
+    assert "stage left: worker peak RSS" in log and "(declared 500 MB)" in log
     # plain output (not a terminal) names the stages running together
     assert "running  left, right" in r.out or "running  right, left" in r.out, r.out
 
@@ -219,6 +222,7 @@ def test_quickstart_branches_at_jobs_2_match_jobs_1(project):
     r = project.cli("run", "--jobs", "2", *QUICK)
     assert r.rc == 0, r.err
     assert "running  train, calib" in r.out and "running  preflight, ncnn" in r.out, r.out
+    assert "onnx: exporting ONNX" in r.out  # a stage's note, relayed from its worker
     two = project.latest()
     assert project.statuses(two) == {n: "ran" for n in ("data", "train", "calib", "onnx", "preflight", "ncnn")}
     r = project.cli("run", "--jobs", "1", "--no-cache", *QUICK)
@@ -230,3 +234,25 @@ def test_quickstart_branches_at_jobs_2_match_jobs_1(project):
     for name, rec in two["stages"].items():
         if registry.get(rec["type"]).deterministic:
             assert one["stages"][name]["digest"] == rec["digest"], name
+
+
+def test_the_live_display_shows_every_running_stage(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from engine import display
+    from engine.runs import StageRecord
+
+    monkeypatch.setattr(display, "console", Console(file=io.StringIO(), force_terminal=True, width=100))
+    d = display.Display("test", ["a", "b"])
+    try:
+        a, b = StageRecord("a", "t_meet"), StageRecord("b", "t_meet", status="ran")
+        d.started(a)
+        d.started(b)
+        d.update("b", 1, 2, "half way")
+        assert [(t.fields["stage"], t.description) for t in d.progress.tasks] == [("a", "t_meet"), ("b", "half way")]
+        d.finished(b)
+        assert [t.fields["stage"] for t in d.progress.tasks] == ["a"]
+    finally:
+        d.close()
