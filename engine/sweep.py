@@ -15,6 +15,7 @@ study goes on. Each job leaves `sweep_job.json` in its folder; `after_sweep` rea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -56,7 +57,8 @@ class Task:
             _own_start_method()
         result = {"num": num, "overrides": overrides, "run_dir": str(run_dir.resolve()),
                   "status": "failed", "headline": None, "error": None,
-                  "threads": os.environ.get("OMP_NUM_THREADS")}  # what this job's torch/OpenMP used
+                  "threads": os.environ.get("OMP_NUM_THREADS"),  # what this job's torch/OpenMP used
+                  "stage_jobs": getattr(self.options, "jobs", None)}  # its stages run at the same time
         try:
             result.update(self._run(cfg, hc, run_dir, num, overrides))
         except Exception as e:  # noqa: BLE001 - every failure is this job's one line, not a worker dump
@@ -94,9 +96,9 @@ def _one_line(e: Exception) -> str:
 
     if isinstance(e, ConfigError):
         return "invalid config: " + "; ".join(e.problems)
-    if isinstance(e, (ComposeError, OSError)):
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
     first = (str(e).splitlines() or [""])[0]
+    if isinstance(e, OSError) or type(e).__module__.startswith("engine."):  # edgepipe's own: already user-facing
+        return first or type(e).__name__
     return f"internal error ({type(e).__name__}: {first})"
 
 
@@ -157,8 +159,11 @@ def multirun(opts: dict, overrides: list[str], options) -> int:
     sweep_dir = _make_unique_dir(base.sweep_dir, "hydra.sweep.dir")
     hydra_overrides = _hydra_overrides(parsed, base, sweep_dir, pipelines[0], sweeper)
     total = len(jobs) if grid else _n_trials(base, parsed)
+    at_once = _jobs_at_once(base.hydra_cfg, launcher, sweeper, len(jobs))
+    if at_once and not opts.get("jobs"):  # parallel jobs share the cores: fewer parallel stages each
+        options = dataclasses.replace(options, jobs=max(1, options.jobs // at_once))
     task = Task(options=options, total=total, in_process=launcher == "basic",
-                threads=_threads_per_job(base.hydra_cfg, launcher, sweeper, len(jobs)))
+                threads=_threads_per_job(base.hydra_cfg, launcher, at_once))
     error = _launch(list(overrides) + hydra_overrides, cdir, task, sweeper)
     return after_sweep(sweep_dir, collect_results(sweep_dir), error=error, grid=grid)
 
@@ -236,20 +241,26 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _threads_per_job(hydra_cfg: DictConfig, launcher: str, sweeper: str, grid_jobs: int) -> int | None:
-    """cores / jobs running at once on this machine; a cluster job gets its cpus_per_task."""
+def _jobs_at_once(hydra_cfg: DictConfig, launcher: str, sweeper: str, grid_jobs: int) -> int | None:
+    """How many jobs the launcher runs at the same time on this machine (None: the basic launcher, one
+    at a time in this process, or a cluster, where each job has its own node share)."""
     node = hydra_cfg.launcher
-    if launcher == "basic":
+    if launcher == "basic" or launcher.startswith("submitit_slurm"):
         return None
-    if launcher.startswith("submitit_slurm"):
-        return OmegaConf.select(node, "cpus_per_task", default=None)
     batch = int(OmegaConf.select(hydra_cfg, "sweeper.n_jobs", default=0) or 0) if sweeper != "basic" else grid_jobs
     at_once = batch or _cpus()
     n_jobs = OmegaConf.select(node, "n_jobs", default=None)
     if isinstance(n_jobs, int):  # joblib: -1 is every core, -2 all but one, ...
         at_once = min(at_once, n_jobs if n_jobs > 0 else max(1, _cpus() + 1 + n_jobs))
-    per_task = OmegaConf.select(node, "cpus_per_task", default=None)
-    return int(per_task) if per_task else max(1, _cpus() // max(1, at_once))
+    return max(1, at_once)
+
+
+def _threads_per_job(hydra_cfg: DictConfig, launcher: str, at_once: int | None) -> int | None:
+    """cores / jobs running at once on this machine; a job given cpus_per_task (submitit) gets those."""
+    per_task = OmegaConf.select(hydra_cfg.launcher, "cpus_per_task", default=None)
+    if per_task:
+        return int(per_task)
+    return max(1, _cpus() // at_once) if at_once else None
 
 
 def _launch(overrides: list[str], cdir: Path | None, task: Task, sweeper: str) -> str | None:

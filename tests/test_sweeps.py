@@ -90,6 +90,9 @@ def test_grid_on_joblib_computes_each_stage_once_in_two_processes(ws, monkeypatc
     # two jobs at a time on this machine's cores: each gets cores / 2 OpenMP/torch threads
     cores = len(os.sched_getaffinity(0))
     assert {r["threads"] for r in results} == {str(max(1, cores // 2))}
+    from engine.scheduler import default_jobs
+
+    assert {r["stage_jobs"] for r in results} == {max(1, default_jobs() // 2)}  # and half the parallel stages
     assert len({json.loads((Path(r["run_dir"]) / "run.json").read_text())["stages"]["src"]["key"]
                 for r in results}) == 1
     assert (ws.runs / "latest").resolve().parent == sweep_dir.resolve()
@@ -225,11 +228,12 @@ def test_submitit_slurm_composes_and_the_job_function_pickles(ws):
     assert "cpus_per_task: 4" in r.out and not ws.runs.exists()
     task = Task(options=Options(only=["total"]), total=4, threads=4, in_process=False)
     assert pickle.loads(pickle.dumps(task)) == task
-    from engine.sweep import _threads_per_job
+    from engine.sweep import _jobs_at_once, _threads_per_job
     from engine import compose
 
     job = compose.compose(["hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=4"])
-    assert _threads_per_job(job.hydra_cfg, "submitit_slurm", "basic", 4) == 4
+    assert _jobs_at_once(job.hydra_cfg, "submitit_slurm", "basic", 4) is None  # each job on its node share
+    assert _threads_per_job(job.hydra_cfg, "submitit_slurm", None) == 4
 
 
 def test_cfg_and_info_with_a_sweeper(ws):
