@@ -53,12 +53,15 @@ def outcome(ws, runs: Path) -> dict:
                        for k, v in run["stages"].items()}}
 
 
-def run_both_ways(ws, *args: str) -> tuple[dict, dict]:
-    """The same run at --jobs 1 and --jobs 2, each in its own runs root (both cold)."""
+def run_both_ways(ws, *args: str, then: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """The same run at --jobs 1 and --jobs 2, each in its own runs root (both cold), and `then` a
+    second run with these extra arguments in the same root."""
     results = []
     for jobs in ("1", "2"):
         runs = ws.root / f"runs-j{jobs}"
         r = ws.cli("run", "--jobs", jobs, f"runs_root={runs}", *args)
+        if then:
+            r = ws.cli("run", "--jobs", jobs, f"runs_root={runs}", *args, *then)
         results.append((r.rc, outcome(ws, runs)))
     return results[0], results[1]
 
@@ -74,6 +77,17 @@ def test_jobs_2_gives_the_statuses_keys_and_digests_of_jobs_1(ws, spans, args):
         assert statuses == {"src": "ran", "broken": "failed", "after_broken": "skipped", "other": "ran"}
     else:
         assert set(statuses.values()) == {"ran"}
+
+
+@pytest.mark.parametrize("args,then,expected", [
+    (["--only", "quant"], (), {"src": "ran", "scale": "ran", "quant": "ran"}),
+    (PARALLEL, ("--force", "left,big_b"), {"src": "cached", "left": "ran", "right": "cached", "big_a": "cached",
+                                           "big_b": "ran", "total": "cached"}),
+], ids=["only", "force"])
+def test_only_and_force_work_as_at_jobs_1(ws, spans, args, then, expected):
+    one, two = run_both_ways(ws, *args, then=then)
+    assert one == two
+    assert {k: v[0] for k, v in two[1]["stages"].items()} == expected  # forced, same digest: total cached
 
 
 def test_independent_stages_run_at_the_same_time_in_worker_processes(ws, spans):
