@@ -248,30 +248,33 @@ def html_page(c: Comparison) -> str:
 
 
 def sweep_plot(c: Comparison) -> bytes:
-    """The headline against each swept parameter, one panel each; numbers on a numeric axis (log when
-    they span more than two decades), anything else as categories in job order."""
+    """The headline against each swept parameter, one panel each: every job a dot, a line through the
+    best job at each value (the other parameters vary between the dots of one value). Numbers on a
+    numeric axis (log when they span more than two decades), anything else as categories in job order."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     n = len(c.swept)
     fig = Figure(figsize=(min(4.5 * n, 14), 3.6), dpi=100)
     FigureCanvasAgg(fig)
+    pick = min if c.lower_is_better else max
     for i, key in enumerate(c.swept):
         ax = fig.add_subplot(1, n, i + 1)
         pts = [(j.overrides.get(key, MISSING), _number(j.headline)) for j in c.jobs if _number(j.headline) is not None]
-        xs = [_number(x) for x, _ in pts]
-        if all(x is not None for x in xs):
-            pairs = sorted(zip(xs, (y for _, y in pts)))
-            ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "o-")
-            if min(xs) > 0 and max(xs) / min(xs) > 100:
-                ax.set_xscale("log")
-        else:
-            cats = list(dict.fromkeys(x for x, _ in pts))
-            ax.plot([cats.index(x) for x, _ in pts], [y for _, y in pts], "o")
+        numeric = all(_number(x) is not None for x, _ in pts)
+        cats = list(dict.fromkeys(x for x, _ in pts))
+        pos = {x: (_number(x) if numeric else k) for k, x in enumerate(cats)}
+        ax.plot([pos[x] for x, _ in pts], [y for _, y in pts], "o", alpha=0.5, label="job")
+        best = sorted((pos[x], pick(y for x2, y in pts if x2 == x)) for x in cats)
+        ax.plot([b[0] for b in best], [b[1] for b in best], "-", color="tab:red", label="best at each value")
+        if numeric and min(pos.values()) > 0 and max(pos.values()) / min(pos.values()) > 100:
+            ax.set_xscale("log")
+        if not numeric:
             ax.set_xticks(range(len(cats)), cats, rotation=20, fontsize=8)
         ax.set_xlabel(key)
         ax.set_ylabel(c.headline)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
