@@ -6,9 +6,9 @@ the temp folder, publishing), while the stage's own `run` goes to a worker proce
 (concurrent.futures.ProcessPoolExecutor with one spawned worker, kept for later stages so heavy
 imports are paid once per worker): torch stages in threads of one process would share one OpenMP
 pool, rknn-toolkit2 is not known to be thread-safe, and a process that dies (out of memory) takes
-only its own stage with it. Each worker gets cores/jobs
-OpenMP/MKL threads (unless OMP_NUM_THREADS is set), so two torch processes on two cores do not
-spin against each other. Progress and log records come back to this process through one queue.
+only its own stage with it. Each worker gets cores/jobs OpenMP/MKL threads (unless OMP_NUM_THREADS
+is set), so two torch processes on two cores do not spin against each other. Progress and log
+records come back to this process through one queue.
 
 A stage is started only when its declared peak memory (`Stage.peak_memory`) fits the budget left
 by the stages running; one larger than the whole budget runs alone, with a warning.
