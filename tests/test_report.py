@@ -364,6 +364,8 @@ def test_dag_png_and_svg_with_graphviz(ws, tmp_path):
     texts = {t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")}
     assert {"src", "scale", "quant", "total"} <= texts  # every stage is drawn
     assert ws.cli("dag").out.startswith("flowchart LR")  # Mermaid stays the default
+    r = ws.cli("dag", "--format", "dot", "-o", str(tmp_path / "dag.dot"))
+    assert r.rc == 0 and (tmp_path / "dag.dot").read_text().startswith("digraph pipeline {")
 
 
 def test_dag_png_without_graphviz_says_how_to_install(ws, tmp_path, monkeypatch):
