@@ -6,38 +6,40 @@ Inputs
 - ``data`` (optional): a ``dataset`` folder. When wired, the quantized model runs in the toolkit's x86
   simulator on the test split and ``test_logits.npy`` is written; ``evaluate`` reads it. This has to
   happen here: the simulator only runs a model built in the same session (``load_rknn`` followed by
-  ``init_runtime()`` without a target is refused by rknn-toolkit2 2.5.0).
+  ``init_runtime()`` without a target is refused by rknn-toolkit2 2.5.0). For the same reason the
+  crops of ``evaluate.multicrop`` (read from that section) run here: ``test_crop_logits.npy``.
 
 Config section ``quantize`` (conf/quantize/*.yaml). mean/std are never typed: they come from
 ``preprocess.json`` (``Preprocess.rknn_mean_std()``: mean*255, std*255 in the model's channel order).
+``quantize.board_eval.device_id=SERIAL`` also runs the test split on that board's NPU
+(``init_runtime(target=..., device_id=...)``, adb + rknn_server): ``board_test_logits.npy``; the
+connection is checked (``stages.common.adb``) before the build.
 
 Outputs: model.rknn, build.json, error_analysis.txt, rknn.log, test_logits.npy (with ``data``),
-io.json, preprocess.json, labels.txt.
+test_crop_logits.npy (with multi-crop), board_test_logits.npy (with board_eval), io.json,
+preprocess.json, labels.txt.
 
-Every toolkit call runs inside ``stages.common.quiet.quiet(out / "rknn.log")``: the toolkit prints
-from native code, so only redirecting the process's file descriptors keeps the terminal clean.
+Every toolkit call runs inside ``stages.common.rknn_toolkit.toolkit(out / "rknn.log")``: the toolkit
+prints from native code, so only redirecting the process's file descriptors keeps the terminal clean.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
-import os
 import shutil
-import sys
 import tempfile
-import threading
 import time
-import warnings
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from engine.hashing import sha256_file
 from engine.stage import NOT_IN_KEY, Input, Params, Stage, StageError
+from stages.common import adb
 from stages.common.multicrop import MultiCrop
+from stages.common.rknn_toolkit import PeakRss, ToolkitFailure, maxrss_mb, ok, reason, toolkit
+from stages.common.rknn_toolkit import version as toolkit_version
 
 TARGETS = ("rv1103", "rv1106", "rv1103b", "rv1106b", "rk3562", "rk3566", "rk3568", "rk3576", "rk3588")
 DTYPES = ("w8a8", "w8a16", "w16a16i_dfp", "w4a16")
@@ -54,7 +56,6 @@ INT_ONLY_TARGETS = ("rv1103", "rv1106", "rv1103b", "rv1106b")
 LOG_NAME = "rknn.log"
 # test images (or original files, for crops) read and run per chunk
 CHUNK = 64
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class CropSource(MultiCrop):
@@ -156,17 +157,17 @@ class RknnQuantize(Stage):
             if "data" not in inputs:
                 raise StageError("quantize.board_eval.device_id needs the rknn_quantize stage's `data` input (the "
                                  "test split to run on the board): add `data: <dataset stage>` to its `needs:`")
-            check_board_connected(p.board_eval.device_id)
+            adb.check_connected(p.board_eval.device_id, "quantize.board_eval.device_id")
         calib_list, analysis_inputs, n_calib = _calibration_list(p, inputs, out, spec)
         info = _build_info(p, spec, io, shape, n_calib)
         metrics: dict[str, Any] = {}
         rknn = None
-        sampler = _PeakRss()
+        sampler = PeakRss()
         log_path = out / LOG_NAME
         try:
             with sampler:
                 rknn = self._build(p, spec, io, shape, onnx_dir, calib_list, out, ctx, info)
-            info.update(rss_peak_mb=sampler.peak_mb, process_maxrss_mb=_maxrss_mb(),
+            info.update(rss_peak_mb=sampler.peak_mb, process_maxrss_mb=maxrss_mb(),
                         model_bytes=(out / "model.rknn").stat().st_size)
             info["accuracy_analysis"] = self._analyse(rknn, analysis_inputs, out, ctx)
             metrics.update(build_s=info["build_s"], rss_peak_mb=info["rss_peak_mb"])
@@ -176,7 +177,7 @@ class RknnQuantize(Stage):
             if p.board_eval.device_id is not None:
                 info["board"] = _on_board(rknn, inputs["data"], spec, p, out, ctx)
                 metrics["board_top1"] = info["board"]["top1"]
-        except _ToolkitFailure as e:
+        except ToolkitFailure as e:
             raise StageError(_failure_message(e, log_path, p)) from None
         finally:
             _release(rknn, log_path)
@@ -197,28 +198,28 @@ class RknnQuantize(Stage):
                      f"{spec.height}x{spec.width}; resnet18 at 224 px took ~6 min here, normal ~6 s)")
         else:
             ctx.progress(None, None, "building" + (f" ({p.algorithm})" if p.do_quantization else " (float16)"))
-        with _toolkit(out / LOG_NAME, "== config, load_onnx, build, export_rknn"):
+        with toolkit(out / LOG_NAME, "== config, load_onnx, build, export_rknn"):
             from rknn.api import RKNN
 
             from stages.common.quiet import reroute_logger
 
             rknn = RKNN(verbose=True if p.verbose_log else False)
             reroute_logger("rknnLogger")  # its handler may hold an import-time sys.stderr
-            _ok("config", rknn.config(
+            ok("config", rknn.config(
                 mean_values=[mean], std_values=[std], target_platform=p.target,
                 quantized_dtype=p.dtype, quantized_algorithm=p.algorithm, quantized_method=p.method,
                 optimization_level=p.optimization_level, quant_img_RGB2BGR=spec.channel_order == "BGR",
             ))
             t0 = time.perf_counter()
-            _ok("load_onnx", rknn.load_onnx(
+            ok("load_onnx", rknn.load_onnx(
                 model=str(onnx_dir / "model.onnx"), inputs=[io["input"]], input_size_list=[shape],
                 outputs=[io["output"]],
             ))
             t1 = time.perf_counter()
-            _ok("build", rknn.build(do_quantization=p.do_quantization,
+            ok("build", rknn.build(do_quantization=p.do_quantization,
                                     dataset=str(calib_list) if calib_list else None))
             t2 = time.perf_counter()
-            _ok("export_rknn", rknn.export_rknn(str(out / "model.rknn")))
+            ok("export_rknn", rknn.export_rknn(str(out / "model.rknn")))
         info.update(load_s=round(t1 - t0, 3), build_s=round(t2 - t1, 3))
         if calib_list is not None:
             calib_list.unlink()
@@ -239,10 +240,10 @@ class RknnQuantize(Stage):
             snap = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=out))
             try:
                 try:
-                    with _toolkit(out / LOG_NAME, f"== accuracy_analysis {image}"):
-                        _ok("accuracy_analysis", rknn.accuracy_analysis(inputs=[image], output_dir=str(snap)))
-                except _ToolkitFailure as e:
-                    reason = _reason(e, out / LOG_NAME)
+                    with toolkit(out / LOG_NAME, f"== accuracy_analysis {image}"):
+                        ok("accuracy_analysis", rknn.accuracy_analysis(inputs=[image], output_dir=str(snap)))
+                except ToolkitFailure as e:
+                    reason = reason(e, out / LOG_NAME)
                     ctx.log.warning("rknn accuracy_analysis failed (%s); the model itself was built", reason)
                     parts.append(f"# sample {i}: {Path(image).name}: accuracy_analysis failed: {reason}\n")
                     status = f"failed: {reason}"
@@ -261,8 +262,8 @@ def _simulate(rknn, data_dir: Path, spec, p, out: Path, ctx) -> dict[str, Any]:
     """The x86 simulator on the test split (test_logits.npy) and, with evaluate.multicrop enabled, on the
     crops of its original files (test_crop_logits.npy): it only runs in this build session."""
     t0 = time.perf_counter()
-    with _toolkit(out / LOG_NAME, "== init_runtime (simulator)"):
-        _ok("init_runtime", rknn.init_runtime())
+    with toolkit(out / LOG_NAME, "== init_runtime (simulator)"):
+        ok("init_runtime", rknn.init_runtime())
     result = _run_split(rknn, data_dir, spec, p, out / "test_logits.npy", out, ctx, "simulator")
     if p.multicrop.enabled:
         result["crops"] = _simulate_crops(rknn, data_dir, spec, p, result["samples"], out, ctx)
@@ -277,10 +278,10 @@ def _on_board(rknn, data_dir: Path, spec, p, out: Path, ctx) -> dict[str, Any]:
     t0 = time.perf_counter()
     ctx.progress(None, None, f"board {serial}: init_runtime")
     try:
-        with _toolkit(out / LOG_NAME, f"== init_runtime (target={p.target}, device_id={serial})"):
-            _ok("init_runtime", rknn.init_runtime(target=p.target, device_id=serial))
+        with toolkit(out / LOG_NAME, f"== init_runtime (target={p.target}, device_id={serial})"):
+            ok("init_runtime", rknn.init_runtime(target=p.target, device_id=serial))
         result = _run_split(rknn, data_dir, spec, p, out / "board_test_logits.npy", out, ctx, f"board {serial}")
-    except _ToolkitFailure as e:
+    except ToolkitFailure as e:
         e.board = True
         raise
     result.update(device_id=serial, seconds=round(time.perf_counter() - t0, 3))
@@ -337,72 +338,13 @@ def _infer(rknn, batch, out: Path):
     import numpy as np
 
     rows = []
-    with _toolkit(out / LOG_NAME, None):
+    with toolkit(out / LOG_NAME, None):
         for x in batch:
             res = rknn.inference(inputs=[np.ascontiguousarray(x[None])], data_format="nhwc")
             if not res:
-                raise _ToolkitFailure("inference", None)
+                raise ToolkitFailure("inference", None)
             rows.append(np.asarray(res[0], dtype=np.float32).reshape(-1))
     return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
-
-
-# -- the board's connection (adb) ------------------------------------------------------------------------
-def adb_executable() -> str | None:
-    """adb on PATH, else the one rknn-toolkit2 ships (rknn/3rdparty/platform-tools), else None."""
-    found = shutil.which("adb")
-    if found:
-        return found
-    import importlib.util
-
-    spec = importlib.util.find_spec("rknn")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        bundled = Path(folder) / "3rdparty" / "platform-tools" / "adb" / "linux-x86_64" / "adb"
-        if bundled.is_file() and os.access(bundled, os.X_OK):
-            return str(bundled)
-    return None
-
-
-def adb_devices(adb: str) -> list[str]:
-    """'SERIAL (state)' of every device `adb devices` lists. An adb server this call had to start is
-    stopped again (the toolkit starts its own when it connects)."""
-    import subprocess
-
-    was_running = _adb_server_running()
-    try:
-        res = subprocess.run([adb, "devices"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise StageError(f"quantize.board_eval: `{adb} devices` failed: {e}") from None
-    finally:
-        if not was_running:
-            subprocess.run([adb, "kill-server"], capture_output=True, timeout=30)
-    rows = [ln.split() for ln in res.stdout.splitlines()[1:] if ln.strip() and not ln.startswith("*")]
-    return [f"{r[0]} ({r[1]})" if len(r) > 1 else r[0] for r in rows]
-
-
-def _adb_server_running() -> bool:
-    import socket
-
-    port = int(os.environ.get("ANDROID_ADB_SERVER_PORT", "5037"))
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def check_board_connected(serial: str) -> None:
-    """A one-line StageError unless `adb devices` lists ``serial`` as a ready device: what it sees, or
-    that adb is missing and how to get it."""
-    adb = adb_executable()
-    if adb is None:
-        raise StageError(f"quantize.board_eval.device_id={serial}: adb is not installed (neither on PATH nor in "
-                         f"rknn-toolkit2): install it (Debian/Ubuntu: apt-get install adb), connect the board by USB "
-                         f"and check with `adb devices`")
-    seen = adb_devices(adb)
-    if f"{serial} (device)" in seen:
-        return
-    listed = ", ".join(seen) if seen else "no device"
-    raise StageError(f"quantize.board_eval.device_id={serial}: the board is not connected; `adb devices` ({adb}) lists "
-                     f"{listed}: connect it by USB (or `adb connect IP:5555`), start rknn_server on it and use a "
-                     f"serial `adb devices` shows")
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -440,7 +382,7 @@ def _build_info(p, spec, io: dict, shape: list[int], n_calib: int) -> dict[str, 
     """build.json's description of the build (timings and memory are added as they are measured)."""
     mean, std = spec.rknn_mean_std()
     return {
-        "toolkit": f"rknn-toolkit2 {_toolkit_version()}", "target": p.target,
+        "toolkit": f"rknn-toolkit2 {toolkit_version()}", "target": p.target,
         "do_quantization": p.do_quantization,
         "algorithm": p.algorithm if p.do_quantization else None,
         "method": p.method if p.do_quantization else None,
@@ -451,113 +393,24 @@ def _build_info(p, spec, io: dict, shape: list[int], n_calib: int) -> dict[str, 
     }
 
 
-def _failure_message(e: "_ToolkitFailure", log_path: Path, p) -> str:
+def _failure_message(e: "ToolkitFailure", log_path: Path, p) -> str:
     """One line for a toolkit failure; on the board, what `adb devices` sees."""
     if e.board:
-        adb = adb_executable()
-        seen = (", ".join(adb_devices(adb)) or "no device") if adb else "nothing (adb is not installed)"
-        return (f"rknn on board {p.board_eval.device_id} failed: {e.what}: {_reason(e, log_path)}; `adb devices` "
-                f"lists {seen}; is rknn_server running on the board, with the toolkit's librknnrt version? "
+        return (f"rknn on board {p.board_eval.device_id} failed: {e.what}: {reason(e, log_path)}; `adb devices` "
+                f"lists {adb.seen()}; is rknn_server running on the board, with the toolkit's librknnrt version? "
                 f"see {log_path}")
     what = "rknn simulator failed" if e.what in ("init_runtime", "inference") else "rknn build failed"
-    return f"{what}: {e.what}: {_reason(e, log_path)}; see {log_path}"
+    return f"{what}: {e.what}: {reason(e, log_path)}; see {log_path}"
 
 
 def _release(rknn, log_path: Path) -> None:
     if rknn is None:
         return
-    with _toolkit(log_path, "== release"):
+    with toolkit(log_path, "== release"):
         try:
             rknn.release()
         except Exception:  # noqa: BLE001 - nothing useful to do
             pass
-
-
-class _ToolkitFailure(Exception):
-    def __init__(self, what: str, exc: BaseException | None) -> None:
-        super().__init__(what)
-        self.what = what
-        self.exc = exc
-        self.board = False  # set when the call ran against a connected board
-
-
-def _ok(what: str, ret: Any) -> Any:
-    if isinstance(ret, int) and not isinstance(ret, bool) and ret != 0:
-        raise _ToolkitFailure(what, None)
-    return ret
-
-
-@contextlib.contextmanager
-def _toolkit(log_path: Path, header: str | None) -> Iterator[None]:
-    """``quiet`` around toolkit calls; an exception the toolkit raises becomes ``_ToolkitFailure``."""
-    from stages.common.quiet import quiet
-
-    # The toolkit writes check*.onnx (and more) into the working folder: give it a scratch one.
-    cwd = os.getcwd()
-    scratch = tempfile.mkdtemp(prefix="edgepipe-rknn-")
-    try:
-        with quiet(log_path, header=header), warnings.catch_warnings():
-            # the toolkit's Python warnings (pkg_resources deprecation, ...) belong in its log too
-            warnings.simplefilter("default")
-            warnings.showwarning = _warning_to_stderr
-            os.chdir(scratch)
-            yield
-    except (_ToolkitFailure, StageError):
-        raise
-    except Exception as e:  # noqa: BLE001 - the toolkit raises ValueError/RuntimeError/... with tracebacks
-        what = "rknn-toolkit2"
-        for frame in reversed(_frames(e.__traceback__)):
-            if frame.f_code.co_name in _CALLS:
-                what = frame.f_code.co_name
-                break
-        raise _ToolkitFailure(what, e) from e
-    finally:
-        os.chdir(cwd)
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _warning_to_stderr(message, category, filename, lineno, file=None, line=None) -> None:
-    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
-
-
-_CALLS = ("config", "load_onnx", "build", "export_rknn", "accuracy_analysis", "init_runtime", "inference")
-
-
-def _frames(tb) -> list:
-    frames = []
-    while tb is not None:
-        frames.append(tb.tb_frame)
-        tb = tb.tb_next
-    return frames
-
-
-def _reason(failure: _ToolkitFailure, log_path: Path) -> str:
-    """One line: the exception's last 'XxxError: message' line, else the log's last error line."""
-    if failure.exc is not None:
-        text = _ANSI.sub("", str(failure.exc))
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        for ln in reversed(lines):
-            m = re.match(r"^(?:[\w]+\.)*(\w*(?:Error|Exception)): (.+)$", ln)
-            if m:  # "google.protobuf.message.DecodeError: Error parsing message" -> "DecodeError: ..."
-                generic = m.group(1) in ("ValueError", "RuntimeError", "Exception", "AssertionError")
-                return _short(m.group(2) if generic else f"{m.group(1)}: {m.group(2)}")
-        if lines:
-            return _short(lines[-1])
-        return type(failure.exc).__name__
-    try:
-        log = _ANSI.sub("", log_path.read_text(errors="replace"))
-    except OSError:
-        return "the toolkit returned an error"
-    for ln in reversed(log.splitlines()):
-        m = re.match(r"^E (.+)$", ln.strip())
-        if m and not m.group(1).startswith("rknn-toolkit2 version"):
-            return _short(m.group(1))
-    return "the toolkit returned an error"
-
-
-def _short(s: str, limit: int = 240) -> str:
-    s = " ".join(s.split())
-    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def _calibration_entries(calib: Path, spec) -> list[list[str]]:
@@ -587,57 +440,3 @@ def _calibration_entries(calib: Path, spec) -> list[list[str]]:
             raise StageError(f"input calib: {first} is {w}x{h}, the model takes {spec.width}x{spec.height}: "
                              f"the calibration set was made with a different preprocess.input_size")
     return entries
-
-
-def _toolkit_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("rknn-toolkit2")
-    except metadata.PackageNotFoundError:  # pragma: no cover
-        return "unknown"
-
-
-
-def _maxrss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
-
-
-class _PeakRss:
-    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def peak_mb(self) -> float:
-        return round(self.peak / 2**20, 1)
-
-    def _sample(self, proc) -> None:
-        while True:
-            try:
-                self.peak = max(self.peak, proc.memory_info().rss)
-            except Exception:  # noqa: BLE001
-                return
-            if self._stop.wait(self.interval):
-                return
-
-    def __enter__(self):
-        import psutil
-
-        proc = psutil.Process()
-        self.peak = proc.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, args=(proc,), daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        return False

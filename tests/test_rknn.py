@@ -4,13 +4,14 @@ and stages.common.quiet (the fd-level redirection every toolkit call runs under)
 from __future__ import annotations
 
 import ctypes
-import re
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -288,15 +289,15 @@ def test_the_vote_is_not_in_the_builds_key():
 
 # -- on-board evaluation (quantize.board_eval) ---------------------------------------------------------------
 def _adb_server_up() -> bool:
-    from stages.rknn_quantize import _adb_server_running
+    from stages.common.adb import server_running
 
-    return _adb_server_running()
+    return server_running()
 
 
 def test_board_eval_without_a_board_lists_what_adb_sees(tmp_path):
     """No board here: a one-line error before any build, listing what `adb devices` (the toolkit's own adb
     when none is on PATH) sees; an adb server the check started is stopped again."""
-    from stages.rknn_quantize import adb_executable
+    from stages.common.adb import executable
 
     t = toy()
     server_before = _adb_server_up()
@@ -305,7 +306,7 @@ def test_board_eval_without_a_board_lists_what_adb_sees(tmp_path):
                   {"onnx": t.onnx, "calib": t.calib, "data": t.data}, tmp_path / "out")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("quantize.board_eval.device_id=NOBOARD42: ")
-    adb = adb_executable()
+    adb = executable()
     if adb is None:
         assert "adb is not installed" in msg and "apt-get install adb" in msg
     else:
@@ -316,6 +317,10 @@ def test_board_eval_without_a_board_lists_what_adb_sees(tmp_path):
         if not [ln for ln in listed.splitlines()[1:] if ln.strip() and not ln.startswith("*")]:
             assert "lists no device" in msg
     assert not (tmp_path / "out" / "model.rknn").exists()  # refused before minutes of building
+    for _ in range(50):  # kill-server returns before the server has closed its port
+        if _adb_server_up() == server_before:
+            break
+        time.sleep(0.1)
     assert _adb_server_up() == server_before
 
 
@@ -327,7 +332,7 @@ def test_board_eval_needs_the_test_split(tmp_path):
 
 def test_the_toolkits_bundled_adb_is_found():
     """rknn-toolkit2 ships adb (rknn/3rdparty/platform-tools): a board can be reached without installing it."""
-    from stages.rknn_quantize import adb_executable
+    from stages.common.adb import executable
 
-    adb = adb_executable()
+    adb = executable()
     assert adb is not None and os.access(adb, os.X_OK)

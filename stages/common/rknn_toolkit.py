@@ -1,0 +1,166 @@
+"""Calling rknn-toolkit2 from a stage: its output into a log, its failures as one line.
+
+``toolkit(log, header)`` wraps toolkit calls: everything the toolkit prints (native code included)
+goes to ``log`` (``stages.common.quiet``), its scratch files (``check*.onnx``) into a temp folder,
+and an exception it raises becomes ``ToolkitFailure`` naming the call (``config``, ``build``,
+``init_runtime``, ...). ``ok(call, ret)`` turns a non-zero return code into one. ``reason(failure,
+log)`` is the one-line why: the exception's last ``XxxError: message`` line, else the log's last
+``E`` line. ``PeakRss`` samples this process's resident memory while a build runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+from engine.stage import StageError
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class ToolkitFailure(Exception):
+    def __init__(self, what: str, exc: BaseException | None) -> None:
+        super().__init__(what)
+        self.what = what
+        self.exc = exc
+        self.board = False  # set when the call ran against a connected board
+
+
+def ok(what: str, ret: Any) -> Any:
+    if isinstance(ret, int) and not isinstance(ret, bool) and ret != 0:
+        raise ToolkitFailure(what, None)
+    return ret
+
+
+@contextlib.contextmanager
+def toolkit(log_path: Path, header: str | None) -> Iterator[None]:
+    """``quiet`` around toolkit calls; an exception the toolkit raises becomes ``ToolkitFailure``."""
+    from stages.common.quiet import quiet
+
+    # The toolkit writes check*.onnx (and more) into the working folder: give it a scratch one.
+    cwd = os.getcwd()
+    scratch = tempfile.mkdtemp(prefix="edgepipe-rknn-")
+    try:
+        with quiet(log_path, header=header), warnings.catch_warnings():
+            # the toolkit's Python warnings (pkg_resources deprecation, ...) belong in its log too
+            warnings.simplefilter("default")
+            warnings.showwarning = _warning_to_stderr
+            os.chdir(scratch)
+            yield
+    except (ToolkitFailure, StageError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the toolkit raises ValueError/RuntimeError/... with tracebacks
+        what = "rknn-toolkit2"
+        for frame in reversed(_frames(e.__traceback__)):
+            if frame.f_code.co_name in _CALLS:
+                what = frame.f_code.co_name
+                break
+        raise ToolkitFailure(what, e) from e
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _warning_to_stderr(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+_CALLS = ("config", "load_onnx", "build", "export_rknn", "accuracy_analysis", "init_runtime", "inference")
+
+
+def _frames(tb) -> list:
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    return frames
+
+
+def reason(failure: ToolkitFailure, log_path: Path) -> str:
+    """One line: the exception's last 'XxxError: message' line, else the log's last error line."""
+    if failure.exc is not None:
+        text = _ANSI.sub("", str(failure.exc))
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        for ln in reversed(lines):
+            m = re.match(r"^(?:[\w]+\.)*(\w*(?:Error|Exception)): (.+)$", ln)
+            if m:  # "google.protobuf.message.DecodeError: Error parsing message" -> "DecodeError: ..."
+                generic = m.group(1) in ("ValueError", "RuntimeError", "Exception", "AssertionError")
+                return _short(m.group(2) if generic else f"{m.group(1)}: {m.group(2)}")
+        if lines:
+            return _short(lines[-1])
+        return type(failure.exc).__name__
+    try:
+        log = _ANSI.sub("", log_path.read_text(errors="replace"))
+    except OSError:
+        return "the toolkit returned an error"
+    for ln in reversed(log.splitlines()):
+        m = re.match(r"^E (.+)$", ln.strip())
+        if m and not m.group(1).startswith("rknn-toolkit2 version"):
+            return _short(m.group(1))
+    return "the toolkit returned an error"
+
+
+def _short(s: str, limit: int = 240) -> str:
+    s = " ".join(s.split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("rknn-toolkit2")
+    except metadata.PackageNotFoundError:  # pragma: no cover
+        return "unknown"
+
+
+def maxrss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
+class PeakRss:
+    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+    def _sample(self, proc) -> None:
+        while True:
+            try:
+                self.peak = max(self.peak, proc.memory_info().rss)
+            except Exception:  # noqa: BLE001
+                return
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self):
+        import psutil
+
+        proc = psutil.Process()
+        self.peak = proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, args=(proc,), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return False
