@@ -36,71 +36,6 @@ PARAM_MAGIC = "7767517"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-# -- the .param file (pure functions) ------------------------------------------------------------------
-def _split_layer(line: str) -> tuple[list[str], list[str], list[str]] | None:
-    """(head tokens: type name nbottom ntop, bottoms + tops, key=value params) of a layer line."""
-    tokens = line.split()
-    if len(tokens) < 4 or not (tokens[2].isdigit() and tokens[3].isdigit()):
-        return None
-    nb, nt = int(tokens[2]), int(tokens[3])
-    end = 4 + nb + nt
-    if len(tokens) < end:
-        return None
-    return tokens[:4], tokens[4:end], tokens[end:]
-
-
-def patch_input_shape(param_text: str, w: int, h: int, c: int) -> str:
-    """Set ``0=W 1=H 2=C`` on every ``Input`` layer line of an ncnn ``.param`` text.
-
-    pnnx writes ``Input in0 0 1 in0`` with no shape; the MaixHub/awnn toolchain needs it. Keys 0/1/2
-    already present are replaced (so patching twice changes nothing), other keys are kept after
-    them, and the rest of the file -- including pnnx's column alignment -- is left byte for byte.
-    """
-    out = []
-    for i, line in enumerate(param_text.splitlines(keepends=True)):
-        body = line.rstrip("\r\n")
-        ending = line[len(body):]
-        parts = _split_layer(body) if i >= 2 else None
-        if parts is None or parts[0][0] != "Input":
-            out.append(line)
-            continue
-        head, blobs, kv = parts
-        # keep the original text up to the last blob name (pnnx pads columns with spaces)
-        m = re.match(r"\s*" + r"\S+\s+" * (len(head) + len(blobs) - 1) + r"\S+", body)
-        prefix = m.group(0)
-        shape = {"0": str(int(w)), "1": str(int(h)), "2": str(int(c))}
-        others = [t for t in kv if t.split("=", 1)[0] not in shape]
-        params = [f"{k}={v}" for k, v in shape.items()] + others
-        out.append(prefix + " " + " ".join(params) + ending)
-    return "".join(out)
-
-
-def param_layers(param_text: str) -> list[tuple[str, str, list[str], list[str]]]:
-    """(type, name, bottoms, tops) of every layer of a ``.param`` text."""
-    lines = param_text.splitlines()
-    if not lines or lines[0].strip() != PARAM_MAGIC:
-        raise ValueError(f"not an ncnn text param file (first line is not {PARAM_MAGIC})")
-    layers = []
-    for line in lines[2:]:
-        parts = _split_layer(line)
-        if parts is None:
-            continue
-        (typ, name, nb, _nt), blobs, _ = parts
-        layers.append((typ, name, blobs[: int(nb)], blobs[int(nb):]))
-    return layers
-
-
-def param_io(param_text: str) -> tuple[list[str], list[str]]:
-    """(input blob names, output blob names): the tops of ``Input`` layers, and the blobs some layer
-    produces that no layer consumes."""
-    layers = param_layers(param_text)
-    inputs = [t for typ, _, _, tops in layers if typ == "Input" for t in tops]
-    consumed = {b for _, _, bottoms, _ in layers for b in bottoms}
-    outputs = [t for typ, _, _, tops in layers if typ != "Input" for t in tops if t not in consumed]
-    return inputs, outputs
-
-
-# -- the stage -------------------------------------------------------------------------------------------
 class NcnnConvert(Stage):
     """Convert an ONNX model to ncnn with pnnx; patch the Input shape; verify against ONNX Runtime."""
 
@@ -277,3 +212,67 @@ def check_layers(param_text: str, log: Path) -> None:
             f"ncnn has no operator for {ops}: pnnx could not map it to an ncnn layer. Change the model "
             f"to avoid it (see {log})"
         )
+
+
+# -- the .param file (pure functions) ------------------------------------------------------------------
+def _split_layer(line: str) -> tuple[list[str], list[str], list[str]] | None:
+    """(head tokens: type name nbottom ntop, bottoms + tops, key=value params) of a layer line."""
+    tokens = line.split()
+    if len(tokens) < 4 or not (tokens[2].isdigit() and tokens[3].isdigit()):
+        return None
+    nb, nt = int(tokens[2]), int(tokens[3])
+    end = 4 + nb + nt
+    if len(tokens) < end:
+        return None
+    return tokens[:4], tokens[4:end], tokens[end:]
+
+
+def patch_input_shape(param_text: str, w: int, h: int, c: int) -> str:
+    """Set ``0=W 1=H 2=C`` on every ``Input`` layer line of an ncnn ``.param`` text.
+
+    pnnx writes ``Input in0 0 1 in0`` with no shape; the MaixHub/awnn toolchain needs it. Keys 0/1/2
+    already present are replaced (so patching twice changes nothing), other keys are kept after
+    them, and the rest of the file -- including pnnx's column alignment -- is left byte for byte.
+    """
+    out = []
+    for i, line in enumerate(param_text.splitlines(keepends=True)):
+        body = line.rstrip("\r\n")
+        ending = line[len(body):]
+        parts = _split_layer(body) if i >= 2 else None
+        if parts is None or parts[0][0] != "Input":
+            out.append(line)
+            continue
+        head, blobs, kv = parts
+        # keep the original text up to the last blob name (pnnx pads columns with spaces)
+        m = re.match(r"\s*" + r"\S+\s+" * (len(head) + len(blobs) - 1) + r"\S+", body)
+        prefix = m.group(0)
+        shape = {"0": str(int(w)), "1": str(int(h)), "2": str(int(c))}
+        others = [t for t in kv if t.split("=", 1)[0] not in shape]
+        params = [f"{k}={v}" for k, v in shape.items()] + others
+        out.append(prefix + " " + " ".join(params) + ending)
+    return "".join(out)
+
+
+def param_layers(param_text: str) -> list[tuple[str, str, list[str], list[str]]]:
+    """(type, name, bottoms, tops) of every layer of a ``.param`` text."""
+    lines = param_text.splitlines()
+    if not lines or lines[0].strip() != PARAM_MAGIC:
+        raise ValueError(f"not an ncnn text param file (first line is not {PARAM_MAGIC})")
+    layers = []
+    for line in lines[2:]:
+        parts = _split_layer(line)
+        if parts is None:
+            continue
+        (typ, name, nb, _nt), blobs, _ = parts
+        layers.append((typ, name, blobs[: int(nb)], blobs[int(nb):]))
+    return layers
+
+
+def param_io(param_text: str) -> tuple[list[str], list[str]]:
+    """(input blob names, output blob names): the tops of ``Input`` layers, and the blobs some layer
+    produces that no layer consumes."""
+    layers = param_layers(param_text)
+    inputs = [t for typ, _, _, tops in layers if typ == "Input" for t in tops]
+    consumed = {b for _, _, bottoms, _ in layers for b in bottoms}
+    outputs = [t for typ, _, _, tops in layers if typ != "Input" for t in tops if t not in consumed]
+    return inputs, outputs
