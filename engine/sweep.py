@@ -55,6 +55,7 @@ class Task:
             os.environ["TTY_COMPATIBLE"] = "0"  # plain lines: several workers share one terminal
             _limit_threads(self.threads)
             _own_start_method()
+            _first_lines_on_the_console()
         result = {"num": num, "overrides": overrides, "run_dir": str(run_dir.resolve()),
                   "status": "failed", "headline": None, "error": None,
                   "threads": os.environ.get("OMP_NUM_THREADS"),  # what this job's torch/OpenMP used
@@ -111,6 +112,22 @@ def _limit_threads(threads: int | None) -> None:
         os.environ[var] = str(threads)
     if "torch" in sys.modules:  # a reused worker process that imported torch for an earlier job
         sys.modules["torch"].set_num_threads(threads)
+
+
+class _FirstLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return (super().format(record).splitlines() or [""])[0]
+
+
+def _first_lines_on_the_console() -> None:
+    """In a worker, edgepipe's warnings and errors reach the shared terminal as one line each (a
+    failed stage's traceback stays in its run's edgepipe.log); the job's error closes the sweep."""
+    from .cli import _setup_logging
+
+    _setup_logging(None)  # edgepipe's console handler, which each job's _setup_logging keeps
+    for handler in logging.getLogger("edgepipe").handlers:
+        if getattr(handler, "_edgepipe_console", False):
+            handler.setFormatter(_FirstLine("edgepipe: %(levelname)s: %(message)s"))
 
 
 def _own_start_method() -> None:

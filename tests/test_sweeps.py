@@ -137,6 +137,21 @@ def test_interrupted_joblib_sweep_rerun_computes_only_what_did_not_finish(ws):
     assert assert_cache_intact(ws) == 11
 
 
+def test_an_error_inside_a_joblib_worker_is_the_jobs_line_not_a_traceback(ws):
+    """A stage that raises (not a StageError) in a worker: the sweep shows one line per job naming the
+    stage and the error; the traceback is in that run's edgepipe.log."""
+    rc, out, err = spawn_cli(ws, "run", "-m", *JOBLIB, "+pipeline.stages.noisy={uses: t_noisy}",
+                             "+pipeline.stages.bad={uses: t_add, needs: {a: noisy}}", "src.value=1,2")
+    assert rc == 1
+    assert "Traceback" not in out + err
+    lines = [ln for ln in out.splitlines() if ln.strip().startswith("failed job")]
+    assert len(lines) == 2 and all("bad: FileNotFoundError" in ln and "value.txt" in ln for ln in lines)
+    assert "sweep: 0/2 jobs ok" in out
+    (sweep_dir,) = sweep_dirs(ws)
+    for r in job_results(sweep_dir):
+        assert "Traceback" in (Path(r["run_dir"]) / "edgepipe.log").read_text()
+
+
 # -- Optuna ------------------------------------------------------------------------------------------------
 def test_optuna_study_of_three_trials_names_the_best(ws):
     r = ws.cli("run", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=3",
