@@ -358,11 +358,14 @@ class _Sources:
             self.index.record(*self.seen[i], digest)
 
 
-def _reuse(items: list[_Item], sources: _Sources, kept: _Decoded, rows: "_Rows", ok: list, digests: list) -> list[int]:
+def _reuse(items: list[_Item], sources: _Sources, kept: _Decoded, rows: "_Rows", ok: list, digests: list,
+           ctx) -> list[int]:
     """Rows of unchanged files (recorded stat, kept pixels) copied into ``rows`` without reading the
     file; the indices of the items left to decode."""
-    rest = []
+    rest, step = [], max(1, len(items) // 50)
     for i, it in enumerate(items):
+        if i % step == 0:
+            ctx.progress(i - len(rest), len(items), f"taking kept decoded images {i}/{len(items)}")
         digest = sources.lookup(i, it.file) if it.file is not None else None
         data = kept.read(digest) if digest is not None else None
         if data is None:
@@ -798,7 +801,7 @@ class Dataset(Stage):
         kept = _Decoded.under(ctx.scratch, p.preprocess) if ctx.scratch is not None and p.keep_decoded else None
         sources = _Sources(ctx.scratch) if kept is not None else None
         ctx.progress(0, n, f"decoding {n} images")
-        todo = _reuse(items, sources, kept, scratch, ok, digests) if sources is not None else list(range(n))
+        todo = _reuse(items, sources, kept, scratch, ok, digests, ctx) if sources is not None else list(range(n))
         skipped, n_decoded = [], 0
         for i, (arr, digest, why, decoded) in self._decoded(items, todo, p, kept, ctx, n - len(todo)):
             n_decoded += decoded
