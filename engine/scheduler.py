@@ -48,9 +48,11 @@ def cpu_count() -> int:
 
 
 def default_jobs() -> int:
-    """min(4, cores): a second process on a one-core machine only adds its start-up time, and no
-    built-in pipeline has more than four stages that can run at once."""
-    return max(1, min(MAX_DEFAULT_JOBS, cpu_count()))
+    """min(4, cores // 2): each worker keeps at least two threads, because a stage running alone on
+    one thread (training, while the others wait for it) loses more than parallel branches gain;
+    on 2 cores this is 1, the in-process path. No built-in pipeline has more than four stages that can
+    run at once."""
+    return max(1, min(MAX_DEFAULT_JOBS, cpu_count() // 2))
 
 
 def default_memory_mb() -> float:
