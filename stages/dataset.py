@@ -277,13 +277,20 @@ class _Decoded:
         return Path(self.folder, digest[:2], digest)
 
     def read(self, digest: str) -> bytes | None:
-        """The row's bytes, or None (no entry, or a damaged one of another size)."""
+        """The row's bytes, or None (no entry, or a damaged one of another size). Called once per
+        unchanged file of a re-run: plain os calls on a string path take half the time of open()."""
+        size = self.shape[0] * self.shape[1] * self.shape[2]
         try:
-            with open(f"{self.folder}/{digest[:2]}/{digest}", "rb") as f:  # a string: called per file
-                data = f.read()
+            fd = os.open(f"{self.folder}/{digest[:2]}/{digest}", os.O_RDONLY)
         except OSError:
             return None
-        return data if len(data) == self.shape[0] * self.shape[1] * self.shape[2] else None
+        try:
+            data = os.read(fd, size + 1)  # one byte more: a longer entry is damaged too
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return data if len(data) == size else None
 
     def get(self, digest: str) -> np.ndarray | None:
         data = self.read(digest)
