@@ -264,6 +264,8 @@ def _add_crop_logits(results: dict, models: list[_Backend], split: _Split, p, ct
 def _stored_crop_logits(result: dict, m: _Backend, split: _Split, k: int, ctx) -> None:
     stored = m.runner.stored_crop_logits()
     if stored is None:
+        if not m.runner.stores_crops:  # eval.md says "no crop logits" on its row
+            return
         ctx.note(f"{m.name}: no multi-crop logits in {m.folder} ({m.kind}: its stage computes them; rknn_quantize "
                  f"does when it reads the same evaluate.multicrop settings with enabled=true)")
         return
@@ -476,7 +478,7 @@ def _multicrop_markdown(report: dict, p) -> list[str]:
     for n, row in report["backends"].items():
         mc = row.get("multicrop")
         cells = (f"{mc['top1_mean']:.2%} | {mc['top1_vote']:.2%} | {mc['undecided']}" if mc
-                 else "no crop logits | | ")
+                 else "no crop logits | |")
         lines.append(f"| {n} | {row['top1']:.2%} | {cells} |")
     lines.append("")
     lines.append(f"Vote: a class wins when at least {p.multicrop.vote_threshold:.0%} of the crops agree"

@@ -415,7 +415,7 @@ def test_a_100000_image_split_is_read_a_batch_at_a_time(tmp_path):
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["samples"] == n
 
 
-def test_board_logits_are_a_row_beside_the_simulators(backends, tmp_path):
+def test_board_logits_are_a_row_beside_the_simulators(backends, tmp_path, caplog):
     """An rknn_quantize folder run with quantize.board_eval holds board_test_logits.npy (no board here:
     the simulator's logits with one prediction changed stand in for them): evaluate scores it as
     `rknn_board` beside `rknn`."""
@@ -437,6 +437,15 @@ def test_board_logits_are_a_row_beside_the_simulators(backends, tmp_path):
     assert metrics["top1"]["rknn_board"] == pytest.approx(float(np.mean(board.argmax(1) == labels)))
     assert np.array_equal(np.load(out / "predictions.npz")["rknn_board.logits"], board)
     assert "| rknn_board | rknn_board (rv1103 SERIAL1) |" in (out / "eval.md").read_text()
+    # multi-crop: this build stored no crops (the simulator's are noted missing), the board never has them
+    with caplog.at_level(logging.INFO, logger="edgepipe.stage.evaluate"):
+        run_stage("evaluate", {"multicrop": {"enabled": True, "root": str(tmp_path)}}, {"data": t.data, "rknn": rk},
+                  tmp_path / "mc")
+    md = (tmp_path / "mc" / "eval.md").read_text()
+    assert re.search(r"^\| rknn \| [\d.]+% \| no crop logits \| \| \|$", md, re.M), md
+    assert re.search(r"^\| rknn_board \| [\d.]+% \| no crop logits \| \| \|$", md, re.M), md
+    notes = [r.getMessage() for r in caplog.records if "no multi-crop logits" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].startswith("rknn: ")
     build["board"]["images_test_sha256"] = "0" * 64
     (rk / "build.json").write_text(json.dumps(build))
     with pytest.raises(StageError, match=r"input rknn: its board_test_logits.npy were computed on another test split"):

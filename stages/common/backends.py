@@ -52,6 +52,8 @@ class Backend:
     target: ClassVar[Literal["float", "quantized"] | None] = None
     # True: logits were computed elsewhere and stored (stored_logits()); logits() cannot run
     precomputed: ClassVar[bool] = False
+    # precomputed backends: whether their stage can store multi-crop logits (stored_crop_logits())
+    stores_crops: ClassVar[bool] = False
     # further backends a folder of this kind may hold (evaluate scores each one it recognises)
     companions: ClassVar[tuple[type["Backend"], ...]] = ()
     # evaluate's row name for a companion: the input's name + this suffix
@@ -203,6 +205,7 @@ class RknnSimulatorBackend(Backend):
     what they were computed on (``build.json``)."""
 
     kind, model_file, producer, target, precomputed = "rknn", "model.rknn", "rknn_quantize", "quantized", True
+    stores_crops = True
     logits_file: ClassVar[str] = "test_logits.npy"
     build_section: ClassVar[str] = "simulator"
     missing_hint: ClassVar[str] = ("the rknn simulator only runs in the build session, so wire the dataset into "
@@ -240,7 +243,7 @@ class RknnSimulatorBackend(Backend):
 class RknnBoardBackend(RknnSimulatorBackend):
     """The same model run on a connected board's NPU by rknn_quantize (``quantize.board_eval``)."""
 
-    kind, model_file, suffix = "rknn_board", "board_test_logits.npy", "_board"
+    kind, model_file, suffix, stores_crops = "rknn_board", "board_test_logits.npy", "_board", False
     logits_file, build_section = "board_test_logits.npy", "board"
     missing_hint = "set quantize.board_eval.device_id to a connected board's adb serial"
 
