@@ -143,7 +143,11 @@ class Edgepipe:
                                  for _ in range(repeat))
 
     def stage(self) -> tuple[float, float]:
-        return timed([str(EDGEPIPE), "run", "--only", "data", *self.overrides], self.env, self.tmp)
+        seconds, peak = timed([str(EDGEPIPE), "run", "--only", "data", *self.overrides], self.env, self.tmp)
+        rec = json.loads((self.tmp / "runs" / "latest" / "run.json").read_text())["stages"]["data"]
+        print(f"  dataset stage: {seconds:.2f} s wall for the command, {rec['seconds']:.2f} s in the stage, "
+              f"{rec['metrics']['decoded']} images decoded")
+        return seconds, peak
 
 
 class Dvc:
