@@ -370,16 +370,21 @@ def _reuse(items: list[_Item], sources: _Sources, kept: _Decoded, rows: "_Rows",
     """Rows of unchanged files (recorded stat, kept pixels) copied into ``rows`` without reading the
     file; the indices of the items left to decode."""
     rest, step = [], max(1, len(items) // 50)
+    run: list[bytes] = []  # rows of consecutive items, written with one call
     for i, it in enumerate(items):
         if i % step == 0:
             ctx.progress(i - len(rest), len(items), f"taking kept decoded images {i}/{len(items)}")
         digest = sources.lookup(i, it.file) if it.file is not None else None
         data = kept.read(digest) if digest is not None else None
+        if data is None or len(run) == 256:
+            rows.put_bytes(i - len(run), b"".join(run))
+            run = []
         if data is None:
             rest.append(i)
             continue
-        rows.put_bytes(i, data)
+        run.append(data)
         ok[i], digests[i] = True, digest
+    rows.put_bytes(len(items) - len(run), b"".join(run))
     return rest
 
 
@@ -420,7 +425,9 @@ class _Rows:
         os.pwrite(self._f.fileno(), np.ascontiguousarray(arr).tobytes(), i * self.row)
 
     def put_bytes(self, i: int, data: bytes) -> None:
-        os.pwrite(self._f.fileno(), data, i * self.row)
+        """Raw rows from row i on (several consecutive rows in one write)."""
+        if data:
+            os.pwrite(self._f.fileno(), data, i * self.row)
 
     def copy_rows(self, idx: list[int], dest: Path) -> None:
         """``np.save(dest, stack of rows idx)``, byte for byte, ``_COPY_ROWS`` rows at a time."""
@@ -679,8 +686,8 @@ class Dataset(Stage):
             if not files:
                 raise StageError(f"class folder {d} has no files; remove it or add images")
             label = classes.index(name)
-            shown = d.relative_to(root).as_posix()  # strings per file: 100,000 Path objects cost seconds
-            items += [_Item(path=f"{shown}/{rel}", label=label, split=split, file=os.path.join(d, rel)) for rel in files]
+            shown, where = d.relative_to(root).as_posix(), str(d)  # strings per file: Path objects cost seconds
+            items += [_Item(path=f"{shown}/{rel}", label=label, split=split, file=f"{where}/{rel}") for rel in files]
         return items, classes
 
     def _split_folders(self, p, given, ctx):
