@@ -126,3 +126,17 @@ def test_a_config_error_is_not_cached(conf, monkeypatch):
     (conf / "experiment" / "nosuch.yaml").write_text("# @package _global_\nname: found\n")
     time.sleep(0.01)
     assert _compose("+experiment=nosuch")[0]["name"] == "found"
+
+
+def test_an_environment_variable_in_the_defaults_list(conf, monkeypatch):
+    """Hydra resolves ${oc.env:...} in a defaults list while composing: another value must compose again."""
+    (conf / "experiment" / "envy.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /train: ${oc.env:EDGEPIPE_TEST_TRAIN,default}\n  - _self_\n")
+    hits = _hits(monkeypatch)
+    monkeypatch.setenv("EDGEPIPE_TEST_TRAIN", "tiny")
+    tiny = _compose("+experiment=envy")[0]["train"]["epochs"]
+    monkeypatch.setenv("EDGEPIPE_TEST_TRAIN", "default")
+    default = _compose("+experiment=envy")[0]["train"]["epochs"]
+    monkeypatch.setenv("EDGEPIPE_TEST_TRAIN", "tiny")
+    assert _compose("+experiment=envy")[0]["train"]["epochs"] == tiny != default
+    assert hits == [False, False, False]  # the entry of the first was replaced by the second
