@@ -172,7 +172,7 @@ def multirun(opts: dict, overrides: list[str], options) -> int:
 
     # Validate every job before anything is written to runs/ (an Optuna trial: the base config).
     pipelines = [validated_pipeline(job, options) for job in jobs]
-    _warn_shadowed(jobs[0].overrides, pipelines[0])
+    _warn_shadowed(list(overrides), pipelines[0])  # a swept key too (an Optuna search of one)
     sweep_dir = _make_unique_dir(base.sweep_dir, "hydra.sweep.dir")
     hydra_overrides = _hydra_overrides(parsed, base, sweep_dir, pipelines[0], sweeper)
     total = len(jobs) if grid else _n_trials(base, parsed)

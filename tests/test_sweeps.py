@@ -8,6 +8,7 @@ in $EDGEPIPE_TEST_COUNTER; one slow test runs the quickstart's DAG (RKNN builds 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -107,6 +108,18 @@ def test_grid_on_submitit_local(ws):
     assert_grid_jobs(ws, sweep_dir)
     assert (sweep_dir / ".submitit").is_dir()  # the jobs really went through submitit
     assert "sweep: 4/4 jobs ok" in out
+    assert assert_cache_intact(ws) == sum(MINIMAL.values())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
+                    reason="hydra-ray-launcher is an optional extra (pip install -e '.[ray]')")
+def test_grid_on_ray_when_installed(ws):
+    rc, out, err = spawn_cli(ws, "run", "-m", "hydra/launcher=ray", "hydra.launcher.ray.init.num_cpus=2", *GRID,
+                             timeout=600)
+    assert rc == 0, err
+    assert ws.counts() == MINIMAL
+    (sweep_dir,) = sweep_dirs(ws)
+    assert_grid_jobs(ws, sweep_dir)
     assert assert_cache_intact(ws) == sum(MINIMAL.values())
 
 
