@@ -70,6 +70,8 @@ class Task:
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     def _run(self, cfg: DictConfig, hc: DictConfig, run_dir: Path, num: int, overrides: list[str]) -> dict:
+        from rich.markup import escape
+
         from . import cli, compose
 
         hydra_cfg = OmegaConf.create(OmegaConf.to_container(hc, resolve=False))
@@ -77,8 +79,6 @@ class Task:
                           compose.describe_sources(hydra_cfg))
         pipeline = cli.validated_pipeline(job, self.options)
         compose.write_resolved(run_dir, cfg)  # Hydra wrote config/hydra/overrides.yaml already
-        from rich.markup import escape
-
         of = f"/{self.total}" if self.total else ""
         record = cli.execute_job(job, pipeline, self.options, run_dir, summary_table=self.in_process,
                                  title=escape(f"{cfg.name} [job {num + 1}{of}: {' '.join(overrides)}]"))
@@ -175,7 +175,7 @@ def multirun(opts: dict, overrides: list[str], options) -> int:
     _warn_shadowed(list(overrides), pipelines[0])  # a swept key too (an Optuna search of one)
     sweep_dir = _make_unique_dir(base.sweep_dir, "hydra.sweep.dir")
     hydra_overrides = _hydra_overrides(parsed, base, sweep_dir, pipelines[0], sweeper)
-    total = len(jobs) if grid else _n_trials(base, parsed)
+    total = len(jobs) if grid else _n_trials(base)
     at_once = _jobs_at_once(base.hydra_cfg, launcher, sweeper, len(jobs))
     if at_once and not opts.get("jobs"):  # parallel jobs share the cores: fewer parallel stages each
         options = dataclasses.replace(options, jobs=max(1, options.jobs // at_once))
@@ -249,7 +249,7 @@ def _hydra_overrides(parsed: list, base, sweep_dir: Path, pipeline, sweeper: str
     return extra
 
 
-def _n_trials(base, parsed: list) -> int | None:
+def _n_trials(base) -> int | None:
     value = OmegaConf.select(base.hydra_cfg, "sweeper.n_trials")
     return int(value) if isinstance(value, int) else None
 
@@ -298,8 +298,7 @@ def _launch(overrides: list[str], cdir: Path | None, task: Task, sweeper: str) -
         from hydra._internal.callbacks import Callbacks
 
         context = HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=Callbacks(cfg))
-        Path(str(cfg.hydra.sweep.dir), "multirun.yaml").parent.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, Path(str(cfg.hydra.sweep.dir)) / "multirun.yaml")
+        OmegaConf.save(cfg, Path(str(cfg.hydra.sweep.dir)) / "multirun.yaml")  # any sweeper, as Hydra's basic does
         _quiet_plugins()
         try:
             sweep = Plugins.instance().instantiate_sweeper(config=cfg, hydra_context=context, task_function=task)

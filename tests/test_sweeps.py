@@ -264,6 +264,15 @@ def test_submitit_slurm_composes_and_the_job_function_pickles(ws):
     assert _threads_per_job(job.hydra_cfg, "submitit_slurm", None) == 4
 
 
+def test_sweep_dir_and_subdir_given_on_the_command_line(ws):
+    r = ws.cli("run", "-m", f"hydra.sweep.dir={ws.root / 'mine'}", "hydra.sweep.subdir=value_${src.value}",
+               "src.value=1,2")
+    assert r.rc == 0, r.err
+    assert sorted(p.name for p in (ws.root / "mine").iterdir()) == ["multirun.yaml", "value_1", "value_2"]
+    assert (ws.runs / "latest").resolve() == (ws.root / "mine" / "value_2").resolve()
+    assert json.loads((ws.root / "mine" / "value_1" / "run.json").read_text())["headline"]["value"] == 17
+
+
 def test_cfg_and_info_with_a_sweeper(ws):
     r = ws.cli("run", "-m", "hydra/sweeper=optuna", "src.value=interval(1,9)", "scale.factor=4", "--cfg", "job")
     assert r.rc == 0, r.err
