@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .runs import RUN_JSON, RunFolderError, RunRecord, flat_metrics, resolve_run
+from .runs import RUN_JSON, RunRecord, flat_metrics, resolve_run
 
 DEFAULT_METRICS = ("seconds",)
 OUTPUTS = ("compare.csv", "compare.md", "compare.html")
@@ -35,6 +35,7 @@ class Job:
     record: RunRecord
     overrides: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)  # flattened: "<stage>.<metric>[.<backend>]", "seconds"
+    direction: str | None = None  # the pipeline's headline_direction when its config sets one
 
     @property
     def headline(self) -> Any:
@@ -95,7 +96,7 @@ def load_jobs(folders: Iterable[tuple[str, Path]]) -> list[Job]:
         record = RunRecord.load(run_dir)
         metrics = {f"{s}.{k}": v for s, rec in record.stages.items() for k, v in flat_metrics(rec.metrics).items()}
         metrics["seconds"] = record.seconds
-        jobs.append(Job(label, record, parse_overrides(record.overrides), metrics))
+        jobs.append(Job(label, record, parse_overrides(record.overrides), metrics, headline_direction(run_dir)))
     return jobs
 
 
@@ -116,14 +117,28 @@ def compare(jobs: list[Job], metrics: Sequence[str] = DEFAULT_METRICS) -> Compar
     keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
     swept = [k for k in keys if len({j.overrides.get(k, MISSING) for j in jobs}) > 1]
     headline = next((j.record.headline["key"] for j in jobs if j.record.headline), None)
-    lower = headline is not None and lower_is_better(headline)
+    direction = next((j.direction for j in jobs if j.direction), None)
+    lower = direction == "minimize" if direction else headline is not None and lower_is_better(headline)
     metric_keys = [k for m in metrics for k in matching(m, jobs) if k != headline]
     ordered = sorted(jobs, key=lambda j: _rank(j, lower))
     return Comparison(ordered, swept, headline, list(dict.fromkeys(metric_keys)), lower)
 
 
+def headline_direction(run_dir: Path) -> str | None:
+    """`pipeline.headline_direction` (maximize/minimize, what an Optuna sweep optimises) when the run's
+    .hydra/config.yaml sets it; None otherwise."""
+    from omegaconf import OmegaConf
+
+    try:
+        value = OmegaConf.select(OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml"), "pipeline.headline_direction")
+    except Exception:  # noqa: BLE001 - no or an unreadable .hydra/: the headline's name decides
+        return None
+    return str(value) if value in ("maximize", "minimize") else None
+
+
 def lower_is_better(key: str) -> bool:
-    """`train.val_loss`, `eval.drop_points.rknn`, `seconds`: smaller is better; top-1 and accuracies are not."""
+    """Without a headline_direction: `train.val_loss`, `eval.drop_points.rknn`, `seconds`: smaller is
+    better; top-1 and accuracies are not."""
     parts = key.split(".")
     metric = parts[1] if len(parts) > 1 else parts[0]
     return any(w in metric for w in ("loss", "drop", "error")) or metric.endswith(("seconds", "_s", "_ms"))
@@ -233,6 +248,7 @@ def markdown(c: Comparison) -> str:
 def html_page(c: Comparison) -> str:
     """A self-contained page: the table and the headline against each swept parameter (embedded PNG)."""
     from .report_figures import png_uri
+    from .report_html import CSP
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in c.header())
     body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>\n" for row in c.rows())
@@ -240,7 +256,7 @@ def html_page(c: Comparison) -> str:
             if c.headline and c.swept and any(_number(j.headline) is not None for j in c.jobs) else
             '<p class="note">no plot: the jobs share every override or have no numeric headline</p>')
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
-            f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; style-src \'unsafe-inline\'">\n'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
             f"<title>edgepipe compare</title>\n<style>body {{ font-family: system-ui, sans-serif; margin: 2em; }}\n"
             f"table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 0.2em 0.6em; }}\n"
             f"img {{ max-width: 100%; }} .note {{ color: #666; }}</style></head>\n<body>\n"
@@ -311,5 +327,3 @@ def run(refs: Sequence[str], runs_root: Path, metrics: Sequence[str], out_dir: P
         console.print(table)
     return write_outputs(c, out_dir)
 
-
-__all__ = ["CompareError", "RunFolderError", "compare", "load_jobs", "run", "run_folders", "write_sweep_comparison"]

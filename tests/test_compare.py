@@ -111,3 +111,13 @@ def test_which_headlines_are_better_low():
     assert lower_is_better("train.val_loss") and lower_is_better("eval.drop_points.rknn_mmse")
     assert lower_is_better("seconds")
     assert not lower_is_better("eval.top1.rknn_mmse") and not lower_is_better("train.test_acc")
+
+
+def test_headline_direction_minimize_puts_the_smallest_first(ws):
+    r = ws.cli("run", "-m", "scale.factor=1,3,2", "+pipeline.headline_direction=minimize")
+    assert r.rc == 0, r.err
+    (sweep,) = [p for p in ws.runs.glob("*/*") if p.is_dir() and p.name.endswith("_sweep")]
+    assert ws.cli("compare", str(sweep)).rc == 0
+    with open(sweep / "compare.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert [row[1] for row in rows[1:]] == ["1", "2", "3"]  # total.sum grows with the factor
