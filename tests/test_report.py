@@ -375,3 +375,25 @@ def test_dag_png_without_graphviz_says_how_to_install(ws, tmp_path, monkeypatch)
     assert "apt-get install graphviz" in r.err and not (tmp_path / "dag.png").exists()
     r = ws.cli("dag", "--format", "jpeg")
     assert r.rc == 2 and "--format takes mermaid, dot, png or svg" in r.err
+
+
+def test_parameter_count_reads_no_code_from_model_pt(tmp_path):
+    """model.pt's pickle is read by an unpickler that builds shapes only: a file whose pickle would call
+    os.system gives no parameter count, and the command never runs."""
+    import pickle
+    import zipfile
+
+    from engine.report_summary import model_facts
+
+    marker = tmp_path / "MARKER"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "model.pt"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("model/data.pkl", pickle.dumps({"format": "edgepipe.model/1", "state_dict": Evil()}))
+    assert model_facts(bad) is None and not marker.exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    assert model_facts(tmp_path / "junk.pt") is None
