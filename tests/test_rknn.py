@@ -336,3 +336,25 @@ def test_the_toolkits_bundled_adb_is_found():
 
     adb = executable()
     assert adb is not None and os.access(adb, os.X_OK)
+
+
+def test_the_rknn_stages_read_evaluate_multicrop_and_board_eval_from_the_config(tmp_path):
+    """Through real Hydra composition: the RKNN builds take evaluate.multicrop's crops (their vote stays out
+    of the key) and quantize.board_eval.device_id."""
+    from engine.cache import key_params
+    from engine.compose import compose
+    from engine.config import validate
+
+    def rknn_keys(*overrides):
+        job = compose(["+experiment=rv1103_mobilenetv3", f"dataset.path={tmp_path}", *overrides])
+        _, specs = validate(job.cfg)
+        return specs, [key_params(specs[s].params)[0] for s in ("rknn_normal", "rknn_mmse")]
+
+    on = ["evaluate.multicrop.enabled=true", f"evaluate.multicrop.root={tmp_path}"]
+    specs, base = rknn_keys(*on)
+    assert specs["rknn_mmse"].params.multicrop.crops == specs["eval"].params.multicrop.crops == 3
+    assert rknn_keys(*on, "evaluate.multicrop.vote_threshold=0.9")[1] == base
+    assert rknn_keys(*on, "evaluate.multicrop.crops=4")[1] != base
+    assert rknn_keys()[1] != base
+    specs, _ = rknn_keys("quantize.board_eval.device_id=ABC123")
+    assert specs["rknn_normal"].params.board_eval.device_id == "ABC123"
