@@ -41,8 +41,9 @@ class PipelineSpec(BaseModel):
     stages: dict[str, PipelineEntry]
     # "stage.metric" shown by `edgepipe runs`; default: the first numeric metric of the last stage.
     headline: str | None = None
-    # which way the headline is better: what `run -m hydra/sweeper=optuna` optimises towards
-    headline_direction: Literal["maximize", "minimize"] = "maximize"
+    # which way the headline is better (what `run -m hydra/sweeper=optuna` optimises towards);
+    # default: minimize a loss, error, drop or time (compare.lower_is_better), else maximize
+    headline_direction: Literal["maximize", "minimize"] | None = None
 
 
 @dataclass

@@ -243,10 +243,19 @@ def _hydra_overrides(parsed: list, base, sweep_dir: Path, pipeline, sweeper: str
             extra.append(f"{group}=none")
     if sweeper == "optuna":
         if not _given(parsed, "hydra.sweeper.direction"):
-            extra.append(f"hydra.sweeper.direction={pipeline.spec.headline_direction}")
+            extra.append(f"hydra.sweeper.direction={headline_direction(pipeline.spec)}")
         if not _given(parsed, "hydra.sweeper.max_failure_rate"):
             extra.append("hydra.sweeper.max_failure_rate=1.0")
     return extra
+
+
+def headline_direction(spec) -> str:
+    """The pipeline's `headline_direction`, else minimize for a loss, error, drop or time, else maximize."""
+    from .compare import lower_is_better
+
+    if spec.headline_direction:
+        return spec.headline_direction
+    return "minimize" if spec.headline and lower_is_better(spec.headline) else "maximize"
 
 
 def _n_trials(base) -> int | None:

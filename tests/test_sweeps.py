@@ -182,6 +182,17 @@ def test_optuna_study_of_three_trials_names_the_best(ws):
     assert ws.counts()["src"] == 1
 
 
+def test_optuna_minimizes_when_the_pipeline_says_so(ws):
+    r = ws.cli("run", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=3",
+               "+pipeline.headline_direction=minimize", "scale.factor=int(interval(1,50))")
+    assert r.rc == 0, r.err
+    (sweep_dir,) = sweep_dirs(ws)
+    results = job_results(sweep_dir)
+    best = min(results, key=lambda x: x["headline"]["value"])
+    assert f"best_value: {float(best['headline']['value'])}" in (sweep_dir / "optimization_results.yaml").read_text()
+    assert "direction: minimize" in (sweep_dir / "multirun.yaml").read_text()
+
+
 def test_invalid_optuna_trial_fails_only_that_trial(ws):
     r = ws.cli("run", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.seed=1",
                "src.value=choice(1,2,abc)")
