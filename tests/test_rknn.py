@@ -358,3 +358,26 @@ def test_the_rknn_stages_read_evaluate_multicrop_and_board_eval_from_the_config(
     assert rknn_keys()[1] != base
     specs, _ = rknn_keys("quantize.board_eval.device_id=ABC123")
     assert specs["rknn_normal"].params.board_eval.device_id == "ABC123"
+
+
+def test_a_board_that_fails_in_the_toolkit_is_one_line(tmp_path, monkeypatch):
+    """Past the adb check (a board that was listed, then went away or runs no rknn_server): the real
+    toolkit's init_runtime(target, device_id) fails and the stage says so in one line, with what adb sees."""
+    from stages.common import adb
+
+    t = toy()
+    tool = adb.executable()
+    server_before = adb.server_running()
+    monkeypatch.setattr(adb, "check_connected", lambda serial, key: None)
+    try:
+        with pytest.raises(StageError) as e:
+            run_stage("rknn_quantize", {"accuracy_analysis_samples": 0, "data_limit": 4,
+                                        "board_eval": {"device_id": "NOBOARD42"}},
+                      {"onnx": t.onnx, "calib": t.calib, "data": t.data}, tmp_path / "out")
+    finally:
+        if tool and not server_before:  # the toolkit starts an adb server of its own
+            subprocess.run([tool, "kill-server"], capture_output=True)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("rknn on board NOBOARD42 failed: init_runtime: ")
+    assert "NOBOARD42' not found" in msg  # the toolkit's reason from rknn.log, not its bare RuntimeError
+    assert "`adb devices` lists " in msg and "rknn_server" in msg and "rknn.log" in msg

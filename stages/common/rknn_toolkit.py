@@ -85,27 +85,38 @@ def _frames(tb) -> list:
 
 
 def reason(failure: ToolkitFailure, log_path: Path) -> str:
-    """One line: the exception's last 'XxxError: message' line, else the log's last error line."""
-    if failure.exc is not None:
-        text = _ANSI.sub("", str(failure.exc))
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        for ln in reversed(lines):
-            m = re.match(r"^(?:[\w]+\.)*(\w*(?:Error|Exception)): (.+)$", ln)
-            if m:  # "google.protobuf.message.DecodeError: Error parsing message" -> "DecodeError: ..."
-                generic = m.group(1) in ("ValueError", "RuntimeError", "Exception", "AssertionError")
-                return _short(m.group(2) if generic else f"{m.group(1)}: {m.group(2)}")
-        if lines:
-            return _short(lines[-1])
-        return type(failure.exc).__name__
+    """One line: the exception's last 'XxxError: message' line, else the log's last error line (also when
+    the exception says no more than its type: the toolkit logs the why, then raises a bare RuntimeError)."""
+    said = _from_exception(failure.exc) if failure.exc is not None else None
+    if said is None or re.fullmatch(r"\w*(?:Error|Exception)", said):
+        return _from_log(log_path) or said or "the toolkit returned an error"
+    return said
+
+
+def _from_exception(exc: BaseException) -> str | None:
+    text = _ANSI.sub("", str(exc))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        m = re.match(r"^(?:[\w]+\.)*(\w*(?:Error|Exception)): (.+)$", ln)
+        if m:  # "google.protobuf.message.DecodeError: Error parsing message" -> "DecodeError: ..."
+            generic = m.group(1) in ("ValueError", "RuntimeError", "Exception", "AssertionError")
+            return _short(m.group(2) if generic else f"{m.group(1)}: {m.group(2)}")
+    return _short(lines[-1]) if lines else type(exc).__name__
+
+
+def _from_log(log_path: Path) -> str | None:
+    """The log's last 'E ...' line that is neither a traceback header nor the version banner."""
     try:
         log = _ANSI.sub("", log_path.read_text(errors="replace"))
     except OSError:
-        return "the toolkit returned an error"
+        return None
     for ln in reversed(log.splitlines()):
         m = re.match(r"^E (.+)$", ln.strip())
-        if m and not m.group(1).startswith("rknn-toolkit2 version"):
-            return _short(m.group(1))
-    return "the toolkit returned an error"
+        if m and not m.group(1).startswith("rknn-toolkit2 version") and not m.group(1).endswith(
+                "Traceback (most recent call last):"):
+            call, _, rest = m.group(1).partition(": ")  # "init_runtime: why": the message names the call already
+            return _short(rest if call in _CALLS and rest else m.group(1))
+    return None
 
 
 def _short(s: str, limit: int = 240) -> str:
