@@ -370,13 +370,14 @@ def _reuse(items: list[_Item], sources: _Sources, kept: _Decoded, rows: "_Rows",
     """Rows of unchanged files (recorded stat, kept pixels) copied into ``rows`` without reading the
     file; the indices of the items left to decode."""
     rest, step = [], max(1, len(items) // 50)
-    run: list[bytes] = []  # rows of consecutive items, written with one call
+    run: list[bytes] = []  # rows of consecutive items, written with one call (at most ~4 MB)
+    most = max(1, (4 << 20) // rows.row)
     for i, it in enumerate(items):
         if i % step == 0:
             ctx.progress(i - len(rest), len(items), f"taking kept decoded images {i}/{len(items)}")
         digest = sources.lookup(i, it.file) if it.file is not None else None
         data = kept.read(digest) if digest is not None else None
-        if data is None or len(run) == 256:
+        if data is None or len(run) == most:
             rows.put_bytes(i - len(run), b"".join(run))
             run = []
         if data is None:
