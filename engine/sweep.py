@@ -354,6 +354,7 @@ def after_sweep(sweep_dir: Path, job_results: list[dict], error: str | None = No
         what = (f"{h.get('key')} = {_short(h.get('value'))}" if h else "") if r in ok else r.get("error")
         print(f"  {'ok' if r in ok else 'failed':<6} {_job_name(r, len(job_results))}  {what or ''}")
     print(f"sweep: {len(ok)}/{len(job_results)} jobs ok in {sweep_dir}")
+    _write_comparison(sweep_dir, ok)
     best = best_trial(sweep_dir)
     if best:
         params = " ".join(f"{k}={v}" for k, v in best["best_params"].items())
@@ -365,6 +366,19 @@ def after_sweep(sweep_dir: Path, job_results: list[dict], error: str | None = No
     if grid:
         return 1 if error or len(ok) < len(job_results) or not job_results else 0
     return 0 if best else 1
+
+
+def _write_comparison(sweep_dir: Path, ok: list[dict]) -> None:
+    """compare.csv/.md/.html in the sweep folder (what `edgepipe compare SWEEP_DIR` writes). A sweep's
+    results stand without it: a comparison that cannot be written is a warning, not a failed sweep."""
+    if not ok:
+        return
+    from .compare import write_sweep_comparison
+
+    try:
+        print(f"comparison: {write_sweep_comparison(Path(sweep_dir))}")
+    except Exception as e:  # noqa: BLE001 - the jobs' own outputs are complete and kept
+        print(f"edgepipe: warning: no comparison written in {sweep_dir}: {e}", file=sys.stderr)
 
 
 def _short(v: Any) -> str:

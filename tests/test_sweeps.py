@@ -108,6 +108,10 @@ def test_grid_on_submitit_local(ws):
     assert_grid_jobs(ws, sweep_dir)
     assert (sweep_dir / ".submitit").is_dir()  # the jobs really went through submitit
     assert "sweep: 4/4 jobs ok" in out
+    # the sweep's comparison is written when it ends: a row per job, only the swept overrides
+    assert f"comparison: {sweep_dir / 'compare.html'}" in out
+    rows = (sweep_dir / "compare.csv").read_text().splitlines()
+    assert len(rows) == 5 and "scale.factor" in rows[0] and "quant.factor" in rows[0], rows
     assert assert_cache_intact(ws) == sum(MINIMAL.values())
 
 
