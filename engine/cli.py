@@ -75,7 +75,7 @@ def _split_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
 
 
 def _parallel_options(opts: dict) -> dict:
-    """run's --jobs N (default: min(4, cores)) and --max-memory SIZE (default: 3/4 of the available memory)."""
+    """run's --jobs N (default: min(4, cores / 2)) and --max-memory SIZE (default: 3/4 of the available memory)."""
     from . import scheduler
 
     jobs = opts.get("jobs")
