@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="N of 'images/s at 1 and N workers'")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each unchanged plan/status (median)")
     ap.add_argument("--dvc", help="the dvc command (default: $EDGEPIPE_BENCH_DVC, else dvc on PATH)")
+    ap.add_argument("--plan-only", action="store_true", help="plan and dvc figures only: no dataset stage, no photos")
     ap.add_argument("--child", nargs=4, metavar=("FOLDER", "WORKERS", "SIZE", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -112,20 +113,22 @@ def main() -> None:
         edgepipe = Edgepipe(a, tmp, env)
         dvc = Dvc(find_dvc(a.dvc), a, tmp, env)
         rows = {"first plan / dvc repro (every file hashed)": [edgepipe.plan(), dvc.first()]}
-        seconds, peak = edgepipe.stage()
-        rows["dataset stage, first run, s"] = [seconds, None]
-        rows["  its peak RSS MB (largest process)"] = [peak, None]
+        if not a.plan_only:
+            seconds, peak = edgepipe.stage()
+            rows["dataset stage, first run, s"] = [seconds, None]
+            rows["  its peak RSS MB (largest process)"] = [peak, None]
         rows["plan unchanged / dvc status"] = [edgepipe.plan(a.repeat), dvc.status(a.repeat)]
         changed = tmp / "data" / CLASSES[0] / f"{0:06d}.jpg"
         changed.write_bytes(changed.read_bytes() + b"\0")  # one more byte after the JPEG's end: new content
         rows["plan, one file changed / dvc status"] = [edgepipe.plan(), dvc.status()]
-        seconds, peak = edgepipe.stage()
-        rows["dataset stage, one file changed, s"] = [seconds, None]
-        rows["  its peak RSS MB (one file changed)"] = [peak, None]
+        if not a.plan_only:
+            seconds, peak = edgepipe.stage()
+            rows["dataset stage, one file changed, s"] = [seconds, None]
+            rows["  its peak RSS MB (one file changed)"] = [peak, None]
         print_rows(rows)
         if not dvc.cmd:
             print("dvc: not found (--dvc PATH, EDGEPIPE_BENCH_DVC, or dvc on PATH); its column is empty")
-        if a.photo_n:
+        if a.photo_n and not a.plan_only:
             photo_figures(a, tmp, env)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
