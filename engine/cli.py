@@ -15,8 +15,9 @@
     edgepipe init [DIR]
     edgepipe --version
 
-Every verb that composes a config takes -cd/--config-dir DIR (default: ./conf when it exists), a folder
-searched before edgepipe's built-in configs; --info lists the search path and where each file came from.
+Every verb that composes a config takes -cd/--config-dir DIR (default: ./conf when it exists; -cp/
+--config-path is the same), a folder searched before edgepipe's built-in configs, and -cn/--config-name
+NAME (the primary config, default config); --info lists the search path and where each file came from.
 Overrides use Hydra's syntax: `train.epochs=3`, `model=mobilenet_v3_small`, `+experiment=quickstart`,
 `+train.foo=1`, `~key`, and with -m sweeps such as `train.lr=1e-3,1e-2`.
 """
@@ -34,7 +35,8 @@ from typing import Sequence
 USAGE = __doc__
 
 # Flags of our own on run/plan/dag; everything else on those verbs is a Hydra override.
-_VALUE_FLAGS = {"--only", "--force", "--format", "--cfg", "--config-dir", "-cd", "--jobs", "-j", "--max-memory"}
+_VALUE_FLAGS = {"--only", "--force", "--format", "--cfg", "--config-dir", "-cd", "--config-path", "-cp",
+                "--config-name", "-cn", "--jobs", "-j", "--max-memory"}
 _BOOL_FLAGS = {"--keep-going", "--no-cache", "--json", "-m", "--multirun", "--resolve", "--info"}
 # --cfg as in Hydra apps (`--cfg resolved` is the job config resolved, kept for older scripts)
 _CFG_PARTS = ("job", "hydra", "all", "resolved")
@@ -60,7 +62,8 @@ def _split_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
                 if value is None:
                     raise UsageError(f"{name} needs a value")
             key = name.lstrip("-").replace("-", "_")
-            key = {"cd": "config_dir", "j": "jobs"}.get(key, key)
+            key = {"cd": "config_dir", "cp": "config_dir", "config_path": "config_dir", "cn": "config_name",
+                   "j": "jobs"}.get(key, key)
             if key in ("only", "force"):
                 opts[key] += [v for v in value.split(",") if v]
             else:
@@ -71,7 +74,20 @@ def _split_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
             raise UsageError(f"unknown option {arg}")
         else:
             overrides.append(arg)
+    if opts.get("config_name"):
+        _choose_config_name(opts["config_name"])
     return opts, overrides
+
+
+def _choose_config_name(name: str) -> None:
+    """-cn NAME: the primary config (NAME.yaml in the config folders instead of config.yaml). It goes
+    through the environment, as EDGEPIPE_CONFIG_DIR does, so launcher workers compose the same."""
+    from .compose import CONFIG_NAME_ENV
+
+    name = name[:-5] if name.endswith(".yaml") else name
+    if not name or name.startswith("/") or ".." in name.split("/"):
+        raise UsageError(f"-cn/--config-name {name!r}: name a config file in the config folders, e.g. -cn myconfig")
+    os.environ[CONFIG_NAME_ENV] = name
 
 
 def _parallel_options(opts: dict) -> dict:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from . import compose_cache
 
 CONFIG_NAME = "config"
+CONFIG_NAME_ENV = "EDGEPIPE_CONFIG_NAME"  # -cn/--config-name: another primary config than config.yaml
 CONFIG_DIR_ENV = "EDGEPIPE_CONFIG_DIR"
 BUILTIN_PACKAGE = "edgepipe_conf"  # conf/, installed under this name (setup.py)
 BUILTIN_PROVIDER = "edgepipe"  # search-path provider names, as Hydra records them in hydra.runtime
@@ -92,6 +93,11 @@ def _missing_config(e, overrides: list) -> str:
     if e.options:
         return f"{head}no config '{e.missing_cfg_file}'; available {group or 'configs'}: {', '.join(e.options)}"
     return head + one_line(str(e))
+
+
+def config_name() -> str:
+    """The primary config's name: -cn/--config-name (through $EDGEPIPE_CONFIG_NAME), else config."""
+    return os.environ.get(CONFIG_NAME_ENV) or CONFIG_NAME
 
 
 def builtin_config_dir() -> Path | None:
@@ -203,7 +209,7 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
 
     parsed = parse_overrides(list(overrides))
     with _hydra(user_dir), _composition_errors(parsed, user_dir):
-        full = hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
+        full = hydra_compose(config_name(), overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(full)  # makes ${hydra:...} resolvable
     run_dir, sweep_dir = _resolved_dir(full, "run"), _resolved_dir(full, "sweep")
     hydra_cfg = OmegaConf.create(OmegaConf.to_container(full.hydra, resolve=False))
@@ -246,8 +252,8 @@ def explain(overrides: list[str], config_dir: Path | None = None) -> dict:
     user_dir = user_config_dir(config_dir)
     with _hydra(user_dir), _composition_errors(parse_overrides(list(overrides)), user_dir):
         loader = GlobalHydra.instance().config_loader()
-        parsed, repo = loader._parse_overrides_and_create_caching_repo(CONFIG_NAME, list(overrides))
-        defaults = create_defaults_list(repo=repo, config_name=CONFIG_NAME, overrides_list=parsed,
+        parsed, repo = loader._parse_overrides_and_create_caching_repo(config_name(), list(overrides))
+        defaults = create_defaults_list(repo=repo, config_name=config_name(), overrides_list=parsed,
                                         prepend_hydra=False, skip_missing=False).defaults
         configs = []
         for d in defaults:

@@ -55,6 +55,7 @@ class Key:
         here = Path(__file__).parent
         installed = {p for p in (sysconfig.get_paths().get("purelib"), sysconfig.get_paths().get("platlib")) if p}
         material = {"format": FORMAT, "overrides": self.overrides, "cwd": os.getcwd(), "files": self.files,
+                    "config_name": os.environ.get("EDGEPIPE_CONFIG_NAME", ""),
                     "python": sys.version, "prefix": sys.prefix,
                     "code": [_stat(here / name) for name in _CODE],
                     "installed": sorted((p, _stat(Path(p))) for p in installed)}

@@ -303,7 +303,7 @@ def _launch(overrides: list[str], cdir: Path | None, task: Task, sweeper: str) -
     with compose._hydra(user_dir):
         with compose._composition_errors(parsed, user_dir):
             hydra = GlobalHydra.instance().hydra
-            cfg = hydra.compose_config(compose.CONFIG_NAME, overrides, run_mode=RunMode.MULTIRUN)
+            cfg = hydra.compose_config(compose.config_name(), overrides, run_mode=RunMode.MULTIRUN)
         from hydra._internal.callbacks import Callbacks
 
         context = HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=Callbacks(cfg))

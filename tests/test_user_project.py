@@ -168,6 +168,22 @@ def test_config_folder_with_its_own_config_yaml_is_the_primary_config(ws):
     assert_clean_failure(ws.cli("plan", "pipeline=nosuch"), 2, "pipeline=nosuch", "chain", "quickstart")
 
 
+@pytest.mark.parametrize("flag", ["-cn", "--config-name"])
+def test_config_name_chooses_the_primary_config(user, monkeypatch, flag):
+    """-cn NAME (Hydra's flag): conf/NAME.yaml is the primary config; it may extend the built-in
+    config.yaml through its defaults list. -cp is -cd's Hydra spelling."""
+    monkeypatch.setenv("EDGEPIPE_CONFIG_NAME", "")  # -cn sets it for launcher workers; restored after
+    write(user.root / "conf/lab.yaml", "defaults:\n  - config\n  - _self_\nname: lab\ntrain:\n  epochs: 2\n")
+    cfg = job_config(user, flag, "lab")
+    assert (cfg["name"], cfg["train"]["epochs"]) == ("lab", 2)
+    assert info(user, flag, "lab")["origin"]["lab"] == ("project", user.root / "conf/lab.yaml")
+    monkeypatch.setenv("EDGEPIPE_CONFIG_NAME", "")
+    assert job_config(user, "-cp", str(user.root / "conf"))["name"] == "run"  # without -cn: config.yaml
+    monkeypatch.setenv("EDGEPIPE_CONFIG_NAME", "")
+    assert_clean_failure(user.cli("plan", flag, "nosuch"), 2, "primary config 'nosuch'")
+    assert_clean_failure(user.cli("plan", flag, "../lab"), 2, "-cn/--config-name")
+
+
 @pytest.mark.parametrize("how", ["-cd", "env"])
 def test_missing_config_folder_is_a_one_line_error(user, monkeypatch, how):
     missing = user.root / "nosuch"
