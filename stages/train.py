@@ -124,7 +124,7 @@ class Train(Stage):
         # several devices: one DDP process each (torchrun-style workers the stage starts itself);
         # batch_size is per device, as in Lightning. In the key: they change what is computed
         devices: int = Field(1, ge=1)
-        strategy: Literal["auto", "ddp"] = "auto"  # auto: ddp when devices > 1
+        strategy: Literal["auto", "ddp"] = "auto"  # auto: ddp when devices > 1; ddp_spawn is ddp here
         sync_batchnorm: bool = False  # DDP: BatchNorm statistics over all ranks' batches
         # cap on training batches per epoch (int) or fraction (float); null: all (tests, smoke runs)
         limit_train_batches: int | float | None = None
@@ -139,6 +139,18 @@ class Train(Stage):
         @classmethod
         def _precision(cls, v: Any) -> Any:
             return {32: "32", 64: "64", "32-true": "32", "64-true": "64", 16: "16-mixed", "bf16": "bf16-mixed"}.get(v, v)
+
+        @field_validator("strategy", mode="before")
+        @classmethod
+        def _strategy(cls, v: Any) -> Any:
+            # Lightning's ddp_spawn exists so that ranks start without re-running the command line,
+            # which is how every rank starts here: it is ddp by another name (and the same key).
+            if v == "ddp_spawn":
+                return "ddp"
+            if isinstance(v, str) and v.startswith(("fsdp", "deepspeed")):
+                raise ValueError(f"{v} shards a model too large for one device; the models here fit one "
+                                 "many times over: use ddp (train.devices=N)")
+            return v
 
         @model_validator(mode="after")
         def _check(self) -> "Train.Params":

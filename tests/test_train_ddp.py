@@ -53,3 +53,17 @@ def test_an_error_inside_the_ranks_is_the_stage_error(digits, tmp_path):
     with pytest.raises(StageError, match=r"rank \d: training diverged: .* lower train.lr"):
         run_stage("train", params, {"data": digits}, tmp_path / "x")
     assert (tmp_path / "x" / "logs" / "ranks.log").is_file() and not (tmp_path / "x" / "model.pt").exists()
+
+
+def test_strategy_names_lightning_users_know():
+    """ddp_spawn is accepted as ddp (the same processes, the same cache key); fsdp is refused in one
+    line that says why and what to use."""
+    from pydantic import ValidationError
+
+    from stages.train import Train
+
+    assert Train.Params(devices=2, strategy="ddp_spawn") == Train.Params(devices=2, strategy="ddp")
+    with pytest.raises(ValidationError, match="fsdp shards a model too large for one device.*use ddp"):
+        Train.Params(devices=2, strategy="fsdp")
+    with pytest.raises(ValidationError):
+        Train.Params(strategy="horovod")
