@@ -14,6 +14,7 @@
     edgepipe pull RUN | OVERRIDE ...
     edgepipe init [DIR]
     edgepipe --version
+    edgepipe -sc install=bash|zsh|fish       (shell completion: eval "$(edgepipe -sc install=bash)")
 
 Every verb that composes a config takes -cd/--config-dir DIR (default: ./conf when it exists; -cp/
 --config-path is the same), a folder searched before edgepipe's built-in configs, and -cn/--config-name
@@ -598,6 +599,18 @@ VERBS = {"run": cmd_run, "plan": cmd_plan, "dag": cmd_dag, "runs": cmd_runs, "sh
          "push": cmd_push, "pull": cmd_pull}
 
 
+def _shell_completion(argv: list[str]) -> int:
+    from . import completion
+    from .compose import ComposeError
+
+    spec = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
+    try:
+        return completion.main(spec, list(VERBS), _VALUE_FLAGS)
+    except (ValueError, ComposeError) as e:
+        print(f"edgepipe: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -608,6 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"edgepipe {__version__}")
         return 0
+    if argv[0] in ("-sc", "--shell-completion") or argv[0].startswith("--shell-completion="):
+        return _shell_completion(argv)
     verb, rest = argv[0], argv[1:]
     if verb in ("run", "plan", "dag", "push", "pull") and ("-h" in rest or "--help" in rest):
         print(USAGE.strip())  # the other verbs have argparse's own --help
