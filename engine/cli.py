@@ -163,21 +163,41 @@ def _check_runs_root(root: Path) -> None:
 
 def _print_cfg(jobs, part: str, resolve: bool) -> None:
     """What Hydra's --cfg prints: the job config, Hydra's own config (the `hydra` node without its
-    help texts), or both."""
+    help texts), or both. --resolve resolves against the whole config (hydra.run.dir names
+    ${runs_root}); a value that only a sweep job has (hydra.job.num) stays as written."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     if part not in _CFG_PARTS:
         raise UsageError(f"--cfg {part}: use one of {', '.join(_CFG_PARTS[:3])} (add --resolve to resolve interpolations)")
     for job in jobs:
         hydra = OmegaConf.masked_copy(job.hydra_cfg, [k for k in job.hydra_cfg if k not in ("help", "hydra_help")])
-        parts = {"job": [job.cfg], "resolved": [job.cfg], "hydra": [OmegaConf.create({"hydra": hydra})],
-                 "all": [OmegaConf.create({"hydra": hydra}), job.cfg]}[part]
-        merged = OmegaConf.merge(*parts) if len(parts) > 1 else parts[0]
+        whole = OmegaConf.merge(OmegaConf.create({"hydra": hydra}), job.cfg)
+        if resolve or part == "resolved":
+            whole = OmegaConf.create(_resolved(whole))
+        shown = {"job": [k for k in whole if k != "hydra"], "resolved": [k for k in whole if k != "hydra"],
+                 "hydra": ["hydra"], "all": list(whole)}[part]
+        print(OmegaConf.to_yaml(OmegaConf.masked_copy(whole, shown)))
+
+
+def _resolved(node):
+    """A config as plain data with every interpolation that can be resolved resolved; one that cannot
+    (a value a sweep job alone has) is kept as written."""
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.errors import OmegaConfBaseException
+
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    out = {} if isinstance(node, DictConfig) else []
+    for key in keys:
         try:
-            print(OmegaConf.to_yaml(merged, resolve=resolve or part == "resolved"))
-        except OmegaConfBaseException as e:  # e.g. hydra.job.num, which only a sweep job has
-            raise UsageError(f"--cfg {part} --resolve: {str(e).splitlines()[0]}") from None
+            value = node[key]
+            value = _resolved(value) if isinstance(value, (DictConfig, ListConfig)) else value
+        except OmegaConfBaseException:
+            value = node._get_node(key)._value()
+        if isinstance(out, dict):
+            out[key] = value
+        else:
+            out.append(value)
+    return out
 
 
 def _compose_jobs(opts: dict, overrides: list[str]):
