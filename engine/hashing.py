@@ -73,10 +73,10 @@ def _scan(root: Path, on_loop: Callable[[Path], None] | None, stat: bool) -> lis
             continue
         for entry in entries:
             try:
-                if entry.is_dir():
-                    stack.append((folder / entry.name, f"{rel}{entry.name}/", ancestors | {real}))
-                elif entry.is_file():
+                if entry.is_file():  # first: the common case, one call per file
                     found.append((rel + entry.name, entry.stat() if stat else None))
+                elif entry.is_dir():
+                    stack.append((folder / entry.name, f"{rel}{entry.name}/", ancestors | {real}))
             except OSError:  # a dangling or unreadable link
                 continue
     found.sort(key=itemgetter(0))
