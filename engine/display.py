@@ -41,6 +41,7 @@ class Display:
         self._tasks: dict[str, int] = {}
         self._last_plain: dict[str, float] = {}
         self._running: list[str] = []
+        self._order = {name: i for i, name in enumerate(stages)}  # running stages listed in pipeline order
         self._lock = threading.RLock()
         if self.live:
             from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -56,6 +57,7 @@ class Display:
     def started(self, rec: StageRecord) -> None:
         with self._lock:
             self._running.append(rec.name)
+            self._running.sort(key=lambda name: self._order.get(name, len(self._order)))
             if self.live:
                 self._tasks[rec.name] = self.progress.add_task(rec.type, stage=rec.name, total=None)
             elif len(self._running) > 1:
