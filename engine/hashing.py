@@ -105,7 +105,8 @@ class ContentIndex:
 
     def __init__(self, path: Path) -> None:
         # An index named .json (the format before sqlite) is kept beside it as .sqlite; the old file is removed
-        self.path, self._old = Path(path).with_suffix(".sqlite"), Path(path).with_suffix(".json")
+        self.path = Path(path).with_suffix(".sqlite")
+        self._old = Path(path) if Path(path).suffix == ".json" else None
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()  # one connection, possibly used from a runner's threads
         self._files: dict[str, tuple[str, str] | None] = {}  # path -> (stat, sha256); None: remove
@@ -154,12 +155,16 @@ class ContentIndex:
                     self._damaged(e)
                 except sqlite3.DatabaseError as e:
                     self._damaged(e)
+                except OSError as e:  # a read-only or full disk costs the speed-up, not the run
+                    print(f"edgepipe: warning: content index {self.path} not updated: {e}", file=sys.stderr)
+                    break
         self._files.clear()
         self._trees.clear()
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._old.unlink(missing_ok=True)
+        if self._old is not None:
+            self._old.unlink(missing_ok=True)
         if self._db is None:
             self._db = self._connect()
         db = self._db

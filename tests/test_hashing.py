@@ -103,3 +103,19 @@ def test_a_damaged_index_is_rebuilt_with_a_warning(tmp_path, capsys):
         # rebuilt: the next process finds every file without reading one
         assert content_digest(root, ContentIndex(tmp_path / "index.sqlite")) == good
         assert capsys.readouterr().err == ""
+
+
+def test_an_index_named_json_is_kept_as_sqlite_and_the_old_file_goes(tmp_path):
+    """The cache names its index content.json (the format before sqlite): the sqlite file sits beside
+    it and the old JSON file is removed on the first save; another .json next to a .sqlite index stays."""
+    root = _folder(tmp_path)
+    (tmp_path / "content.json").write_text(json.dumps({"old": [1, 2, "x", 3, 4]}))
+    index = ContentIndex(tmp_path / "content.json")
+    first = content_digest(root, index)
+    index.save()
+    assert (tmp_path / "content.sqlite").is_file() and not (tmp_path / "content.json").exists()
+    (tmp_path / "other.json").write_text("{}")
+    index = ContentIndex(tmp_path / "other.sqlite")
+    assert content_digest(root, index) == first
+    index.save()
+    assert (tmp_path / "other.json").read_text() == "{}"
