@@ -41,7 +41,10 @@ def folder() -> Path | None:
     named = os.environ.get(ENV)
     if named:
         return None if named.lower() in ("off", "0", "false", "no") else Path(named).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    except RuntimeError:  # no home folder to be found: no cache
+        return None
     return Path(base) / "edgepipe" / "compose"
 
 
