@@ -3,11 +3,14 @@ folder (tests/engine_conf/), through the same environment variables a user or a 
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,11 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 EDGEPIPE = Path(sys.executable).parent / "edgepipe"
+
+# The tests (and the edgepipe processes they start) compose through a compose cache of their own,
+# never the user's ~/.cache/edgepipe/compose.
+os.environ["EDGEPIPE_COMPOSE_CACHE"] = tempfile.mkdtemp(prefix="edgepipe-test-compose-")
+atexit.register(shutil.rmtree, os.environ["EDGEPIPE_COMPOSE_CACHE"], ignore_errors=True)
 
 
 @dataclass
