@@ -133,6 +133,8 @@ class Cache:
     def __init__(self, root: Path, remote: "Remote | None" = None) -> None:
         # Absolute, so stages get absolute input and output paths whatever folder they work in.
         self.root = Path(root).resolve()
+        # content.json was the index before sqlite: ContentIndex keeps content.sqlite beside that name
+        # and removes an old content.json on its first save
         self.index = ContentIndex(self.root / ".index" / "content.json")
         self.remote = remote
 
