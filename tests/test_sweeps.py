@@ -283,7 +283,8 @@ def test_sweep_dir_and_subdir_given_on_the_command_line(ws):
     r = ws.cli("run", "-m", f"hydra.sweep.dir={ws.root / 'mine'}", "hydra.sweep.subdir=value_${src.value}",
                "src.value=1,2")
     assert r.rc == 0, r.err
-    assert sorted(p.name for p in (ws.root / "mine").iterdir()) == ["multirun.yaml", "value_1", "value_2"]
+    assert sorted(p.name for p in (ws.root / "mine").iterdir()) == ["compare.csv", "compare.html", "compare.md",
+                                                                   "multirun.yaml", "value_1", "value_2"]
     assert (ws.runs / "latest").resolve() == (ws.root / "mine" / "value_2").resolve()
     assert json.loads((ws.root / "mine" / "value_1" / "run.json").read_text())["headline"]["value"] == 17
 
