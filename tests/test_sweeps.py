@@ -118,7 +118,7 @@ def test_grid_on_submitit_local(ws):
 @pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
                     reason="hydra-ray-launcher is an optional extra (pip install -e '.[ray]')")
 def test_grid_on_ray_when_installed(ws):
-    rc, out, err = spawn_cli(ws, "run", "-m", "hydra/launcher=ray", "hydra.launcher.ray.init.num_cpus=2", *GRID,
+    rc, out, err = spawn_cli(ws, "run", "-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", *GRID,
                              timeout=600)
     assert rc == 0, err
     assert ws.counts() == MINIMAL
@@ -254,6 +254,8 @@ def test_grid_job_invalid_on_a_launcher_writes_nothing(ws):
     assert not ws.runs.exists() and ws.counts() == {}
 
 
+@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None,
+                    reason="the optional extra is installed here")
 def test_ray_launcher_missing_names_the_extra(ws):
     err = assert_clean_failure(ws.cli("run", "-m", "hydra/launcher=ray", "src.value=1,2"), 2, "hydra/launcher=ray")
     assert "pip install -e '.[ray]'" in err and len(err.splitlines()) == 1
