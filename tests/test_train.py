@@ -208,3 +208,18 @@ def test_recalibration_batches_never_end_with_a_lone_image(data):
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert not any(m.training for m in model.modules()) and {m.momentum for m in bns} == {0.1}  # restored
     assert all(int(m.num_batches_tracked) == 5 for m in bns)
+
+
+def test_best_checkpoint_link_survives_the_next_save(tmp_path):
+    """best.ckpt is a hard link to last.ckpt (no 134 MB copy): that is safe only while Lightning
+    replaces last.ckpt by rename; if it ever rewrote the file in place, best.ckpt would change too."""
+    from lightning_fabric.utilities.cloud_io import _atomic_save
+
+    from stages.common.train_module import _link
+
+    last, best = tmp_path / "last.ckpt", tmp_path / "best.ckpt"
+    _atomic_save({"epoch": 1}, last)
+    _link(last, best)
+    assert best.stat().st_ino == last.stat().st_ino
+    _atomic_save({"epoch": 2}, last)
+    assert torch.load(best)["epoch"] == 1 and torch.load(last)["epoch"] == 2

@@ -8,6 +8,7 @@ as Lightning's multi-process strategies need.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -186,9 +187,9 @@ class EpochBook(pl.Callback):
         if not trainer.is_global_zero:  # DDP: rank 0 alone writes files
             return
         if improved:
-            shutil.copyfile(self.ckpt_dir / "last.ckpt", self.ckpt_dir / "best.ckpt")
+            _link(self.ckpt_dir / "last.ckpt", self.ckpt_dir / "best.ckpt")
         if self.every and epoch % self.every == 0:
-            shutil.copyfile(self.ckpt_dir / "last.ckpt", self.ckpt_dir / f"epoch={epoch}.ckpt")
+            _link(self.ckpt_dir / "last.ckpt", self.ckpt_dir / f"epoch={epoch}.ckpt")
         desc = f"epoch {epoch}/{self.epochs} loss {row.get('train_loss', float('nan')):.3f}"
         if val is not None:
             desc += f" val_acc {val:.3f}"
@@ -244,3 +245,16 @@ def learning_check(val_accs: list[float], n_val: int, train_loss: float | None, 
             f"while the training loss fell to {train_loss:.3f}: what the model learned does not carry over to "
             "held-out images. Try train.bn_recalibrate=true if it is off, a lower train.lr, stronger "
             "train.augment, or check that every class folder holds the right images")
+
+
+def _link(src: Path, dst: Path) -> None:
+    """dst becomes a hard link to src: a resnet18 checkpoint is 134 MB, and a copy per improved epoch
+    doubled every train entry. Safe because Lightning replaces last.ckpt by rename (fsspec transaction),
+    never rewrites it in place; a copy where links are refused."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
