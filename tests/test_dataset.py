@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -328,6 +329,112 @@ def test_workers_give_identical_bytes(tmp_path):
     assert names == sorted(f.name for f in outs[2].iterdir())
     for name in names:
         assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes(), name
+
+
+def test_workers_write_rows_and_send_back_no_pixels(tmp_path):
+    """A decoding task writes each image's pixels at its row of the rows file itself and returns only
+    (digest, why skipped, decoded) per job: no array crosses to the main process; a skipped file's
+    row stays empty."""
+    root = make_image_folder(tmp_path / "data", per_class=3, ext="jpg")
+    (root / CLASSES[0] / "broken.jpg").write_bytes(b"not a jpeg")
+    files = sorted(str(f) for f in root.rglob("*.jpg"))
+    spec = Preprocess(**PRE)
+    rows = dataset_module._Rows(tmp_path / "rows", len(files) + 2, (16, 16))
+    results = dataset_module._decode_chunk([(i + 2, f, None) for i, f in enumerate(files)], spec, None, rows.at)
+    assert all(not isinstance(x, np.ndarray) for r in results for x in r)
+    pixels = np.fromfile(rows.path, np.uint8).reshape(-1, 16, 16, 3)
+    assert not pixels[:2].any()
+    for i, (f, (digest, why, decoded)) in enumerate(zip(files, results)):
+        assert digest == hashlib.sha256(Path(f).read_bytes()).hexdigest() and decoded
+        if f.endswith("broken.jpg"):
+            assert why.startswith("not an image") and not pixels[i + 2].any()
+        else:
+            assert why is None and (pixels[i + 2] == resize(load_image(f), spec)).all(), f
+    rows.close()
+    assert not rows.path.exists()
+
+
+@pytest.mark.parametrize("kernel_copy", ["works", "missing", "fails", "fails part way"])
+def test_split_arrays_are_np_save_bytes_however_rows_are_copied(tmp_path, monkeypatch, kernel_copy):
+    """copy_rows writes np.save's bytes of the rows it names (runs of consecutive rows longer than one
+    copy, single rows, out of order) with os.copy_file_range, and without it: not in this os (macOS),
+    refused by the file system (EXDEV), or refused after some rows were copied."""
+    rng = np.random.default_rng(0)
+    n, size = 100, (200, 200)  # 120 kB rows: a copy moves at most 34 of them
+    pixels = rng.integers(0, 256, (n, *size, 3), dtype=np.uint8)
+    rows = dataset_module._Rows(tmp_path / "rows", n, size)
+    rows.put_bytes(0, pixels.tobytes())
+    idx = [*range(3, 83), 85, 90, 91, 99, 0]
+    real, calls = getattr(os, "copy_file_range", None), []
+
+    def refuse(*args):
+        calls.append(args)
+        if kernel_copy == "fails" or len(calls) > 2:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(*args)
+
+    if kernel_copy == "missing":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    elif kernel_copy != "works":
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    rows.copy_rows(idx, tmp_path / "x.npy")
+    assert (tmp_path / "x.npy").read_bytes() == _npy_bytes(pixels[idx])
+    rows.copy_rows([], tmp_path / "empty.npy")
+    assert (tmp_path / "empty.npy").read_bytes() == _npy_bytes(np.zeros((0, *size, 3), np.uint8))
+    rows.close()
+
+
+def test_a_dead_decoding_worker_is_a_one_line_error(tmp_path):
+    """A decoding worker killed mid-run (the OOM killer, a crash in a decoder) fails the stage with one
+    line that names a file near it and says to rerun with dataset.workers=1; no process is left."""
+    import threading
+
+    import psutil
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for i in range(600):
+        save_image(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), root / "ab"[i % 2] / f"{i}.jpg")
+    errors = []
+
+    def stage() -> None:
+        try:
+            run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE, "workers": 2}, {}, tmp_path / "out")
+        except Exception as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    def decoding_workers() -> list:
+        found = []
+        for child in psutil.Process().children():
+            try:
+                if "spawn_main" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                    found.append(child)
+            except psutil.Error:  # ended meanwhile
+                pass
+        return found
+
+    thread = threading.Thread(target=stage)
+    thread.start()
+    rows = tmp_path / "out" / ".decoded.tmp"  # sparse until a worker writes its first row into it
+
+    def decoding() -> bool:
+        try:
+            return rows.stat().st_blocks > 0
+        except FileNotFoundError:
+            return False
+
+    try:
+        until(lambda: decoding() or not thread.is_alive(), timeout=120, what="a worker to write a decoded row")
+        assert thread.is_alive(), "the stage ended before a worker could be killed"
+        decoding_workers()[0].kill()
+    finally:
+        thread.join(timeout=120)
+    [error] = errors
+    assert isinstance(error, StageError), repr(error)
+    error = str(error)
+    assert "a decoding worker died" in error and "dataset.workers=1" in error and "\n" not in error
+    assert "near 'a/" in error or "near 'b/" in error
+    until(lambda: not decoding_workers(), timeout=30, what="the other worker to end")
 
 
 def test_kept_decoded_images_reused(tmp_path):
