@@ -30,7 +30,6 @@ refused.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import gzip
@@ -54,10 +53,11 @@ from typing import Annotated, Any, Iterator, Literal
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from engine.hashing import ContentIndex, list_files, sha256_file, sha256_json, signature, tree_digest
+from engine.hashing import ContentIndex, list_files, sha256_file, signature, tree_digest
 from engine.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from stages.common.bundle import LABELS, write_labels
-from stages.common.preprocess import Preprocess, load_image, resize
+from stages.common.decoding import Decoded, RowsFile, decode_chunk, one_thread, pwrite_all, resize_spec
+from stages.common.preprocess import Preprocess
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {
@@ -231,113 +231,9 @@ def _class_dirs(folder: Path) -> list[Path]:
 _CHUNK = 64  # images per task of a decoding worker
 
 
-def _one_thread() -> None:
-    """Decoding workers run one thread each: the workers are the parallelism."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = "1"
-
-
 def _cpus() -> int:
     """CPUs this process may run on (a container's share, not the host's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-@dataclass(frozen=True)
-class _Decoded:
-    """Decoded images kept per file between runs (``Context.scratch``): ``folder/<sha256 of the file>``
-    holds the row's raw bytes. ``folder`` is named by everything else that makes the pixels (the
-    resize settings, pixels.py's code, Pillow's version), so an entry is valid for any run that finds
-    it. Entries are written into ``folder/.tmp`` and renamed, so a killed run leaves none half-written;
-    its temp files are removed by a later run once an hour old (younger ones may be a live run's)."""
-
-    folder: str
-    shape: tuple[int, int, int]
-
-    @classmethod
-    def under(cls, scratch: Path, spec) -> "_Decoded":
-        import PIL
-
-        from stages.common import pixels
-
-        made_by = {"format": 1, "pillow": PIL.__version__, "pixels.py": sha256_file(Path(pixels.__file__)),
-                   **{k: getattr(spec, k) for k in ("input_size", "resize", "interpolation", "pad_value")}}
-        h, w = spec.input_size
-        kept = cls(os.path.join(scratch, "decoded", sha256_json(made_by)[:32]), (h, w, 3))
-        kept.drop_stale()
-        return kept
-
-    def drop_stale(self, age_s: float = 3600.0) -> None:
-        try:
-            with os.scandir(os.path.join(self.folder, ".tmp")) as entries:
-                for e in entries:
-                    if e.stat().st_mtime < time.time() - age_s:
-                        os.unlink(e.path)
-        except OSError:  # no folder yet, or another run removed a file first
-            pass
-
-    def _entry(self, digest: str) -> Path:
-        return Path(self.folder, digest[:2], digest)
-
-    def read(self, digest: str) -> bytes | None:
-        """The row's bytes, or None (no entry, or a damaged one of another size). Called once per
-        unchanged file of a re-run: plain os calls on a string path take half the time of open()."""
-        size = self.shape[0] * self.shape[1] * self.shape[2]
-        try:
-            fd = os.open(f"{self.folder}/{digest[:2]}/{digest}", os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            data = os.read(fd, size + 1)  # one byte more: a longer entry is damaged too
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        return data if len(data) == size else None
-
-    def get(self, digest: str) -> np.ndarray | None:
-        data = self.read(digest)
-        return None if data is None else np.frombuffer(data, np.uint8).reshape(self.shape)
-
-    def put(self, digest: str, arr: np.ndarray) -> None:
-        entry = self._entry(digest)
-        tmp = Path(self.folder, ".tmp", f"{digest}.{os.getpid()}")
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp.parent.mkdir(exist_ok=True)
-            tmp.write_bytes(np.ascontiguousarray(arr).tobytes())
-            os.replace(tmp, entry)
-        except OSError:  # a full or read-only disk costs the reuse next time, not this run
-            tmp.unlink(missing_ok=True)
-
-
-def _decode_one(file: str | None, array: np.ndarray | None, spec, kept: _Decoded | None = None) -> tuple:
-    """(uint8 H x W x 3 pixels, digest, None, decoded here) or (None, digest or None, why it was
-    skipped, True). The digest is the sha256 of a file's bytes (sha1 of an in-memory array's).
-    Pixels ``kept`` from an earlier run for the same bytes are not decoded again."""
-    from PIL import Image
-
-    if array is not None:
-        img = Image.fromarray(np.ascontiguousarray(array), "L" if array.ndim == 2 else "RGB").convert("RGB")
-        return resize(img, spec), hashlib.sha1(array.tobytes()).hexdigest(), None, True
-    try:
-        data = Path(file).read_bytes()
-    except OSError as e:
-        return None, None, f"unreadable: {e.strerror or e}", True
-    if not data:
-        return None, None, "empty file (0 bytes)", True
-    # sha256, not sha1: crafted sha1 collisions exist, and two files must never share kept pixels
-    digest = hashlib.sha256(data).hexdigest()
-    if kept is not None and (arr := kept.get(digest)) is not None:
-        return arr, digest, None, False
-    try:
-        arr = resize(load_image(io.BytesIO(data)), spec)
-    except Exception as e:  # noqa: BLE001 - every decoder failure is a skip reason
-        if type(e).__name__ == "UnidentifiedImageError":
-            return None, digest, "not an image (Pillow cannot identify the format)", True
-        return None, digest, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'decode failed'}", True
-    if kept is not None:
-        kept.put(digest, arr)
-    return arr, digest, None, True
 
 
 class _Sources:
@@ -367,7 +263,7 @@ class _Sources:
             self.index.record(*self.seen[i], digest)
 
 
-def _reuse(items: list[_Item], sources: _Sources, kept: _Decoded, rows: "_Rows", ok: list, digests: list,
+def _reuse(items: list[_Item], sources: _Sources, kept: Decoded, rows: "_Rows", ok: list, digests: list,
            ctx) -> list[int]:
     """Rows of unchanged files (recorded stat, kept pixels) copied into ``rows`` without reading the
     file; the indices of the items left to decode."""
@@ -391,22 +287,6 @@ def _reuse(items: list[_Item], sources: _Sources, kept: _Decoded, rows: "_Rows",
     return rest
 
 
-def _decode_chunk(jobs: list[tuple[int, str | None, np.ndarray | None]], spec, kept: _Decoded | None,
-                  rows: "_RowsFile") -> list[tuple]:
-    """Decode ``jobs`` (row, file, array) and write each image's pixels at its row of ``rows`` here, in
-    the worker: only (digest, why skipped, decoded here) go back to the main process, not the pixels
-    (150 KB per 224-px image, which the main process would unpickle and write, on the cores the
-    workers decode on)."""
-    out = []
-    with rows.opened() as put:
-        for i, file, array in jobs:
-            arr, digest, why, decoded = _decode_one(file, array, spec, kept)
-            if why is None:
-                put(i, arr)
-            out.append((digest, why, decoded))
-    return out
-
-
 def _in_order(pool: ProcessPoolExecutor, task, chunks: list, window: int) -> Iterator[list[tuple]]:
     """Results of ``task(chunk)`` in chunk order, with at most ``window`` chunks in flight, so workers
     run at most that far ahead of the chunk the main process waits for."""
@@ -422,38 +302,6 @@ def _in_order(pool: ProcessPoolExecutor, task, chunks: list, window: int) -> Ite
         yield result
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-@dataclass(frozen=True)
-class _RowsFile:
-    """The rows file of ``_Rows`` as a decoding worker opens it: by path, with a descriptor of its own.
-    Workers write disjoint rows with os.pwrite, so they need no lock and no order."""
-
-    path: str
-    shape: tuple[int, int, int]
-
-    @contextlib.contextmanager
-    def opened(self) -> Iterator:
-        """``put(i, arr)``: write row i."""
-        row = self.shape[0] * self.shape[1] * self.shape[2]
-        fd = os.open(self.path, os.O_WRONLY)
-
-        def put(i: int, arr: np.ndarray) -> None:
-            if arr.shape != self.shape or arr.dtype != np.uint8:  # resize() always gives this; a guard, not a path
-                raise StageError(f"decoded image {i} has shape {arr.shape} {arr.dtype}, expected {self.shape} uint8")
-            _pwrite_all(fd, np.ascontiguousarray(arr), i * row)
-
-        try:
-            yield put
-        finally:
-            os.close(fd)
-
-
 class _Rows:
     """Decoded images on disk, one fixed-size row per item (index order), so memory does not grow with
     the number of images; ``copy_rows`` writes a split's ``images_{split}.npy`` from them. Plain file
@@ -463,14 +311,14 @@ class _Rows:
     def __init__(self, path: Path, n: int, size: tuple[int, int]) -> None:
         self.path, self.shape = path, (size[0], size[1], 3)
         self.row = size[0] * size[1] * 3
-        self.at = _RowsFile(str(path), self.shape)
+        self.at = RowsFile(str(path), self.shape)
         self._f = open(path, "w+b")
         self._f.truncate(n * self.row)  # sparse: rows of skipped files take no disk
 
     def put_bytes(self, i: int, data: bytes) -> None:
         """Raw rows from row i on (several consecutive rows in one write)."""
         if data:
-            _pwrite_all(self._f.fileno(), data, i * self.row)
+            pwrite_all(self._f.fileno(), data, i * self.row)
 
     def copy_rows(self, idx: list[int], dest: Path) -> None:
         """``np.save(dest, stack of rows idx)``, byte for byte. Runs of consecutive rows are copied by
@@ -483,7 +331,7 @@ class _Rows:
         with open(dest, "wb", buffering=0) as f:
             out = f.fileno()
             pos = len(header.getvalue())
-            _pwrite_all(out, header.getvalue(), 0)
+            pwrite_all(out, header.getvalue(), 0)
             in_kernel = hasattr(os, "copy_file_range")
             for start, count in _runs(idx, max(1, _COPY_BYTES // row)):
                 if in_kernel:
@@ -492,7 +340,7 @@ class _Rows:
                     except OSError:  # a file system or kernel without it: copy here from now on
                         in_kernel = False
                 if not in_kernel:
-                    _pwrite_all(out, os.pread(src, count * row, start * row), pos)
+                    pwrite_all(out, os.pread(src, count * row, start * row), pos)
                 pos += count * row
 
     def close(self) -> None:
@@ -888,7 +736,7 @@ class Dataset(Stage):
         order, decoded)."""
         n = len(items)
         ok, digests = [False] * n, [None] * n
-        kept = _Decoded.under(ctx.scratch, p.preprocess) if ctx.scratch is not None and p.keep_decoded else None
+        kept = Decoded.under(ctx.scratch, p.preprocess) if ctx.scratch is not None and p.keep_decoded else None
         sources = _Sources(ctx.scratch) if kept is not None else None
         ctx.progress(0, n, f"decoding {n} images")
         todo = _reuse(items, sources, kept, scratch, ok, digests, ctx) if sources is not None else list(range(n))
@@ -915,14 +763,14 @@ class Dataset(Stage):
         step = max(1, n // 50)
         jobs = [(i, str(items[i].file) if items[i].array is None else None, items[i].array) for i in todo]
         chunks = [jobs[k : k + _CHUNK] for k in range(0, len(jobs), _CHUNK)]
-        task = functools.partial(_decode_chunk, spec=p.preprocess, kept=kept, rows=scratch.at)
+        task = functools.partial(decode_chunk, spec=resize_spec(p.preprocess), kept=kept, rows=scratch.at)
         pool = None
         # in-memory sources (digits, idx) only resize small arrays: starting processes costs more
         if workers > 1 and len(todo) >= 2 * _CHUNK and any(items[i].file is not None for i in todo):
             # processes, not threads: the Python part of each image's work holds the one GIL; spawn,
             # not fork, so no thread or lock of this process (progress display, torch) is copied
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_one_thread)
+                                       initializer=one_thread)
             results = _in_order(pool, task, chunks, 2 * workers)
         else:
             results = map(task, chunks)

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,8 @@ from helpers_data import CLASSES, class_image, make_bad_corpus, make_image_folde
 from helpers_procs import until
 from stages.common.preprocess import Preprocess, load_image, resize
 from stages import dataset as dataset_module
+from stages.common import decoding
+from stages.common.decoding import resize_spec
 from stages.dataset import Dataset
 
 SPLITS = ("train", "val", "test")
@@ -340,7 +343,7 @@ def test_workers_write_rows_and_send_back_no_pixels(tmp_path):
     files = sorted(str(f) for f in root.rglob("*.jpg"))
     spec = Preprocess(**PRE)
     rows = dataset_module._Rows(tmp_path / "rows", len(files) + 2, (16, 16))
-    results = dataset_module._decode_chunk([(i + 2, f, None) for i, f in enumerate(files)], spec, None, rows.at)
+    results = decoding.decode_chunk([(i + 2, f, None) for i, f in enumerate(files)], resize_spec(spec), None, rows.at)
     assert all(not isinstance(x, np.ndarray) for r in results for x in r)
     pixels = np.fromfile(rows.path, np.uint8).reshape(-1, 16, 16, 3)
     assert not pixels[:2].any()
@@ -352,6 +355,19 @@ def test_workers_write_rows_and_send_back_no_pixels(tmp_path):
             assert why is None and (pixels[i + 2] == resize(load_image(f), spec)).all(), f
     rows.close()
     assert not rows.path.exists()
+
+
+def test_decoding_workers_import_no_pydantic():
+    """What a spawned decoding worker imports to run its task (the task's module, the plain resize spec)
+    leaves out pydantic and the engine's stage machinery: start-up every worker of every run pays."""
+    code = ("import json, pickle, sys; from stages.common.decoding import decode_chunk; "
+            "pickle.loads(sys.stdin.buffer.read()); "
+            "print(json.dumps([m for m in sys.modules if m.split('.')[0] in ('pydantic', 'stages', 'engine')]))")
+    task = pickle.dumps((decoding.decode_chunk, resize_spec(Preprocess(input_size=[12, 20]))))
+    r = subprocess.run([sys.executable, "-c", code], input=task, capture_output=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)) <= {"engine", "engine.hashing", "stages", "stages.common", "stages.common.decoding",
+                                   "stages.common.pixels"}, r.stdout
 
 
 @pytest.mark.parametrize("kernel_copy", ["works", "missing", "fails", "fails part way"])
@@ -553,8 +569,8 @@ def test_unchanged_files_are_not_read_again(tmp_path, monkeypatch):
     scratch = tmp_path / "scratch"
     prm = {"kind": "folder", "path": root, "preprocess": PRE, "workers": 1}
     assert run_stage(Dataset, prm, {}, tmp_path / "first", scratch=scratch)["decoded"] == 60  # copies: kept once
-    read, real = [], dataset_module._decode_one
-    monkeypatch.setattr(dataset_module, "_decode_one",
+    read, real = [], decoding.decode_one
+    monkeypatch.setattr(decoding, "decode_one",
                         lambda file, array, spec, kept=None: read.append(Path(file).name) or real(file, array, spec, kept))
     assert run_stage(Dataset, prm, {}, tmp_path / "again", scratch=scratch)["decoded"] == 0 and read == []
     save_image(class_image(2, 97), root / CLASSES[2] / "img 1.jpg")
