@@ -243,10 +243,10 @@ class RknnQuantize(Stage):
                     with toolkit(out / LOG_NAME, f"== accuracy_analysis {image}"):
                         ok("accuracy_analysis", rknn.accuracy_analysis(inputs=[image], output_dir=str(snap)))
                 except ToolkitFailure as e:
-                    reason = reason(e, out / LOG_NAME)
-                    ctx.log.warning("rknn accuracy_analysis failed (%s); the model itself was built", reason)
-                    parts.append(f"# sample {i}: {Path(image).name}: accuracy_analysis failed: {reason}\n")
-                    status = f"failed: {reason}"
+                    why = reason(e, out / LOG_NAME)
+                    ctx.log.warning("rknn accuracy_analysis failed (%s); the model itself was built", why)
+                    parts.append(f"# sample {i}: {Path(image).name}: accuracy_analysis failed: {why}\n")
+                    status = f"failed: {why}"
                     break
                 report = snap / "error_analysis.txt"
                 text = report.read_text(errors="replace") if report.is_file() else "(no error_analysis.txt written)\n"

@@ -257,7 +257,7 @@ def test_report_numbers_equal_run_json_and_the_stage_outputs(evaluated_run, show
     assert any(r["max_after"] < r["max_before"] for r in layers)
     # the summary: input spec, package paths, the values changed from the defaults
     assert "input size (H x W): 16 x 16" in text and "mean (0..1): [0.5, 0.5, 0.5]" in text
-    assert f"board onnxruntime" in text and str(run_dir / "stages" / "package" / "package.zip") in text
+    assert "board onnxruntime" in text and str(run_dir / "stages" / "package" / "package.zip") in text
     assert "train.epochs 10 2" in text and "clip.method none percentile" in text and "clip.percentile - 99.5" in text
 
 

@@ -37,9 +37,6 @@ from pydantic import model_validator
 
 from engine.stage import HASH_CONTENT, Params, StageError
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
 BUNDLE_FORMAT = "edgepipe.model/1"
 BUNDLE_NAME = "model.pt"
 ARCHS = ("resnet18", "mobilenet_v3_small", "mobilenet_v3_large", "gem_resnet")

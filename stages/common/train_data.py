@@ -90,10 +90,6 @@ def augment_batch(raw, aug, seeds: list[int]):
     sample and applied to the whole batch with one grid_sample (bilinear; rotation samples the
     surrounding image where there is one, black outside). Colour jitter: brightness, contrast,
     saturation (torchvision's formulas), hue as a rotation in YIQ space."""
-    import math
-
-    import torch.nn.functional as F
-
     n, h, w, _ = raw.shape
     x = torch.from_numpy(raw).permute(0, 3, 1, 2).float()
     geometric = aug.random_resized_crop or aug.hflip or aug.vflip or aug.rotation
