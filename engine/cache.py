@@ -19,16 +19,16 @@ import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator, Mapping
 
 from . import locks
 from .hashing import ContentIndex, content_digest, list_files, matches, sha256_file, sha256_json, tree_digest
-from .stage import HASH_CONTENT, NOT_IN_KEY, Stage
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pydantic and the stage contract load only where params are validated
+    from pydantic import BaseModel
+
     from .remote import Remote
+    from .stage import Stage
 
 MANIFEST = "manifest.json"
 OUT = "out"  # the stage's output folder inside an entry; the manifest sits beside it
@@ -43,17 +43,43 @@ def _has_marker(field: Any, marker: object) -> bool:
     return any(m is marker for m in field.metadata)
 
 
-def key_params(params: BaseModel) -> tuple[dict, dict[str, Path]]:
-    """The params as they enter the cache key (without NOT_IN_KEY fields), and the content paths
-    (HASH_CONTENT fields) whose digests enter it too, by dotted field path. A content path's string
-    is left out of the params (its digest stands for it): the same data at another path, another
-    user's checkout, gives the same key."""
+@dataclass(frozen=True)
+class KeyRecipe:
+    """What a stage's key is made of before its inputs' digests are known, as plain JSON values, so
+    that engine/plan_memo.py can keep it and a cached run needs neither pydantic nor the stage's code."""
+
+    type: str
+    version: Any
+    params: dict  # key_params' params
+    content: dict[str, str]  # content paths by dotted field path
+    tools: list[str]  # the distributions whose installed versions enter the key (Stage.tools)
+    from_files: bool = False  # a FROM_FILES field is set: validation read files, not to be remembered
+
+
+def key_recipe(cls: type[Stage], params: BaseModel) -> KeyRecipe:
+    kp, content, from_files = key_params(params)
+    return KeyRecipe(cls.name, cls.version, kp, {k: str(v) for k, v in content.items()}, list(cls.tools),
+                     from_files)
+
+
+def key_params(params: BaseModel) -> tuple[dict, dict[str, Path], bool]:
+    """The params as they enter the cache key (without NOT_IN_KEY fields), the content paths
+    (HASH_CONTENT fields) whose digests enter it too, by dotted field path, and whether a FROM_FILES
+    field is set. A content path's string is left out of the params (its digest stands for it): the
+    same data at another path, another user's checkout, gives the same key."""
+    from pydantic import BaseModel
+
+    from .stage import FROM_FILES, HASH_CONTENT, NOT_IN_KEY
+
     content: dict[str, Path] = {}
+    from_files = False
 
     def walk(model: BaseModel, prefix: str) -> dict:
+        nonlocal from_files
         out = {}
         for name, field in type(model).model_fields.items():
             value = getattr(model, name)
+            from_files = from_files or (value is not None and _has_marker(field, FROM_FILES))
             if _has_marker(field, NOT_IN_KEY):
                 continue
             if _has_marker(field, HASH_CONTENT) and value is not None:
@@ -65,11 +91,11 @@ def key_params(params: BaseModel) -> tuple[dict, dict[str, Path]]:
                 out[name] = _jsonable(value)
         return out
 
-    return walk(params, ""), content
+    return walk(params, ""), content, from_files
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, BaseModel):
+    if hasattr(value, "model_dump"):  # a pydantic model
         return value.model_dump(mode="json")
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -81,10 +107,15 @@ def _jsonable(value: Any) -> Any:
 
 
 def tool_versions(cls: type[Stage]) -> dict[str, str]:
-    """The installed version of each distribution the stage declares in `tools` (read from package
-    metadata: nothing is imported)."""
+    """The installed version of each distribution the stage declares in `tools`."""
+    return installed_versions(cls.tools)
+
+
+def installed_versions(dists: Iterable[str]) -> dict[str, str]:
+    """Read from package metadata, each time (nothing is imported): an upgrade anywhere on sys.path
+    shows in the next key."""
     found = {}
-    for dist in cls.tools:
+    for dist in dists:
         try:
             found[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -92,23 +123,22 @@ def tool_versions(cls: type[Stage]) -> dict[str, str]:
     return found
 
 
-def stage_key(cls: type[Stage], params: BaseModel, input_digests: Mapping[str, str], index: ContentIndex) -> tuple[str, dict]:
+def stage_key(recipe: KeyRecipe, input_digests: Mapping[str, str], index: ContentIndex) -> tuple[str, dict]:
     """Key = hash(type, version, params, input digests, content digests, tool versions). Returns
     (key, material). Nothing in it names a path on this machine."""
-    kp, content_paths = key_params(params)
     content = {}
-    for field, path in content_paths.items():
+    for field, path in recipe.content.items():
         try:
-            content[field] = content_digest(path, index)
+            content[field] = content_digest(Path(path), index)
         except FileNotFoundError:
             content[field] = "missing"  # the stage itself reports the missing path clearly
     material = {
-        "type": cls.name,
-        "version": cls.version,
-        "params": kp,
+        "type": recipe.type,
+        "version": recipe.version,
+        "params": recipe.params,
         "inputs": dict(sorted(input_digests.items())),
         "content": content,
-        "tools": tool_versions(cls),
+        "tools": installed_versions(recipe.tools),
     }
     return sha256_json(material)[:KEY_LENGTH], material
 

@@ -149,7 +149,7 @@ def _runs_root(cfg) -> Path:
 def _check_runs_root(root: Path) -> None:
     """A config error naming runs_root when it cannot hold run folders (checked without creating
     anything: the nearest existing folder above it must be a writable directory)."""
-    from .config import ConfigError
+    from .errors import ConfigError
 
     existing = root.absolute()
     while not existing.exists() and existing != existing.parent:
@@ -252,7 +252,6 @@ def cmd_run(argv: Sequence[str]) -> int:
         _print_cfg([job], opts["cfg"], bool(opts.get("resolve")))
         return 0
     pipeline = validated_pipeline(job, options)  # before anything is written to runs/
-    _warn_shadowed(job.overrides, pipeline)
     run_dir = _make_unique_dir(job.run_dir)
     from . import compose
 
@@ -261,17 +260,45 @@ def cmd_run(argv: Sequence[str]) -> int:
     return 1 if record.status != "ok" else 0
 
 
-def validated_pipeline(job, options):
-    """The job's pipeline, validated (config, --only/--force names, runs_root, overrides) or a ConfigError."""
-    from .runner import Pipeline
-
-    pipeline = Pipeline(job.cfg, _runs_root(job.cfg))
+def validated_pipeline(job, options, sweep: bool = False):
+    """The job's pipeline, validated (config, --only/--force names, runs_root, overrides) or a
+    ConfigError. A single run's is taken from plan_memo when the same config and code were validated
+    before (and remembered otherwise), and its overrides without effect are warned about; a sweep
+    warns once for all its jobs (_warn_shadowed)."""
+    pipeline = _checked_pipeline(job, remember=not sweep, warn=not sweep)
     pipeline.graph.select(options.only)
     pipeline._forced(options)
     _check_runs_root(pipeline.runs_root)
-    _check_overrides(job, pipeline)
     pipeline.cache.check_remote()  # an unreachable cache.remote: one line, before anything is written
     return pipeline
+
+
+def _checked_pipeline(job, remember: bool, warn: bool = True):
+    """Pipeline of the job with its overrides checked (and what they shadow warned about)."""
+    from . import plan_memo
+    from .runner import Pipeline
+
+    remembered = plan_memo.load(job) if remember else None
+    if remembered is not None:
+        pipeline, warnings = Pipeline(job.cfg, _runs_root(job.cfg), remembered), remembered.warnings
+    else:
+        from .config import shadowed_overrides
+
+        pipeline = Pipeline(job.cfg, _runs_root(job.cfg))
+        _check_overrides(job, pipeline)
+        warnings = shadowed_overrides(job.overrides, pipeline.stages)
+        if remember:
+            plan_memo.store(job, pipeline, warnings)
+    for note in warnings if warn else []:
+        print(f"edgepipe: warning: {note}", file=sys.stderr)
+    return pipeline
+
+
+def _warn_shadowed(overrides: list[str], pipeline) -> None:
+    from .config import shadowed_overrides
+
+    for note in shadowed_overrides(overrides, pipeline.stages):
+        print(f"edgepipe: warning: {note}", file=sys.stderr)
 
 
 def execute_job(job, pipeline, options, run_dir: Path, title: str, summary_table: bool = True):
@@ -306,17 +333,10 @@ def _check_overrides(job, pipeline) -> None:
         raise ConfigError(problems)
 
 
-def _warn_shadowed(overrides: list[str], pipeline) -> None:
-    from .config import shadowed_overrides
-
-    for note in shadowed_overrides(overrides, pipeline.stages):
-        print(f"edgepipe: warning: {note}", file=sys.stderr)
-
-
 def _make_unique_dir(run_dir: Path, key: str = "hydra.run.dir") -> Path:
     """Create the run folder, or `<name>-2`, `-3`, ... when another run started in the same second
     took it: mkdir either creates a folder or fails, so two processes never share one."""
-    from .config import ConfigError
+    from .errors import ConfigError
 
     n = 1
     while True:
@@ -334,7 +354,7 @@ def _make_unique_dir(run_dir: Path, key: str = "hydra.run.dir") -> Path:
 
 def cmd_plan(argv: Sequence[str]) -> int:
     from .display import STATUS_STYLE, console
-    from .runner import Options, Pipeline
+    from .runner import Options
 
     opts, overrides = _split_args(argv)
     if opts.get("info"):
@@ -342,10 +362,8 @@ def cmd_plan(argv: Sequence[str]) -> int:
     options = Options(only=opts["only"], force=opts["force"], no_cache=bool(opts.get("no_cache")))
     out = []
     for job in _compose_jobs(opts, overrides):
-        pipeline = Pipeline(job.cfg, _runs_root(job.cfg))
-        _check_overrides(job, pipeline)
+        pipeline = _checked_pipeline(job, remember=True)
         _check_runs_root(pipeline.runs_root)  # plan records content digests in the cache's index
-        _warn_shadowed(job.overrides, pipeline)
         items = pipeline.plan(options, run_name=str(job.cfg.name))
         out.append({"overrides": job.overrides, "stages": [vars(i) for i in items]})
         if not opts.get("json"):
@@ -583,7 +601,7 @@ def cmd_push(argv: Sequence[str]) -> int:
 
 def cmd_pull(argv: Sequence[str]) -> int:
     """Fetch from cache.remote what a run's config, or the config these overrides compose, needs."""
-    from . import remote, runs
+    from . import remote
     from .runner import Pipeline
 
     opts, overrides = _split_args(argv)
@@ -648,15 +666,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE.strip())  # the other verbs have argparse's own --help
         return 0
     if verb not in VERBS:
-        from .config import did_you_mean
+        from .errors import did_you_mean
 
         print(f"edgepipe: unknown command '{verb}'{did_you_mean(verb, list(VERBS))}\n\n{USAGE.strip()}", file=sys.stderr)
         return 2
     from .compose import ComposeError
-    from .config import ConfigError
+    from .errors import ConfigError, PluginError, RemoteError
     from .project import InitError
-    from .registry import PluginError
-    from .remote import RemoteError
     from .runs import RunFolderError
 
     try:

@@ -197,6 +197,7 @@ class Job:
     run_dir: Path  # hydra.run.dir, resolved now (it holds ${now:...})
     sweep_dir: Path  # hydra.sweep.dir, resolved now
     sources: list[dict] = field(default_factory=list)  # the search path it was composed from
+    digest: str | None = None  # its compose_cache key, when it is kept there (plan_memo's key too)
 
 
 def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
@@ -216,7 +217,8 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
     with open_dict(full):
         del full["hydra"]
     job = Job(list(overrides), full, hydra_cfg, run_dir, sweep_dir, describe_sources(hydra_cfg))
-    compose_cache.store(key, job)
+    if compose_cache.store(key, job):
+        job.digest = key.digest
     return job
 
 

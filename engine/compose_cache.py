@@ -112,14 +112,14 @@ def load(key: Key):
     with open_dict(full):
         del full["hydra"]
     OmegaConf.set_struct(full, entry["struct"])
-    return Job(list(key.overrides), full, hydra_cfg, run_dir, sweep_dir, entry["sources"])
+    return Job(list(key.overrides), full, hydra_cfg, run_dir, sweep_dir, entry["sources"], key.digest)
 
 
-def store(key: Key, job) -> None:
-    """Keep job for key; a config that cannot come back equal from JSON is not kept."""
+def store(key: Key, job) -> bool:
+    """Keep job for key; a config that cannot come back equal from JSON is not kept. True when kept."""
     where = folder()
     if where is None or OmegaConf.select(job.hydra_cfg, "searchpath"):
-        return
+        return False
     cfg = OmegaConf.to_container(job.cfg, resolve=False)
     hydra = OmegaConf.to_container(job.hydra_cfg, resolve=False)
     entry = {"format": FORMAT, "overrides": key.overrides, "cfg": cfg, "hydra": hydra,
@@ -128,17 +128,24 @@ def store(key: Key, job) -> None:
     try:
         text = json.dumps(entry, allow_nan=False)
         if json.loads(text) != entry:  # e.g. an integer key would come back a string
-            return
-        where.mkdir(parents=True, exist_ok=True)
-        tmp = where / f".{key.digest}.{os.getpid()}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, where / f"{key.digest}.json")
+            return False
+        write_entry(where / f"{key.digest}.json", text)
         marker = _one_job_marker(where, key.overrides)
         marker.parent.mkdir(exist_ok=True)
         marker.touch()
-        _prune(where)
+        prune(where)
+        prune(marker.parent)
     except (OSError, TypeError, ValueError):  # a read-only home, a value JSON cannot hold: no cache
-        return
+        return False
+    return True
+
+
+def write_entry(path: Path, text: str) -> None:
+    """path's content becomes text at once (a temp file renamed): a reader sees all of it or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _one_job_marker(where: Path, overrides: list[str]) -> Path:
@@ -152,12 +159,10 @@ def composed_as_one_job(overrides: list[str]) -> bool:
     return where is not None and _one_job_marker(where, overrides).is_file()
 
 
-def _prune(where: Path) -> None:
-    entries = sorted(where.glob("*.json"), key=lambda p: _mtime(p))
+def prune(where: Path) -> None:
+    """Keep the KEEP newest files of the folder (its sub-folders are left alone)."""
+    entries = sorted((p for p in where.iterdir() if p.is_file()), key=_mtime)
     for old in entries[: max(0, len(entries) - KEEP)]:
-        old.unlink(missing_ok=True)
-    markers = sorted((where / "one-job").iterdir(), key=_mtime)
-    for old in markers[: max(0, len(markers) - KEEP)]:
         old.unlink(missing_ok=True)
 
 

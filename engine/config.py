@@ -3,24 +3,19 @@ the bad value and what is allowed."""
 
 from __future__ import annotations
 
-import difflib
 import re
+from pathlib import Path
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import registry
+from .cache import KeyRecipe, key_recipe
+from .errors import ConfigError, did_you_mean
 from .stage import Stage
-
-
-class ConfigError(Exception):
-    """One or more problems in the composed config; each line names a key path."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 class PipelineEntry(BaseModel):
@@ -54,10 +49,13 @@ class StageSpec:
     params: BaseModel
     section: str
 
+    @property
+    def type(self) -> str:
+        return self.cls.name
 
-def did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    @cached_property
+    def recipe(self) -> KeyRecipe:
+        return key_recipe(self.cls, self.params)
 
 
 def _fmt_path(parts: list[Any]) -> str:
@@ -194,12 +192,10 @@ def config_key(spec: StageSpec, field_path: str) -> str:
 
 def _missing_paths(spec: StageSpec) -> list[str]:
     """Files and folders the stage's params name as content inputs, but which do not exist."""
-    from .cache import key_params  # the same walk that puts their content in the cache key
-
-    _, content = key_params(spec.params)
+    content = spec.recipe.content  # the same walk that puts their content in the cache key
     return [f"{config_key(spec, field)}: {path} does not exist (a file or folder this stage reads)  "
             f"[stage '{spec.name}', type {spec.cls.name}]"
-            for field, path in content.items() if not path.exists()]
+            for field, path in content.items() if not Path(path).exists()]
 
 
 def shadowed_overrides(overrides: list[str], specs: Mapping[str, StageSpec]) -> list[str]:

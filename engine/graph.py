@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
-from .config import ConfigError, StageSpec, did_you_mean
+if TYPE_CHECKING:
+    from .config import StageSpec
 
 
 class Graph:
-    def __init__(self, specs: Mapping[str, StageSpec]) -> None:
+    """Over stage specs (config.StageSpec, or plan_memo's remembered ones: a name, `type` and
+    `entry.needs`/`entry.after` is all it reads besides the wiring check)."""
+
+    def __init__(self, specs: Mapping[str, StageSpec], check_wiring: bool = True) -> None:
         self.specs = dict(specs)
-        self._check_wiring()
+        if check_wiring:
+            self._check_wiring()
         self.order = self._topological_order()
 
     def upstream(self, name: str) -> list[str]:
@@ -19,6 +24,8 @@ class Graph:
         return list(dict.fromkeys([*entry.needs.values(), *entry.after]))
 
     def _check_wiring(self) -> None:
+        from .errors import ConfigError, did_you_mean
+
         problems = []
         names = list(self.specs)
         for name, spec in self.specs.items():
@@ -59,6 +66,8 @@ class Graph:
             if state.get(name) == 1:
                 # path follows `needs` backwards; print it in data-flow order (a -> b: b reads a)
                 cycle = list(reversed(path[path.index(name):] + [name]))
+                from .errors import ConfigError
+
                 raise ConfigError([f"pipeline.stages: cycle {' -> '.join(cycle)}"])
             state[name] = 1
             path.append(name)
@@ -95,6 +104,8 @@ class Graph:
         only = list(only or [])
         unknown = [n for n in only if n not in self.specs]
         if unknown:
+            from .errors import ConfigError, did_you_mean
+
             raise ConfigError(
                 [f"{option} {n}: no such stage{did_you_mean(n, list(self.specs))}; stages: {', '.join(self.specs)}" for n in unknown]
             )
@@ -106,7 +117,7 @@ class Graph:
     def mermaid(self) -> str:
         lines = ["flowchart LR"]
         for name in self.order:
-            lines.append(f'    {name}["{name}<br/><small>{self.specs[name].cls.name}</small>"]')
+            lines.append(f'    {name}["{name}<br/><small>{self.specs[name].type}</small>"]')
         for name in self.order:
             entry = self.specs[name].entry
             for input_name, up in entry.needs.items():
@@ -119,7 +130,7 @@ class Graph:
     def dot(self) -> str:
         lines = ["digraph pipeline {", "  rankdir=LR;", "  node [shape=box];"]
         for name in self.order:
-            lines.append(f'  "{name}" [label="{name}\\n({self.specs[name].cls.name})"];')
+            lines.append(f'  "{name}" [label="{name}\\n({self.specs[name].type})"];')
         for name in self.order:
             entry = self.specs[name].entry
             for input_name, up in entry.needs.items():

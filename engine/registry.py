@@ -13,6 +13,7 @@ import os
 from functools import lru_cache
 from importlib.metadata import entry_points
 
+from .errors import PluginError
 from .stage import Stage
 
 STAGE_GROUP = "edgepipe.stages"
@@ -21,10 +22,6 @@ STAGE_GROUP = "edgepipe.stages"
 PLUGINS_ENV = "EDGEPIPE_PLUGINS"
 
 _registered: dict[str, type[Stage]] = {}
-
-
-class PluginError(Exception):
-    """A module named in $EDGEPIPE_PLUGINS that cannot be imported."""
 
 
 class UnknownStageType(KeyError):

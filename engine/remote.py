@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .cache import MANIFEST, OUT, Cache, CorruptEntry, entry_of, stage_key
+from .errors import RemoteError
 from .hashing import sha256_file
 
 log = logging.getLogger("edgepipe")
@@ -41,10 +42,6 @@ _TODO = ("check the URL, the network and the credentials (the back-end's own: en
          "config file, never the edgepipe config), or run without it: cache.remote=null")
 
 
-class RemoteError(Exception):
-    """The remote cache cannot be used now (unreachable, refused): a runtime failure, one line."""
-
-
 class CacheSettings(BaseModel):
     """The `cache` config section."""
 
@@ -55,7 +52,7 @@ class CacheSettings(BaseModel):
 
 def from_config(cfg: DictConfig) -> "Remote | None":
     """The remote named by `cache.remote`, or None. A bad section is a ConfigError naming the key."""
-    from .config import ConfigError
+    from .errors import ConfigError
 
     section = OmegaConf.select(cfg, "cache", default=None, throw_on_missing=False)
     if section is None:
@@ -92,7 +89,7 @@ class Remote:
         import fsspec
         from fsspec.core import split_protocol
 
-        from .config import ConfigError
+        from .errors import ConfigError
 
         self.url, self.options = url.rstrip("/"), dict(options or {})
         protocol = split_protocol(self.url)[0] or "file"
@@ -252,7 +249,7 @@ def pull(pipeline: Any) -> int:
     needs its inputs' digests). Returns the exit status."""
     cache = pipeline.cache
     if cache.remote is None:
-        from .config import ConfigError
+        from .errors import ConfigError
 
         raise ConfigError(["cache.remote: not set; name the shared cache (cache.remote=s3://bucket/prefix)"])
     cache.check_remote()
@@ -264,7 +261,7 @@ def pull(pipeline: Any) -> int:
         if any(d is None for d in inputs.values()):
             digests[name] = None
             continue  # an input is missing: its key cannot be known
-        key, _ = stage_key(st.cls, st.params, inputs, cache.index)
+        key, _ = stage_key(st.recipe, inputs, cache.index)
         with cache.lock(st.cls.name, key):
             try:
                 hit = cache.lookup(st.cls.name, key)

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import runs
 from .compose import one_line, yaml_problem
-from .config import ConfigError
+from .errors import ConfigError
 from .display import Display, console
 from .runner import Options, Pipeline
 

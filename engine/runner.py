@@ -12,16 +12,19 @@ import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from . import remote, runs, scheduler
+from . import runs, scheduler
 from .cache import Cache, CorruptEntry, Hit, read_manifest, stage_key
-from .config import StageSpec, config_key, validate
 from .graph import Graph
 from .runs import RunRecord, StageRecord
-from .stage import Context, Stage, StageError
+
+if TYPE_CHECKING:  # pydantic, and through it the stage contract, load only when a config is validated
+    from .config import StageSpec
+    from .plan_memo import Remembered
+    from .stage import Stage
 
 log = logging.getLogger("edgepipe")
 
@@ -51,15 +54,39 @@ class PlanItem:
 
 
 class Pipeline:
-    """A composed config, validated, as a DAG over the cache."""
+    """A composed config, validated, as a DAG over the cache. Given what plan_memo remembered of
+    the same config and code, it plans and runs a fully cached pipeline without validating; the
+    first stage that would run makes it validate (validate_now) before anything runs."""
 
-    def __init__(self, cfg: DictConfig, runs_root: Path) -> None:
+    def __init__(self, cfg: DictConfig, runs_root: Path, remembered: Remembered | None = None) -> None:
         self.cfg = cfg
         self.runs_root = Path(runs_root)
-        self.spec, self.stages = validate(cfg)
-        self.graph = Graph(self.stages)
+        self.remembered = remembered is not None
+        if remembered is None:
+            from .config import validate
+
+            self.spec, self.stages = validate(cfg)
+        else:
+            self.spec, self.stages = remembered, remembered.stages
+        self.graph = Graph(self.stages, check_wiring=not self.remembered)
         self._save_lock = threading.Lock()
-        self.cache = Cache(self.runs_root / "cache", remote=remote.from_config(cfg))
+        self._validate_lock = threading.Lock()
+        self.cache = Cache(self.runs_root / "cache", remote=_remote(cfg, checked=self.remembered))
+
+    def validate_now(self) -> None:
+        """Replace remembered stage specs by validated ones (the same keys: plan_memo's key holds
+        everything validation reads)."""
+        with self._validate_lock:
+            if self.remembered:
+                from .config import validate
+
+                self.spec, self.stages = validate(self.cfg)
+                self.graph = Graph(self.stages)
+                self.remembered = False
+
+    def _validated(self, name: str) -> StageSpec:
+        self.validate_now()
+        return self.stages[name]
 
     # ------------------------------------------------------------------ plan (dry run)
     def plan(self, options: Options, run_name: str | None = None) -> list[PlanItem]:
@@ -72,30 +99,35 @@ class Pipeline:
             pending = [up for up in st.entry.needs.values() if digests.get(up) is None]
             if pending:
                 digests[name] = None
-                items.append(PlanItem(name, st.cls.name, "will run", None,
+                items.append(PlanItem(name, st.type, "will run", None,
                                       f"input from {', '.join(pending)} is computed first"))
                 continue
-            key, material = stage_key(st.cls, st.params, self._input_digests(st, digests), self.cache.index)
+            key, material = stage_key(st.recipe, self._input_digests(st, digests), self.cache.index)
             hit, damage = None, None
             if name not in forced:
                 try:
-                    hit = self.cache.lookup(st.cls.name, key, fetch=False)
+                    hit = self.cache.lookup(st.type, key, fetch=False)
                 except CorruptEntry as e:
                     damage = str(e)
             if hit:
                 digests[name] = hit.digest
-                items.append(PlanItem(name, st.cls.name, "cached", key,
+                items.append(PlanItem(name, st.type, "cached", key,
                                       "in cache.remote (fetched when run)" if hit.remote_only else "up to date"))
+            elif self.remembered:  # why it runs is told by the validated spec
+                self.validate_now()
+                return self.plan(options, run_name)
             else:
                 digests[name] = None
                 reason = ("forced" if name in forced else f"cache entry damaged: {damage}" if damage
                           else self.why(st, material, run_name))
-                items.append(PlanItem(name, st.cls.name, "will run", key, reason))
+                items.append(PlanItem(name, st.type, "will run", key, reason))
         self.cache.index.save()
         return items
 
     def why(self, st: StageSpec, material: Mapping, run_name: str | None) -> str:
         """Which parameter or input changed since this stage last completed."""
+        from .config import config_key
+
         prev = runs.previous_record(self.runs_root, st.name, run_name)
         if prev is None or not prev.path:
             return "never ran"
@@ -124,11 +156,13 @@ class Pipeline:
 
     # ------------------------------------------------------------------ execute
     def execute(self, record: RunRecord, options: Options, display: Any) -> RunRecord:
+        if self.remembered:
+            self.plan(options, record.name)  # validates for real unless every stage is cached
         forced = self._forced(options)
         self.cache.check_remote()
         order = self.graph.select(options.only)
         for name in order:
-            record.stages[name] = StageRecord(name=name, type=self.stages[name].cls.name)
+            record.stages[name] = StageRecord(name=name, type=self.stages[name].type)
         record.save()
         failed: set[str] = set()
 
@@ -179,7 +213,7 @@ class Pipeline:
         try:
             scheduler.run_parallel(
                 order, {n: self.graph.upstream(n) for n in order}, jobs=options.jobs, budget_mb=budget,
-                memory_mb=lambda n: self.stages[n].cls.peak_memory(self.stages[n].params),
+                memory_mb=lambda n: self._validated(n).cls.peak_memory(self._validated(n).params),
                 skip=lambda n: self._skipped(n, record, failed, options, display),
                 start=lambda n: self._run_stage(self.stages[n], record.stages[n], record, n in forced, display,
                                                 call=workers.call),
@@ -197,17 +231,17 @@ class Pipeline:
         by default, scheduler.StageProcesses.call for --jobs N) and publish its outputs."""
         digests = {i: record.stages[up].digest for i, up in st.entry.needs.items()}
         inputs = {i: Path(record.stages[up].path) for i, up in st.entry.needs.items()}
-        key, material = stage_key(st.cls, st.params, digests, self.cache.index)
+        key, material = stage_key(st.recipe, digests, self.cache.index)
         rec.key = key
         t0 = time.time()
         display.started(rec)
-        with self.cache.lock(st.cls.name, key, on_wait=lambda: display.update(rec.name, description="waiting for another process computing it")):
+        with self.cache.lock(st.type, key, on_wait=lambda: display.update(rec.name, description="waiting for another process computing it")):
             hit: Hit | None = None
             if forced:
                 rec.reason = "forced"
             else:
                 try:
-                    hit = self.cache.lookup(st.cls.name, key)
+                    hit = self.cache.lookup(st.type, key)
                 except CorruptEntry as e:
                     log.warning("stage %s: cache entry damaged (%s); recomputing", st.name, e)
                     rec.reason = f"cache entry damaged: {e}"
@@ -217,6 +251,7 @@ class Pipeline:
                 rec.path, rec.digest, rec.metrics = str(hit.path), hit.digest, hit.manifest.get("metrics") or {}
                 display.finished(rec)
                 return
+            st = self._validated(st.name)  # remembered until now: the entry went since the plan
             rec.reason = rec.reason or self.why(st, material, record.name)
             tmp = self.cache.new_tmp(st.cls.name, key)
             context = dict(
@@ -227,6 +262,8 @@ class Pipeline:
                 metrics, libraries = (call or _call_in_process)(st.cls, st.name, st.params, inputs, tmp, context,
                                                                 display)
             except BaseException as e:  # noqa: BLE001 - every failure is recorded, none leaves an entry
+                from .stage import StageError
+
                 # What the failed stage wrote (its logs above all) moves to the run folder, never
                 # into the cache; messages that name a file in it are pointed at the new place.
                 kept = Path(record.run_dir) / "failed" / st.name
@@ -285,9 +322,21 @@ class Pipeline:
         return None
 
 
+def _remote(cfg: DictConfig, checked: bool):
+    """cache.remote's Remote, or None. A `cache` section already checked (a remembered pipeline's)
+    without a remote loads nothing of engine/remote.py (fsspec, pydantic)."""
+    if checked and not OmegaConf.select(cfg, "cache.remote", default=None, throw_on_missing=False):
+        return None
+    from . import remote
+
+    return remote.from_config(cfg)
+
+
 def _call_in_process(cls: type[Stage], stage_name: str, params: Any, inputs: Mapping[str, Path], out: Path,
                      context: Mapping[str, Any], display: Any) -> tuple[dict, dict[str, str]]:
     """--jobs 1: the stage runs in this process. Returns (metrics, library versions)."""
+    from .stage import Context
+
     ctx = Context(stage=stage_name, out=out, log=logging.getLogger(f"edgepipe.stage.{stage_name}"), **context,
                   _progress=lambda c, t, d, i: display.update(stage_name, c, t, d, important=i))
     metrics = cls().run(params, inputs, out, ctx) or {}

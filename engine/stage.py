@@ -52,6 +52,11 @@ ContentPath = Annotated[Path, HASH_CONTENT]
 # cache key so changing it re-uses the cache.
 NOT_IN_KEY = _Marker("not in key")
 
+# A parameter a validator computes from files (a digest of files outside a dataset's folder): while
+# it is set, the validated params are not remembered between commands (engine/plan_memo.py), since
+# those files may change without any config file changing.
+FROM_FILES = _Marker("computed from files")
+
 
 @dataclass(frozen=True)
 class Input:

@@ -77,7 +77,7 @@ class Task:
         hydra_cfg = OmegaConf.create(OmegaConf.to_container(hc, resolve=False))
         job = compose.Job(overrides, cfg, hydra_cfg, run_dir, Path(str(hc.sweep.dir)),
                           compose.describe_sources(hydra_cfg))
-        pipeline = cli.validated_pipeline(job, self.options)
+        pipeline = cli.validated_pipeline(job, self.options, sweep=True)
         compose.write_resolved(run_dir, cfg)  # Hydra wrote config/hydra/overrides.yaml already
         of = f"/{self.total}" if self.total else ""
         record = cli.execute_job(job, pipeline, self.options, run_dir, summary_table=self.in_process,
@@ -93,7 +93,7 @@ def _job_name(result: dict, total: int | None = None) -> str:
 
 
 def _one_line(e: Exception) -> str:
-    from .config import ConfigError
+    from .errors import ConfigError
 
     if isinstance(e, ConfigError):
         return "invalid config: " + "; ".join(e.problems)
@@ -171,7 +171,7 @@ def multirun(opts: dict, overrides: list[str], options) -> int:
     from .cli import _make_unique_dir, _warn_shadowed, validated_pipeline
 
     # Validate every job before anything is written to runs/ (an Optuna trial: the base config).
-    pipelines = [validated_pipeline(job, options) for job in jobs]
+    pipelines = [validated_pipeline(job, options, sweep=True) for job in jobs]
     _warn_shadowed(list(overrides), pipelines[0])  # a swept key too (an Optuna search of one)
     sweep_dir = _make_unique_dir(base.sweep_dir, "hydra.sweep.dir")
     hydra_overrides = _hydra_overrides(parsed, base, sweep_dir, pipelines[0], sweeper)

@@ -17,7 +17,7 @@ from .stage import Context, Stage
 
 
 def validate_params(stage: str | type[Stage], params: Mapping[str, Any]):
-    from .config import ConfigError
+    from .errors import ConfigError
 
     cls = registry.get(stage) if isinstance(stage, str) else stage
     p = cls.Params.model_validate(dict(params))

@@ -54,7 +54,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from engine.hashing import ContentIndex, list_files, sha256_file, signature, tree_digest
-from engine.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
+from engine.stage import FROM_FILES, HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from stages.common.bundle import LABELS, write_labels
 from stages.common.decoding import Decoded, RowsFile, decode_chunk, one_thread, pwrite_all, resize_spec
 from stages.common.preprocess import Preprocess
@@ -444,7 +444,7 @@ class Dataset(Stage):
         preprocess: Preprocess = Preprocess()
         # not a setting, computed here: the content digest of the files the lists name outside `root`
         # (allow_outside_root=true), so that editing one of them re-runs the stage
-        outside_root_digest: str | None = Field(None, validate_default=True)
+        outside_root_digest: Annotated[str | None, FROM_FILES] = Field(None, validate_default=True)
 
         @field_validator("outside_root_digest", mode="after")
         @classmethod

@@ -1,0 +1,27 @@
+"""The errors the command line turns into one line, in a module of the standard library alone, so that
+catching them loads neither pydantic nor fsspec (config.py, remote.py and registry.py re-export them)."""
+
+from __future__ import annotations
+
+import difflib
+
+
+class ConfigError(Exception):
+    """One or more problems in the composed config; each line names a key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class RemoteError(Exception):
+    """The remote cache cannot be used now (unreachable, refused): a runtime failure, one line."""
+
+
+class PluginError(Exception):
+    """A module named in $EDGEPIPE_PLUGINS that cannot be imported."""
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

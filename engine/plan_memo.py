@@ -1,0 +1,134 @@
+"""Validated pipelines remembered between commands, so that `plan` and a fully cached `run` of an
+unchanged config import neither pydantic nor any stage's code: once the composed config comes from
+engine/compose_cache.py, validating it is most of what is left of their time.
+
+An entry is found by the composed config's key (compose_cache.Key: every config file's stats, the
+overrides, the environment the configs name, the installed packages) and by the stats of every file
+of edgepipe's own code (engine/, stages/, boards/); the code of a plugin's stage type (its top-level
+package or module) is checked against the stats kept in the entry. It holds what validation gave
+that a plan needs: each stage's type, wiring and cache.KeyRecipe, the headline, and the warnings
+that were printed. Nothing is remembered when a params field was computed from files
+(stage.FROM_FILES). A remembered pipeline runs nothing: before a stage runs, or a plan says why one
+would, runner.Pipeline validates the config for real.
+
+Entries: compose_cache.folder()/validated/*.json, written atomically, the oldest pruned; a damaged
+or unreadable one is a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import compose_cache
+from .cache import KeyRecipe
+from .hashing import scan_files
+
+if TYPE_CHECKING:
+    from .compose import Job
+    from .runner import Pipeline
+
+FORMAT = 1
+_OWN_PACKAGES = ("engine", "stages", "boards")  # the code validation runs
+
+
+@dataclass
+class Wiring:
+    needs: dict[str, str]
+    after: list[str]
+
+
+@dataclass
+class RememberedStage:
+    """What runner.Pipeline reads of a config.StageSpec while planning."""
+
+    name: str
+    type: str
+    entry: Wiring
+    recipe: KeyRecipe
+
+
+@dataclass
+class Remembered:
+    """Stands for config.validate's (PipelineSpec, {name: StageSpec}) in runner.Pipeline."""
+
+    stages: dict[str, RememberedStage]
+    headline: str | None
+    headline_direction: str | None
+    warnings: list[str]
+
+
+def load(job: Job) -> Remembered | None:
+    path = _entry(job)
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data["format"] != FORMAT or any(_code_stats(Path(root)) != stats for root, stats in data["plugins"].items()):
+            return None
+        stages = {name: RememberedStage(name, s["type"], Wiring(**s["entry"]), KeyRecipe(**s["recipe"]))
+                  for name, s in data["stages"].items()}
+        return Remembered(stages, data["headline"], data["headline_direction"], list(data["warnings"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store(job: Job, pipeline: Pipeline, warnings: list[str]) -> None:
+    """Remember the validated pipeline of job, when it can be (see the module's docstring)."""
+    path = _entry(job)
+    specs = pipeline.stages
+    if path is None or any(s.recipe.from_files for s in specs.values()):
+        return
+    plugins = sorted({root for s in specs.values() if (root := _plugin_root(s.cls)) is not None})
+    data = {"format": FORMAT, "plugins": {str(root): _code_stats(root) for root in plugins},
+            "headline": pipeline.spec.headline,
+            "headline_direction": pipeline.spec.headline_direction, "warnings": warnings,
+            "stages": {name: {"type": s.type, "entry": {"needs": dict(s.entry.needs), "after": list(s.entry.after)},
+                              "recipe": asdict(s.recipe)} for name, s in specs.items()}}
+    try:
+        compose_cache.write_entry(path, json.dumps(data, allow_nan=False))
+    except (OSError, TypeError, ValueError):  # a read-only home, a value JSON cannot hold: not kept
+        return
+    compose_cache.prune(path.parent)
+
+
+def _entry(job: Job) -> Path | None:
+    where = compose_cache.folder()
+    if where is None or job.digest is None:
+        return None
+    return where / "validated" / f"{job.digest}-{_code_digest()}.json"
+
+
+def _code_digest() -> str:
+    """Stats of every file of the packages whose code validates."""
+    root = Path(__file__).resolve().parent.parent
+    return hashlib.sha256("".join(_code_stats(root / package) for package in _OWN_PACKAGES).encode()).hexdigest()[:24]
+
+
+def _code_stats(root: Path) -> str:
+    """A digest of the name, size, mtime, ctime and inode of root (a module) or of every file under it
+    (a package; not its bytecode caches)."""
+    if root.is_file():
+        files = [("", root.stat())]
+    else:
+        files = [(rel, st) for rel, st in scan_files(root) if "__pycache__/" not in rel]
+    h = hashlib.sha256(str(root).encode("utf-8", "surrogateescape"))
+    for rel, st in files:
+        h.update(f"{rel}\0{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _plugin_root(cls: type) -> Path | None:
+    """The folder of the top-level package (or the file of the module) a stage type outside
+    edgepipe's own packages comes from."""
+    top = cls.__module__.split(".")[0]
+    if top in _OWN_PACKAGES:
+        return None
+    file = Path(sys.modules[top].__file__ or "").resolve()
+    return file.parent if file.name == "__init__.py" else file
+
+

@@ -1,0 +1,66 @@
+"""engine/plan_memo.py: a config validated once is planned and run, while every stage is cached,
+without pydantic or any stage's code; whatever could change a key (a config file, the stage's code,
+a vanished cache entry, --force) is validated for real. Real processes, real Hydra, the engine tests'
+cheap stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# A command in a fresh process that says which heavy modules it loaded.
+PROBE = """
+import json, sys
+from engine.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "pydantic": "pydantic" in sys.modules,
+                  "stage code": sorted(m for m in sys.modules if m.startswith(("engine_stages", "engine.config")))}))
+"""
+
+
+def probe(ws, *args: str, env: dict | None = None) -> dict:
+    r = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=ws.root, env={**os.environ, **ws.env, **(env or {})},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_an_unchanged_config_plans_and_runs_cached_without_pydantic_or_stage_code(ws):
+    first = probe(ws, "run")
+    assert first["rc"] == 0 and first["pydantic"] and ws.counts()["total"] == 1
+    for verb in ("plan", "run"):
+        again = probe(ws, verb)
+        assert again == {"rc": 0, "pydantic": False, "stage code": []}, verb
+    assert set(ws.statuses().values()) == {"cached"} and sum(ws.counts().values()) == 5
+    assert ws.latest()["headline"] == {"key": "total.sum", "value": 51.0}  # the remembered headline
+    # another value is another config: validated, and it runs what it changes
+    changed = probe(ws, "run", "scale.factor=3")
+    assert changed["pydantic"] and ws.counts()["scale"] == 2 and ws.counts()["side"] == 1
+
+
+def test_a_vanished_entry_and_force_are_validated_and_run(ws):
+    assert probe(ws, "run")["rc"] == 0 and probe(ws, "plan")["pydantic"] is False
+    shutil.rmtree(ws.entries("t_add")[0])
+    plan = json.loads(ws.cli("plan", "--json").out)["stages"]
+    assert [(s["name"], s["status"]) for s in plan if s["status"] != "cached"] == [("total", "will run")]
+    assert probe(ws, "run")["pydantic"] and ws.counts()["total"] == 2
+    forced = probe(ws, "run", "--force", "src")
+    assert forced["pydantic"] and ws.counts()["src"] == 2 and ws.statuses()["src"] == "ran"
+
+
+def test_an_edited_stage_module_is_validated_again(ws, tmp_path):
+    """A plugin's stage code is checked by its files' stats: a changed default is a new key."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    source = Path(__file__).with_name("engine_stages.py").read_text()
+    (plugins / "engine_stages.py").write_text(source)
+    env = {"PYTHONPATH": os.pathsep.join([str(plugins), ws.env["PYTHONPATH"]])}
+    assert probe(ws, "run", env=env)["rc"] == 0 and probe(ws, "plan", env=env)["pydantic"] is False
+    (plugins / "engine_stages.py").write_text(source.replace("modulo: int | None = None", "modulo: int | None = 4"))
+    edited = probe(ws, "run", env=env)
+    assert edited["pydantic"] and ws.counts()["scale"] == 2  # scale's key has the new default
+    assert json.loads((ws.runs / "latest" / "stages" / "scale" / "value.txt").read_text()) == 3 * 2 % 4
