@@ -10,6 +10,7 @@ Sections per stage type: report_sections; the summary's facts: report_summary.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,42 @@ CHANGES_VERSION = 1  # bump when config_changes reports differently: memoised by
 
 def write_html(record: RunRecord) -> Path:
     """Render runs/<run>/report.html from the record and the stage folders it points to."""
-    import jinja2
-
     run_dir = Path(record.run_dir)
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    page = env.from_string(TEMPLATE).render(**context(record, run_dir))
+    page = _template().render(**context(record, run_dir))
     path = run_dir / REPORT_HTML
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _template():
+    """The page's template, compiled once per jinja2 version and settings: its bytecode is kept in
+    the user's own cache folder (compose_cache's; never under runs/, which may come from someone
+    else), compiling it being most of writing a cached run's report."""
+    import jinja2
+
+    from . import compose_cache
+
+    settings = {"autoescape": True, "trim_blocks": True, "lstrip_blocks": True}
+    where = compose_cache.folder()
+    cache = None
+    if where is not None:
+        tag = hashlib.sha256(f"{jinja2.__version__}{sorted(settings.items())}".encode()).hexdigest()[:16]
+        try:
+            (where / "jinja" / tag).mkdir(parents=True, exist_ok=True)
+            cache = jinja2.FileSystemBytecodeCache(str(where / "jinja" / tag))
+        except OSError:  # a read-only home: compiled each time
+            pass
+    env = jinja2.Environment(loader=jinja2.DictLoader({REPORT_HTML: TEMPLATE}), bytecode_cache=cache,
+                             undefined=jinja2.StrictUndefined, **settings)
+    return env.get_template(REPORT_HTML)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file the run wrote (.hydra/), with libyaml's parser where PyYAML has it: OmegaConf's
+    pure-Python load of config.yaml is a tenth of a cached run."""
+    import yaml
+
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def context(record: RunRecord, run_dir: Path) -> dict[str, Any]:
@@ -51,11 +80,8 @@ def context(record: RunRecord, run_dir: Path) -> dict[str, Any]:
 
 def pipeline_needs(run_dir: Path) -> dict[str, dict[str, str]]:
     """{stage: {input: upstream stage}} from the run's .hydra/config.yaml ({} when unreadable)."""
-    from omegaconf import OmegaConf
-
     try:
-        stages = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml").pipeline.stages,
-                                        resolve=False)
+        stages = read_yaml(run_dir / ".hydra" / "config.yaml")["pipeline"]["stages"]
         return {name: {str(k): str(v) for k, v in (entry.get("needs") or {}).items()} for name, entry in stages.items()}
     except Exception:  # noqa: BLE001 - no or an unreadable .hydra/: sizes and image grids are left out
         return {}
@@ -102,10 +128,8 @@ def stage_row(s: StageRecord) -> dict[str, Any]:
 
 def config_choices(run_dir: Path) -> dict[str, str]:
     """The config group options the run composed (experiment, pipeline, dataset, model, ...)."""
-    from omegaconf import OmegaConf
-
     try:
-        choices = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices)
+        choices = read_yaml(run_dir / ".hydra" / "hydra.yaml")["hydra"]["runtime"]["choices"]
     except Exception:  # noqa: BLE001 - no or an unreadable .hydra/: the summary shows the overrides only
         return {}
     shown = {k: str(v) for k, v in choices.items() if not k.startswith("hydra/") and v is not None}
