@@ -13,9 +13,11 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import numpy as np
+if TYPE_CHECKING:  # numpy loads where a picture is drawn: a cached run's report may need none
+    import numpy as np
 
 # bump when a drawing changes: memoised PNGs are keyed by it
 CURVES_VERSION = 1
@@ -33,14 +35,18 @@ def memo_png(scratch: Path | None, shown: Any, render: Callable[[], bytes]) -> b
     return memo_bytes(scratch, shown, ".png", render)
 
 
-def memo_bytes(scratch: Path | None, shown: Any, suffix: str, render: Callable[[], bytes]) -> bytes:
-    """``render()``'s bytes, kept as scratch/<digest of shown><suffix>; no scratch: rendered each time."""
+def memo_bytes(scratch: Path | None, shown: Any, suffix: str, render: Callable[[], bytes],
+               keep: Callable[[bytes], bool] = lambda data: True) -> bytes:
+    """``render()``'s bytes, kept as scratch/<digest of shown><suffix> when ``keep(bytes)``; no
+    scratch: rendered each time."""
     if scratch is None:
         return render()
     path = scratch / (digest(shown) + suffix)
     if path.is_file():
         return path.read_bytes()
     data = render()
+    if not keep(data):
+        return data
     try:  # temp + rename: a reader never sees half a file
         scratch.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -55,10 +61,12 @@ def digest(shown: Any) -> str:
     """sha256 of JSON-able values and numpy arrays (by dtype, shape and bytes)."""
     h = hashlib.sha256()
 
+    numpy = sys.modules.get("numpy")  # not loaded: nothing shown is an array
+
     def feed(v: Any) -> None:
-        if isinstance(v, np.ndarray):
+        if numpy is not None and isinstance(v, numpy.ndarray):
             h.update(f"{v.dtype}{v.shape}".encode())
-            h.update(np.ascontiguousarray(v).tobytes())
+            h.update(numpy.ascontiguousarray(v).tobytes())
         elif isinstance(v, (list, tuple)):
             for x in v:
                 feed(x)
@@ -115,6 +123,7 @@ def curves_png(epochs: list[dict[str, Any]], best: int | None) -> bytes:
 # -- image grids --------------------------------------------------------------------------------------
 def grid_png(images: np.ndarray, captions: Sequence[str], cell: int = 96, columns: int = 8) -> bytes:
     """uint8 N x H x W x 3 images, each scaled (nearest) to a cell with its caption underneath."""
+    import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
     n = len(images)
@@ -167,6 +176,8 @@ def tsne_png(features: np.ndarray, labels: np.ndarray, classes: Sequence[str], s
 
 
 def tsne_points(features: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+
     x = np.asarray(features, np.float32).reshape(len(features), -1)
     y = np.asarray(labels).astype(np.int64)
     if len(x) > TSNE_MAX:
@@ -185,6 +196,8 @@ def _colours(n: int) -> list:
 # -- clipping -----------------------------------------------------------------------------------------
 def weight_ranges_png(layers: list[dict[str, Any]]) -> bytes:
     """Per layer, the weight range (min..max) before and after clipping, as bars around zero."""
+    import numpy as np
+
     n = len(layers)
     fig = _figure(max(6.0, min(0.28 * n + 2, 20)), 4.2)
     ax = fig.add_subplot(1, 1, 1)

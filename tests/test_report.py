@@ -298,10 +298,10 @@ def test_report_costs_no_recomputation_and_draws_nothing_again(evaluated_run):
     assert f"best_epoch {metrics['best_epoch']}" in words(" ".join(page.text))
     stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "stages").rglob("*") if p.is_file()}
     before = (run_dir / REPORT_HTML).read_bytes()
-    # a fresh process: every picture and the config comparison come from the scratch folder, so
-    # neither matplotlib, scikit-learn, hydra's compose nor torch is imported
+    # a fresh process: every picture, the evaluate section and the config comparison come from the
+    # scratch folder, so neither matplotlib, scikit-learn, hydra's compose, torch nor numpy is imported
     code = ("import sys; from engine.cli import main; rc = main(['report', sys.argv[1]]); "
-            "print(rc, sorted(m for m in ('matplotlib', 'sklearn', 'torch', 'hydra') if m in sys.modules))")
+            "print(rc, sorted(m for m in ('matplotlib', 'sklearn', 'torch', 'hydra', 'numpy') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
