@@ -111,19 +111,21 @@ def tool_versions(cls: type[Stage]) -> dict[str, str]:
     return installed_versions(cls.tools)
 
 
-def installed_versions(dists: Iterable[str]) -> dict[str, str]:
-    """Read from package metadata, each time (nothing is imported): an upgrade anywhere on sys.path
-    shows in the next key."""
-    found = {}
+def installed_versions(dists: Iterable[str], known: dict[str, str] | None = None) -> dict[str, str]:
+    """Read from package metadata (nothing is imported) by every command, so an upgrade anywhere on
+    sys.path shows in the next key; ``known``: the versions this command read already."""
+    known = {} if known is None else known
     for dist in dists:
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            found[dist] = "not installed"
-    return found
+        if dist not in known:
+            try:
+                known[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                known[dist] = "not installed"
+    return {dist: known[dist] for dist in dists}
 
 
-def stage_key(recipe: KeyRecipe, input_digests: Mapping[str, str], index: ContentIndex) -> tuple[str, dict]:
+def stage_key(recipe: KeyRecipe, input_digests: Mapping[str, str], index: ContentIndex,
+              versions: dict[str, str] | None = None) -> tuple[str, dict]:
     """Key = hash(type, version, params, input digests, content digests, tool versions). Returns
     (key, material). Nothing in it names a path on this machine."""
     content = {}
@@ -138,7 +140,7 @@ def stage_key(recipe: KeyRecipe, input_digests: Mapping[str, str], index: Conten
         "params": recipe.params,
         "inputs": dict(sorted(input_digests.items())),
         "content": content,
-        "tools": installed_versions(recipe.tools),
+        "tools": installed_versions(recipe.tools, versions),
     }
     return sha256_json(material)[:KEY_LENGTH], material
 
@@ -167,6 +169,7 @@ class Cache:
         # and removes an old content.json on its first save
         self.index = ContentIndex(self.root / ".index" / "content.json")
         self.remote = remote
+        self.versions: dict[str, str] = {}  # tool versions read by this command (stage_key)
 
     def entry(self, stage_type: str, key: str) -> Path:
         """The entry's folder: out/ (the stage's output) and manifest.json."""

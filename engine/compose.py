@@ -198,6 +198,7 @@ class Job:
     sweep_dir: Path  # hydra.sweep.dir, resolved now
     sources: list[dict] = field(default_factory=list)  # the search path it was composed from
     digest: str | None = None  # its compose_cache key, when it is kept there (plan_memo's key too)
+    hydra_files: dict[str, str] | None = None  # .hydra/ texts kept with it (hydra_dir_texts)
 
 
 def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
@@ -315,13 +316,20 @@ def expand_sweep(overrides: list[str], config_dir: Path | None = None) -> list[l
 
 
 def write_hydra_dir(run_dir: Path, job: Job) -> None:
-    """runs/<run>/.hydra/{config,hydra,overrides}.yaml, as Hydra writes them."""
+    """runs/<run>/.hydra/{config,hydra,overrides}.yaml, as Hydra writes them, and resolved.yaml."""
     d = Path(run_dir) / ".hydra"
     d.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(job.cfg, d / "config.yaml", resolve=False)
-    OmegaConf.save(OmegaConf.create({"hydra": job.hydra_cfg}), d / "hydra.yaml", resolve=False)
-    OmegaConf.save(OmegaConf.create(job.overrides), d / "overrides.yaml")
+    for name, text in (job.hydra_files or hydra_dir_texts(job)).items():
+        (d / name).write_text(text, encoding="utf-8")
     write_resolved(run_dir, job.cfg)
+
+
+def hydra_dir_texts(job: Job) -> dict[str, str]:
+    """The unresolved .hydra/ files of a job (OmegaConf.save's text): the same for every run of a
+    composition, so compose_cache keeps them with it (dumping them is a tenth of a cached run)."""
+    return {"config.yaml": OmegaConf.to_yaml(job.cfg, resolve=False),
+            "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": job.hydra_cfg}), resolve=False),
+            "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(job.overrides))}
 
 
 def write_resolved(run_dir: Path, cfg: DictConfig) -> None:

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf, open_dict
 
 from .hashing import scan_files
 
-FORMAT = 1
+FORMAT = 2  # 2: .hydra/ texts kept
 ENV = "EDGEPIPE_COMPOSE_CACHE"
 KEEP = 200  # entries; the oldest go first
 _ENV_NAME = re.compile(r"\$\{(?:oc\.)?env:\s*([A-Za-z_][A-Za-z0-9_]*)")
@@ -112,11 +112,14 @@ def load(key: Key):
     with open_dict(full):
         del full["hydra"]
     OmegaConf.set_struct(full, entry["struct"])
-    return Job(list(key.overrides), full, hydra_cfg, run_dir, sweep_dir, entry["sources"], key.digest)
+    return Job(list(key.overrides), full, hydra_cfg, run_dir, sweep_dir, entry["sources"], key.digest,
+               entry["hydra_files"])
 
 
 def store(key: Key, job) -> bool:
     """Keep job for key; a config that cannot come back equal from JSON is not kept. True when kept."""
+    from .compose import hydra_dir_texts
+
     where = folder()
     if where is None or OmegaConf.select(job.hydra_cfg, "searchpath"):
         return False
@@ -124,6 +127,7 @@ def store(key: Key, job) -> bool:
     hydra = OmegaConf.to_container(job.hydra_cfg, resolve=False)
     entry = {"format": FORMAT, "overrides": key.overrides, "cfg": cfg, "hydra": hydra,
              "struct": bool(OmegaConf.is_struct(job.cfg)), "sources": job.sources,
+             "hydra_files": hydra_dir_texts(job),
              "env": {name: os.environ.get(name) for name in _env_names(key.folders)}}
     try:
         text = json.dumps(entry, allow_nan=False)

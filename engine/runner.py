@@ -102,7 +102,8 @@ class Pipeline:
                 items.append(PlanItem(name, st.type, "will run", None,
                                       f"input from {', '.join(pending)} is computed first"))
                 continue
-            key, material = stage_key(st.recipe, self._input_digests(st, digests), self.cache.index)
+            key, material = stage_key(st.recipe, self._input_digests(st, digests), self.cache.index,
+                                      self.cache.versions)
             hit, damage = None, None
             if name not in forced:
                 try:
@@ -231,7 +232,7 @@ class Pipeline:
         by default, scheduler.StageProcesses.call for --jobs N) and publish its outputs."""
         digests = {i: record.stages[up].digest for i, up in st.entry.needs.items()}
         inputs = {i: Path(record.stages[up].path) for i, up in st.entry.needs.items()}
-        key, material = stage_key(st.recipe, digests, self.cache.index)
+        key, material = stage_key(st.recipe, digests, self.cache.index, self.cache.versions)
         rec.key = key
         t0 = time.time()
         display.started(rec)

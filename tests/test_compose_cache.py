@@ -58,6 +58,11 @@ def test_a_cached_config_equals_a_composed_one(conf, monkeypatch):
     assert job2.sources == job1.sources and job2.overrides == job1.overrides
     assert OmegaConf.is_struct(job2.cfg) == OmegaConf.is_struct(job1.cfg)
     assert job2.run_dir.parent.parent == job1.run_dir.parent.parent  # ${now:...} resolved again, same root
+    # the .hydra/ files a run writes are the same from the cache as from Hydra
+    compose.write_hydra_dir(conf.parent / "composed", job1)
+    compose.write_hydra_dir(conf.parent / "cached", job2)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml", "resolved.yaml"):
+        assert (conf.parent / "cached" / ".hydra" / name).read_text() == (conf.parent / "composed" / ".hydra" / name).read_text()
     assert not compose.is_sweep(["+experiment=mine", "train.lr=0.5"])
     assert compose.is_sweep(["+experiment=mine", "train.lr=0.5,0.1"])
 
