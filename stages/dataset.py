@@ -228,7 +228,13 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 # -- decoding, streamed -----------------------------------------------------------------------------
-_CHUNK = 64  # images per task of a decoding worker
+_CHUNK = 64  # images per task of a decoding worker at most; under 2 * _CHUNK images no worker starts
+_CHUNK_BYTES = 2 << 20  # ... and about this many bytes of decoded rows: 13 images of 224 px (~40 ms), so the
+# worker that finishes first waits little for the other's last task
+
+
+def _chunk_size(row: int) -> int:
+    return max(4, min(_CHUNK, _CHUNK_BYTES // row))
 
 
 def _cpus() -> int:
@@ -757,12 +763,13 @@ class Dataset(Stage):
     def _decoded(self, items: list[_Item], todo: list[int], p, kept, scratch: "_Rows", ctx,
                  done: int) -> Iterator[tuple[int, tuple]]:
         """(index, (digest, why skipped, decoded here)) of the items ``todo``, in that order, their rows
-        written into ``scratch`` by ``workers`` spawned processes (chunks of _CHUNK, a bounded window of
-        them in flight) or by this one."""
+        written into ``scratch`` by ``workers`` spawned processes (chunks of ``_chunk_size`` images, a
+        bounded window of them in flight) or by this one."""
         workers, n = p.workers or _cpus(), done + len(todo)
         step = max(1, n // 50)
         jobs = [(i, str(items[i].file) if items[i].array is None else None, items[i].array) for i in todo]
-        chunks = [jobs[k : k + _CHUNK] for k in range(0, len(jobs), _CHUNK)]
+        size = _chunk_size(scratch.row)
+        chunks = [jobs[k : k + size] for k in range(0, len(jobs), size)]
         task = functools.partial(decode_chunk, spec=resize_spec(p.preprocess), kept=kept, rows=scratch.at)
         pool = None
         # in-memory sources (digits, idx) only resize small arrays: starting processes costs more
@@ -771,7 +778,7 @@ class Dataset(Stage):
             # not fork, so no thread or lock of this process (progress display, torch) is copied
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=one_thread)
-            results = _in_order(pool, task, chunks, 2 * workers)
+            results = _in_order(pool, task, chunks, 4 * workers)
         else:
             results = map(task, chunks)
         k = 0
