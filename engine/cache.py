@@ -124,23 +124,25 @@ def installed_versions(dists: Iterable[str], known: dict[str, str] | None = None
     return {dist: known[dist] for dist in dists}
 
 
-def stage_key(recipe: KeyRecipe, input_digests: Mapping[str, str], index: ContentIndex,
-              versions: dict[str, str] | None = None) -> tuple[str, dict]:
+def stage_key(recipe: KeyRecipe, input_digests: Mapping[str, str], cache: Cache) -> tuple[str, dict]:
     """Key = hash(type, version, params, input digests, content digests, tool versions). Returns
-    (key, material). Nothing in it names a path on this machine."""
+    (key, material). Nothing in it names a path on this machine. Content digests and tool versions
+    are read once per Cache (one command: a plan then a run scans a 100,000-file folder once)."""
     content = {}
     for field, path in recipe.content.items():
-        try:
-            content[field] = content_digest(Path(path), index)
-        except FileNotFoundError:
-            content[field] = "missing"  # the stage itself reports the missing path clearly
+        if path not in cache.contents:
+            try:
+                cache.contents[path] = content_digest(Path(path), cache.index)
+            except FileNotFoundError:
+                cache.contents[path] = "missing"  # the stage itself reports the missing path clearly
+        content[field] = cache.contents[path]
     material = {
         "type": recipe.type,
         "version": recipe.version,
         "params": recipe.params,
         "inputs": dict(sorted(input_digests.items())),
         "content": content,
-        "tools": installed_versions(recipe.tools, versions),
+        "tools": installed_versions(recipe.tools, cache.versions),
     }
     return sha256_json(material)[:KEY_LENGTH], material
 
@@ -170,6 +172,7 @@ class Cache:
         self.index = ContentIndex(self.root / ".index" / "content.json")
         self.remote = remote
         self.versions: dict[str, str] = {}  # tool versions read by this command (stage_key)
+        self.contents: dict[str, str] = {}  # content digests by path, read by this command (stage_key)
 
     def entry(self, stage_type: str, key: str) -> Path:
         """The entry's folder: out/ (the stage's output) and manifest.json."""

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import registry
 from .cache import KeyRecipe, key_recipe
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, config_key, did_you_mean
 from .stage import Stage
 
 
@@ -52,6 +52,10 @@ class StageSpec:
     @property
     def type(self) -> str:
         return self.cls.name
+
+    @property
+    def sections(self) -> dict[str, str]:
+        return self.cls.sections
 
     @cached_property
     def recipe(self) -> KeyRecipe:
@@ -178,16 +182,6 @@ def validate_stage(cfg: DictConfig, name: str, entry: PipelineEntry, cls: type[S
         raise ConfigError(
             [f"{_describe(err, cls.Params, origin, section)}  [stage '{name}', type {cls.name}]" for err in e.errors()]
         ) from None
-
-
-def config_key(spec: StageSpec, field_path: str) -> str:
-    """The config key a (dotted) params field comes from: `model.pretrained`, `dataset.path`."""
-    head, _, rest = field_path.partition(".")
-    if head in spec.entry.with_:
-        base = f"pipeline.stages.{spec.name}.with.{head}"
-    else:
-        base = spec.cls.sections.get(head, f"{spec.section}.{head}")
-    return f"{base}.{rest}" if rest else base
 
 
 def _missing_paths(spec: StageSpec) -> list[str]:

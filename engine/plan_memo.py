@@ -8,8 +8,8 @@ of edgepipe's own code (engine/, stages/, boards/); the code of a plugin's stage
 package or module) is checked against the stats kept in the entry. It holds what validation gave
 that a plan needs: each stage's type, wiring and cache.KeyRecipe, the headline, and the warnings
 that were printed. Nothing is remembered when a params field was computed from files
-(stage.FROM_FILES). A remembered pipeline runs nothing: before a stage runs, or a plan says why one
-would, runner.Pipeline validates the config for real.
+(stage.FROM_FILES). A remembered pipeline plans (and says why a stage would run) but runs nothing:
+before a stage runs, runner.Pipeline validates the config for real.
 
 Entries: compose_cache.folder()/validated/*.json, written atomically, the oldest pruned; a damaged
 or unreadable one is a miss.
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .compose import Job
     from .runner import Pipeline
 
-FORMAT = 1
+FORMAT = 2  # 2: what config_key reads
 _OWN_PACKAGES = ("engine", "stages", "boards")  # the code validation runs
 
 
@@ -40,16 +40,20 @@ _OWN_PACKAGES = ("engine", "stages", "boards")  # the code validation runs
 class Wiring:
     needs: dict[str, str]
     after: list[str]
+    with_: dict
 
 
 @dataclass
 class RememberedStage:
-    """What runner.Pipeline reads of a config.StageSpec while planning."""
+    """What runner.Pipeline reads of a config.StageSpec while planning (config_key's too: a plan
+    says which config key changed without validating)."""
 
     name: str
     type: str
     entry: Wiring
     recipe: KeyRecipe
+    section: str
+    sections: dict[str, str]
 
 
 @dataclass
@@ -70,8 +74,8 @@ def load(job: Job) -> Remembered | None:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data["format"] != FORMAT or any(_code_stats(Path(root)) != stats for root, stats in data["plugins"].items()):
             return None
-        stages = {name: RememberedStage(name, s["type"], Wiring(**s["entry"]), KeyRecipe(**s["recipe"]))
-                  for name, s in data["stages"].items()}
+        stages = {name: RememberedStage(name, s["type"], Wiring(**s["entry"]), KeyRecipe(**s["recipe"]),
+                                        s["section"], s["sections"]) for name, s in data["stages"].items()}
         return Remembered(stages, data["headline"], data["headline_direction"], list(data["warnings"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -87,8 +91,11 @@ def store(job: Job, pipeline: Pipeline, warnings: list[str]) -> None:
     data = {"format": FORMAT, "plugins": {str(root): _code_stats(root) for root in plugins},
             "headline": pipeline.spec.headline,
             "headline_direction": pipeline.spec.headline_direction, "warnings": warnings,
-            "stages": {name: {"type": s.type, "entry": {"needs": dict(s.entry.needs), "after": list(s.entry.after)},
-                              "recipe": asdict(s.recipe)} for name, s in specs.items()}}
+            "stages": {name: {"type": s.type, "recipe": asdict(s.recipe), "section": s.section,
+                              "sections": dict(s.sections),
+                              "entry": {"needs": dict(s.entry.needs), "after": list(s.entry.after),
+                                        "with_": dict(s.entry.with_)}}
+                       for name, s in specs.items()}}
     try:
         compose_cache.write_entry(path, json.dumps(data, allow_nan=False))
     except (OSError, TypeError, ValueError):  # a read-only home, a value JSON cannot hold: not kept

@@ -261,7 +261,7 @@ def pull(pipeline: Any) -> int:
         if any(d is None for d in inputs.values()):
             digests[name] = None
             continue  # an input is missing: its key cannot be known
-        key, _ = stage_key(st.recipe, inputs, cache.index, cache.versions)
+        key, _ = stage_key(st.recipe, inputs, cache)
         with cache.lock(st.cls.name, key):
             try:
                 hit = cache.lookup(st.cls.name, key)

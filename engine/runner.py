@@ -55,8 +55,8 @@ class PlanItem:
 
 class Pipeline:
     """A composed config, validated, as a DAG over the cache. Given what plan_memo remembered of
-    the same config and code, it plans and runs a fully cached pipeline without validating; the
-    first stage that would run makes it validate (validate_now) before anything runs."""
+    the same config and code, it plans, and runs a fully cached pipeline, without validating; a
+    stage that would run makes it validate (validate_now) before anything runs."""
 
     def __init__(self, cfg: DictConfig, runs_root: Path, remembered: Remembered | None = None) -> None:
         self.cfg = cfg
@@ -102,8 +102,7 @@ class Pipeline:
                 items.append(PlanItem(name, st.type, "will run", None,
                                       f"input from {', '.join(pending)} is computed first"))
                 continue
-            key, material = stage_key(st.recipe, self._input_digests(st, digests), self.cache.index,
-                                      self.cache.versions)
+            key, material = stage_key(st.recipe, self._input_digests(st, digests), self.cache)
             hit, damage = None, None
             if name not in forced:
                 try:
@@ -114,9 +113,6 @@ class Pipeline:
                 digests[name] = hit.digest
                 items.append(PlanItem(name, st.type, "cached", key,
                                       "in cache.remote (fetched when run)" if hit.remote_only else "up to date"))
-            elif self.remembered:  # why it runs is told by the validated spec
-                self.validate_now()
-                return self.plan(options, run_name)
             else:
                 digests[name] = None
                 reason = ("forced" if name in forced else f"cache entry damaged: {damage}" if damage
@@ -127,7 +123,7 @@ class Pipeline:
 
     def why(self, st: StageSpec, material: Mapping, run_name: str | None) -> str:
         """Which parameter or input changed since this stage last completed."""
-        from .config import config_key
+        from .errors import config_key
 
         prev = runs.previous_record(self.runs_root, st.name, run_name)
         if prev is None or not prev.path:
@@ -157,8 +153,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------ execute
     def execute(self, record: RunRecord, options: Options, display: Any) -> RunRecord:
-        if self.remembered:
-            self.plan(options, record.name)  # validates for real unless every stage is cached
+        if self.remembered and any(i.status != "cached" for i in self.plan(options, record.name)):
+            self.validate_now()  # before anything runs
         forced = self._forced(options)
         self.cache.check_remote()
         order = self.graph.select(options.only)
@@ -232,7 +228,7 @@ class Pipeline:
         by default, scheduler.StageProcesses.call for --jobs N) and publish its outputs."""
         digests = {i: record.stages[up].digest for i, up in st.entry.needs.items()}
         inputs = {i: Path(record.stages[up].path) for i, up in st.entry.needs.items()}
-        key, material = stage_key(st.recipe, digests, self.cache.index, self.cache.versions)
+        key, material = stage_key(st.recipe, digests, self.cache)
         rec.key = key
         t0 = time.time()
         display.started(rec)

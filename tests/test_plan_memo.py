@@ -17,7 +17,7 @@ PROBE = """
 import json, sys
 from engine.cli import main
 rc = main(sys.argv[1:])
-print(json.dumps({"rc": rc, "pydantic": "pydantic" in sys.modules,
+print("\\n" + json.dumps({"rc": rc, "pydantic": "pydantic" in sys.modules,
                   "stage code": sorted(m for m in sys.modules if m.startswith(("engine_stages", "engine.config")))}))
 """
 
@@ -26,7 +26,12 @@ def probe(ws, *args: str, env: dict | None = None) -> dict:
     r = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=ws.root, env={**os.environ, **ws.env, **(env or {})},
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    out, _, last = r.stdout.rstrip().rpartition("\n")
+    return {**json.loads(last), "out": out}
+
+
+def loaded(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "out"}
 
 
 def test_an_unchanged_config_plans_and_runs_cached_without_pydantic_or_stage_code(ws):
@@ -34,7 +39,7 @@ def test_an_unchanged_config_plans_and_runs_cached_without_pydantic_or_stage_cod
     assert first["rc"] == 0 and first["pydantic"] and ws.counts()["total"] == 1
     for verb in ("plan", "run"):
         again = probe(ws, verb)
-        assert again == {"rc": 0, "pydantic": False, "stage code": []}, verb
+        assert loaded(again) == {"rc": 0, "pydantic": False, "stage code": []}, verb
     assert set(ws.statuses().values()) == {"cached"} and sum(ws.counts().values()) == 5
     assert ws.latest()["headline"] == {"key": "total.sum", "value": 51.0}  # the remembered headline
     # another value is another config: validated, and it runs what it changes
@@ -45,8 +50,11 @@ def test_an_unchanged_config_plans_and_runs_cached_without_pydantic_or_stage_cod
 def test_a_vanished_entry_and_force_are_validated_and_run(ws):
     assert probe(ws, "run")["rc"] == 0 and probe(ws, "plan")["pydantic"] is False
     shutil.rmtree(ws.entries("t_add")[0])
-    plan = json.loads(ws.cli("plan", "--json").out)["stages"]
-    assert [(s["name"], s["status"]) for s in plan if s["status"] != "cached"] == [("total", "will run")]
+    plan = probe(ws, "plan", "--json")
+    assert plan["pydantic"] is False  # a plan, even of a stage that would run, needs no validation
+    stages = json.loads(plan["out"])["stages"]
+    assert [(s["name"], s["status"], s["reason"]) for s in stages if s["status"] != "cached"] == [
+        ("total", "will run", f"previous output {ws.latest()['stages']['total']['key']} is no longer in the cache")]
     assert probe(ws, "run")["pydantic"] and ws.counts()["total"] == 2
     forced = probe(ws, "run", "--force", "src")
     assert forced["pydantic"] and ws.counts()["src"] == 2 and ws.statuses()["src"] == "ran"
@@ -64,3 +72,17 @@ def test_an_edited_stage_module_is_validated_again(ws, tmp_path):
     edited = probe(ws, "run", env=env)
     assert edited["pydantic"] and ws.counts()["scale"] == 2  # scale's key has the new default
     assert json.loads((ws.runs / "latest" / "stages" / "scale" / "value.txt").read_text()) == 3 * 2 % 4
+
+
+def test_a_changed_content_input_is_planned_from_memory_and_run_validated(ws, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("abc")
+    args = ("pipeline=folder", f"+files.path={data}")
+    assert probe(ws, "run", *args)["rc"] == 0 and probe(ws, "plan", *args)["pydantic"] is False
+    (data / "b.txt").write_text("de")
+    plan = probe(ws, "plan", "--json", *args)
+    assert plan["pydantic"] is False
+    assert [(s["status"], s["reason"]) for s in json.loads(plan["out"])["stages"]] == [
+        ("will run", "content of files.path changed")]
+    assert probe(ws, "run", *args)["pydantic"] and ws.latest()["stages"]["files"]["metrics"] == {"files": 2}
