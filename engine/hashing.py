@@ -3,6 +3,7 @@ stat, each folder's by its listing) that spares re-reading unchanged dataset fil
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import gc
 import hashlib
@@ -14,7 +15,7 @@ import threading
 from array import array
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 _CHUNK = 1 << 20
 
@@ -48,10 +49,17 @@ def scan_files(root: Path, on_loop: Callable[[Path], None] | None = None,
                stat: bool = True) -> list[tuple[str, os.stat_result | None]]:
     """list_files' listing as (relative path, stat with symlinks followed), sorted: one os.scandir
     per folder and one stat per file, no path resolved per file (root/rel is the file's path)."""
-    collecting = gc.isenabled()
-    gc.disable()  # 100,000 new tuples would start collections that walk every object (~10 % here)
-    try:
+    with _no_gc():
         return _scan(root, on_loop, stat)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """100,000 new tuples would start collections that walk every object (~10 % of a scan)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
     finally:
         if collecting:
             gc.enable()
@@ -215,6 +223,10 @@ class ContentIndex:
     def folder_digest(self, folder: Path) -> str:
         """tree_digest of the folder's files (list_files' listing): one stat per file; the files are
         read only when their stat is not the one their digest was recorded under."""
+        with _no_gc():
+            return self._folder_digest(folder)
+
+    def _folder_digest(self, folder: Path) -> str:
         real = os.path.realpath(folder)
         listing = scan_files(folder)
         listed = listing_digest(listing)
