@@ -55,7 +55,7 @@ def launch(p, inputs, out: Path, ctx: Context) -> dict[str, Any]:
 
 def _rank_env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:
+    if not env.get("OMP_NUM_THREADS", "").strip():  # unset or empty: torch would take every core per rank
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // devices))
     return env
 
