@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 from . import compose_cache
 from .cache import KeyRecipe
 from .hashing import scan_files
+from .registry import PLUGINS_ENV
 
 if TYPE_CHECKING:
     from .compose import Job
@@ -72,7 +74,9 @@ def load(job: Job) -> Remembered | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data["format"] != FORMAT or any(_code_stats(Path(root)) != stats for root, stats in data["plugins"].items()):
+        if data["format"] != FORMAT:
+            return None
+        if any(_code_stats(Path(root)) != stats for root, stats in data["plugins"].items()):
             return None
         stages = {name: RememberedStage(name, s["type"], Wiring(**s["entry"]), KeyRecipe(**s["recipe"]),
                                         s["section"], s["sections"]) for name, s in data["stages"].items()}
@@ -111,9 +115,12 @@ def _entry(job: Job) -> Path | None:
 
 
 def _code_digest() -> str:
-    """Stats of every file of the packages whose code validates."""
+    """Stats of every file of the packages whose code validates, and where Python finds the modules
+    that register stage types (another $EDGEPIPE_PLUGINS or sys.path may name another class)."""
     root = Path(__file__).resolve().parent.parent
-    return hashlib.sha256("".join(_code_stats(root / package) for package in _OWN_PACKAGES).encode()).hexdigest()[:24]
+    found_by = json.dumps([os.environ.get(PLUGINS_ENV, ""), sys.path])
+    stats = "".join(_code_stats(root / package) for package in _OWN_PACKAGES)
+    return hashlib.sha256((found_by + stats).encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
 def _code_stats(root: Path) -> str:

@@ -13,8 +13,12 @@ import os
 from functools import lru_cache
 from importlib.metadata import entry_points
 
+from typing import TYPE_CHECKING
+
 from .errors import PluginError
-from .stage import Stage
+
+if TYPE_CHECKING:  # the stage contract (pydantic) loads with the first stage type asked for
+    from .stage import Stage
 
 STAGE_GROUP = "edgepipe.stages"
 # For developing stages (and for tests): comma-separated module names whose Stage subclasses are
@@ -43,6 +47,8 @@ def _entry_points() -> dict:
 
 
 def _load_plugins() -> None:
+    from .stage import Stage
+
     for module_name in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
         try:
             module = importlib.import_module(module_name)

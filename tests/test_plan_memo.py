@@ -86,3 +86,14 @@ def test_a_changed_content_input_is_planned_from_memory_and_run_validated(ws, tm
     assert [(s["status"], s["reason"]) for s in json.loads(plan["out"])["stages"]] == [
         ("will run", "content of files.path changed")]
     assert probe(ws, "run", *args)["pydantic"] and ws.latest()["stages"]["files"]["metrics"] == {"files": 2}
+
+
+def test_another_module_of_the_same_name_on_the_path_is_validated_again(ws, tmp_path):
+    """The same stage type found in another file ($PYTHONPATH, $EDGEPIPE_PLUGINS): not the memo's."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    source = Path(__file__).with_name("engine_stages.py").read_text()
+    (plugins / "engine_stages.py").write_text(source.replace("modulo: int | None = None", "modulo: int | None = 4"))
+    assert probe(ws, "run")["rc"] == 0 and probe(ws, "plan")["pydantic"] is False
+    other = probe(ws, "run", env={"PYTHONPATH": os.pathsep.join([str(plugins), ws.env["PYTHONPATH"]])})
+    assert other["pydantic"] and ws.counts()["scale"] == 2
