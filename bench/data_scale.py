@@ -2,18 +2,22 @@
 
     .venv/bin/python bench/data_scale.py                                  # 100,000 files, 48 px, 10,000 photos
     .venv/bin/python bench/data_scale.py --n 5000 --size 32 --photo-n 500  # a few minutes on a busy machine
+    .venv/bin/python bench/data_scale.py --photos-only --photo-n 3000      # parallel decoding only (~2 min)
     .venv/bin/python bench/data_scale.py --dvc /tmp/dvcvenv/bin/dvc       # dvc from its own venv
 
 Generates, in a temp folder, N small JPEGs (4 class folders, sources twice the input size) and prints
 for them, through the `edgepipe` command (quickstart pipeline, dataset=folder): the first `plan`
 (nothing indexed yet), the dataset stage's wall time and peak RSS, `plan` of the unchanged folder,
 and after changing one file: `plan` and the dataset stage again (decoded images kept per file). Then
-PHOTO-N photo-like JPEGs (448 px sources) decoded to 224 px by the stage in-process, once per worker
-count: images/s and peak RSS above the interpreter's baseline after imports. With `dvc` (--dvc PATH,
-$EDGEPIPE_BENCH_DVC, else on PATH; install it in a venv of its own, not edgepipe's) the same folder as
-the dependency of a one-stage dvc.yaml: `dvc repro` (first hash), `dvc status` unchanged and after the
-change, and edgepipe's plan as a ratio of it. Figures from one run on whatever else the machine is
-doing (the load average is printed): not a test.
+PHOTO-N photo-like JPEGs (448 px sources) decoded to 224 px by the stage in-process, as a first run
+does (a fresh scratch folder: every image decoded, and kept), --repeat times per worker count in
+turns: images/s (median), the speed-up of N workers over 1, the CPU seconds other processes took
+during each run (Linux /proc/stat), and peak RSS above the interpreter's baseline after imports.
+Use 2,000 photos or more: with a few hundred, starting the worker processes (~0.15 s) weighs on the
+figure. With `dvc` (--dvc PATH, $EDGEPIPE_BENCH_DVC, else on PATH; install it in a venv of its own,
+not edgepipe's) the same folder as the dependency of a one-stage dvc.yaml: `dvc repro` (first hash),
+`dvc status` unchanged and after the change, and edgepipe's plan as a ratio of it. Figures from
+runs on whatever else the machine is doing (the load average is printed): not a test.
 """
 
 from __future__ import annotations
@@ -66,18 +70,38 @@ def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024
 
 
+def busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (Linux /proc/stat), else None."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
+
 def child(folder: str, workers: int, size: int, out: str) -> None:
-    """Run the stage once in this process; print one JSON line of figures."""
+    """Run the stage once in this process, as a first run (a fresh scratch folder beside ``out``); print
+    one JSON line of figures, with the CPU time other processes took meanwhile (figures taken while
+    the machine did other work are not the stage's)."""
     from engine.testing import run_stage
     from stages.dataset import Dataset
 
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    busy0, own0 = busy_seconds(), own_cpu_seconds()
     t0 = time.perf_counter()
     m = run_stage(Dataset, {"kind": "folder", "path": folder, "workers": workers, "preprocess": {"input_size": size}},
-                  {}, Path(out))
+                  {}, Path(out), scratch=Path(f"{out}.scratch"))
     seconds = time.perf_counter() - t0
+    busy1, own1 = busy_seconds(), own_cpu_seconds()
     n = m["n_train"] + m["n_val"] + m["n_test"]
-    print(json.dumps({"images": n, "seconds": seconds,
+    print(json.dumps({"images": n, "seconds": seconds, "decoded": m["decoded"],
+                      "others_cpu": None if busy0 is None else max(0.0, busy1 - busy0 - (own1 - own0)),
                       "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kb) / 1024,
                       "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                       "pixels_mb": n * size * size * 3 / 2**20}))
@@ -93,9 +117,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=48, help="their input size in pixels (default 48)")
     ap.add_argument("--photo-n", type=int, default=10_000, help=f"photos decoded to {PHOTO_SIZE} px (default 10000; 0: skip)")
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="N of 'images/s at 1 and N workers'")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each unchanged plan/status (median)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each unchanged plan/status and photo run (median)")
     ap.add_argument("--dvc", help="the dvc command (default: $EDGEPIPE_BENCH_DVC, else dvc on PATH)")
     ap.add_argument("--plan-only", action="store_true", help="plan and dvc figures only: no dataset stage, no photos")
+    ap.add_argument("--photos-only", action="store_true", help="the photo figures only (images/s per worker count)")
     ap.add_argument("--child", nargs=4, metavar=("FOLDER", "WORKERS", "SIZE", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -107,6 +132,10 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPIPE_")}
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", EDGEPIPE_RUNS=str(tmp / "runs"),
                    EDGEPIPE_COMPOSE_CACHE=str(tmp / "compose"))
+        if a.photos_only:
+            photo_figures(a, tmp, env)
+            print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+            return
         t0 = time.perf_counter()
         make_jpegs(tmp / "data", a.n, a.size)
         print(f"{a.n} JPEGs of {a.size * 2} px generated in {time.perf_counter() - t0:.0f} s; input {a.size} px")
@@ -185,16 +214,34 @@ def _fmt(x) -> str:
 def photo_figures(a, tmp: Path, env: dict) -> None:
     photos = tmp / "photos"
     make_jpegs(photos, a.photo_n, PHOTO_SIZE)
-    print(f"\n{a.photo_n} photo-like JPEGs of {PHOTO_SIZE * 2} px -> {PHOTO_SIZE} px, the stage in-process:")
-    print(f"{'workers':>7} {'images/s':>9} {'peak RSS above baseline MB':>27} {'worker MB':>10} {'pixels MB':>10}")
-    for w in sorted({1, a.workers}):
-        r = subprocess.run([sys.executable, __file__, "--child", str(photos), str(w), str(PHOTO_SIZE),
-                            str(tmp / f"photos_out{w}")], cwd=ROOT, env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            sys.exit(f"photos (workers={w}) failed:\n{r.stderr[-2000:]}")
-        f = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"{w:>7} {f['images'] / f['seconds']:>9.0f} {f['peak_mb']:>27.1f} {f['worker_peak_mb']:>10.1f} "
-              f"{f['pixels_mb']:>10.1f}")
+    counts = sorted({1, a.workers})
+    print(f"\n{a.photo_n} photo-like JPEGs of {PHOTO_SIZE * 2} px -> {PHOTO_SIZE} px, the stage in-process, "
+          f"{a.repeat} run(s) per worker count in turns:")
+    runs: dict[int, list[dict]] = {w: [] for w in counts}
+    for k in range(a.repeat):
+        for w in counts:
+            out = tmp / f"photos_out{w}_{k}"
+            r = subprocess.run([sys.executable, __file__, "--child", str(photos), str(w), str(PHOTO_SIZE), str(out)],
+                               cwd=ROOT, env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f"photos (workers={w}) failed:\n{r.stderr[-2000:]}")
+            runs[w].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            shutil.rmtree(out)
+            shutil.rmtree(f"{out}.scratch")
+    rate = {w: [f["images"] / f["seconds"] for f in runs[w]] for w in counts}
+    print(f"{'workers':>7} {'images/s (median)':>18} {'each run':>16} {'others CPU s':>16} {'peak RSS MB':>12} "
+          f"{'worker MB':>10} {'pixels MB':>10}")
+    for w in counts:
+        others = [f["others_cpu"] for f in runs[w]]
+        print(f"{w:>7} {statistics.median(rate[w]):>18.0f} {' '.join(f'{x:.0f}' for x in rate[w]):>16} "
+              f"{' '.join('-' if x is None else f'{x:.1f}' for x in others):>16} "
+              f"{max(r['peak_mb'] for r in runs[w]):>12.1f} {max(r['worker_peak_mb'] for r in runs[w]):>10.1f} "
+              f"{runs[w][-1]['pixels_mb']:>10.1f}")
+    if len(counts) > 1:
+        w = counts[-1]
+        print(f"{w} workers vs 1: {statistics.median(rate[w]) / statistics.median(rate[1]):.2f}x (medians); "
+              f"'others CPU s' is what other processes took during each run: figures with more than a few "
+              f"tenths there are not this stage's alone")
 
 
 if __name__ == "__main__":
