@@ -319,19 +319,24 @@ def test_streamed_arrays_equal_plain_decode(tmp_path):
 
 
 def test_workers_give_identical_bytes(tmp_path):
-    """dataset.workers=2 decodes in worker processes, out of order; every output file is byte for byte
-    the one workers=1 writes (idx arrays and image files, skipped ones included)."""
+    """dataset.workers=2 decodes in worker processes, which write the rows and the kept entries; every
+    output file is byte for byte the one workers=1 writes (idx arrays and image files, skipped ones
+    included), and so is a re-run with one worker that takes every image from the kept entries."""
     root = make_image_folder(tmp_path / "data", per_class=50, ext="jpg")
     make_bad_corpus(root / CLASSES[1] / "bad")
-    outs = {}
-    for w in (1, 2):
-        outs[w] = tmp_path / f"w{w}"
-        m = run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE, "workers": w}, {}, outs[w])
-        assert m["n_train"] + m["n_val"] + m["n_test"] >= 2 * dataset_module._CHUNK and m["skipped"] > 0  # pooled
-    names = sorted(f.name for f in outs[1].iterdir())
-    assert names == sorted(f.name for f in outs[2].iterdir())
-    for name in names:
-        assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes(), name
+    outs, scratch = {}, tmp_path / "scratch"
+    for name, w, kept in (("w1", 1, None), ("w2", 2, None), ("w2 kept", 2, scratch), ("w1 from kept", 1, scratch)):
+        outs[name] = tmp_path / name
+        m = run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE, "workers": w}, {}, outs[name],
+                      scratch=kept)
+        images = m["n_train"] + m["n_val"] + m["n_test"]
+        assert images >= 2 * dataset_module._CHUNK and m["skipped"] > 0  # pooled
+        assert m["decoded"] == m["skipped"] + (0 if name == "w1 from kept" else images)  # skipped: tried again
+    names = sorted(f.name for f in outs["w1"].iterdir())
+    for other in ("w2", "w2 kept", "w1 from kept"):
+        assert names == sorted(f.name for f in outs[other].iterdir())
+        for name in names:
+            assert (outs["w1"] / name).read_bytes() == (outs[other] / name).read_bytes(), (other, name)
 
 
 def test_workers_write_rows_and_send_back_no_pixels(tmp_path):
