@@ -254,13 +254,17 @@ class ContentIndex:
 
 
 def listing_digest(listing: list[tuple[str, os.stat_result]]) -> str:
-    """sha256 of a scan_files listing: every relative path, size, mtime_ns, inode and device. Packed
-    as arrays rather than one string per file: on 100,000 files this is most of an unchanged plan."""
+    """sha256 of a scan_files listing: every relative path, size, inode, device and mtime_ns. Packed
+    as arrays in one pass rather than one string per file: on 100,000 files this is most of an
+    unchanged plan after the stats themselves."""
+    unsigned, mtimes = array("Q"), array("q")  # mtime_ns may be negative (before 1970)
+    add, add_mtime = unsigned.extend, mtimes.append
+    for _, st in listing:
+        add((st.st_size, st.st_ino, st.st_dev))
+        add_mtime(st.st_mtime_ns)
     h = hashlib.sha256("\0".join([rel for rel, _ in listing]).encode("utf-8", "surrogateescape"))
-    h.update(array("Q", [st.st_size for _, st in listing]).tobytes())
-    h.update(array("q", [st.st_mtime_ns for _, st in listing]).tobytes())
-    h.update(array("Q", [st.st_ino for _, st in listing]).tobytes())
-    h.update(array("Q", [st.st_dev for _, st in listing]).tobytes())
+    h.update(unsigned.tobytes())
+    h.update(mtimes.tobytes())
     return h.hexdigest()
 
 
