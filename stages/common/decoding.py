@@ -69,9 +69,6 @@ class Decoded:
         except OSError:  # no folder yet, or another run removed a file first
             pass
 
-    def _entry(self, digest: str) -> Path:
-        return Path(self.folder, digest[:2], digest)
-
     def read(self, digest: str) -> bytes | None:
         """The row's bytes, or None (no entry, or a damaged one of another size). Called once per
         unchanged file of a re-run: plain os calls on a string path take half the time of open()."""
@@ -93,15 +90,28 @@ class Decoded:
         return None if data is None else np.frombuffer(data, np.uint8).reshape(self.shape)
 
     def put(self, digest: str, arr: np.ndarray) -> None:
-        entry = self._entry(digest)
-        tmp = Path(self.folder, ".tmp", f"{digest}.{os.getpid()}")
+        """Write the entry to a temp name, then rename it. Folders are made only when a call finds
+        one missing: creating a file costs ~0.5 ms of kernel time here, two mkdir calls per image
+        another 0.1 ms, in each worker."""
+        entry, tmp = f"{self.folder}/{digest[:2]}/{digest}", f"{self.folder}/.tmp/{digest}.{os.getpid()}"
         try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp.parent.mkdir(exist_ok=True)
-            tmp.write_bytes(np.ascontiguousarray(arr).tobytes())
-            os.replace(tmp, entry)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(tmp), exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                pwrite_all(fd, np.ascontiguousarray(arr), 0)
+            finally:
+                os.close(fd)
+            try:
+                os.replace(tmp, entry)
+            except FileNotFoundError:  # the first entry of its folder
+                os.makedirs(os.path.dirname(entry), exist_ok=True)
+                os.replace(tmp, entry)
         except OSError:  # a full or read-only disk costs the reuse next time, not this run
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def decode_one(file: str | None, array: np.ndarray | None, spec, kept: Decoded | None = None) -> tuple:
