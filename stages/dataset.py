@@ -758,6 +758,7 @@ class Dataset(Stage):
                 skipped.append((items[i].path, why))
         if sources is not None:
             sources.index.save()
+            kept.tidy()
         return ok, digests, skipped, n_decoded
 
     def _decoded(self, items: list[_Item], todo: list[int], p, kept, scratch: "_Rows", ctx,

@@ -492,6 +492,9 @@ def test_kept_decoded_images_reused(tmp_path):
     stale = kept / ".tmp" / "killed-run"  # what a run killed between write and rename leaves
     stale.write_bytes(b"half")
     os.utime(stale, (1, 1))
+    (kept / ".tmp" / "4242").mkdir()  # ... in the temp folder of one of its worker processes
+    (kept / ".tmp" / "4242" / "0a1b").write_bytes(b"half")
+    os.utime(kept / ".tmp" / "4242" / "0a1b", (1, 1))
     sha256 = hashlib.sha256((root / CLASSES[2] / "new.jpg").read_bytes()).hexdigest()
     [entry] = [f for f in entries if f.name == sha256]
     entry.write_bytes(b"damaged")

@@ -41,8 +41,10 @@ class Decoded:
     """Decoded images kept per file between runs (``Context.scratch``): ``folder/<sha256 of the file>``
     holds the row's raw bytes. ``folder`` is named by everything else that makes the pixels (the
     resize settings, pixels.py's code, Pillow's version), so an entry is valid for any run that finds
-    it. Entries are written into ``folder/.tmp`` and renamed, so a killed run leaves none half-written;
-    its temp files are removed by a later run once an hour old (younger ones may be a live run's)."""
+    it. Entries are written into ``folder/.tmp/<pid>/`` and renamed, so a killed run leaves none
+    half-written; its temp files are removed by a later run once an hour old (younger ones may be a
+    live run's). A folder per process: two workers creating files in one folder each spent ~1.1 ms
+    of kernel time per file here, in folders of their own ~0.5 ms."""
 
     folder: str
     shape: tuple[int, int, int]
@@ -61,13 +63,23 @@ class Decoded:
         return kept
 
     def drop_stale(self, age_s: float = 3600.0) -> None:
-        try:
-            with os.scandir(os.path.join(self.folder, ".tmp")) as entries:
-                for e in entries:
-                    if e.stat().st_mtime < time.time() - age_s:
-                        os.unlink(e.path)
-        except OSError:  # no folder yet, or another run removed a file first
-            pass
+        """Remove temp files an hour old (a killed run's) and the empty temp folders of processes."""
+        tmp = os.path.join(self.folder, ".tmp")
+        for path in [tmp, *_subfolders(tmp)]:
+            for entry in _files(path):
+                try:
+                    if entry.stat().st_mtime < time.time() - age_s:
+                        os.unlink(entry.path)
+                except OSError:  # another run removed it first
+                    pass
+        self.tidy()
+
+    def tidy(self) -> None:
+        """Remove the empty temp folders of processes (this run's workers are done; a live worker of
+        another run whose folder goes makes it again)."""
+        for path in _subfolders(os.path.join(self.folder, ".tmp")):
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only when empty
 
     def read(self, digest: str) -> bytes | None:
         """The row's bytes, or None (no entry, or a damaged one of another size). Called once per
@@ -93,7 +105,7 @@ class Decoded:
         """Write the entry to a temp name, then rename it. Folders are made only when a call finds
         one missing: creating a file costs ~0.5 ms of kernel time here, two mkdir calls per image
         another 0.1 ms, in each worker."""
-        entry, tmp = f"{self.folder}/{digest[:2]}/{digest}", f"{self.folder}/.tmp/{digest}.{os.getpid()}"
+        entry, tmp = f"{self.folder}/{digest[:2]}/{digest}", f"{self.folder}/.tmp/{os.getpid()}/{digest}"
         try:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
@@ -112,6 +124,22 @@ class Decoded:
         except OSError:  # a full or read-only disk costs the reuse next time, not this run
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _subfolders(path: str) -> list[str]:
+    try:
+        with os.scandir(path) as entries:
+            return [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:  # no folder yet
+        return []
+
+
+def _files(path: str) -> list:
+    try:
+        with os.scandir(path) as entries:
+            return [e for e in entries if e.is_file(follow_symlinks=False)]
+    except OSError:
+        return []
 
 
 def decode_one(file: str | None, array: np.ndarray | None, spec, kept: Decoded | None = None) -> tuple:
