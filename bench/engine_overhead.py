@@ -57,26 +57,35 @@ def measure(title: str, env: dict, overrides: list[str], repeat: int, dvc: str |
                          text=True, check=True)
     stages = yaml.safe_load(job.stdout)["pipeline"]["stages"]
     cold = wall(base + ["run", *overrides], env, tmp)
-    plan = [wall(base + ["plan", *overrides], env, tmp) for _ in range(repeat)]
-    cached = [wall(base + ["run", *overrides], env, tmp) for _ in range(repeat)]
+    noop_cmd = _dvc_project(dvc, stages, env, tmp) if dvc else None
+    plan, cached, noop = [], [], []
+    for _ in range(repeat):  # in turns, so a change of load falls on both sides alike
+        plan.append(wall(base + ["plan", *overrides], env, tmp))
+        cached.append(wall(base + ["run", *overrides], env, tmp))
+        if noop_cmd:
+            noop.append(wall(*noop_cmd))
     python = [wall([sys.executable, "-c", "pass"], env, tmp) for _ in range(repeat)]
     print(f"{title}: {len(stages)} stages, {repeat} repeats, median wall seconds")
     print(f"  python -c pass (interpreter start) {statistics.median(python):6.3f}")
     print(f"  edgepipe run, cold                 {cold:6.3f}")
     print(f"  edgepipe plan                      {statistics.median(plan):6.3f}  (max {max(plan):.3f})")
     print(f"  edgepipe run, fully cached         {statistics.median(cached):6.3f}  (max {max(cached):.3f})")
-    if not dvc:
+    if not noop:
         print("  dvc: not found (--dvc PATH, EDGEPIPE_BENCH_DVC, or dvc on PATH)")
         return
+    print(f"  dvc repro, nothing to do           {statistics.median(noop):6.3f}  (max {max(noop):.3f})")
+    print(f"  ratio: cached run {statistics.median(cached) / statistics.median(noop):.2f}x, plan "
+          f"{statistics.median(plan) / statistics.median(noop):.2f}x of dvc repro (target <= 0.5x)")
+
+
+def _dvc_project(dvc: str, stages: dict, env: dict, tmp: Path) -> tuple[list[str], dict, Path]:
+    """The equivalent dvc.yaml, reproduced once: returns `dvc repro` (nothing to do) as wall()'s args."""
     proj = tmp / "dvc"
     proj.mkdir()
     (proj / "dvc.yaml").write_text(dvc_yaml(stages))
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=proj, env=env, check=True)
     wall([dvc, "repro", "-q"], env, proj)
-    noop = statistics.median(wall([dvc, "repro"], env, proj) for _ in range(repeat))
-    print(f"  dvc repro, nothing to do           {noop:6.3f}")
-    print(f"  ratio: cached run {statistics.median(cached) / noop:.2f}x, plan {statistics.median(plan) / noop:.2f}x "
-          f"of dvc repro (target <= 0.5x)")
+    return [dvc, "repro"], env, proj
 
 
 def main() -> None:

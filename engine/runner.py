@@ -169,7 +169,8 @@ class Pipeline:
                 failed.add(name)
             else:
                 runs.link_stage(Path(record.run_dir), name, Path(rec.path))
-            self._save(record)
+            if rec.status != "cached":  # what ran is on disk at once; a cache hit is, with the final save
+                self._save(record)
 
         if options.jobs <= 1:
             for name in order:

@@ -20,8 +20,6 @@ import bisect
 import concurrent.futures as cf
 import graphlib
 import logging
-import logging.handlers
-import multiprocessing
 import os
 import re
 import signal
@@ -165,6 +163,8 @@ class StageProcesses:
     LogRecord) back; a thread of this process hands them to the display and to logging."""
 
     def __init__(self, jobs: int, on_progress: Callable[..., None]) -> None:
+        import multiprocessing  # here: a run at --jobs 1 (every cached run) needs none of it
+
         self.context = multiprocessing.get_context("spawn")
         self.queue = self.context.Queue()
         self.threads = threads_per_stage(jobs)
@@ -232,6 +232,8 @@ class StageProcesses:
         is left after a grace period. The workers are this process's multiprocessing children (the
         runner starts no other)."""
         self.interrupted.set()
+        import multiprocessing
+
         children = multiprocessing.active_children()
         for p in children:
             p.terminate()
@@ -258,8 +260,10 @@ def _worker_init(queue: Any, parent_pid: int, threads: int) -> None:
     _queue = queue
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(var, str(threads))
+    from logging.handlers import QueueHandler  # here: a run at --jobs 1 needs none of it
+
     root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(_LogQueue(queue))]
+    root.handlers[:] = [QueueHandler(_LogQueue(queue))]
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
     # Ctrl-C in a terminal reaches the whole process group: the parent decides (it sends SIGTERM).
