@@ -17,7 +17,6 @@ import shutil
 import stat
 import uuid
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator, Mapping
 
@@ -114,6 +113,8 @@ def tool_versions(cls: type[Stage]) -> dict[str, str]:
 def installed_versions(dists: Iterable[str], known: dict[str, str] | None = None) -> dict[str, str]:
     """Read from package metadata (nothing is imported) by every command, so an upgrade anywhere on
     sys.path shows in the next key; ``known``: the versions this command read already."""
+    from importlib import metadata  # here: a remembered pipeline's versions need none of it
+
     known = {} if known is None else known
     for dist in dists:
         if dist not in known:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import compose_cache
-from .cache import KeyRecipe
+from .cache import KeyRecipe, installed_versions
 from .hashing import scan_files
 from .registry import PLUGINS_ENV
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .compose import Job
     from .runner import Pipeline
 
-FORMAT = 2  # 2: what config_key reads
+FORMAT = 3  # 2: what config_key reads; 3: tool versions
 _OWN_PACKAGES = ("engine", "stages", "boards")  # the code validation runs
 
 
@@ -66,6 +66,7 @@ class Remembered:
     headline: str | None
     headline_direction: str | None
     warnings: list[str]
+    versions: dict[str, str]  # the stages' tool versions, while no folder of sys.path changed
 
 
 def load(job: Job) -> Remembered | None:
@@ -80,7 +81,8 @@ def load(job: Job) -> Remembered | None:
             return None
         stages = {name: RememberedStage(name, s["type"], Wiring(**s["entry"]), KeyRecipe(**s["recipe"]),
                                         s["section"], s["sections"]) for name, s in data["stages"].items()}
-        return Remembered(stages, data["headline"], data["headline_direction"], list(data["warnings"]))
+        versions = data["versions"] if data["site"] == _site_stats() else {}
+        return Remembered(stages, data["headline"], data["headline_direction"], list(data["warnings"]), versions)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -92,7 +94,10 @@ def store(job: Job, pipeline: Pipeline, warnings: list[str]) -> None:
     if path is None or any(s.recipe.from_files for s in specs.values()):
         return
     plugins = sorted({root for s in specs.values() if (root := _plugin_root(s.cls)) is not None})
+    site = _site_stats()  # before reading versions: an install in between is then a miss, not stale
+    versions = installed_versions({tool for s in specs.values() for tool in s.recipe.tools}, pipeline.cache.versions)
     data = {"format": FORMAT, "plugins": {str(root): _code_stats(root) for root in plugins},
+            "site": site, "versions": versions,
             "headline": pipeline.spec.headline,
             "headline_direction": pipeline.spec.headline_direction, "warnings": warnings,
             "stages": {name: {"type": s.type, "recipe": asdict(s.recipe), "section": s.section,
@@ -134,6 +139,19 @@ def _code_stats(root: Path) -> str:
     for rel, st in files:
         h.update(f"{rel}\0{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
+
+
+def _site_stats() -> list[str]:
+    """mtime and inode of every folder on sys.path: installing, upgrading or removing a distribution
+    there adds or removes its .dist-info folder, which changes them."""
+    found = []
+    for entry in sys.path:
+        try:
+            st = os.stat(entry or ".")
+        except OSError:
+            continue
+        found.append(f"{entry}\0{st.st_mtime_ns}:{st.st_ino}")
+    return found
 
 
 def _plugin_root(cls: type) -> Path | None:

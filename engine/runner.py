@@ -10,7 +10,6 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -72,6 +71,8 @@ class Pipeline:
         self._save_lock = threading.Lock()
         self._validate_lock = threading.Lock()
         self.cache = Cache(self.runs_root / "cache", remote=_remote(cfg, checked=self.remembered))
+        if remembered is not None:
+            self.cache.versions.update(remembered.versions)
 
     def validate_now(self) -> None:
         """Replace remembered stage specs by validated ones (the same keys: plan_memo's key holds
@@ -342,6 +343,8 @@ def _call_in_process(cls: type[Stage], stage_name: str, params: Any, inputs: Map
 
 
 def _library_versions() -> dict[str, str]:
+    from importlib import metadata
+
     found = {"python": platform.python_version()}
     for module, dist in _TRACKED.items():
         if module in sys.modules:

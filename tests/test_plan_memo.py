@@ -97,3 +97,17 @@ def test_another_module_of_the_same_name_on_the_path_is_validated_again(ws, tmp_
     assert probe(ws, "run")["rc"] == 0 and probe(ws, "plan")["pydantic"] is False
     other = probe(ws, "run", env={"PYTHONPATH": os.pathsep.join([str(plugins), ws.env["PYTHONPATH"]])})
     assert other["pydantic"] and ws.counts()["scale"] == 2
+
+
+def test_an_upgraded_tool_is_read_again(ws, tmp_path):
+    """Remembered tool versions hold while no folder of sys.path changes: a newer PyYAML installed
+    into one (its .dist-info) is read, and the stage that declares it runs again."""
+    site = tmp_path / "site"
+    site.mkdir()
+    env = {"PYTHONPATH": os.pathsep.join([str(site), ws.env["PYTHONPATH"]])}
+    assert probe(ws, "run", env=env)["rc"] == 0
+    (site / "PyYAML-99.0.dist-info").mkdir()
+    (site / "PyYAML-99.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: PyYAML\nVersion: 99.0\n")
+    plan = probe(ws, "plan", "--json", env=env)
+    src = {s["name"]: s for s in json.loads(plan["out"])["stages"]}["src"]
+    assert plan["pydantic"] is False and src["status"] == "will run" and src["reason"].endswith("-> 99.0")

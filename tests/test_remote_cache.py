@@ -122,7 +122,8 @@ def test_a_tool_upgrade_shows_in_plan_and_reruns(ws, monkeypatch):
     installed = metadata.version("pyyaml")
     real = metadata.version
     # what `pip install -U pyyaml` would do to the version the key reads (package metadata)
-    monkeypatch.setattr(engine.cache.metadata, "version", lambda d: "99.0" if d == "pyyaml" else real(d))
+    monkeypatch.setattr(metadata, "version", lambda d: "99.0" if d == "pyyaml" else real(d))
+    monkeypatch.setenv("EDGEPIPE_COMPOSE_CACHE", "off")  # plan_memo's versions: tests/test_plan_memo.py
     plan = {s["name"]: s for s in json.loads(ws.cli("plan", "--json").out)["stages"]}
     assert plan["src"]["status"] == "will run" and plan["src"]["reason"] == f"pyyaml {installed} -> 99.0"
     ws.reset_counts()
