@@ -54,8 +54,8 @@ class PlanItem:
 
 class Pipeline:
     """A composed config, validated, as a DAG over the cache. Given what plan_memo remembered of
-    the same config and code, it plans, and runs a fully cached pipeline, without validating; a
-    stage that would run makes it validate (validate_now) before anything runs."""
+    the same config and code, it plans, and runs a fully cached pipeline, without validating; the
+    first stage that misses the cache makes it validate (_validated) before it runs."""
 
     def __init__(self, cfg: DictConfig, runs_root: Path, remembered: Remembered | None = None) -> None:
         self.cfg = cfg
@@ -154,8 +154,6 @@ class Pipeline:
 
     # ------------------------------------------------------------------ execute
     def execute(self, record: RunRecord, options: Options, display: Any) -> RunRecord:
-        if self.remembered and any(i.status != "cached" for i in self.plan(options, record.name)):
-            self.validate_now()  # before anything runs
         forced = self._forced(options)
         self.cache.check_remote()
         order = self.graph.select(options.only)
@@ -250,7 +248,7 @@ class Pipeline:
                 rec.path, rec.digest, rec.metrics = str(hit.path), hit.digest, hit.manifest.get("metrics") or {}
                 display.finished(rec)
                 return
-            st = self._validated(st.name)  # remembered until now: the entry went since the plan
+            st = self._validated(st.name)  # a miss runs code: the config is validated first
             rec.reason = rec.reason or self.why(st, material, record.name)
             tmp = self.cache.new_tmp(st.cls.name, key)
             context = dict(
