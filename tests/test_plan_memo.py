@@ -23,15 +23,16 @@ print("\\n" + json.dumps({"rc": rc, "pydantic": "pydantic" in sys.modules,
 
 
 def probe(ws, *args: str, env: dict | None = None) -> dict:
+    """The command's exit status, whether it loaded pydantic and stage code, its stdout and stderr."""
     r = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=ws.root, env={**os.environ, **ws.env, **(env or {})},
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stderr  # main()'s own status is the probe's "rc"
     out, _, last = r.stdout.rstrip().rpartition("\n")
-    return {**json.loads(last), "out": out}
+    return {**json.loads(last), "out": out, "err": r.stderr}
 
 
 def loaded(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k != "out"}
+    return {k: v for k, v in result.items() if k not in ("out", "err")}
 
 
 def test_an_unchanged_config_plans_and_runs_cached_without_pydantic_or_stage_code(ws):
@@ -111,3 +112,19 @@ def test_an_upgraded_tool_is_read_again(ws, tmp_path):
     plan = probe(ws, "plan", "--json", env=env)
     src = {s["name"]: s for s in json.loads(plan["out"])["stages"]}["src"]
     assert plan["pydantic"] is False and src["status"] == "will run" and src["reason"].endswith("-> 99.0")
+
+
+def test_a_content_path_removed_since_is_the_config_error_it_was(ws, tmp_path):
+    """Validation refuses a content path that does not exist before anything is written; a memo
+    made while it existed does not change that."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("abc")
+    args = ("pipeline=folder", f"+files.path={data}")
+    assert probe(ws, "run", *args)["rc"] == 0 and probe(ws, "plan", *args)["pydantic"] is False
+    shutil.rmtree(data)
+    runs_before = sorted(ws.runs.glob("*/*"))
+    for verb in ("plan", "run"):
+        r = probe(ws, verb, *args)
+        assert r["rc"] == 2 and f"files.path: {data} does not exist" in r["err"], (verb, r["err"])
+    assert sorted(ws.runs.glob("*/*")) == runs_before  # no run folder for the refused run
