@@ -33,6 +33,7 @@ from .hashing import scan_files
 FORMAT = 2  # 2: .hydra/ texts kept
 ENV = "EDGEPIPE_COMPOSE_CACHE"
 KEEP = 200  # entries; the oldest go first
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # .hydra/ texts an entry keeps
 _ENV_NAME = re.compile(r"\$\{(?:oc\.)?env:\s*([A-Za-z_][A-Za-z0-9_]*)")
 _CODE = ("compose.py", "compose_cache.py", "__init__.py")  # engine/ files whose code makes the Job
 
@@ -103,6 +104,9 @@ def load(key: Key):
             return None
         if any(os.environ.get(name) != value for name, value in entry["env"].items()):
             return None
+        files = entry["hydra_files"]  # written into .hydra/ by name: exactly these, all text
+        if sorted(files) != sorted(HYDRA_FILES) or not all(isinstance(t, str) for t in files.values()):
+            return None
         full = OmegaConf.create({**entry["cfg"], "hydra": entry["hydra"]})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -112,8 +116,7 @@ def load(key: Key):
     with open_dict(full):
         del full["hydra"]
     OmegaConf.set_struct(full, entry["struct"])
-    return Job(list(key.overrides), full, hydra_cfg, run_dir, sweep_dir, entry["sources"], key.digest,
-               entry["hydra_files"])
+    return Job(list(key.overrides), full, hydra_cfg, run_dir, sweep_dir, entry["sources"], key.digest, files)
 
 
 def store(key: Key, job) -> bool:

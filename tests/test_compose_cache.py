@@ -116,6 +116,22 @@ def test_a_damaged_entry_is_a_miss(conf, monkeypatch):
     assert hits == [False, False, True]
 
 
+def test_an_entry_naming_other_files_is_a_miss(conf, monkeypatch):
+    """The .hydra/ texts an entry keeps are written by name: an entry that names anything but
+    config, hydra and overrides.yaml (../ included) is not used."""
+    import json
+
+    hits = _hits(monkeypatch)
+    _compose("+experiment=mine")
+    for path in (conf.parent / "compose-cache").glob("*.json"):
+        entry = json.loads(path.read_text())
+        entry["hydra_files"]["../escaped.yaml"] = "x: 1\n"
+        path.write_text(json.dumps(entry))
+    job = _compose("+experiment=mine")[1]
+    compose.write_hydra_dir(conf.parent / "run", job)
+    assert hits == [False, False] and not (conf.parent / "run" / "escaped.yaml").exists()
+
+
 def test_off_composes_every_time(conf, monkeypatch):
     monkeypatch.setenv(compose_cache.ENV, "off")
     hits = _hits(monkeypatch)
