@@ -12,8 +12,8 @@ import hashlib
 import io
 import json
 import os
-from pathlib import Path
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:  # numpy loads where a picture is drawn: a cached run's report may need none
@@ -55,6 +55,21 @@ def memo_bytes(scratch: Path | None, shown: Any, suffix: str, render: Callable[[
     except OSError:  # a read-only cache still gets its report
         pass
     return data
+
+
+def memo_json(scratch: Path | None, shown: Any, compute: Callable[[], Any],
+              keep: Callable[[bytes], bool] = lambda data: True) -> Any:
+    """``compute()``'s JSON value, kept as memo_bytes keeps bytes; a kept file that is not JSON (a
+    damaged one) is removed and computed again."""
+    def render() -> bytes:
+        return json.dumps(compute()).encode()
+
+    try:
+        return json.loads(memo_bytes(scratch, shown, ".json", render, keep))
+    except ValueError:
+        if scratch is not None:
+            (scratch / (digest(shown) + ".json")).unlink(missing_ok=True)
+        return json.loads(memo_bytes(scratch, shown, ".json", render, keep))
 
 
 def digest(shown: Any) -> str:

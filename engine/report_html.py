@@ -11,7 +11,6 @@ Sections per stage type: report_sections; the summary's facts: report_summary.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +115,7 @@ def memo_changes(view: RunView) -> list[list[str]] | None:
     except OSError:
         return None
     shown = ("changes", CHANGES_VERSION, text, view.record.config_sources, view.record.edgepipe_version)
-    data = figs.memo_bytes(view.scratch, shown, ".json", lambda: json.dumps(
-        config_changes(view.run_dir, view.record.config_sources)).encode())
-    return json.loads(data)
+    return figs.memo_json(view.scratch, shown, lambda: config_changes(view.run_dir, view.record.config_sources))
 
 
 def stage_row(s: StageRecord) -> dict[str, Any]:

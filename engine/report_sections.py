@@ -118,9 +118,9 @@ def evaluate_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, A
     if s.key is None:
         return _evaluate_section(view, s, folder)
     shown = ("evaluate", EVALUATE_VERSION, s.key, sorted((i, up, view.key(up)) for i, up in needs.items()))
-    data = figs.memo_bytes(view.scratch, shown, ".json", lambda: json.dumps(_evaluate_section(view, s, folder)).encode(),
-                           keep=lambda data: str(view.run_dir).encode() not in data)
-    return json.loads(data)
+    run_dir = json.dumps(str(view.run_dir))[1:-1].encode()  # as it reads inside JSON
+    return figs.memo_json(view.scratch, shown, lambda: _evaluate_section(view, s, folder),
+                          keep=lambda data: run_dir not in data)
 
 
 def _evaluate_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:

@@ -311,6 +311,23 @@ def test_report_costs_no_recomputation_and_draws_nothing_again(evaluated_run):
     assert json.loads((run_dir / "run.json").read_text()) == run
 
 
+@pytest.mark.slow
+def test_damaged_report_memos_are_computed_again(evaluated_run):
+    """The sections and config changes kept as JSON under the scratch folder: a damaged one is
+    read again from the stage outputs, never a failed report."""
+    from engine.cli import main
+
+    run_dir, run = evaluated_run
+    before = (run_dir / REPORT_HTML).read_bytes()
+    kept = list((Path(run["runs_root"]) / "cache" / ".scratch" / "report").glob("*.json"))
+    assert kept
+    for path in kept:
+        path.write_text('{"rows": [')
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / REPORT_HTML).read_bytes() == before
+    assert all(json.loads(path.read_text()) is not None for path in kept if path.exists())
+
+
 def test_multicrop_results_are_shown(tmp_path):
     """evaluate with multi-crop on a folder of wide images (as in test_evaluate), reported from a run
     folder whose record points at the stage outputs: the multi-crop table shows metrics.json's numbers."""
