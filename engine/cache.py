@@ -115,7 +115,7 @@ def installed_versions(dists: Iterable[str], known: dict[str, str] | None = None
     sys.path shows in the next key; ``known``: the versions this command read already."""
     from importlib import metadata  # here: a remembered pipeline's versions need none of it
 
-    known = {} if known is None else known
+    known, dists = ({} if known is None else known), list(dists)
     for dist in dists:
         if dist not in known:
             try:

@@ -264,7 +264,7 @@ def validated_pipeline(job, options, sweep: bool = False):
     """The job's pipeline, validated (config, --only/--force names, runs_root, overrides) or a
     ConfigError. A single run's is taken from plan_memo when the same config and code were validated
     before (and remembered otherwise), and its overrides without effect are warned about; a sweep
-    warns once for all its jobs (_warn_shadowed)."""
+    warns once for all its jobs (sweep.multirun)."""
     pipeline = _checked_pipeline(job, remember=not sweep, warn=not sweep)
     pipeline.graph.select(options.only)
     pipeline._forced(options)
@@ -282,22 +282,23 @@ def _checked_pipeline(job, remember: bool, warn: bool = True):
     if remembered is not None:
         pipeline, warnings = Pipeline(job.cfg, _runs_root(job.cfg), remembered), remembered.warnings
     else:
-        from .config import shadowed_overrides
-
         pipeline = Pipeline(job.cfg, _runs_root(job.cfg))
         _check_overrides(job, pipeline)
-        warnings = shadowed_overrides(job.overrides, pipeline.stages)
+        warnings = _shadowed(job.overrides, pipeline)
         if remember:
             plan_memo.store(job, pipeline, warnings)
-    for note in warnings if warn else []:
-        print(f"edgepipe: warning: {note}", file=sys.stderr)
+    _warn(warnings if warn else [])
     return pipeline
 
 
-def _warn_shadowed(overrides: list[str], pipeline) -> None:
+def _shadowed(overrides: list[str], pipeline) -> list[str]:
     from .config import shadowed_overrides
 
-    for note in shadowed_overrides(overrides, pipeline.stages):
+    return shadowed_overrides(overrides, pipeline.stages)
+
+
+def _warn(notes: list[str]) -> None:
+    for note in notes:
         print(f"edgepipe: warning: {note}", file=sys.stderr)
 
 

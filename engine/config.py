@@ -4,9 +4,9 @@ the bad value and what is allowed."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from omegaconf import DictConfig, OmegaConf

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Mapping
 
+from .errors import ConfigError, did_you_mean
+
 if TYPE_CHECKING:
     from .config import StageSpec
 
@@ -24,8 +26,6 @@ class Graph:
         return list(dict.fromkeys([*entry.needs.values(), *entry.after]))
 
     def _check_wiring(self) -> None:
-        from .errors import ConfigError, did_you_mean
-
         problems = []
         names = list(self.specs)
         for name, spec in self.specs.items():
@@ -66,8 +66,6 @@ class Graph:
             if state.get(name) == 1:
                 # path follows `needs` backwards; print it in data-flow order (a -> b: b reads a)
                 cycle = list(reversed(path[path.index(name):] + [name]))
-                from .errors import ConfigError
-
                 raise ConfigError([f"pipeline.stages: cycle {' -> '.join(cycle)}"])
             state[name] = 1
             path.append(name)
@@ -104,8 +102,6 @@ class Graph:
         only = list(only or [])
         unknown = [n for n in only if n not in self.specs]
         if unknown:
-            from .errors import ConfigError, did_you_mean
-
             raise ConfigError(
                 [f"{option} {n}: no such stage{did_you_mean(n, list(self.specs))}; stages: {', '.join(self.specs)}" for n in unknown]
             )

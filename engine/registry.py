@@ -12,7 +12,6 @@ import inspect
 import os
 from functools import lru_cache
 from importlib.metadata import entry_points
-
 from typing import TYPE_CHECKING
 
 from .errors import PluginError

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from . import runs, scheduler
-from .cache import Cache, CorruptEntry, Hit, read_manifest, stage_key
+from .cache import Cache, CorruptEntry, Hit, installed_versions, read_manifest, stage_key
 from .graph import Graph
 from .runs import RunRecord, StageRecord
 
@@ -210,7 +210,7 @@ class Pipeline:
         try:
             scheduler.run_parallel(
                 order, {n: self.graph.upstream(n) for n in order}, jobs=options.jobs, budget_mb=budget,
-                memory_mb=lambda n: self._validated(n).cls.peak_memory(self._validated(n).params),
+                memory_mb=lambda n: (st := self._validated(n)).cls.peak_memory(st.params),
                 skip=lambda n: self._skipped(n, record, failed, options, display),
                 start=lambda n: self._run_stage(self.stages[n], record.stages[n], record, n in forced, display,
                                                 call=workers.call),
@@ -341,14 +341,7 @@ def _call_in_process(cls: type[Stage], stage_name: str, params: Any, inputs: Map
 
 
 def _library_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    found = {"python": platform.python_version()}
-    for module, dist in _TRACKED.items():
-        if module in sys.modules:
-            try:
-                found[dist] = metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                pass
-    return found
+    """The versions of the tracked libraries the stage imported (for its manifest)."""
+    used = installed_versions(dist for module, dist in _TRACKED.items() if module in sys.modules)
+    return {"python": platform.python_version(), **{d: v for d, v in used.items() if v != "not installed"}}
 

@@ -168,11 +168,11 @@ def multirun(opts: dict, overrides: list[str], options) -> int:
 
         _print_cfg(jobs, opts["cfg"], bool(opts.get("resolve")))
         return 0
-    from .cli import _make_unique_dir, _warn_shadowed, validated_pipeline
+    from .cli import _make_unique_dir, _shadowed, _warn, validated_pipeline
 
     # Validate every job before anything is written to runs/ (an Optuna trial: the base config).
     pipelines = [validated_pipeline(job, options, sweep=True) for job in jobs]
-    _warn_shadowed(list(overrides), pipelines[0])  # a swept key too (an Optuna search of one)
+    _warn(_shadowed(list(overrides), pipelines[0]))  # a swept key too (an Optuna search of one)
     sweep_dir = _make_unique_dir(base.sweep_dir, "hydra.sweep.dir")
     hydra_overrides = _hydra_overrides(parsed, base, sweep_dir, pipelines[0], sweeper)
     total = len(jobs) if grid else _n_trials(base)
