@@ -8,7 +8,7 @@
 Generates, in a temp folder, N small JPEGs (4 class folders, sources twice the input size) and prints
 for them, through the `edgepipe` command (quickstart pipeline, dataset=folder): the first `plan`
 (nothing indexed yet), the dataset stage's wall time and peak RSS, `plan` of the unchanged folder,
-and after changing one file: `plan` and the dataset stage again (decoded images kept per file). Then
+and after changing one file: `plan` and the dataset stage again (decoded images kept). Then
 PHOTO-N photo-like JPEGs (448 px sources) decoded to 224 px by the stage in-process, as a first run
 does (a fresh scratch folder: every image decoded, and kept), --repeat times per worker count in
 turns: images/s (median), the speed-up of N workers over 1, the CPU seconds other processes took

@@ -65,9 +65,9 @@ SCRATCH_DAYS = 7
 
 
 def collect_scratch(scratch: Path, dry_run: bool = False, days: float = SCRATCH_DAYS) -> tuple[int, int]:
-    """Files of the stages' scratch folder (decoded images kept per file, memoised report figures) not
+    """Files of the stages' scratch folder (packs of kept decoded images, memoised report figures) not
     read or written for ``days`` (atime: relatime updates it once a day): they only spare work, and the
-    dataset stage writes one per file it ever decoded, so the folder would grow without end. A stage
+    dataset stage keeps a row for every file it ever decoded, so the folder would grow without end. A stage
     that finds one removed computes it again. Empty folders left behind go too."""
     cutoff, removed, freed = time.time() - days * 86400, 0, 0
     for folder, _, files in os.walk(scratch, topdown=False) if scratch.is_dir() else []:

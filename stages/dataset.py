@@ -15,12 +15,13 @@ Outputs (DEVELOPERS.md): ``images_{split}.npy`` (uint8 N x H x W x 3 RGB, resize
 ``labels.txt``, ``class_counts.json``, ``skipped.csv`` (path,reason), ``preprocess.json``; also
 ``duplicates.csv`` (identical files found in two splits) and ``dataset.json`` (a summary).
 
-Memory does not grow with the number of images: decoded images go, in index order, into a scratch
-file of fixed-size rows in ``out`` (removed before the stage returns), and each split's array is
-copied from it a chunk at a time; the bytes are those ``np.save`` of the whole stack would write.
-Decoding runs in ``workers`` spawned processes, results taken in index order, so the arrays are the
-same for any worker count. With ``keep_decoded``, each file's decoded row is kept in the engine's
-scratch folder (``Context.scratch``) under its sha256, so a re-run decodes only new or changed files.
+Memory does not grow with the number of images: decoding workers write the decoded rows into pack
+files (stages/common/packs.py, a pack per task of ~2 MB), and each split's array is copied from the
+packs by the kernel, a run of rows at a time; the bytes are those ``np.save`` of the whole stack would
+write. Results are taken in index order, so the arrays are the same for any worker count. With
+``keep_decoded`` the packs live in the engine's scratch folder (``Context.scratch``) and name each
+row by its file's sha256, so a re-run decodes only new or changed files; without, they live in
+``out`` until the arrays are written.
 
 Everything the stage reads is in its cache key: the folders named by ``path``/``root`` are hashed with
 symlinks followed (engine.hashing.list_files, loops skipped), files a list names outside them by
@@ -34,14 +35,12 @@ import csv
 import functools
 import gzip
 import hashlib
-import io
 import itertools
 import json
 import multiprocessing
 import os
 import re
 import struct
-import time
 import unicodedata
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -56,7 +55,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from engine.hashing import ContentIndex, list_files, sha256_file, signature, tree_digest
 from engine.stage import FROM_FILES, HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from stages.common.bundle import LABELS, write_labels
-from stages.common.decoding import Decoded, RowsFile, decode_chunk, one_thread, pwrite_all, resize_spec
+from stages.common.decoding import decode_chunk, kept_store, one_thread, resize_spec
+from stages.common.packs import Location, PackStore, StoreError
 from stages.common.preprocess import Preprocess
 
 SPLITS = ("train", "val", "test")
@@ -245,7 +245,7 @@ def _cpus() -> int:
 class _Sources:
     """The sha256 of each source file by its stat (size, mtime, inode, device), kept in the scratch
     folder (engine.hashing.ContentIndex, sqlite), so a re-run neither reads nor hashes a file that did
-    not change: with its decoded row kept, it costs a stat and one read of that row."""
+    not change: with its decoded row kept, it costs a stat."""
 
     def __init__(self, scratch: Path) -> None:
         self.index = ContentIndex(Path(scratch) / "sources.sqlite")
@@ -269,112 +269,85 @@ class _Sources:
             self.index.record(*self.seen[i], digest)
 
 
-def _reuse(items: list[_Item], sources: _Sources, kept: Decoded, rows: "_Rows", ok: list, digests: list,
-           ctx) -> list[int]:
-    """Rows of unchanged files (recorded stat, kept pixels) copied into ``rows`` without reading the
-    file; the indices of the items left to decode."""
-    rest, step = [], max(1, len(items) // 50)
-    run: list[bytes] = []  # rows of consecutive items, written with one call (at most ~4 MB)
-    most = max(1, (4 << 20) // rows.row)
+@dataclass
+class _Decoded:
+    """What decoding gave each item (index order): where its row is in the store (None: skipped), its
+    content digest, why it was skipped; and how many images were decoded (the rest were kept)."""
+
+    rows: list[Location | None]
+    digests: list[str | None]
+    why: list[str | None]
+    n_decoded: int = 0
+
+    @classmethod
+    def empty(cls, n: int) -> "_Decoded":
+        return cls([None] * n, [None] * n, [None] * n)
+
+    def skipped(self, items: list[_Item]) -> list[tuple[str, str]]:
+        return [(it.path, why) for it, why in zip(items, self.why) if why is not None]
+
+
+def _unchanged(items: list[_Item], sources: _Sources, known: dict[str, Location], got: _Decoded) -> list[int]:
+    """Items whose file has its recorded stat and a kept row take that row without being read; the
+    indices of the rest."""
+    rest = []
     for i, it in enumerate(items):
-        if i % step == 0:
-            ctx.progress(i - len(rest), len(items), f"taking kept decoded images {i}/{len(items)}")
         digest = sources.lookup(i, it.file) if it.file is not None else None
-        data = kept.read(digest) if digest is not None else None
-        if data is None or len(run) == most:
-            rows.put_bytes(i - len(run), b"".join(run))
-            run = []
-        if data is None:
+        got.digests[i] = digest  # known by its stat: not hashed again when its row is not kept
+        if digest is not None and digest in known:
+            got.rows[i] = known[digest]
+        else:
             rest.append(i)
-            continue
-        run.append(data)
-        ok[i], digests[i] = True, digest
-    rows.put_bytes(len(items) - len(run), b"".join(run))
     return rest
 
 
-def _in_order(pool: ProcessPoolExecutor, task, chunks: list, window: int) -> Iterator[list[tuple]]:
-    """Results of ``task(chunk)`` in chunk order, with at most ``window`` chunks in flight, so workers
-    run at most that far ahead of the chunk the main process waits for."""
-    pending: deque = deque()
-    todo = iter(chunks)
-    for chunk in itertools.islice(todo, window):
-        pending.append(pool.submit(task, chunk))
+def _still_to_decode(items: list[_Item], todo: list[int], sources: _Sources | None, known: dict[str, Location],
+                     got: _Decoded) -> Iterator[int]:
+    """The items of ``todo`` to decode. With rows kept, a file is read and hashed here first: one
+    copied, touched or checked out again has a kept row under its digest (a 224-px photo decodes in
+    ~3 ms and hashes in ~0.1 ms); an unreadable one goes to the workers, which say why."""
+    for i in todo:
+        file = items[i].file
+        if known and file is not None and got.digests[i] is None:
+            try:
+                digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+            except OSError:
+                digest = None
+            if digest in known:
+                got.rows[i], got.digests[i] = known[digest], digest
+                sources.record(i, digest)
+                continue
+        yield i
+
+
+def _chunks(todo: Iterator[int], size: int) -> Iterator[list[int]]:
+    while chunk := list(itertools.islice(todo, size)):
+        yield chunk
+
+
+def _in_order(pool: ProcessPoolExecutor | None, task, chunks: Iterator[tuple], window: int) -> Iterator[tuple]:
+    """(key, ``task(arg)``) for the (key, arg) of ``chunks``, in order, with at most ``window`` tasks in
+    flight in ``pool`` (so workers run at most that far ahead of the chunk the main process waits
+    for), or one after another here."""
+    if pool is None:
+        yield from ((key, task(arg)) for key, arg in chunks)
+        return
+    pending: deque = deque((key, pool.submit(task, arg)) for key, arg in itertools.islice(chunks, window))
     while pending:
-        result = pending.popleft().result()
-        nxt = next(todo, None)
-        if nxt is not None:
-            pending.append(pool.submit(task, nxt))
-        yield result
+        key, future = pending.popleft()
+        result = future.result()
+        for nxt, arg in itertools.islice(chunks, 1):
+            pending.append((nxt, pool.submit(task, arg)))
+        yield key, result
 
 
-class _Rows:
-    """Decoded images on disk, one fixed-size row per item (index order), so memory does not grow with
-    the number of images; ``copy_rows`` writes a split's ``images_{split}.npy`` from them. Plain file
-    reads and writes, not a memmap: a memmap's written pages count in the process's RSS until it is
-    unmapped. Decoding workers write their rows themselves (``at``)."""
-
-    def __init__(self, path: Path, n: int, size: tuple[int, int]) -> None:
-        self.path, self.shape = path, (size[0], size[1], 3)
-        self.row = size[0] * size[1] * 3
-        self.at = RowsFile(str(path), self.shape)
-        self._f = open(path, "w+b")
-        self._f.truncate(n * self.row)  # sparse: rows of skipped files take no disk
-
-    def put_bytes(self, i: int, data: bytes) -> None:
-        """Raw rows from row i on (several consecutive rows in one write)."""
-        if data:
-            pwrite_all(self._f.fileno(), data, i * self.row)
-
-    def copy_rows(self, idx: list[int], dest: Path) -> None:
-        """``np.save(dest, stack of rows idx)``, byte for byte. Runs of consecutive rows are copied by
-        the kernel (os.copy_file_range: no pass through this process; 4-6x faster than read + write
-        here, and this copy is work no worker shares), else read and written here, ~4 MB at a time."""
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                                                      "fortran_order": False, "shape": (len(idx), *self.shape)})
-        src, row = self._f.fileno(), self.row
-        with open(dest, "wb", buffering=0) as f:
-            out = f.fileno()
-            pos = len(header.getvalue())
-            pwrite_all(out, header.getvalue(), 0)
-            in_kernel = hasattr(os, "copy_file_range")
-            for start, count in _runs(idx, max(1, _COPY_BYTES // row)):
-                if in_kernel:
-                    try:
-                        _copy_range(src, out, count * row, start * row, pos)
-                    except OSError:  # a file system or kernel without it: copy here from now on
-                        in_kernel = False
-                if not in_kernel:
-                    pwrite_all(out, os.pread(src, count * row, start * row), pos)
-                pos += count * row
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-        self.path.unlink(missing_ok=True)
-
-
-def _runs(idx: list[int], most: int) -> Iterator[tuple[int, int]]:
-    """(first, count) of the runs of consecutive numbers in idx, at most ``most`` long."""
-    k = 0
-    while k < len(idx):
-        n = 1
-        while n < most and k + n < len(idx) and idx[k + n] == idx[k] + n:
-            n += 1
-        yield idx[k], n
-        k += n
-
-
-def _copy_range(src: int, dst: int, size: int, src_at: int, dst_at: int) -> None:
-    while size:
-        n = os.copy_file_range(src, dst, size, src_at, dst_at)
-        if n == 0:
-            raise OSError(f"copy_file_range: source ended {size} bytes early")
-        size, src_at, dst_at = size - n, src_at + n, dst_at + n
-
-
-_COPY_BYTES = 4 << 20
+def _store(items: list[_Item], p, out: Path, ctx) -> PackStore:
+    """Where the decoded rows go: the kept store when there is a scratch folder and the images are
+    files, else a temporary one in ``out`` (removed once the arrays are written)."""
+    shape = (*p.preprocess.input_size, 3)
+    if ctx.scratch is not None and p.keep_decoded and items and items[0].file is not None:
+        return kept_store(ctx.scratch, p.preprocess)
+    return PackStore.temporary_in(out, shape)
 
 
 # -- outputs ----------------------------------------------------------------------------------------
@@ -393,12 +366,16 @@ def _check_decoded(items: list[_Item], keep: list[int], classes: list[str], skip
     return counts
 
 
-def _write_arrays(items: list[_Item], by_split: dict[str, list[int]], scratch: "_Rows", out: Path) -> None:
+def _write_arrays(items: list[_Item], by_split: dict[str, list[int]], store: PackStore, got: _Decoded,
+                  out: Path) -> None:
     for s in SPLITS:
         idx = by_split[s]
-        scratch.copy_rows(idx, out / f"images_{s}.npy")
+        try:
+            store.copy_rows([got.rows[i] for i in idx], out / f"images_{s}.npy")
+        except StoreError as e:
+            raise StageError(f"decoded images kept under {store.folder} went missing during the run ({e}; "
+                             f"`edgepipe gc` or a removed scratch folder?); run again") from None
         np.save(out / f"labels_{s}.npy", np.asarray([items[i].label for i in idx], dtype=np.int64))
-    scratch.close()
 
 
 def _write_csv(path: Path, header: list[str], rows) -> None:
@@ -505,15 +482,16 @@ class Dataset(Stage):
                 m = rx.search(Path(it.path).name)
                 it.group = (m.group(1) if m.groups() else m.group(0)) if m else None
 
-        scratch = _Rows(out / ".decoded.tmp", len(items), tuple(p.preprocess.input_size))
+        store = _store(items, p, out, ctx)
         try:
-            return self._write(items, classes, scratch, p, out, ctx)
+            return self._write(items, classes, store, p, out, ctx)
         finally:
-            scratch.close()
+            store.close()
 
-    def _write(self, items: list[_Item], classes: list[str], scratch: "_Rows", p, out: Path, ctx) -> dict[str, Any]:
-        ok, digests, skipped, n_decoded = self._decode(items, p, scratch, ctx)
-        keep = [i for i, good in enumerate(ok) if good]
+    def _write(self, items: list[_Item], classes: list[str], store: PackStore, p, out: Path, ctx) -> dict[str, Any]:
+        got = self._decode(items, p, store, ctx)
+        keep = [i for i, row in enumerate(got.rows) if row is not None]
+        skipped, digests = got.skipped(items), got.digests
         counts = _check_decoded(items, keep, classes, skipped, p)
         splits = self._assign(items, keep, classes, p)
         train_labels = {items[i].label for i in keep if splits[i] == "train"}
@@ -521,7 +499,7 @@ class Dataset(Stage):
             if c not in train_labels:
                 raise StageError(f"class {name!r} has no training images; add some or change the split")
         by_split: dict[str, list[int]] = {s: [i for i in keep if splits[i] == s] for s in SPLITS}
-        _write_arrays(items, by_split, scratch, out)
+        _write_arrays(items, by_split, store, got, out)
         _write_csv(out / "index.csv", ["path", "label", "split"],
                    ([items[i].path, items[i].label, s] for s in SPLITS for i in by_split[s]))
         write_labels(out / LABELS, classes)
@@ -549,7 +527,7 @@ class Dataset(Stage):
             **{f"n_{s}": len(by_split[s]) for s in SPLITS},
             "skipped": len(skipped),
             "duplicates_across_splits": len(dups),
-            "decoded": n_decoded,  # the rest came from decoded images kept by an earlier run
+            "decoded": got.n_decoded,  # the rest came from decoded images kept by an earlier run
         }
 
     # -- classes --------------------------------------------------------------------------------
@@ -735,43 +713,37 @@ class Dataset(Stage):
         return items, classes
 
     # -- decoding -------------------------------------------------------------------------------
-    def _decode(self, items: list[_Item], p, scratch: "_Rows", ctx):
-        """Each item's row of ``scratch``: copied from the kept pixels of an unchanged file, else
-        decoded (in worker processes, which write the rows); the same bytes whatever the worker count.
-        Returns (decoded or not per item, content digests, (path, reason) of the skipped in index
-        order, decoded)."""
-        n = len(items)
-        ok, digests = [False] * n, [None] * n
-        kept = Decoded.under(ctx.scratch, p.preprocess) if ctx.scratch is not None and p.keep_decoded else None
-        sources = _Sources(ctx.scratch) if kept is not None else None
+    def _decode(self, items: list[_Item], p, store: PackStore, ctx) -> _Decoded:
+        """Each item's row in ``store``: the kept row of an unchanged file, else decoded (in worker
+        processes, which write the rows into packs); the same pixels whatever the worker count."""
+        n, got = len(items), _Decoded.empty(len(items))
+        sources = None if store.temporary else _Sources(ctx.scratch)
+        known = {} if store.temporary else store.index()
         ctx.progress(0, n, f"decoding {n} images")
-        todo = _reuse(items, sources, kept, scratch, ok, digests, ctx) if sources is not None else list(range(n))
-        skipped, n_decoded = [], 0
-        for i, (digest, why, decoded) in self._decoded(items, todo, p, kept, scratch, ctx, n - len(todo)):
-            n_decoded += decoded
-            digests[i] = digest
-            if why is None:
-                ok[i] = True
-                if sources is not None:
-                    sources.record(i, digest)
-            else:
-                skipped.append((items[i].path, why))
+        todo = _unchanged(items, sources, known, got) if sources is not None else list(range(n))
+        done, step = n - len(todo), max(1, n // 50)
+        for i, (digest, why, row) in self._decoded(items, todo, _still_to_decode(items, todo, sources, known, got),
+                                                    p, store):
+            got.n_decoded += 1
+            got.digests[i], got.why[i], got.rows[i] = digest, why, row
+            if why is None and sources is not None:
+                sources.record(i, digest)
+            done += 1
+            if done % step == 0:
+                ctx.progress(done, n, f"decoding images {done}/{n}")
+        ctx.progress(n, n, f"decoded {got.n_decoded} of {n} images")
         if sources is not None:
             sources.index.save()
-            kept.tidy()
-        return ok, digests, skipped, n_decoded
+        return got
 
-    def _decoded(self, items: list[_Item], todo: list[int], p, kept, scratch: "_Rows", ctx,
-                 done: int) -> Iterator[tuple[int, tuple]]:
-        """(index, (digest, why skipped, decoded here)) of the items ``todo``, in that order, their rows
-        written into ``scratch`` by ``workers`` spawned processes (chunks of ``_chunk_size`` images, a
-        bounded window of them in flight) or by this one."""
-        workers, n = p.workers or _cpus(), done + len(todo)
-        step = max(1, n // 50)
-        jobs = [(i, str(items[i].file) if items[i].array is None else None, items[i].array) for i in todo]
-        size = _chunk_size(scratch.row)
-        chunks = [jobs[k : k + size] for k in range(0, len(jobs), size)]
-        task = functools.partial(decode_chunk, spec=resize_spec(p.preprocess), kept=kept, rows=scratch.at)
+    def _decoded(self, items: list[_Item], todo: list[int], decode: Iterator[int], p,
+                 store: PackStore) -> Iterator[tuple[int, tuple]]:
+        """(index, (digest, why skipped, its Location or None)) of the items ``decode`` yields, their
+        rows written into ``store`` by ``workers`` spawned processes (chunks of ``_chunk_size``
+        images, a bounded window of them in flight) or by this one."""
+        workers = p.workers or _cpus()
+        jobs = lambda chunk: [(str(items[i].file) if items[i].array is None else None, items[i].array) for i in chunk]
+        task = functools.partial(decode_chunk, spec=resize_spec(p.preprocess), store=store)
         pool = None
         # in-memory sources (digits, idx) only resize small arrays: starting processes costs more
         if workers > 1 and len(todo) >= 2 * _CHUNK and any(items[i].file is not None for i in todo):
@@ -779,21 +751,20 @@ class Dataset(Stage):
             # not fork, so no thread or lock of this process (progress display, torch) is copied
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=one_thread)
-            results = _in_order(pool, task, chunks, 4 * workers)
-        else:
-            results = map(task, chunks)
-        k = 0
+        chunks = ((chunk, jobs(chunk)) for chunk in _chunks(decode, _chunk_size(store.row)))
+        last = None
         try:
-            for chunk in results:
-                for result in chunk:
-                    yield todo[k], result
-                    k += 1
-                    if (done + k) % step == 0 or done + k == n:
-                        ctx.progress(done + k, n, f"decoding images {done + k}/{n}")
+            for chunk, (pack, results) in _in_order(pool, task, chunks, 4 * workers):
+                for i, (digest, why, slot) in zip(chunk, results):
+                    last = i
+                    yield i, (digest, why, None if slot is None else Location(pack, slot))
         except BrokenProcessPool:
-            where = items[todo[min(k, len(todo) - 1)]].path
+            where = items[last if last is not None else todo[0]].path
             raise StageError(f"a decoding worker died (out of memory, or a crash in an image decoder) near "
                              f"{where!r}; rerun with dataset.workers=1 to find the file") from None
+        except OSError as e:
+            raise StageError(f"cannot write decoded images under {store.folder}: {e.strerror or e}; free disk "
+                             f"space there, or set dataset.keep_decoded=false") from None
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)

@@ -26,7 +26,9 @@ from helpers_procs import until
 from stages.common.preprocess import Preprocess, load_image, resize
 from stages import dataset as dataset_module
 from stages.common import decoding
+from stages.common import packs
 from stages.common.decoding import resize_spec
+from stages.common.packs import PackStore
 from stages.dataset import Dataset
 
 SPLITS = ("train", "val", "test")
@@ -339,27 +341,28 @@ def test_workers_give_identical_bytes(tmp_path):
             assert (outs["w1"] / name).read_bytes() == (outs[other] / name).read_bytes(), (other, name)
 
 
-def test_workers_write_rows_and_send_back_no_pixels(tmp_path):
-    """A decoding task writes each image's pixels at its row of the rows file itself and returns only
-    (digest, why skipped, decoded) per job: no array crosses to the main process; a skipped file's
-    row stays empty."""
+def test_workers_write_rows_into_a_pack_and_send_back_no_pixels(tmp_path):
+    """A decoding task writes the pixels of the images it decodes into one pack of the store itself and
+    returns only (pack name, [(digest, why skipped, slot)]): no array crosses to the main process; a
+    skipped file has no slot; the pack's header names each row by its file's sha256."""
     root = make_image_folder(tmp_path / "data", per_class=3, ext="jpg")
     (root / CLASSES[0] / "broken.jpg").write_bytes(b"not a jpeg")
     files = sorted(str(f) for f in root.rglob("*.jpg"))
     spec = Preprocess(**PRE)
-    rows = dataset_module._Rows(tmp_path / "rows", len(files) + 2, (16, 16))
-    results = decoding.decode_chunk([(i + 2, f, None) for i, f in enumerate(files)], resize_spec(spec), None, rows.at)
+    store = PackStore(str(tmp_path / "store"), (16, 16, 3))
+    pack, results = decoding.decode_chunk([(f, None) for f in files], resize_spec(spec), store)
     assert all(not isinstance(x, np.ndarray) for r in results for x in r)
-    pixels = np.fromfile(rows.path, np.uint8).reshape(-1, 16, 16, 3)
-    assert not pixels[:2].any()
-    for i, (f, (digest, why, decoded)) in enumerate(zip(files, results)):
-        assert digest == hashlib.sha256(Path(f).read_bytes()).hexdigest() and decoded
+    assert [f.name for f in (tmp_path / "store").iterdir() if f.is_file()] == [pack]
+    index = store.index()
+    assert len(index) == len(files) - 1 == len({slot for _, _, slot in results if slot is not None})
+    for f, (digest, why, slot) in zip(files, results):
+        assert digest == hashlib.sha256(Path(f).read_bytes()).hexdigest()
         if f.endswith("broken.jpg"):
-            assert why.startswith("not an image") and not pixels[i + 2].any()
+            assert why.startswith("not an image") and slot is None and digest not in index
         else:
-            assert why is None and (pixels[i + 2] == resize(load_image(f), spec)).all(), f
-    rows.close()
-    assert not rows.path.exists()
+            assert why is None and index[digest] == (pack, slot)
+            store.copy_rows([index[digest]], tmp_path / "one.npy")
+            assert (np.load(tmp_path / "one.npy")[0] == resize(load_image(f), spec)).all(), f
 
 
 def test_decoding_workers_import_no_pydantic():
@@ -372,20 +375,24 @@ def test_decoding_workers_import_no_pydantic():
     r = subprocess.run([sys.executable, "-c", code], input=task, capture_output=True, cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)) <= {"engine", "engine.hashing", "stages", "stages.common", "stages.common.decoding",
-                                   "stages.common.pixels"}, r.stdout
+                                   "stages.common.packs", "stages.common.pixels"}, r.stdout
 
 
 @pytest.mark.parametrize("kernel_copy", ["works", "missing", "fails", "fails part way"])
 def test_split_arrays_are_np_save_bytes_however_rows_are_copied(tmp_path, monkeypatch, kernel_copy):
-    """copy_rows writes np.save's bytes of the rows it names (runs of consecutive rows longer than one
-    copy, single rows, out of order) with os.copy_file_range, and without it: not in this os (macOS),
-    refused by the file system (EXDEV), or refused after some rows were copied."""
+    """copy_rows writes np.save's bytes of the rows it names (runs of consecutive rows of a pack longer
+    than one copy, single rows, rows of two packs, out of order) with os.copy_file_range, and without
+    it: not in this os (macOS), refused by the file system (EXDEV), or refused after some rows were
+    copied."""
     rng = np.random.default_rng(0)
     n, size = 100, (200, 200)  # 120 kB rows: a copy moves at most 34 of them
     pixels = rng.integers(0, 256, (n, *size, 3), dtype=np.uint8)
-    rows = dataset_module._Rows(tmp_path / "rows", n, size)
-    rows.put_bytes(0, pixels.tobytes())
-    idx = [*range(3, 83), 85, 90, 91, 99, 0]
+    store = PackStore(str(tmp_path / "store"), (*size, 3))
+    digests = [hashlib.sha256(bytes([i])).hexdigest() for i in range(n)]
+    first, second = store.write(digests[:90], pixels[:90]), store.write(digests[90:], pixels[90:])
+    where = [packs.Location(first, i) if i < 90 else packs.Location(second, i - 90) for i in range(n)]
+    assert store.index() == dict(zip(digests, where))
+    idx = [*range(3, 83), 85, 90, 91, 99, 0, 89, 90]
     real, calls = getattr(os, "copy_file_range", None), []
 
     def refuse(*args):
@@ -398,11 +405,26 @@ def test_split_arrays_are_np_save_bytes_however_rows_are_copied(tmp_path, monkey
         monkeypatch.delattr(os, "copy_file_range", raising=False)
     elif kernel_copy != "works":
         monkeypatch.setattr(os, "copy_file_range", refuse)
-    rows.copy_rows(idx, tmp_path / "x.npy")
+    store.copy_rows([where[i] for i in idx], tmp_path / "x.npy")
     assert (tmp_path / "x.npy").read_bytes() == _npy_bytes(pixels[idx])
-    rows.copy_rows([], tmp_path / "empty.npy")
+    store.copy_rows([], tmp_path / "empty.npy")
     assert (tmp_path / "empty.npy").read_bytes() == _npy_bytes(np.zeros((0, *size, 3), np.uint8))
-    rows.close()
+
+
+def test_damaged_or_foreign_packs_are_left_out(tmp_path):
+    """A store's index takes only whole packs of its own row size: a truncated pack, one of another row
+    size, a file that is no pack and a temp file are not read as rows (the damaged ones are removed)."""
+    store = PackStore(str(tmp_path / "store"), (4, 4, 3))
+    rows = np.arange(2 * 48, dtype=np.uint8).reshape(2, 4, 4, 3)
+    good = store.write(["aa" * 32, "bb" * 32], rows)
+    cut = store.write(["cc" * 32], rows[:1])
+    with open(tmp_path / "store" / cut, "r+b") as f:
+        f.truncate(f.seek(0, 2) - 1)
+    other = PackStore(str(tmp_path / "store"), (2, 2, 3)).write(["dd" * 32], np.zeros((1, 2, 2, 3), np.uint8))
+    (tmp_path / "store" / "junk.pack").write_bytes(b"EDGEPACK" + b"\xff" * 40)
+    assert store.index() == {"aa" * 32: (good, 0), "bb" * 32: (good, 1)}
+    assert sorted(f.name for f in (tmp_path / "store").iterdir() if f.is_file()) == [good]
+    assert other != good
 
 
 def test_a_dead_decoding_worker_is_a_one_line_error(tmp_path):
@@ -436,16 +458,11 @@ def test_a_dead_decoding_worker_is_a_one_line_error(tmp_path):
 
     thread = threading.Thread(target=stage)
     thread.start()
-    rows = tmp_path / "out" / ".decoded.tmp"  # sparse until a worker writes its first row into it
-
-    def decoding() -> bool:
-        try:
-            return rows.stat().st_blocks > 0
-        except FileNotFoundError:
-            return False
+    store = tmp_path / "out" / ".decoded.tmp"  # the packs the workers write
 
     try:
-        until(lambda: decoding() or not thread.is_alive(), timeout=120, what="a worker to write a decoded row")
+        until(lambda: any(store.glob("*.pack")) or not thread.is_alive(), timeout=120,
+              what="a worker to write a pack of decoded rows")
         assert thread.is_alive(), "the stage ended before a worker could be killed"
         decoding_workers()[0].kill()
     finally:
@@ -458,10 +475,26 @@ def test_a_dead_decoding_worker_is_a_one_line_error(tmp_path):
     until(lambda: not decoding_workers(), timeout=30, what="the other worker to end")
 
 
+def kept_packs(scratch: Path) -> list[Path]:
+    return sorted(scratch.glob("decoded/*/*.pack"))
+
+
+def kept_rows(scratch: Path, size: int = 16) -> dict[str, bytes]:
+    """Every row the kept packs under ``scratch`` hold, by the digest their headers name."""
+    found = {}
+    for pack in kept_packs(scratch):
+        store = PackStore(str(pack.parent), (size, size, 3))
+        digests, data = store._header(str(pack)), pack.read_bytes()
+        for slot, digest in enumerate(digests):
+            at = store.offset(len(digests), slot)
+            found[digest] = data[at : at + store.row]
+    return found
+
+
 def test_kept_decoded_images_reused(tmp_path):
     """With a scratch folder, a re-run decodes only new or changed files (none for a new split seed), in
     worker processes too, and writes the bytes a cold run writes; a deleted file leaves index.csv; a
-    damaged entry is decoded again; no temp file is left among the entries."""
+    damaged pack is decoded again; a killed run's old temp files go; no temp file is left in the store."""
     root = make_image_folder(tmp_path / "data", per_class=45, ext="jpg")
     scratch = tmp_path / "scratch"
 
@@ -486,21 +519,18 @@ def test_kept_decoded_images_reused(tmp_path):
     assert run("changed", workers=2)["decoded"] == 2
     same_as_cold(tmp_path / "changed")
     assert f"{CLASSES[1]}/img 3.jpg" not in {r["path"] for r in _index(tmp_path / "changed")}
-    entries = [f for f in (scratch / "decoded").rglob("*") if f.is_file()]
-    assert len(entries) == 137 and not [f for f in entries if ".tmp" in f.parts]
-    kept = entries[0].parents[1]  # scratch/decoded/<settings>/<sha256[:2]>/<sha256>
-    stale = kept / ".tmp" / "killed-run"  # what a run killed between write and rename leaves
+    assert len(kept_rows(scratch)) == 137 and not list(scratch.glob("decoded/*/.tmp/*/*"))
+    kept = kept_packs(scratch)[0].parent  # scratch/decoded/<settings>/<pack>
+    stale = kept / ".tmp" / "4242" / "0a1b.pack"  # what a run killed between write and rename leaves
+    stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half")
     os.utime(stale, (1, 1))
-    (kept / ".tmp" / "4242").mkdir()  # ... in the temp folder of one of its worker processes
-    (kept / ".tmp" / "4242" / "0a1b").write_bytes(b"half")
-    os.utime(kept / ".tmp" / "4242" / "0a1b", (1, 1))
     sha256 = hashlib.sha256((root / CLASSES[2] / "new.jpg").read_bytes()).hexdigest()
-    [entry] = [f for f in entries if f.name == sha256]
-    entry.write_bytes(b"damaged")
-    assert run("damaged")["decoded"] == 1
+    [pack] = [f for f in kept_packs(scratch) if sha256 in PackStore(str(kept), (16, 16, 3))._header(str(f))]
+    pack.write_bytes(pack.read_bytes()[:-1])  # damaged: its 2 rows are decoded again
+    assert run("damaged")["decoded"] == 2
     same_as_cold(tmp_path / "damaged")
-    assert not stale.exists() and [f.name for f in (kept / ".tmp").iterdir()] == []
+    assert not stale.parent.exists() and [f.name for f in (kept / ".tmp").iterdir()] == []
 
 
 KILLED_RUN = """
@@ -515,8 +545,9 @@ run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": {"input_size":
 
 
 def test_killed_run_leaves_whole_entries(tmp_path):
-    """SIGKILL in the middle of decoding: every decoded-image entry left is whole and right (the pixels of
-    the file its name digests), and the next run decodes only the files without one."""
+    """SIGKILL in the middle of decoding: every pack of decoded rows left is whole and right (each row
+    the pixels of the file whose sha256 its header names), and the next run decodes only the files
+    without one."""
     rng = np.random.default_rng(0)
     root = tmp_path / "data"
     for i in range(300):
@@ -524,9 +555,9 @@ def test_killed_run_leaves_whole_entries(tmp_path):
     scratch = tmp_path / "scratch"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(root), str(tmp_path / "killed"), str(scratch)],
                             cwd=Path(__file__).resolve().parents[1])
-    try:
-        until(lambda: len(list(scratch.glob("decoded/*/??/*"))) >= 10 or proc.poll() is not None, timeout=120,
-              what="decoded images to be kept")
+    try:  # 64 rows of 32 px a pack: a run makes 5
+        until(lambda: len(kept_packs(scratch)) >= 1 or proc.poll() is not None, timeout=120,
+              what="packs of decoded images to be kept")
         assert proc.poll() is None, "the run ended before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -534,37 +565,43 @@ def test_killed_run_leaves_whole_entries(tmp_path):
         proc.wait(timeout=30)
     spec = Preprocess(input_size=32)
     by_sha256 = {hashlib.sha256(f.read_bytes()).hexdigest(): f for f in root.rglob("*.jpg")}
-    entries = list(scratch.glob("decoded/*/??/*"))
-    assert 10 <= len(entries) < 300
-    for entry in entries:
-        assert entry.read_bytes() == resize(load_image(by_sha256[entry.name]), spec).tobytes(), entry
+    rows = kept_rows(scratch, size=32)
+    assert 64 <= len(rows) < 300
+    for digest, pixels in rows.items():
+        assert pixels == resize(load_image(by_sha256[digest]), spec).tobytes(), digest
     m = run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": {"input_size": 32}}, {}, tmp_path / "next",
                   scratch=scratch)
-    assert m["decoded"] == 300 - len(entries)
+    assert m["decoded"] == 300 - len(rows)
 
 
 def test_gc_removes_decoded_images_unused_for_a_week(tmp_path):
-    """`edgepipe gc` removes kept decoded images not read or written for SCRATCH_DAYS (the scratch folder
-    would otherwise grow with every file ever decoded); the next run decodes just those again."""
+    """`edgepipe gc` removes packs of kept decoded images not read or written for SCRATCH_DAYS (the
+    scratch folder would otherwise grow with every file ever decoded); the next run decodes just the
+    rows of those packs again."""
     from engine import gc
 
-    root = make_image_folder(tmp_path / "data", per_class=10, ext="jpg")
+    root = make_image_folder(tmp_path / "data", per_class=30, ext="jpg")
     scratch = tmp_path / "cache" / ".scratch"
 
     def run(name: str) -> dict:
         return run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE, "workers": 1}, {},
                          tmp_path / name, scratch=scratch / "dataset")
 
-    assert run("first")["decoded"] == 30
-    entries = sorted(scratch.glob("dataset/decoded/*/??/*"))
+    assert run("first")["decoded"] == 90
+    found = kept_packs(scratch / "dataset")
+    assert len(found) == 2  # 64 rows of 16 px a pack at most
+    in_old = len(PackStore(str(found[0].parent), (16, 16, 3))._header(str(found[0])))  # read before aging it
     old = time.time() - (gc.SCRATCH_DAYS + 1) * 86400
-    for entry in entries[:4]:
-        os.utime(entry, (old, old))
-    assert gc.collect_scratch(scratch, dry_run=True)[0] == 4 and len(list(scratch.glob("dataset/decoded/*/??/*"))) == 30
+    os.utime(found[0], (old, old))
+    assert gc.collect_scratch(scratch, dry_run=True)[0] == 1 and kept_packs(scratch / "dataset") == found
     removed, freed = gc.collect_scratch(scratch)
-    assert removed == 4 and freed == 4 * 16 * 16 * 3
-    assert sorted(scratch.glob("dataset/decoded/*/??/*")) == entries[4:]
-    assert run("again")["decoded"] == 4
+    assert removed == 1 and freed == packs_size(in_old, 16 * 16 * 3)
+    assert kept_packs(scratch / "dataset") == found[1:]
+    assert run("again")["decoded"] == in_old
+
+
+def packs_size(rows: int, row: int) -> int:
+    return packs.HEADER.size + rows * (packs.DIGEST_BYTES + row)
 
 
 def test_unchanged_files_are_not_read_again(tmp_path, monkeypatch):
@@ -576,10 +613,10 @@ def test_unchanged_files_are_not_read_again(tmp_path, monkeypatch):
         shutil.copy(root / CLASSES[0] / f"img {k}.jpg", root / CLASSES[1] / f"copy {k}.jpg")
     scratch = tmp_path / "scratch"
     prm = {"kind": "folder", "path": root, "preprocess": PRE, "workers": 1}
-    assert run_stage(Dataset, prm, {}, tmp_path / "first", scratch=scratch)["decoded"] == 60  # copies: kept once
+    assert run_stage(Dataset, prm, {}, tmp_path / "first", scratch=scratch)["decoded"] == 66
     read, real = [], decoding.decode_one
     monkeypatch.setattr(decoding, "decode_one",
-                        lambda file, array, spec, kept=None: read.append(Path(file).name) or real(file, array, spec, kept))
+                        lambda file, array, spec: read.append(Path(file).name) or real(file, array, spec))
     assert run_stage(Dataset, prm, {}, tmp_path / "again", scratch=scratch)["decoded"] == 0 and read == []
     save_image(class_image(2, 97), root / CLASSES[2] / "img 1.jpg")
     assert run_stage(Dataset, prm, {}, tmp_path / "changed", scratch=scratch)["decoded"] == 1
@@ -588,3 +625,23 @@ def test_unchanged_files_are_not_read_again(tmp_path, monkeypatch):
     assert len(_index(tmp_path / "cold")) == 66 and (tmp_path / "cold" / "duplicates.csv").read_text().count("\n") > 1
     for name in sorted(f.name for f in (tmp_path / "cold").iterdir()):
         assert (tmp_path / "changed" / name).read_bytes() == (tmp_path / "cold" / name).read_bytes(), name
+
+
+def test_copied_or_touched_files_take_their_kept_rows(tmp_path):
+    """A file whose stat changed but not its bytes (touched, checked out again, the folder copied
+    elsewhere) is hashed, not decoded: its kept row is found under its sha256; the arrays are a cold
+    run's."""
+    root = make_image_folder(tmp_path / "data", per_class=20, ext="jpg")
+    scratch = tmp_path / "scratch"
+    prm = {"kind": "folder", "path": root, "preprocess": PRE, "workers": 1}
+    assert run_stage(Dataset, prm, {}, tmp_path / "first", scratch=scratch)["decoded"] == 60
+    for f in root.rglob("*.jpg"):
+        os.utime(f, (1, 1))
+    shutil.copytree(root, tmp_path / "copy")
+    save_image(class_image(0, 96), tmp_path / "copy" / CLASSES[0] / "img 2.jpg")
+    assert run_stage(Dataset, prm, {}, tmp_path / "touched", scratch=scratch)["decoded"] == 0
+    m = run_stage(Dataset, {**prm, "path": tmp_path / "copy"}, {}, tmp_path / "copied", scratch=scratch)
+    assert m["decoded"] == 1
+    run_stage(Dataset, {**prm, "path": tmp_path / "copy"}, {}, tmp_path / "cold")
+    for name in ("images_train.npy", "images_val.npy", "images_test.npy", "index.csv"):
+        assert (tmp_path / "copied" / name).read_bytes() == (tmp_path / "cold" / name).read_bytes(), name
