@@ -255,7 +255,9 @@ class _Sources:
 
     def lookup(self, i: int, file: Path) -> str | None:
         """The recorded sha256 of item i's file if its stat is the recorded one; None otherwise."""
-        path = os.path.join(self.cwd, file)  # file may be relative; no resolve per file
+        path = os.fspath(file)
+        if not path.startswith("/"):  # relative; no resolve per file
+            path = os.path.join(self.cwd, path)
         try:
             sig = signature(os.stat(path))
         except OSError:
@@ -376,6 +378,29 @@ def _write_arrays(items: list[_Item], by_split: dict[str, list[int]], store: Pac
             raise StageError(f"decoded images kept under {store.folder} went missing during the run ({e}; "
                              f"`edgepipe gc` or a removed scratch folder?); run again") from None
         np.save(out / f"labels_{s}.npy", np.asarray([items[i].label for i in idx], dtype=np.int64))
+
+
+def _deal(groups: list[list[int]], targets: dict[str, float], splits: dict[int, str]) -> None:
+    """Give each group (in the order given) to the split furthest below its share of the class so far
+    (ties to the earlier of train, val, test); the first group goes to train, so every class has one."""
+    total = sum(len(g) for g in groups)
+    names = [s for s in SPLITS if targets.get(s, 0.0) * total > 0]
+    want = [targets[s] * total for s in names]
+    have = [0] * len(names)
+    for j, g in enumerate(groups):
+        if j == 0:
+            s = "train"
+            if s in names:
+                have[names.index(s)] += len(g)
+        else:
+            k, gap = 0, want[0] - have[0]
+            for m in range(1, len(names)):
+                if want[m] - have[m] > gap:
+                    k, gap = m, want[m] - have[m]
+            s = names[k]
+            have[k] += len(g)
+        for i in g:
+            splits[i] = s
 
 
 def _write_csv(path: Path, header: list[str], rows) -> None:
@@ -802,24 +827,11 @@ class Dataset(Stage):
             else:
                 label = Counter(items[i].label for i in members).most_common(1)[0][0]
             per_class[label].append(members)
-        order = ["train", "val", "test"]
         for c in sorted(per_class):
             rng = np.random.default_rng([p.seed, c])
             glist = per_class[c]
-            perm = rng.permutation(len(glist))
-            glist = [glist[j] for j in perm]
-            total = sum(len(g) for g in glist)
-            want = {s: targets.get(s, 0.0) * total for s in order}
-            have = {s: 0 for s in order}
-            for j, g in enumerate(glist):
-                if j == 0:  # every class keeps at least one training group
-                    s = "train"
-                else:
-                    candidates = [s for s in order if want[s] > 0]
-                    s = max(candidates, key=lambda s: (want[s] - have[s], -order.index(s)))
-                have[s] += len(g)
-                for i in g:
-                    splits[i] = s
+            glist = [glist[j] for j in rng.permutation(len(glist))]
+            _deal(glist, targets, splits)
         return splits
 
     @staticmethod
@@ -827,12 +839,16 @@ class Dataset(Stage):
         """(sha1, [(split, path)]) of identical files (equal digests) in more than one split, by sha1
         (duplicates.csv's column; a file's digest here is its sha256, hashed again with sha1 only for
         the few files listed)."""
-        where: dict[str, list[tuple[str, str]]] = defaultdict(list)
         first: dict[str, int] = {}
+        repeated = set()
         for i in keep:
-            if digests[i] is not None:
+            d = digests[i]
+            if d is not None and first.setdefault(d, i) != i:
+                repeated.add(d)
+        where: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for i in keep if repeated else ():
+            if digests[i] in repeated:
                 where[digests[i]].append((splits[i], items[i].path))
-                first.setdefault(digests[i], i)
         found = []
         for d, rows in where.items():
             if len({s for s, _ in rows}) > 1:

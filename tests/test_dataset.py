@@ -411,6 +411,21 @@ def test_split_arrays_are_np_save_bytes_however_rows_are_copied(tmp_path, monkey
     assert (tmp_path / "empty.npy").read_bytes() == _npy_bytes(np.zeros((0, *size, 3), np.uint8))
 
 
+def test_small_rows_are_gathered_from_whole_packs(tmp_path):
+    """Rows under 64 kB are gathered from packs read whole (more packs than are kept in memory at once,
+    rows in any order, repeated, more than one write's worth): np.save's bytes all the same."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (1000, 64, 64, 3), dtype=np.uint8)  # 12 kB rows, 12 MB in all
+    store = PackStore(str(tmp_path / "store"), (64, 64, 3))
+    where = []
+    for k in range(0, 1000, 50):
+        pack = store.write([hashlib.sha256(b"%d" % (k + j)).hexdigest() for j in range(50)], pixels[k : k + 50])
+        where += [packs.Location(pack, j) for j in range(50)]
+    idx = [*rng.permutation(1000), *range(100, 400), 7, 7]
+    store.copy_rows([where[i] for i in idx], tmp_path / "x.npy")
+    assert (tmp_path / "x.npy").read_bytes() == _npy_bytes(pixels[idx])
+
+
 def test_damaged_or_foreign_packs_are_left_out(tmp_path):
     """A store's index takes only whole packs of its own row size: a truncated pack, one of another row
     size, a file that is no pack and a temp file are not read as rows (the damaged ones are removed)."""
