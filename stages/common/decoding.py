@@ -8,6 +8,7 @@ every run. The resize settings come as pixels.PreprocessSpec (plain) for the sam
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import os
@@ -32,6 +33,28 @@ def one_thread() -> None:
     """Decoding workers run one thread each: the workers are the parallelism."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_heap_kept = False
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep freed memory for the next image (allocations under 16 MB from the
+    heap, up to 32 MB free kept at its top). By default a fresh process maps every buffer of 128 kB
+    and more (the file's bytes, libjpeg's work memory, the resized rows) anew and hands it back:
+    ~190 page faults a 448-px photo, 2.6 s of kernel time in 3,000 of them, 7,500 faults in all once
+    kept. Once per process; nothing where the C library has no mallopt (macOS, musl: a stub)."""
+    global _heap_kept
+    if _heap_kept:
+        return
+    _heap_kept = True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 16 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 32 << 20)
 
 
 def kept_store(scratch: Path, spec) -> PackStore:
@@ -77,6 +100,7 @@ def decode_chunk(jobs: list[tuple[str | None, np.ndarray | None]], spec, store: 
     worker: only (pack name or None, [(digest, why skipped, slot in the pack)]) go back to the main
     process, not the pixels (150 KB per 224-px image, which the main process would unpickle and
     write, on the cores the workers decode on)."""
+    keep_freed_memory()
     rows, digests, results = [], [], []
     for file, array in jobs:
         arr, digest, why = decode_one(file, array, spec)
