@@ -3,6 +3,8 @@
     .venv/bin/python bench/data_scale.py                                  # 100,000 files, 48 px, 10,000 photos
     .venv/bin/python bench/data_scale.py --n 5000 --size 32 --photo-n 500  # a few minutes on a busy machine
     .venv/bin/python bench/data_scale.py --photos-only --photo-n 3000      # parallel decoding only (~2 min)
+    .venv/bin/python bench/data_scale.py --photos-only --photo-n 100000 --photo-distinct 500 --no-single --repeat 1
+                                                                           # memory at 100,000 photos (~45 GB disk)
     .venv/bin/python bench/data_scale.py --dvc /tmp/dvcvenv/bin/dvc       # dvc from its own venv
 
 Generates, in a temp folder, N small JPEGs (4 class folders, sources twice the input size) and prints
@@ -40,8 +42,11 @@ CLASSES = ("a", "b", "c", "d")
 PHOTO_SIZE = 224
 
 
-def make_jpegs(folder: Path, n: int, size: int) -> None:
-    """n photo-like JPEGs (gradients and noise, twice the input size so resize does work)."""
+def make_jpegs(folder: Path, n: int, size: int, distinct: int = 0) -> None:
+    """n photo-like JPEGs (gradients and noise, twice the input size so resize does work). With
+    ``distinct`` (> 0), only that many are generated (~27 ms each at 448 px) and the rest are copies
+    of them with the file's number appended after the JPEG's end: distinct files (other bytes, so
+    other sha256) that decode to the same pixels with the same work."""
     import numpy as np
     from PIL import Image
 
@@ -50,11 +55,18 @@ def make_jpegs(folder: Path, n: int, size: int) -> None:
     ramp = np.linspace(0, 255, side, dtype=np.float32)
     for c in CLASSES:
         (folder / c).mkdir(parents=True, exist_ok=True)
+    made: list[bytes] = []
     for i in range(n):
         c = i % len(CLASSES)
+        path = folder / CLASSES[c] / f"{i:06d}.jpg"
+        if distinct and i >= distinct:
+            path.write_bytes(made[i % distinct] + i.to_bytes(4, "little"))
+            continue
         base = (ramp[None, :, None] * (c + 1) / len(CLASSES) + ramp[:, None, None] * rng.random(3)) % 256
         img = np.clip(base + rng.normal(0, 20, (side, side, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / CLASSES[c] / f"{i:06d}.jpg", quality=90)
+        Image.fromarray(img).save(path, quality=90)
+        if distinct:
+            made.append(path.read_bytes())
 
 
 def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float]:
@@ -116,7 +128,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100_000, help="small JPEGs for plan and the stage (default 100000)")
     ap.add_argument("--size", type=int, default=48, help="their input size in pixels (default 48)")
     ap.add_argument("--photo-n", type=int, default=10_000, help=f"photos decoded to {PHOTO_SIZE} px (default 10000; 0: skip)")
+    ap.add_argument("--photo-distinct", type=int, default=0, metavar="K",
+                    help="generate K photos, the rest copies with other trailing bytes (default 0: all generated)")
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="N of 'images/s at 1 and N workers'")
+    ap.add_argument("--no-single", action="store_true", help="photo runs at N workers only (no 1-worker runs)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each unchanged plan/status and photo run (median)")
     ap.add_argument("--dvc", help="the dvc command (default: $EDGEPIPE_BENCH_DVC, else dvc on PATH)")
     ap.add_argument("--plan-only", action="store_true", help="plan and dvc figures only: no dataset stage, no photos")
@@ -213,8 +228,11 @@ def _fmt(x) -> str:
 
 def photo_figures(a, tmp: Path, env: dict) -> None:
     photos = tmp / "photos"
-    make_jpegs(photos, a.photo_n, PHOTO_SIZE)
-    counts = sorted({1, a.workers})
+    t0 = time.perf_counter()
+    make_jpegs(photos, a.photo_n, PHOTO_SIZE, a.photo_distinct)
+    print(f"{a.photo_n} photos generated in {time.perf_counter() - t0:.0f} s"
+          + (f" ({a.photo_distinct} distinct, the rest copies with other trailing bytes)" if a.photo_distinct else ""))
+    counts = [a.workers] if a.no_single else sorted({1, a.workers})
     print(f"\n{a.photo_n} photo-like JPEGs of {PHOTO_SIZE * 2} px -> {PHOTO_SIZE} px, the stage in-process, "
           f"{a.repeat} run(s) per worker count in turns:")
     runs: dict[int, list[dict]] = {w: [] for w in counts}
