@@ -499,7 +499,7 @@ def kept_rows(scratch: Path, size: int = 16) -> dict[str, bytes]:
     found = {}
     for pack in kept_packs(scratch):
         store = PackStore(str(pack.parent), (size, size, 3))
-        digests, data = store._header(str(pack)), pack.read_bytes()
+        digests, data = store.header(str(pack)), pack.read_bytes()
         for slot, digest in enumerate(digests):
             at = store.offset(len(digests), slot)
             found[digest] = data[at : at + store.row]
@@ -541,7 +541,7 @@ def test_kept_decoded_images_reused(tmp_path):
     stale.write_bytes(b"half")
     os.utime(stale, (1, 1))
     sha256 = hashlib.sha256((root / CLASSES[2] / "new.jpg").read_bytes()).hexdigest()
-    [pack] = [f for f in kept_packs(scratch) if sha256 in PackStore(str(kept), (16, 16, 3))._header(str(f))]
+    [pack] = [f for f in kept_packs(scratch) if sha256 in PackStore(str(kept), (16, 16, 3)).header(str(f))]
     pack.write_bytes(pack.read_bytes()[:-1])  # damaged: its 2 rows are decoded again
     assert run("damaged")["decoded"] == 2
     same_as_cold(tmp_path / "damaged")
@@ -605,7 +605,7 @@ def test_gc_removes_decoded_images_unused_for_a_week(tmp_path):
     assert run("first")["decoded"] == 90
     found = kept_packs(scratch / "dataset")
     assert len(found) == 2  # 64 rows of 16 px a pack at most
-    in_old = len(PackStore(str(found[0].parent), (16, 16, 3))._header(str(found[0])))  # read before aging it
+    in_old = len(PackStore(str(found[0].parent), (16, 16, 3)).header(str(found[0])))  # read before aging it
     old = time.time() - (gc.SCRATCH_DAYS + 1) * 86400
     os.utime(found[0], (old, old))
     assert gc.collect_scratch(scratch, dry_run=True)[0] == 1 and kept_packs(scratch / "dataset") == found

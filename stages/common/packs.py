@@ -103,11 +103,15 @@ class PackStore:
     # -- reading --------------------------------------------------------------------------------
     def index(self) -> dict[str, Location]:
         """Where each digest's row is, from the headers of the packs in the folder. A pack whose size
-        does not match its header (damaged) is removed: its rows are decoded again."""
+        does not match its header (damaged) is removed: its rows are decoded again. One that cannot
+        be read now (removed meanwhile, a passing error) is left out and left alone."""
         found: dict[str, Location] = {}
         for name in self._packs():
             path = os.path.join(self.folder, name)
-            digests = self._header(path)
+            try:
+                digests = self.header(path)
+            except OSError:
+                continue
             if digests is None:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
@@ -123,12 +127,10 @@ class PackStore:
         except OSError:  # no folder yet
             return []
 
-    def _header(self, path: str) -> list[str] | None:
-        """The digests a pack names, or None when the file is not a whole pack of this store's rows."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return None
+    def header(self, path: str) -> list[str] | None:
+        """The digests a pack names, or None when the file is not a whole pack of this store's rows;
+        OSError when it cannot be read."""
+        fd = os.open(path, os.O_RDONLY)
         try:
             head = os.read(fd, HEADER.size)
             if len(head) != HEADER.size:
@@ -138,8 +140,6 @@ class PackStore:
             if magic != MAGIC or row != self.row or os.fstat(fd).st_size != size:
                 return None
             raw = os.pread(fd, count * DIGEST_BYTES, HEADER.size)
-        except OSError:
-            return None
         finally:
             os.close(fd)
         return [raw[k : k + DIGEST_BYTES].hex() for k in range(0, len(raw), DIGEST_BYTES)]
