@@ -788,8 +788,9 @@ class Dataset(Stage):
             raise StageError(f"a decoding worker died (out of memory, or a crash in an image decoder) near "
                              f"{where!r}; rerun with dataset.workers=1 to find the file") from None
         except OSError as e:
+            instead = "" if store.temporary else ", or set dataset.keep_decoded=false to keep no copy there"
             raise StageError(f"cannot write decoded images under {store.folder}: {e.strerror or e}; free disk "
-                             f"space there, or set dataset.keep_decoded=false") from None
+                             f"space there{instead}") from None
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)

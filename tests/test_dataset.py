@@ -660,3 +660,21 @@ def test_copied_or_touched_files_take_their_kept_rows(tmp_path):
     run_stage(Dataset, {**prm, "path": tmp_path / "copy"}, {}, tmp_path / "cold")
     for name in ("images_train.npy", "images_val.npy", "images_test.npy", "index.csv"):
         assert (tmp_path / "copied" / name).read_bytes() == (tmp_path / "cold" / name).read_bytes(), name
+
+
+def test_an_unwritable_store_is_a_one_line_error(tmp_path):
+    """Decoded rows that cannot be written (here a file stands where the store's folder goes; a full
+    disk reads the same) fail the stage with one line naming the folder and what to do."""
+    root = make_image_folder(tmp_path / "data", per_class=4, ext="jpg")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "decoded").write_text("not a folder")
+    with pytest.raises(StageError) as e:
+        run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE, "workers": 1}, {}, tmp_path / "out",
+                  scratch=scratch)
+    msg = str(e.value)
+    assert "\n" not in msg and f"cannot write decoded images under {scratch / 'decoded'}" in msg, msg
+    assert "dataset.keep_decoded=false" in msg
+    m = run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE, "workers": 1, "keep_decoded": False},
+                  {}, tmp_path / "without", scratch=scratch)
+    assert m["decoded"] == 12
