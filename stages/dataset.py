@@ -345,10 +345,16 @@ def _in_order(pool: ProcessPoolExecutor | None, task, chunks: Iterator[tuple], w
 
 def _store(items: list[_Item], p, out: Path, ctx) -> PackStore:
     """Where the decoded rows go: the kept store when there is a scratch folder and the images are
-    files, else a temporary one in ``out`` (removed once the arrays are written)."""
+    files, else a temporary one in ``out`` (removed once the arrays are written). A kept store whose
+    folder cannot be made costs the reuse next time, not this run."""
     shape = (*p.preprocess.input_size, 3)
     if ctx.scratch is not None and p.keep_decoded and items and items[0].file is not None:
-        return kept_store(ctx.scratch, p.preprocess)
+        kept = kept_store(ctx.scratch, p.preprocess)
+        try:
+            os.makedirs(os.path.join(kept.folder, ".tmp"), exist_ok=True)
+            return kept
+        except OSError as e:
+            ctx.note(f"decoded images are not kept this run: cannot make {kept.folder} ({e.strerror or e})")
     return PackStore.temporary_in(out, shape)
 
 

@@ -662,19 +662,20 @@ def test_copied_or_touched_files_take_their_kept_rows(tmp_path):
         assert (tmp_path / "copied" / name).read_bytes() == (tmp_path / "cold" / name).read_bytes(), name
 
 
-def test_an_unwritable_store_is_a_one_line_error(tmp_path):
-    """Decoded rows that cannot be written (here a file stands where the store's folder goes; a full
-    disk reads the same) fail the stage with one line naming the folder and what to do."""
+def test_an_unwritable_store_keeps_nothing_and_says_so(tmp_path, caplog):
+    """A kept store whose folder cannot be made (here a file stands where it goes) costs the reuse next
+    time, not the run: the rows go to a temporary store, a note names the folder, and the arrays are a
+    cold run's."""
     root = make_image_folder(tmp_path / "data", per_class=4, ext="jpg")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     (scratch / "decoded").write_text("not a folder")
-    with pytest.raises(StageError) as e:
-        run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE, "workers": 1}, {}, tmp_path / "out",
-                  scratch=scratch)
-    msg = str(e.value)
-    assert "\n" not in msg and f"cannot write decoded images under {scratch / 'decoded'}" in msg, msg
-    assert "dataset.keep_decoded=false" in msg
-    m = run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": PRE, "workers": 1, "keep_decoded": False},
-                  {}, tmp_path / "without", scratch=scratch)
-    assert m["decoded"] == 12
+    prm = {"kind": "folder", "path": root, "preprocess": PRE, "workers": 1}
+    with caplog.at_level("INFO"):
+        assert run_stage(Dataset, prm, {}, tmp_path / "out", scratch=scratch)["decoded"] == 12
+    assert any("decoded images are not kept this run" in r.message and str(scratch / "decoded") in r.message
+               for r in caplog.records), caplog.text
+    assert not (tmp_path / "out" / ".decoded.tmp").exists()
+    run_stage(Dataset, prm, {}, tmp_path / "cold")
+    for name in ("images_train.npy", "images_val.npy", "images_test.npy", "index.csv"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "cold" / name).read_bytes(), name
