@@ -274,10 +274,13 @@ class Cache:
                 hashes: Mapping[str, str] | None = None, digest: str | None = None) -> Hit:
         """Hash the outputs (or take `hashes`, already checked, and `digest`), make them read-only, and
         rename them into place as out/ with the manifest beside it, in one rename."""
-        files: dict[str, dict] = {}
-        for rel in list_files(tmp):
-            f = tmp / rel
+        listed = list_files(tmp)
+        for rel in listed:  # every chmod before any stat: a chmod moves the ctime of each hard link of the
+            f = tmp / rel  # file (Lightning links last.ckpt to best.ckpt), and a moved ctime costs a re-hash
             os.chmod(f, stat.S_IMODE(f.stat().st_mode) & ~0o222)
+        files: dict[str, dict] = {}
+        for rel in listed:
+            f = tmp / rel
             st = f.stat()
             files[rel] = {"size": st.st_size, "sha256": hashes[rel] if hashes else sha256_file(f),
                           "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}

@@ -120,6 +120,27 @@ def test_damaged_cache_entry_is_detected_and_recomputed(ws):
     assert ws.statuses()["quant"] == "ran" and (entry / "value.txt").read_text() == "30"
 
 
+def test_an_entry_records_the_stats_its_files_keep_so_a_hit_reads_no_file(tmp_path, monkeypatch):
+    """Two hard links to one file (Lightning's last.ckpt and best.ckpt when the last epoch is the
+    best): making the second read-only moves the ctime of both, so the manifest must hold the stats
+    taken after every chmod, or each hit re-hashes the checkpoint."""
+    from engine import cache as cache_module
+
+    cache = cache_module.Cache(tmp_path / "cache")
+    tmp = cache.new_tmp("train", "k")
+    (tmp / "checkpoints").mkdir()
+    with open(tmp / "checkpoints" / "best.ckpt", "wb") as f:
+        f.truncate(64 << 20)  # hashing it takes longer than the clock's tick, so the ctimes differ
+    os.link(tmp / "checkpoints" / "best.ckpt", tmp / "checkpoints" / "last.ckpt")
+    hit = cache.publish(tmp, "train", "k", {})
+    for rel, meta in hit.manifest["files"].items():
+        st = (hit.path / rel).stat()
+        assert (st.st_mtime_ns, st.st_ctime_ns) == (meta["mtime_ns"], meta["ctime_ns"]), rel
+    rehashed = []
+    monkeypatch.setattr(cache_module, "sha256_file", lambda f: rehashed.append(f))
+    assert cache.lookup("train", "k") is not None and rehashed == []
+
+
 def test_only_runs_the_stage_and_what_it_needs(ws):
     r = ws.cli("run", "--only", "scale")
     assert r.rc == 0
