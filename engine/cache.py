@@ -193,7 +193,9 @@ class Cache:
             return self._remote_lookup(stage_type, key, fetch) if self.remote else None
         except ValueError:
             raise CorruptEntry(f"{path}: manifest.json is not valid JSON") from None
-        self.verify(path / OUT, manifest)
+        moved = self.verify(path / OUT, manifest)
+        if moved:
+            manifest = _restamp(path / MANIFEST, manifest, moved)
         return Hit(path / OUT, manifest)
 
     def _remote_lookup(self, stage_type: str, key: str, fetch: bool) -> Hit | None:
@@ -227,11 +229,13 @@ class Cache:
             self.remote.check()
 
     @staticmethod
-    def verify(path: Path, manifest: Mapping, rehash: bool = False) -> None:
+    def verify(path: Path, manifest: Mapping, rehash: bool = False) -> dict[str, os.stat_result]:
         """Check every file of an output folder by size, mtime and ctime (cheap); re-hash only files
         whose times changed. ctime cannot be set from user space, so a same-size edit that restores the
         mtime is caught too; an edit within the filesystem's timestamp granularity of the entry's
-        creation is not (use `edgepipe reproduce --verify` to recompute)."""
+        creation is not (use `edgepipe reproduce --verify` to recompute). Returns the stats of the
+        files whose times moved while their content did not."""
+        moved = {}
         for rel, meta in manifest["files"].items():
             f = path / rel
             try:
@@ -243,6 +247,9 @@ class Cache:
             changed = st.st_mtime_ns != meta["mtime_ns"] or st.st_ctime_ns != meta.get("ctime_ns", st.st_ctime_ns)
             if (rehash or changed) and sha256_file(f) != meta["sha256"]:
                 raise CorruptEntry(f"{f}: content changed since it was cached")
+            if changed:
+                moved[rel] = st
+        return moved
 
     # ---- locking -----------------------------------------------------------------------------
     def lock_path(self, stage_type: str, key: str) -> Path:
@@ -318,6 +325,24 @@ class Cache:
         for type_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for entry in sorted(p for p in type_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 yield type_dir.name, entry.name, entry
+
+
+def _restamp(path: Path, manifest: dict, moved: Mapping[str, os.stat_result]) -> dict:
+    """The manifest with the times of files found intact after their times moved (a chmod, a new hard
+    link, a restore from backup), replaced atomically, so the next hit re-hashes nothing. A manifest
+    that cannot be replaced (a read-only shared cache) stays as it is."""
+    files = dict(manifest["files"])
+    for rel, st in moved.items():
+        files[rel] = dict(files[rel], mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns)
+    manifest = dict(manifest, files=files)
+    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2, default=str))
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return manifest
 
 
 def entry_of(output: Path) -> Path:

@@ -141,6 +141,26 @@ def test_an_entry_records_the_stats_its_files_keep_so_a_hit_reads_no_file(tmp_pa
     assert cache.lookup("train", "k") is not None and rehashed == []
 
 
+def test_a_file_whose_times_moved_is_hashed_once_and_its_new_times_kept(tmp_path, monkeypatch):
+    """An intact file whose ctime moved (a chmod, a new hard link, a restore) is re-hashed on the next
+    hit, and its new times go into the manifest: entries made before the fix above stop re-hashing."""
+    from engine import cache as cache_module
+
+    cache = cache_module.Cache(tmp_path / "cache")
+    tmp = cache.new_tmp("train", "k")
+    (tmp / "model.pt").write_bytes(b"weights")
+    hit = cache.publish(tmp, "train", "k", {})
+    time.sleep(0.05)  # past the clock's tick: the chmod gives a new ctime
+    os.chmod(hit.path / "model.pt", 0o400)
+    hashed = []
+    real = cache_module.sha256_file
+    monkeypatch.setattr(cache_module, "sha256_file", lambda f: hashed.append(f) or real(f))
+    assert cache.lookup("train", "k").manifest["files"]["model.pt"]["ctime_ns"] == (hit.path / "model.pt").stat().st_ctime_ns
+    assert cache.lookup("train", "k") is not None
+    assert hashed == [hit.path / "model.pt"]
+    assert sorted(p.name for p in hit.path.parent.iterdir()) == ["manifest.json", "out"]
+
+
 def test_only_runs_the_stage_and_what_it_needs(ws):
     r = ws.cli("run", "--only", "scale")
     assert r.rc == 0
