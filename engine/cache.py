@@ -183,7 +183,8 @@ class Cache:
     def lookup(self, stage_type: str, key: str, fetch: bool = True) -> Hit | None:
         """The entry if present and intact; None if absent; CorruptEntry if its files changed. On a
         local miss the remote (if any) is asked: with `fetch` (call with the key's lock held) the entry
-        is downloaded, checked and published here; without, a remote hit is only reported."""
+        is downloaded, checked and published here; without, a remote hit is only reported. Without
+        `fetch` nothing is written (`plan`): not even the new times of a file found intact."""
         path = self.entry(stage_type, key)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
@@ -194,7 +195,7 @@ class Cache:
         except ValueError:
             raise CorruptEntry(f"{path}: manifest.json is not valid JSON") from None
         moved = self.verify(path / OUT, manifest)
-        if moved:
+        if moved and fetch:
             manifest = _restamp(path / MANIFEST, manifest, moved)
         return Hit(path / OUT, manifest)
 

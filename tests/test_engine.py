@@ -155,9 +155,12 @@ def test_a_file_whose_times_moved_is_hashed_once_and_its_new_times_kept(tmp_path
     hashed = []
     real = cache_module.sha256_file
     monkeypatch.setattr(cache_module, "sha256_file", lambda f: hashed.append(f) or real(f))
+    before = (hit.path.parent / "manifest.json").read_bytes()
+    assert cache.lookup("train", "k", fetch=False) is not None  # `plan`: checks, writes nothing
+    assert (hit.path.parent / "manifest.json").read_bytes() == before
     assert cache.lookup("train", "k").manifest["files"]["model.pt"]["ctime_ns"] == (hit.path / "model.pt").stat().st_ctime_ns
     assert cache.lookup("train", "k") is not None
-    assert hashed == [hit.path / "model.pt"]
+    assert hashed == [hit.path / "model.pt"] * 2
     assert sorted(p.name for p in hit.path.parent.iterdir()) == ["manifest.json", "out"]
 
 
