@@ -297,8 +297,7 @@ class Cache:
             {r: m["sha256"] for r, m in files.items() if not matches(r, skip)}))
         staged = tmp.with_name(f"{tmp.name}-entry")  # in .tmp, named by the key: a killed run's is cleaned
         staged.mkdir()
-        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        os.chmod(staged / MANIFEST, 0o444)
+        _write_manifest(staged / MANIFEST, manifest)
         os.rename(tmp, staged / OUT)
         final = self.entry(stage_type, key)
         if final.exists():  # --force, or replacing a corrupt entry
@@ -328,6 +327,11 @@ class Cache:
                 yield type_dir.name, entry.name, entry
 
 
+def _write_manifest(path: Path, manifest: Mapping) -> None:
+    path.write_text(json.dumps(manifest, indent=2, default=str))
+    os.chmod(path, 0o444)
+
+
 def _restamp(path: Path, manifest: dict, moved: Mapping[str, os.stat_result]) -> dict:
     """The manifest with the times of files found intact after their times moved (a chmod, a new hard
     link, a restore from backup), replaced atomically, so the next hit re-hashes nothing. A manifest
@@ -338,8 +342,7 @@ def _restamp(path: Path, manifest: dict, moved: Mapping[str, os.stat_result]) ->
     manifest = dict(manifest, files=files)
     tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(json.dumps(manifest, indent=2, default=str))
-        os.chmod(tmp, 0o444)
+        _write_manifest(tmp, manifest)
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)
