@@ -164,3 +164,167 @@ def make_photo_folder(root: Path, per_class: int = 100, size: int = 256, seed: i
                 crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
             crop.save(folder / f"{name}_{i:04d}.jpg", quality=90)
     return root
+
+
+# -- real photographs shipped inside installed packages ------------------------------------------------
+# Generated pictures (one bright band or colour per class) are learnt at 32 px in one epoch and survive
+# any int8 scheme; real photographs at 224 px are what users train on, and what breaks first. These
+# builders cut augmented crops out of the photos scikit-learn, matplotlib and scikit-image install.
+# The test classes and the pretraining photos are disjoint: "pretrained" weights never saw a test class.
+CLASS_PHOTOS = ("china", "flower", "grace_hopper", "astronaut", "coffee", "chelsea")
+PRETRAIN_PHOTOS = ("rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera", "brick", "grass",
+                   "gravel", "coins", "moon")
+# the same six classes under Chinese names (labels.txt, packages and report pictures in UTF-8)
+CHINESE_NAMES = {"china": "寺庙", "flower": "花", "grace_hopper": "人像", "astronaut": "宇航员", "coffee": "咖啡",
+                 "chelsea": "猫"}
+
+
+def real_photo(name: str) -> np.ndarray:
+    """One photograph shipped inside an installed package, as uint8 H x W x 3 RGB (grey ones stacked)."""
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        img = load_sample_image(f"{name}.jpg")
+    elif name == "grace_hopper":
+        from matplotlib import cbook
+
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            img = np.asarray(Image.open(f).convert("RGB"))
+    else:
+        from skimage import data
+
+        img = getattr(data, name)()
+    img = np.asarray(img, dtype=np.uint8)
+    return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
+
+
+def augmented_crop(photo: np.ndarray, rng: np.random.Generator, size: int) -> Image.Image:
+    """A square crop of ``photo`` at a random place and scale (30-75% of its shorter side), maybe
+    mirrored, with brightness/contrast/saturation each jittered by up to 25%, resized to ``size``."""
+    from PIL import ImageEnhance
+
+    h, w, _ = photo.shape
+    side = int(min(h, w) * rng.uniform(0.3, 0.75))
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        crop = enhance(crop).enhance(float(rng.uniform(0.75, 1.25)))
+    return crop
+
+
+def make_real_photo_folder(root: Path, size: int = 256, per_class: int = 30, photos=CLASS_PHOTOS,
+                           names: dict[str, str] | None = None, seed: int = 0) -> Path:
+    """root/<class>/<photo>_<i>.jpg: ``per_class`` augmented crops (JPEG, ``size`` px square: build at
+    or above the experiment's input size) of each photo in ``photos``; a class is named by its photo,
+    or by ``names[photo]`` (e.g. CHINESE_NAMES). Seeded: the same arguments give the same files."""
+    root = Path(root)
+    for k, photo_name in enumerate(photos):
+        photo = real_photo(photo_name)
+        rng = np.random.default_rng([seed, k])
+        folder = root / (names or {}).get(photo_name, photo_name)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            augmented_crop(photo, rng, size).save(folder / f"{photo_name}_{i:03d}.jpg", quality=90)
+    return root
+
+
+# -- really pretrained weights -----------------------------------------------------------------------
+# A backbone trained first on OTHER photos (PRETRAIN_PHOTOS, none of them a test class), saved as the
+# architecture's torchvision state_dict (its keys and shapes, 1000-class head included) under
+# torchvision's own file name: what `model.pretrained` is given by users who downloaded ImageNet
+# weights. Trained at a small size to stay cheap: conv weights do not depend on the input size.
+TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+                       "mobilenet_v3_small": "MobileNet_V3_Small_Weights.IMAGENET1K_V1"}
+
+
+def torchvision_file_name(arch: str) -> str:
+    """The file name torchvision gives ``arch``'s ImageNet weights in $TORCH_HOME/hub/checkpoints."""
+    from torchvision.models import get_weight
+
+    return get_weight(TORCHVISION_WEIGHTS[arch]).url.rsplit("/", 1)[1]
+
+
+def pretrain_backbone(arch: str, folder: Path, size: int = 64, per_class: int = 40, epochs: int = 12,
+                      seed: int = 0) -> Path:
+    """Train the model zoo's ``arch`` to tell the PRETRAIN_PHOTOS apart from crops at ``size`` px (ImageNet
+    mean/std) and save it as torchvision's state_dict at folder/<torchvision's file name>."""
+    import torch
+    import torchvision
+
+    from stages.common.models import build_model
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for k, name in enumerate(PRETRAIN_PHOTOS):
+        photo = real_photo(name)
+        images += [np.asarray(augmented_crop(photo, rng, size)) for _ in range(per_class)]
+        labels += [k] * per_class
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    y = torch.tensor(labels)
+    model = build_model(arch, len(PRETRAIN_PHOTOS)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps = epochs * (len(x) // 32)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x) - 31, 32):
+            idx = order[i:i + 32]
+            batch = torch.where(torch.rand(len(idx), 1, 1, 1) < 0.5, x[idx], x[idx].flip(3))
+            loss = torch.nn.functional.cross_entropy(model(batch), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return save_as_torchvision(model, arch, Path(folder) / torchvision_file_name(arch))
+
+
+def save_as_torchvision(model, arch: str, path: Path) -> Path:
+    """``model``'s weights in torchvision's ``arch`` state_dict (strictly loadable by it): tensors of the
+    same shape are copied, the 1000-class head gets the trained rows first and keeps the rest."""
+    import torch
+    import torchvision
+
+    reference = getattr(torchvision.models, arch)(weights=None)
+    state = reference.state_dict()
+    for key, tensor in model.state_dict().items():
+        target = state[key]
+        if target.shape == tensor.shape:
+            state[key] = tensor.detach().clone()
+        else:  # the head: 1000 rows there, one per pretraining class here
+            target[: tensor.shape[0]] = tensor.detach()
+    reference.load_state_dict(state, strict=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def pretrained_override(weights: Path) -> list[str]:
+    """The overrides that make an experiment finetune from ``weights`` (a torchvision file, named as
+    torchvision names it, in <torch home>/hub/checkpoints/).
+    SWITCH POINT (issue 22, weights branch): once `model.pretrained=imagenet` resolves through
+    torchvision's weights API, set TORCH_HOME=weights.parents[2] and return ["model.pretrained=imagenet"]."""
+    return [f"model.pretrained={weights}", "train.mode=finetune"]
+
+
+# Every experiment on real photos at its own input size: photo size (at or above the input size), the
+# architecture whose pretrained weights it finetunes from (None: trained from scratch, as shipped), and
+# the fewest epochs (with batches of 16 to give them steps) that reach its targets.
+# mnist_gem_resnet is not here: it reads digit file lists (labels 0..9), it keeps its own digits.
+REAL_PHOTO_EXPERIMENTS = {
+    "quickstart": {"size": 64, "arch": None, "overrides": ["dataset=folder"]},
+    "v831_resnet18": {"size": 256, "arch": "resnet18", "overrides": ["train.epochs=3"]},
+    "rv1103_mobilenetv3": {"size": 256, "arch": "mobilenet_v3_small", "overrides": ["train.epochs=5"]},
+    "onnx_catsdogs": {"size": 256, "arch": "mobilenet_v3_small", "overrides": ["train.epochs=3"]},
+}
+REAL_PHOTO_SPLIT = ["dataset.split.test=0.3", "dataset.split.val=0.1", "train.batch_size=16"]
+
+
+def real_photo_overrides(experiment: str, data: Path, weights: Path | None) -> list[str]:
+    """`edgepipe run` arguments for ``experiment`` on the real-photo folder ``data``."""
+    spec = REAL_PHOTO_EXPERIMENTS[experiment]
+    return [f"+experiment={experiment}", f"dataset.path={data}", *REAL_PHOTO_SPLIT, *spec["overrides"],
+            *(pretrained_override(weights) if weights is not None else [])]
