@@ -104,3 +104,40 @@ def project(tmp_path, capsys, monkeypatch) -> Workspace:
     monkeypatch.delenv("EDGEPIPE_PLUGINS", raising=False)
     monkeypatch.chdir(tmp_path)
     return w
+
+
+# -- real photographs and really pretrained weights (tests/helpers_data.py), built once per session ------
+@pytest.fixture(scope="session")
+def real_photos(tmp_path_factory):
+    """real_photos(size=256, per_class=40, chinese=False) -> a class-per-folder set of augmented crops of
+    real photos (six classes), built once per session for each argument set."""
+    from helpers_data import CHINESE_NAMES, make_real_photo_folder
+
+    built: dict[tuple, Path] = {}
+
+    def build(size: int = 256, per_class: int = 40, chinese: bool = False) -> Path:
+        key = (size, per_class, chinese)
+        if key not in built:
+            root = tmp_path_factory.mktemp(f"real_photos_{size}px") / "photos"
+            built[key] = make_real_photo_folder(root, size=size, per_class=per_class,
+                                                names=CHINESE_NAMES if chinese else None)
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def pretrained_weights(tmp_path_factory):
+    """pretrained_weights(arch) -> a torchvision state_dict of ``arch`` trained first on other photos, at
+    <session torch home>/hub/checkpoints/<torchvision's file name> (trained once per session)."""
+    from helpers_data import pretrain_backbone
+
+    torch_home = tmp_path_factory.mktemp("torch_home")
+    made: dict[str, Path] = {}
+
+    def weights(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = pretrain_backbone(arch, torch_home / "hub" / "checkpoints")
+        return made[arch]
+
+    return weights

@@ -1,0 +1,138 @@
+"""Every experiment on real photographs at its own input size, and finetune vs from scratch.
+
+The data and weights are the tests' (tests/helpers_data.py): six classes of augmented crops cut from
+photos that scikit-learn, matplotlib and scikit-image install (china, flower, grace_hopper, astronaut,
+coffee, chelsea), and backbones pretrained first on ten OTHER photos, saved as torchvision state_dicts.
+Each experiment runs through the real CLI (`edgepipe run +experiment=NAME dataset.path=...`) with the
+same overrides as tests/test_real_photos.py; printed per experiment: top-1 of every backend its
+evaluate stage scores (fp32 PyTorch, ONNX Runtime, ncnn, RKNN normal / mmse in the simulator) and the
+int8 drop against `evaluate.quant_max_drop`. Then, per architecture, the finetuned model's test top-1
+beside the same training from scratch (same data, epochs and seed).
+
+Everything is kept under --work (edgepipe's own cache): a second run only prints.
+
+    .venv/bin/python bench/real_photos.py                                   # every experiment
+    .venv/bin/python bench/real_photos.py --experiments rv1103_mobilenetv3 --work /tmp/rp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from helpers_data import (CHINESE_NAMES, REAL_PHOTO_EXPERIMENTS, make_real_photo_folder, pretrain_backbone,  # noqa: E402
+                          real_photo_overrides, torchvision_file_name)
+
+# one finetuning experiment per architecture whose pipeline has no `init` input (rv1103's train starts
+# from its clip stage, which a from-scratch training cannot take)
+FINETUNE_VS_SCRATCH = ("onnx_catsdogs", "v831_resnet18")
+BACKENDS = ("pytorch", "torchscript", "onnx", "ncnn", "rknn_normal", "rknn_mmse")
+
+
+def photos(work: Path, size: int, per_class: int, chinese: bool) -> Path:
+    folder = work / f"photos_{size}px_{per_class}{'_zh' if chinese else ''}"
+    if not folder.is_dir():
+        make_real_photo_folder(folder.with_suffix(".tmp"), size=size, per_class=per_class,
+                               names=CHINESE_NAMES if chinese else None)
+        folder.with_suffix(".tmp").rename(folder)
+    return folder
+
+
+def weights(work: Path, arch: str) -> Path:
+    path = work / "torch_home" / "hub" / "checkpoints" / torchvision_file_name(arch)
+    if not path.is_file():
+        t0 = time.perf_counter()
+        pretrain_backbone(arch, path.parent)
+        print(f"pretrained {arch} on other photos in {time.perf_counter() - t0:.0f} s: {path}", flush=True)
+    return path
+
+
+def run(work: Path, *overrides: str) -> tuple[int, dict, float]:
+    """`edgepipe run` in this process; (exit code, run.json, seconds)."""
+    from engine.cli import main
+
+    t0 = time.perf_counter()
+    rc = main(["run", f"runs_root={work / 'runs'}", *overrides])
+    seconds = time.perf_counter() - t0
+    record = json.loads((work / "runs" / "latest" / "run.json").read_text())
+    return rc, record, seconds
+
+
+def eval_metrics(record: dict, stage: str = "eval") -> dict:
+    return json.loads((Path(record["stages"][stage]["path"]) / "metrics.json").read_text())
+
+
+def experiment_row(work: Path, name: str, per_class: int) -> tuple[dict, dict]:
+    spec = REAL_PHOTO_EXPERIMENTS[name]
+    data = photos(work, spec["size"], per_class, spec["chinese"])
+    w = weights(work, spec["arch"]) if spec["arch"] else None
+    rc, record, seconds = run(work, *real_photo_overrides(name, data, w))
+    failed = {k: s.get("error") for k, s in record["stages"].items() if s["status"] == "failed"}
+    row = {"experiment": name, "rc": rc, "seconds": round(seconds), "failed": failed}
+    if "eval" in record["stages"] and record["stages"]["eval"]["status"] != "failed":
+        m = eval_metrics(record)
+        row["samples"] = m["samples"]
+        row["quant_max_drop"] = m["targets"]["quant_max_drop_points"]
+        for backend, b in m["backends"].items():
+            row[backend] = b["top1"]
+            if "drop_points" in b and b.get("kind", "").startswith("rknn"):
+                row[f"{backend}_drop"] = b["drop_points"]
+    return row, record
+
+
+def scratch_vs_finetune(work: Path, name: str, record: dict, per_class: int) -> dict:
+    """The train stage of ``name`` again from scratch (same data, epochs, seed): its test accuracy
+    beside the finetuned one's."""
+    spec = REAL_PHOTO_EXPERIMENTS[name]
+    data = photos(work, spec["size"], per_class, spec["chinese"])
+    overrides = real_photo_overrides(name, data, None)
+    scratch_rc, scratch, _ = run(work, *overrides, "train.mode=fromscratch", "model.pretrained=null", "--only", "train")
+    finetuned = record["stages"]["train"]["metrics"]
+    return {"experiment": name, "arch": spec["arch"], "finetune": finetuned.get("test_acc"),
+            "scratch": scratch["stages"]["train"]["metrics"].get("test_acc") if scratch_rc == 0 else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experiments", nargs="*", default=list(REAL_PHOTO_EXPERIMENTS))
+    ap.add_argument("--per-class", type=int, default=40, help="images per class (default 40)")
+    ap.add_argument("--work", type=Path, default=None, help="keep data, weights and runs here (default: a temp folder)")
+    args = ap.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="edgepipe-real-photos-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.pop("EDGEPIPE_PLUGINS", None)
+    rows, records = [], {}
+    for name in args.experiments:
+        row, records[name] = experiment_row(work, name, args.per_class)
+        rows.append(row)
+        print(json.dumps(row, ensure_ascii=False), flush=True)
+    print(f"\n{'experiment':<20} {'n':>4} " + " ".join(f"{b:>12}" for b in BACKENDS) + "  int8 drop (target)")
+    for row in rows:
+        cells = " ".join(f"{row[b]:>12.2%}" if b in row else f"{'-':>12}" for b in BACKENDS)
+        drops = ", ".join(f"{b} {row[f'{b}_drop']:.2f}" for b in ("rknn_normal", "rknn_mmse") if f"{b}_drop" in row)
+        target = f" (<= {row['quant_max_drop']:g})" if drops else ""
+        status = "" if row["rc"] == 0 else f"  run exit {row['rc']}: {row['failed']}"
+        print(f"{row['experiment']:<20} {row.get('samples', '-'):>4} {cells}  {drops}{target}{status}")
+    print(f"\n{'finetune vs scratch':<20} {'arch':<20} {'finetune':>9} {'scratch':>9}   (train stage's test_acc)")
+    for name in FINETUNE_VS_SCRATCH:
+        if name not in records or records[name]["stages"].get("train", {}).get("status") not in ("ran", "cached"):
+            continue
+        arch = REAL_PHOTO_EXPERIMENTS[name]["arch"]
+        r = scratch_vs_finetune(work, name, records[name], args.per_class)
+        fmt = lambda v: f"{v:>9.2%}" if v is not None else f"{'failed':>9}"  # noqa: E731
+        print(f"{name:<20} {arch:<20} {fmt(r['finetune'])} {fmt(r['scratch'])}", flush=True)
+    print(f"\n(work folder: {work})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
