@@ -28,6 +28,7 @@ from helpers_data import REAL_PHOTO_EXPERIMENTS, real_photo_overrides
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="module")
 def experiment_run(tmp_path_factory, real_photos, pretrained_weights):
     """experiment_run(name) -> (exit code, run.json, eval metrics.json): one run per experiment and module,
@@ -57,7 +58,7 @@ def _run(runs: Path, name: str, real_photos, pretrained_weights) -> tuple[int, d
     finally:
         mp.undo()
     record = json.loads((runs / "latest" / "run.json").read_text())
-    assert record["name"] == name if "name" in record else True
+    assert record["name"] == name  # this run's record, not an earlier one's
     failed = {k: s.get("error") for k, s in record["stages"].items() if s["status"] == "failed"}
     assert "eval" in record["stages"] and "eval" not in failed, failed
     metrics = json.loads((Path(record["stages"]["eval"]["path"]) / "metrics.json").read_text(encoding="utf-8"))
