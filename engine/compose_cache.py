@@ -35,7 +35,7 @@ ENV = "EDGEPIPE_COMPOSE_CACHE"
 KEEP = 200  # entries; the oldest go first
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # .hydra/ texts an entry keeps
 _ENV_NAME = re.compile(r"\$\{(?:oc\.)?env:\s*([A-Za-z_][A-Za-z0-9_]*)")
-_CODE = ("compose.py", "compose_cache.py", "__init__.py")  # engine/ files whose code makes the Job
+_CODE = ("compose.py", "compose_cache.py", "targets.py", "__init__.py")  # engine/ files whose code makes the Job
 
 
 def folder() -> Path | None:
