@@ -74,7 +74,7 @@ def load(job: Job) -> Remembered | None:
     if path is None:
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(compose_cache.read_entry(path) or "null")  # sealed: an edited memo is a miss
         if data["format"] != FORMAT:
             return None
         if any(_code_stats(Path(root)) != stats for root, stats in data["plugins"].items()):

@@ -131,3 +131,93 @@ def test_a_remembered_composition_is_checked_again(ws, conf, monkeypatch):
         assert compose.compose(["+experiment=evil"]).digest is not None  # kept
     r = ws.cli("plan", "+experiment=evil")
     assert_clean_failure(r, 2, "hydra.callbacks.x._target_")
+
+
+# -- the user cache folder: compose cache and plan memo -------------------------------------------------------
+def _compose_folder() -> Path:
+    from engine import compose_cache
+
+    return compose_cache.folder()
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    edit(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def _value_run(ws) -> str:
+    return (ws.runs / "latest" / "stages" / "src" / "value.txt").read_text()
+
+
+def test_an_edited_plan_memo_is_a_miss_never_a_wrong_hit(ws):
+    """The memo of `src.value=5` edited to say value 1 (the key of a run that exists): the run must
+    compute value 5, as its .hydra/config.yaml says, not reuse value 1's output."""
+    from engine import compose
+
+    assert ws.cli("run", "src.value=1").rc == 0 and ws.cli("run", "src.value=5").rc == 0
+    digest = compose.compose(["src.value=5"]).digest
+    (memo,) = (_compose_folder() / "validated").glob(f"{digest}-*.json")
+    _edit_json(memo, lambda d: d["stages"]["src"]["recipe"]["params"].update(value=1))
+    shutil.rmtree(next(e for e in ws.entries("t_source") if _value_of(e) == "5"))  # value 5 must run again
+    r = ws.cli("run", "src.value=5")
+    assert r.rc == 0, r.err
+    assert "value: 5" in (ws.runs / "latest" / ".hydra" / "config.yaml").read_text()
+    assert _value_run(ws) == "5" and ws.statuses()["src"] == "ran"
+
+
+def _value_of(entry: Path) -> str:
+    return (entry / "out" / "value.txt").read_text()
+
+
+def test_a_memo_copied_under_another_configs_name_is_a_miss(ws):
+    from engine import compose
+
+    assert ws.cli("run", "src.value=1").rc == 0 and ws.cli("run", "src.value=5").rc == 0
+    one, five = (next((_compose_folder() / "validated").glob(f"{compose.compose([o]).digest}-*.json"))
+                 for o in ("src.value=1", "src.value=5"))
+    shutil.copyfile(one, five)
+    assert ws.cli("run", "src.value=5").rc == 0
+    assert _value_run(ws) == "5"
+
+
+def test_an_edited_compose_entry_cannot_name_a_run_outside_runs_root(ws):
+    """A compose-cache entry edited to `name: ../../../../x` (its memo then hits): the run folder
+    stays under runs_root, whichever way the name is refused or the entry ignored."""
+    from engine import compose
+
+    assert ws.cli("run").rc == 0 and ws.cli("plan").rc == 0
+    entry = _compose_folder() / f"{compose.compose([]).digest}.json"
+    _edit_json(entry, lambda d: d["cfg"].update(name="../../../../escaped"))
+    before = {p for p in ws.root.parent.iterdir()}
+    r = ws.cli("run")
+    assert "Traceback" not in r.err
+    assert {p for p in ws.root.parent.iterdir()} == before
+    assert not any("escaped" in str(p) for p in ws.root.parent.rglob("*escaped*"))
+
+
+def test_a_remembered_plan_checks_the_run_name(ws, monkeypatch):
+    """Should a memo ever hold a config with a bad name (here: remembered while the check was off), a
+    run from it is refused before a run folder exists."""
+    from engine import compose, config
+
+    with monkeypatch.context() as m:
+        for module in (compose, config):
+            m.setattr(module, "check_run_name", lambda cfg: [])
+        assert ws.cli("plan", "name=x..y").rc == 0  # validated, remembered
+    runs_before = sorted(ws.runs.rglob("*")) if ws.runs.exists() else []
+    r = ws.cli("run", "name=x..y")
+    assert_clean_failure(r, 2, "name:", "run name")
+    assert (sorted(ws.runs.rglob("*")) if ws.runs.exists() else []) == runs_before
+
+
+def test_a_sealing_key_someone_else_can_read_is_not_used(ws):
+    from engine import compose, compose_cache
+
+    key = _compose_folder() / f".seal-key-{os.getuid()}"
+    compose.compose([])  # made on first use, this user's only
+    assert key.is_file() and key.stat().st_mode & 0o777 == 0o600
+    assert compose_cache._read_key(key) is not None
+    key.chmod(0o644)
+    assert compose_cache._read_key(key) is None
+    key.chmod(0o600)
