@@ -280,6 +280,7 @@ def _checked_pipeline(job, remember: bool, warn: bool = True):
 
     remembered = plan_memo.load(job) if remember else None
     if remembered is not None:
+        _check_run_name(job)  # validation, which checks it too, is skipped
         pipeline, warnings = Pipeline(job.cfg, _runs_root(job.cfg), remembered), remembered.warnings
     else:
         pipeline = Pipeline(job.cfg, _runs_root(job.cfg))
@@ -289,6 +290,16 @@ def _checked_pipeline(job, remember: bool, warn: bool = True):
             plan_memo.store(job, pipeline, warnings)
     _warn(warnings if warn else [])
     return pipeline
+
+
+def _check_run_name(job) -> None:
+    """The run folder is named after `name`: checked on every path, a remembered plan's too."""
+    from .compose import check_run_name
+    from .errors import ConfigError
+
+    problems = check_run_name(job.cfg)
+    if problems:
+        raise ConfigError(problems)
 
 
 def _shadowed(overrides: list[str], pipeline) -> list[str]:

@@ -225,6 +225,22 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
     return job
 
 
+# A run name becomes part of a folder name under runs_root: no separators, no '..'.
+_RUN_NAME = re.compile(r"[\w.+=,@-]+")
+
+
+def check_run_name(cfg: DictConfig) -> list[str]:
+    """The problem with the config's `name`, if any (config.validate and every remembered plan check it)."""
+    name = OmegaConf.select(cfg, "name", default=None, throw_on_missing=False)
+    if name is None:
+        return []
+    name = str(name)
+    if _RUN_NAME.fullmatch(name) and ".." not in name:
+        return []
+    return [f"name: {name!r} is not a valid run name (it becomes a folder under runs_root); use letters, "
+            f"digits and . _ - + = , @ only, no '/' and no '..'"]
+
+
 def _plain(job: Job) -> dict:
     return {**OmegaConf.to_container(job.cfg, resolve=False), "hydra": OmegaConf.to_container(job.hydra_cfg, resolve=False)}
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import registry
 from .cache import KeyRecipe, key_recipe
+from .compose import check_run_name
 from .errors import ConfigError, config_key, did_you_mean
 from .stage import Stage
 
@@ -247,21 +248,6 @@ def _types_owning(section: str) -> list[type[Stage]]:
         if (cls.config_section or cls.name) == section:
             found.append(cls)
     return found
-
-
-# A run name becomes part of a folder name under runs_root: no separators, no '..'.
-_RUN_NAME = re.compile(r"[\w.+=,@-]+")
-
-
-def check_run_name(cfg: DictConfig) -> list[str]:
-    name = OmegaConf.select(cfg, "name", default=None, throw_on_missing=False)
-    if name is None:
-        return []
-    name = str(name)
-    if _RUN_NAME.fullmatch(name) and ".." not in name:
-        return []
-    return [f"name: {name!r} is not a valid run name (it becomes a folder under runs_root); use letters, "
-            f"digits and . _ - + = , @ only, no '/' and no '..'"]
 
 
 def _cross_checks(spec: StageSpec) -> list[str]:
