@@ -200,6 +200,33 @@ def _unsealed(name: str, raw: str) -> str | None:
     return text
 
 
+def write_sealed_bytes(path: Path, data: bytes) -> bool:
+    """write_entry for bytes (the report template's compiled code): the HMAC, then the data."""
+    key = _seal_key()
+    if key is None:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(_mac_bytes(key, path.name, data) + data)
+    os.replace(tmp, path)
+    return True
+
+
+def read_sealed_bytes(path: Path) -> bytes | None:
+    """What write_sealed_bytes wrote into path, or None when it is missing or not sealed by this user."""
+    key = _seal_key()
+    try:
+        raw = path.read_bytes() if key is not None else b""
+    except OSError:
+        return None
+    mac, data = raw[:32], raw[32:]
+    return data if len(mac) == 32 and hmac.compare_digest(mac, _mac_bytes(key, path.name, data)) else None
+
+
+def _mac_bytes(key: bytes, name: str, data: bytes) -> bytes:
+    return hmac.new(key, name.encode("utf-8", "surrogateescape") + b"\0" + data, hashlib.sha256).digest()
+
+
 def _mac(key: bytes, name: str, text: str) -> str:
     """Bound to the file name too: an entry copied under another key's name does not verify."""
     return hmac.new(key, f"{name}\0{text}".encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()

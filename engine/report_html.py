@@ -33,9 +33,10 @@ def write_html(record: RunRecord) -> Path:
 
 
 def _template():
-    """The page's template, compiled once per jinja2 version and settings: its bytecode is kept in
-    the user's own cache folder (compose_cache's; never under runs/, which may come from someone
-    else), compiling it being most of writing a cached run's report."""
+    """The page's template, compiled once per jinja2 version and settings: compiling it is most of
+    writing a cached run's report. Its code is kept in the user's own cache folder (compose_cache's;
+    never under runs/, which may come from someone else), sealed like that folder's entries: Jinja's
+    FileSystemBytecodeCache would unpickle whatever file it found there."""
     import jinja2
 
     from . import compose_cache
@@ -45,14 +46,32 @@ def _template():
     cache = None
     if where is not None:
         tag = hashlib.sha256(f"{jinja2.__version__}{sorted(settings.items())}".encode()).hexdigest()[:16]
-        try:
-            (where / "jinja" / tag).mkdir(parents=True, exist_ok=True)
-            cache = jinja2.FileSystemBytecodeCache(str(where / "jinja" / tag))
-        except OSError:  # a read-only home: compiled each time
-            pass
+        cache = _sealed_bytecode_cache(where / "jinja" / tag)
     env = jinja2.Environment(loader=jinja2.DictLoader({REPORT_HTML: TEMPLATE}), bytecode_cache=cache,
                              undefined=jinja2.StrictUndefined, **settings)
     return env.get_template(REPORT_HTML)
+
+
+def _sealed_bytecode_cache(folder: Path):
+    """A jinja2.BytecodeCache on compose_cache's sealed files: a file this user's key did not seal
+    (planted, edited) is a miss and the template is compiled again; nothing else is loaded."""
+    import jinja2
+
+    from . import compose_cache
+
+    class SealedBytecodeCache(jinja2.BytecodeCache):
+        def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+            data = compose_cache.read_sealed_bytes(folder / f"{bucket.key}.cache")
+            if data is not None:
+                bucket.bytecode_from_string(data)
+
+        def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+            try:
+                compose_cache.write_sealed_bytes(folder / f"{bucket.key}.cache", bucket.bytecode_to_string())
+            except OSError:  # a read-only home: compiled each time
+                pass
+
+    return SealedBytecodeCache()
 
 
 def read_yaml(path: Path) -> Any:

@@ -221,3 +221,35 @@ def test_a_sealing_key_someone_else_can_read_is_not_used(ws):
     key.chmod(0o644)
     assert compose_cache._read_key(key) is None
     key.chmod(0o600)
+
+
+class _RunsCode:
+    """A pickle that, loaded, creates the file named (what a planted bytecode-cache file would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def test_a_planted_template_cache_file_never_runs(ws):
+    """Jinja's FileSystemBytecodeCache unpickles the files of compose/jinja/: whoever can write that
+    folder ran code at `edgepipe report`. A planted or replaced file is now a miss."""
+    import pickle
+
+    from jinja2.bccache import bc_magic
+
+    assert ws.cli("run").rc == 0
+    marker = ws.root / "PWNED"
+    evil = bc_magic + pickle.dumps(_RunsCode(marker))
+    folders = list((_compose_folder() / "jinja").iterdir())
+    assert folders
+    key = __import__("hashlib").sha1(b"report.html").hexdigest()  # jinja's bucket key for the template
+    for folder in folders:
+        for path in [*folder.glob("*.cache"), folder / f"__jinja2_{key}.cache", folder / f"{key}.cache"]:
+            path.write_bytes(evil)
+    r = ws.cli("report")
+    assert r.rc == 0, r.err
+    assert not marker.exists()
+    assert "<!DOCTYPE html>" in (ws.runs / "latest" / "report.html").read_text()
