@@ -41,6 +41,7 @@ from typing import Annotated, Any, Literal, Mapping
 import numpy as np
 from pydantic import Field, model_validator
 
+from engine.markdown_text import code, escape
 from engine.stage import NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from stages.common import backends
 from stages.common.backends import Backend
@@ -435,36 +436,39 @@ def _flat_metrics(report: dict) -> dict[str, Any]:
 
 # -- reports ----------------------------------------------------------------------------------------------
 def _markdown(report: dict, p) -> str:
+    """eval.md. Class and backend names and config values are text (markdown_text), never markup: a
+    class folder named like an HTML tag stays text in any Markdown viewer."""
     ref = report["reference"]
-    lines = [f"# Evaluation: {report['split']} split, {report['samples']} images, {len(report['classes'])} classes", ""]
-    lines.append(f"fp32 reference: `{ref}`" if ref else "no fp32 (PyTorch) backend: agreement columns are empty")
+    lines = [f"# Evaluation: {escape(report['split'])} split, {report['samples']} images, "
+             f"{len(report['classes'])} classes", ""]
+    lines.append(f"fp32 reference: {code(ref)}" if ref else "no fp32 (PyTorch) backend: agreement columns are empty")
     lines += ["", "| backend | kind | samples | top-1 | Δ vs fp32 (points) | agreement with fp32 | max abs logit diff | target |",
               "|---|---|---:|---:|---:|---:|---:|---|"]
     for name, row in report["backends"].items():
         tgt = {True: "✓", False: "✗", None: ""}[row.get("target_met")]
         if tgt and row.get("target"):
-            tgt += f" ({row['target']})"
+            tgt += f" ({escape(row['target'])})"
         if name == ref:
             tgt = "reference"
         drop = f"{-row['drop_points'] + 0.0:+.2f}" if "drop_points" in row else ""
         agree = f"{row['agreement']:.2%}" if "agreement" in row else ""
         mad = f"{row['max_abs_diff']:.3g}" if "max_abs_diff" in row else ""
-        kind = row["kind"] + (f" ({row['detail']})" if row.get("detail") else "")
-        lines.append(f"| {name} | {kind} | {row['samples']} | {row['top1']:.2%} | {drop} | {agree} | {mad} | {tgt} |")
+        kind = escape(row["kind"] + (f" ({row['detail']})" if row.get("detail") else ""))
+        lines.append(f"| {escape(name)} | {kind} | {row['samples']} | {row['top1']:.2%} | {drop} | {agree} | {mad} | {tgt} |")
     if p.multicrop.enabled:
         lines += _multicrop_markdown(report, p)
     names = list(report["backends"])
-    lines += ["", "## Per-class accuracy", "", "| class | " + " | ".join(names) + " |",
+    lines += ["", "## Per-class accuracy", "", "| class | " + " | ".join(map(escape, names)) + " |",
               "|---|" + "---:|" * len(names)]
     for cls in report["classes"]:
         cells = []
         for n in names:
             v = report["backends"][n]["per_class"].get(cls)
             cells.append("" if v is None else f"{v:.1%}")
-        lines.append(f"| {cls} | " + " | ".join(cells) + " |")
+        lines.append(f"| {escape(cls)} | " + " | ".join(cells) + " |")
     lines += ["", "## Confusion matrices (rows: true class, columns: predicted)", ""]
     for n in names:
-        lines.append(f"![{n}](confusion_{_safe(n)}.png)")
+        lines.append(f"![{escape(n)}](confusion_{_safe(n)}.png)")
     lines.append("")
     return "\n".join(lines)
 
@@ -479,10 +483,10 @@ def _multicrop_markdown(report: dict, p) -> list[str]:
         mc = row.get("multicrop")
         cells = (f"{mc['top1_mean']:.2%} | {mc['top1_vote']:.2%} | {mc['undecided']}" if mc
                  else "no crop logits | |")
-        lines.append(f"| {n} | {row['top1']:.2%} | {cells} |")
+        lines.append(f"| {escape(n)} | {row['top1']:.2%} | {cells} |")
     lines.append("")
     lines.append(f"Vote: a class wins when at least {p.multicrop.vote_threshold:.0%} of the crops agree"
-                 + (f"; otherwise `{p.multicrop.negative_class}`." if p.multicrop.negative_class
+                 + (f"; otherwise {code(p.multicrop.negative_class)}." if p.multicrop.negative_class
                     else "; otherwise the mean-probability class (counted as undecided)."))
     return lines
 

@@ -253,3 +253,39 @@ def test_a_planted_template_cache_file_never_runs(ws):
     assert r.rc == 0, r.err
     assert not marker.exists()
     assert "<!DOCTYPE html>" in (ws.runs / "latest" / "report.html").read_text()
+
+
+# -- Markdown outputs -----------------------------------------------------------------------------------------
+XSS = "<img src=x onerror=alert(1)>"
+
+
+def _outside_code(line: str) -> str:
+    """The line without its inline code spans (inside one, HTML is shown as text)."""
+    import re
+
+    return re.sub(r"(`+).*?\1", "", line)
+
+
+def test_report_md_shows_a_stage_error_as_text(ws):
+    r = ws.cli("run", "pipeline=failing", f"+fail.message='{XSS} [x](javascript:alert(1))'")
+    assert r.rc == 1
+    md = (ws.runs / "latest" / "report.md").read_text()
+    assert "&lt;img src=x onerror=alert(1)>" in md and "\\[x\\](javascript:alert(1))" in md
+    import re
+
+    assert not any("<img" in _outside_code(line) or re.search(r"(?<!\\)\]\(javascript", _outside_code(line))
+                   for line in md.splitlines())
+
+
+def test_eval_md_shows_class_names_as_text():
+    from types import SimpleNamespace
+
+    from stages.evaluate import _markdown
+
+    report = {"split": "test", "samples": 2, "classes": [XSS, "a|b"], "reference": "model",
+              "backends": {"model": {"kind": "torch", "samples": 2, "top1": 1.0, "target_met": None,
+                                     "per_class": {XSS: 1.0, "a|b": 1.0}}}}
+    md = _markdown(report, SimpleNamespace(multicrop=SimpleNamespace(enabled=False)))
+    assert "| &lt;img src=x onerror=alert(1)> | 100.0% |" in md
+    assert "| a\\|b | 100.0% |" in md  # still one cell
+    assert "<img" not in md
