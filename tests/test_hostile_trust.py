@@ -289,3 +289,19 @@ def test_eval_md_shows_class_names_as_text():
     assert "| &lt;img src=x onerror=alert(1)> | 100.0% |" in md
     assert "| a\\|b | 100.0% |" in md  # still one cell
     assert "<img" not in md
+
+
+# -- training ranks and the user's folder ---------------------------------------------------------------------
+def test_a_rank_does_not_import_the_users_stages_folder(tmp_path):
+    """A rank is `python -m stages.common.train_ranks JOB` started in the user's folder, with the
+    environment the train stage gives it. A `stages/` package there must not be imported. (The full
+    DDP path with such a folder: tests/test_train_ddp.py.)"""
+    from stages.common.train_ranks import _rank_env
+
+    (tmp_path / "stages").mkdir()
+    marker = tmp_path / "IMPORTED"
+    (tmp_path / "stages" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    r = subprocess.run([sys.executable, "-m", "stages.common.train_ranks", str(tmp_path / "no-job.json")],
+                       cwd=tmp_path, env=_rank_env(2), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no-job.json" in r.stderr  # ours ran, and found no job file
+    assert not marker.exists()
