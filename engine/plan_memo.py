@@ -11,8 +11,10 @@ that were printed. Nothing is remembered when a params field was computed from f
 (stage.FROM_FILES). A remembered pipeline plans (and says why a stage would run) but runs nothing:
 before a stage runs, runner.Pipeline validates the config for real.
 
-Entries: compose_cache.folder()/validated/*.json, written atomically, the oldest pruned; a damaged
-or unreadable one is a miss.
+Entries: compose_cache.folder()/validated/*.json, written atomically and sealed (compose_cache's
+HMAC over the file name, which holds the compose key, and the content), the oldest pruned; a damaged,
+unreadable, edited or copied one is a miss. So a hit is tied to the exact composed config it was
+validated from: the compose key names the sealed compose entry that config came from.
 """
 
 from __future__ import annotations

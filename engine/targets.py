@@ -32,12 +32,13 @@ ALLOWED_TARGETS = frozenset({
 # class of those packages, nothing else of them (no function, no private module).
 _OPTUNA_CLASS = re.compile(r"optuna\.(?:samplers|pruners)(?:\.[a-z][a-z0-9]*)*\.[A-Z][A-Za-z0-9]*")
 
-# What a logging config (hydra.job_logging, hydra.hydra_logging) may construct, and the one log file
-# it may write: Hydra's default job log in the job's folder (a handler writing a file the config names,
-# with a format the config names, would write any text anywhere).
+# What a logging config (hydra.job_logging, hydra.hydra_logging) may construct, and the log files it
+# may write: those of Hydra's own logging configs (a handler writing a file the config names, with a
+# format the config names, would write any text anywhere).
 ALLOWED_LOGGING = frozenset({"logging.StreamHandler", "logging.FileHandler", "logging.NullHandler",
                              "logging.Formatter", "colorlog.ColoredFormatter"})
-HYDRA_JOB_LOG = "${hydra.runtime.output_dir}/${hydra.job.name}.log"
+HYDRA_LOG_FILES = frozenset({"${hydra.runtime.output_dir}/${hydra.job.name}.log",  # job_logging=default
+                             "hydra-${hydra.job.name}.log"})  # hydra_logging=hydra_debug
 _LOGGING = ("job_logging", "hydra_logging")
 
 HINT = ("a config may name only Hydra's launcher and sweeper plugins and Optuna's samplers and pruners "
@@ -71,8 +72,8 @@ def _refused_logging(config: dict, at: list) -> Iterator[tuple[list, Any, str]]:
     for path, key, value in _items(config, at):
         if key in ("()", "class") and value not in ALLOWED_LOGGING:
             yield path, value, f"not an allowed logging class (allowed: {', '.join(sorted(ALLOWED_LOGGING))})"
-        elif key == "filename" and value != HYDRA_JOB_LOG:
-            yield path, value, f"a log file may only be Hydra's job log, {HYDRA_JOB_LOG}"
+        elif key == "filename" and value not in HYDRA_LOG_FILES:
+            yield path, value, f"a log file may only be one of Hydra's own: {', '.join(sorted(HYDRA_LOG_FILES))}"
         elif key == ".":  # attributes set after construction (a handler's baseFilename)
             yield path, value, "a logging config may not set attributes ('.')"
 

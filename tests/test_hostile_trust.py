@@ -109,15 +109,17 @@ def test_a_target_given_as_an_override_is_named(ws):
 
 @pytest.mark.parametrize("choice", [
     ["hydra/sweeper=optuna", f"hydra/sweeper/sampler={s}"] for s in ("tpe", "random", "cmaes", "nsgaii", "motpe", "grid")
-] + [[f"hydra/launcher={name}"] for name in ("basic", "joblib", "submitit_local", "submitit_slurm")],
+] + [[f"hydra/launcher={name}"] for name in ("basic", "joblib", "submitit_local", "submitit_slurm")]
+  + [["hydra/job_logging=default", f"hydra/hydra_logging={name}"] for name in ("default", "hydra_debug")],
     ids=lambda c: c[-1])
 def test_the_plugins_own_configs_pass(ws, choice):
     from omegaconf import OmegaConf
 
     from engine import compose
 
-    job = compose.compose(choice)  # these name plugin classes and Optuna samplers as _target_
+    job = compose.compose(choice)  # these name plugin classes, Optuna samplers, logging classes
     assert "_target_" in json.dumps(OmegaConf.to_container(job.hydra_cfg), default=str)
+    assert "logging." in json.dumps(OmegaConf.to_container(job.hydra_cfg), default=str)
 
 
 def test_a_remembered_composition_is_checked_again(ws, conf, monkeypatch):
