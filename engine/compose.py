@@ -252,8 +252,8 @@ def check_targets(tree: dict, overrides: list[str], user_dir: Path | None) -> No
     from . import targets
 
     for path, value, why in targets.refused(tree):
-        key = targets.dotted(path)
-        raise ComposeError(f"{key}={value!r} ({_origin(path, overrides, user_dir)}): {why}")
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ComposeError(f"{targets.dotted(path)}={shown} ({_origin(path, overrides, user_dir)}): {why}")
 
 
 def _origin(path: list, overrides: list[str], user_dir: Path | None) -> str:
@@ -266,7 +266,7 @@ def _origin(path: list, overrides: list[str], user_dir: Path | None) -> str:
         for c in reversed(merged_configs(overrides, user_dir, with_hydra=True)):
             if _sets(Path(c["file"]), c["package"], path):
                 return f"from {c['file']}"
-    except (ComposeError, OSError, ValueError):  # the key is named all the same
+    except Exception:  # noqa: BLE001 - finding the file is a courtesy: the key is named all the same
         pass
     return "config file not known"
 
