@@ -31,6 +31,7 @@ import secrets
 import stat
 import sys
 import sysconfig
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -107,7 +108,10 @@ def load(key: Key):
     if where is None:
         return None
     try:
-        entry = json.loads(read_entry(where / f"{key.digest}.json") or "null")
+        text = read_entry(where / f"{key.digest}.json")
+        if text is None:
+            return None
+        entry = json.loads(text)
         if entry.get("format") != FORMAT or entry["overrides"] != key.overrides:
             return None
         if any(os.environ.get(name) != value for name, value in entry["env"].items()):
@@ -161,11 +165,22 @@ def write_entry(path: Path, text: str) -> bool:
     sealed = _sealed(path.name, text)
     if sealed is None:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(sealed, encoding="utf-8")
-    os.replace(tmp, path)
+    _replace(path, sealed.encode("utf-8"))
     return True
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """path's content becomes data through a temp file of a name no one can plant a link at first
+    (mkstemp: O_EXCL, mode 0600), renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_entry(path: Path) -> str | None:
@@ -205,10 +220,7 @@ def write_sealed_bytes(path: Path, data: bytes) -> bool:
     key = _seal_key()
     if key is None:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(_mac_bytes(key, path.name, data) + data)
-    os.replace(tmp, path)
+    _replace(path, _mac_bytes(key, path.name, data) + data)
     return True
 
 

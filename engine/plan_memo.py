@@ -76,7 +76,10 @@ def load(job: Job) -> Remembered | None:
     if path is None:
         return None
     try:
-        data = json.loads(compose_cache.read_entry(path) or "null")  # sealed: an edited memo is a miss
+        text = compose_cache.read_entry(path)  # sealed: an edited or copied memo is a miss
+        if text is None:
+            return None
+        data = json.loads(text)
         if data["format"] != FORMAT:
             return None
         if any(_code_stats(Path(root)) != stats for root, stats in data["plugins"].items()):
