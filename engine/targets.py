@@ -3,9 +3,10 @@
 Hydra turns some config values into calls: every `_target_` it instantiates (the launcher and sweeper,
 recursively with any nested `_target_`, e.g. `hydra.sweeper.sampler`; every `hydra.callbacks` entry),
 the factories and classes of a logging config (`()`, `class`), and the function Optuna's sweeper
-names in `hydra.sweeper.custom_search_space`. A config comes from a colleague and is data: so every
-such value anywhere in the composed config (the job's and `hydra.*`, at any depth, lists too) must be
-one of these before anything is instantiated or written; compose.check_targets refuses the rest.
+names in `hydra.sweeper.custom_search_space`; and `hydra.job.env_set` decides what code the processes
+a job starts load. A config comes from a colleague and is data: so every such value anywhere in the
+composed config (the job's and `hydra.*`, at any depth, lists too) must be one of these before
+anything is instantiated or written; compose.check_targets refuses the rest.
 
 Hydra's own block-list (os.system, subprocess, ...) is not enough: `pathlib.Path.write_text` as a
 callback writes a `.pth` file into site-packages, which the next Python start runs.
@@ -41,6 +42,11 @@ HYDRA_LOG_FILES = frozenset({"${hydra.runtime.output_dir}/${hydra.job.name}.log"
                              "hydra-${hydra.job.name}.log"})  # hydra_logging=hydra_debug
 _LOGGING = ("job_logging", "hydra_logging")
 
+# Environment variables a sweep job sets (hydra.job.env_set, around each job: every process it starts
+# inherits them) that decide what code a process loads: a library preloaded, a sitecustomize.py on
+# the Python path, another interpreter or tool first on PATH. Set those in your shell, not a config.
+_LOADER_ENV = re.compile(r"(?:LD_|DYLD_|PYTHON)\w*|PATH|BASH_ENV|ENV", re.IGNORECASE)
+
 HINT = ("a config may name only Hydra's launcher and sweeper plugins and Optuna's samplers and pruners "
         "as _target_; nothing else in a config file is run")
 
@@ -63,6 +69,11 @@ def refused(tree: dict) -> Iterator[tuple[list, Any, str]]:
     if sweeper.get("custom_search_space") is not None:
         yield (["hydra", "sweeper", "custom_search_space"], sweeper["custom_search_space"],
                "Optuna would call the function it names; leave it unset (search with hydra.sweeper.params)")
+    job = hydra.get("job") if isinstance(hydra.get("job"), dict) else {}
+    for name in (job.get("env_set") or {}) if isinstance(job.get("env_set"), dict) else ():
+        if _LOADER_ENV.fullmatch(str(name)):
+            yield (["hydra", "job", "env_set", name], job["env_set"][name],
+                   "a config may not set a variable that decides what code a process loads; set it in your shell")
     for section in _LOGGING:
         if isinstance(hydra.get(section), dict):
             yield from _refused_logging(hydra[section], ["hydra", section])

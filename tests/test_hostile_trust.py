@@ -93,7 +93,9 @@ def test_a_hydra_callback_in_an_experiment_is_refused(ws, conf, verb):
         "class": "logging.FileHandler", "filename": "zz.pth"}}}}}, [], "hydra.job_logging.handlers.f.filename"),
     ({"hydra": {"job_logging": {"version": 1, "filters": {"f": {"()": "pathlib.Path.touch"}}}}}, [],
      "hydra.job_logging.filters.f.()"),
-], ids=["optuna-sampler", "job-config-list", "optuna-search-space", "log-file", "log-factory"])
+    ({"hydra": {"job": {"env_set": {"PYTHONPATH": "/tmp/planted", "OMP_NUM_THREADS": 1}}}}, [],
+     "hydra.job.env_set.PYTHONPATH"),
+], ids=["optuna-sampler", "job-config-list", "optuna-search-space", "log-file", "log-factory", "env-set"])
 def test_any_call_a_config_names_off_the_allow_list_is_refused(ws, conf, node, args, key):
     evil = _experiment(conf, "evil", node)
     for verb in (["plan"], ["run", "-m", "src.value=1,2"]):
