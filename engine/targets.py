@@ -61,22 +61,25 @@ def refused(tree: dict) -> Iterator[tuple[list, Any, str]]:
     for path, key, value in _items(tree, []):
         if key == "_target_" and not allowed(value):
             yield path, value, f"not an allowed _target_; {HINT}"
-    hydra = tree.get("hydra") if isinstance(tree.get("hydra"), dict) else {}
-    for name, callback in (hydra.get("callbacks") or {}).items():
+    hydra = _mapping(tree, "hydra")
+    for name, callback in _mapping(hydra, "callbacks").items():
         if not isinstance(callback, dict) or "_target_" not in callback:
             yield ["hydra", "callbacks", name], callback, f"a Hydra callback without an allowed _target_; {HINT}"
-    sweeper = hydra.get("sweeper") if isinstance(hydra.get("sweeper"), dict) else {}
+    sweeper = _mapping(hydra, "sweeper")
     if sweeper.get("custom_search_space") is not None:
         yield (["hydra", "sweeper", "custom_search_space"], sweeper["custom_search_space"],
                "Optuna would call the function it names; leave it unset (search with hydra.sweeper.params)")
-    job = hydra.get("job") if isinstance(hydra.get("job"), dict) else {}
-    for name in (job.get("env_set") or {}) if isinstance(job.get("env_set"), dict) else ():
+    for name, value in _mapping(_mapping(hydra, "job"), "env_set").items():
         if _LOADER_ENV.fullmatch(str(name)):
-            yield (["hydra", "job", "env_set", name], job["env_set"][name],
+            yield (["hydra", "job", "env_set", name], value,
                    "a config may not set a variable that decides what code a process loads; set it in your shell")
     for section in _LOGGING:
-        if isinstance(hydra.get(section), dict):
-            yield from _refused_logging(hydra[section], ["hydra", section])
+        yield from _refused_logging(_mapping(hydra, section), ["hydra", section])
+
+
+def _mapping(node: dict, key: str) -> dict:
+    value = node.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _refused_logging(config: dict, at: list) -> Iterator[tuple[list, Any, str]]:
