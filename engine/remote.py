@@ -235,7 +235,8 @@ class Remote:
         fs, _ = self._fs()
         size, digest, done = meta["size"], hashlib.sha256(), 0
         try:
-            with fs.open(remote, "rb") as src, open(target, "xb") as out:
+            # a block no bigger than the file should be: a remote back-end reads ahead a block at a time
+            with fs.open(remote, "rb", block_size=min(size + 1, _CHUNK * 8)) as src, open(target, "xb") as out:
                 while done <= size:
                     chunk = src.read(min(_CHUNK, size + 1 - done))
                     if not chunk:
@@ -437,19 +438,19 @@ def _bad_name(rel: str) -> str | None:
         return "absolute"
     if ".." in rel.split("/"):
         return "leaves the entry"
-    if posixpath.normpath(rel) != rel:
+    if posixpath.normpath(rel) != rel or rel == ".":
         return "not normalised (a '.' part, a doubled or trailing '/')"
     return None
 
 
 def _no_duplicate_names(pairs: list[tuple[str, Any]]) -> dict:
     """json.loads keeps the last of two equal names silently; a manifest with both is refused."""
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise ValueError(f"the name {dup!r} appears twice")
-    return out
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise ValueError(f"the name {name!r} appears twice")
+        seen.add(name)
+    return dict(pairs)
 
 
 def signature(manifest: Mapping, stage_type: str, key: str, signing_key: bytes) -> str:

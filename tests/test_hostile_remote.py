@@ -111,6 +111,7 @@ MALFORMED = {
     "size negative": (lambda m, e: m["files"]["value.txt"].update(size=-1), "size"),
     "sha256 not hex": (lambda m, e: m["files"]["value.txt"].update(sha256="../" * 20), "sha256"),
     "digest missing": (lambda m, e: m.pop("digest") and None, "digest"),
+    "the entry itself": (lambda m, e: m["files"].update({".": m["files"]["value.txt"]}), "not normalised"),
     "absolute name": (lambda m, e: m["files"].update({"/etc/x": m["files"]["value.txt"]}), "absolute"),
     "climbing name": (lambda m, e: m["files"].update({"a/../../x": m["files"]["value.txt"]}), "leaves the entry"),
     "a list": (lambda m, e: [m], "not a JSON object"),
