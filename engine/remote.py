@@ -204,6 +204,10 @@ class Remote:
             raise Refused(f"its manifest is not valid JSON ({_one_line(e)})") from None
         if not isinstance(manifest, dict):
             raise Refused("its manifest is not a JSON object")
+        try:  # JSON escapes can spell lone surrogates: no file name, signature or printout can hold them
+            canonical_json(manifest).encode()
+        except UnicodeEncodeError:
+            raise Refused("its manifest holds text that is not valid Unicode") from None
         if self.signing_key is not None:  # before anything else of it is believed
             _check_signature(manifest, stage_type, key, self.signing_key)
         _check_manifest(manifest, stage_type, key)
@@ -466,7 +470,8 @@ def _check_signature(manifest: Mapping, stage_type: str, key: str, signing_key: 
     if found is None:
         raise Refused(f"not signed (signing is on: {KEY_VARIABLE} is set); whoever pushed it has no key, "
                       f"or pushed before signing was on: push it again with the key")
-    if not isinstance(found, str) or not hmac.compare_digest(found, signature(manifest, stage_type, key, signing_key)):
+    expected = signature(manifest, stage_type, key, signing_key)
+    if not isinstance(found, str) or not hmac.compare_digest(found.encode(), expected.encode()):
         raise BadSignature(f"signed, but its signature does not verify with {KEY_VARIABLE} (signed with "
                            f"another key, or edited after signing)")
 

@@ -118,6 +118,7 @@ MALFORMED = {
     "not JSON": (lambda m, e: "{", "not valid JSON"),
     "deep JSON": (lambda m, e: "[" * 100_000, "not valid JSON"),
     "another key's": (lambda m, e: m.update(key="0" * 32), "key"),
+    "a lone surrogate": (lambda m, e: m["files"].update({"\ud800": m["files"]["value.txt"]}), "Unicode"),
     "metrics a list": (lambda m, e: m.update(metrics=[1]), "metrics"),
 }
 
@@ -267,6 +268,12 @@ def test_a_swap_by_a_writer_without_the_key_is_refused(keep, signed, tmp_path, c
     r = b.cli("run", f"cache.remote=file://{signed}")
     refused_and_recomputed(b, r, "does not verify" if keep else "not signed")
     assert (b.entries("t_source")[0] / "out" / "value.txt").read_text() == "3"
+
+
+def test_a_signature_that_is_not_hex_is_refused_like_a_wrong_one(signed, tmp_path, capsys, monkeypatch):
+    rewrite(source_entry(signed), lambda m: m.update(signature="é" * 64))
+    b = machine(tmp_path, "b", capsys, monkeypatch)
+    refused_and_recomputed(b, b.cli("run", f"cache.remote=file://{signed}"), "does not verify")
 
 
 def test_a_signed_manifest_moved_to_another_key_does_not_verify(signed, tmp_path, capsys, monkeypatch):
