@@ -30,11 +30,11 @@ from test_selftest import bundles, fake_outputs, on_the_board, package, run  # n
 
 RKNN_API = REPO / "tests" / "rknn_api"
 _MISSING = sorted(set(missing_tools("arm64") + missing_tools("armhf", compiler=True)))
-pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"emulation needs {', '.join(_MISSING)}: "
-                                                          f"{install_hint(_MISSING)} (make test installs them)")
+needs_emulation = pytest.mark.skipif(bool(_MISSING), reason=f"emulation needs {', '.join(_MISSING)}: "
+                                                              f"{install_hint(_MISSING)} (make test installs them)")
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def userlands():
     """Every board's userland and wheels, from the cache or built now (~2 min the first time, with
     network). Only a machine where debootstrap cannot run as root skips; a failed build fails."""
@@ -62,10 +62,17 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 # -- aarch64 ------------------------------------------------------------------------------------------
-def test_onnxruntime_package_on_aarch64(bundles, tmp_path, capsys):
+@needs_emulation
+def test_onnxruntime_package_on_aarch64(userlands, bundles, tmp_path, capsys):
     pkg, _ = package("onnxruntime", {"model": bundles["onnx"], "data": bundles["data"]}, tmp_path / "o")
     board = on_the_board(pkg, tmp_path / "board")
     emu = emulation("onnxruntime")
+    # without qemu: one line naming the apt-get command
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", str(tmp_path / "nothing"))
+        rc, out, err = cli(capsys, "selftest", str(board), "--emulate")
+    assert rc == 2 and err == ("edgepipe: emulating onnxruntime (arm64) needs debootstrap, dpkg, qemu-user-static: "
+                               "sudo apt-get install -y debootstrap dpkg qemu-user-static\n"), err
     # the user's command on the package zip: infer.py --selftest on aarch64 with PyPI's wheels
     assert "onnxruntime==1.18.1" in emu.wheels
     rc, out, err = cli(capsys, "selftest", str(tmp_path / "o" / "package.zip"), "--emulate")
@@ -81,7 +88,8 @@ def test_onnxruntime_package_on_aarch64(bundles, tmp_path, capsys):
     assert rc == 0 and "PASS" in out and "qemu" not in out, out + err
 
 
-def test_rknnlite_infer_on_aarch64_up_to_the_npu(bundles, tmp_path, capsys):
+@needs_emulation
+def test_rknnlite_infer_on_aarch64_up_to_the_npu(userlands, bundles, tmp_path, capsys):
     """The real rknn-toolkit-lite2 2.5.0 wheel: infer.py imports it and loads model.rknn, the
     preprocessing gives the golden input tensors, and init_runtime fails with infer.py's one line."""
     pkg, _ = package("rk3566", {"model": bundles["rk3566"], "data": bundles["data"]}, tmp_path / "k")
@@ -109,7 +117,7 @@ def test_rknnlite_infer_on_aarch64_up_to_the_npu(bundles, tmp_path, capsys):
 
 # -- armhf --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def c_demo(bundles, tmp_path_factory):
+def c_demo(userlands, bundles, tmp_path_factory):
     """The RV1103 package with golden outputs of the stand-in runtime, and its C demo cross-built for
     armhf (-O2 -Wall -Wextra -Werror) against an armhf build of that runtime."""
     base = tmp_path_factory.mktemp("armhf")
@@ -136,7 +144,8 @@ def c_demo(bundles, tmp_path_factory):
 FAKE_ENV = {"FAKE_RKNN_SIZE": "32", "FAKE_RKNN_STRIDE": "40"}
 
 
-def test_c_demo_selftest_on_armhf(c_demo, capsys):
+@needs_emulation
+def test_c_demo_selftest_on_armhf(userlands, c_demo, capsys):
     emu = emulation("rv1103")
     assert Path(c_demo / "rknn_classify").read_bytes()[:20][18] == 40  # ELF e_machine: EM_ARM
     r = run_binary(emu, ["./rknn_classify", "--selftest"], cwd=c_demo, env=FAKE_ENV)
@@ -152,7 +161,8 @@ def test_c_demo_selftest_on_armhf(c_demo, capsys):
     assert "needs librknnmrt and the NPU" in out
 
 
-def test_c_demo_reads_a_long_label_as_one(c_demo, tmp_path):
+@needs_emulation
+def test_c_demo_reads_a_long_label_as_one(userlands, c_demo, tmp_path):
     """A labels.txt line longer than the demo's old 128-byte line buffer (a 60-character Chinese name,
     180 bytes) is one label: every later label keeps its index. On x86 (host gcc, CMake as the README
     builds it) and on armhf."""
@@ -210,7 +220,8 @@ class nn:
 '''
 
 
-def test_maixii_main_preprocessing_on_armhf(bundles, tmp_path):
+@needs_emulation
+def test_maixii_main_preprocessing_on_armhf(userlands, bundles, tmp_path, capsys):
     """main.py --selftest on armhf Python: its frames, normalised with its mean/norm, are the tensors the
     host computes (difference 0), so the float model's top-1 agrees on 8/8 as on x86."""
     import ncnn
@@ -246,3 +257,31 @@ def test_maixii_main_preprocessing_on_armhf(bundles, tmp_path):
     r = run_python(emu, [board / "main.py", "--selftest"], cwd=tmp_path, env=env)
     assert r.returncode == 0 and "on 8/8" in r.stdout and "selftest: PASS" in r.stdout, r.stdout + r.stderr
     assert [float(v) for v in (tmp_path / "stub.log").read_text().split()] == [0.0] * 8
+    # the user's command: maix.nn exists only on the board, one line says so
+    rc, out, err = cli(capsys, "selftest", str(board), "--emulate")
+    assert rc == 2 and err.count("\n") == 1 and "board maixii_dock (MaixII-Dock (V831)): its self-test cannot run " \
+        "off the board: main.py runs on MaixPy3's maix.nn" in err, err
+
+
+# -- set-up on a fresh machine ------------------------------------------------------------------------
+def test_system_deps_without_rights_is_one_line_with_the_apt_get_command(tmp_path):
+    """`make test`'s first step (scripts/system-deps.sh, the one list; .ci/run keeps none): packages
+    missing and no way to install them (not root, no passwordless sudo) stops at once with the exact
+    apt-get command."""
+    import os
+    import subprocess
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in {"dpkg-query": 'case "$*" in *chromium|*cmake) echo not-installed;; *) echo installed;; esac',
+                       "id": "echo 1000", "sudo": "exit 1"}.items():
+        (fake / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    script = REPO / "scripts" / "system-deps.sh"
+    r = subprocess.run(["bash", script, "test"], env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == "system-deps: missing Debian packages; run: sudo apt-get install -y cmake chromium\n"
+    r = subprocess.run(["bash", script, "demo"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout + r.stderr == ""
+    assert "apt-get" not in (REPO / ".ci" / "run").read_text() and "make test" in (REPO / ".ci" / "run").read_text()
