@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -109,7 +109,8 @@ def install_hint(packages: Sequence[str]) -> str:
 
 def _cached(name: str, build) -> Path:
     """``root/name``, made by ``build(temp folder)`` once: built beside it, renamed into place, under a
-    lock (two processes never build the same folder; a killed build leaves only its temp folder)."""
+    lock (two processes never build the same folder; a killed build leaves only its temp folder, removed
+    by the next build)."""
     from engine.locks import held
 
     root = cache_root()
@@ -120,8 +121,9 @@ def _cached(name: str, build) -> Path:
     with held(root / ".locks" / f"{name}.lock"):
         if final.is_dir():
             return final
+        for stale in root.glob(f".tmp-{name}-*"):  # a killed build's (we hold the lock: nobody else builds it)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".tmp-{name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
             build(tmp)
@@ -254,13 +256,13 @@ def cross_compile(emu: Emulation, sources: Sequence[Path], out: Path, flags: Seq
 def run_binary(emu: Emulation, args: Sequence[str | Path], cwd: Path, env: Mapping[str, str] | None = None,
                timeout: float = 300) -> subprocess.CompletedProcess:
     """An ARM executable on the emulated board, its C library from the cross compiler's sysroot."""
-    sysroot = Path("/usr") / f"{(ARCHES[emu.arch].cross_gcc or '').removesuffix('-gcc')}"
+    gcc = ARCHES[emu.arch].cross_gcc
+    if gcc is None:
+        raise EmulationError(f"no cross compiler (and so no C library) is known for {emu.arch}")
+    sysroot = Path("/usr") / gcc.removesuffix("-gcc")  # Debian's cross libc: /usr/arm-linux-gnueabihf
     return subprocess.run([ARCHES[emu.arch].qemu, "-L", str(sysroot), *map(str, args)], cwd=cwd,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
-
-def describe(emu: Emulation) -> dict:
-    return asdict(emu)
 
 
 # -- `edgepipe selftest PACKAGE [--emulate]` ---------------------------------------------------------
@@ -269,11 +271,14 @@ def package_folder(path: Path, scratch: Path) -> Path:
     package.zip unpacked into ``scratch``."""
     path = Path(path)
     if path.is_file() and path.suffix == ".zip":
-        with zipfile.ZipFile(path) as zf:
-            for member in zf.namelist():  # a zip naming files outside its folder is not a package
-                if member.startswith("/") or ".." in Path(member).parts:
-                    raise EmulationError(f"{path}: member {member!r} points outside the package; rebuild it")
-            zf.extractall(scratch)
+        try:
+            with zipfile.ZipFile(path) as zf:
+                for member in zf.namelist():  # a zip naming files outside its folder is not a package
+                    if member.startswith("/") or ".." in Path(member).parts:
+                        raise EmulationError(f"{path}: member {member!r} points outside the package; rebuild it")
+                zf.extractall(scratch)
+        except zipfile.BadZipFile as e:
+            raise EmulationError(f"{path}: not a zip file ({e}); copy the package again") from None
         # the package stage's zip holds one folder, edgepipe_<board>/
         path = next((d for d in [scratch, *sorted(scratch.iterdir())] if (d / "manifest.json").is_file()), scratch)
     if (path / "package" / "manifest.json").is_file():
