@@ -125,6 +125,7 @@ def _cached(name: str, build) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".tmp-{name}-{os.getpid()}"
         tmp.mkdir()
+        print(f"emulation: building {final} (first use; about a minute, with network)", file=sys.stderr, flush=True)
         try:
             build(tmp)
             os.rename(tmp, final)
@@ -264,7 +265,6 @@ def run_binary(emu: Emulation, args: Sequence[str | Path], cwd: Path, env: Mappi
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
-
 # -- `edgepipe selftest PACKAGE [--emulate]` ---------------------------------------------------------
 def package_folder(path: Path, scratch: Path) -> Path:
     """The package folder behind PATH: the folder itself, a package stage's output (its package/), or
@@ -321,7 +321,11 @@ def selftest(path: Path, emulate: bool, scratch: Path) -> int:
         print(f"selftest: {board.name} ({board.title}) on {emu.arch} under {ARCHES[emu.arch].qemu} "
               f"(Debian {SUITE}, Python {PYTHON_VERSION}{', ' + ', '.join(emu.wheels) if emu.wheels else ''})",
               flush=True)
-        r = run_python(emu, args, cwd=package)
+        try:
+            r = run_python(emu, args, cwd=package)
+        except subprocess.TimeoutExpired as e:
+            raise EmulationError(f"{emu.command[1]} under {ARCHES[emu.arch].qemu} ran past {e.timeout:g} s; "
+                                 f"stopped", status=1) from None
     else:
         r = subprocess.run([sys.executable, *args], cwd=package, capture_output=True, text=True)
         lacks = _missing_module(r.stderr)
