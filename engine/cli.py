@@ -13,6 +13,7 @@
     edgepipe push [RUN] [cache.remote=URL]
     edgepipe pull RUN | OVERRIDE ...
     edgepipe init [DIR]
+    edgepipe selftest PACKAGE [--emulate]    (a package's golden self-test here, or on its board's CPU under qemu)
     edgepipe --version
     edgepipe -sc install=bash|zsh|fish       (shell completion: eval "$(edgepipe -sc install=bash)")
 
@@ -644,9 +645,31 @@ def cmd_init(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_selftest(argv: Sequence[str]) -> int:
+    import argparse
+    import tempfile
+
+    from boards import emulation
+
+    ap = argparse.ArgumentParser(prog="edgepipe selftest",
+                                 description="run a board package's golden self-test before copying it to the board")
+    ap.add_argument("package", type=Path, help="the package folder, its package.zip, or the package stage's output")
+    ap.add_argument("--emulate", action="store_true",
+                    help="on the board's instruction set (qemu-user and an ARM Debian userland, built once)")
+    a = ap.parse_args(argv)
+    if not a.package.exists():
+        raise UsageError(f"{a.package}: no such package folder or zip")
+    with tempfile.TemporaryDirectory(prefix="edgepipe-selftest-") as scratch:
+        try:
+            return emulation.selftest(a.package, a.emulate, Path(scratch))
+        except emulation.EmulationError as e:
+            print(f"edgepipe: {e}", file=sys.stderr)
+            return e.status
+
+
 VERBS = {"run": cmd_run, "plan": cmd_plan, "dag": cmd_dag, "runs": cmd_runs, "show": cmd_show,
          "report": cmd_report, "reproduce": cmd_reproduce, "compare": cmd_compare, "gc": cmd_gc, "init": cmd_init,
-         "push": cmd_push, "pull": cmd_pull}
+         "push": cmd_push, "pull": cmd_pull, "selftest": cmd_selftest}
 
 
 def _shell_completion(argv: list[str]) -> int:
