@@ -176,6 +176,13 @@ class Train(Stage):
                 raise ValueError("freeze_features needs mode: finetune")
             return self
 
+    @classmethod
+    def check_inputs(cls, params: "Train.Params", wired: set[str]):
+        # said at plan, not after the dataset stage ran
+        if params.mode == "finetune" and "init" not in wired and params.model.pretrained is None:
+            yield ("model.pretrained", "train.mode=finetune needs starting weights: set model.pretrained (imagenet, "
+                                       "or a weights file), or wire an 'init' input (a folder with model.pt)")
+
     # ------------------------------------------------------------------------------------------
     def run(self, params: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]:
         logs = out / "logs"

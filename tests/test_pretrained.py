@@ -74,11 +74,14 @@ def test_run_offline_says_where_to_put_the_file_before_anything_runs(project, to
     assert not project.runs.exists()  # no stage ran, no run folder
 
 
-def test_rv1103_without_weights_is_told_at_plan(project):
+@pytest.mark.parametrize("experiment, says", [("rv1103_mobilenetv3", "clip_outliers has no weights"),
+                                               ("onnx_catsdogs", "train.mode=finetune needs starting weights")])
+def test_an_experiment_without_weights_is_told_at_plan(project, experiment, says):
+    """rv1103 used to run the dataset stage, then fail naming clip.weights, a key the user never set."""
     data = project.root / "images"
     data.mkdir()
-    r = project.cli("plan", "+experiment=rv1103_mobilenetv3", f"dataset.path={data}", "model.pretrained=null")
-    assert_clean_failure(r, 2, "model.pretrained", "clip_outliers has no weights")
+    r = project.cli("plan", f"+experiment={experiment}", f"dataset.path={data}", "model.pretrained=null")
+    assert_clean_failure(r, 2, "model.pretrained", says)
     assert "clip.weights=PATH" not in r.err and not project.runs.exists()
 
 
