@@ -17,7 +17,9 @@ from engine.testing import run_stage
 from helpers_data import make_array_dataset
 from hostile import assert_clean_failure, new_files, snapshot
 from stages.common.models import ModelParams, WeightsError, build_model, load_weights
-from stages.common.pretrained import MIRROR_ENV, WeightsUnavailable, download_verified, ensure, published
+from stages.common.pretrained import (
+    MIRROR_ENV, WeightsUnavailable, download_verified, ensure, published, published_hash_mismatch,
+)
 from stages.train import Train
 
 SMALL = "mobilenet_v3_small-047dcff4.pth"
@@ -168,6 +170,7 @@ def test_the_download_verifies_the_hash_prefix_in_the_file_name(tmp_path):
     named = src.rename(tmp_path / f"mobilenet_v3_small-{digest[:8]}.pth")
     dest = tmp_path / "hub" / "checkpoints" / named.name
     assert download_verified(named.as_uri(), dest) == dest and dest.read_bytes() == named.read_bytes()
+    assert published_hash_mismatch(dest) is None  # what its name says: no warning when it is used
     with pytest.raises(ValueError, match="carries no sha256 prefix"):
         download_verified(src.with_name("plain.pth").as_uri(), tmp_path / "x.pth")
 
