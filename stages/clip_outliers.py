@@ -101,7 +101,7 @@ def _load(p: "ClipOutliers.Params", src_dir, ctx: Context):
     from stages.common.models import (
         WeightsError, build_model, infer_num_classes, labels_beside, load_weights, read_bundle, read_state_dict,
     )
-    from stages.common.pretrained import published_hash_mismatch
+    from stages.common.pretrained import categories, published_hash_mismatch
 
     weights = p.weights if p.weights is not None else p.model.pretrained
     if src_dir is not None and p.weights is not None:
@@ -121,7 +121,8 @@ def _load(p: "ClipOutliers.Params", src_dir, ctx: Context):
             num_classes = info.get("num_classes") or infer_num_classes(sd, arch)
             module = build_model(arch, num_classes)
             load_weights(module, sd)
-            labels = labels_beside(weights, info)
+            labels = labels_beside(weights, info) or (
+                categories(p.model.pretrained_weights) if p.weights is None and p.model.pretrained_weights else None)
             labels = labels if labels is not None and len(labels) == num_classes else None
         else:
             raise StageError("clip_outliers has no weights to clip: set model.pretrained (imagenet, or a weights "

@@ -321,7 +321,7 @@ def _build_module(p: "Train.Params", classes: list[str], weights_src: Path | Non
     source carries them); (module, init report or None)."""
     from stages.common.bundle import read_labels
     from stages.common.models import WeightsError, load_weights
-    from stages.common.pretrained import published_hash_mismatch
+    from stages.common.pretrained import categories, published_hash_mismatch
     from stages.common.train_module import Classifier
 
     module = Classifier(p.model.arch_dict(), len(classes), _opt_dict(p))
@@ -331,9 +331,12 @@ def _build_module(p: "Train.Params", classes: list[str], weights_src: Path | Non
     source = "input 'init'" if init is not None else "model.pretrained"
     if init is None and p.model.pretrained_weights and (warning := published_hash_mismatch(weights_src)):
         ctx.log.warning("%s: model.pretrained: %s", ctx.stage, warning)
-    init_labels = read_labels(init) if init is not None and (Path(init) / "labels.txt").is_file() else None
+    if init is not None:
+        source_labels = read_labels(init) if (Path(init) / "labels.txt").is_file() else None
+    else:  # published weights: their head is ImageNet's (a file placed by hand may have any row count)
+        source_labels = categories(p.model.pretrained_weights) if p.model.pretrained_weights else None
     try:
-        report = load_weights(module.model, weights_src, labels=classes, source_labels=init_labels)
+        report = load_weights(module.model, weights_src, labels=classes, source_labels=source_labels)
     except WeightsError as e:
         raise StageError(f"{source}: {e}") from None
     report = {k: v for k, v in report.items() if k != "kept"}

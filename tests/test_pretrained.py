@@ -118,6 +118,8 @@ def test_finetune_from_imagenet_loads_the_hub_file_and_warns_it_is_not_torchvisi
     init = json.loads((tmp_path / "ft" / "metrics.json").read_text())["init"]
     assert init["source"] == "MobileNet_V3_Small_Weights.IMAGENET1K_V1" and init["loaded"] > 200
     assert init["reinitialized"] == ["classifier.3.bias", "classifier.3.weight"]  # 1000 ImageNet classes
+    assert init["head"] == ("re-initialised: the source's classes (tench, goldfish, great white shark, tiger shark, "
+                            "hammerhead, electric ray, ... 1000 classes) are not these (class 0, class 1)")
     warned = [r.getMessage() for r in caplog.records if "published hash" in r.getMessage()]
     assert len(warned) == 1 and "047dcff4" in warned[0] and "not torchvision's own file" in warned[0], warned
     assert str(path) in warned[0]
@@ -220,3 +222,17 @@ def test_a_hub_file_that_would_run_code_is_refused(torch_home, tmp_path):
     with pytest.raises(WeightsError, match="refused: loading it would run code"):
         load_weights(build_model(p, 2), p.pretrained)
     assert not marker.exists()
+
+
+def test_an_imagenet_head_is_never_kept_whatever_its_row_count(tmp_path, torch_home):
+    """A backbone placed under torchvision's name with a head the size of this dataset's (trained on
+    other photos) is still ImageNet's by name: the head starts fresh, as it would from 1000 rows."""
+    torch.manual_seed(0)
+    hub_file(torch_home).parent.mkdir(parents=True)
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=2).state_dict(), hub_file(torch_home))
+    data = make_array_dataset(tmp_path / "data", {"train": 8, "val": 2, "test": 2}, num_classes=2)
+    params = {"mode": "finetune", "epochs": 1, "batch_size": 8, "limit_train_batches": 1, "bn_recalibrate": False,
+              "model": {"arch": "mobilenet_v3_small", "pretrained": "imagenet"}}
+    run_stage(Train, params, {"data": data}, tmp_path / "ft")
+    init = json.loads((tmp_path / "ft" / "metrics.json").read_text())["init"]
+    assert init["reinitialized"] == ["classifier.3.bias", "classifier.3.weight"] and "tench" in init["head"]

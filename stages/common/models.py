@@ -377,12 +377,18 @@ def _head_by_names(sd: dict, heads: tuple[str, ...], source: list[str] | None,
     if source is None or target is None:
         return sd, "kept (no class names to compare)" if source is None else "kept (the model's classes are not named)"
     if source == target:
-        return sd, f"kept: the same classes in the same order ({', '.join(target)})"
+        return sd, f"kept: the same classes in the same order ({_names(target)})"
     if sorted(source) != sorted(target) or len(set(source)) != len(source):
-        return sd, f"re-initialised: the source's classes ({', '.join(source)}) are not these ({', '.join(target)})"
+        return sd, f"re-initialised: the source's classes ({_names(source)}) are not these ({_names(target)})"
     order = [source.index(name) for name in target]
     rows = {k: v[order] for k, v in sd.items() if k.startswith(heads) and v.dim() >= 1 and v.shape[0] == len(source)}
-    return {**sd, **rows}, f"rows reordered: {', '.join(source)} -> {', '.join(target)}"
+    return {**sd, **rows}, f"rows reordered: {_names(source)} -> {_names(target)}"
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    """Class names for a log line: ImageNet's 1000 shortened."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... {len(names)} classes" if len(names) > limit else "")
 
 
 @dataclass

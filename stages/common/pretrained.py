@@ -94,6 +94,14 @@ def published(arch: str, name: str, depth: int = 18) -> PublishedWeights:
     return PublishedWeights(f"{enum.__name__}.{weights.name}", weights.url, path)
 
 
+def categories(weights_name: str) -> list[str]:
+    """The class names torchvision publishes for its weights (ImageNet's 1000): a head trained on them
+    is not a head for anyone's dataset, whatever its row count, so a finetune re-initialises it."""
+    from torchvision.models import get_weight
+
+    return list(get_weight(weights_name).meta.get("categories") or [])
+
+
 def ensure(weights: PublishedWeights, key: str) -> Path:
     """The weights' file in the hub cache: there already, or downloaded now when this command may
     fetch (``run``); else WeightsUnavailable saying where it comes from and where it goes. ``key`` is
