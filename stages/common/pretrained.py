@@ -57,11 +57,6 @@ class PublishedWeights:
     def file_name(self) -> str:
         return self.path.name
 
-    @property
-    def hash_prefix(self) -> str | None:
-        found = _HASH_IN_NAME.search(self.file_name)
-        return found.group(1) if found else None
-
     def source_url(self) -> str:
         """The URL to download from: the mirror's when $EDGEPIPE_WEIGHTS_MIRROR is set."""
         mirror = os.environ.get(MIRROR_ENV, "").strip()
@@ -88,7 +83,7 @@ def published(arch: str, name: str, depth: int = 18) -> PublishedWeights:
     try:
         weights = enum[member]
     except KeyError:
-        known = ", ".join(["imagenet", "DEFAULT", *enum.__members__.keys() - {"DEFAULT"}])
+        known = ", ".join(["imagenet", "DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT")])
         raise ValueError(f"{name!r} is not one of torchvision's weights for {model}: {known}, or a file path") from None
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     return PublishedWeights(f"{enum.__name__}.{weights.name}", weights.url, path)
