@@ -112,7 +112,7 @@ def test_a_placed_file_is_used_and_its_name_and_digest_are_in_the_key(tmp_path, 
 def test_finetune_from_imagenet_loads_the_hub_file_and_warns_it_is_not_torchvisions(tmp_path, torch_home, caplog):
     path = place(hub_file(torch_home))
     data = make_array_dataset(tmp_path / "data", {"train": 8, "val": 2, "test": 2}, num_classes=2)
-    params = {"mode": "finetune", "epochs": 1, "batch_size": 8, "limit_train_batches": 1,
+    params = {"mode": "finetune", "epochs": 1, "batch_size": 8, "limit_train_batches": 1, "bn_recalibrate": False,
               "model": {"arch": "mobilenet_v3_small", "pretrained": "imagenet"}}
     run_stage(Train, params, {"data": data}, tmp_path / "ft")
     init = json.loads((tmp_path / "ft" / "metrics.json").read_text())["init"]
