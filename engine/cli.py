@@ -266,7 +266,10 @@ def validated_pipeline(job, options, sweep: bool = False):
     ConfigError. A single run's is taken from plan_memo when the same config and code were validated
     before (and remembered otherwise), and its overrides without effect are warned about; a sweep
     warns once for all its jobs (sweep.multirun)."""
-    pipeline = _checked_pipeline(job, remember=not sweep, warn=not sweep)
+    from .fetching import fetching
+
+    with fetching():  # what the config names by name (pretrained weights) is fetched now, before any stage
+        pipeline = _checked_pipeline(job, remember=not sweep, warn=not sweep)
     pipeline.graph.select(options.only)
     pipeline._forced(options)
     _check_runs_root(pipeline.runs_root)

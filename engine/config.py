@@ -253,7 +253,8 @@ def _types_owning(section: str) -> list[type[Stage]]:
 def _cross_checks(spec: StageSpec) -> list[str]:
     """The stage type's own checks across sections (Stage.check), named by config key."""
     return [f"{config_key(spec, field)}: {problem}  [stage '{spec.name}', type {spec.cls.name}]"
-            for field, problem in spec.cls.check(spec.params)]
+            for field, problem in [*spec.cls.check(spec.params),
+                                   *spec.cls.check_inputs(spec.params, set(spec.entry.needs))]]
 
 
 def validate(cfg: DictConfig) -> tuple[PipelineSpec, dict[str, StageSpec]]:

@@ -141,6 +141,12 @@ class Stage:
         names the config key that field came from (`preprocess.mean`, not `preprocess`)."""
         return ()
 
+    @classmethod
+    def check_inputs(cls, params: Any, wired: set[str]) -> Iterable[tuple[str, str]]:
+        """Like ``check``, knowing which inputs the pipeline wires: a stage that needs either an input
+        or a file named in its params says so at validation, naming the key."""
+        return ()
+
     def run(self, params: Any, inputs: Mapping[str, Path], out: Path, ctx: Context) -> Mapping[str, Any] | None:
         """Compute the outputs into ``out`` (an empty folder). Return metrics (JSON-able) or None."""
         raise NotImplementedError
