@@ -19,7 +19,7 @@ system-deps-test:
 # Re-install when the dependency lists change. Every pip call gets constraints.txt, so nothing can
 # pull numpy 2 (which breaks rknn-toolkit2). rknn-toolkit2 goes in with --no-deps: it pins torch<=2.4.
 # The ray extra too, so the Ray launcher's test runs (ray 2.60 resolves within constraints.txt).
-$(STAMP): pyproject.toml setup.py constraints.txt | system-deps-demo
+$(STAMP): pyproject.toml setup.py constraints.txt Makefile | system-deps-demo
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=23.2" -c constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev,ray]'

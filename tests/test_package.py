@@ -186,7 +186,7 @@ def test_c_demo_runs_on_a_fake_runtime(bundles, tmp_path):
     ppm = (tmp_path / "g.ppm").read_bytes()
     assert ppm.startswith(b"P6\n32 32\n255\n") and len(ppm) == len(b"P6\n32 32\n255\n") + 32 * 32 * 3
     # the zero-copy build as the README says (CMake, RKNN_API_DIR), against a fake librknnmrt.so
-    assert shutil.which("cmake"), "cmake is missing: apt-get install cmake (.ci/run installs it)"
+    assert shutil.which("cmake"), "cmake is missing: apt-get install cmake (make test installs it: scripts/system-deps.sh)"
     inst = build_c_demo(pkg, tmp_path)
     assert {p.name for p in inst.iterdir()} == {"rknn_classify", "lib", "model.rknn", "labels.txt"}
     # the general-API build (rknn_inputs_set / rknn_outputs_get), straight with gcc
