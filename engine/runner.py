@@ -161,6 +161,7 @@ class Pipeline:
             record.stages[name] = StageRecord(name=name, type=self.stages[name].type)
         record.save()
         failed: set[str] = set()
+        self._refused: set[str] = set()  # failed by engine.stage.Refusal: independent stages still run
 
         def finished(name: str) -> None:
             rec = record.stages[name]
@@ -193,7 +194,7 @@ class Pipeline:
         if blocked:
             rec.status, rec.reason = "skipped", f"{', '.join(blocked)} failed"
             failed.add(name)
-        elif failed and not options.keep_going:
+        elif failed - self._refused and not options.keep_going:
             rec.status, rec.reason = "skipped", "an earlier stage failed (use --keep-going to run independent branches)"
         else:
             return False
@@ -259,7 +260,7 @@ class Pipeline:
                 metrics, libraries = (call or _call_in_process)(st.cls, st.name, st.params, inputs, tmp, context,
                                                                 display)
             except BaseException as e:  # noqa: BLE001 - every failure is recorded, none leaves an entry
-                from .stage import StageError
+                from .stage import Refusal, StageError
 
                 # What the failed stage wrote (its logs above all) moves to the run folder, never
                 # into the cache; messages that name a file in it are pointed at the new place.
@@ -272,6 +273,8 @@ class Pipeline:
                 rec.path = None
                 if isinstance(e, StageError):
                     rec.error = str(e).replace(str(tmp), str(kept))
+                    if isinstance(e, Refusal):
+                        self._refused.add(st.name)
                     log.error("stage %s failed: %s", st.name, e)
                 elif isinstance(e, Exception):
                     rec.error = f"{type(e).__name__}: {e}"

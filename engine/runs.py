@@ -159,6 +159,11 @@ def write_report(record: RunRecord) -> None:
     for s in record.stages.values():
         metrics = ", ".join(f"{k}={_short(v)}" for k, v in flat_metrics(s.metrics).items())
         lines.append(f"| {s.name} | {s.type} | {s.status} | {s.seconds:.1f} | `{s.key or ''}` | {metrics} |")
+    missed = [(s.name, backend, text) for s in record.stages.values()
+              if isinstance((s.metrics or {}).get("missed"), dict)
+              for backend, text in s.metrics["missed"].items()]  # evaluate's misses, shipped or not
+    if missed:
+        lines += ["", "## Targets missed", ""] + [f"- {st}: **{b}** {text}" for st, b, text in missed]
     errors = [s for s in record.stages.values() if s.error]
     if errors:
         lines += ["", "## Errors", ""] + [f"- **{s.name}**: {s.error}" for s in errors]
