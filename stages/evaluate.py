@@ -352,7 +352,8 @@ def _versus_reference(name: str, r: dict, ref_logits: np.ndarray, labels: np.nda
     elif r["target"] == "quantized":
         ok = row["drop_points"] <= p.quant_max_drop
         if not ok:
-            missed.append(f"top-1 drop {row['drop_points']:.2f} points > {float(p.quant_max_drop)}")
+            missed.append(f"top-1 drop {row['drop_points']:.2f} points > {float(p.quant_max_drop)}"
+                          + _resolution(k, p.quant_max_drop))
         row["target"] = f"top-1 drop <= {p.quant_max_drop:g} points"
     row["target_met"] = ok
     if missed:  # one line, with the row's name in front: what package.enforce_targets stops on
@@ -361,6 +362,12 @@ def _versus_reference(name: str, r: dict, ref_logits: np.ndarray, labels: np.nda
         row["note"] = (f"{name}: misses its target ({row['target']}): agreement {row['agreement']:.2%}, "
                        f"max abs diff {row['max_abs_diff']:.3g}, drop {row['drop_points']:.2f} points")
     return row
+
+
+def _resolution(n: int, target_points: float) -> str:
+    """What a miss on a small split should say: one image there is more points than the target."""
+    one = 100.0 / max(n, 1)
+    return f" (on {n} test images one image is {one:.3g} points)" if one > target_points else ""
 
 
 def _multicrop_row(crop_logits: np.ndarray, labels: np.ndarray, classes: list[str], p) -> dict[str, Any]:

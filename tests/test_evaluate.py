@@ -291,8 +291,11 @@ def test_int8_drop_beyond_quant_max_drop_misses_the_target(badly_calibrated, tmp
     notes = [r.getMessage() for r in caplog.records if "misses its target" in r.getMessage()]  # shown to the user
     assert len(notes) == 1 and notes[0].startswith("rknn: misses its target (top-1 drop <= 1 points)")
     assert f"drop {drop:.2f} points" in notes[0]
-    assert row["missed"] == f"top-1 drop {drop:.2f} points > 1.0" and metrics["missed"] == {"rknn": row["missed"]}
-    assert re.search(rf"^\| rknn \|.*\| ✗ \*\*top-1 drop {drop:.2f} points > 1.0\*\* \(top-1 drop <= 1 points\) \|$",
+    n = row["samples"]  # a small split says what one image weighs
+    assert row["missed"] == f"top-1 drop {drop:.2f} points > 1.0" + (
+        f" (on {n} test images one image is {100 / n:.3g} points)" if n < 100 else "")
+    assert metrics["missed"] == {"rknn": row["missed"]}
+    assert re.search(rf"^\| rknn \|.*\| ✗ \*\*{re.escape(row['missed'])}\*\* \(top-1 drop <= 1 points\) \|$",
                      (out / "eval.md").read_text(), re.M)
     # the same build within a looser target
     loose = run_stage("evaluate", {"quant_max_drop": drop + 1}, {"data": t.data, "model": t.model, "rknn": badly_calibrated},
@@ -337,8 +340,8 @@ def test_package_refuses_a_shipped_model_that_missed_its_target(badly_calibrated
     with pytest.raises(Refusal) as e:
         run_stage("package", {"board": "rv1103", "enforce_targets": True}, ship_rknn, tmp_path / "refused",
                   sources={"model": {"digest": "rknn-digest"}})
-    assert str(e.value) == (f"rknn top-1 drop {drop:.2f} points > 1.0: the rv1103 package is not written "
-                            f"(package.enforce_targets=true)")
+    assert rows["rknn"]["missed"].startswith(f"top-1 drop {drop:.2f} points > 1.0")
+    assert str(e.value) == f"rknn {rows['rknn']['missed']}: the rv1103 package is not written (package.enforce_targets=true)"
     assert not any((tmp_path / "refused").iterdir())
     # the onnx model met its target: packaged though the int8 row of the same evaluation missed
     run_stage("package", {"board": "onnxruntime", "enforce_targets": True}, {"model": t.onnx, "eval": tmp_path / "eval"},
