@@ -161,7 +161,8 @@ class Pipeline:
             record.stages[name] = StageRecord(name=name, type=self.stages[name].type)
         record.save()
         failed: set[str] = set()
-        self._refused: set[str] = set()  # failed by engine.stage.Refusal: independent stages still run
+        # failures that stop the run (without --keep-going); a Refusal does not: independent stages still run
+        self._stopping: set[str] = set()
 
         def finished(name: str) -> None:
             rec = record.stages[name]
@@ -194,7 +195,7 @@ class Pipeline:
         if blocked:
             rec.status, rec.reason = "skipped", f"{', '.join(blocked)} failed"
             failed.add(name)
-        elif failed - self._refused and not options.keep_going:
+        elif self._stopping and not options.keep_going:
             rec.status, rec.reason = "skipped", "an earlier stage failed (use --keep-going to run independent branches)"
         else:
             return False
@@ -271,10 +272,10 @@ class Pipeline:
                 shutil.move(str(tmp), kept)
                 rec.status, rec.seconds = "failed", time.time() - t0
                 rec.path = None
+                if not isinstance(e, Refusal):
+                    self._stopping.add(st.name)
                 if isinstance(e, StageError):
                     rec.error = str(e).replace(str(tmp), str(kept))
-                    if isinstance(e, Refusal):
-                        self._refused.add(st.name)
                     log.error("stage %s failed: %s", st.name, e)
                 elif isinstance(e, Exception):
                     rec.error = f"{type(e).__name__}: {e}"
