@@ -69,7 +69,7 @@ def test_a_run_draws_chinese_class_names_without_a_missing_glyph(chinese_run):
     log = (run_dir / "edgepipe.log").read_text(encoding="utf-8")
     assert "missing from font" not in log and "no font with Chinese" not in log
     page = (run_dir / "report.html").read_text(encoding="utf-8")
-    assert page.count("data:image/png") >= 4  # two confusion matrices, a grid of misclassified images, the t-SNE
+    assert page.count("data:image/png") >= 4  # curves, two confusion matrices, t-SNE (grids: misclassified only)
 
 
 def test_report_html_shows_the_characters_in_chromium(chinese_run, tmp_path):
