@@ -162,7 +162,8 @@ TEMPLATE = """<!DOCTYPE html>
 <meta http-equiv="Content-Security-Policy" content="{{ csp }}">
 <title>edgepipe report: {{ r.name }}</title>
 <style>
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
+body { font-family: system-ui, -apple-system, "Segoe UI", "Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Micro Hei",
+       "WenQuanYi Zen Hei", "Microsoft YaHei", "PingFang SC", sans-serif; margin: 2em auto; max-width: 1100px;
        padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
@@ -190,8 +191,8 @@ details { margin: 0.5em 0 1em; } summary { cursor: pointer; }
 {% if summary.model %}<tr><th>model</th><td>{{ summary.model.arch }}, {{ summary.model.num_classes }} classes,
 <span class="parameters">{{ summary.parameters }}</span> parameters</td></tr>{% endif %}
 {% for d in dataset %}{% if d.spec %}<tr><th>input</th><td>{% for k, v in d.spec.items() %}{{ k }}: <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</td></tr>{% endif %}{% endfor %}
-{% for p in package %}<tr><th>package{% if p.stage != "package" %} {{ p.stage }}{% endif %}</th><td>board <b>{{ p.board }}</b>{% if p.title %} ({{ p.title }}){% endif %}:
-<code>{{ p.folder }}</code>{% if p.zip %}, <code>{{ p.zip }}</code>{% endif %}</td></tr>
+{% for p in package %}<tr><th>package{% if p.stage != "package" %} {{ p.stage }}{% endif %}</th>{% if p.error %}<td class="failed">not written: {{ p.error }}</td>{% else %}<td>board <b>{{ p.board }}</b>{% if p.title %} ({{ p.title }}){% endif %}:
+<code>{{ p.folder }}</code>{% if p.zip %}, <code>{{ p.zip }}</code>{% endif %}</td>{% endif %}</tr>
 {% endfor %}
 {% if r.edgepipe_version %}<tr><th>edgepipe</th><td>{{ r.edgepipe_version }}</td></tr>{% endif %}
 </table>
@@ -254,7 +255,8 @@ details { margin: 0.5em 0 1em; } summary { cursor: pointer; }
 <td>{{ b.kind }}</td><td class="num">{{ b.samples }}</td>
 <td class="num top1" data-value="{{ b.top1 }}">{{ b.top1_text }}</td><td class="num">{{ b.change }}</td>
 <td class="num">{{ b.agreement }}</td><td class="num">{{ b.max_abs_diff }}</td><td class="num">{{ b.size }}</td>
-<td><span class="{{ b.verdict }}">{{ b.verdict }}</span>{% if b.target %} ({{ b.target }}){% endif %}</td></tr>
+<td><span class="{{ b.verdict }}">{{ b.verdict }}</span>{% if b.missed %}: <b class="fail missed">{{ b.missed }}</b>{% endif %}{% if b.target %} ({{ b.target }}){% endif %}
+{% if b.missed %}<br><span class="shipped">{% for p in b.shipped_by %}{{ p.stage }}: {% if p.status == "failed" %}<b class="fail">not packaged</b>{% elif p.status in ("ran", "cached") %}packaged anyway (package.enforce_targets=false){% else %}{{ p.status }}{% endif %}{% if not loop.last %}; {% endif %}{% else %}compared only: no package ships it{% endfor %}</span>{% endif %}</td></tr>
 {% endfor %}
 </table>
 <h3>Per-class accuracy</h3>

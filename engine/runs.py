@@ -161,6 +161,12 @@ def write_report(record: RunRecord) -> None:
         metrics = ", ".join(f"{k}={_short(v)}" for k, v in flat_metrics(s.metrics).items())
         lines.append(f"| {escape(s.name)} | {escape(s.type)} | {escape(s.status)} | {s.seconds:.1f} | "
                      f"{code(s.key or '')} | {escape(metrics)} |")
+    missed = [(s.name, backend, text) for s in record.stages.values()
+              if isinstance((s.metrics or {}).get("missed"), dict)
+              for backend, text in s.metrics["missed"].items()]  # evaluate's misses, shipped or not
+    if missed:
+        lines += ["", "## Targets missed", ""] + [f"- {escape(st)}: **{escape(b)}** {escape(text)}"
+                                                  for st, b, text in missed]
     errors = [s for s in record.stages.values() if s.error]
     if errors:
         lines += ["", "## Errors", ""] + [f"- **{escape(s.name)}**: {escape(s.error)}" for s in errors]

@@ -27,6 +27,12 @@ class StageError(Exception):
     """
 
 
+class Refusal(StageError):
+    """A stage declining sound inputs by a rule the user set (package.enforce_targets: a model that
+    missed its evaluate targets is not packaged). The run fails, but stages that do not depend on the
+    refusing one still run (another package of the same run): their inputs are fine."""
+
+
 class Params(BaseModel):
     """Base for stage parameter models: unknown keys are errors, values are validated strictly enough
     that a typo in YAML never silently falls back to a default."""
@@ -83,7 +89,7 @@ class Context:
     # None (engine.testing.run_stage unless given one): keep nothing.
     scratch: Path | None = None
     # Where each input came from, by input name: {"type", "stage", "key", "digest"} of the upstream
-    # output (what a package records as its sources). Empty under engine.testing.run_stage.
+    # output (what a package records as its sources). Empty under engine.testing.run_stage unless given.
     sources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def progress(
