@@ -31,12 +31,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Mapping
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from engine.stage import Params
 from stages.common.bundle import write_labels
+
+from .emulation import Emulation
 
 if TYPE_CHECKING:  # pragma: no cover
     from stages.common.preprocess import Preprocess
@@ -161,6 +163,9 @@ class BoardProfile(BaseModel):
     deploy_script: str = ""
     # where each figure above comes from
     sources: Mapping[str, str] = Field(default_factory=dict)
+    # the instruction set and userland its package's self-test runs on under qemu-user
+    # (`edgepipe selftest --emulate`, boards/emulation.py); one per family, not part of facts()
+    emulation: ClassVar[Emulation | None] = None
 
     def with_settings(self, s: BoardSettings) -> "BoardProfile":
         if s.name != self.name:

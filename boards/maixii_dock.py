@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from pydantic import Field
 
 from . import BoardProfile, Finding, PackageContext, write_zip
+from .emulation import Emulation
 from .graph import RESHAPE_OPS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,6 +67,11 @@ class MaixIIDock(BoardProfile):
     package_files: tuple[str, ...] = (UPLOAD_ZIP, "model.param", "model.bin", "classes_label.py", "main.py",
                                       "README.md", "manifest.json")
     deploy_script: str = "main.py (MaixPy3: maix.nn.load with model_type awnn, camera loop)"
+    # Cortex-A7, 32-bit: armhf. main.py runs on MaixPy3's maix.nn, which exists only on the board
+    emulation: ClassVar[Emulation | None] = Emulation(
+        "armhf", debs=("python3", "python3-numpy", "python3-pil"),
+        cannot="main.py runs on MaixPy3's maix.nn (the awnn int8 model MaixHub converts), which exists only "
+               "on the board: copy the package and run python3 main.py --selftest there")
     sources: Mapping[str, str] = Field(default_factory=lambda: {
         "normalisation": "MaixPy3 maix.nn.load docs (sipeed_wiki maix/nn.md): (x - mean) * norm, one value per "
                          "channel list, e.g. mean 127.5 / norm 0.0078125",

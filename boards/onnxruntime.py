@@ -3,11 +3,12 @@ ONNX Runtime on the CPU, preprocessed by the shared ``preprocess.py`` copied ver
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from pydantic import Field
 
 from . import BoardProfile, PackageContext
+from .emulation import Emulation
 
 
 class OnnxRuntimeBoard(BoardProfile):
@@ -23,6 +24,12 @@ class OnnxRuntimeBoard(BoardProfile):
     package_files: tuple[str, ...] = ("model.onnx", "labels.txt", "preprocess.json", "preprocess.py", "infer.py",
                                       "selftest.py", "README.md", "manifest.json")
     deploy_script: str = "infer.py (numpy + Pillow + onnxruntime): an image or a folder -> label and confidence"
+    # a Raspberry Pi's Python stack: Debian 12's Python 3.11 on aarch64 with PyPI's wheels. onnxruntime
+    # 1.18.1 because a later release (1.32, measured) crashes at import under qemu-user 7.2 (Debian 12's)
+    emulation: ClassVar[Emulation | None] = Emulation(
+        "arm64", wheels=("numpy==1.26.4", "pillow==13.0.0", "onnxruntime==1.18.1"),
+        command=("python3", "infer.py", "--selftest"),
+        checks="the whole self-test, on aarch64 (ONNX Runtime's ARM kernels, numpy, Pillow, preprocess.py)")
     sources: Mapping[str, Any] = Field(default_factory=lambda: {
         "limits": "none by default: set board.ram_mb / board.flash_mb for a small board (e.g. 512 for a Pi Zero 2)",
     })

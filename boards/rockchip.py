@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import Field
 
 from . import BoardProfile, Finding, PackageContext, _limit
+from .emulation import Emulation
 
 if TYPE_CHECKING:  # pragma: no cover
     from stages.common.preprocess import Preprocess
@@ -104,6 +105,13 @@ class LuckfoxBoard(RockchipBoard):
     deploy_script: str = "main.c (RKNN runtime C API) built with CMakeLists.txt"
 
     toolchain: ClassVar[str] = "arm-rockchip830-linux-uclibcgnueabihf"
+    # Cortex-A7, 32-bit: an armhf Debian userland (glibc; the board's is uClibc) with Debian's numpy and
+    # Pillow (PyPI has no armv7l wheels of them)
+    emulation: ClassVar[Emulation | None] = Emulation(
+        "armhf", debs=("python3", "python3-numpy", "python3-pil"),
+        command=("python3", "prepare_input.py", "--selftest"),
+        checks="the image path (prepare_input.py, preprocess.py, Pillow) on armhf; the tensor path "
+               "(./rknn_classify --selftest) needs librknnmrt and the NPU: run it on the board")
 
     def check_package(self, model_dir: Path, model_file: Path) -> list[Finding]:
         out = super().check_package(model_dir, model_file)
@@ -160,6 +168,14 @@ class RK35Board(RockchipBoard):
     package_files: tuple[str, ...] = ("model.rknn", "labels.txt", "infer.py", "selftest.py", "preprocess.py",
                                       "preprocess.json", "README.md", "manifest.json")
     deploy_script: str = "infer.py (rknn-toolkit-lite2, numpy, Pillow)"
+
+    # aarch64 with the real rknn-toolkit-lite2 wheel: everything up to init_runtime, which needs the NPU
+    emulation: ClassVar[Emulation | None] = Emulation(
+        "arm64", wheels=("numpy==1.26.4", "pillow==13.0.0", "rknn-toolkit-lite2==2.5.0", "ruamel.yaml==0.19.1",
+                         "psutil==7.2.2"),
+        command=("python3", "infer.py", "--selftest"), stops_at="init_runtime failed",
+        stops_note="infer.py imported rknn-toolkit-lite2 and loaded model.rknn on aarch64; init_runtime needs "
+                   "the NPU (librknnrt and its driver), so the golden samples run only on the board")
 
     # RKNNLite.init_runtime arguments (core_mask exists on multi-core NPUs only); rendered into
     # infer.py, left out of facts() (preflight.json and the manifest record the profile as before)

@@ -53,12 +53,14 @@ class KeyRecipe:
     content: dict[str, str]  # content paths by dotted field path
     tools: list[str]  # the distributions whose installed versions enter the key (Stage.tools)
     from_files: bool = False  # a FROM_FILES field is set: validation read files, not to be remembered
+    # Not in the key: the stage's volatile_outputs, which a remote entry's digest is recomputed without
+    volatile: tuple[str, ...] = ()
 
 
 def key_recipe(cls: type[Stage], params: BaseModel) -> KeyRecipe:
     kp, content, from_files = key_params(params)
     return KeyRecipe(cls.name, cls.version, kp, {k: str(v) for k, v in content.items()}, list(cls.tools),
-                     from_files)
+                     from_files, tuple(cls.volatile_outputs))
 
 
 def key_params(params: BaseModel) -> tuple[dict, dict[str, Path], bool]:
@@ -148,6 +150,14 @@ def stage_key(recipe: KeyRecipe, input_digests: Mapping[str, str], cache: Cache)
     return sha256_json(material)[:KEY_LENGTH], material
 
 
+def output_digest(hashes: Mapping[str, str], volatile: Iterable[str] = ()) -> str:
+    """An entry's digest from its files' sha256 ({relative path: sha256}), logs and the stage's
+    `volatile` patterns left out: what the next stages' keys hold. A remote entry's digest is
+    recomputed with it, never taken from the remote."""
+    skip = VOLATILE + tuple(volatile)
+    return tree_digest({rel: sha for rel, sha in hashes.items() if not matches(rel, skip)})
+
+
 @dataclass
 class Hit:
     path: Path | None  # the entry's output folder (<key>/out); None for a remote entry not fetched
@@ -180,18 +190,19 @@ class Cache:
         return self.root / stage_type / key
 
     # ---- lookup ------------------------------------------------------------------------------
-    def lookup(self, stage_type: str, key: str, fetch: bool = True) -> Hit | None:
+    def lookup(self, stage_type: str, key: str, fetch: bool = True, volatile: Iterable[str] = ()) -> Hit | None:
         """The entry if present and intact; None if absent; CorruptEntry if its files changed. On a
         local miss the remote (if any) is asked: with `fetch` (call with the key's lock held) the entry
         is downloaded, checked and published here; without, a remote hit is only reported. Without
-        `fetch` nothing is written (`plan`): not even the new times of a file found intact."""
+        `fetch` nothing is written (`plan`): not even the new times of a file found intact.
+        `volatile`: the stage's volatile_outputs (KeyRecipe.volatile), to recompute a remote digest."""
         path = self.entry(stage_type, key)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except FileNotFoundError:
             if path.exists():
                 raise CorruptEntry(f"{path}: manifest.json is missing") from None
-            return self._remote_lookup(stage_type, key, fetch) if self.remote else None
+            return self._remote_lookup(stage_type, key, fetch, tuple(volatile)) if self.remote else None
         except ValueError:
             raise CorruptEntry(f"{path}: manifest.json is not valid JSON") from None
         moved = self.verify(path / OUT, manifest)
@@ -199,27 +210,34 @@ class Cache:
             manifest = _restamp(path / MANIFEST, manifest, moved)
         return Hit(path / OUT, manifest)
 
-    def _remote_lookup(self, stage_type: str, key: str, fetch: bool) -> Hit | None:
+    def _remote_lookup(self, stage_type: str, key: str, fetch: bool, volatile: tuple[str, ...]) -> Hit | None:
+        """A remote entry checked (manifest, signature, digest, then every file) and published here;
+        None when there is none or it is refused (warned by the remote). No temp folder outlives it."""
         from .remote import RemoteError
 
         assert self.remote is not None
-        tmp = None
         try:
-            manifest = self.remote.manifest(stage_type, key)
-            if manifest is None:
-                return None
-            if not fetch:
-                return Hit(None, manifest, remote_only=True)
-            tmp = self.new_tmp(stage_type, key)
-            hashes = self.remote.download(stage_type, key, manifest, tmp)
+            manifest = self.remote.manifest(stage_type, key, volatile)
         except RemoteError as e:  # reached at the start (check_remote), so a passing failure: compute here
             log.warning("%s; computing %s/%s here", e, stage_type, key)
-            hashes = None
-        if hashes is None:  # damaged (warned): the stage is recomputed
-            if tmp is not None:
-                _rmtree(tmp)
             return None
-        record = {k: v for k, v in manifest.items() if k not in ("files", "digest")} | {"fetched": True}
+        if manifest is None:
+            return None
+        if not fetch:
+            return Hit(None, manifest, remote_only=True)
+        tmp = self.new_tmp(stage_type, key)
+        try:
+            hashes = self.remote.download(stage_type, key, manifest, tmp)
+        except RemoteError as e:
+            log.warning("%s; computing %s/%s here", e, stage_type, key)
+            hashes = None
+        except BaseException:  # Ctrl-C, a full disk: it propagates, the temp folder does not
+            _rmtree(tmp)
+            raise
+        if hashes is None:  # refused (warned): the stage is recomputed
+            _rmtree(tmp)
+            return None
+        record = {k: v for k, v in manifest.items() if k not in ("files", "digest", "signature")} | {"fetched": True}
         hit = self.publish(tmp, stage_type, key, record, hashes=hashes, digest=manifest["digest"])
         hit.fetched = True
         return hit
@@ -232,10 +250,14 @@ class Cache:
     @staticmethod
     def verify(path: Path, manifest: Mapping, rehash: bool = False) -> dict[str, os.stat_result]:
         """Check every file of an output folder by size, mtime and ctime (cheap); re-hash only files
-        whose times changed. ctime cannot be set from user space, so a same-size edit that restores the
-        mtime is caught too; an edit within the filesystem's timestamp granularity of the entry's
+        whose times changed. A file the manifest does not list (added by hand) is damage too: the
+        next stage would read it. ctime cannot be set from user space, so a same-size edit that
+        restores the mtime is caught too; an edit within the filesystem's timestamp granularity of the entry's
         creation is not (use `edgepipe reproduce --verify` to recompute). Returns the stats of the
         files whose times moved while their content did not."""
+        extra = sorted(set(list_files(path)) - set(manifest["files"]))
+        if extra:  # added by hand: the next stage would read it, so the entry is not the one recorded
+            raise CorruptEntry(f"{path / extra[0]}: not in the manifest (added to the entry after it was made)")
         moved = {}
         for rel, meta in manifest["files"].items():
             f = path / rel
@@ -292,9 +314,8 @@ class Cache:
             st = f.stat()
             files[rel] = {"size": st.st_size, "sha256": hashes[rel] if hashes else sha256_file(f),
                           "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
-        skip = VOLATILE + tuple(volatile)
-        manifest = dict(manifest, files=files, digest=digest or tree_digest(
-            {r: m["sha256"] for r, m in files.items() if not matches(r, skip)}))
+        manifest = dict(manifest, files=files,
+                        digest=digest or output_digest({r: m["sha256"] for r, m in files.items()}, volatile))
         staged = tmp.with_name(f"{tmp.name}-entry")  # in .tmp, named by the key: a killed run's is cleaned
         staged.mkdir()
         _write_manifest(staged / MANIFEST, manifest)

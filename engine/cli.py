@@ -13,6 +13,7 @@
     edgepipe push [RUN] [cache.remote=URL]
     edgepipe pull RUN | OVERRIDE ...
     edgepipe init [DIR]
+    edgepipe selftest PACKAGE [--emulate]    (a package's golden self-test here, or on its board's CPU under qemu)
     edgepipe --version
     edgepipe -sc install=bash|zsh|fish       (shell completion: eval "$(edgepipe -sc install=bash)")
 
@@ -265,7 +266,10 @@ def validated_pipeline(job, options, sweep: bool = False):
     ConfigError. A single run's is taken from plan_memo when the same config and code were validated
     before (and remembered otherwise), and its overrides without effect are warned about; a sweep
     warns once for all its jobs (sweep.multirun)."""
-    pipeline = _checked_pipeline(job, remember=not sweep, warn=not sweep)
+    from .fetching import fetching
+
+    with fetching():  # what the config names by name (pretrained weights) is fetched now, before any stage
+        pipeline = _checked_pipeline(job, remember=not sweep, warn=not sweep)
     pipeline.graph.select(options.only)
     pipeline._forced(options)
     _check_runs_root(pipeline.runs_root)
@@ -280,6 +284,7 @@ def _checked_pipeline(job, remember: bool, warn: bool = True):
 
     remembered = plan_memo.load(job) if remember else None
     if remembered is not None:
+        _check_run_name(job)  # validation, which checks it too, is skipped
         pipeline, warnings = Pipeline(job.cfg, _runs_root(job.cfg), remembered), remembered.warnings
     else:
         pipeline = Pipeline(job.cfg, _runs_root(job.cfg))
@@ -289,6 +294,16 @@ def _checked_pipeline(job, remember: bool, warn: bool = True):
             plan_memo.store(job, pipeline, warnings)
     _warn(warnings if warn else [])
     return pipeline
+
+
+def _check_run_name(job) -> None:
+    """The run folder is named after `name`: checked on every path, a remembered plan's too."""
+    from .compose import check_run_name
+    from .errors import ConfigError
+
+    problems = check_run_name(job.cfg)
+    if problems:
+        raise ConfigError(problems)
 
 
 def _shadowed(overrides: list[str], pipeline) -> list[str]:
@@ -633,9 +648,31 @@ def cmd_init(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_selftest(argv: Sequence[str]) -> int:
+    import argparse
+    import tempfile
+
+    from boards import emulation
+
+    ap = argparse.ArgumentParser(prog="edgepipe selftest",
+                                 description="run a board package's golden self-test before copying it to the board")
+    ap.add_argument("package", type=Path, help="the package folder, its package.zip, or the package stage's output")
+    ap.add_argument("--emulate", action="store_true",
+                    help="on the board's instruction set (qemu-user and an ARM Debian userland, built once)")
+    a = ap.parse_args(argv)
+    if not a.package.exists():
+        raise UsageError(f"{a.package}: no such package folder or zip")
+    with tempfile.TemporaryDirectory(prefix="edgepipe-selftest-") as scratch:
+        try:
+            return emulation.selftest(a.package, a.emulate, Path(scratch))
+        except emulation.EmulationError as e:
+            print(f"edgepipe: {e}", file=sys.stderr)
+            return e.status
+
+
 VERBS = {"run": cmd_run, "plan": cmd_plan, "dag": cmd_dag, "runs": cmd_runs, "show": cmd_show,
          "report": cmd_report, "reproduce": cmd_reproduce, "compare": cmd_compare, "gc": cmd_gc, "init": cmd_init,
-         "push": cmd_push, "pull": cmd_pull}
+         "push": cmd_push, "pull": cmd_pull, "selftest": cmd_selftest}
 
 
 def _shell_completion(argv: list[str]) -> int:

@@ -205,6 +205,7 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
     user_dir = user_config_dir(config_dir)
     key = compose_cache.Key(overrides, [d for d in (user_dir, builtin_config_dir()) if d is not None])
     if (job := compose_cache.load(key)) is not None:  # the same files, overrides, env and versions
+        check_targets(_plain(job), overrides, user_dir)  # a remembered config is checked all the same
         return job  # without importing Hydra
     from hydra import compose as hydra_compose
     from hydra.core.hydra_config import HydraConfig
@@ -212,6 +213,7 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
     parsed = parse_overrides(list(overrides))
     with _hydra(user_dir), _composition_errors(parsed, user_dir):
         full = hydra_compose(config_name(), overrides=list(overrides), return_hydra_config=True)
+    check_targets(OmegaConf.to_container(full, resolve=False), overrides, user_dir)
     HydraConfig.instance().set_config(full)  # makes ${hydra:...} resolvable
     run_dir, sweep_dir = _resolved_dir(full, "run"), _resolved_dir(full, "sweep")
     hydra_cfg = OmegaConf.create(OmegaConf.to_container(full.hydra, resolve=False))
@@ -221,6 +223,70 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
     if compose_cache.store(key, job):
         job.digest = key.digest
     return job
+
+
+# A run name becomes part of a folder name under runs_root: no separators, no '..'.
+_RUN_NAME = re.compile(r"[\w.+=,@-]+")
+
+
+def check_run_name(cfg: DictConfig) -> list[str]:
+    """The problem with the config's `name`, if any (config.validate and every remembered plan check it)."""
+    name = OmegaConf.select(cfg, "name", default=None, throw_on_missing=False)
+    if name is None:
+        return []
+    name = str(name)
+    if _RUN_NAME.fullmatch(name) and ".." not in name:
+        return []
+    return [f"name: {name!r} is not a valid run name (it becomes a folder under runs_root); use letters, "
+            f"digits and . _ - + = , @ only, no '/' and no '..'"]
+
+
+def _plain(job: Job) -> dict:
+    return {**OmegaConf.to_container(job.cfg, resolve=False), "hydra": OmegaConf.to_container(job.hydra_cfg, resolve=False)}
+
+
+def check_targets(tree: dict, overrides: list[str], user_dir: Path | None) -> None:
+    """A ComposeError naming the first value of the composed config (plain containers, with its
+    `hydra` node) that would make Hydra call something off engine/targets.py's allow-list, and the
+    config file (or override) it came from; checked before anything is instantiated or written."""
+    from . import targets
+
+    for path, value, why in targets.refused(tree):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ComposeError(f"{targets.dotted(path)}={shown} ({_origin(path, overrides, user_dir)}): {why}")
+
+
+def _origin(path: list, overrides: list[str], user_dir: Path | None) -> str:
+    """Which override or config file sets the key at path (the last one merged wins), as best known."""
+    keys = {".".join(str(p) for p in path[:n]) for n in range(1, len(path) + 1)}
+    for o in reversed(parse_overrides(list(overrides))):
+        if o.key_or_group in keys:
+            return f"override '{o.input_line}'"
+    try:
+        for c in reversed(merged_configs(overrides, user_dir, with_hydra=True)):
+            if _sets(Path(c["file"]), c["package"], path):
+                return f"from {c['file']}"
+    except Exception:  # noqa: BLE001 - finding the file is a courtesy: the key is named all the same
+        pass
+    return "config file not known"
+
+
+def _sets(file: Path, package: str, path: list) -> bool:
+    """Whether the YAML file, merged at package, holds a value at path."""
+    import yaml
+
+    prefix = [] if package in ("", "_global_") else package.split(".")
+    if path[: len(prefix)] != prefix:
+        return False
+    node = yaml.safe_load(file.read_text(encoding="utf-8"))
+    for part in path[len(prefix):]:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return False
+    return True
 
 
 @contextmanager
@@ -248,17 +314,22 @@ def _composition_errors(parsed: list, user_dir: Path | None):
 def explain(overrides: list[str], config_dir: Path | None = None) -> dict:
     """The search path and, for every config file merged (in merge order), the search-path entry it
     came from: what `edgepipe plan --info` prints."""
+    job = compose(overrides, config_dir)  # the same one-line errors as any other verb
+    return {"search_path": job.sources, "configs": merged_configs(overrides, user_config_dir(config_dir))}
+
+
+def merged_configs(overrides: list[str], user_dir: Path | None, with_hydra: bool = False) -> list[dict]:
+    """Every config file merged, in merge order ({config, package, provider, file}), from Hydra's
+    defaults list; with_hydra: Hydra's own (launcher, sweeper, logging) first."""
     from hydra._internal.defaults_list import create_defaults_list
     from hydra.core.global_hydra import GlobalHydra
 
-    job = compose(overrides, config_dir)  # the same one-line errors as any other verb
-    user_dir = user_config_dir(config_dir)
     with _hydra(user_dir), _composition_errors(parse_overrides(list(overrides)), user_dir):
         loader = GlobalHydra.instance().config_loader()
         parsed, repo = loader._parse_overrides_and_create_caching_repo(config_name(), list(overrides))
         defaults = create_defaults_list(repo=repo, config_name=config_name(), overrides_list=parsed,
-                                        prepend_hydra=False, skip_missing=False).defaults
-        configs = []
+                                        prepend_hydra=with_hydra, skip_missing=False).defaults
+        configs: list[dict] = []
         for d in defaults:
             source = next((s for s in repo.get_sources() if d.config_path and s.is_config(d.config_path)), None)
             if source is None or any(c["config"] == d.config_path for c in configs):
@@ -266,7 +337,7 @@ def explain(overrides: list[str], config_dir: Path | None = None) -> dict:
             configs.append({"config": d.config_path, "package": d.package or "_global_",
                             "provider": source.provider,
                             "file": str(Path(source_folder(source.scheme(), source.path)) / f"{d.config_path}.yaml")})
-    return {"search_path": job.sources, "configs": configs}
+    return configs
 
 
 def _resolved_dir(full: DictConfig, which: str) -> Path:

@@ -13,16 +13,25 @@ is not kept (their files are not in the key).
 
 Entries are JSON files under $EDGEPIPE_COMPOSE_CACHE (default ~/.cache/edgepipe/compose, or
 $XDG_CACHE_HOME's); EDGEPIPE_COMPOSE_CACHE=off turns the cache off. A damaged entry is a miss.
+
+The folder may be shared, or written by someone else: every entry (and plan_memo's) is sealed with
+an HMAC under its file name, with a key only this user can read (`.seal-key-<uid>`, made on first use,
+mode 0600, refused when anyone else owns it or can read it). An edited, planted or renamed entry is a
+miss, never a config or a plan that no config file says.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
+import stat
 import sys
 import sysconfig
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -35,7 +44,7 @@ ENV = "EDGEPIPE_COMPOSE_CACHE"
 KEEP = 200  # entries; the oldest go first
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # .hydra/ texts an entry keeps
 _ENV_NAME = re.compile(r"\$\{(?:oc\.)?env:\s*([A-Za-z_][A-Za-z0-9_]*)")
-_CODE = ("compose.py", "compose_cache.py", "__init__.py")  # engine/ files whose code makes the Job
+_CODE = ("compose.py", "compose_cache.py", "targets.py", "__init__.py")  # engine/ files whose code makes the Job
 
 
 def folder() -> Path | None:
@@ -99,7 +108,10 @@ def load(key: Key):
     if where is None:
         return None
     try:
-        entry = json.loads((where / f"{key.digest}.json").read_text(encoding="utf-8"))
+        text = read_entry(where / f"{key.digest}.json")
+        if text is None:
+            return None
+        entry = json.loads(text)
         if entry.get("format") != FORMAT or entry["overrides"] != key.overrides:
             return None
         if any(os.environ.get(name) != value for name, value in entry["env"].items()):
@@ -136,10 +148,10 @@ def store(key: Key, job) -> bool:
         text = json.dumps(entry, allow_nan=False)
         if json.loads(text) != entry:  # e.g. an integer key would come back a string
             return False
-        write_entry(where / f"{key.digest}.json", text)
+        if not write_entry(where / f"{key.digest}.json", text):
+            return False
         marker = _one_job_marker(where, key.overrides)
-        marker.parent.mkdir(exist_ok=True)
-        marker.touch()
+        write_entry(marker, '{"one_job": true}')
         prune(where)
         prune(marker.parent)
     except (OSError, TypeError, ValueError):  # a read-only home, a value JSON cannot hold: no cache
@@ -147,12 +159,138 @@ def store(key: Key, job) -> bool:
     return True
 
 
-def write_entry(path: Path, text: str) -> None:
-    """path's content becomes text at once (a temp file renamed): a reader sees all of it or none."""
+def write_entry(path: Path, text: str) -> bool:
+    """path's content becomes text (a JSON object), sealed, at once (a temp file renamed): a reader
+    sees all of it or none. False when there is no key to seal it with (nothing written)."""
+    sealed = _sealed(path.name, text)
+    if sealed is None:
+        return False
+    _replace(path, sealed.encode("utf-8"))
+    return True
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """path's content becomes data through a temp file of a name no one can plant a link at first
+    (mkstemp: O_EXCL, mode 0600), renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_entry(path: Path) -> str | None:
+    """The JSON text write_entry sealed into path, or None: missing, damaged, edited, sealed under
+    another name (a renamed entry) or by another key."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return None
+    return _unsealed(path.name, raw)
+
+
+# A sealed entry is still one JSON object: {"seal": "<hmac>", <the entry's own items>}.
+_SEAL_HEAD, _SEAL_TAIL, _MAC_LENGTH = '{"seal": "', '", ', 64
+
+
+def _sealed(name: str, text: str) -> str | None:
+    key = _seal_key()
+    if key is None or not text.startswith("{") or text.lstrip("{ ").startswith("}"):  # an object with items
+        return None
+    return f"{_SEAL_HEAD}{_mac(key, name, text)}{_SEAL_TAIL}{text[1:]}"
+
+
+def _unsealed(name: str, raw: str) -> str | None:
+    key = _seal_key()
+    if key is None or not raw.startswith(_SEAL_HEAD):
+        return None
+    mac, rest = raw[len(_SEAL_HEAD): len(_SEAL_HEAD) + _MAC_LENGTH], raw[len(_SEAL_HEAD) + _MAC_LENGTH:]
+    text = "{" + rest[len(_SEAL_TAIL):]
+    if not rest.startswith(_SEAL_TAIL) or not hmac.compare_digest(mac, _mac(key, name, text)):
+        return None
+    return text
+
+
+def write_sealed_bytes(path: Path, data: bytes) -> bool:
+    """write_entry for bytes (the report template's compiled code): the HMAC, then the data."""
+    key = _seal_key()
+    if key is None:
+        return False
+    _replace(path, _mac_bytes(key, path.name, data) + data)
+    return True
+
+
+def read_sealed_bytes(path: Path) -> bytes | None:
+    """What write_sealed_bytes wrote into path, or None when it is missing or not sealed by this user."""
+    key = _seal_key()
+    try:
+        raw = path.read_bytes() if key is not None else b""
+    except OSError:
+        return None
+    mac, data = raw[:32], raw[32:]
+    return data if len(mac) == 32 and hmac.compare_digest(mac, _mac_bytes(key, path.name, data)) else None
+
+
+def _mac_bytes(key: bytes, name: str, data: bytes) -> bytes:
+    return hmac.new(key, name.encode("utf-8", "surrogateescape") + b"\0" + data, hashlib.sha256).digest()
+
+
+def _mac(key: bytes, name: str, text: str) -> str:
+    """Bound to the file name too: an entry copied under another key's name does not verify."""
+    return hmac.new(key, f"{name}\0{text}".encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+
+
+_keys: dict[Path, bytes | None] = {}
+
+
+def _seal_key() -> bytes | None:
+    """This user's sealing key in the cache folder, made on first use; None (no cache) when the file
+    there is not one only this user can read and write."""
+    where = folder()
+    if where is None:
+        return None
+    if where not in _keys:
+        path = where / f".seal-key-{os.getuid()}"
+        _keys[where] = _read_key(path) or (_make_key(path) and _read_key(path))
+    return _keys[where]
+
+
+def _read_key(path: Path) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        ours = stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+        key = os.read(fd, 64) if ours else b""
+    finally:
+        os.close(fd)
+    return key if len(key) == 32 else None
+
+
+def _make_key(path: Path) -> bool:
+    """A new random key, published by a hard link so that it never replaces one another process made."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(32))
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 def _one_job_marker(where: Path, overrides: list[str]) -> Path:
@@ -163,12 +301,12 @@ def composed_as_one_job(overrides: list[str]) -> bool:
     """True when these overrides were composed as one job before: whether an override list is a sweep
     is its syntax alone, so the answer holds for any config."""
     where = folder()
-    return where is not None and _one_job_marker(where, overrides).is_file()
+    return where is not None and read_entry(_one_job_marker(where, overrides)) is not None
 
 
 def prune(where: Path) -> None:
-    """Keep the KEEP newest files of the folder (its sub-folders are left alone)."""
-    entries = sorted((p for p in where.iterdir() if p.is_file()), key=_mtime)
+    """Keep the KEEP newest files of the folder (its sub-folders and the sealing keys are left alone)."""
+    entries = sorted((p for p in where.iterdir() if p.is_file() and not p.name.startswith(".seal-key-")), key=_mtime)
     for old in entries[: max(0, len(entries) - KEEP)]:
         old.unlink(missing_ok=True)
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import registry
 from .cache import KeyRecipe, key_recipe
+from .compose import check_run_name
 from .errors import ConfigError, config_key, did_you_mean
 from .stage import Stage
 
@@ -249,25 +250,11 @@ def _types_owning(section: str) -> list[type[Stage]]:
     return found
 
 
-# A run name becomes part of a folder name under runs_root: no separators, no '..'.
-_RUN_NAME = re.compile(r"[\w.+=,@-]+")
-
-
-def check_run_name(cfg: DictConfig) -> list[str]:
-    name = OmegaConf.select(cfg, "name", default=None, throw_on_missing=False)
-    if name is None:
-        return []
-    name = str(name)
-    if _RUN_NAME.fullmatch(name) and ".." not in name:
-        return []
-    return [f"name: {name!r} is not a valid run name (it becomes a folder under runs_root); use letters, "
-            f"digits and . _ - + = , @ only, no '/' and no '..'"]
-
-
 def _cross_checks(spec: StageSpec) -> list[str]:
     """The stage type's own checks across sections (Stage.check), named by config key."""
     return [f"{config_key(spec, field)}: {problem}  [stage '{spec.name}', type {spec.cls.name}]"
-            for field, problem in spec.cls.check(spec.params)]
+            for field, problem in [*spec.cls.check(spec.params),
+                                   *spec.cls.check_inputs(spec.params, set(spec.entry.needs))]]
 
 
 def validate(cfg: DictConfig) -> tuple[PipelineSpec, dict[str, StageSpec]]:

@@ -254,17 +254,18 @@ class ContentIndex:
 
 
 def listing_digest(listing: list[tuple[str, os.stat_result]]) -> str:
-    """sha256 of a scan_files listing: every relative path, size, inode, device and mtime_ns. Packed
+    """sha256 of a scan_files listing: every relative path, size, inode, device, mtime_ns and ctime_ns
+    (a file rewritten in place with its old mtime put back still moves its ctime). Packed
     as arrays in one pass rather than one string per file: on 100,000 files this is most of an
     unchanged plan after the stats themselves."""
-    unsigned, mtimes = array("Q"), array("q")  # mtime_ns may be negative (before 1970)
-    add, add_mtime = unsigned.extend, mtimes.append
+    unsigned, times = array("Q"), array("q")  # mtime_ns may be negative (before 1970)
+    add, add_times = unsigned.extend, times.extend
     for _, st in listing:
         add((st.st_size, st.st_ino, st.st_dev))
-        add_mtime(st.st_mtime_ns)
+        add_times((st.st_mtime_ns, st.st_ctime_ns))
     h = hashlib.sha256("\0".join([rel for rel, _ in listing]).encode("utf-8", "surrogateescape"))
     h.update(unsigned.tobytes())
-    h.update(mtimes.tobytes())
+    h.update(times.tobytes())
     return h.hexdigest()
 
 
@@ -275,8 +276,9 @@ CREATE TABLE IF NOT EXISTS trees (folder TEXT PRIMARY KEY, listing TEXT NOT NULL
 
 
 def signature(st: os.stat_result) -> str:
-    """What a file's recorded digest is valid for (text: an inode may not fit sqlite's 64-bit integer)."""
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_dev}"
+    """What a file's recorded digest is valid for (text: an inode may not fit sqlite's 64-bit integer).
+    ctime too: `touch -r` puts an old mtime back on a rewritten file, but nothing sets ctime back."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
 
 
 def content_digest(path: Path, index: ContentIndex) -> str:

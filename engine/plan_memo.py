@@ -11,8 +11,10 @@ that were printed. Nothing is remembered when a params field was computed from f
 (stage.FROM_FILES). A remembered pipeline plans (and says why a stage would run) but runs nothing:
 before a stage runs, runner.Pipeline validates the config for real.
 
-Entries: compose_cache.folder()/validated/*.json, written atomically, the oldest pruned; a damaged
-or unreadable one is a miss.
+Entries: compose_cache.folder()/validated/*.json, written atomically and sealed (compose_cache's
+HMAC over the file name, which holds the compose key, and the content), the oldest pruned; a damaged,
+unreadable, edited or copied one is a miss. So a hit is tied to the exact composed config it was
+validated from: the compose key names the sealed compose entry that config came from.
 """
 
 from __future__ import annotations
@@ -74,7 +76,10 @@ def load(job: Job) -> Remembered | None:
     if path is None:
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = compose_cache.read_entry(path)  # sealed: an edited or copied memo is a miss
+        if text is None:
+            return None
+        data = json.loads(text)
         if data["format"] != FORMAT:
             return None
         if any(_code_stats(Path(root)) != stats for root, stats in data["plugins"].items()):

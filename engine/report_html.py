@@ -33,9 +33,10 @@ def write_html(record: RunRecord) -> Path:
 
 
 def _template():
-    """The page's template, compiled once per jinja2 version and settings: its bytecode is kept in
-    the user's own cache folder (compose_cache's; never under runs/, which may come from someone
-    else), compiling it being most of writing a cached run's report."""
+    """The page's template, compiled once per jinja2 version and settings: compiling it is most of
+    writing a cached run's report. Its code is kept in the user's own cache folder (compose_cache's;
+    never under runs/, which may come from someone else), sealed like that folder's entries: Jinja's
+    FileSystemBytecodeCache would unpickle whatever file it found there."""
     import jinja2
 
     from . import compose_cache
@@ -45,14 +46,32 @@ def _template():
     cache = None
     if where is not None:
         tag = hashlib.sha256(f"{jinja2.__version__}{sorted(settings.items())}".encode()).hexdigest()[:16]
-        try:
-            (where / "jinja" / tag).mkdir(parents=True, exist_ok=True)
-            cache = jinja2.FileSystemBytecodeCache(str(where / "jinja" / tag))
-        except OSError:  # a read-only home: compiled each time
-            pass
+        cache = _sealed_bytecode_cache(where / "jinja" / tag)
     env = jinja2.Environment(loader=jinja2.DictLoader({REPORT_HTML: TEMPLATE}), bytecode_cache=cache,
                              undefined=jinja2.StrictUndefined, **settings)
     return env.get_template(REPORT_HTML)
+
+
+def _sealed_bytecode_cache(folder: Path):
+    """A jinja2.BytecodeCache on compose_cache's sealed files: a file this user's key did not seal
+    (planted, edited) is a miss and the template is compiled again; nothing else is loaded."""
+    import jinja2
+
+    from . import compose_cache
+
+    class SealedBytecodeCache(jinja2.BytecodeCache):
+        def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+            data = compose_cache.read_sealed_bytes(folder / f"{bucket.key}.cache")
+            if data is not None:
+                bucket.bytecode_from_string(data)
+
+        def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+            try:
+                compose_cache.write_sealed_bytes(folder / f"{bucket.key}.cache", bucket.bytecode_to_string())
+            except OSError:  # a read-only home: compiled each time
+                pass
+
+    return SealedBytecodeCache()
 
 
 def read_yaml(path: Path) -> Any:
@@ -143,7 +162,8 @@ TEMPLATE = """<!DOCTYPE html>
 <meta http-equiv="Content-Security-Policy" content="{{ csp }}">
 <title>edgepipe report: {{ r.name }}</title>
 <style>
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
+body { font-family: system-ui, -apple-system, "Segoe UI", "Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Micro Hei",
+       "WenQuanYi Zen Hei", "Microsoft YaHei", "PingFang SC", sans-serif; margin: 2em auto; max-width: 1100px;
        padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
@@ -171,8 +191,8 @@ details { margin: 0.5em 0 1em; } summary { cursor: pointer; }
 {% if summary.model %}<tr><th>model</th><td>{{ summary.model.arch }}, {{ summary.model.num_classes }} classes,
 <span class="parameters">{{ summary.parameters }}</span> parameters</td></tr>{% endif %}
 {% for d in dataset %}{% if d.spec %}<tr><th>input</th><td>{% for k, v in d.spec.items() %}{{ k }}: <code>{{ v }}</code>{% if not loop.last %}; {% endif %}{% endfor %}</td></tr>{% endif %}{% endfor %}
-{% for p in package %}<tr><th>package{% if p.stage != "package" %} {{ p.stage }}{% endif %}</th><td>board <b>{{ p.board }}</b>{% if p.title %} ({{ p.title }}){% endif %}:
-<code>{{ p.folder }}</code>{% if p.zip %}, <code>{{ p.zip }}</code>{% endif %}</td></tr>
+{% for p in package %}<tr><th>package{% if p.stage != "package" %} {{ p.stage }}{% endif %}</th>{% if p.error %}<td class="failed">not written: {{ p.error }}</td>{% else %}<td>board <b>{{ p.board }}</b>{% if p.title %} ({{ p.title }}){% endif %}:
+<code>{{ p.folder }}</code>{% if p.zip %}, <code>{{ p.zip }}</code>{% endif %}</td>{% endif %}</tr>
 {% endfor %}
 {% if r.edgepipe_version %}<tr><th>edgepipe</th><td>{{ r.edgepipe_version }}</td></tr>{% endif %}
 </table>
@@ -235,7 +255,8 @@ details { margin: 0.5em 0 1em; } summary { cursor: pointer; }
 <td>{{ b.kind }}</td><td class="num">{{ b.samples }}</td>
 <td class="num top1" data-value="{{ b.top1 }}">{{ b.top1_text }}</td><td class="num">{{ b.change }}</td>
 <td class="num">{{ b.agreement }}</td><td class="num">{{ b.max_abs_diff }}</td><td class="num">{{ b.size }}</td>
-<td><span class="{{ b.verdict }}">{{ b.verdict }}</span>{% if b.target %} ({{ b.target }}){% endif %}</td></tr>
+<td><span class="{{ b.verdict }}">{{ b.verdict }}</span>{% if b.missed %}: <b class="fail missed">{{ b.missed }}</b>{% endif %}{% if b.target %} ({{ b.target }}){% endif %}
+{% if b.missed %}<br><span class="shipped">{% for p in b.shipped_by %}{{ p.stage }}: {% if p.status == "failed" %}<b class="fail">not packaged</b>{% elif p.status in ("ran", "cached") %}packaged anyway (package.enforce_targets=false){% else %}{{ p.status }}{% endif %}{% if not loop.last %}; {% endif %}{% else %}compared only: no package ships it{% endfor %}</span>{% endif %}</td></tr>
 {% endfor %}
 </table>
 <h3>Per-class accuracy</h3>

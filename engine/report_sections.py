@@ -19,7 +19,7 @@ from .runs import RunRecord, StageRecord
 SKIPPED_SHOWN = 100  # skipped.csv rows listed; the count says how many there are
 FEATURES = "features.npz"  # evaluate's penultimate-layer features of the PyTorch model: features, labels
 TSNE_SEED = 0
-EVALUATE_VERSION = 1  # bump when the evaluate section shows something else: memoised by it
+EVALUATE_VERSION = 2  # bump when the evaluate section shows something else: memoised by it
 
 
 @dataclass
@@ -116,11 +116,20 @@ def evaluate_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, A
     a path of this run folder."""
     needs = view.needs.get(s.name, {})
     if s.key is None:
-        return _evaluate_section(view, s, folder)
-    shown = ("evaluate", EVALUATE_VERSION, s.key, sorted((i, up, view.key(up)) for i, up in needs.items()))
+        return _with_packages(view, needs, _evaluate_section(view, s, folder))
+    shown = ("evaluate", EVALUATE_VERSION, s.key, sorted((i, up, view.key(up)) for i, up in needs.items()),
+             figs.fonts_shown())
     run_dir = json.dumps(str(view.run_dir))[1:-1].encode()  # as it reads inside JSON
-    return figs.memo_json(view.scratch, shown, lambda: _evaluate_section(view, s, folder),
-                          keep=lambda data: run_dir not in data)
+    section = figs.memo_json(view.scratch, shown, lambda: _evaluate_section(view, s, folder),
+                             keep=lambda data: run_dir not in data)
+    return _with_packages(view, needs, section)
+
+
+def _with_packages(view: RunView, needs: dict[str, str], section: dict[str, Any]) -> dict[str, Any]:
+    """Each backend row's packages and what became of them (this run's, so never memoised)."""
+    for r in section.get("rows") or []:
+        r["shipped_by"] = shipped_by(view, needs.get(r["input"]))
+    return section
 
 
 def _evaluate_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:
@@ -139,8 +148,8 @@ def _evaluate_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, 
     for r in rows:
         r["best_int8"] = r["name"] == best
     pictures = ImagePictures(view, folder, needs.get("data"), report, classes)
-    per_backend = [{"name": n, "confusion": png_file_uri(folder / f"confusion_{safe_name(n)}.png"),
-                    "wrong": pictures.misclassified(n)} for n in backends]
+    per_backend = [{"name": n, "confusion": confusion_uri(view, folder, n, row, classes),
+                    "wrong": pictures.misclassified(n)} for n, row in backends.items()]
     disagree = [pictures.disagreement(r["name"], ref) for r in rows if r["int8"] and ref]
     multicrop = [[n, row["multicrop"].get("crops"), pct(row.get("top1")), pct(row["multicrop"].get("top1_mean")),
                   pct(row["multicrop"].get("top1_vote")), row["multicrop"].get("undecided")]
@@ -151,18 +160,40 @@ def _evaluate_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, 
             "images_problem": pictures.problem, "problem": None}
 
 
+def confusion_uri(view: RunView, folder: Path, name: str, row: dict[str, Any], classes: list[str]) -> str | None:
+    """The backend's confusion matrix drawn from metrics.json with the fonts installed now (evaluate's
+    own PNG, from a cache entry maybe drawn before a CJK font was, only when the numbers are missing)."""
+    cm = row.get("confusion")
+    if not (isinstance(cm, list) and len(cm) == len(classes) and all(isinstance(r, list) for r in cm)):
+        return png_file_uri(folder / f"confusion_{safe_name(name)}.png")
+    title = f"{name} ({row.get('kind', '')}): top-1 {pct(row.get('top1'))} on {row.get('samples', '?')}"
+    return figs.png_uri(figs.memo_png(view.scratch, ("confusion", figs.CONFUSION_VERSION, cm, classes, title),
+                                      lambda: figs.confusion_png(cm, classes, title)))
+
+
 def backend_row(name: str, row: dict[str, Any], reference: str | None, model_folder: Path | None) -> dict[str, Any]:
     verdict = {True: "pass", False: "fail", None: ""}[row.get("target_met")]
     per_class = row.get("per_class") or {}
     found = model_format(model_folder) if model_folder else None
-    return {"name": name, "kind": row.get("kind", "") + (f" ({row['detail']})" if row.get("detail") else ""),
+    return {"name": name, "input": row.get("input", name),
+            "kind": row.get("kind", "") + (f" ({row['detail']})" if row.get("detail") else ""),
             "samples": row.get("samples", ""), "top1": row.get("top1"), "top1_text": pct(row.get("top1")),
             "change": f"{-row['drop_points'] + 0.0:+.2f}" if "drop_points" in row else "",
             "agreement": pct(row.get("agreement")),
             "max_abs_diff": f"{row['max_abs_diff']:.3g}" if "max_abs_diff" in row else "",
             "size": mb(found[1]) if found else "", "int8": is_int8(row),
             "verdict": "reference" if name == reference else verdict, "target": row.get("target", ""),
+            "missed": row.get("missed", ""),
             "per_class": {c: pct(v, 1) for c, v in per_class.items()}}
+
+
+def shipped_by(view: RunView, model_stage: str | None) -> list[dict[str, str]]:
+    """The package stages whose `model` is model_stage, with what became of them (a package refused for
+    a missed target failed): a miss there is fatal, a miss elsewhere only reported."""
+    if model_stage is None:
+        return []
+    return [{"stage": pkg, "status": rec.status} for pkg, wiring in view.needs.items()
+            if wiring.get("model") == model_stage and (rec := view.record.stages.get(pkg)) and rec.type == "package"]
 
 
 def is_int8(row: dict[str, Any]) -> bool:
@@ -175,7 +206,8 @@ def package_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, An
     facts = package_facts(folder)
     link = view.run_dir / "stages" / s.name
     base = link if link.exists() else folder
-    return {**facts, "folder": str(base / "package"), "zip": str(base / "package.zip") if facts["zip"] else ""}
+    return {**facts, "folder": str(base / "package"), "zip": str(base / "package.zip") if facts["zip"] else "",
+            "error": s.error if s.status == "failed" else ""}
 
 
 # -- small helpers ------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ class Pipeline:
             hit, damage = None, None
             if name not in forced:
                 try:
-                    hit = self.cache.lookup(st.type, key, fetch=False)
+                    hit = self.cache.lookup(st.type, key, fetch=False, volatile=st.recipe.volatile)
                 except CorruptEntry as e:
                     damage = str(e)
             if hit:
@@ -161,6 +161,8 @@ class Pipeline:
             record.stages[name] = StageRecord(name=name, type=self.stages[name].type)
         record.save()
         failed: set[str] = set()
+        # failures that stop the run (without --keep-going); a Refusal does not: independent stages still run
+        self._stopping: set[str] = set()
 
         def finished(name: str) -> None:
             rec = record.stages[name]
@@ -193,7 +195,7 @@ class Pipeline:
         if blocked:
             rec.status, rec.reason = "skipped", f"{', '.join(blocked)} failed"
             failed.add(name)
-        elif failed and not options.keep_going:
+        elif self._stopping and not options.keep_going:
             rec.status, rec.reason = "skipped", "an earlier stage failed (use --keep-going to run independent branches)"
         else:
             return False
@@ -238,7 +240,7 @@ class Pipeline:
                 rec.reason = "forced"
             else:
                 try:
-                    hit = self.cache.lookup(st.type, key)
+                    hit = self.cache.lookup(st.type, key, volatile=st.recipe.volatile)
                 except CorruptEntry as e:
                     log.warning("stage %s: cache entry damaged (%s); recomputing", st.name, e)
                     rec.reason = f"cache entry damaged: {e}"
@@ -259,7 +261,7 @@ class Pipeline:
                 metrics, libraries = (call or _call_in_process)(st.cls, st.name, st.params, inputs, tmp, context,
                                                                 display)
             except BaseException as e:  # noqa: BLE001 - every failure is recorded, none leaves an entry
-                from .stage import StageError
+                from .stage import Refusal, StageError
 
                 # What the failed stage wrote (its logs above all) moves to the run folder, never
                 # into the cache; messages that name a file in it are pointed at the new place.
@@ -270,6 +272,8 @@ class Pipeline:
                 shutil.move(str(tmp), kept)
                 rec.status, rec.seconds = "failed", time.time() - t0
                 rec.path = None
+                if not isinstance(e, Refusal):
+                    self._stopping.add(st.name)
                 if isinstance(e, StageError):
                     rec.error = str(e).replace(str(tmp), str(kept))
                     log.error("stage %s failed: %s", st.name, e)

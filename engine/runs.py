@@ -145,23 +145,31 @@ def previous_record(runs_root: Path, stage: str, prefer_name: str | None, limit:
 
 def write_report(record: RunRecord) -> None:
     from . import report_html  # matplotlib and jinja2 load only when a report is written
+    from .markdown_text import code, escape  # values are text, never markup
 
-    lines = [f"# {record.name}", "", f"- folder: `{record.run_dir}`", f"- status: **{record.status}**",
+    lines = [f"# {escape(record.name)}", "", f"- folder: {code(record.run_dir)}", f"- status: **{escape(record.status)}**",
              f"- seconds: {record.seconds:.1f}"]
     if record.overrides:
-        lines.append(f"- overrides: `{' '.join(record.overrides)}`")
+        lines.append(f"- overrides: {code(' '.join(record.overrides))}")
     if record.headline:
-        lines.append(f"- headline: {record.headline['key']} = {record.headline['value']}")
+        lines.append(f"- headline: {escape(record.headline['key'])} = {escape(record.headline['value'])}")
     if record.edgepipe_version:
-        lines.append(f"- edgepipe {record.edgepipe_version}, configs from: "
-                     + ", ".join(f"`{s['folder']}`" for s in record.config_sources))
+        lines.append(f"- edgepipe {escape(record.edgepipe_version)}, configs from: "
+                     + ", ".join(code(s['folder']) for s in record.config_sources))
     lines += ["", "| stage | type | status | seconds | key | metrics |", "|---|---|---|---|---|---|"]
     for s in record.stages.values():
         metrics = ", ".join(f"{k}={_short(v)}" for k, v in flat_metrics(s.metrics).items())
-        lines.append(f"| {s.name} | {s.type} | {s.status} | {s.seconds:.1f} | `{s.key or ''}` | {metrics} |")
+        lines.append(f"| {escape(s.name)} | {escape(s.type)} | {escape(s.status)} | {s.seconds:.1f} | "
+                     f"{code(s.key or '')} | {escape(metrics)} |")
+    missed = [(s.name, backend, text) for s in record.stages.values()
+              if isinstance((s.metrics or {}).get("missed"), dict)
+              for backend, text in s.metrics["missed"].items()]  # evaluate's misses, shipped or not
+    if missed:
+        lines += ["", "## Targets missed", ""] + [f"- {escape(st)}: **{escape(b)}** {escape(text)}"
+                                                  for st, b, text in missed]
     errors = [s for s in record.stages.values() if s.error]
     if errors:
-        lines += ["", "## Errors", ""] + [f"- **{s.name}**: {s.error}" for s in errors]
+        lines += ["", "## Errors", ""] + [f"- **{escape(s.name)}**: {escape(s.error)}" for s in errors]
     lines += ["", "Stage outputs are linked under `stages/`; the exact config is in `.hydra/`.", ""]
     (Path(record.run_dir) / "report.md").write_text("\n".join(lines))
     report_html.write_html(record)

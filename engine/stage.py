@@ -27,6 +27,12 @@ class StageError(Exception):
     """
 
 
+class Refusal(StageError):
+    """A stage declining sound inputs by a rule the user set (package.enforce_targets: a model that
+    missed its evaluate targets is not packaged). The run fails, but stages that do not depend on the
+    refusing one still run (another package of the same run): their inputs are fine."""
+
+
 class Params(BaseModel):
     """Base for stage parameter models: unknown keys are errors, values are validated strictly enough
     that a typo in YAML never silently falls back to a default."""
@@ -83,7 +89,7 @@ class Context:
     # None (engine.testing.run_stage unless given one): keep nothing.
     scratch: Path | None = None
     # Where each input came from, by input name: {"type", "stage", "key", "digest"} of the upstream
-    # output (what a package records as its sources). Empty under engine.testing.run_stage.
+    # output (what a package records as its sources). Empty under engine.testing.run_stage unless given.
     sources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def progress(
@@ -139,6 +145,12 @@ class Stage:
         """Checks across the sections a stage reads, run at validation (before anything runs): a
         board and the normalisation it must express. Yield (params field path, problem); the engine
         names the config key that field came from (`preprocess.mean`, not `preprocess`)."""
+        return ()
+
+    @classmethod
+    def check_inputs(cls, params: Any, wired: set[str]) -> Iterable[tuple[str, str]]:
+        """Like ``check``, knowing which inputs the pipeline wires: a stage that needs either an input
+        or a file named in its params says so at validation, naming the key."""
         return ()
 
     def run(self, params: Any, inputs: Mapping[str, Path], out: Path, ctx: Context) -> Mapping[str, Any] | None:

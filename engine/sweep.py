@@ -304,6 +304,8 @@ def _launch(overrides: list[str], cdir: Path | None, task: Task, sweeper: str) -
         with compose._composition_errors(parsed, user_dir):
             hydra = GlobalHydra.instance().hydra
             cfg = hydra.compose_config(compose.config_name(), overrides, run_mode=RunMode.MULTIRUN)
+        # the sweep's own composition, before Callbacks and the plugins instantiate anything in it
+        compose.check_targets(OmegaConf.to_container(cfg, resolve=False), overrides, user_dir)
         from hydra._internal.callbacks import Callbacks
 
         context = HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=Callbacks(cfg))

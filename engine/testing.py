@@ -33,6 +33,7 @@ def run_stage(
     inputs: Mapping[str, Path] | None = None,
     out: Path | None = None,
     scratch: Path | None = None,
+    sources: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Mapping[str, Any] | None:
     cls = registry.get(stage) if isinstance(stage, str) else stage
     p = validate_params(cls, params)
@@ -40,5 +41,6 @@ def run_stage(
         raise ValueError("out= is required")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=False)
-    ctx = Context(stage=cls.name, out=out, log=logging.getLogger(f"edgepipe.stage.{cls.name}"), scratch=scratch)
+    ctx = Context(stage=cls.name, out=out, log=logging.getLogger(f"edgepipe.stage.{cls.name}"), scratch=scratch,
+                  sources=sources or {})
     return cls().run(p, {k: Path(v) for k, v in (inputs or {}).items()}, out, ctx)

@@ -69,30 +69,44 @@ class ClipOutliers(Stage):
                 raise ValueError("k must be > 0")
             return self
 
+    @classmethod
+    def check_inputs(cls, params: "ClipOutliers.Params", wired: set[str]):
+        # said at plan, before the dataset stage runs: the user set neither, and model.pretrained is
+        # the key the experiments name (clip.weights only overrides it)
+        if "model" not in wired and params.weights is None and params.model.pretrained is None:
+            yield ("model.pretrained", "clip_outliers has no weights to clip: set model.pretrained (imagenet, or a "
+                                       "weights file), or wire a 'model' input (a folder with model.pt)")
+
     def run(self, params: "ClipOutliers.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]:
+        from stages.common.bundle import write_labels
         from stages.common.models import save_model
 
         src_dir = inputs.get("model")
-        module, arch, num_classes = _load(params, src_dir)
+        module, arch, num_classes, labels = _load(params, src_dir, ctx)
         rows = _clip(module, params, ctx)
         recalibrated = _recalibrate_bn(module, inputs.get("data"), params, rows, ctx)
         save_model(out / "model.pt", module, arch, num_classes)
         if src_dir is not None:
             copy_forward(src_dir, out, missing_ok=True)
+        elif labels is not None:  # a bundle's class names travel on: a finetune's head follows them
+            write_labels(out / "labels.txt", labels)
         summary = _write_report(out, rows, params, recalibrated)
         keep = ("layers_clipped", "fraction_clipped", "max_absmax_before", "max_absmax_after", "bn_recalibrated_images")
         return {k: v for k, v in summary.items() if k in keep}
 
 
-def _load(p: "ClipOutliers.Params", src_dir):
-    """(module in eval mode, arch, num_classes) from the 'model' input or a weights file."""
+def _load(p: "ClipOutliers.Params", src_dir, ctx: Context):
+    """(module in eval mode, arch, num_classes, class names or None) from the 'model' input or a
+    weights file (clip.weights, else model.pretrained: a file, or torchvision's weights by name)."""
     from stages.common.models import (
-        WeightsError, build_model, infer_num_classes, load_weights, read_bundle, read_state_dict,
+        WeightsError, build_model, infer_num_classes, labels_beside, load_weights, read_bundle, read_state_dict,
     )
+    from stages.common.pretrained import categories, published_hash_mismatch
 
     weights = p.weights if p.weights is not None else p.model.pretrained
     if src_dir is not None and p.weights is not None:
         raise StageError("clip_outliers: both a 'model' input and clip.weights are given; use one")
+    labels = None
     try:
         if src_dir is not None:
             bundle = read_bundle(Path(src_dir) / "model.pt")
@@ -100,17 +114,23 @@ def _load(p: "ClipOutliers.Params", src_dir):
             module = build_model(arch, num_classes)
             module.load_state_dict(bundle["state_dict"], strict=True)
         elif weights is not None:
+            if p.weights is None and p.model.pretrained_weights and (warning := published_hash_mismatch(weights)):
+                ctx.log.warning("%s: model.pretrained: %s", ctx.stage, warning)
             sd, info = read_state_dict(weights)
             arch = info.get("arch") or p.model
             num_classes = info.get("num_classes") or infer_num_classes(sd, arch)
             module = build_model(arch, num_classes)
             load_weights(module, sd)
+            labels = labels_beside(weights, info) or (
+                categories(p.model.pretrained_weights) if p.weights is None and p.model.pretrained_weights else None)
+            labels = labels if labels is not None and len(labels) == num_classes else None
         else:
-            raise StageError("clip_outliers needs a 'model' input (a folder with model.pt) or clip.weights=PATH")
+            raise StageError("clip_outliers has no weights to clip: set model.pretrained (imagenet, or a weights "
+                             "file) or clip.weights=PATH, or wire a 'model' input (a folder with model.pt)")
     except WeightsError as e:
         source = "input 'model'" if src_dir is not None else "clip.weights" if p.weights else "model.pretrained"
         raise StageError(f"{source}: {e}") from None
-    return module.eval(), arch, num_classes
+    return module.eval(), arch, num_classes, labels
 
 
 def _clip(module, p: "ClipOutliers.Params", ctx: Context) -> list[dict]:

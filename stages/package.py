@@ -4,7 +4,11 @@ Inputs
 - ``model`` (required): a model bundle of the format the board takes: an ``export_onnx`` folder
   (onnxruntime), an ``ncnn`` folder (maixii_dock), an ``rknn_quantize`` folder (rv1103, rv1106,
   rk3566, rk3588). Its ``preprocess.json`` and ``labels.txt`` travel with it.
-- ``eval`` (optional): an ``evaluate`` folder; its per-backend accuracy goes into the manifest.
+- ``eval`` (optional): an ``evaluate`` folder; its per-backend accuracy goes into the manifest. With
+  ``package.enforce_targets`` (on in the built-in experiments) a shipped model that missed its target
+  there (the rows whose ``model_digest`` is the ``model`` input's) is refused: engine.stage.Refusal,
+  one line such as ``rknn_mmse top-1 drop 3.20 points > 1.0``, nothing written; rows of models only
+  compared (RKNN ``normal`` beside the shipped ``mmse``) are reported by evaluate, never fatal here.
 - ``calib`` (optional; required for maixii_dock): a ``calibration`` folder; MaixHub quantizes with
   its ``images/``.
 - ``data`` (optional): the ``dataset`` folder; the first test images become the package's golden
@@ -32,7 +36,7 @@ from pydantic import Field
 from boards import BoardName, BoardSettings, Finding, PackageContext, get_board, write_zip
 from boards.golden import GoldenError, write_golden
 from engine.hashing import sha256_file
-from engine.stage import Input, Params, Stage, StageError
+from engine.stage import Input, Params, Refusal, Stage, StageError
 from stages.common.backends import BACKENDS, by_kind
 from stages.common.bundle import FORWARD, check_bundle, read_io, read_labels
 
@@ -43,7 +47,7 @@ class Package(Stage):
     name = "package"
     # 2: the manifest's accuracy says whether each backend met its target (target_met)
     # 3: preprocess.py is stages/common/pixels.py (numpy + Pillow only); selftest.py and golden/ samples
-    version = 5  # 5: golden outputs through the backend registry (ONNX Runtime with 1 thread), RKNN READMEs name the board row; 4: the packaged preprocess.py (pixels.py) shares InputGeometry with the host model
+    version = 6  # 6: the C demo reads labels.txt whole (a long label no longer splits in two), READMEs name `selftest --emulate`; 5: golden outputs through the backend registry (ONNX Runtime with 1 thread), RKNN READMEs name the board row; 4: the packaged preprocess.py (pixels.py) shares InputGeometry with the host model
     inputs = {
         "model": Input(required=True, doc="model bundle: export_onnx, ncnn or rknn_quantize folder"),
         "eval": Input(required=False, doc="evaluate folder (metrics.json): accuracy per backend in the manifest"),
@@ -64,6 +68,9 @@ class Package(Stage):
         check: bool = True
         # the `board` section (limits); applied when it names the same board
         board_settings: BoardSettings | None = None
+        # refuse (exit 1, nothing written) a model that missed evaluate's targets (the `eval` input);
+        # false: packaged anyway, the miss noted and in the manifest's accuracy
+        enforce_targets: bool = False
 
     def run(self, p: "Package.Params", inputs, out: Path, ctx) -> dict[str, Any]:
         from stages.common.preprocess import Preprocess
@@ -78,6 +85,7 @@ class Package(Stage):
         if board.model_format == "ncnn" and not io:
             raise StageError(f"input model: {model_dir / 'io.json'} is missing (the param's blob names)")
         findings = _check_model(board, model_dir, model_file, p.check)
+        _check_targets(inputs.get("eval"), ctx, p.enforce_targets, board.name)
 
         pkg_dir = out / "package"
         pkg_dir.mkdir()
@@ -136,6 +144,42 @@ def _check_model(board, model_dir: Path, model_file: Path, enforce: bool) -> lis
     return findings
 
 
+def _check_targets(eval_dir: Path | None, ctx, enforce: bool, board: str) -> None:
+    """A shipped model that missed evaluate's target: refused when enforced, else noted. The shipped
+    rows are those evaluate scored from this very model folder (same engine digest)."""
+    if eval_dir is None:
+        if enforce:
+            raise StageError("package.enforce_targets=true needs the `eval` input: wire package's `eval` to the "
+                             "evaluate stage that scores the shipped model (or set package.enforce_targets=false)")
+        return
+    digest = ctx.sources.get("model", {}).get("digest")
+    shipped = {name: row for name, row in _eval_rows(eval_dir).items() if digest and row.get("model_digest") == digest}
+    if not shipped:
+        if enforce:
+            raise StageError(f"package.enforce_targets=true, but the evaluate stage (input eval) did not score the "
+                             f"shipped model (input model): add it to that stage's needs, or set "
+                             f"package.enforce_targets=false")
+        return
+    missed = [f"{name} {row['missed']}" for name, row in shipped.items() if row.get("missed")]
+    if missed and enforce:
+        raise Refusal(f"{'; '.join(missed)}: the {board} package is not written (package.enforce_targets=true)")
+    for line in missed:
+        ctx.note(f"{line}: packaged anyway (package.enforce_targets=false)")
+
+
+def _eval_rows(eval_dir: Path) -> dict[str, dict[str, Any]]:
+    """evaluate's metrics.json rows by backend ({} without them); a missing file is a one-line error."""
+    path = eval_dir / "metrics.json"
+    if not path.is_file():
+        raise StageError(f"input eval: {path} is missing (wire package's `eval` to an evaluate stage)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise StageError(f"input eval: {path} is not JSON ({e})") from None
+    table = data.get("backends", data) if isinstance(data, dict) else {}
+    return {k: v for k, v in table.items() if isinstance(v, dict)} if isinstance(table, dict) else {}
+
+
 def _manifest(pkg: PackageContext, findings: list[Finding], accuracy: dict, selftest, sources: dict) -> dict[str, Any]:
     """package/manifest.json: the board, the model and its input/output, preprocessing, accuracy,
     sources, checks, notes, every file's sha256 and the self-test."""
@@ -180,17 +224,13 @@ def _source(ctx, name: str) -> dict[str, Any]:
 
 def _accuracy(eval_dir: Path) -> dict[str, dict[str, Any]]:
     """Per-backend numbers from an evaluate folder's metrics.json: {backend: {top1: ..., ...}}."""
-    path = eval_dir / "metrics.json"
-    if not path.is_file():
-        raise StageError(f"input eval: {path} is missing (wire package's `eval` to an evaluate stage)")
-    data = json.loads(path.read_text())
-    table = data.get("backends", data) if isinstance(data, dict) else {}
     out: dict[str, dict[str, Any]] = {}
-    if isinstance(table, dict):
-        for backend, m in table.items():
-            if isinstance(m, dict) and any(k in m for k in ("top1", "accuracy")):
-                # scalars only (not per-class tables or confusion matrices); target_met is a bool
-                out[backend] = {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}
-                if "top1" not in out[backend] and "accuracy" in m:
-                    out[backend]["top1"] = m["accuracy"]
+    for backend, m in _eval_rows(eval_dir).items():
+        if any(k in m for k in ("top1", "accuracy")):
+            # scalars only (not per-class tables or confusion matrices); target_met is a bool, missed
+            # the one-line miss; model_digest is the engine's, not the model's
+            out[backend] = {k: v for k, v in m.items()
+                            if isinstance(v, (int, float, str, bool)) and k != "model_digest"}
+            if "top1" not in out[backend] and "accuracy" in m:
+                out[backend]["top1"] = m["accuracy"]
     return out

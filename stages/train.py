@@ -176,6 +176,13 @@ class Train(Stage):
                 raise ValueError("freeze_features needs mode: finetune")
             return self
 
+    @classmethod
+    def check_inputs(cls, params: "Train.Params", wired: set[str]):
+        # said at plan, not after the dataset stage ran
+        if params.mode == "finetune" and "init" not in wired and params.model.pretrained is None:
+            yield ("model.pretrained", "train.mode=finetune needs starting weights: set model.pretrained (imagenet, "
+                                       "or a weights file), or wire an 'init' input (a folder with model.pt)")
+
     # ------------------------------------------------------------------------------------------
     def run(self, params: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]:
         logs = out / "logs"
@@ -253,7 +260,8 @@ def _finetune_source(p: "Train.Params", inputs) -> Path | None:
         if init is not None:
             raise StageError("an 'init' input is wired but train.mode=fromscratch; set train.mode=finetune (or resume)")
         if p.model.pretrained is not None:
-            raise StageError("model.pretrained is set but train.mode=fromscratch; set train.mode=finetune or model.pretrained=null")
+            raise StageError("model.pretrained is set but train.mode=fromscratch; set train.mode=finetune or "
+                             "model.pretrained=null")
     if p.mode != "finetune":
         return None
     if init is not None:
@@ -262,7 +270,8 @@ def _finetune_source(p: "Train.Params", inputs) -> Path | None:
             raise StageError(f"'init' input {init} has no model.pt (wire a train or clip_outliers output)")
         return src
     if p.model.pretrained is None:
-        raise StageError("train.mode=finetune needs model.pretrained=PATH or an 'init' input (a folder with model.pt)")
+        raise StageError("train.mode=finetune needs model.pretrained (imagenet, or a weights file) or an 'init' "
+                         "input (a folder with model.pt)")
     if not Path(p.model.pretrained).is_file():
         raise StageError(f"model.pretrained: file not found: {p.model.pretrained}")
     return Path(p.model.pretrained)
@@ -307,22 +316,35 @@ def make_trainer(p: "Train.Params", out: Path, callbacks: list, loggers: bool = 
     )
 
 
-def _build_module(p: "Train.Params", num_classes: int, weights_src: Path | None, inputs):
-    """The LightningModule, with finetune weights loaded; (module, init report or None)."""
+def _build_module(p: "Train.Params", classes: list[str], weights_src: Path | None, inputs, ctx: Context):
+    """The LightningModule, with finetune weights loaded (the head following the class names when the
+    source carries them); (module, init report or None)."""
+    from stages.common.bundle import read_labels
     from stages.common.models import WeightsError, load_weights
+    from stages.common.pretrained import categories, published_hash_mismatch
     from stages.common.train_module import Classifier
 
-    module = Classifier(p.model.arch_dict(), num_classes, _opt_dict(p))
+    module = Classifier(p.model.arch_dict(), len(classes), _opt_dict(p))
     if weights_src is None:
         return module, None
-    source = "input 'init'" if inputs.get("init") is not None else "model.pretrained"
+    init = inputs.get("init")
+    source = "input 'init'" if init is not None else "model.pretrained"
+    if init is None and p.model.pretrained_weights and (warning := published_hash_mismatch(weights_src)):
+        ctx.log.warning("%s: model.pretrained: %s", ctx.stage, warning)
+    if init is not None:
+        source_labels = read_labels(init) if (Path(init) / "labels.txt").is_file() else None
+    else:  # published weights: their head is ImageNet's (a file placed by hand may have any row count)
+        source_labels = categories(p.model.pretrained_weights) if p.model.pretrained_weights else None
     try:
-        report = load_weights(module.model, weights_src)
+        report = load_weights(module.model, weights_src, labels=classes, source_labels=source_labels)
     except WeightsError as e:
         raise StageError(f"{source}: {e}") from None
     report = {k: v for k, v in report.items() if k != "kept"}
     # no machine-specific absolute paths in the outputs (they are content-addressed)
-    report["source"] = "init/model.pt" if inputs.get("init") is not None else f"model.pretrained ({weights_src.name})"
+    report["source"] = ("init/model.pt" if init is not None else p.model.pretrained_weights
+                        or f"model.pretrained ({weights_src.name})")
+    ctx.log.info("%s: init from %s: loaded %d tensors, head %s", ctx.stage, report["source"], report["loaded"],
+                 report["head"])
     if p.freeze_features:
         module.freeze_features()
     return module, report
@@ -442,7 +464,7 @@ def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]
         has_val = dm.size("val") > 0
         if p.early_stopping is not None and not has_val:
             raise StageError("train.early_stopping monitors val_acc but the dataset has no validation split (dataset.split.val)")
-        module, init_report = _build_module(p, len(classes), weights_src, inputs)
+        module, init_report = _build_module(p, classes, weights_src, inputs, ctx)
         if rank == 0:
             _copy_resume_best(ckpt_path, out)
         recal_batches = dm.sample_batches("train", p.bn_recalibrate_images) if p.bn_recalibrate else None

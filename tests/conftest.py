@@ -25,6 +25,43 @@ EDGEPIPE = Path(sys.executable).parent / "edgepipe"
 os.environ["EDGEPIPE_COMPOSE_CACHE"] = tempfile.mkdtemp(prefix="edgepipe-test-compose-")
 atexit.register(shutil.rmtree, os.environ["EDGEPIPE_COMPOSE_CACHE"], ignore_errors=True)
 
+# Pretrained weights by name (model.pretrained: imagenet) come from torch's hub cache: the tests have
+# one of their own, never ~/.cache/torch, and a file:// mirror they control, so nothing ever reaches
+# for the internet. A test that needs a specific file places it under $TORCH_HOME/hub/checkpoints
+# (torchvision's file name); `placed_imagenet_weights` puts random ones there for the experiments.
+TEST_TORCH_HOME = Path(tempfile.mkdtemp(prefix="edgepipe-test-torch-home-"))
+TEST_WEIGHTS_MIRROR = TEST_TORCH_HOME / "mirror"
+TEST_WEIGHTS_MIRROR.mkdir()
+os.environ["TORCH_HOME"] = str(TEST_TORCH_HOME)
+os.environ["EDGEPIPE_WEIGHTS_MIRROR"] = TEST_WEIGHTS_MIRROR.as_uri() + "/"
+atexit.register(shutil.rmtree, TEST_TORCH_HOME, ignore_errors=True)
+# torchvision's file names for the architectures the experiments start from
+IMAGENET_FILES = {"resnet18": "resnet18-f37072fd.pth", "mobilenet_v3_small": "mobilenet_v3_small-047dcff4.pth"}
+
+
+def place_imagenet_weights(torch_home: Path = TEST_TORCH_HOME, archs=tuple(IMAGENET_FILES)) -> dict[str, Path]:
+    """Randomly initialised torchvision state_dicts saved under torchvision's file names in
+    torch_home's hub cache (a file already there is kept); {arch: path}."""
+    import torch
+    import torchvision
+
+    placed = {}
+    for arch in archs:
+        path = Path(torch_home) / "hub" / "checkpoints" / IMAGENET_FILES[arch]
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(0)
+            torch.save(getattr(torchvision.models, arch)(weights=None).state_dict(), path)
+        placed[arch] = path
+    return placed
+
+
+@pytest.fixture(scope="session", autouse=True)
+def placed_imagenet_weights() -> dict[str, Path]:
+    """The experiments default to model.pretrained: imagenet, which plan and run resolve to these files
+    (run would download them otherwise): every test that composes an experiment finds them."""
+    return place_imagenet_weights()
+
 
 @dataclass
 class Result:

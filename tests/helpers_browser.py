@@ -23,7 +23,7 @@ from typing import Any
 class Browser:
     def __init__(self, profile: Path, width: int = 1200, height: int = 1600) -> None:
         exe = shutil.which("chromium")
-        assert exe, "chromium is missing: apt-get install chromium (.ci/run installs it)"
+        assert exe, "chromium is missing: apt-get install chromium (make test installs it: scripts/system-deps.sh)"
         cmd_r, self._cmd_w = os.pipe()
         self._out_r, out_w = os.pipe()
 

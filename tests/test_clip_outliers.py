@@ -97,8 +97,13 @@ def test_none_copies_and_weights_file(tmp_path):
     b = read_bundle(tmp_path / "w")
     assert b["num_classes"] == 3 and b["arch"]["arch"] == "resnet18" and m["layers_clipped"] > 0
     assert not (tmp_path / "w" / "labels.txt").exists()
-    with pytest.raises(StageError, match="needs a 'model' input"):
+    # a bundle named as weights brings its folder's class names along (a finetune's head follows them)
+    run_stage(ClipOutliers, {"weights": src / "model.pt"}, {}, tmp_path / "bundle")
+    assert (tmp_path / "bundle" / "labels.txt").read_text(encoding="utf-8") == "a\nb\nc\n"
+    with pytest.raises(StageError, match="has no weights to clip: set model.pretrained"):
         run_stage(ClipOutliers, {}, {}, tmp_path / "x1")
+    assert list(ClipOutliers.check_inputs(ClipOutliers.Params(), {"data"}))[0][0] == "model.pretrained"
+    assert not list(ClipOutliers.check_inputs(ClipOutliers.Params(), {"model"}))
     with pytest.raises(StageError, match="use one"):
         run_stage(ClipOutliers, {"weights": tmp_path / "weights.pth"}, {"model": src}, tmp_path / "x2")
     with pytest.raises(StageError, match="model.arch=mobilenet_v3_small right"):
@@ -110,6 +115,7 @@ def test_finetune_starts_from_clipped_weights(tmp_path):
     src, _ = _model_dir(tmp_path / "model")
     run_stage(ClipOutliers, {"percentile": 99.0}, {"model": src}, tmp_path / "clip")
     data = make_array_dataset(tmp_path / "data", {"train": 6, "val": 2, "test": 2})
+    (data / "labels.txt").write_text("a\nb\nc\n", encoding="utf-8")  # the model's classes: its head is kept
     run_stage(Train, {"mode": "finetune", "epochs": 1, "batch_size": 6, "limit_train_batches": 1, "freeze_features": True},
               {"data": data, "init": tmp_path / "clip"}, tmp_path / "ft")
     met = json.loads((tmp_path / "ft" / "metrics.json").read_text())

@@ -196,6 +196,17 @@ def test_failure_keeps_completed_stages_and_next_run_resumes(ws):
     assert st["after_broken"] == "skipped"
 
 
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_refusal_fails_the_run_but_independent_stages_still_run(ws, jobs):
+    """engine.stage.Refusal (package.enforce_targets): exit 1 and the stage's line, its downstream
+    skipped, but unlike any other failure the independent `other` runs without --keep-going."""
+    r = ws.cli("run", "pipeline=failing", "+fail.refuse=true", "--jobs", jobs)
+    assert r.rc == 1
+    assert ws.statuses() == {"src": "ran", "broken": "failed", "after_broken": "skipped", "other": "ran"}
+    assert "broken failed: this stage always fails" in r.err
+    assert ws.latest()["status"] == "failed" and ws.entries("t_fail") == []
+
+
 CONFIG_ERRORS = [
     (["+scale.factr=3"], "scale.factr: unknown key (did you mean 'factor'?)"),
     (["scale.factor=abc"], "scale.factor: 'abc' is not allowed"),

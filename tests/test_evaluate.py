@@ -291,7 +291,12 @@ def test_int8_drop_beyond_quant_max_drop_misses_the_target(badly_calibrated, tmp
     notes = [r.getMessage() for r in caplog.records if "misses its target" in r.getMessage()]  # shown to the user
     assert len(notes) == 1 and notes[0].startswith("rknn: misses its target (top-1 drop <= 1 points)")
     assert f"drop {drop:.2f} points" in notes[0]
-    assert re.search(r"^\| rknn \|.*\| ✗ \(top-1 drop <= 1 points\) \|$", (out / "eval.md").read_text(), re.M)
+    n = row["samples"]  # a small split says what one image weighs
+    assert row["missed"] == f"top-1 drop {drop:.2f} points > 1.0" + (
+        f" (on {n} test images one image is {100 / n:.3g} points)" if n < 100 else "")
+    assert metrics["missed"] == {"rknn": row["missed"]}
+    assert re.search(rf"^\| rknn \|.*\| ✗ \*\*{re.escape(row['missed'])}\*\* \(top-1 drop <= 1 points\) \|$",
+                     (out / "eval.md").read_text(), re.M)
     # the same build within a looser target
     loose = run_stage("evaluate", {"quant_max_drop": drop + 1}, {"data": t.data, "model": t.model, "rknn": badly_calibrated},
                       tmp_path / "loose")
@@ -316,6 +321,43 @@ def test_package_reads_a_real_evaluate_output(evaluated, badly_calibrated, tmp_p
     run_stage("package", {"board": "onnxruntime"}, {"model": t.onnx, "eval": tmp_path / "bad_eval"}, tmp_path / "pkg2")
     bad = json.loads((tmp_path / "pkg2" / "package" / "manifest.json").read_text())["accuracy"]["rknn"]
     assert bad["target_met"] is False and bad["target"] == "top-1 drop <= 1 points"
+
+
+def test_package_refuses_a_shipped_model_that_missed_its_target(badly_calibrated, tmp_path):
+    """package.enforce_targets: the rows evaluate scored from the `model` input's folder (same engine
+    digest) decide; a miss is one line naming the backend, the figure and the target, and nothing is
+    written. A model only compared (the onnx row beside it) is not the package's business."""
+    from engine.stage import Refusal
+
+    t = toy()
+    sources = {"model": {"digest": "onnx-digest"}, "rknn": {"digest": "rknn-digest"}, "onnx": {"digest": "onnx-digest"}}
+    run_stage("evaluate", {}, {"data": t.data, "model": t.model, "onnx": t.onnx, "rknn": badly_calibrated},
+              tmp_path / "eval", sources=sources)
+    rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())["backends"]
+    assert rows["rknn"]["model_digest"] == "rknn-digest" and rows["rknn"]["input"] == "rknn"
+    drop = rows["rknn"]["drop_points"]
+    ship_rknn = {"model": badly_calibrated, "eval": tmp_path / "eval"}
+    with pytest.raises(Refusal) as e:
+        run_stage("package", {"board": "rv1103", "enforce_targets": True}, ship_rknn, tmp_path / "refused",
+                  sources={"model": {"digest": "rknn-digest"}})
+    assert rows["rknn"]["missed"].startswith(f"top-1 drop {drop:.2f} points > 1.0")
+    assert str(e.value) == f"rknn {rows['rknn']['missed']}: the rv1103 package is not written (package.enforce_targets=true)"
+    assert not any((tmp_path / "refused").iterdir())
+    # the onnx model met its target: packaged though the int8 row of the same evaluation missed
+    run_stage("package", {"board": "onnxruntime", "enforce_targets": True}, {"model": t.onnx, "eval": tmp_path / "eval"},
+              tmp_path / "onnx_pkg", sources={"model": {"digest": "onnx-digest"}})
+    assert (tmp_path / "onnx_pkg" / "package.zip").is_file()
+    # enforce_targets=false: packaged, the miss in the manifest
+    run_stage("package", {"board": "rv1103"}, ship_rknn, tmp_path / "anyway", sources={"model": {"digest": "rknn-digest"}})
+    accuracy = json.loads((tmp_path / "anyway" / "package" / "manifest.json").read_text())["accuracy"]
+    assert accuracy["rknn"]["missed"] == rows["rknn"]["missed"] and "model_digest" not in accuracy["rknn"]
+    # a shipped model evaluate never scored, or no eval input: the setting cannot hold, and says so
+    with pytest.raises(StageError, match=r"did not score the shipped model \(input model\)"):
+        run_stage("package", {"board": "rv1103", "enforce_targets": True}, ship_rknn, tmp_path / "unscored",
+                  sources={"model": {"digest": "another-digest"}})
+    with pytest.raises(StageError, match="package.enforce_targets=true needs the `eval` input"):
+        run_stage("package", {"board": "rv1103", "enforce_targets": True}, {"model": badly_calibrated},
+                  tmp_path / "no_eval")
 
 
 # -- features.npz (the report's t-SNE) and memory -------------------------------------------------------------

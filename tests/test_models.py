@@ -151,3 +151,33 @@ def test_bn_momentum_applies_to_every_batchnorm():
     assert bns and {b.momentum for b in bns} == {0.1}
     default = build_model({"arch": "mobilenet_v3_small"}, 3)
     assert {b.momentum for b in default.modules() if isinstance(b, torch.nn.modules.batchnorm._BatchNorm)} == {0.01}
+
+
+@pytest.mark.parametrize("head", ["linear", "conv"])
+def test_the_head_follows_the_class_names(tmp_path, head):
+    """A model.pt in a folder with labels.txt (a train output): the same classes in another order
+    reorder the head's rows; other classes re-initialise it even at the same count; no names: as built."""
+    from stages.common.bundle import write_labels
+
+    arch = {"arch": "mobilenet_v3_small", "head": head}
+    torch.manual_seed(5)
+    src = build_model(arch, 3)
+    save_model(tmp_path / "model.pt", src, arch, 3)
+    write_labels(tmp_path / "labels.txt", ["无鸟", "有鸟", "猫"])
+    w, b = src.classifier[3].weight.detach(), src.classifier[3].bias.detach()
+
+    dst = build_model(arch, 3)
+    report = load_weights(dst, tmp_path, labels=["猫", "无鸟", "有鸟"])
+    assert report["head"] == "rows reordered: 无鸟, 有鸟, 猫 -> 猫, 无鸟, 有鸟" and report["reinitialized"] == []
+    assert torch.equal(dst.classifier[3].weight, w[[2, 0, 1]]) and torch.equal(dst.classifier[3].bias, b[[2, 0, 1]])
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(dst.eval()(x), src.eval()(x)[:, [2, 0, 1]], atol=1e-5)  # the same answers, renamed
+
+    dst = build_model(arch, 3)
+    report = load_weights(dst, tmp_path, labels=["无鸟", "有鸟", "狗"])
+    assert report["head"].startswith("re-initialised: the source's classes") and "狗" in report["head"]
+    assert report["reinitialized"] == ["classifier.3.bias", "classifier.3.weight"]
+    assert not torch.equal(dst.classifier[3].weight, w)
+
+    assert load_weights(build_model(arch, 3), tmp_path, labels=["无鸟", "有鸟", "猫"])["head"].startswith("kept: the same")
+    assert load_weights(build_model(arch, 3), src.state_dict(), labels=["a", "b", "c"])["head"].startswith("kept (no class")

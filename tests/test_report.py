@@ -1,8 +1,8 @@
 """report.html: written by every run beside report.md, rewritten by `edgepipe report RUN`, and looked at
-as a person would: opened in headless Chromium (Debian's chromium; .ci/run installs it) over the
+as a person would: opened in headless Chromium (Debian's chromium; make test installs it) over the
 DevTools protocol with every host name unresolvable, every image loaded, no request but the page and
 its data: images, and the numbers shown equal to run.json's and the stage outputs'. Also `edgepipe dag
---format png|svg` (Graphviz's dot; .ci/run installs graphviz)."""
+--format png|svg` (Graphviz's dot; make test installs graphviz)."""
 
 from __future__ import annotations
 
@@ -370,7 +370,7 @@ def test_multicrop_results_are_shown(tmp_path):
 
 # -- edgepipe dag --format png|svg ---------------------------------------------------------------------
 def test_dag_png_and_svg_with_graphviz(ws, tmp_path):
-    assert shutil.which("dot"), "Graphviz's dot is missing: apt-get install graphviz (.ci/run installs it)"
+    assert shutil.which("dot"), "Graphviz's dot is missing: apt-get install graphviz (make test installs it: scripts/system-deps.sh)"
     r = ws.cli("dag", "--format", "png", "-o", str(tmp_path / "dag.png"))
     assert r.rc == 0, r.err
     assert r.out.strip() == str(tmp_path / "dag.png")

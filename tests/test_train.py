@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +224,37 @@ def test_best_checkpoint_link_survives_the_next_save(tmp_path):
     assert best.stat().st_ino == last.stat().st_ino
     _atomic_save({"epoch": 2}, last)
     assert torch.load(best)["epoch"] == 1 and torch.load(last)["epoch"] == 2
+
+
+def _relabelled(src: Path, dst: Path, names: list[str], order: list[int]) -> Path:
+    """The same images as dataset ``src`` with classes ``names`` listed in another ``order`` (what
+    class folders sorted differently, or dataset.classes, give): label k becomes order.index(k)."""
+    from stages.common.bundle import write_labels
+
+    shutil.copytree(src, dst)
+    for split in ("train", "val", "test"):
+        labels = np.load(src / f"labels_{split}.npy")
+        np.save(dst / f"labels_{split}.npy", np.asarray([order.index(k) for k in labels], dtype=np.int64))
+    write_labels(dst / "labels.txt", [names[k] for k in order])
+    return dst
+
+
+def test_finetune_onto_the_same_classes_in_swapped_order_starts_where_the_model_was(tmp_path):
+    """Issue 22: a model trained on 无鸟 / 有鸟 finetuned on the same photos with the classes listed the
+    other way round kept its head as it was, and started at the complement of its accuracy."""
+    from stages.common.bundle import write_labels
+
+    names = ["无鸟", "有鸟"]
+    data = make_array_dataset(tmp_path / "birds", {"train": 12, "val": 6, "test": 6}, num_classes=2)
+    write_labels(data / "labels.txt", names)
+    trained = run_stage(Train, {**FAST, "epochs": 3, "limit_train_batches": None, "lr": 3e-3,
+                                "model": {"arch": "mobilenet_v3_small"}}, {"data": data}, tmp_path / "trained")
+    assert trained["val_acc"] >= 0.8  # far from its complement
+    swapped = _relabelled(data, tmp_path / "swapped", names, [1, 0])
+    # one epoch at a learning rate that moves nothing: the first validation is the starting point
+    tuned = run_stage(Train, {**FAST, "mode": "finetune", "lr": 1e-9, "limit_train_batches": None,
+                              "model": {"arch": "mobilenet_v3_small"}},
+                      {"data": swapped, "init": tmp_path / "trained"}, tmp_path / "tuned")
+    init = _metrics(tmp_path / "tuned")["init"]
+    assert init["head"] == "rows reordered: 无鸟, 有鸟 -> 有鸟, 无鸟" and init["reinitialized"] == []
+    assert tuned["val_acc"] == trained["val_acc"] and tuned["test_acc"] == trained["test_acc"]

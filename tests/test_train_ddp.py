@@ -48,12 +48,19 @@ def test_too_few_images_for_the_devices_fail_before_any_rank_starts(digits, tmp_
     assert not (tmp_path / "x" / "logs" / "ranks.log").exists()
 
 
-def test_an_error_inside_the_ranks_is_the_stage_error(digits, tmp_path):
-    """A diverging run stops in a rank; its one-line message becomes the stage's, no model is written."""
+def test_an_error_inside_the_ranks_is_the_stage_error(digits, tmp_path, monkeypatch):
+    """A diverging run stops in a rank; its one-line message becomes the stage's, no model is written.
+    Run from a project folder holding a `stages` package of its own: no rank imports it (issue 23)."""
+    project = tmp_path / "project"
+    (project / "stages").mkdir(parents=True)
+    marker = tmp_path / "IMPORTED"
+    (project / "stages" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(project)
     params = {**TRAIN, "batch_size": 32, "devices": 2, "optimizer": "sgd", "lr": 1e12}
     with pytest.raises(StageError, match=r"rank \d: training diverged: .* lower train.lr"):
         run_stage("train", params, {"data": digits}, tmp_path / "x")
     assert (tmp_path / "x" / "logs" / "ranks.log").is_file() and not (tmp_path / "x" / "model.pt").exists()
+    assert not marker.exists()
 
 
 def test_strategy_names_lightning_users_know():

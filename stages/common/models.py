@@ -19,8 +19,11 @@ Heads (``model.head``):
   Pooling -> InnerProduct with no Reshape layer, but the ``conv`` head into InnerProduct -> Reshape ->
   Reduction; so ``linear`` is the head for awnn, ``conv`` the one for flatten-free ONNX.
 
-No weights are ever downloaded (torchvision builders always get ``weights=None``);
-``model.pretrained`` names a local file: a torchvision state_dict or one of our bundles/checkpoints.
+``model.pretrained`` is a local file (a torchvision state_dict or one of our bundles/checkpoints) or
+torchvision's weights by name (``imagenet``, ``IMAGENET1K_V1``, ...): validation turns the name into
+the file in torch's hub cache, downloaded by ``run`` when it is not there (stages/common/pretrained.py),
+and records the weights' name in ``pretrained_weights``; the key holds that name and the file's digest.
+The builders here always get ``weights=None``: weights are loaded by ``load_weights``.
 
 Bundle (``model.pt``): ``torch.save({"format": "edgepipe.model/1", "arch": <ModelParams dict>,
 "num_classes": int, "state_dict": ...})``.
@@ -35,7 +38,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping, Union
 
 from pydantic import model_validator
 
-from engine.stage import HASH_CONTENT, Params, StageError
+from engine.stage import FROM_FILES, HASH_CONTENT, Params, StageError
+from stages.common.pretrained import ensure, is_weights_name, published
 
 BUNDLE_FORMAT = "edgepipe.model/1"
 BUNDLE_NAME = "model.pt"
@@ -63,8 +67,30 @@ class ModelParams(Params):
     # BatchNorm running-statistics momentum; null = the architecture's (torchvision's MobileNetV3 uses
     # 0.01, whose statistics lag far behind the weights in a short run from scratch: 0.1 fixes that)
     bn_momentum: float | None = None
-    # local weights file (torchvision state_dict, our model.pt or a train checkpoint); never downloaded
+    # starting weights: `imagenet` (or torchvision's IMAGENET1K_V1, DEFAULT, ...: downloaded once into
+    # torch's hub cache), or a local file (torchvision state_dict, our model.pt or a train checkpoint).
+    # After validation it is the file's path; its content digest is in the key
     pretrained: Annotated[Path | None, HASH_CONTENT] = None
+    # not a setting: validation writes torchvision's weights name here (ResNet18_Weights.IMAGENET1K_V1)
+    # when `pretrained` named weights, so the key holds the name beside the file's digest
+    pretrained_weights: Annotated[str | None, FROM_FILES] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weights_by_name(cls, data: Any) -> Any:
+        """`pretrained: imagenet` -> the hub cache's file (fetched by `run`) and the weights' name."""
+        if not isinstance(data, Mapping) or not is_weights_name(data.get("pretrained")):
+            return data
+        given, arch = str(data["pretrained"]), str(data.get("arch", "resnet18"))
+        if arch in ("resnet18", "gem_resnet") and data.get("stem", "imagenet") != "imagenet":
+            raise ValueError(f"pretrained={given}: torchvision's weights have the 7x7 first conv of stem: imagenet, "
+                             f"not stem: {data.get('stem')}; set model.stem=imagenet or model.pretrained=null")
+        if arch.startswith("mobilenet") and float(data.get("width_mult", 1.0)) != 1.0:
+            raise ValueError(f"pretrained={given}: torchvision's weights are for width_mult 1.0, "
+                             f"not {data.get('width_mult')}")
+        weights = published(arch, given, int(data.get("depth", 18)))  # ValueError: the names that exist
+        path = ensure(weights, f"model.pretrained={given}")  # WeightsUnavailable: one line, before any stage
+        return {**data, "pretrained": path, "pretrained_weights": weights.name}
 
     @model_validator(mode="after")
     def _check(self) -> "ModelParams":
@@ -83,7 +109,7 @@ class ModelParams(Params):
     def arch_dict(self) -> dict:
         """What a bundle stores: everything but the (machine-specific) pretrained path."""
         d = self.model_dump(mode="json")
-        d["pretrained"] = None
+        d["pretrained"] = d["pretrained_weights"] = None
         return d
 
 
@@ -275,25 +301,40 @@ def infer_num_classes(state_dict: Mapping[str, Any], arch: Union[Mapping[str, An
     return int(state_dict[key].shape[0])
 
 
-def load_weights(module, source: Union[str, Path, Mapping[str, Any]]) -> dict:
+def load_weights(module, source: Union[str, Path, Mapping[str, Any]], labels: list[str] | None = None,
+                 source_labels: list[str] | None = None) -> dict:
     """Load weights into ``module``: a path (any format ``read_state_dict`` takes) or a state_dict.
 
     - tensors whose shapes differ only by a Linear <-> 1x1 conv reshape are reshaped;
     - a 3-channel first conv loads into a 1-channel one (summed over RGB) and vice versa (averaged);
-    - the classifier head is re-initialised (kept as built) when its class count differs;
+    - the classifier head follows the class names when both sides have them (``labels``: the model's
+      classes; ``source_labels``, else the labels.txt a bundle or train output carries): its rows are
+      reordered for the same classes in another order, re-initialised for other classes;
+    - without names, the head is re-initialised (kept as built) when its class count differs;
     - GeM's ``p`` may be missing (torchvision weights).
     Anything else that does not fit raises WeightsError listing missing/unexpected/mismatched keys.
-    Returns a report: loaded/adapted/reinitialized/kept key lists and the source.
+    Returns a report: loaded/adapted/reinitialized/kept key lists, the source and ``head`` (one line
+    saying what became of the head).
     """
     import torch
 
     if isinstance(source, (str, Path)):
         sd, info = read_state_dict(source)
         where = str(source)
+        if source_labels is None:
+            source_labels = labels_beside(source, info)
     else:
         sd, info, where = dict(source), {"kind": "state_dict"}, "<state_dict>"
     own = module.state_dict()
-    fit = _fit_tensors(sd, own, head_prefixes(module), getattr(module, "first_conv", None))
+    heads = head_prefixes(module)
+    sd, head = _head_by_names(sd, heads, source_labels, labels)
+    fit = _fit_tensors(sd, own, heads, getattr(module, "first_conv", None))
+    if head.startswith("re-initialised"):  # other classes: the head starts fresh even where shapes agree
+        for k in [k for k in fit.new if k.startswith(heads)]:
+            del fit.new[k]
+            fit.reinit.append(k)
+    elif fit.reinit:
+        head = f"re-initialised: {_head_size(sd, heads)} outputs in the source, {_head_size(own, heads)} here"
     _refuse_misfit(fit, sd, own, where, type(module).__name__)
     merged = dict(own)
     merged.update({k: v.to(dtype=own[k].dtype) if torch.is_floating_point(own[k]) else v for k, v in fit.new.items()})
@@ -305,7 +346,49 @@ def load_weights(module, source: Union[str, Path, Mapping[str, Any]]) -> dict:
         "adapted": sorted(fit.adapted),
         "reinitialized": sorted(set(fit.reinit)),
         "kept": sorted(k for k in own if k not in fit.new),
+        "head": head,
     }
+
+
+def labels_beside(path: Union[str, Path], info: Mapping[str, Any]) -> list[str] | None:
+    """The class names a weights file carries: the labels.txt of the folder holding a model.pt bundle
+    (a train or clip_outliers output), or of the train output a checkpoint sits in; None otherwise
+    (a torchvision state_dict has no names: ImageNet's 1000 classes are not this dataset's)."""
+    from .bundle import read_labels
+
+    path = _bundle_path(path)
+    if info.get("kind") == "bundle":
+        folder = path.parent
+    elif info.get("kind") == "lightning" and path.parent.name == "checkpoints":
+        folder = path.parent.parent
+    else:
+        return None
+    return read_labels(folder) if (folder / "labels.txt").is_file() else None
+
+
+def _head_size(sd: Mapping[str, Any], heads: tuple[str, ...]) -> int | None:
+    sizes = [v.shape[0] for k, v in sd.items() if k.startswith(heads) and k.endswith("weight")]
+    return int(sizes[-1]) if sizes else None
+
+
+def _head_by_names(sd: dict, heads: tuple[str, ...], source: list[str] | None,
+                   target: list[str] | None) -> tuple[dict, str]:
+    """(state_dict with the head's rows in the target's class order, what happened to the head)."""
+    if source is None or target is None:
+        return sd, "kept (no class names to compare)" if source is None else "kept (the model's classes are not named)"
+    if source == target:
+        return sd, f"kept: the same classes in the same order ({_names(target)})"
+    if sorted(source) != sorted(target) or len(set(source)) != len(source):
+        return sd, f"re-initialised: the source's classes ({_names(source)}) are not these ({_names(target)})"
+    order = [source.index(name) for name in target]
+    rows = {k: v[order] for k, v in sd.items() if k.startswith(heads) and v.dim() >= 1 and v.shape[0] == len(source)}
+    return {**sd, **rows}, f"rows reordered: {_names(source)} -> {_names(target)}"
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    """Class names for a log line: ImageNet's 1000 shortened."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... {len(names)} classes" if len(names) > limit else "")
 
 
 @dataclass

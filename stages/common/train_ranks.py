@@ -8,6 +8,9 @@ Lightning sees the torchelastic environment and joins it without launching anyth
 the same ``Train.run`` on the same params; rank 0 writes the outputs and the headline, and any rank
 that fails with a StageError writes its message, which the stage raises as its own.
 
+The launcher and the ranks start with PYTHONSAFEPATH=1: the current folder (the user's project) is not
+on their import path, so nothing there can stand in for edgepipe's modules.
+
 On CPUs the ranks share the cores: each gets ``cores // devices`` threads (OpenMP threads that
 outnumber the cores slow every rank down many times over).
 """
@@ -55,6 +58,9 @@ def launch(p, inputs, out: Path, ctx: Context) -> dict[str, Any]:
 
 def _rank_env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
+    # `python -m` puts the current folder first on the import path: a `stages/` (or `torch/`) folder
+    # in the user's project would be imported in the launcher and every rank instead of ours
+    env["PYTHONSAFEPATH"] = "1"
     if not env.get("OMP_NUM_THREADS", "").strip():  # unset or empty: torch would take every core per rank
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // devices))
     return env

@@ -34,7 +34,6 @@
 #define EDGEPIPE_TOP_K 5
 #endif
 #define MAX_LABELS 4096
-#define MAX_LABEL_LEN 128
 
 static unsigned char* read_file(const char* path, long* size_out)
 {
@@ -118,20 +117,36 @@ static unsigned char* load_rgb(const char* path, int width, int height)
     return data;
 }
 
-static int load_labels(const char* path, char labels[][MAX_LABEL_LEN], int max_labels)
+/* labels.txt: one name a line, UTF-8, any length. The whole file is read and split in place (a
+ * fixed line buffer would cut a long name, say 40 Chinese characters, in two and shift every later
+ * label by one). Returns the number of labels; *storage is freed by the caller. */
+static int load_labels(const char* path, const char* labels[], int max_labels, unsigned char** storage)
 {
-    FILE* fp = fopen(path, "r");
-    if (!fp) return 0;
-    int n = 0;
-    char line[MAX_LABEL_LEN];
-    while (n < max_labels && fgets(line, sizeof(line), fp)) {
-        size_t len = strcspn(line, "\r\n");
-        line[len] = '\0';
-        strncpy(labels[n], line, MAX_LABEL_LEN - 1);
-        labels[n][MAX_LABEL_LEN - 1] = '\0';
-        n++;
+    long size = 0;
+    FILE* probe = fopen(path, "rb");
+    *storage = NULL;
+    if (!probe) return 0;
+    fclose(probe);
+    unsigned char* raw = read_file(path, &size);
+    if (!raw) return 0;
+    char* text = (char*)realloc(raw, (size_t)size + 1);
+    if (!text) {
+        free(raw);
+        return 0;
     }
-    fclose(fp);
+    text[size] = '\0';
+    *storage = (unsigned char*)text;
+    int n = 0;
+    char* line = text;
+    while (n < max_labels && line < text + size) {
+        char* end = strchr(line, '\n');
+        if (end) *end = '\0';
+        size_t len = strlen(line);
+        if (len > 0 && line[len - 1] == '\r') line[len - 1] = '\0';
+        labels[n++] = line;
+        if (!end) break;
+        line = end + 1;
+    }
     return n;
 }
 
@@ -148,7 +163,7 @@ static void softmax(float* x, int n)
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-static void print_top_k(const float* prob, int n, int k, char labels[][MAX_LABEL_LEN], int n_labels)
+static void print_top_k(const float* prob, int n, int k, const char* labels[], int n_labels)
 {
     int used[MAX_LABELS] = {0};
     if (k > n) k = n;
@@ -445,13 +460,18 @@ int main(int argc, char** argv)
     const char* labels_path = argc > 3 ? argv[3] : "labels.txt";
     int top_k = argc > 4 ? atoi(argv[4]) : EDGEPIPE_TOP_K;
 
-    static char labels[MAX_LABELS][MAX_LABEL_LEN];
-    int n_labels = load_labels(labels_path, labels, MAX_LABELS);
+    static const char* labels[MAX_LABELS];
+    unsigned char* label_text = NULL;
+    int n_labels = load_labels(labels_path, labels, MAX_LABELS, &label_text);
 
     runner r;
-    if (runner_open(&r, argv[1]) != 0) return 1;
+    if (runner_open(&r, argv[1]) != 0) {
+        free(label_text);
+        return 1;
+    }
     unsigned char* rgb = load_rgb(argv[2], r.width, r.height);
     if (!rgb) {
+        free(label_text);
         runner_close(&r);
         return 1;
     }
@@ -463,6 +483,7 @@ int main(int argc, char** argv)
     }
     free(prob);
     free(rgb);
+    free(label_text);
     runner_close(&r);
     return ret == 0 ? 0 : 1;
 }

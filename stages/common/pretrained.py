@@ -1,0 +1,171 @@
+"""Pretrained weights by name: ``model.pretrained: imagenet`` (or one of torchvision's weight names,
+``IMAGENET1K_V1``, ``IMAGENET1K_V2``, ``DEFAULT``) resolved through torchvision's weights API.
+
+The file lives where torchvision keeps it, ``torch.hub.get_dir()/checkpoints/<file name of the
+weights' URL>`` (``$TORCH_HOME/hub/checkpoints``), shared with every other torchvision user. It is
+downloaded once, by ``run`` while it validates the config (engine/fetching.py), with torch.hub's
+download and the sha256 prefix torchvision publishes in the file name checked; ``plan`` never
+downloads. ``$EDGEPIPE_WEIGHTS_MIRROR`` replaces the base URL (``https://mirror/models/`` or
+``file:///dir/``); the file name and the hash stay torchvision's, so a mirror serving other bytes is
+refused and nothing is left in the hub cache. A file found in the hub cache is used as torchvision
+uses it; the stage that loads it warns when its digest is not the published one.
+
+Imports torchvision only when a name is resolved (never when ``model.pretrained`` is a path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+MIRROR_ENV = "EDGEPIPE_WEIGHTS_MIRROR"
+# torch.hub's HASH_REGEX: torchvision's file names end in -<sha256 prefix>.pth
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
+# torchvision's enum member names; "imagenet" is ours for DEFAULT (its best ImageNet weights)
+_MEMBER = re.compile(r"[A-Z][A-Z0-9_]*")
+ALIASES = {"imagenet": "DEFAULT"}
+
+
+class WeightsUnavailable(FileNotFoundError):
+    """Published weights that are not on this machine and cannot be fetched now. A FileNotFoundError
+    on purpose: raised inside params validation it passes through pydantic, and the command line shows
+    it as one line with the exit code of a config error, before anything runs."""
+
+
+def is_weights_name(value: object) -> bool:
+    """A name torchvision's weights API resolves, as opposed to a path: ``imagenet`` or an enum member
+    name (a file really called so is given as ``./imagenet``)."""
+    text = str(value) if value is not None else ""
+    return text.lower() in ALIASES or bool(_MEMBER.fullmatch(text))
+
+
+@dataclass(frozen=True)
+class PublishedWeights:
+    """One member of a torchvision weights enum and where its file lives here."""
+
+    name: str  # "ResNet18_Weights.IMAGENET1K_V1": what enters the cache key beside the file's digest
+    url: str  # torchvision's own
+    path: Path  # torch.hub.get_dir()/checkpoints/<file name>
+
+    @property
+    def file_name(self) -> str:
+        return self.path.name
+
+    def source_url(self) -> str:
+        """The URL to download from: the mirror's when $EDGEPIPE_WEIGHTS_MIRROR is set."""
+        mirror = os.environ.get(MIRROR_ENV, "").strip()
+        return f"{mirror.rstrip('/')}/{self.file_name}" if mirror else self.url
+
+
+def torchvision_model_name(arch: str, depth: int = 18) -> str:
+    """The torchvision builder whose weights an architecture of the zoo loads (gem_resnet: the ResNet
+    of its depth; GeM's p has no weights and keeps its initial value)."""
+    return f"resnet{depth}" if arch == "gem_resnet" else arch
+
+
+def published(arch: str, name: str, depth: int = 18) -> PublishedWeights:
+    """torchvision's weights ``name`` for ``arch`` (ValueError naming what exists when there are none)."""
+    import torch.hub
+    from torchvision.models import get_model_weights
+
+    model = torchvision_model_name(arch, depth)
+    try:
+        enum = get_model_weights(model)
+    except (ValueError, KeyError):
+        raise ValueError(f"torchvision publishes no weights for {model}") from None
+    member = ALIASES.get(name.lower(), name)
+    try:
+        weights = enum[member]
+    except KeyError:
+        known = ", ".join(["imagenet", "DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT")])
+        raise ValueError(f"{name!r} is not one of torchvision's weights for {model}: {known}, or a file path") from None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return PublishedWeights(f"{enum.__name__}.{weights.name}", weights.url, path)
+
+
+def categories(weights_name: str) -> list[str]:
+    """The class names torchvision publishes for its weights (ImageNet's 1000): a head trained on them
+    is not a head for anyone's dataset, whatever its row count, so a finetune re-initialises it."""
+    from torchvision.models import get_weight
+
+    return list(get_weight(weights_name).meta.get("categories") or [])
+
+
+def ensure(weights: PublishedWeights, key: str) -> Path:
+    """The weights' file in the hub cache: there already, or downloaded now when this command may
+    fetch (``run``); else WeightsUnavailable saying where it comes from and where it goes. ``key`` is
+    the config setting named in messages (``model.pretrained=imagenet``)."""
+    from engine import fetching
+
+    if weights.path.is_file():
+        return weights.path
+    url = weights.source_url()
+    if not fetching.allowed():
+        raise WeightsUnavailable(
+            f"{key}: {weights.name} is not in torch's cache yet: `edgepipe run` downloads {url} to {weights.path} "
+            f"(offline: put that file there by hand, or set {MIRROR_ENV} to a base URL or file:///folder/ holding "
+            f"{weights.file_name})")
+    try:
+        with _transient_note(f"edgepipe: {key}: downloading {url} -> {weights.path}"):
+            download_verified(url, weights.path)
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e  # urllib's URLError: the reason alone
+        raise WeightsUnavailable(
+            f"{key}: cannot fetch {weights.name} from {url} ({reason}); put the file there by hand: {weights.path} "
+            f"(or set {MIRROR_ENV} to a base URL or file:///folder/ holding {weights.file_name})") from None
+    return weights.path
+
+
+@contextlib.contextmanager
+def _transient_note(text: str) -> Iterator[None]:
+    """A line shown on a terminal while a download runs, wiped when it ends: a failure is one line."""
+    shown = sys.stderr.isatty()
+    if shown:
+        print(text, end="", file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        if shown:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+
+def download_verified(url: str, dest: Path) -> Path:
+    """Download ``url`` to ``dest`` with torch.hub (a temp file renamed into place whole), checking that
+    the content's sha256 starts with the prefix the URL's file name carries (torchvision's naming);
+    a file with other content is refused (ValueError) and nothing is left at ``dest``."""
+    from torch.hub import download_url_to_file
+
+    found = _HASH_IN_NAME.search(os.path.basename(url))
+    if not found or not found.group(1):
+        raise ValueError(f"{os.path.basename(url)} carries no sha256 prefix (torchvision's names end in -<hash>.pth)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        download_url_to_file(url, str(dest), hash_prefix=found.group(1), progress=False)
+    except RuntimeError as e:
+        if "invalid hash" not in str(e):
+            raise OSError(str(e)) from None
+        raise ValueError(f"refused: its sha256 does not start with torchvision's published {found.group(1)}; "
+                         f"nothing was kept in {dest.parent}") from None
+    return dest
+
+
+def published_hash_mismatch(path: Path) -> str | None:
+    """One warning line when a torchvision-named file's sha256 does not start with the prefix in its
+    name (a file placed by hand, e.g. the tests' own backbones), else None."""
+    found = _HASH_IN_NAME.search(path.name)
+    if not found or not found.group(1):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if h.hexdigest().startswith(found.group(1)):
+        return None
+    return (f"{path} does not match torchvision's published hash {found.group(1)}: not torchvision's own file "
+            f"(used as it is)")
