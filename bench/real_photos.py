@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from helpers_data import (CHINESE_NAMES, REAL_PHOTO_EXPERIMENTS, make_real_photo_folder, pretrain_backbone,  # noqa: E402
-                          real_photo_overrides, torchvision_file_name)
+                          pretrained_env, real_photo_overrides, torchvision_file_name)
 
 # one finetuning experiment per architecture whose pipeline has no `init` input (rv1103's train starts
 # from its clip stage, which a from-scratch training cannot take)
@@ -75,6 +75,7 @@ def experiment_row(work: Path, name: str, per_class: int) -> tuple[dict, dict]:
     spec = REAL_PHOTO_EXPERIMENTS[name]
     data = photos(work, spec["size"], per_class, spec["chinese"])
     w = weights(work, spec["arch"]) if spec["arch"] else None
+    os.environ.update(pretrained_env(w) if w is not None else {})  # `imagenet` is found there
     rc, record, seconds = run(work, *real_photo_overrides(name, data, w))
     failed = {k: s.get("error") for k, s in record["stages"].items() if s["status"] == "failed"}
     row = {"experiment": name, "rc": rc, "seconds": round(seconds), "failed": failed}

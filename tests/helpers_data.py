@@ -310,11 +310,15 @@ def save_as_torchvision(model, arch: str, path: Path) -> Path:
 
 
 def pretrained_override(weights: Path) -> list[str]:
-    """The overrides that make an experiment finetune from ``weights`` (a torchvision file, named as
-    torchvision names it, in <torch home>/hub/checkpoints/).
-    SWITCH POINT (issue 22, weights branch): once `model.pretrained=imagenet` resolves through
-    torchvision's weights API, set TORCH_HOME=weights.parents[2] and return ["model.pretrained=imagenet"]."""
-    return [f"model.pretrained={weights}", "train.mode=finetune"]
+    """The overrides that make an experiment finetune from ``weights``, a torchvision file named as
+    torchvision names it in <torch home>/hub/checkpoints/: the user's path, `model.pretrained=imagenet`
+    resolved through torchvision's weights API, with $TORCH_HOME set by ``pretrained_env``."""
+    return ["model.pretrained=imagenet", "train.mode=finetune"]
+
+
+def pretrained_env(weights: Path) -> dict[str, str]:
+    """The environment under which ``pretrained_override`` finds ``weights``: its torch home."""
+    return {"TORCH_HOME": str(weights.parents[2])}
 
 
 # Every experiment on real photos at its own input size: photo size (at or above the input size), the

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers_data import REAL_PHOTO_EXPERIMENTS, real_photo_overrides
+from helpers_data import REAL_PHOTO_EXPERIMENTS, pretrained_env, real_photo_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,8 @@ def _run(runs: Path, name: str, real_photos, pretrained_weights) -> tuple[int, d
     mp = pytest.MonkeyPatch()
     mp.delenv("EDGEPIPE_PLUGINS", raising=False)
     mp.chdir(runs.parent)
+    for name_, value in (pretrained_env(weights) if weights is not None else {}).items():
+        mp.setenv(name_, value)  # the backbone is found where torchvision keeps `imagenet`
     try:
         rc = main(["run", f"runs_root={runs}", *real_photo_overrides(name, data, weights)])
     finally:
@@ -132,7 +134,7 @@ def test_finetuning_from_pretrained_weights_beats_training_from_scratch(experime
     runs = Path(record["run_dir"]).parents[1]
     data = real_photos(size=REAL_PHOTO_EXPERIMENTS["onnx_catsdogs"]["size"])
     overrides = real_photo_overrides("onnx_catsdogs", data, None)
-    assert main(["run", f"runs_root={runs}", *overrides, "train.mode=fromscratch", "--only", "train"]) == 0
+    assert main(["run", f"runs_root={runs}", *overrides, "train.mode=fromscratch", "model.pretrained=null", "--only", "train"]) == 0
     scratch = _train_metrics(json.loads((runs / "latest" / "run.json").read_text()))
     finetuned = _train_metrics(record)
     assert finetuned["init"]["reinitialized"] and scratch["init"] is None
