@@ -16,19 +16,11 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import TESTS, Workspace
+from conftest import Workspace
 from hostile import assert_clean_failure
+from test_remote_cache import machine  # one way to make a second machine in this process
 
 KEY = "team-key-0123456789abcdef"  # what a team would keep in a secret store and export
-
-
-def machine(tmp_path: Path, name: str, capsys, monkeypatch) -> Workspace:
-    w = Workspace(tmp_path / name, capsys, TESTS / "engine_conf")
-    w.root.mkdir()
-    for k, v in w.env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.chdir(w.root)
-    return w
 
 
 @pytest.fixture
