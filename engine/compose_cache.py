@@ -256,6 +256,9 @@ def _seal_key() -> bytes | None:
     if where not in _keys:
         path = where / f".seal-key-{os.getuid()}"
         _keys[where] = _read_key(path) or (_make_key(path) and _read_key(path))
+        if _keys[where] is None and os.path.lexists(path):  # someone else's, or readable by others: say so once
+            print(f"edgepipe: the compose cache in {where} is off: {path} is not a file only you can read; "
+                  "remove it (a new key is made)", file=sys.stderr)
     return _keys[where]
 
 

@@ -215,7 +215,7 @@ def test_a_remembered_plan_checks_the_run_name(ws, monkeypatch):
     assert (sorted(ws.runs.rglob("*")) if ws.runs.exists() else []) == runs_before
 
 
-def test_a_sealing_key_someone_else_can_read_is_not_used(ws):
+def test_a_sealing_key_someone_else_can_read_is_not_used(ws, capsys, monkeypatch):
     from engine import compose, compose_cache
 
     key = _compose_folder() / f".seal-key-{os.getuid()}"
@@ -224,6 +224,11 @@ def test_a_sealing_key_someone_else_can_read_is_not_used(ws):
     assert compose_cache._read_key(key) is not None
     key.chmod(0o644)
     assert compose_cache._read_key(key) is None
+    monkeypatch.setattr(compose_cache, "_keys", {})  # a new process: the key is read again
+    capsys.readouterr()
+    assert compose_cache._seal_key() is None  # the cache is off, and the user is told why, once
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "compose cache" in err and str(key) in err and "remove it" in err
     key.chmod(0o600)
 
 
