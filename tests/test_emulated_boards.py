@@ -26,7 +26,7 @@ from boards import get_board
 from boards.emulation import (EmulationError, cross_compile, install_hint, missing_tools, rootfs, run_binary, run_python,
                               site)
 from helpers_boards import LABELS, REPO, build_c_demo, stage
-from test_selftest import bundles, fake_outputs, on_the_board, package, run  # noqa: F401 (bundles: a fixture)
+from test_selftest import MAIX_STUB_API, bundles, fake_outputs, on_the_board, package, run  # noqa: F401 (bundles: a fixture)
 
 RKNN_API = REPO / "tests" / "rknn_api"
 _MISSING = sorted(set(missing_tools("arm64") + missing_tools("armhf", compiler=True)))
@@ -203,21 +203,7 @@ class _Model:
             log.write("%r\\n" % float(diffs.min()))
         return self.outputs[int(diffs.argmin())]
 
-
-class _F:
-    @staticmethod
-    def softmax(x):
-        e = np.exp(x - np.max(x))
-        return e / e.sum()
-
-
-class nn:
-    F = _F
-
-    @staticmethod
-    def load(model, opt):
-        return _Model(opt)
-'''
+''' + MAIX_STUB_API
 
 
 @needs_emulation

@@ -238,6 +238,25 @@ def test_c_demo_selftest_on_a_fake_runtime(bundles, tmp_path):
     assert r.returncode == 1 and "FAIL -- preprocessing" in r.stdout, r.stdout
 
 
+# What both MaixPy3 stand-ins (here and tests/test_emulated_boards.py) expose around their _Model:
+# maix.nn.F.softmax and maix.nn.load.
+MAIX_STUB_API = '''
+
+class _F:
+    @staticmethod
+    def softmax(x):
+        e = np.exp(x - np.max(x))
+        return e / e.sum()
+
+
+class nn:
+    F = _F
+
+    @staticmethod
+    def load(model, opt):
+        return _Model(opt)
+'''
+
 MAIX_STUB = '''"""Stand-in for MaixPy3 in tests: nn.load runs the float ncnn model ($STUB_PARAM) with awnn's
 (x - mean) * norm from the load options; $STUB_REVERSE=1 returns the outputs reversed (a conversion
 gone wrong)."""
@@ -269,21 +288,7 @@ class _Model:
         out = np.array(out).reshape(-1)
         return out[::-1].copy() if os.environ.get("STUB_REVERSE") else out
 
-
-class _F:
-    @staticmethod
-    def softmax(x):
-        e = np.exp(x - np.max(x))
-        return e / e.sum()
-
-
-class nn:
-    F = _F
-
-    @staticmethod
-    def load(model, opt):
-        return _Model(opt)
-'''
+''' + MAIX_STUB_API
 
 
 def test_maixpy3_selftest_on_a_stub(bundles, tmp_path):
