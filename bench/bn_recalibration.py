@@ -3,7 +3,7 @@
 
 The dataset is the test suite's: two classes of photo crops (scikit-learn's sample images) at
 224 px, ``--per-class`` images each, split 70/15/15. Each model is trained from scratch by the real
-train stage (engine.testing.run_stage) with the same seed, once with recalibration and once without;
+train stage (engine.run.testing.run_stage) with the same seed, once with recalibration and once without;
 the stage's wall time, its ``bn_recalibrate_seconds`` and the test accuracy are printed. Time nothing
 while tests run (two torch processes on 2 cores slow each other 10x).
 
@@ -47,7 +47,7 @@ def main() -> None:
 
 
 def make_data(work: Path, per_class: int) -> Path:
-    from engine.testing import run_stage
+    from engine.run.testing import run_stage
     from helpers_data import make_photo_folder
 
     data = work / f"data_{per_class}"
@@ -60,7 +60,7 @@ def make_data(work: Path, per_class: int) -> Path:
 
 
 def train(data: Path, out: Path, arch: str, recal: bool, epochs: int) -> dict:
-    from engine.testing import run_stage
+    from engine.run.testing import run_stage
 
     params = {"epochs": epochs, "batch_size": 32, "lr": 3e-3, "accelerator": "cpu", "seed": 0,
               "augment": {"hflip": 0.5}, "model": ARCHS[arch], "bn_recalibrate": recal}

@@ -101,7 +101,7 @@ def child(folder: str, workers: int, size: int, out: str) -> None:
     """Run the stage once in this process, as a first run (a fresh scratch folder beside ``out``); print
     one JSON line of figures, with the CPU time other processes took meanwhile (figures taken while
     the machine did other work are not the stage's)."""
-    from engine.testing import run_stage
+    from engine.run.testing import run_stage
     from stages.dataset import Dataset
 
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -4,7 +4,7 @@ applied to the trained weights, side by side.
 
 Target (issue 4): RKNN `mmse` within 1.0 top-1 point of fp32; ONNX agrees 100% with PyTorch.
 
-Every step is the real stage run through engine.testing.run_stage (dataset, train, clip_outliers,
+Every step is the real stage run through engine.run.testing.run_stage (dataset, train, clip_outliers,
 export_onnx, calibration, rknn_quantize, evaluate); a stage whose output folder already holds
 `.done` under --work is reused, so a second run only prints.
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 
 def stage(name: str, params: dict, inputs: dict, out: Path, log: list) -> dict:
-    from engine.testing import run_stage
+    from engine.run.testing import run_stage
 
     done = out / ".done"
     if done.is_file():

@@ -58,7 +58,7 @@ def weights(work: Path, arch: str) -> Path:
 
 def run(work: Path, *overrides: str) -> tuple[int, dict, float]:
     """`edgepipe run` in this process; (exit code, run.json, seconds)."""
-    from engine.cli import main
+    from engine.cli.commands import main
 
     t0 = time.perf_counter()
     rc = main(["run", f"runs_root={work / 'runs'}", *overrides])

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent
 
 def child(stage: str, work: Path, size: int, test: float, batches: int) -> None:
     """Run one stage here and print one JSON line of figures."""
-    from engine.testing import run_stage
+    from engine.run.testing import run_stage
 
     if stage == "dataset":
         from stages.dataset import Dataset as cls

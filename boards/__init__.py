@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Mapping
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from engine.stage import Params
+from engine.contract.stage import Params
 from stages.common.bundle import write_labels
 
 from .emulation import Emulation

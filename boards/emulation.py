@@ -111,7 +111,7 @@ def _cached(name: str, build) -> Path:
     """``root/name``, made by ``build(temp folder)`` once: built beside it, renamed into place, under a
     lock (two processes never build the same folder; a killed build leaves only its temp folder, removed
     by the next build)."""
-    from engine.locks import held
+    from engine.contract.locks import held
 
     root = cache_root()
     final = root / name

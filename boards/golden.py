@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.hashing import sha256_file
+from engine.contract.hashing import sha256_file
 
 from . import PackageContext
 

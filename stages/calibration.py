@@ -23,7 +23,7 @@ from typing import Any, Literal, Mapping
 import numpy as np
 from pydantic import Field
 
-from engine.stage import Context, Input, Params, Stage, StageError
+from engine.contract.stage import Context, Input, Params, Stage, StageError
 from stages.common.bundle import read_labels
 
 

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from engine.stage import HASH_CONTENT, Context, Input, Params, Stage, StageError
+from engine.contract.stage import HASH_CONTENT, Context, Input, Params, Stage, StageError
 from stages.common.bundle import copy_forward
 from stages.common.models import ModelParams
 

@@ -24,7 +24,7 @@ row by its file's sha256, so a re-run decodes only new or changed files; without
 ``out`` until the arrays are written.
 
 Everything the stage reads is in its cache key: the folders named by ``path``/``root`` are hashed with
-symlinks followed (engine.hashing.list_files, loops skipped), files a list names outside them by
+symlinks followed (engine.contract.hashing.list_files, loops skipped), files a list names outside them by
 ``outside_root_digest``. Class names travel as lines of ``labels.txt``: a name with a line break is
 refused.
 """
@@ -52,8 +52,8 @@ from typing import Annotated, Any, Iterator, Literal
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from engine.hashing import ContentIndex, list_files, sha256_file, signature, tree_digest
-from engine.stage import FROM_FILES, HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
+from engine.contract.hashing import ContentIndex, list_files, sha256_file, signature, tree_digest
+from engine.contract.stage import FROM_FILES, HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from stages.common.bundle import LABELS, write_labels
 from stages.common.decoding import decode_chunk, kept_store, one_thread, resize_spec
 from stages.common.packs import Location, PackStore, StoreError
@@ -244,7 +244,7 @@ def _cpus() -> int:
 
 class _Sources:
     """The sha256 of each source file by its stat (size, mtime, inode, device), kept in the scratch
-    folder (engine.hashing.ContentIndex, sqlite), so a re-run neither reads nor hashes a file that did
+    folder (engine.contract.hashing.ContentIndex, sqlite), so a re-run neither reads nor hashes a file that did
     not change: with its decoded row kept, it costs a stat."""
 
     def __init__(self, scratch: Path) -> None:

@@ -44,8 +44,8 @@ from typing import Annotated, Any, Literal, Mapping
 import numpy as np
 from pydantic import Field, model_validator
 
-from engine.markdown_text import code, escape
-from engine.stage import NOT_IN_KEY, Context, Input, Params, Stage, StageError
+from engine.contract.markdown import code, escape
+from engine.contract.stage import NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from stages.common import backends
 from stages.common.backends import Backend
 from stages.common.bundle import LABELS, PREPROCESS, check_bundle, read_io, read_labels
@@ -520,7 +520,7 @@ def _multicrop_markdown(report: dict, p) -> list[str]:
 
 
 def _confusion_png(path: Path, cm: np.ndarray, classes: list[str], title: str) -> None:
-    from engine.report_figures import confusion_png  # the report draws the same picture
+    from engine.contract.figures import confusion_png  # the report draws the same picture
 
     path.write_bytes(confusion_png(cm, classes, title))
 

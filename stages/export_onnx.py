@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from pydantic import Field, field_validator
 
-from engine.stage import Context, Input, Params, Stage, StageError
+from engine.contract.stage import Context, Input, Params, Stage, StageError
 
 
 class ExportOnnx(Stage):

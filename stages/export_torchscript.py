@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from pydantic import Field
 
-from engine.stage import Context, Input, Params, Stage, StageError
+from engine.contract.stage import Context, Input, Params, Stage, StageError
 
 
 class ExportTorchScript(Stage):

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Mapping
 
 from pydantic import Field
 
-from engine.stage import NOT_IN_KEY, Context, Input, Params, Stage, StageError
+from engine.contract.stage import NOT_IN_KEY, Context, Input, Params, Stage, StageError
 
 PARAM_MAGIC = "7767517"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -6,7 +6,7 @@ Inputs
   rk3566, rk3588). Its ``preprocess.json`` and ``labels.txt`` travel with it.
 - ``eval`` (optional): an ``evaluate`` folder; its per-backend accuracy goes into the manifest. With
   ``package.enforce_targets`` (on in the built-in experiments) a shipped model that missed its target
-  there (the rows whose ``model_digest`` is the ``model`` input's) is refused: engine.stage.Refusal,
+  there (the rows whose ``model_digest`` is the ``model`` input's) is refused: engine.contract.stage.Refusal,
   one line such as ``rknn_mmse top-1 drop 3.20 points > 1.0``, nothing written; rows of models only
   compared (RKNN ``normal`` beside the shipped ``mmse``) are reported by evaluate, never fatal here.
 - ``calib`` (optional; required for maixii_dock): a ``calibration`` folder; MaixHub quantizes with
@@ -35,8 +35,8 @@ from pydantic import Field
 
 from boards import BoardName, BoardSettings, Finding, PackageContext, get_board, write_zip
 from boards.golden import GoldenError, write_golden
-from engine.hashing import sha256_file
-from engine.stage import Input, Params, Refusal, Stage, StageError
+from engine.contract.hashing import sha256_file
+from engine.contract.stage import Input, Params, Refusal, Stage, StageError
 from stages.common.backends import BACKENDS, by_kind
 from stages.common.bundle import FORWARD, check_bundle, read_io, read_labels
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable
 
 from boards import BoardSettings, Finding, get_board
-from engine.stage import NOT_IN_KEY, Input, Params, Stage, StageError
+from engine.contract.stage import NOT_IN_KEY, Input, Params, Stage, StageError
 from stages.common.preprocess import Preprocess
 
 

@@ -34,8 +34,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from engine.hashing import sha256_file
-from engine.stage import NOT_IN_KEY, Input, Params, Stage, StageError
+from engine.contract.hashing import sha256_file
+from engine.contract.stage import NOT_IN_KEY, Input, Params, Stage, StageError
 from stages.common import adb
 from stages.common.multicrop import MultiCrop
 from stages.common.rknn_toolkit import PeakRss, ToolkitFailure, maxrss_mb, ok, reason, toolkit

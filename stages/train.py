@@ -36,7 +36,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from engine.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
+from engine.contract.stage import HASH_CONTENT, NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from stages.common.models import ModelParams
 
 _LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning", "torch.utils.data")

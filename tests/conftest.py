@@ -88,7 +88,7 @@ class Workspace:
 
     def cli(self, *args: str) -> Result:
         """Run the CLI in this process (fast)."""
-        from engine.cli import main
+        from engine.cli.commands import main
 
         self.capsys.readouterr()
         rc = main(list(args))

@@ -9,7 +9,7 @@ import os
 import time
 from typing import Annotated
 
-from engine.stage import NOT_IN_KEY, ContentPath, Input, Params, Refusal, Stage, StageError
+from engine.contract.stage import NOT_IN_KEY, ContentPath, Input, Params, Refusal, Stage, StageError
 
 
 def _count(ctx, what: str) -> None:
@@ -83,7 +83,7 @@ class Fail(Stage):
 
     class Params(Params):
         message: str = "this stage always fails"
-        refuse: bool = False  # raise engine.stage.Refusal: independent stages still run
+        refuse: bool = False  # raise engine.contract.stage.Refusal: independent stages still run
 
     def run(self, p, inputs, out, ctx):
         _count(ctx, "")

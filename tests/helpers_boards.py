@@ -116,7 +116,7 @@ def write_images(out: Path, n: int = 5, size: int = 48, seed: int = 1) -> list[P
 
 
 def stage(name: str, params: dict, inputs: dict, out: Path):
-    from engine.testing import run_stage
+    from engine.run.testing import run_stage
 
     return run_stage(name, params, inputs, out)
 
@@ -228,7 +228,7 @@ def make_pretrained(path: Path, arch: str = "mobilenet_v3_small") -> Path:
 
 def run_experiment(runs: Path, *overrides: str) -> dict:
     """`edgepipe run` in this process; returns the run's run.json."""
-    from engine.cli import main
+    from engine.cli.commands import main
 
     rc = main(["run", f"runs_root={runs}", *overrides])
     records = sorted(Path(runs).glob("*/*/run.json"), key=lambda p: p.stat().st_mtime)

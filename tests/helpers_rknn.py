@@ -116,7 +116,7 @@ def write_model_bundle(folder: Path, module, arch, spec) -> Path:
 
 def export_onnx_folder(model_dir: Path, out: Path) -> Path:
     """The real export_onnx stage (no stand-in: a broken stage must fail the tests that use it)."""
-    from engine.testing import run_stage
+    from engine.run.testing import run_stage
 
     run_stage("export_onnx", {}, {"model": model_dir}, out)
     return out
@@ -124,7 +124,7 @@ def export_onnx_folder(model_dir: Path, out: Path) -> Path:
 
 def write_calibration(data: Path, out: Path, n: int = 16) -> Path:
     """The real calibration stage: images/ + dataset.txt (relative to the folder) from the train split."""
-    from engine.testing import run_stage
+    from engine.run.testing import run_stage
 
     run_stage("calibration", {"count": n, "split": "train"}, {"data": data}, out)
     return out
@@ -167,7 +167,7 @@ def wide_dataset(root: Path, n: int = 48) -> tuple[Path, Path]:
 
     from PIL import Image
 
-    from engine.testing import run_stage
+    from engine.run.testing import run_stage
 
     src = root / "images"
     imgs, labels = toy_images(n, seed=7, size=SIZE)

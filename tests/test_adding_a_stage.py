@@ -24,7 +24,7 @@ import json
 import numpy as np
 from pydantic import Field
 
-from engine.stage import Input, Params, Stage, StageError
+from engine.contract.stage import Input, Params, Stage, StageError
 from stages.common.bundle import read_labels
 
 

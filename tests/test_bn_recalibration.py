@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.testing import run_stage
+from engine.run.testing import run_stage
 from helpers_data import make_photo_folder
 
 pytestmark = pytest.mark.slow

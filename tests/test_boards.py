@@ -14,7 +14,7 @@ import pytest
 
 from boards import BoardSettings, Finding, get_board, known_boards
 from boards.graph import analyze
-from engine.stage import StageError
+from engine.contract.stage import StageError
 from helpers_boards import export_onnx, stage, tiny_net
 
 BOARDS = ["maixii_dock", "onnxruntime", "rk3566", "rk3588", "rv1103", "rv1106"]
@@ -273,8 +273,8 @@ D RKNN: [01:05:13.430] Total Weight Memory Size: 0.8125KB
 
 # -- experiments: switching the board on the command line ------------------------------------------
 def test_board_override_switches_rknn_target_preflight_and_package(tmp_path):
-    from engine.compose import compose
-    from engine.config import validate
+    from engine.config.compose import compose
+    from engine.config.validate import validate
 
     job = compose(["+experiment=rv1103_mobilenetv3", f"dataset.path={tmp_path}", "board=rv1106"])
     _, specs = validate(job.cfg)

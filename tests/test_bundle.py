@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.stage import StageError
+from engine.contract.stage import StageError
 from stages.common.bundle import check_bundle, copy_forward, read_io, read_labels, write_labels
 
 

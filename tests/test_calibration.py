@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.stage import StageError
-from engine.testing import run_stage
+from engine.contract.stage import StageError
+from engine.run.testing import run_stage
 from helpers_models import make_dataset_dir, pixel_index
 from stages.calibration import select, stratified_counts
 

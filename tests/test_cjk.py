@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import report_figures as figs
+from engine.contract import figures as figs
 from helpers_boards import make_folder_dataset
 from helpers_browser import Browser
 
@@ -44,7 +44,7 @@ def chinese_run(tmp_path_factory):
     """A run on 有鸟 / 无鸟 folders, with Python's warnings always shown (matplotlib's missing-glyph
     warning would otherwise show once per process) and, through the CLI's logging, in edgepipe.log."""
     from conftest import REPO
-    from engine.cli import main
+    from engine.cli.commands import main
 
     root = tmp_path_factory.mktemp("cjk")
     data = make_folder_dataset(root / "birds", classes=CLASSES, per_class=12, size=24)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.stage import StageError
-from engine.testing import run_stage
+from engine.contract.stage import StageError
+from engine.run.testing import run_stage
 from helpers_data import make_array_dataset
 from stages.clip_outliers import ClipOutliers
 from stages.common.models import build_model, read_bundle, save_model

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_report import assert_picture
 
-from engine.compare import lower_is_better, write_sweep_comparison
+from engine.report.compare import lower_is_better, write_sweep_comparison
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""engine.compose_cache: a config composed before comes back from the cache, equal to what Hydra
+"""engine.config.compose_cache: a config composed before comes back from the cache, equal to what Hydra
 composes, and never stale: an edited or added config file, another override, another value of an
 environment variable a config names, a damaged entry all compose again (real Hydra, real conf/)."""
 
@@ -10,7 +10,8 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from engine import compose, compose_cache
+from engine.config import compose
+from engine.config import compose_cache
 
 EXPERIMENT = """\
 # @package _global_

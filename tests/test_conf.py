@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import compose
-from engine.config import ConfigError
-from engine.runner import Pipeline
+from engine.config import compose
+from engine.config.validate import ConfigError
+from engine.run.pipeline import Pipeline
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

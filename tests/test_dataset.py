@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.stage import StageError
-from engine.testing import run_stage, validate_params
+from engine.contract.stage import StageError
+from engine.run.testing import run_stage, validate_params
 from helpers_data import CLASSES, class_image, make_bad_corpus, make_image_folder, save_image, write_idx
 from helpers_procs import until
 from stages.common.preprocess import Preprocess, load_image, resize
@@ -374,7 +374,7 @@ def test_decoding_workers_import_no_pydantic():
     task = pickle.dumps((decoding.decode_chunk, resize_spec(Preprocess(input_size=[12, 20]))))
     r = subprocess.run([sys.executable, "-c", code], input=task, capture_output=True, cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr
-    assert set(json.loads(r.stdout)) <= {"engine", "engine.hashing", "stages", "stages.common", "stages.common.decoding",
+    assert set(json.loads(r.stdout)) <= {"engine", "engine.contract", "engine.contract.hashing", "stages", "stages.common", "stages.common.decoding",
                                    "stages.common.packs", "stages.common.pixels"}, r.stdout
 
 
@@ -551,7 +551,7 @@ def test_kept_decoded_images_reused(tmp_path):
 KILLED_RUN = """
 import sys
 from pathlib import Path
-from engine.testing import run_stage
+from engine.run.testing import run_stage
 from stages.dataset import Dataset
 root, out, scratch = map(Path, sys.argv[1:])
 run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": {"input_size": 32}, "workers": 1}, {}, out,
@@ -593,7 +593,7 @@ def test_gc_removes_decoded_images_unused_for_a_week(tmp_path):
     """`edgepipe gc` removes packs of kept decoded images not read or written for SCRATCH_DAYS (the
     scratch folder would otherwise grow with every file ever decoded); the next run decodes just the
     rows of those packs again."""
-    from engine import gc
+    from engine.store import gc
 
     root = make_image_folder(tmp_path / "data", per_class=30, ext="jpg")
     scratch = tmp_path / "cache" / ".scratch"

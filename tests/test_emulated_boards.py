@@ -53,7 +53,7 @@ def emulation(board: str):
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
-    from engine.cli import main
+    from engine.cli.commands import main
 
     capsys.readouterr()
     rc = main(list(args))

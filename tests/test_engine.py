@@ -124,7 +124,7 @@ def test_an_entry_records_the_stats_its_files_keep_so_a_hit_reads_no_file(tmp_pa
     """Two hard links to one file (Lightning's last.ckpt and best.ckpt when the last epoch is the
     best): making the second read-only moves the ctime of both, so the manifest must hold the stats
     taken after every chmod, or each hit re-hashes the checkpoint."""
-    from engine import cache as cache_module
+    from engine.store import cache as cache_module
 
     cache = cache_module.Cache(tmp_path / "cache")
     tmp = cache.new_tmp("train", "k")
@@ -145,7 +145,7 @@ def test_an_entry_records_the_stats_its_files_keep_so_a_hit_reads_no_file(tmp_pa
 def test_a_file_whose_times_moved_is_hashed_once_and_its_new_times_kept(tmp_path, monkeypatch):
     """An intact file whose ctime moved (a chmod, a new hard link, a restore) is re-hashed on the next
     hit, and its new times go into the manifest: entries made before the fix above stop re-hashing."""
-    from engine import cache as cache_module
+    from engine.store import cache as cache_module
 
     cache = cache_module.Cache(tmp_path / "cache")
     tmp = cache.new_tmp("train", "k")
@@ -198,7 +198,7 @@ def test_failure_keeps_completed_stages_and_next_run_resumes(ws):
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_a_refusal_fails_the_run_but_independent_stages_still_run(ws, jobs):
-    """engine.stage.Refusal (package.enforce_targets): exit 1 and the stage's line, its downstream
+    """engine.contract.stage.Refusal (package.enforce_targets): exit 1 and the stage's line, its downstream
     skipped, but unlike any other failure the independent `other` runs without --keep-going."""
     r = ws.cli("run", "pipeline=failing", "+fail.refuse=true", "--jobs", jobs)
     assert r.rc == 1
@@ -275,7 +275,7 @@ def test_content_of_a_folder_input_is_in_the_key(ws, monkeypatch):
     (data / "a.txt").write_text("hello")
     args = ("run", "pipeline=folder", f"+files.path={data}")
     assert ws.cli(*args).rc == 0
-    import engine.hashing as hashing
+    import engine.contract.hashing as hashing
 
     reads = []
     real = hashing.sha256_file
@@ -473,7 +473,7 @@ def test_gc_leaves_an_entry_whose_lock_is_held_alone(ws):
     lock is free the entry goes."""
     import shutil
 
-    from engine.cache import Cache
+    from engine.store.cache import Cache
 
     ws.cli("run")
     kept = json.loads(((ws.runs / "latest").resolve() / "run.json").read_text())

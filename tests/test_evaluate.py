@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from engine.stage import StageError
-from engine.testing import run_stage, validate_params
+from engine.contract.stage import StageError
+from engine.run.testing import run_stage, validate_params
 from helpers_rknn import CLASSES, toy, wide_dataset
 
 
@@ -327,7 +327,7 @@ def test_package_refuses_a_shipped_model_that_missed_its_target(badly_calibrated
     """package.enforce_targets: the rows evaluate scored from the `model` input's folder (same engine
     digest) decide; a miss is one line naming the backend, the figure and the target, and nothing is
     written. A model only compared (the onnx row beside it) is not the package's business."""
-    from engine.stage import Refusal
+    from engine.contract.stage import Refusal
 
     t = toy()
     sources = {"model": {"digest": "onnx-digest"}, "rknn": {"digest": "rknn-digest"}, "onnx": {"digest": "onnx-digest"}}
@@ -405,7 +405,7 @@ import json, shutil, sys
 from pathlib import Path
 import numpy as np
 import matplotlib.figure  # imported before the baseline: the confusion PNGs need it whatever the split size
-from engine.testing import run_stage
+from engine.run.testing import run_stage
 from stages.common import backends
 
 class Constant(backends.Backend):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from engine.stage import StageError
-from engine.testing import run_stage, validate_params
+from engine.contract.stage import StageError
+from engine.run.testing import run_stage, validate_params
 from helpers_models import make_model_dir
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""engine.hashing's content index: unchanged files are not read again, changed ones are, a symlink
+"""engine.contract.hashing's content index: unchanged files are not read again, changed ones are, a symlink
 pointed at another file is a change even when size and mtime agree."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 import os
 import sqlite3
 
-from engine.hashing import ContentIndex, content_digest, sha256_file, tree_digest
+from engine.contract.hashing import ContentIndex, content_digest, sha256_file, tree_digest
 
 
 def _folder(tmp_path):
@@ -25,10 +25,10 @@ def test_unchanged_stat_is_not_read_again(tmp_path, monkeypatch):
     assert first == tree_digest({"a.bin": sha256_file(root / "a.bin"), "sub/b.bin": sha256_file(root / "sub/b.bin")})
     index.save()
     # an unchanged stat: the index answers without reading (what makes plan fast)
-    import engine.hashing
+    import engine.contract.hashing
 
     reads = []
-    monkeypatch.setattr(engine.hashing, "sha256_file", lambda p: reads.append(p) or sha256_file(p))
+    monkeypatch.setattr(engine.contract.hashing, "sha256_file", lambda p: reads.append(p) or sha256_file(p))
     assert content_digest(root, ContentIndex(tmp_path / "index.sqlite")) == first and reads == []
     st = os.stat(root / "a.bin")
     os.utime(root / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a new mtime is read again
@@ -51,11 +51,11 @@ def test_symlink_pointed_elsewhere_is_a_change(tmp_path):
 
 
 def _counting(monkeypatch) -> list[str]:
-    """Records the files engine.hashing reads (sha256_file), to tell a lookup from a re-hash."""
-    import engine.hashing
+    """Records the files engine.contract.hashing reads (sha256_file), to tell a lookup from a re-hash."""
+    import engine.contract.hashing
 
-    read, real = [], engine.hashing.sha256_file
-    monkeypatch.setattr(engine.hashing, "sha256_file", lambda p: read.append(os.path.basename(p)) or real(p))
+    read, real = [], engine.contract.hashing.sha256_file
+    monkeypatch.setattr(engine.contract.hashing, "sha256_file", lambda p: read.append(os.path.basename(p)) or real(p))
     return read
 
 

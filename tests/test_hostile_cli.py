@@ -215,7 +215,7 @@ def test_plugin_that_cannot_be_imported(ws, monkeypatch):
 
 def test_a_bug_is_one_line_and_the_traceback_is_on_request(ws, monkeypatch):
     (ws.root / "buggy_stage.py").write_text(
-        "from engine.stage import Params, Stage\n"
+        "from engine.contract.stage import Params, Stage\n"
         "class Buggy(Stage):\n"
         "    name = 't_buggy'\n"
         "    @classmethod\n"
@@ -245,7 +245,7 @@ def test_runs_racing_for_one_folder_get_their_own(ws):
 
 
 def test_run_folder_creation_is_atomic_across_threads(ws):
-    from engine.cli import _make_unique_dir
+    from engine.cli.commands import _make_unique_dir
 
     target, made = ws.root / "runs" / "day" / "t_name", []
     threads = [threading.Thread(target=lambda: made.append(_make_unique_dir(target))) for _ in range(16)]

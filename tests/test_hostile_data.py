@@ -174,7 +174,7 @@ def _gem(num_classes: int = 10, scale: float = 1.0, seed: int = 0):
 def test_parity_passes_a_model_with_logits_in_the_thousands(tmp_path):
     """The shape of the shipped mnist_gem_resnet model (GeM-ResNet, small stem) with logits of a few
     thousand: float32 backends differ by more than the absolute tolerance alone allows."""
-    from engine.testing import run_stage
+    from engine.run.testing import run_stage
     from helpers_models import make_model_dir
 
     d = make_model_dir(tmp_path / "model", arch={"arch": "gem_resnet", "stem": "small"}, num_classes=10,
@@ -197,7 +197,7 @@ def test_parity_passes_a_model_with_logits_in_the_thousands(tmp_path):
 
 def test_parity_still_fails_a_wrong_model(tmp_path):
     """Two different networks (other weights) of the same large-logit shape: far outside the rule."""
-    from engine.stage import StageError
+    from engine.contract.stage import StageError
     from stages.common.backends import torch_logits
     from stages.common.parity import check, compare, sample_inputs
     from stages.common.preprocess import Preprocess

@@ -198,9 +198,9 @@ def test_an_entry_over_the_size_limit_is_refused_before_downloading(shared, tmp_
 
 
 def test_a_huge_manifest_is_refused_by_its_first_bytes(shared, tmp_path, capsys, monkeypatch):
-    import engine.remote
+    import engine.store.remote
 
-    monkeypatch.setattr(engine.remote, "MANIFEST_MAX_BYTES", 64)
+    monkeypatch.setattr(engine.store.remote, "MANIFEST_MAX_BYTES", 64)
     b = machine(tmp_path, "b", capsys, monkeypatch)
     r = b.cli("run", f"cache.remote=file://{shared}")
     assert r.rc == 0 and set(b.statuses().values()) == {"ran"}, r.err
@@ -211,7 +211,7 @@ def test_a_huge_manifest_is_refused_by_its_first_bytes(shared, tmp_path, capsys,
 def swap_value(entry: Path, value: bytes, keep: bool = True) -> None:
     """What a writer of the remote without the key can do: replace a file and its sha256, size and
     digest together (the entry is self-consistent), keeping or dropping the old signature."""
-    from engine.cache import output_digest
+    from engine.store.cache import output_digest
 
     def change(m: dict) -> None:
         m["files"]["value.txt"] = put_file(entry, "value.txt", value)

@@ -19,7 +19,7 @@ import pytest
 from conftest import TESTS
 from hostile import assert_clean_failure, assert_one_line_problems
 
-from engine.hashing import ContentIndex, content_digest
+from engine.contract.hashing import ContentIndex, content_digest
 
 
 # -- input fingerprints: ctime ------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_a_target_given_as_an_override_is_named(ws):
 def test_the_plugins_own_configs_pass(ws, choice):
     from omegaconf import OmegaConf
 
-    from engine import compose
+    from engine.config import compose
 
     job = compose.compose(choice)  # these name plugin classes, Optuna samplers, logging classes
     assert "_target_" in json.dumps(OmegaConf.to_container(job.hydra_cfg), default=str)
@@ -127,7 +127,7 @@ def test_the_plugins_own_configs_pass(ws, choice):
 def test_a_remembered_composition_is_checked_again(ws, conf, monkeypatch):
     """A config kept by the compose cache (here: one composed before the check existed) is checked on
     every use, not only when Hydra composes it."""
-    from engine import compose
+    from engine.config import compose
 
     _experiment(conf, "evil", {"hydra": {"callbacks": {"x": {"_target_": "pathlib.Path.touch"}}}})
     with monkeypatch.context() as m:
@@ -139,7 +139,7 @@ def test_a_remembered_composition_is_checked_again(ws, conf, monkeypatch):
 
 # -- the user cache folder: compose cache and plan memo -------------------------------------------------------
 def _compose_folder() -> Path:
-    from engine import compose_cache
+    from engine.config import compose_cache
 
     return compose_cache.folder()
 
@@ -157,7 +157,7 @@ def _value_run(ws) -> str:
 def test_an_edited_plan_memo_is_a_miss_never_a_wrong_hit(ws):
     """The memo of `src.value=5` edited to say value 1 (the key of a run that exists): the run must
     compute value 5, as its .hydra/config.yaml says, not reuse value 1's output."""
-    from engine import compose
+    from engine.config import compose
 
     assert ws.cli("run", "src.value=1").rc == 0 and ws.cli("run", "src.value=5").rc == 0
     digest = compose.compose(["src.value=5"]).digest
@@ -175,7 +175,7 @@ def _value_of(entry: Path) -> str:
 
 
 def test_a_memo_copied_under_another_configs_name_is_a_miss(ws):
-    from engine import compose
+    from engine.config import compose
 
     assert ws.cli("run", "src.value=1").rc == 0 and ws.cli("run", "src.value=5").rc == 0
     one, five = (next((_compose_folder() / "validated").glob(f"{compose.compose([o]).digest}-*.json"))
@@ -188,7 +188,7 @@ def test_a_memo_copied_under_another_configs_name_is_a_miss(ws):
 def test_an_edited_compose_entry_cannot_name_a_run_outside_runs_root(ws):
     """A compose-cache entry edited to `name: ../../../../x` (its memo then hits): the run folder
     stays under runs_root, whichever way the name is refused or the entry ignored."""
-    from engine import compose
+    from engine.config import compose
 
     assert ws.cli("run").rc == 0 and ws.cli("plan").rc == 0
     entry = _compose_folder() / f"{compose.compose([]).digest}.json"
@@ -203,7 +203,8 @@ def test_an_edited_compose_entry_cannot_name_a_run_outside_runs_root(ws):
 def test_a_remembered_plan_checks_the_run_name(ws, monkeypatch):
     """Should a memo ever hold a config with a bad name (here: remembered while the check was off), a
     run from it is refused before a run folder exists."""
-    from engine import compose, config
+    from engine.config import compose
+    from engine.config import validate
 
     with monkeypatch.context() as m:
         for module in (compose, config):
@@ -216,7 +217,8 @@ def test_a_remembered_plan_checks_the_run_name(ws, monkeypatch):
 
 
 def test_a_sealing_key_someone_else_can_read_is_not_used(ws, capsys, monkeypatch):
-    from engine import compose, compose_cache
+    from engine.config import compose
+    from engine.config import compose_cache
 
     key = _compose_folder() / f".seal-key-{os.getuid()}"
     compose.compose([])  # made on first use, this user's only

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.stage import StageError
-from engine.testing import run_stage
+from engine.contract.stage import StageError
+from engine.run.testing import run_stage
 from helpers_models import make_model_dir
 from stages.ncnn import param_io, param_layers, patch_input_shape
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from engine.stage import StageError
+from engine.contract.stage import StageError
 from helpers_boards import (LABELS, REPO, build_c_demo, export_onnx, install_rknnlite_stub, make_dataset,
                             make_digit_filelist, make_folder_dataset, make_pretrained, run_experiment, stage,
                             write_images)
@@ -306,7 +306,7 @@ def test_package_names_the_stage_a_board_needs(bundles, tmp_path):
 
 
 def test_package_params(bundles, tmp_path):
-    from engine.testing import validate_params
+    from engine.run.testing import validate_params
 
     with pytest.raises(ValidationError, match="unknown board 'v831'; known boards: maixii_dock, onnxruntime"):
         validate_params("package", {"board": "v831"})
@@ -446,7 +446,7 @@ def test_a_shipped_model_that_misses_its_target_fails_the_run_after_the_report(t
     that package is not written, the other package still is, the report says which miss was fatal, and
     with the setting off only the packages run again."""
     from conftest import REPO
-    from engine.cli import main
+    from engine.cli.commands import main
 
     monkeypatch.setenv("EDGEPIPE_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("EDGEPIPE_CONFIG_DIR", str(REPO / "conf"))

@@ -16,8 +16,8 @@ import psutil
 import pytest
 from helpers_procs import Output, Spawner, until
 
-from engine import scheduler
-from engine.cache import read_manifest
+from engine.run import scheduler
+from engine.store.cache import read_manifest
 
 PARALLEL = ["pipeline=parallel"]
 MEET = ["+pipeline.stages.left.with.meet=right", "+pipeline.stages.right.with.meet=left"]
@@ -215,7 +215,7 @@ def test_sizes_and_defaults():
 
 
 def test_stages_declare_their_peak_memory():
-    from engine import registry
+    from engine.config import registry
 
     rknn = registry.get("rknn_quantize")
     params = {"target": "rv1103"}
@@ -252,7 +252,7 @@ def test_quickstart_branches_at_jobs_2_match_jobs_1(project):
     assert r.rc == 0, r.err
     one = project.latest()
     assert project.statuses(one) == project.statuses(two)
-    from engine import registry
+    from engine.config import registry
 
     for name, rec in two["stages"].items():
         if registry.get(rec["type"]).deterministic:
@@ -264,8 +264,8 @@ def test_the_live_display_shows_every_running_stage(monkeypatch):
 
     from rich.console import Console
 
-    from engine import display
-    from engine.runs import StageRecord
+    from engine.report import display
+    from engine.store.runs import StageRecord
 
     monkeypatch.setattr(display, "console", Console(file=io.StringIO(), force_terminal=True, width=100))
     d = display.Display("test", ["a", "b"])

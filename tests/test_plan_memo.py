@@ -15,10 +15,10 @@ from pathlib import Path
 # A command in a fresh process that says which heavy modules it loaded.
 PROBE = """
 import json, sys
-from engine.cli import main
+from engine.cli.commands import main
 rc = main(sys.argv[1:])
 print("\\n" + json.dumps({"rc": rc, "pydantic": "pydantic" in sys.modules,
-                  "stage code": sorted(m for m in sys.modules if m.startswith(("engine_stages", "engine.config")))}))
+                  "stage code": sorted(m for m in sys.modules if m.startswith(("engine_stages", "engine.config.validate")))}))
 """
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torchvision
 
-from engine.cache import Cache, stage_key
-from engine.testing import run_stage
+from engine.store.cache import Cache, stage_key
+from engine.run.testing import run_stage
 from helpers_data import make_array_dataset
 from hostile import assert_clean_failure, new_files, snapshot
 from stages.common.models import ModelParams, WeightsError, build_model, load_weights
@@ -89,8 +89,8 @@ def test_an_experiment_without_weights_is_told_at_plan(project, experiment, says
 
 # -- a placed file: loaded, and its name and digest in the key -------------------------------------------------
 def _train_key(tmp_path: Path, *overrides: str) -> tuple[str, dict]:
-    from engine.compose import compose
-    from engine.config import validate
+    from engine.config.compose import compose
+    from engine.config.validate import validate
 
     job = compose(["+experiment=onnx_catsdogs", f"dataset.path={tmp_path}", *overrides])
     _, specs = validate(job.cfg)
@@ -157,7 +157,7 @@ def test_unknown_names_and_unfitting_settings_are_config_errors():
 
 # -- the mirror and the published hash ----------------------------------------------------------------------
 def test_a_mirror_serving_other_bytes_is_refused_and_nothing_is_kept(torch_home, mirror):
-    from engine.fetching import fetching
+    from engine.contract.fetching import fetching
 
     place(mirror / SMALL)  # torchvision's name, not torchvision's content
     with fetching(), pytest.raises(WeightsUnavailable, match=r"refused: its sha256 does not start with .*047dcff4"):
@@ -181,7 +181,7 @@ def test_run_fetches_from_the_mirror_before_any_stage_runs(tmp_path, torch_home,
     """The whole path with a mirror file whose content is what its name says: downloaded into the hub
     cache when run validates (fetching on), never when plan does. torchvision's published name is
     patched to carry this file's own hash, as torchvision's real file would."""
-    from engine.fetching import fetching
+    from engine.contract.fetching import fetching
     from stages.common import pretrained
 
     src = place(tmp_path / "own.pth")

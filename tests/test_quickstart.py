@@ -28,7 +28,7 @@ def quickstart(tmp_path_factory):
     mp.setenv("EDGEPIPE_RUNS", str(env_runs))
     mp.delenv("EDGEPIPE_PLUGINS", raising=False)
     mp.chdir(root)
-    from engine.cli import main
+    from engine.cli.commands import main
 
     rc = main(["run", "+experiment=quickstart"])
     run = json.loads((env_runs / "latest" / "run.json").read_text())

@@ -45,7 +45,7 @@ def experiment_run(tmp_path_factory, real_photos, pretrained_weights):
 
 
 def _run(runs: Path, name: str, real_photos, pretrained_weights, extra=()) -> tuple[int, dict, dict]:
-    from engine.cli import main
+    from engine.cli.commands import main
 
     spec = REAL_PHOTO_EXPERIMENTS[name]
     data = real_photos(size=spec["size"], chinese=spec["chinese"])
@@ -143,7 +143,7 @@ def test_experiment_onnx_catsdogs(experiment_run):
 def test_finetuning_from_pretrained_weights_beats_training_from_scratch(experiment_run, real_photos):
     """onnx_catsdogs' training again from scratch, same data, epochs and seed: the finetuned model (from a
     backbone that never saw these classes) is clearly better on the test split."""
-    from engine.cli import main
+    from engine.cli.commands import main
 
     rc, record, _ = experiment_run("onnx_catsdogs")
     runs = Path(record["run_dir"]).parents[1]

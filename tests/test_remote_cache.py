@@ -115,8 +115,8 @@ def test_keys_carry_no_machine_path(ws, tmp_path):
 def test_a_tool_upgrade_shows_in_plan_and_reruns(ws, monkeypatch):
     from importlib import metadata
 
-    import engine.cache
-    from engine import registry
+    import engine.store.cache
+    from engine.config import registry
 
     assert ws.cli("run").rc == 0
     installed = metadata.version("pyyaml")
@@ -130,7 +130,7 @@ def test_a_tool_upgrade_shows_in_plan_and_reruns(ws, monkeypatch):
     assert ws.cli("run").rc == 0
     assert ws.counts() == {"src": 1} and ws.statuses()["scale"] == "cached"  # same output: cut off
     # the real stages declare the toolkits that make their outputs
-    assert engine.cache.tool_versions(registry.get("rknn_quantize"))["rknn-toolkit2"] == real("rknn-toolkit2")
+    assert engine.store.cache.tool_versions(registry.get("rknn_quantize"))["rknn-toolkit2"] == real("rknn-toolkit2")
     assert {"pnnx", "ncnn"} <= set(registry.get("ncnn").tools) and "torch" in registry.get("train").tools
 
 

@@ -22,7 +22,7 @@ import pytest
 from helpers_browser import Browser
 from PIL import Image
 
-from engine.report_html import REPORT_HTML
+from engine.report.page import REPORT_HTML
 
 # the digits data at 16 px, two short epochs, weights clipped, ONNX export, an RKNN int8 build in the
 # simulator, evaluation of the three and an ONNX Runtime package: every section of the report, in seconds
@@ -165,7 +165,7 @@ def evaluated_run(tmp_path_factory):
     mp.setenv("EDGEPIPE_CONFIG_DIR", str(REPO / "conf"))
     mp.delenv("EDGEPIPE_PLUGINS", raising=False)
     mp.chdir(root)
-    from engine.cli import main
+    from engine.cli.commands import main
 
     assert main(["run", *CHEAP_EVAL]) == 0
     run_dir = (root / "runs" / "latest").resolve()
@@ -272,7 +272,7 @@ def test_pictures_are_valid_sized_and_not_blank(evaluated_run):
 
 @pytest.mark.slow
 def test_tsne_is_seeded_and_coloured_by_class(evaluated_run):
-    from engine.report_figures import tsne_png
+    from engine.contract.figures import tsne_png
 
     run_dir, _ = evaluated_run
     with np.load(run_dir / "stages" / "eval" / "features.npz") as z:
@@ -300,7 +300,7 @@ def test_report_costs_no_recomputation_and_draws_nothing_again(evaluated_run):
     before = (run_dir / REPORT_HTML).read_bytes()
     # a fresh process: every picture, the evaluate section and the config comparison come from the
     # scratch folder, so neither matplotlib, scikit-learn, hydra's compose, torch nor numpy is imported
-    code = ("import sys; from engine.cli import main; rc = main(['report', sys.argv[1]]); "
+    code = ("import sys; from engine.cli.commands import main; rc = main(['report', sys.argv[1]]); "
             "print(rc, sorted(m for m in ('matplotlib', 'sklearn', 'torch', 'hydra', 'numpy') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -315,7 +315,7 @@ def test_report_costs_no_recomputation_and_draws_nothing_again(evaluated_run):
 def test_damaged_report_memos_are_computed_again(evaluated_run):
     """The sections and config changes kept as JSON under the scratch folder: a damaged one is
     read again from the stage outputs, never a failed report."""
-    from engine.cli import main
+    from engine.cli.commands import main
 
     run_dir, run = evaluated_run
     before = (run_dir / REPORT_HTML).read_bytes()
@@ -333,9 +333,9 @@ def test_multicrop_results_are_shown(tmp_path):
     folder whose record points at the stage outputs: the multi-crop table shows metrics.json's numbers."""
     from helpers_rknn import CLASSES, toy, toy_images
 
-    from engine.report_html import write_html
-    from engine.runs import RunRecord, StageRecord
-    from engine.testing import run_stage
+    from engine.report.page import write_html
+    from engine.store.runs import RunRecord, StageRecord
+    from engine.run.testing import run_stage
 
     t = toy()
     src = tmp_path / "images"
@@ -400,7 +400,7 @@ def test_parameter_count_reads_no_code_from_model_pt(tmp_path):
     import pickle
     import zipfile
 
-    from engine.report_summary import model_facts
+    from engine.report.summary import model_facts
 
     marker = tmp_path / "MARKER"
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from engine.stage import StageError
-from engine.testing import run_stage, validate_params
+from engine.contract.stage import StageError
+from engine.run.testing import run_stage, validate_params
 from helpers_rknn import onnx_reference_logits, toy
 from helpers_rknn import wide_dataset as make_wide_dataset
 
@@ -276,7 +276,7 @@ def test_simulator_runs_the_crops_and_evaluate_scores_them(wide_dataset, tmp_pat
 
 def test_the_vote_is_not_in_the_builds_key():
     """Only what makes the crops rebuilds the model: the vote is evaluate's business."""
-    from engine.cache import key_params
+    from engine.store.cache import key_params
 
     base = {"enabled": True, "crops": 3, "root": "/x"}
     keys = [key_params(validate_params("rknn_quantize", {"multicrop": {**base, **extra}}))[0]
@@ -341,9 +341,9 @@ def test_the_toolkits_bundled_adb_is_found():
 def test_the_rknn_stages_read_evaluate_multicrop_and_board_eval_from_the_config(tmp_path):
     """Through real Hydra composition: the RKNN builds take evaluate.multicrop's crops (their vote stays out
     of the key) and quantize.board_eval.device_id."""
-    from engine.cache import key_params
-    from engine.compose import compose
-    from engine.config import validate
+    from engine.store.cache import key_params
+    from engine.config.compose import compose
+    from engine.config.validate import validate
 
     def rknn_keys(*overrides):
         job = compose(["+experiment=rv1103_mobilenetv3", f"dataset.path={tmp_path}", *overrides])

@@ -71,7 +71,7 @@ def run(cmd: list, cwd: Path, env: dict | None = None) -> subprocess.CompletedPr
 
 
 def test_manifest_records_golden_samples(bundles, tmp_path):
-    from engine.stage import StageError
+    from engine.contract.stage import StageError
 
     pkg, manifest = package("onnxruntime", {"model": bundles["onnx"], "data": bundles["data"]}, tmp_path / "o")
     st = manifest["selftest"]

@@ -46,7 +46,7 @@ def job_results(sweep_dir: Path) -> list[dict]:
 
 def assert_cache_intact(ws) -> int:
     """Every cache entry passes a full re-hash against its manifest; returns how many there are."""
-    from engine.cache import Cache
+    from engine.store.cache import Cache
 
     cache = Cache(ws.runs / "cache")
     n = 0
@@ -91,7 +91,7 @@ def test_grid_on_joblib_computes_each_stage_once_in_two_processes(ws, monkeypatc
     # two jobs at a time on this machine's cores: each gets cores / 2 OpenMP/torch threads
     cores = len(os.sched_getaffinity(0))
     assert {r["threads"] for r in results} == {str(max(1, cores // 2))}
-    from engine.scheduler import default_jobs
+    from engine.run.scheduler import default_jobs
 
     assert {r["stage_jobs"] for r in results} == {max(1, default_jobs() // 2)}  # and half the parallel stages
     assert len({json.loads((Path(r["run_dir"]) / "run.json").read_text())["stages"]["src"]["key"]
@@ -264,8 +264,8 @@ def test_ray_launcher_missing_names_the_extra(ws):
 def test_submitit_slurm_composes_and_the_job_function_pickles(ws):
     """SLURM cannot run here: its launcher config composes, and the job function Hydra hands it
     crosses a process boundary by reference (plain pickle, as for joblib and submitit)."""
-    from engine.runner import Options
-    from engine.sweep import Task
+    from engine.run.pipeline import Options
+    from engine.job.sweep import Task
 
     r = ws.cli("run", "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=4", *GRID, "--cfg", "hydra")
     assert r.rc == 0, r.err
@@ -273,8 +273,8 @@ def test_submitit_slurm_composes_and_the_job_function_pickles(ws):
     assert "cpus_per_task: 4" in r.out and not ws.runs.exists()
     task = Task(options=Options(only=["total"]), total=4, threads=4, in_process=False)
     assert pickle.loads(pickle.dumps(task)) == task
-    from engine.sweep import _jobs_at_once, _threads_per_job
-    from engine import compose
+    from engine.job.sweep import _jobs_at_once, _threads_per_job
+    from engine.config import compose
 
     job = compose.compose(["hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=4"])
     assert _jobs_at_once(job.hydra_cfg, "submitit_slurm", "basic", 4) is None  # each job on its node share

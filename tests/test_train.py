@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.stage import StageError
-from engine.testing import run_stage, validate_params
+from engine.contract.stage import StageError
+from engine.run.testing import run_stage, validate_params
 from helpers_data import make_array_dataset
 from stages.common.models import build_model, load_model, read_bundle, save_model
 from stages.common.preprocess import Preprocess, normalize

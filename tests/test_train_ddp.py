@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.stage import StageError
-from engine.testing import run_stage
+from engine.contract.stage import StageError
+from engine.run.testing import run_stage
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from engine.stage import StageError
+from engine.contract.stage import StageError
 
 
 def executable() -> str | None:

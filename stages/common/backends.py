@@ -31,7 +31,7 @@ from typing import ClassVar, Literal, Union
 
 import numpy as np
 
-from engine.stage import StageError
+from engine.contract.stage import StageError
 
 
 class BackendError(ValueError):
@@ -217,7 +217,7 @@ class RknnSimulatorBackend(Backend):
         self.detail = " ".join(str(self.build[k]) for k in ("target", "algorithm", "dtype") if self.build.get(k))
 
     def check_data(self, data: Path, split: str, classes: list[str]) -> None:
-        from engine.hashing import sha256_file
+        from engine.contract.hashing import sha256_file
 
         if split != "test":
             raise BackendError(f"RKNN results exist for the test split only (evaluate.split={split})")

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
-from engine.stage import StageError
+from engine.contract.stage import StageError
 
 LABELS = "labels.txt"
 PREPROCESS = "preprocess.json"

@@ -1,6 +1,6 @@
 """What a decoding worker of the dataset stage runs (stages/dataset.py starts the workers, gathers
 their results and writes the arrays; the workers write the pixels into packs, packs.py). It imports
-numpy, Pillow, pixels.py, packs.py and engine.hashing only,
+numpy, Pillow, pixels.py, packs.py and engine.contract.hashing only,
 not pydantic or the engine's stage machinery: a spawned worker imports the module of the function it
 runs, and this one takes ~0.1 s where stages.dataset takes ~0.25 s, start-up paid by every worker of
 every run. The resize settings come as pixels.PreprocessSpec (plain) for the same reason.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.hashing import sha256_file, sha256_json
+from engine.contract.hashing import sha256_file, sha256_json
 from stages.common.packs import PackStore
 from stages.common.pixels import PreprocessSpec, load_image, resize
 
@@ -106,7 +106,7 @@ def decode_chunk(jobs: list[tuple[str | None, np.ndarray | None]], spec, store: 
         arr, digest, why = decode_one(file, array, spec)
         if why is None:
             if arr.shape != store.shape or arr.dtype != np.uint8:  # resize() always gives this; a guard, not a path
-                from engine.stage import StageError
+                from engine.contract.stage import StageError
 
                 raise StageError(f"decoded {file} has shape {arr.shape} {arr.dtype}, expected {store.shape} uint8")
             results.append((digest, None, len(rows)))

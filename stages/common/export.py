@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from engine.stage import StageError
+from engine.contract.stage import StageError
 from stages.common.bundle import FORWARD, IO, check_bundle
 
 

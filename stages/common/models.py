@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping, Union
 
 from pydantic import model_validator
 
-from engine.stage import FROM_FILES, HASH_CONTENT, Params, StageError
+from engine.contract.stage import FROM_FILES, HASH_CONTENT, Params, StageError
 from stages.common.pretrained import ensure, is_weights_name, published
 
 BUNDLE_FORMAT = "edgepipe.model/1"

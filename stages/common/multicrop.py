@@ -18,7 +18,7 @@ from typing import Annotated, Iterator
 import numpy as np
 from pydantic import Field
 
-from engine.stage import HASH_CONTENT, Params, StageError
+from engine.contract.stage import HASH_CONTENT, Params, StageError
 
 # original files read (and crops made) per batch: bounded memory for any split size
 CHUNK = 64

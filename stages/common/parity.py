@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from engine.stage import StageError
+from engine.contract.stage import StageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from stages.common.preprocess import Preprocess

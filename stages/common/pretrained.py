@@ -101,7 +101,7 @@ def ensure(weights: PublishedWeights, key: str) -> Path:
     """The weights' file in the hub cache: there already, or downloaded now when this command may
     fetch (``run``); else WeightsUnavailable saying where it comes from and where it goes. ``key`` is
     the config setting named in messages (``model.pretrained=imagenet``)."""
-    from engine import fetching
+    from engine.contract import fetching
 
     if weights.path.is_file():
         return weights.path

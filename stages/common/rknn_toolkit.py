@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from engine.stage import StageError
+from engine.contract.stage import StageError
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 

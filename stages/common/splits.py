@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.stage import StageError
+from engine.contract.stage import StageError
 
 SPLITS = ("train", "val", "test")
 

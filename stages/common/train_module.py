@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from engine.stage import Context
+from engine.contract.stage import Context
 from stages.common.batchnorm import recalibrate
 from stages.common.models import build_model, trainable_prefixes
 from stages.common.train_data import seed_for

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from engine.stage import Context, StageError
+from engine.contract.stage import Context, StageError
 
 
 def launch(p, inputs, out: Path, ctx: Context) -> dict[str, Any]:

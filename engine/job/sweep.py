@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .compose import ComposeError
+from engine.config.compose import ComposeError
 
 JOB_RESULT = "sweep_job.json"  # what each job leaves in its folder for after_sweep
 OPTUNA_RESULTS = "optimization_results.yaml"  # what the Optuna sweeper writes in the sweep folder
@@ -72,15 +72,16 @@ class Task:
     def _run(self, cfg: DictConfig, hc: DictConfig, run_dir: Path, num: int, overrides: list[str]) -> dict:
         from rich.markup import escape
 
-        from . import cli, compose
+        from engine.cli import commands
+        from engine.config import compose
 
         hydra_cfg = OmegaConf.create(OmegaConf.to_container(hc, resolve=False))
         job = compose.Job(overrides, cfg, hydra_cfg, run_dir, Path(str(hc.sweep.dir)),
                           compose.describe_sources(hydra_cfg))
-        pipeline = cli.validated_pipeline(job, self.options, sweep=True)
+        pipeline = commands.validated_pipeline(job, self.options, sweep=True)
         compose.write_resolved(run_dir, cfg)  # Hydra wrote config/hydra/overrides.yaml already
         of = f"/{self.total}" if self.total else ""
-        record = cli.execute_job(job, pipeline, self.options, run_dir, summary_table=self.in_process,
+        record = commands.execute_job(job, pipeline, self.options, run_dir, summary_table=self.in_process,
                                  title=escape(f"{cfg.name} [job {num + 1}{of}: {' '.join(overrides)}]"))
         failed = [f"{s.name}: {s.error}" for s in record.stages.values() if s.error]
         return {"status": record.status, "headline": record.headline,
@@ -93,7 +94,7 @@ def _job_name(result: dict, total: int | None = None) -> str:
 
 
 def _one_line(e: Exception) -> str:
-    from .errors import ConfigError
+    from engine.errors import ConfigError
 
     if isinstance(e, ConfigError):
         return "invalid config: " + "; ".join(e.problems)
@@ -122,7 +123,7 @@ class _FirstLine(logging.Formatter):
 def _first_lines_on_the_console() -> None:
     """In a worker, edgepipe's warnings and errors reach the shared terminal as one line each (a
     failed stage's traceback stays in its run's edgepipe.log); the job's error closes the sweep."""
-    from .cli import _setup_logging
+    from engine.cli.commands import _setup_logging
 
     _setup_logging(None)  # edgepipe's console handler, which each job's _setup_logging keeps
     for handler in logging.getLogger("edgepipe").handlers:
@@ -148,7 +149,7 @@ def _write_json(path: Path, data: dict) -> None:
 # ---------------------------------------------------------------------------------------------- parent
 def multirun(opts: dict, overrides: list[str], options) -> int:
     """`edgepipe run -m OVERRIDES`: validate, then sweep on the chosen Hydra sweeper and launcher."""
-    from . import compose
+    from engine.config import compose
 
     cdir = Path(opts["config_dir"]) if opts.get("config_dir") else None
     parsed = compose.parse_overrides(list(overrides))
@@ -164,11 +165,11 @@ def multirun(opts: dict, overrides: list[str], options) -> int:
         _check_search_space(parsed, base, sweeper)
         jobs = [base]
     if opts.get("cfg"):
-        from .cli import _print_cfg
+        from engine.cli.commands import _print_cfg
 
         _print_cfg(jobs, opts["cfg"], bool(opts.get("resolve")))
         return 0
-    from .cli import _make_unique_dir, _shadowed, _warn, validated_pipeline
+    from engine.cli.commands import _make_unique_dir, _shadowed, _warn, validated_pipeline
 
     # Validate every job before anything is written to runs/ (an Optuna trial: the base config).
     pipelines = [validated_pipeline(job, options, sweep=True) for job in jobs]
@@ -201,7 +202,7 @@ def _check_search_space(parsed: list, base, sweeper: str) -> None:
         return
     from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
 
-    from . import compose
+    from engine.config import compose
 
     directions = OmegaConf.select(base.hydra_cfg, "sweeper.direction")
     for d in (directions if OmegaConf.is_list(directions) else [directions]):
@@ -251,7 +252,7 @@ def _hydra_overrides(parsed: list, base, sweep_dir: Path, pipeline, sweeper: str
 
 def headline_direction(spec) -> str:
     """The pipeline's `headline_direction`, else minimize for a loss, error, drop or time, else maximize."""
-    from .compare import lower_is_better
+    from engine.report.compare import lower_is_better
 
     if spec.headline_direction:
         return spec.headline_direction
@@ -296,7 +297,7 @@ def _launch(overrides: list[str], cdir: Path | None, task: Task, sweeper: str) -
     from hydra.core.plugins import Plugins
     from hydra.types import HydraContext, RunMode
 
-    from . import compose
+    from engine.config import compose
 
     user_dir = compose.user_config_dir(cdir)
     parsed = compose.parse_overrides(overrides)
@@ -375,7 +376,7 @@ def _write_comparison(sweep_dir: Path, ok: list[dict]) -> None:
     results stand without it: a comparison that cannot be written is a warning, not a failed sweep."""
     if not ok:
         return
-    from .compare import write_sweep_comparison
+    from engine.report.compare import write_sweep_comparison
 
     try:
         print(f"comparison: {write_sweep_comparison(Path(sweep_dir))}")

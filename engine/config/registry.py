@@ -14,10 +14,10 @@ from functools import lru_cache
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
-from .errors import PluginError
+from engine.errors import PluginError
 
 if TYPE_CHECKING:  # the stage contract (pydantic) loads with the first stage type asked for
-    from .stage import Stage
+    from engine.contract.stage import Stage
 
 STAGE_GROUP = "edgepipe.stages"
 # For developing stages (and for tests): comma-separated module names whose Stage subclasses are
@@ -46,7 +46,7 @@ def _entry_points() -> dict:
 
 
 def _load_plugins() -> None:
-    from .stage import Stage
+    from engine.contract.stage import Stage
 
     for module_name in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
         try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .runs import RUN_JSON, RunRecord, flat_metrics, resolve_run
+from engine.store.runs import RUN_JSON, RunRecord, flat_metrics, resolve_run
 
 DEFAULT_METRICS = ("seconds",)
 OUTPUTS = ("compare.csv", "compare.md", "compare.html")
@@ -247,8 +247,8 @@ def markdown(c: Comparison) -> str:
 
 def html_page(c: Comparison) -> str:
     """A self-contained page: the table and the headline against each swept parameter (embedded PNG)."""
-    from .report_figures import png_uri
-    from .report_html import CSP
+    from engine.contract.figures import png_uri
+    from engine.report.page import CSP
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in c.header())
     body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>\n" for row in c.rows())

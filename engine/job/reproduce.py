@@ -16,11 +16,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import runs
-from .compose import one_line, yaml_problem
-from .errors import ConfigError
-from .display import Display, console
-from .runner import Options, Pipeline
+from engine.store import runs
+from engine.config.compose import one_line, yaml_problem
+from engine.errors import ConfigError
+from engine.report.display import Display, console
+from engine.run.pipeline import Options, Pipeline
 
 
 def load_run(run_dir: Path):
@@ -73,7 +73,7 @@ def reproduce(run_dir: Path, verify: bool = False, tolerance: float = 0.01) -> i
 
 def _hints(original: runs.RunRecord) -> list[str]:
     """What differs from the original run's circumstances (an upgrade, another folder)."""
-    from . import __version__
+    from engine import __version__
 
     hints = []
     if original.edgepipe_version and original.edgepipe_version != __version__:

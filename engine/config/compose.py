@@ -24,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from . import compose_cache
+from engine.config import compose_cache
 
 CONFIG_NAME = "config"
 CONFIG_NAME_ENV = "EDGEPIPE_CONFIG_NAME"  # -cn/--config-name: another primary config than config.yaml
@@ -107,7 +107,7 @@ def builtin_config_dir() -> Path | None:
         from importlib.resources import files
 
         return Path(str(files(BUILTIN_PACKAGE)))
-    checkout = Path(__file__).resolve().parent.parent / "conf"
+    checkout = Path(__file__).resolve().parents[2] / "conf"
     return checkout if (checkout / f"{CONFIG_NAME}.yaml").is_file() else None
 
 
@@ -249,7 +249,7 @@ def check_targets(tree: dict, overrides: list[str], user_dir: Path | None) -> No
     """A ComposeError naming the first value of the composed config (plain containers, with its
     `hydra` node) that would make Hydra call something off engine/targets.py's allow-list, and the
     config file (or override) it came from; checked before anything is instantiated or written."""
-    from . import targets
+    from engine.config import targets
 
     for path, value, why in targets.refused(tree):
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."

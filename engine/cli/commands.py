@@ -84,7 +84,7 @@ def _split_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
 def _choose_config_name(name: str) -> None:
     """-cn NAME: the primary config (NAME.yaml in the config folders instead of config.yaml). It goes
     through the environment, as EDGEPIPE_CONFIG_DIR does, so launcher workers compose the same."""
-    from .compose import CONFIG_NAME_ENV
+    from engine.config.compose import CONFIG_NAME_ENV
 
     name = name[:-5] if name.endswith(".yaml") else name
     if not name or name.startswith("/") or ".." in name.split("/"):
@@ -94,7 +94,7 @@ def _choose_config_name(name: str) -> None:
 
 def _parallel_options(opts: dict) -> dict:
     """run's --jobs N (default: min(4, cores / 2)) and --max-memory SIZE (default: 3/4 of the available memory)."""
-    from . import scheduler
+    from engine.run import scheduler
 
     jobs = opts.get("jobs")
     if jobs is not None and (not jobs.isdigit() or int(jobs) < 1):
@@ -150,7 +150,7 @@ def _runs_root(cfg) -> Path:
 def _check_runs_root(root: Path) -> None:
     """A config error naming runs_root when it cannot hold run folders (checked without creating
     anything: the nearest existing folder above it must be a writable directory)."""
-    from .errors import ConfigError
+    from engine.errors import ConfigError
 
     existing = root.absolute()
     while not existing.exists() and existing != existing.parent:
@@ -202,7 +202,7 @@ def _resolved(node):
 
 
 def _compose_jobs(opts: dict, overrides: list[str]):
-    from . import compose
+    from engine.config import compose
 
     cdir = Path(opts["config_dir"]) if opts.get("config_dir") else None
     if opts.get("multirun"):
@@ -217,7 +217,7 @@ def _compose_jobs(opts: dict, overrides: list[str]):
 def _print_info(opts: dict, overrides: list[str]) -> int:
     """--info: the config search path and, for each config file merged, the entry it came from (with
     -m: of the sweep's fixed overrides; Hydra's own launcher/sweeper files are not listed)."""
-    from . import compose
+    from engine.config import compose
 
     if opts.get("multirun"):
         overrides = [o.input_line for o in compose.parse_overrides(overrides)
@@ -237,7 +237,7 @@ def _print_info(opts: dict, overrides: list[str]) -> int:
 
 
 def cmd_run(argv: Sequence[str]) -> int:
-    from .runner import Options
+    from engine.run.pipeline import Options
 
     opts, overrides = _split_args(argv)
     if opts.get("info"):
@@ -245,7 +245,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     options = Options(only=opts["only"], force=opts["force"], no_cache=bool(opts.get("no_cache")),
                       keep_going=bool(opts.get("keep_going")), **_parallel_options(opts))
     if opts.get("multirun"):
-        from . import sweep  # Hydra's sweeper and launcher plugins
+        from engine.job import sweep  # Hydra's sweeper and launcher plugins
 
         return sweep.multirun(opts, overrides, options)
     (job,) = _compose_jobs(opts, overrides)
@@ -254,7 +254,7 @@ def cmd_run(argv: Sequence[str]) -> int:
         return 0
     pipeline = validated_pipeline(job, options)  # before anything is written to runs/
     run_dir = _make_unique_dir(job.run_dir)
-    from . import compose
+    from engine.config import compose
 
     compose.write_hydra_dir(run_dir, job)
     record = execute_job(job, pipeline, options, run_dir, title=str(job.cfg.name))
@@ -266,7 +266,7 @@ def validated_pipeline(job, options, sweep: bool = False):
     ConfigError. A single run's is taken from plan_memo when the same config and code were validated
     before (and remembered otherwise), and its overrides without effect are warned about; a sweep
     warns once for all its jobs (sweep.multirun)."""
-    from .fetching import fetching
+    from engine.contract.fetching import fetching
 
     with fetching():  # what the config names by name (pretrained weights) is fetched now, before any stage
         pipeline = _checked_pipeline(job, remember=not sweep, warn=not sweep)
@@ -279,8 +279,8 @@ def validated_pipeline(job, options, sweep: bool = False):
 
 def _checked_pipeline(job, remember: bool, warn: bool = True):
     """Pipeline of the job with its overrides checked (and what they shadow warned about)."""
-    from . import plan_memo
-    from .runner import Pipeline
+    from engine.run import plan_memo
+    from engine.run.pipeline import Pipeline
 
     remembered = plan_memo.load(job) if remember else None
     if remembered is not None:
@@ -298,8 +298,8 @@ def _checked_pipeline(job, remember: bool, warn: bool = True):
 
 def _check_run_name(job) -> None:
     """The run folder is named after `name`: checked on every path, a remembered plan's too."""
-    from .compose import check_run_name
-    from .errors import ConfigError
+    from engine.config.compose import check_run_name
+    from engine.errors import ConfigError
 
     problems = check_run_name(job.cfg)
     if problems:
@@ -307,7 +307,7 @@ def _check_run_name(job) -> None:
 
 
 def _shadowed(overrides: list[str], pipeline) -> list[str]:
-    from .config import shadowed_overrides
+    from engine.config.validate import shadowed_overrides
 
     return shadowed_overrides(overrides, pipeline.stages)
 
@@ -321,8 +321,9 @@ def execute_job(job, pipeline, options, run_dir: Path, title: str, summary_table
     """Run one validated job in its folder (its .hydra/ already written): run.json, runs/latest, the
     progress display and the summary (a job in a parallel launcher's worker leaves its table to the
     sweep's end). A single run and every sweep job (any launcher) come here."""
-    from . import __version__, runs
-    from .display import Display, summary
+    from engine import __version__
+    from engine.store import runs
+    from engine.report.display import Display, summary
 
     _setup_logging(run_dir)
     record = runs.RunRecord(name=str(job.cfg.name), run_dir=str(run_dir.resolve()),
@@ -342,7 +343,7 @@ def execute_job(job, pipeline, options, run_dir: Path, title: str, summary_table
 
 def _check_overrides(job, pipeline) -> None:
     """An override that no stage of the pipeline validates is still checked (a bad value is an error)."""
-    from .config import ConfigError, unvalidated_override_problems
+    from engine.config.validate import ConfigError, unvalidated_override_problems
 
     problems = unvalidated_override_problems(job.cfg, job.overrides, pipeline.stages)
     if problems:
@@ -352,7 +353,7 @@ def _check_overrides(job, pipeline) -> None:
 def _make_unique_dir(run_dir: Path, key: str = "hydra.run.dir") -> Path:
     """Create the run folder, or `<name>-2`, `-3`, ... when another run started in the same second
     took it: mkdir either creates a folder or fails, so two processes never share one."""
-    from .errors import ConfigError
+    from engine.errors import ConfigError
 
     n = 1
     while True:
@@ -369,8 +370,8 @@ def _make_unique_dir(run_dir: Path, key: str = "hydra.run.dir") -> Path:
 
 
 def cmd_plan(argv: Sequence[str]) -> int:
-    from .display import STATUS_STYLE, console
-    from .runner import Options
+    from engine.report.display import STATUS_STYLE, console
+    from engine.run.pipeline import Options
 
     opts, overrides = _split_args(argv)
     if opts.get("info"):
@@ -397,7 +398,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
 
 
 def cmd_dag(argv: Sequence[str]) -> int:
-    from .runner import Pipeline
+    from engine.run.pipeline import Pipeline
 
     argv, output = _take_output(argv)
     opts, overrides = _split_args(argv)
@@ -410,7 +411,7 @@ def cmd_dag(argv: Sequence[str]) -> int:
     graph = Pipeline(job.cfg, _runs_root(job.cfg)).graph
     text = graph.mermaid() if fmt == "mermaid" else graph.dot()
     if fmt in ("png", "svg"):
-        from .dag_image import render_dot
+        from engine.report.dag_image import render_dot
 
         path = render_dot(text, fmt, output or Path(f"dag.{fmt}"))
         print(path)
@@ -445,8 +446,8 @@ def _default_runs_root() -> Path:
 def cmd_runs(argv: Sequence[str]) -> int:
     import argparse
 
-    from . import runs
-    from .display import STATUS_STYLE, console
+    from engine.store import runs
+    from engine.report.display import STATUS_STYLE, console
 
     ap = argparse.ArgumentParser(prog="edgepipe runs")
     ap.add_argument("--limit", type=int, default=20)
@@ -481,8 +482,8 @@ def cmd_runs(argv: Sequence[str]) -> int:
 def cmd_show(argv: Sequence[str]) -> int:
     import argparse
 
-    from . import runs
-    from .display import STATUS_STYLE, console
+    from engine.store import runs
+    from engine.report.display import STATUS_STYLE, console
 
     ap = argparse.ArgumentParser(prog="edgepipe show")
     ap.add_argument("run", nargs="?", default="latest")
@@ -513,7 +514,8 @@ def cmd_show(argv: Sequence[str]) -> int:
 def cmd_report(argv: Sequence[str]) -> int:
     import argparse
 
-    from . import report_html, runs
+    from engine.report import page
+    from engine.store import runs
 
     ap = argparse.ArgumentParser(prog="edgepipe report", description="rewrite report.md and report.html of a run "
                                  "from its folder (run.json and the stage outputs); nothing is recomputed")
@@ -525,14 +527,14 @@ def cmd_report(argv: Sequence[str]) -> int:
     record.run_dir = str(run_dir)  # where it is now (a moved or copied folder), not where it ran
     runs.write_report(record)
     print(run_dir / "report.md")
-    print(run_dir / report_html.REPORT_HTML)
+    print(run_dir / page.REPORT_HTML)
     return 0
 
 
 def cmd_compare(argv: Sequence[str]) -> int:
     import argparse
 
-    from . import compare
+    from engine.report import compare
 
     ap = argparse.ArgumentParser(prog="edgepipe compare", description="one row per job, best first: the overrides "
                                  "that differ, the headline and --metrics; writes compare.csv, .md and .html")
@@ -555,7 +557,7 @@ def cmd_compare(argv: Sequence[str]) -> int:
 def cmd_reproduce(argv: Sequence[str]) -> int:
     import argparse
 
-    from . import reproduce
+    from engine.job import reproduce
 
     ap = argparse.ArgumentParser(prog="edgepipe reproduce")
     ap.add_argument("run_dir", type=Path)
@@ -568,7 +570,7 @@ def cmd_reproduce(argv: Sequence[str]) -> int:
 def cmd_gc(argv: Sequence[str]) -> int:
     import argparse
 
-    from . import gc
+    from engine.store import gc
 
     ap = argparse.ArgumentParser(prog="edgepipe gc")
     ap.add_argument("--dry-run", action="store_true")
@@ -588,7 +590,8 @@ def _saved_run_config(ref: str, root: Path, cache_overrides: list[str]):
     import yaml
     from omegaconf import OmegaConf, open_dict
 
-    from . import reproduce, runs
+    from engine.job import reproduce
+    from engine.store import runs
 
     cfg, record = reproduce.load_run(runs.resolve_run(root, ref))
     with open_dict(cfg):
@@ -600,8 +603,8 @@ def _saved_run_config(ref: str, root: Path, cache_overrides: list[str]):
 
 def cmd_push(argv: Sequence[str]) -> int:
     """Upload the cache entries a run used to cache.remote (the run's, or one given here)."""
-    from . import remote
-    from .cache import Cache
+    from engine.store import remote
+    from engine.store.cache import Cache
 
     cache_overrides, rest = _cache_overrides(argv)
     root = _default_runs_root()
@@ -617,8 +620,8 @@ def cmd_push(argv: Sequence[str]) -> int:
 
 def cmd_pull(argv: Sequence[str]) -> int:
     """Fetch from cache.remote what a run's config, or the config these overrides compose, needs."""
-    from . import remote
-    from .runner import Pipeline
+    from engine.store import remote
+    from engine.run.pipeline import Pipeline
 
     opts, overrides = _split_args(argv)
     cache_overrides, rest = _cache_overrides(overrides)
@@ -636,12 +639,12 @@ def cmd_pull(argv: Sequence[str]) -> int:
 def cmd_init(argv: Sequence[str]) -> int:
     import argparse
 
-    from . import project
+    from engine.cli import init_project
 
     ap = argparse.ArgumentParser(prog="edgepipe init", description="write a project skeleton; never overwrites a file")
     ap.add_argument("dir", nargs="?", type=Path, default=Path("."))
     a = ap.parse_args(argv)
-    for line in project.init(a.dir):
+    for line in init_project.init(a.dir):
         print(line)
     where = "" if a.dir == Path(".") else f"cd {a.dir} && "
     print(f"next: put images in {a.dir / 'data'}/<class name>/, then {where}edgepipe plan +experiment=my_experiment")
@@ -676,8 +679,8 @@ VERBS = {"run": cmd_run, "plan": cmd_plan, "dag": cmd_dag, "runs": cmd_runs, "sh
 
 
 def _shell_completion(argv: list[str]) -> int:
-    from . import completion
-    from .compose import ComposeError
+    from engine.cli import completion
+    from engine.config.compose import ComposeError
 
     spec = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
     try:
@@ -693,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE.strip())
         return 0
     if argv[0] in ("--version", "-V"):
-        from . import __version__
+        from engine import __version__
 
         print(f"edgepipe {__version__}")
         return 0
@@ -704,14 +707,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE.strip())  # the other verbs have argparse's own --help
         return 0
     if verb not in VERBS:
-        from .errors import did_you_mean
+        from engine.errors import did_you_mean
 
         print(f"edgepipe: unknown command '{verb}'{did_you_mean(verb, list(VERBS))}\n\n{USAGE.strip()}", file=sys.stderr)
         return 2
-    from .compose import ComposeError
-    from .errors import ConfigError, PluginError, RemoteError
-    from .project import InitError
-    from .runs import RunFolderError
+    from engine.config.compose import ComposeError
+    from engine.errors import ConfigError, PluginError, RemoteError
+    from engine.cli.init_project import InitError
+    from engine.store.runs import RunFolderError
 
     try:
         return VERBS[verb](rest)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from .errors import ConfigError, did_you_mean
+from engine.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
-    from .config import StageSpec
+    from engine.config.validate import StageSpec
 
 
 class Graph:

@@ -27,14 +27,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import compose_cache
-from .cache import KeyRecipe, installed_versions
-from .hashing import scan_files
-from .registry import PLUGINS_ENV
+from engine.config import compose_cache
+from engine.store.cache import KeyRecipe, installed_versions
+from engine.contract.hashing import scan_files
+from engine.config.registry import PLUGINS_ENV
 
 if TYPE_CHECKING:
-    from .compose import Job
-    from .runner import Pipeline
+    from engine.config.compose import Job
+    from engine.run.pipeline import Pipeline
 
 FORMAT = 3  # 2: what config_key reads; 3: tool versions
 _OWN_PACKAGES = ("engine", "stages", "boards")  # the code validation runs
@@ -134,7 +134,7 @@ def _entry(job: Job) -> Path | None:
 def _code_digest() -> str:
     """Stats of every file of the packages whose code validates, and where Python finds the modules
     that register stage types (another $EDGEPIPE_PLUGINS or sys.path may name another class)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     found_by = json.dumps([os.environ.get(PLUGINS_ENV, ""), sys.path])
     stats = "".join(_code_stats(root / package) for package in _OWN_PACKAGES)
     return hashlib.sha256((found_by + stats).encode("utf-8", "surrogateescape")).hexdigest()[:24]

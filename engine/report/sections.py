@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import report_figures as figs
-from .report_summary import input_spec, mb, model_format, package_facts
-from .runs import RunRecord, StageRecord
+from engine.contract import figures as figs
+from engine.report.summary import input_spec, mb, model_format, package_facts
+from engine.store.runs import RunRecord, StageRecord
 
 SKIPPED_SHOWN = 100  # skipped.csv rows listed; the count says how many there are
 FEATURES = "features.npz"  # evaluate's penultimate-layer features of the PyTorch model: features, labels
@@ -133,7 +133,7 @@ def _with_packages(view: RunView, needs: dict[str, str], section: dict[str, Any]
 
 
 def _evaluate_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:
-    from .report_images import ImagePictures, tsne  # numpy
+    from engine.report.images import ImagePictures, tsne  # numpy
 
     report = read_json(folder / "metrics.json") or {}
     backends = report.get("backends") or {}

@@ -144,8 +144,8 @@ def previous_record(runs_root: Path, stage: str, prefer_name: str | None, limit:
 
 
 def write_report(record: RunRecord) -> None:
-    from . import report_html  # matplotlib and jinja2 load only when a report is written
-    from .markdown_text import code, escape  # values are text, never markup
+    from engine.report import page  # matplotlib and jinja2 load only when a report is written
+    from engine.contract.markdown import code, escape  # values are text, never markup
 
     lines = [f"# {escape(record.name)}", "", f"- folder: {code(record.run_dir)}", f"- status: **{escape(record.status)}**",
              f"- seconds: {record.seconds:.1f}"]
@@ -172,7 +172,7 @@ def write_report(record: RunRecord) -> None:
         lines += ["", "## Errors", ""] + [f"- **{escape(s.name)}**: {escape(s.error)}" for s in errors]
     lines += ["", "Stage outputs are linked under `stages/`; the exact config is in `.hydra/`.", ""]
     (Path(record.run_dir) / "report.md").write_text("\n".join(lines))
-    report_html.write_html(record)
+    page.write_html(record)
 
 
 def flat_metrics(metrics: Any, prefix: str = "") -> dict[str, Any]:

@@ -12,11 +12,11 @@ from typing import Any, Literal, Mapping
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import registry
-from .cache import KeyRecipe, key_recipe
-from .compose import check_run_name
-from .errors import ConfigError, config_key, did_you_mean
-from .stage import Stage
+from engine.config import registry
+from engine.store.cache import KeyRecipe, key_recipe
+from engine.config.compose import check_run_name
+from engine.errors import ConfigError, config_key, did_you_mean
+from engine.contract.stage import Stage
 
 
 class PipelineEntry(BaseModel):

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from . import report_figures as figs
-from .report_sections import FEATURES, TSNE_SEED, RunView
+from engine.contract import figures as figs
+from engine.report.sections import FEATURES, TSNE_SEED, RunView
 
 
 class ImagePictures:

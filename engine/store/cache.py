@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator, Mapping
 
-from . import locks
-from .hashing import ContentIndex, content_digest, list_files, matches, sha256_file, sha256_json, tree_digest
+from engine.contract import locks
+from engine.contract.hashing import ContentIndex, content_digest, list_files, matches, sha256_file, sha256_json, tree_digest
 
 if TYPE_CHECKING:  # pydantic and the stage contract load only where params are validated
     from pydantic import BaseModel
 
-    from .remote import Remote
-    from .stage import Stage
+    from engine.store.remote import Remote
+    from engine.contract.stage import Stage
 
 MANIFEST = "manifest.json"
 OUT = "out"  # the stage's output folder inside an entry; the manifest sits beside it
@@ -70,7 +70,7 @@ def key_params(params: BaseModel) -> tuple[dict, dict[str, Path], bool]:
     same data at another path, another user's checkout, gives the same key."""
     from pydantic import BaseModel
 
-    from .stage import FROM_FILES, HASH_CONTENT, NOT_IN_KEY
+    from engine.contract.stage import FROM_FILES, HASH_CONTENT, NOT_IN_KEY
 
     content: dict[str, Path] = {}
     from_files = False
@@ -213,7 +213,7 @@ class Cache:
     def _remote_lookup(self, stage_type: str, key: str, fetch: bool, volatile: tuple[str, ...]) -> Hit | None:
         """A remote entry checked (manifest, signature, digest, then every file) and published here;
         None when there is none or it is refused (warned by the remote). No temp folder outlives it."""
-        from .remote import RemoteError
+        from engine.store.remote import RemoteError
 
         assert self.remote is not None
         try:

@@ -21,7 +21,7 @@ def main(spec: str, verbs: list[str], value_flags: set[str]) -> int:
     action, _, shell = spec.partition("=")
     if action not in ACTIONS or not shell:
         raise ValueError(f"-sc/--shell-completion {spec!r}: use install=SHELL, uninstall=SHELL or query=SHELL")
-    from . import compose
+    from engine.config import compose
 
     with compose._hydra(compose.user_config_dir(None)):
         plugin = _plugin(shell)

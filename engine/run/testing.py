@@ -12,12 +12,12 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import registry
-from .stage import Context, Stage
+from engine.config import registry
+from engine.contract.stage import Context, Stage
 
 
 def validate_params(stage: str | type[Stage], params: Mapping[str, Any]):
-    from .errors import ConfigError
+    from engine.errors import ConfigError
 
     cls = registry.get(stage) if isinstance(stage, str) else stage
     p = cls.Params.model_validate(dict(params))

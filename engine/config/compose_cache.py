@@ -37,14 +37,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from .hashing import scan_files
+from engine.contract.hashing import scan_files
 
 FORMAT = 2  # 2: .hydra/ texts kept
 ENV = "EDGEPIPE_COMPOSE_CACHE"
 KEEP = 200  # entries; the oldest go first
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # .hydra/ texts an entry keeps
 _ENV_NAME = re.compile(r"\$\{(?:oc\.)?env:\s*([A-Za-z_][A-Za-z0-9_]*)")
-_CODE = ("compose.py", "compose_cache.py", "targets.py", "__init__.py")  # engine/ files whose code makes the Job
+_CODE = ("config/compose.py", "config/compose_cache.py", "config/targets.py", "__init__.py")  # engine/ files whose code makes the Job
 
 
 def folder() -> Path | None:
@@ -65,7 +65,7 @@ class Key:
     def __init__(self, overrides: list[str], folders: list[Path]) -> None:
         self.overrides, self.folders = list(overrides), folders
         self.files = [(str(f), _yaml_stats(f)) for f in folders]
-        here = Path(__file__).parent
+        here = Path(__file__).parents[1]  # engine/
         installed = {p for p in (sysconfig.get_paths().get("purelib"), sysconfig.get_paths().get("platlib")) if p}
         material = {"format": FORMAT, "overrides": self.overrides, "cwd": os.getcwd(), "files": self.files,
                     "config_name": os.environ.get("EDGEPIPE_CONFIG_NAME", ""),
@@ -102,7 +102,7 @@ def _env_names(folders: list[Path]) -> list[str]:
 
 def load(key: Key):
     """The Job composed earlier for this key, or None."""
-    from .compose import Job, _resolved_dir
+    from engine.config.compose import Job, _resolved_dir
 
     where = folder()
     if where is None:
@@ -133,7 +133,7 @@ def load(key: Key):
 
 def store(key: Key, job) -> bool:
     """Keep job for key; a config that cannot come back equal from JSON is not kept. True when kept."""
-    from .compose import hydra_dir_texts
+    from engine.config.compose import hydra_dir_texts
 
     where = folder()
     if where is None or OmegaConf.select(job.hydra_cfg, "searchpath"):

@@ -13,7 +13,7 @@ from typing import Iterable
 from rich.console import Console
 from rich.table import Table
 
-from .runs import RunRecord, StageRecord, flat_metrics
+from engine.store.runs import RunRecord, StageRecord, flat_metrics
 
 STATUS_STYLE = {"cached": "green", "ran": "cyan", "failed": "bold red", "skipped": "yellow",
                 "will run": "cyan", "pending": "dim",

@@ -15,15 +15,16 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import runs, scheduler
-from .cache import Cache, CorruptEntry, Hit, installed_versions, read_manifest, stage_key
-from .graph import Graph
-from .runs import RunRecord, StageRecord
+from engine.store import runs
+from engine.run import scheduler
+from engine.store.cache import Cache, CorruptEntry, Hit, installed_versions, read_manifest, stage_key
+from engine.config.dag import Graph
+from engine.store.runs import RunRecord, StageRecord
 
 if TYPE_CHECKING:  # pydantic, and through it the stage contract, load only when a config is validated
-    from .config import StageSpec
-    from .plan_memo import Remembered
-    from .stage import Stage
+    from engine.config.validate import StageSpec
+    from engine.run.plan_memo import Remembered
+    from engine.contract.stage import Stage
 
 log = logging.getLogger("edgepipe")
 
@@ -62,7 +63,7 @@ class Pipeline:
         self.runs_root = Path(runs_root)
         self.remembered = remembered is not None
         if remembered is None:
-            from .config import validate
+            from engine.config.validate import validate
 
             self.spec, self.stages = validate(cfg)
         else:
@@ -79,7 +80,7 @@ class Pipeline:
         everything validation reads)."""
         with self._validate_lock:
             if self.remembered:
-                from .config import validate
+                from engine.config.validate import validate
 
                 self.spec, self.stages = validate(self.cfg)
                 self.graph = Graph(self.stages)
@@ -124,7 +125,7 @@ class Pipeline:
 
     def why(self, st: StageSpec, material: Mapping, run_name: str | None) -> str:
         """Which parameter or input changed since this stage last completed."""
-        from .errors import config_key
+        from engine.errors import config_key
 
         prev = runs.previous_record(self.runs_root, st.name, run_name)
         if prev is None or not prev.path:
@@ -261,7 +262,7 @@ class Pipeline:
                 metrics, libraries = (call or _call_in_process)(st.cls, st.name, st.params, inputs, tmp, context,
                                                                 display)
             except BaseException as e:  # noqa: BLE001 - every failure is recorded, none leaves an entry
-                from .stage import Refusal, StageError
+                from engine.contract.stage import Refusal, StageError
 
                 # What the failed stage wrote (its logs above all) moves to the run folder, never
                 # into the cache; messages that name a file in it are pointed at the new place.
@@ -328,7 +329,7 @@ def _remote(cfg: DictConfig, checked: bool):
     without a remote loads nothing of engine/remote.py (fsspec, pydantic)."""
     if checked and not OmegaConf.select(cfg, "cache.remote", default=None, throw_on_missing=False):
         return None
-    from . import remote
+    from engine.store import remote
 
     return remote.from_config(cfg)
 
@@ -336,7 +337,7 @@ def _remote(cfg: DictConfig, checked: bool):
 def _call_in_process(cls: type[Stage], stage_name: str, params: Any, inputs: Mapping[str, Path], out: Path,
                      context: Mapping[str, Any], display: Any) -> tuple[dict, dict[str, str]]:
     """--jobs 1: the stage runs in this process. Returns (metrics, library versions)."""
-    from .stage import Context
+    from engine.contract.stage import Context
 
     ctx = Context(stage=stage_name, out=out, log=logging.getLogger(f"edgepipe.stage.{stage_name}"), **context,
                   _progress=lambda c, t, d, i: display.update(stage_name, c, t, d, important=i))

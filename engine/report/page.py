@@ -14,10 +14,10 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from . import report_figures as figs
-from .report_sections import READERS, RunView, fmt, stage_dir
-from .report_summary import CHANGES_SHOWN, config_changes, mb, model_facts, model_format
-from .runs import RunRecord, StageRecord
+from engine.contract import figures as figs
+from engine.report.sections import READERS, RunView, fmt, stage_dir
+from engine.report.summary import CHANGES_SHOWN, config_changes, mb, model_facts, model_format
+from engine.store.runs import RunRecord, StageRecord
 
 REPORT_HTML = "report.html"
 CHANGES_VERSION = 1  # bump when config_changes reports differently: memoised by it
@@ -39,7 +39,7 @@ def _template():
     FileSystemBytecodeCache would unpickle whatever file it found there."""
     import jinja2
 
-    from . import compose_cache
+    from engine.config import compose_cache
 
     settings = {"autoescape": True, "trim_blocks": True, "lstrip_blocks": True}
     where = compose_cache.folder()
@@ -57,7 +57,7 @@ def _sealed_bytecode_cache(folder: Path):
     (planted, edited) is a miss and the template is compiled again; nothing else is loaded."""
     import jinja2
 
-    from . import compose_cache
+    from engine.config import compose_cache
 
     class SealedBytecodeCache(jinja2.BytecodeCache):
         def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:

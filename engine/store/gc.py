@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import runs
-from .cache import Cache, entry_of, entry_size
+from engine.store import runs
+from engine.store.cache import Cache, entry_of, entry_size
 
 
 def referenced_entries(runs_root: Path) -> set[str]:

@@ -86,10 +86,10 @@ class Context:
     # A folder of this stage type's own reusable intermediates, shared by every run of the cache
     # (runs/cache/.scratch/<type>; the dataset stage keeps decoded images there). Not an output: what
     # a stage reads from it must be keyed by everything that made it, and written atomically.
-    # None (engine.testing.run_stage unless given one): keep nothing.
+    # None (engine.run.testing.run_stage unless given one): keep nothing.
     scratch: Path | None = None
     # Where each input came from, by input name: {"type", "stage", "key", "digest"} of the upstream
-    # output (what a package records as its sources). Empty under engine.testing.run_stage unless given.
+    # output (what a package records as its sources). Empty under engine.run.testing.run_stage unless given.
     sources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def progress(

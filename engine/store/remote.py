@@ -35,9 +35,9 @@ from urllib.parse import urlsplit
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from .cache import MANIFEST, OUT, Cache, CorruptEntry, entry_of, output_digest, stage_key
-from .errors import RemoteError
-from .hashing import canonical_json
+from engine.store.cache import MANIFEST, OUT, Cache, CorruptEntry, entry_of, output_digest, stage_key
+from engine.errors import RemoteError
+from engine.contract.hashing import canonical_json
 
 log = logging.getLogger("edgepipe")
 
@@ -72,7 +72,7 @@ class CacheSettings(BaseModel):
 
 def from_config(cfg: DictConfig) -> "Remote | None":
     """The remote named by `cache.remote`, or None. A bad section is a ConfigError naming the key."""
-    from .errors import ConfigError
+    from engine.errors import ConfigError
 
     section = OmegaConf.select(cfg, "cache", default=None, throw_on_missing=False)
     if section is None:
@@ -118,7 +118,7 @@ class Remote:
         import fsspec
         from fsspec.core import split_protocol
 
-        from .errors import ConfigError
+        from engine.errors import ConfigError
 
         self.url, self.options = url.rstrip("/"), dict(options or {})
         protocol = split_protocol(self.url)[0] or "file"
@@ -351,7 +351,7 @@ def pull(pipeline: Any) -> int:
     needs its inputs' digests). Returns the exit status."""
     cache = pipeline.cache
     if cache.remote is None:
-        from .errors import ConfigError
+        from engine.errors import ConfigError
 
         raise ConfigError(["cache.remote: not set; name the shared cache (cache.remote=s3://bucket/prefix)"])
     cache.check_remote()

@@ -141,7 +141,7 @@ def _default_config(config_sources: list[dict[str, Any]]) -> dict:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from .compose import CONFIG_NAME, USER_PROVIDER, _hydra
+    from engine.config.compose import CONFIG_NAME, USER_PROVIDER, _hydra
 
     user = next((Path(s["folder"]) for s in config_sources if s.get("provider") == USER_PROVIDER), None)
     gh = GlobalHydra.instance()

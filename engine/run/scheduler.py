@@ -207,7 +207,7 @@ class StageProcesses:
              context: Mapping[str, Any], display: Any = None) -> tuple[dict, dict[str, str]]:
         """The stage's (metrics, library versions), computed in a worker process. Exceptions of the
         stage come back as they are; a worker that dies becomes a StageError naming how it ended."""
-        from .stage import StageError
+        from engine.contract.stage import StageError
 
         worker = self._take()
         try:
@@ -302,8 +302,8 @@ def _raise_interrupt(*_: Any) -> None:
 
 def _worker_run(stage_cls: type, stage_name: str, params: Any, inputs: dict, out: Any,
                 context: dict) -> tuple[dict, dict[str, str]]:
-    from .runner import _library_versions
-    from .stage import Context
+    from engine.run.pipeline import _library_versions
+    from engine.contract.stage import Context
 
     def progress(c, t, d, i):
         _queue.put(("progress", stage_name, c, t, d, i))
