@@ -292,14 +292,14 @@ class BoardProfile(BaseModel):
         est = self.estimates(g)
         out: list[Finding] = []
         if self.flash_mb:
-            out += _limit("flash", est["model_mb"], self.flash_mb,
+            out += limit_findings("flash", est["model_mb"], self.flash_mb,
                           f"model weights {fmt_mb(est['model_mb'])} ({g.n_params:,} parameters at "
                           f"{self.weight_bytes:g} byte each)", f"the flash budget of {self.title}",
                           "use a smaller model (model=mobilenet_v3_small, model.width_mult) or raise board.flash_mb "
                           "if your board has more storage")
         if self.ram_mb:
             budget = self.ram_mb * self.ram_usable_fraction
-            out += _limit("ram", est["working_mb"], budget,
+            out += limit_findings("ram", est["working_mb"], budget,
                           f"working memory estimate {fmt_mb(est['working_mb'])} (weights {fmt_mb(est['model_mb'])} + "
                           f"peak activations {fmt_mb(est['activations_mb'])})",
                           f"the budget of {self.ram_usable_fraction:.0%} of {self.title}'s {self.ram_mb:g} MB RAM",
@@ -320,7 +320,7 @@ class BoardProfile(BaseModel):
         out: list[Finding] = []
         if self.flash_mb:
             mb = model_file.stat().st_size / MB
-            out += _limit("flash", mb, self.flash_mb, f"{model_file.name} is {fmt_mb(mb)}",
+            out += limit_findings("flash", mb, self.flash_mb, f"{model_file.name} is {fmt_mb(mb)}",
                           f"the flash budget of {self.title}", "use a smaller model or raise board.flash_mb")
         return out
 
@@ -342,7 +342,7 @@ def fmt_mb(mb: float) -> str:
     return f"{mb:.1f} MB" if mb >= 0.1 else f"{mb * 1024:.1f} KB"
 
 
-def _limit(check: str, value: float, limit: float, what: str, budget: str, fix: str) -> list[Finding]:
+def limit_findings(check: str, value: float, limit: float, what: str, budget: str, fix: str) -> list[Finding]:
     """An error above the limit, a warning above 80 % of it. ``budget`` names the limit."""
     if value > limit:
         return [Finding(level="error", check=check, message=f"{what} exceeds {budget} ({limit:g} MB); {fix}")]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
-from . import BoardProfile, Finding, PackageContext, _limit
+from . import BoardProfile, Finding, PackageContext, limit_findings
 from .emulation import Emulation
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -137,7 +137,7 @@ class LuckfoxBoard(RockchipBoard):
         weight = re.search(r"Total Weight Memory Size:\s*([\d.]+)\s*(KB|MB)", text)
         if internal and weight and self.ram_mb:
             mb = sum(float(m.group(1)) / (1024 if m.group(2) == "KB" else 1) for m in (internal, weight))
-            out += _limit("ram", mb, self.ram_mb * self.ram_usable_fraction,
+            out += limit_findings("ram", mb, self.ram_mb * self.ram_usable_fraction,
                           f"the RKNN runtime needs {mb:.1f} MB (weights + internal, from rknn.log)",
                           f"the budget of {self.ram_usable_fraction:.0%} of {self.title}'s {self.ram_mb:g} MB RAM",
                           "lower preprocess.input_size or use a smaller model")

@@ -454,7 +454,7 @@ def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]
     if p.devices > 1 and "LOCAL_RANK" not in os.environ:
         from stages.common.train_ranks import launch
 
-        return launch(p, inputs, out, ctx)  # this function again, once per rank
+        return launch(Train, p, inputs, out, ctx)  # this function again, once per rank
     rank, world = int(os.environ.get("RANK", 0)), p.devices
 
     det_before = torch.are_deterministic_algorithms_enabled()

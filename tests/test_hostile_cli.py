@@ -245,10 +245,10 @@ def test_runs_racing_for_one_folder_get_their_own(ws):
 
 
 def test_run_folder_creation_is_atomic_across_threads(ws):
-    from engine.cli.commands import _make_unique_dir
+    from engine.job.execute import make_run_dir
 
     target, made = ws.root / "runs" / "day" / "t_name", []
-    threads = [threading.Thread(target=lambda: made.append(_make_unique_dir(target))) for _ in range(16)]
+    threads = [threading.Thread(target=lambda: made.append(make_run_dir(target))) for _ in range(16)]
     for t in threads:
         t.start()
     for t in threads:

@@ -32,7 +32,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+from engine.errors import UsageError
+from engine.job.execute import (check_runs_root, checked_pipeline, execute_job, make_run_dir, print_cfg,
+                                runs_root_of, validated_pipeline)
 
 USAGE = __doc__
 
@@ -40,16 +44,10 @@ USAGE = __doc__
 _VALUE_FLAGS = {"--only", "--force", "--format", "--cfg", "--config-dir", "-cd", "--config-path", "-cp",
                 "--config-name", "-cn", "--jobs", "-j", "--max-memory"}
 _BOOL_FLAGS = {"--keep-going", "--no-cache", "--json", "-m", "--multirun", "--resolve", "--info"}
-# --cfg as in Hydra apps (`--cfg resolved` is the job config resolved, kept for older scripts)
-_CFG_PARTS = ("job", "hydra", "all", "resolved")
 
 
 # Set to show the traceback of an unexpected error (a bug) instead of one line.
 DEBUG_ENV = "EDGEPIPE_DEBUG"
-
-
-class UsageError(Exception):
-    pass
 
 
 def _split_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
@@ -107,100 +105,6 @@ def _parallel_options(opts: dict) -> dict:
     return {"jobs": int(jobs) if jobs else scheduler.default_jobs(), "max_memory_mb": budget}
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time (main() may run again with stderr redirected, as
-    in tests; a handler bound to the first stream would write to a closed one)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-def _setup_logging(run_dir: Path | None) -> None:
-    """edgepipe's warnings on stderr; everything (third-party INFO included) in the run's log file."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_edgepipe", False):
-            root.removeHandler(h)
-            h.close()
-    root.setLevel(logging.INFO)
-    logging.captureWarnings(True)
-    if run_dir is not None:
-        fh = logging.FileHandler(run_dir / "edgepipe.log")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        fh._edgepipe = True  # type: ignore[attr-defined]
-        root.addHandler(fh)
-    ep = logging.getLogger("edgepipe")
-    if not any(getattr(h, "_edgepipe_console", False) for h in ep.handlers):
-        sh = _StderrHandler()
-        sh.setLevel(logging.WARNING)
-        sh.setFormatter(logging.Formatter("edgepipe: %(levelname)s: %(message)s"))
-        sh._edgepipe_console = True  # type: ignore[attr-defined]
-        ep.addHandler(sh)
-
-
-def _runs_root(cfg) -> Path:
-    return Path(str(cfg.runs_root))
-
-
-def _check_runs_root(root: Path) -> None:
-    """A config error naming runs_root when it cannot hold run folders (checked without creating
-    anything: the nearest existing folder above it must be a writable directory)."""
-    from engine.errors import ConfigError
-
-    existing = root.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
-        return
-    why = "is not a folder" if not existing.is_dir() else "is not writable"
-    raise ConfigError([f"runs_root: {root} cannot be created or written ({existing} {why}); "
-                       f"set runs_root=DIR or EDGEPIPE_RUNS to a writable folder"])
-
-
-def _print_cfg(jobs, part: str, resolve: bool) -> None:
-    """What Hydra's --cfg prints: the job config, Hydra's own config (the `hydra` node without its
-    help texts), or both. --resolve resolves against the whole config (hydra.run.dir names
-    ${runs_root}); a value that only a sweep job has (hydra.job.num) stays as written."""
-    from omegaconf import OmegaConf
-
-    if part not in _CFG_PARTS:
-        raise UsageError(f"--cfg {part}: use one of {', '.join(_CFG_PARTS[:3])} (add --resolve to resolve interpolations)")
-    for job in jobs:
-        hydra = OmegaConf.masked_copy(job.hydra_cfg, [k for k in job.hydra_cfg if k not in ("help", "hydra_help")])
-        whole = OmegaConf.merge(OmegaConf.create({"hydra": hydra}), job.cfg)
-        if resolve or part == "resolved":
-            whole = OmegaConf.create(_resolved(whole))
-        shown = {"job": [k for k in whole if k != "hydra"], "resolved": [k for k in whole if k != "hydra"],
-                 "hydra": ["hydra"], "all": list(whole)}[part]
-        print(OmegaConf.to_yaml(OmegaConf.masked_copy(whole, shown)))
-
-
-def _resolved(node):
-    """A config as plain data with every interpolation that can be resolved resolved; one that cannot
-    (a value a sweep job alone has) is kept as written."""
-    from omegaconf import DictConfig, ListConfig
-    from omegaconf.errors import OmegaConfBaseException
-
-    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
-    out = {} if isinstance(node, DictConfig) else []
-    for key in keys:
-        try:
-            value = node[key]
-            value = _resolved(value) if isinstance(value, (DictConfig, ListConfig)) else value
-        except OmegaConfBaseException:
-            value = node._get_node(key)._value()
-        if isinstance(out, dict):
-            out[key] = value
-        else:
-            out.append(value)
-    return out
-
-
 def _compose_jobs(opts: dict, overrides: list[str]):
     from engine.config import compose
 
@@ -250,123 +154,15 @@ def cmd_run(argv: Sequence[str]) -> int:
         return sweep.multirun(opts, overrides, options)
     (job,) = _compose_jobs(opts, overrides)
     if opts.get("cfg"):
-        _print_cfg([job], opts["cfg"], bool(opts.get("resolve")))
+        print_cfg([job], opts["cfg"], bool(opts.get("resolve")))
         return 0
     pipeline = validated_pipeline(job, options)  # before anything is written to runs/
-    run_dir = _make_unique_dir(job.run_dir)
+    run_dir = make_run_dir(job.run_dir)
     from engine.config import compose
 
     compose.write_hydra_dir(run_dir, job)
     record = execute_job(job, pipeline, options, run_dir, title=str(job.cfg.name))
     return 1 if record.status != "ok" else 0
-
-
-def validated_pipeline(job, options, sweep: bool = False):
-    """The job's pipeline, validated (config, --only/--force names, runs_root, overrides) or a
-    ConfigError. A single run's is taken from plan_memo when the same config and code were validated
-    before (and remembered otherwise), and its overrides without effect are warned about; a sweep
-    warns once for all its jobs (sweep.multirun)."""
-    from engine.contract.fetching import fetching
-
-    with fetching():  # what the config names by name (pretrained weights) is fetched now, before any stage
-        pipeline = _checked_pipeline(job, remember=not sweep, warn=not sweep)
-    pipeline.graph.select(options.only)
-    pipeline._forced(options)
-    _check_runs_root(pipeline.runs_root)
-    pipeline.cache.check_remote()  # an unreachable cache.remote: one line, before anything is written
-    return pipeline
-
-
-def _checked_pipeline(job, remember: bool, warn: bool = True):
-    """Pipeline of the job with its overrides checked (and what they shadow warned about)."""
-    from engine.run import plan_memo
-    from engine.run.pipeline import Pipeline
-
-    remembered = plan_memo.load(job) if remember else None
-    if remembered is not None:
-        _check_run_name(job)  # validation, which checks it too, is skipped
-        pipeline, warnings = Pipeline(job.cfg, _runs_root(job.cfg), remembered), remembered.warnings
-    else:
-        pipeline = Pipeline(job.cfg, _runs_root(job.cfg))
-        _check_overrides(job, pipeline)
-        warnings = _shadowed(job.overrides, pipeline)
-        if remember:
-            plan_memo.store(job, pipeline, warnings)
-    _warn(warnings if warn else [])
-    return pipeline
-
-
-def _check_run_name(job) -> None:
-    """The run folder is named after `name`: checked on every path, a remembered plan's too."""
-    from engine.config.compose import check_run_name
-    from engine.errors import ConfigError
-
-    problems = check_run_name(job.cfg)
-    if problems:
-        raise ConfigError(problems)
-
-
-def _shadowed(overrides: list[str], pipeline) -> list[str]:
-    from engine.config.validate import shadowed_overrides
-
-    return shadowed_overrides(overrides, pipeline.stages)
-
-
-def _warn(notes: list[str]) -> None:
-    for note in notes:
-        print(f"edgepipe: warning: {note}", file=sys.stderr)
-
-
-def execute_job(job, pipeline, options, run_dir: Path, title: str, summary_table: bool = True):
-    """Run one validated job in its folder (its .hydra/ already written): run.json, runs/latest, the
-    progress display and the summary (a job in a parallel launcher's worker leaves its table to the
-    sweep's end). A single run and every sweep job (any launcher) come here."""
-    from engine import __version__
-    from engine.store import runs
-    from engine.report.display import Display, summary
-
-    _setup_logging(run_dir)
-    record = runs.RunRecord(name=str(job.cfg.name), run_dir=str(run_dir.resolve()),
-                            runs_root=str(pipeline.runs_root.resolve()), overrides=job.overrides,
-                            edgepipe_version=__version__, config_sources=job.sources, cwd=os.getcwd())
-    pipeline.runs_root.mkdir(parents=True, exist_ok=True)  # hydra.run.dir/sweep.dir may lie outside it
-    runs.point_latest(pipeline.runs_root, run_dir)
-    display = Display(title, pipeline.graph.select(options.only))
-    try:
-        pipeline.execute(record, options, display)
-    finally:
-        display.close()
-    if summary_table:
-        summary(record)
-    return record
-
-
-def _check_overrides(job, pipeline) -> None:
-    """An override that no stage of the pipeline validates is still checked (a bad value is an error)."""
-    from engine.config.validate import ConfigError, unvalidated_override_problems
-
-    problems = unvalidated_override_problems(job.cfg, job.overrides, pipeline.stages)
-    if problems:
-        raise ConfigError(problems)
-
-
-def _make_unique_dir(run_dir: Path, key: str = "hydra.run.dir") -> Path:
-    """Create the run folder, or `<name>-2`, `-3`, ... when another run started in the same second
-    took it: mkdir either creates a folder or fails, so two processes never share one."""
-    from engine.errors import ConfigError
-
-    n = 1
-    while True:
-        candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
-        try:
-            candidate.mkdir(parents=True)
-            return candidate
-        except FileExistsError:
-            if not candidate.is_dir():  # a file of that name: it is no run folder, never will be
-                raise ConfigError([f"{key}: {candidate} is a file; choose another folder"]) from None
-            n += 1
-        except OSError as e:
-            raise ConfigError([f"{key}: cannot create {candidate} ({e.strerror}); choose a writable folder"]) from None
 
 
 def cmd_plan(argv: Sequence[str]) -> int:
@@ -379,8 +175,8 @@ def cmd_plan(argv: Sequence[str]) -> int:
     options = Options(only=opts["only"], force=opts["force"], no_cache=bool(opts.get("no_cache")))
     out = []
     for job in _compose_jobs(opts, overrides):
-        pipeline = _checked_pipeline(job, remember=True)
-        _check_runs_root(pipeline.runs_root)  # plan records content digests in the cache's index
+        pipeline = checked_pipeline(job, remember=True)
+        check_runs_root(pipeline.runs_root)  # plan records content digests in the cache's index
         items = pipeline.plan(options, run_name=str(job.cfg.name))
         out.append({"overrides": job.overrides, "stages": [vars(i) for i in items]})
         if not opts.get("json"):
@@ -408,7 +204,7 @@ def cmd_dag(argv: Sequence[str]) -> int:
     if fmt not in ("mermaid", "dot", "png", "svg"):
         raise UsageError("--format takes mermaid, dot, png or svg")
     job = _compose_jobs(opts, overrides)[0]
-    graph = Pipeline(job.cfg, _runs_root(job.cfg)).graph
+    graph = Pipeline(job.cfg, runs_root_of(job.cfg)).graph
     text = graph.mermaid() if fmt == "mermaid" else graph.dot()
     if fmt in ("png", "svg"):
         from engine.report.dag_image import render_dot
@@ -515,6 +311,7 @@ def cmd_report(argv: Sequence[str]) -> int:
     import argparse
 
     from engine.report import page
+    from engine.report.run_report import write_report
     from engine.store import runs
 
     ap = argparse.ArgumentParser(prog="edgepipe report", description="rewrite report.md and report.html of a run "
@@ -525,7 +322,7 @@ def cmd_report(argv: Sequence[str]) -> int:
     run_dir = Path(runs.resolve_run(a.root, a.run)).resolve()
     record = runs.RunRecord.load(run_dir)
     record.run_dir = str(run_dir)  # where it is now (a moved or copied folder), not where it ran
-    runs.write_report(record)
+    write_report(record)
     print(run_dir / "report.md")
     print(run_dir / page.REPORT_HTML)
     return 0
@@ -603,6 +400,7 @@ def _saved_run_config(ref: str, root: Path, cache_overrides: list[str]):
 
 def cmd_push(argv: Sequence[str]) -> int:
     """Upload the cache entries a run used to cache.remote (the run's, or one given here)."""
+    from engine.cli import sync
     from engine.store import remote
     from engine.store.cache import Cache
 
@@ -615,12 +413,12 @@ def cmd_push(argv: Sequence[str]) -> int:
     if shared is None:
         raise UsageError(f"{record.run_dir}: its config sets no cache.remote; name one: edgepipe push "
                          f"{rest[0] if rest else 'latest'} cache.remote=s3://bucket/prefix")
-    return remote.push(record, Cache(Path(record.runs_root) / "cache"), shared)
+    return sync.push(record, Cache(Path(record.runs_root) / "cache"), shared)
 
 
 def cmd_pull(argv: Sequence[str]) -> int:
     """Fetch from cache.remote what a run's config, or the config these overrides compose, needs."""
-    from engine.store import remote
+    from engine.cli import sync
     from engine.run.pipeline import Pipeline
 
     opts, overrides = _split_args(argv)
@@ -630,10 +428,10 @@ def cmd_pull(argv: Sequence[str]) -> int:
         cfg, _ = _saved_run_config(rest[0], root, cache_overrides)
         pipelines = [Pipeline(cfg, root)]  # this machine's cache, wherever the run was made
     else:
-        pipelines = [Pipeline(job.cfg, _runs_root(job.cfg)) for job in _compose_jobs(opts, overrides)]
+        pipelines = [Pipeline(job.cfg, runs_root_of(job.cfg)) for job in _compose_jobs(opts, overrides)]
     for p in pipelines:
-        _check_runs_root(p.runs_root)
-    return max(remote.pull(p) for p in pipelines)
+        check_runs_root(p.runs_root)
+    return max(sync.pull(p) for p in pipelines)
 
 
 def cmd_init(argv: Sequence[str]) -> int:
@@ -651,31 +449,17 @@ def cmd_init(argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_selftest(argv: Sequence[str]) -> int:
-    import argparse
-    import tempfile
-
-    from boards import emulation
-
-    ap = argparse.ArgumentParser(prog="edgepipe selftest",
-                                 description="run a board package's golden self-test before copying it to the board")
-    ap.add_argument("package", type=Path, help="the package folder, its package.zip, or the package stage's output")
-    ap.add_argument("--emulate", action="store_true",
-                    help="on the board's instruction set (qemu-user and an ARM Debian userland, built once)")
-    a = ap.parse_args(argv)
-    if not a.package.exists():
-        raise UsageError(f"{a.package}: no such package folder or zip")
-    with tempfile.TemporaryDirectory(prefix="edgepipe-selftest-") as scratch:
-        try:
-            return emulation.selftest(a.package, a.emulate, Path(scratch))
-        except emulation.EmulationError as e:
-            print(f"edgepipe: {e}", file=sys.stderr)
-            return e.status
-
-
 VERBS = {"run": cmd_run, "plan": cmd_plan, "dag": cmd_dag, "runs": cmd_runs, "show": cmd_show,
          "report": cmd_report, "reproduce": cmd_reproduce, "compare": cmd_compare, "gc": cmd_gc, "init": cmd_init,
-         "push": cmd_push, "pull": cmd_pull, "selftest": cmd_selftest}
+         "push": cmd_push, "pull": cmd_pull}
+
+
+def plugin_commands() -> dict[str, Any]:
+    """Verbs that installed packages add through the `edgepipe.commands` entry points (boards/ adds
+    `selftest`): name -> entry point, loaded only when its verb is called."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group="edgepipe.commands") if ep.name not in VERBS}
 
 
 def _shell_completion(argv: list[str]) -> int:
@@ -684,7 +468,7 @@ def _shell_completion(argv: list[str]) -> int:
 
     spec = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
     try:
-        return completion.main(spec, list(VERBS), _VALUE_FLAGS)
+        return completion.main(spec, [*VERBS, *plugin_commands()], _VALUE_FLAGS)
     except (ValueError, ComposeError) as e:
         print(f"edgepipe: {e}", file=sys.stderr)
         return 2
@@ -707,9 +491,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE.strip())  # the other verbs have argparse's own --help
         return 0
     if verb not in VERBS:
+        plugins = plugin_commands()
+        if verb in plugins:
+            return plugins[verb].load()(rest)
         from engine.errors import did_you_mean
 
-        print(f"edgepipe: unknown command '{verb}'{did_you_mean(verb, list(VERBS))}\n\n{USAGE.strip()}", file=sys.stderr)
+        verbs = [*VERBS, *plugins]
+        print(f"edgepipe: unknown command '{verb}'{did_you_mean(verb, verbs)}\n\n{USAGE.strip()}", file=sys.stderr)
         return 2
     from engine.config.compose import ComposeError
     from engine.errors import ConfigError, PluginError, RemoteError

@@ -23,7 +23,7 @@ def main(spec: str, verbs: list[str], value_flags: set[str]) -> int:
         raise ValueError(f"-sc/--shell-completion {spec!r}: use install=SHELL, uninstall=SHELL or query=SHELL")
     from engine.config import compose
 
-    with compose._hydra(compose.user_config_dir(None)):
+    with compose.hydra_session(compose.user_config_dir(None)):
         plugin = _plugin(shell)
         if action != "query":
             getattr(plugin, action)()

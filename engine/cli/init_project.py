@@ -4,6 +4,8 @@ layered under the project's conf/ (engine/compose.py), so upgrading edgepipe nev
 
 from __future__ import annotations
 
+from engine.errors import InitError  # re-exported: raised here
+
 from pathlib import Path
 
 EXPERIMENT = """\
@@ -55,10 +57,6 @@ edgepipe reproduce runs/latest              # check that a run's results come ba
 
 FILES = {Path("conf/experiment/my_experiment.yaml"): EXPERIMENT, Path(".gitignore"): GITIGNORE,
          Path("README.md"): README}
-
-
-class InitError(ValueError):
-    """The folder cannot hold a project (it is a file)."""
 
 
 def init(folder: Path) -> list[str]:

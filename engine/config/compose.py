@@ -15,6 +15,8 @@ primary config too (the built-in groups stay available behind it).
 
 from __future__ import annotations
 
+from engine.errors import ComposeError  # re-exported: raised here
+
 import importlib.util
 import os
 import re
@@ -32,10 +34,6 @@ CONFIG_DIR_ENV = "EDGEPIPE_CONFIG_DIR"
 BUILTIN_PACKAGE = "edgepipe_conf"  # conf/, installed under this name (setup.py)
 BUILTIN_PROVIDER = "edgepipe"  # search-path provider names, as Hydra records them in hydra.runtime
 USER_PROVIDER = "project"
-
-
-class ComposeError(Exception):
-    pass
 
 
 OVERRIDE_SYNTAX = "https://hydra.cc/docs/advanced/override_grammar/basic/"
@@ -150,7 +148,7 @@ def search_path(user_dir: Path | None):
 
 
 @contextmanager
-def _hydra(user_dir: Path | None):
+def hydra_session(user_dir: Path | None):
     """Hydra initialised on edgepipe's search path (what initialize_config_dir does for one folder)."""
     from hydra import version
     from hydra._internal.hydra import Hydra
@@ -204,23 +202,30 @@ class Job:
 def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
     user_dir = user_config_dir(config_dir)
     key = compose_cache.Key(overrides, [d for d in (user_dir, builtin_config_dir()) if d is not None])
-    if (job := compose_cache.load(key)) is not None:  # the same files, overrides, env and versions
+    if (kept := compose_cache.load(key)) is not None:  # the same files, overrides, env and versions
+        full, struct, sources, files = kept
+        run_dir, sweep_dir = resolved_dir(full, "run"), resolved_dir(full, "sweep")
+        hydra_cfg = OmegaConf.create(OmegaConf.to_container(full.hydra, resolve=False))
+        with open_dict(full):
+            del full["hydra"]
+        OmegaConf.set_struct(full, struct)
+        job = Job(list(overrides), full, hydra_cfg, run_dir, sweep_dir, sources, key.digest, files)
         check_targets(_plain(job), overrides, user_dir)  # a remembered config is checked all the same
         return job  # without importing Hydra
     from hydra import compose as hydra_compose
     from hydra.core.hydra_config import HydraConfig
 
     parsed = parse_overrides(list(overrides))
-    with _hydra(user_dir), _composition_errors(parsed, user_dir):
+    with hydra_session(user_dir), composition_errors(parsed, user_dir):
         full = hydra_compose(config_name(), overrides=list(overrides), return_hydra_config=True)
     check_targets(OmegaConf.to_container(full, resolve=False), overrides, user_dir)
     HydraConfig.instance().set_config(full)  # makes ${hydra:...} resolvable
-    run_dir, sweep_dir = _resolved_dir(full, "run"), _resolved_dir(full, "sweep")
+    run_dir, sweep_dir = resolved_dir(full, "run"), resolved_dir(full, "sweep")
     hydra_cfg = OmegaConf.create(OmegaConf.to_container(full.hydra, resolve=False))
     with open_dict(full):
         del full["hydra"]
     job = Job(list(overrides), full, hydra_cfg, run_dir, sweep_dir, describe_sources(hydra_cfg))
-    if compose_cache.store(key, job):
+    if compose_cache.store(key, job, hydra_dir_texts(job)):
         job.digest = key.digest
     return job
 
@@ -290,7 +295,7 @@ def _sets(file: Path, package: str, path: list) -> bool:
 
 
 @contextmanager
-def _composition_errors(parsed: list, user_dir: Path | None):
+def composition_errors(parsed: list, user_dir: Path | None):
     """Hydra's and the YAML parser's exceptions as one-line ComposeErrors."""
     import yaml
     from hydra.errors import HydraException, MissingConfigException
@@ -324,7 +329,7 @@ def merged_configs(overrides: list[str], user_dir: Path | None, with_hydra: bool
     from hydra._internal.defaults_list import create_defaults_list
     from hydra.core.global_hydra import GlobalHydra
 
-    with _hydra(user_dir), _composition_errors(parse_overrides(list(overrides)), user_dir):
+    with hydra_session(user_dir), composition_errors(parse_overrides(list(overrides)), user_dir):
         loader = GlobalHydra.instance().config_loader()
         parsed, repo = loader._parse_overrides_and_create_caching_repo(config_name(), list(overrides))
         defaults = create_defaults_list(repo=repo, config_name=config_name(), overrides_list=parsed,
@@ -340,7 +345,7 @@ def merged_configs(overrides: list[str], user_dir: Path | None, with_hydra: bool
     return configs
 
 
-def _resolved_dir(full: DictConfig, which: str) -> Path:
+def resolved_dir(full: DictConfig, which: str) -> Path:
     """hydra.run.dir / hydra.sweep.dir with ${now:...} and ${runs_root} resolved."""
     from omegaconf.errors import OmegaConfBaseException
 

@@ -35,7 +35,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from engine.contract.hashing import scan_files
 
@@ -101,9 +101,8 @@ def _env_names(folders: list[Path]) -> list[str]:
 
 
 def load(key: Key):
-    """The Job composed earlier for this key, or None."""
-    from engine.config.compose import Job, _resolved_dir
-
+    """(full config with its hydra node, struct flag, sources, .hydra/ texts) composed earlier for this
+    key, or None. compose.compose makes the Job of it."""
     where = folder()
     if where is None:
         return None
@@ -123,18 +122,12 @@ def load(key: Key):
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     _register_resolvers(entry)
-    run_dir, sweep_dir = _resolved_dir(full, "run"), _resolved_dir(full, "sweep")
-    hydra_cfg = OmegaConf.create(entry["hydra"])
-    with open_dict(full):
-        del full["hydra"]
-    OmegaConf.set_struct(full, entry["struct"])
-    return Job(list(key.overrides), full, hydra_cfg, run_dir, sweep_dir, entry["sources"], key.digest, files)
+    return full, entry["struct"], entry["sources"], files
 
 
-def store(key: Key, job) -> bool:
-    """Keep job for key; a config that cannot come back equal from JSON is not kept. True when kept."""
-    from engine.config.compose import hydra_dir_texts
-
+def store(key: Key, job, hydra_files: dict[str, str]) -> bool:
+    """Keep job (with its .hydra/ texts) for key; a config that cannot come back equal from JSON is not
+    kept. True when kept."""
     where = folder()
     if where is None or OmegaConf.select(job.hydra_cfg, "searchpath"):
         return False
@@ -142,7 +135,7 @@ def store(key: Key, job) -> bool:
     hydra = OmegaConf.to_container(job.hydra_cfg, resolve=False)
     entry = {"format": FORMAT, "overrides": key.overrides, "cfg": cfg, "hydra": hydra,
              "struct": bool(OmegaConf.is_struct(job.cfg)), "sources": job.sources,
-             "hydra_files": hydra_dir_texts(job),
+             "hydra_files": hydra_files,
              "env": {name: os.environ.get(name) for name in _env_names(key.folders)}}
     try:
         text = json.dumps(entry, allow_nan=False)

@@ -7,6 +7,8 @@ import or instantiate arbitrary code.
 
 from __future__ import annotations
 
+from engine.errors import UnknownStageType  # re-exported: raised here
+
 import importlib
 import inspect
 import os
@@ -25,13 +27,6 @@ STAGE_GROUP = "edgepipe.stages"
 PLUGINS_ENV = "EDGEPIPE_PLUGINS"
 
 _registered: dict[str, type[Stage]] = {}
-
-
-class UnknownStageType(KeyError):
-    def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(name)
-        self.name = name
-        self.known = known
 
 
 def register(cls: type[Stage]) -> type[Stage]:

@@ -11,26 +11,14 @@ inside ``run`` so that planning and fully cached runs stay fast.
 
 from __future__ import annotations
 
+from engine.errors import StageError, Refusal  # re-exported: raised here
+
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict
-
-
-class StageError(Exception):
-    """A failure a stage explains itself: the message is shown to the user without a traceback.
-
-    Use it for bad input (name the file or the config key and what to do) and for third-party tool
-    failures (a short reason plus the path of the log that holds the details).
-    """
-
-
-class Refusal(StageError):
-    """A stage declining sound inputs by a rule the user set (package.enforce_targets: a model that
-    missed its evaluate targets is not packaged). The run fails, but stages that do not depend on the
-    refusing one still run (another package of the same run): their inputs are fine."""
 
 
 class Params(BaseModel):
@@ -156,3 +144,18 @@ class Stage:
     def run(self, params: Any, inputs: Mapping[str, Path], out: Path, ctx: Context) -> Mapping[str, Any] | None:
         """Compute the outputs into ``out`` (an empty folder). Return metrics (JSON-able) or None."""
         raise NotImplementedError
+
+
+def invoke(cls: type[Stage], params: Any, inputs: Mapping[str, Path], out: Path, stage: str | None = None,
+           progress: Callable[[float | None, float | None, str | None, bool], None] | None = None,
+           **context: Any) -> dict | None:
+    """The one way a stage runs: its Context built, its `run` called, its metrics returned (None when
+    it returns none). The pipeline (in process), the scheduler's workers, the DDP ranks and
+    engine.run.testing all come here, as Kedro's runners share one task. `stage`: its name in the
+    pipeline (default: its type's); `context`: Context's scratch and sources."""
+    name = stage or cls.name
+    if progress is not None:
+        context["_progress"] = progress
+    ctx = Context(stage=name, out=out, log=logging.getLogger(f"edgepipe.stage.{name}"), **context)
+    return cls().run(params, dict(inputs), out, ctx)
+

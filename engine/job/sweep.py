@@ -72,16 +72,16 @@ class Task:
     def _run(self, cfg: DictConfig, hc: DictConfig, run_dir: Path, num: int, overrides: list[str]) -> dict:
         from rich.markup import escape
 
-        from engine.cli import commands
+        from engine.job import execute
         from engine.config import compose
 
         hydra_cfg = OmegaConf.create(OmegaConf.to_container(hc, resolve=False))
         job = compose.Job(overrides, cfg, hydra_cfg, run_dir, Path(str(hc.sweep.dir)),
                           compose.describe_sources(hydra_cfg))
-        pipeline = commands.validated_pipeline(job, self.options, sweep=True)
+        pipeline = execute.validated_pipeline(job, self.options, sweep=True)
         compose.write_resolved(run_dir, cfg)  # Hydra wrote config/hydra/overrides.yaml already
         of = f"/{self.total}" if self.total else ""
-        record = commands.execute_job(job, pipeline, self.options, run_dir, summary_table=self.in_process,
+        record = execute.execute_job(job, pipeline, self.options, run_dir, summary_table=self.in_process,
                                  title=escape(f"{cfg.name} [job {num + 1}{of}: {' '.join(overrides)}]"))
         failed = [f"{s.name}: {s.error}" for s in record.stages.values() if s.error]
         return {"status": record.status, "headline": record.headline,
@@ -123,9 +123,9 @@ class _FirstLine(logging.Formatter):
 def _first_lines_on_the_console() -> None:
     """In a worker, edgepipe's warnings and errors reach the shared terminal as one line each (a
     failed stage's traceback stays in its run's edgepipe.log); the job's error closes the sweep."""
-    from engine.cli.commands import _setup_logging
+    from engine.job.execute import setup_logging
 
-    _setup_logging(None)  # edgepipe's console handler, which each job's _setup_logging keeps
+    setup_logging(None)  # edgepipe's console handler, which each job's setup_logging keeps
     for handler in logging.getLogger("edgepipe").handlers:
         if getattr(handler, "_edgepipe_console", False):
             handler.setFormatter(_FirstLine("edgepipe: %(levelname)s: %(message)s"))
@@ -165,16 +165,16 @@ def multirun(opts: dict, overrides: list[str], options) -> int:
         _check_search_space(parsed, base, sweeper)
         jobs = [base]
     if opts.get("cfg"):
-        from engine.cli.commands import _print_cfg
+        from engine.job.execute import print_cfg
 
-        _print_cfg(jobs, opts["cfg"], bool(opts.get("resolve")))
+        print_cfg(jobs, opts["cfg"], bool(opts.get("resolve")))
         return 0
-    from engine.cli.commands import _make_unique_dir, _shadowed, _warn, validated_pipeline
+    from engine.job.execute import make_run_dir, print_warnings, shadowed, validated_pipeline
 
     # Validate every job before anything is written to runs/ (an Optuna trial: the base config).
     pipelines = [validated_pipeline(job, options, sweep=True) for job in jobs]
-    _warn(_shadowed(list(overrides), pipelines[0]))  # a swept key too (an Optuna search of one)
-    sweep_dir = _make_unique_dir(base.sweep_dir, "hydra.sweep.dir")
+    print_warnings(shadowed(list(overrides), pipelines[0]))  # a swept key too (an Optuna search of one)
+    sweep_dir = make_run_dir(base.sweep_dir, "hydra.sweep.dir")
     hydra_overrides = _hydra_overrides(parsed, base, sweep_dir, pipelines[0], sweeper)
     total = len(jobs) if grid else _n_trials(base)
     at_once = _jobs_at_once(base.hydra_cfg, launcher, sweeper, len(jobs))
@@ -301,8 +301,8 @@ def _launch(overrides: list[str], cdir: Path | None, task: Task, sweeper: str) -
 
     user_dir = compose.user_config_dir(cdir)
     parsed = compose.parse_overrides(overrides)
-    with compose._hydra(user_dir):
-        with compose._composition_errors(parsed, user_dir):
+    with compose.hydra_session(user_dir):
+        with compose.composition_errors(parsed, user_dir):
             hydra = GlobalHydra.instance().hydra
             cfg = hydra.compose_config(compose.config_name(), overrides, run_mode=RunMode.MULTIRUN)
         # the sweep's own composition, before Callbacks and the plugins instantiate anything in it

@@ -9,6 +9,8 @@ calls when it ends. Reads run.json only; never imports torch.
 
 from __future__ import annotations
 
+from engine.errors import CompareError  # re-exported: raised here
+
 import csv
 import html
 import io
@@ -23,10 +25,6 @@ from engine.store.runs import RUN_JSON, RunRecord, flat_metrics, resolve_run
 DEFAULT_METRICS = ("seconds",)
 OUTPUTS = ("compare.csv", "compare.md", "compare.html")
 MISSING = "-"
-
-
-class CompareError(ValueError):
-    """Nothing to compare, or a metric that no job has; the message says what to pass instead."""
 
 
 @dataclass

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+from engine.errors import DotMissing  # re-exported: raised here
+
 import shutil
 import subprocess
 from pathlib import Path
 
 INSTALL_HINT = ("Graphviz's `dot` is not on PATH: install it (Debian/Ubuntu: apt-get install graphviz; "
                 "macOS: brew install graphviz), or use --format mermaid|dot for text")
-
-
-class DotMissing(FileNotFoundError):
-    """`dot` is not installed; the message says how to install it."""
 
 
 def render_dot(dot_text: str, fmt: str, output: Path) -> Path:

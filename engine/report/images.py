@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from engine.contract import figures as figs
-from engine.report.sections import FEATURES, TSNE_SEED, RunView
+from engine.report.run_view import FEATURES, TSNE_SEED, RunView
 
 
 class ImagePictures:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.contract import figures as figs
-from engine.report.sections import READERS, RunView, fmt, stage_dir
+from engine.report.run_view import RunView, stage_dir
+from engine.report.sections import READERS, fmt
 from engine.report.summary import CHANGES_SHOWN, config_changes, mb, model_facts, model_format
 from engine.store.runs import RunRecord, StageRecord
 

@@ -141,13 +141,13 @@ def _default_config(config_sources: list[dict[str, Any]]) -> dict:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from engine.config.compose import CONFIG_NAME, USER_PROVIDER, _hydra
+    from engine.config.compose import CONFIG_NAME, USER_PROVIDER, hydra_session
 
     user = next((Path(s["folder"]) for s in config_sources if s.get("provider") == USER_PROVIDER), None)
     gh = GlobalHydra.instance()
     saved = gh.hydra if gh.is_initialized() else None
     try:
-        with _hydra(user):
+        with hydra_session(user):
             cfg = hydra_compose(CONFIG_NAME, overrides=[])
     finally:
         if saved is not None:

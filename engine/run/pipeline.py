@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine.store import runs
 from engine.run import scheduler
-from engine.store.cache import Cache, CorruptEntry, Hit, installed_versions, read_manifest, stage_key
+from engine.store.cache import Cache, CorruptEntry, Hit, library_versions, read_manifest, stage_key
 from engine.config.dag import Graph
+from engine.report.run_report import write_report
 from engine.store.runs import RunRecord, StageRecord
 
 if TYPE_CHECKING:  # pydantic, and through it the stage contract, load only when a config is validated
@@ -27,12 +28,6 @@ if TYPE_CHECKING:  # pydantic, and through it the stage contract, load only when
     from engine.contract.stage import Stage
 
 log = logging.getLogger("edgepipe")
-
-# Distributions whose versions a manifest records when the stage imported them.
-_TRACKED = {"torch": "torch", "torchvision": "torchvision", "pytorch_lightning": "pytorch-lightning",
-            "onnx": "onnx", "onnxruntime": "onnxruntime", "ncnn": "ncnn", "pnnx": "pnnx",
-            "rknn": "rknn-toolkit2", "numpy": "numpy", "PIL": "pillow", "sklearn": "scikit-learn"}
-
 
 @dataclass
 class Options:
@@ -92,7 +87,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ plan (dry run)
     def plan(self, options: Options, run_name: str | None = None) -> list[PlanItem]:
-        forced = self._forced(options)
+        forced = self.forced(options)
         self.cache.check_remote()
         items: list[PlanItem] = []
         digests: dict[str, str | None] = {}
@@ -155,7 +150,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ execute
     def execute(self, record: RunRecord, options: Options, display: Any) -> RunRecord:
-        forced = self._forced(options)
+        forced = self.forced(options)
         self.cache.check_remote()
         order = self.graph.select(options.only)
         for name in order:
@@ -186,7 +181,7 @@ class Pipeline:
         record.finished = time.time()
         record.headline = self._headline(record)
         record.save()
-        runs.write_report(record)
+        write_report(record)
         return record
 
     def _skipped(self, name: str, record: RunRecord, failed: set[str], options: Options, display: Any) -> bool:
@@ -300,7 +295,7 @@ class Pipeline:
         display.finished(rec)
 
     # ------------------------------------------------------------------ helpers
-    def _forced(self, options: Options) -> set[str]:
+    def forced(self, options: Options) -> set[str]:
         if options.no_cache:
             return set(self.stages)
         self.graph.select(options.force, "--force")  # validates the names
@@ -337,16 +332,9 @@ def _remote(cfg: DictConfig, checked: bool):
 def _call_in_process(cls: type[Stage], stage_name: str, params: Any, inputs: Mapping[str, Path], out: Path,
                      context: Mapping[str, Any], display: Any) -> tuple[dict, dict[str, str]]:
     """--jobs 1: the stage runs in this process. Returns (metrics, library versions)."""
-    from engine.contract.stage import Context
+    from engine.contract.stage import invoke
 
-    ctx = Context(stage=stage_name, out=out, log=logging.getLogger(f"edgepipe.stage.{stage_name}"), **context,
-                  _progress=lambda c, t, d, i: display.update(stage_name, c, t, d, important=i))
-    metrics = cls().run(params, inputs, out, ctx) or {}
-    return metrics, _library_versions()
-
-
-def _library_versions() -> dict[str, str]:
-    """The versions of the tracked libraries the stage imported (for its manifest)."""
-    used = installed_versions(dist for module, dist in _TRACKED.items() if module in sys.modules)
-    return {"python": platform.python_version(), **{d: v for d, v in used.items() if v != "not installed"}}
+    metrics = invoke(cls, params, inputs, out, stage=stage_name, **context,
+                     progress=lambda c, t, d, i: display.update(stage_name, c, t, d, important=i)) or {}
+    return metrics, library_versions()
 

@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.config import compose_cache
 from engine.store.cache import KeyRecipe, installed_versions
@@ -34,7 +34,6 @@ from engine.config.registry import PLUGINS_ENV
 
 if TYPE_CHECKING:
     from engine.config.compose import Job
-    from engine.run.pipeline import Pipeline
 
 FORMAT = 3  # 2: what config_key reads; 3: tool versions
 _OWN_PACKAGES = ("engine", "stages", "boards")  # the code validation runs
@@ -96,7 +95,7 @@ def load(job: Job) -> Remembered | None:
         return None
 
 
-def store(job: Job, pipeline: Pipeline, warnings: list[str]) -> None:
+def store(job: Job, pipeline: Any, warnings: list[str]) -> None:  # an engine.run.pipeline.Pipeline
     """Remember the validated pipeline of job, when it can be (see the module's docstring)."""
     path = _entry(job)
     specs = pipeline.stages

@@ -302,23 +302,21 @@ def _raise_interrupt(*_: Any) -> None:
 
 def _worker_run(stage_cls: type, stage_name: str, params: Any, inputs: dict, out: Any,
                 context: dict) -> tuple[dict, dict[str, str]]:
-    from engine.run.pipeline import _library_versions
-    from engine.contract.stage import Context
+    from engine.contract.stage import invoke
+    from engine.store.cache import library_versions
 
     def progress(c, t, d, i):
         _queue.put(("progress", stage_name, c, t, d, i))
 
-    ctx = Context(stage=stage_name, out=out, log=logging.getLogger(f"edgepipe.stage.{stage_name}"), **context,
-                  _progress=progress)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # stop_workers: unwind like Ctrl-C at --jobs 1
     peak = _PeakRss()
     try:
-        metrics = stage_cls().run(params, inputs, out, ctx) or {}
+        metrics = invoke(stage_cls, params, inputs, out, stage=stage_name, progress=progress, **context) or {}
         # What the stage really held, beside its declaration, in the run's edgepipe.log (for tuning
         # Stage.peak_memory_mb and --max-memory).
         log.info("stage %s: worker peak RSS %.0f MB (declared %.0f MB)", stage_name, peak.stop() / 2**20,
                  stage_cls.peak_memory(params))
-        return dict(metrics), _library_versions()
+        return dict(metrics), library_versions()
     finally:
         peak.stop()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from engine.config import registry
-from engine.contract.stage import Context, Stage
+from engine.contract.stage import Stage, invoke
 
 
 def validate_params(stage: str | type[Stage], params: Mapping[str, Any]):
@@ -41,6 +41,4 @@ def run_stage(
         raise ValueError("out= is required")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=False)
-    ctx = Context(stage=cls.name, out=out, log=logging.getLogger(f"edgepipe.stage.{cls.name}"), scratch=scratch,
-                  sources=sources or {})
-    return cls().run(p, {k: Path(v) for k, v in (inputs or {}).items()}, out, ctx)
+    return invoke(cls, p, {k: Path(v) for k, v in (inputs or {}).items()}, out, scratch=scratch, sources=sources or {})

@@ -10,6 +10,8 @@ published the same way.
 
 from __future__ import annotations
 
+from engine.errors import CorruptEntry  # re-exported: raised here
+
 import json
 import logging
 import os
@@ -26,7 +28,6 @@ from engine.contract.hashing import ContentIndex, content_digest, list_files, ma
 if TYPE_CHECKING:  # pydantic and the stage contract load only where params are validated
     from pydantic import BaseModel
 
-    from engine.store.remote import Remote
     from engine.contract.stage import Stage
 
 MANIFEST = "manifest.json"
@@ -127,6 +128,22 @@ def installed_versions(dists: Iterable[str], known: dict[str, str] | None = None
     return {dist: known[dist] for dist in dists}
 
 
+# Distributions whose versions a manifest records when the stage imported them.
+TRACKED = {"torch": "torch", "torchvision": "torchvision", "pytorch_lightning": "pytorch-lightning",
+            "onnx": "onnx", "onnxruntime": "onnxruntime", "ncnn": "ncnn", "pnnx": "pnnx",
+            "rknn": "rknn-toolkit2", "numpy": "numpy", "PIL": "pillow", "sklearn": "scikit-learn"}
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the tracked libraries a stage imported (for its manifest): called in the
+    process that ran it."""
+    import platform
+    import sys
+
+    used = installed_versions(dist for module, dist in TRACKED.items() if module in sys.modules)
+    return {"python": platform.python_version(), **{d: v for d, v in used.items() if v != "not installed"}}
+
+
 def stage_key(recipe: KeyRecipe, input_digests: Mapping[str, str], cache: Cache) -> tuple[str, dict]:
     """Key = hash(type, version, params, input digests, content digests, tool versions). Returns
     (key, material). Nothing in it names a path on this machine. Content digests and tool versions
@@ -170,12 +187,8 @@ class Hit:
         return self.manifest["digest"]
 
 
-class CorruptEntry(Exception):
-    """A cache entry whose files no longer match its manifest."""
-
-
 class Cache:
-    def __init__(self, root: Path, remote: "Remote | None" = None) -> None:
+    def __init__(self, root: Path, remote: Any = None) -> None:  # an engine.store.remote.Remote
         # Absolute, so stages get absolute input and output paths whatever folder they work in.
         self.root = Path(root).resolve()
         # content.json was the index before sqlite: ContentIndex keeps content.sqlite beside that name
@@ -213,7 +226,7 @@ class Cache:
     def _remote_lookup(self, stage_type: str, key: str, fetch: bool, volatile: tuple[str, ...]) -> Hit | None:
         """A remote entry checked (manifest, signature, digest, then every file) and published here;
         None when there is none or it is refused (warned by the remote). No temp folder outlives it."""
-        from engine.store.remote import RemoteError
+        from engine.errors import RemoteError
 
         assert self.remote is not None
         try:

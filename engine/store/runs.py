@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from engine.errors import RunFolderError  # re-exported: raised here
+
 import json
 import os
 import time
@@ -10,10 +12,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 RUN_JSON = "run.json"
-
-
-class RunFolderError(ValueError):
-    """A run folder whose run.json or .hydra/ files cannot be read; the message names the file."""
 
 
 @dataclass
@@ -143,38 +141,6 @@ def previous_record(runs_root: Path, stage: str, prefer_name: str | None, limit:
     return fallback
 
 
-def write_report(record: RunRecord) -> None:
-    from engine.report import page  # matplotlib and jinja2 load only when a report is written
-    from engine.contract.markdown import code, escape  # values are text, never markup
-
-    lines = [f"# {escape(record.name)}", "", f"- folder: {code(record.run_dir)}", f"- status: **{escape(record.status)}**",
-             f"- seconds: {record.seconds:.1f}"]
-    if record.overrides:
-        lines.append(f"- overrides: {code(' '.join(record.overrides))}")
-    if record.headline:
-        lines.append(f"- headline: {escape(record.headline['key'])} = {escape(record.headline['value'])}")
-    if record.edgepipe_version:
-        lines.append(f"- edgepipe {escape(record.edgepipe_version)}, configs from: "
-                     + ", ".join(code(s['folder']) for s in record.config_sources))
-    lines += ["", "| stage | type | status | seconds | key | metrics |", "|---|---|---|---|---|---|"]
-    for s in record.stages.values():
-        metrics = ", ".join(f"{k}={_short(v)}" for k, v in flat_metrics(s.metrics).items())
-        lines.append(f"| {escape(s.name)} | {escape(s.type)} | {escape(s.status)} | {s.seconds:.1f} | "
-                     f"{code(s.key or '')} | {escape(metrics)} |")
-    missed = [(s.name, backend, text) for s in record.stages.values()
-              if isinstance((s.metrics or {}).get("missed"), dict)
-              for backend, text in s.metrics["missed"].items()]  # evaluate's misses, shipped or not
-    if missed:
-        lines += ["", "## Targets missed", ""] + [f"- {escape(st)}: **{escape(b)}** {escape(text)}"
-                                                  for st, b, text in missed]
-    errors = [s for s in record.stages.values() if s.error]
-    if errors:
-        lines += ["", "## Errors", ""] + [f"- **{escape(s.name)}**: {escape(s.error)}" for s in errors]
-    lines += ["", "Stage outputs are linked under `stages/`; the exact config is in `.hydra/`.", ""]
-    (Path(record.run_dir) / "report.md").write_text("\n".join(lines))
-    page.write_html(record)
-
-
 def flat_metrics(metrics: Any, prefix: str = "") -> dict[str, Any]:
     """{'top1': {'onnx': 0.9}} -> {'top1.onnx': 0.9}; lists are left out (too long for a table)."""
     out: dict[str, Any] = {}
@@ -184,7 +150,3 @@ def flat_metrics(metrics: Any, prefix: str = "") -> dict[str, Any]:
     elif isinstance(metrics, (int, float, str, bool)) or metrics is None:
         out[prefix[:-1]] = metrics
     return out
-
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)

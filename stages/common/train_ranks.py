@@ -17,8 +17,8 @@ outnumber the cores slow every rank down many times over).
 
 from __future__ import annotations
 
+import importlib
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -26,11 +26,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from engine.contract.stage import Context, StageError
+from engine.contract.stage import Context, Stage, StageError, invoke
 
 
-def launch(p, inputs, out: Path, ctx: Context) -> dict[str, Any]:
-    """Run ``p.devices`` ranks of the train stage and return rank 0's headline."""
+def launch(stage: type[Stage], p, inputs, out: Path, ctx: Context) -> dict[str, Any]:
+    """Run ``p.devices`` ranks of the stage (the train stage's class) and return rank 0's headline."""
     log = out / "logs" / "ranks.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     ctx.note(f"training on {p.devices} devices (DDP, one process each); their output: logs/ranks.log")
@@ -41,6 +41,7 @@ def launch(p, inputs, out: Path, ctx: Context) -> dict[str, Any]:
             "inputs": {k: str(v) for k, v in inputs.items()},
             "out": str(out),
             "stage": ctx.stage,
+            "stage_class": f"{stage.__module__}:{stage.__qualname__}",  # named, not imported: no loop
             "result": str(Path(tmp) / "result.json"),
             "error": str(Path(tmp) / "error.json"),
         }), encoding="utf-8")
@@ -67,16 +68,15 @@ def _rank_env(devices: int) -> dict[str, str]:
 
 
 def main(job_path: str) -> int:
-    """One rank: the train stage's run, as in a one-process run."""
-    from stages.train import Train
-
+    """One rank: the stage's run, as in a one-process run."""
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    module, _, name = job["stage_class"].partition(":")
+    stage = getattr(importlib.import_module(module), name)
     rank = int(os.environ.get("RANK", 0))
-    out = Path(job["out"])
-    ctx = Context(stage=job["stage"], out=out, log=logging.getLogger(f"edgepipe.stage.{job['stage']}"))
     try:
-        params = Train.Params.model_validate(job["params"])
-        headline = Train().run(params, {k: Path(v) for k, v in job["inputs"].items()}, out, ctx)
+        params = stage.Params.model_validate(job["params"])
+        headline = invoke(stage, params, {k: Path(v) for k, v in job["inputs"].items()}, Path(job["out"]),
+                          stage=job["stage"])
     except StageError as e:
         Path(job["error"]).write_text(json.dumps({"message": f"rank {rank}: {e}"}), encoding="utf-8")
         return 1
