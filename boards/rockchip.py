@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
-from . import BoardProfile, Finding, PackageContext, _limit
+from . import BoardProfile, Finding, ModelFormat, PackageContext, _limit
 from .emulation import Emulation
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,7 +57,7 @@ LUCKFOX_CPU_FALLBACK = {
 
 
 class RockchipBoard(BoardProfile):
-    model_format: str = "rknn"
+    model_format: ModelFormat = "rknn"
     input_layout: str = "NHWC uint8 RGB (the model normalises: mean_values/std_values inside the .rknn)"
     quantizer: str | None = TOOLKIT
     weight_bytes: float = 1.0  # int8
