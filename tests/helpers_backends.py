@@ -15,30 +15,37 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_backend_plugin(root: Path, module: str, source: str, **entries: str) -> Path:
-    """``root/<module>.py`` and ``root/<module>-0.dist-info`` registering ``entries`` (kind -> "module:Class")."""
+def write_backend_plugin(root: Path, module: str, source: str, boards: dict[str, str] | None = None,
+                         **entries: str) -> Path:
+    """``root/<module>.py`` and ``root/<module>-0.dist-info`` registering ``entries`` (kind -> "module:Class")
+    as backends and ``boards`` (name -> "module:attr") as boards."""
     root.mkdir(parents=True, exist_ok=True)
     (root / f"{module}.py").write_text(source, encoding="utf-8")
     info = root / f"{module}-0.dist-info"
     info.mkdir(exist_ok=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0\n", encoding="utf-8")
     lines = "".join(f"{kind} = {target}\n" for kind, target in entries.items())
-    (info / "entry_points.txt").write_text(f"[edgepipe.backends]\n{lines}", encoding="utf-8")
+    board_lines = "".join(f"{name} = {target}\n" for name, target in (boards or {}).items())
+    (info / "entry_points.txt").write_text(f"[edgepipe.backends]\n{lines}"
+                                           + (f"[edgepipe.boards]\n{board_lines}" if board_lines else ""),
+                                           encoding="utf-8")
     return root
 
 
 def clear_backend_caches() -> None:
-    """Both entry-point readers (stages/boards' and the report's) read the group again."""
+    """The entry-point readers (backends' for stages and boards, the report's, the boards') read again."""
+    import boards
     from backends.base import registered
     from engine.config.registry import backend_classes
 
     registered.cache_clear()
     backend_classes.cache_clear()
+    boards._entry_points.cache_clear()
 
 
 @contextmanager
-def backend_plugin(root: Path, module: str, source: str, **entries: str):
-    write_backend_plugin(root, module, source, **entries)
+def backend_plugin(root: Path, module: str, source: str, boards: dict[str, str] | None = None, **entries: str):
+    write_backend_plugin(root, module, source, boards, **entries)
     sys.path.insert(0, str(root))
     importlib.invalidate_caches()
     clear_backend_caches()

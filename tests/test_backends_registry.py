@@ -5,6 +5,7 @@ imports no runtime."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from backends.base import BACKEND_GROUP, Backend, by_kind, packaged_kinds, recognise, recognise_all, registered
-from boards import PackageContext, get_board, known_boards
+from boards import get_board, known_boards
 from engine.config.registry import backend_classes
 from helpers_backends import backend_plugin
 
@@ -89,6 +90,11 @@ class TableBackend(Backend):
 
     def logits(self, x):
         return x.reshape(len(x), 3, -1).mean(-1) @ self.weights
+
+# a board taking the new kind, registered by the same plugin (the ONNX Runtime family's behaviour)
+from boards.onnxruntime import OnnxRuntimeBoard
+
+board = OnnxRuntimeBoard(name="table_board", title="Table board", model_format="table")
 '''
 
 
@@ -104,11 +110,11 @@ def _table_folder(root: Path) -> Path:
 
 
 def test_a_plugin_backend_is_seen_by_package_golden_and_report(tmp_path):
-    from boards.golden import write_golden
+    """One class and its entry point (with a board that takes it): evaluate scores it, the package
+    stage packages it with golden samples measured by it, the report names it and marks it int8."""
     from engine.report.sections import is_int8
     from engine.report.summary import model_format
-    from stages.common.preprocess import Preprocess
-    from stages.package import _model_file
+    from engine.run.testing import run_stage
 
     model = _table_folder(tmp_path / "model")
     data = tmp_path / "data"
@@ -118,24 +124,19 @@ def test_a_plugin_backend_is_seen_by_package_golden_and_report(tmp_path):
     np.save(data / "labels_test.npy", np.arange(4, dtype=np.int64) % 3)
     with pytest.raises(KeyError):
         by_kind("table")
-    with backend_plugin(tmp_path / "plugin", "table_backend", PLUGIN, table="table_backend:TableBackend"):
+    with backend_plugin(tmp_path / "plugin", "table_backend", PLUGIN, boards={"table_board": "table_backend:board"},
+                        table="table_backend:TableBackend"):
         assert by_kind("table").kind == "table" and "table" in packaged_kinds()
         assert recognise(model).kind == "table"
-        # a board profile may now take it (validated against the registry)
-        board = type(get_board("onnxruntime"))(model_format="table")
-        # package: the model file of the board's kind
-        assert _model_file(board, model) == model / "model.table.npy"
-        # golden samples: measured with the plugin's logits, its tolerance and layout
-        pkg_dir = tmp_path / "pkg"
-        pkg_dir.mkdir()
-        pkg = PackageContext(board=board, model_dir=model, model_file=model / "model.table.npy",
-                             spec=Preprocess(input_size=(8, 8)), io={}, labels=["red", "green", "blue"], pkg=pkg_dir,
-                             calib_dir=None, data_dir=data, top_k=3, notes=[])
-        selftest = write_golden(pkg, data)
+        run_stage("package", {"board": "table_board"}, {"model": model, "data": data}, tmp_path / "pkg")
+        manifest = json.loads((tmp_path / "pkg" / "package" / "manifest.json").read_text())
+        assert manifest["model"]["format"] == "table"
+        selftest = manifest["selftest"]  # measured with the plugin's logits, its tolerance and layout
         assert selftest["atol"] == 0.0 and selftest["rtol"] == 0.5 and selftest["samples"] == 4
         assert selftest["measured_with"].startswith("numpy on ")
         assert selftest["input_layout"] == "float32 N x 3 x H x W, normalised"
-        assert np.load(pkg_dir / "golden" / "expected.npy").shape == (4, 3)
+        expected = np.load(tmp_path / "pkg" / "package" / "golden" / "expected.npy")
+        assert expected.shape == (4, 3)
         # the report: its name and size on disk, and int8 from the class, through the entry points
         assert model_format(model) == ("Table", (model / "model.table.npy").stat().st_size)
         assert is_int8({"kind": "table"})
