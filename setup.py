@@ -5,7 +5,7 @@ carries the built-in configuration. New code packages and new config groups are 
 
 from setuptools import find_namespace_packages, setup
 
-CODE = find_namespace_packages(include=["engine*", "stages*", "boards*"])
+CODE = find_namespace_packages(include=["engine*", "stages*", "boards*", "backends*"])
 CONF = ["edgepipe_conf"] + [f"edgepipe_conf.{group}" for group in find_namespace_packages(where="conf")]
 
 setup(packages=CODE + CONF, package_dir={"edgepipe_conf": "conf"})

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Mapping
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from backends.base import by_kind, packaged_kinds
 from engine.contract.stage import Params
 from stages.common.bundle import write_labels
 
@@ -73,22 +74,32 @@ class Finding(BaseModel):
 
 # -- registry -------------------------------------------------------------------------------------
 @lru_cache(maxsize=1)
-def _entry_points() -> dict:
+def board_entry_points() -> dict:
     return {ep.name: ep for ep in entry_points(group=BOARD_GROUP)}
 
 
 def known_boards() -> list[str]:
-    return sorted(_entry_points())
+    return sorted(board_entry_points())
 
 
 def _check_board_name(name: str) -> str:
-    if name not in _entry_points():
+    if name not in board_entry_points():
         raise ValueError(f"unknown board {name!r}; known boards: {', '.join(known_boards())}")
     return name
 
 
 # A board name, validated against the registered profiles (config keys `board.name`, `package.board`).
 BoardName = Annotated[str, AfterValidator(_check_board_name)]
+
+
+def _check_model_format(kind: str) -> str:
+    if kind not in packaged_kinds():
+        raise ValueError(f"model_format {kind!r} is not a backend kind a package takes; known: {packaged_kinds()}")
+    return kind
+
+
+# The model kind a board's package takes: a registered backend with a packaged name (backends/).
+ModelFormat = Annotated[str, AfterValidator(_check_model_format)]
 
 
 class UnknownBoard(KeyError):
@@ -116,7 +127,7 @@ class BoardSettings(Params):
 
 def get_board(name: str, settings: BoardSettings | Mapping[str, Any] | None = None) -> "BoardProfile":
     """The profile registered as ``name``, with the user's limits from ``settings`` applied."""
-    ep = _entry_points().get(name)
+    ep = board_entry_points().get(name)
     if ep is None:
         raise UnknownBoard(name)
     # a board with its own module registers its class; a board of a known family registers its
@@ -140,8 +151,8 @@ class BoardProfile(BaseModel):
     title: str
     soc: str
     runtime: str  # what runs the model on the board
-    # the model bundle the package takes: an ncnn, rknn or onnx stage's output folder
-    model_format: Literal["ncnn", "rknn", "onnx"]
+    # the model bundle the package takes, as a backend kind (ncnn, rknn, onnx: that stage's output folder)
+    model_format: ModelFormat
     # how the board feeds the model (documentation; the checks below enforce what matters)
     input_layout: str
     max_input_size: int | None = None  # largest H or W
@@ -207,7 +218,7 @@ class BoardProfile(BaseModel):
                                message=f"input '{g.input_name}' has {c} channels; {self.title} feeds 3-channel RGB "
                                        f"images (set model.in_channels=3)"))
         if n != 1:
-            level: Level = "warning" if self.model_format == "onnx" else "error"
+            level: Level = "warning" if by_kind(self.model_format).any_batch else "error"
             out.append(Finding(level=level, check="input",
                                message=f"input '{g.input_name}' batch dimension is {n if n is not None else 'dynamic'}; "
                                        f"{self.title} runs batch 1 with static shapes (export without a dynamic batch)"))

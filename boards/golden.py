@@ -29,21 +29,15 @@ from typing import Any
 
 import numpy as np
 
+from backends.base import BackendError, by_kind
 from engine.contract.hashing import sha256_file
 
 from . import PackageContext
 
 GOLDEN_DIR = "golden"
 SAMPLES = 8
-# (atol, rtol of the expected logits' range): float32 runtimes differ by ~1e-5 between CPUs; an int8
-# NPU may differ from the simulator by a few output quantization steps
-TOLERANCE = {"onnx": (1e-3, 1e-3), "ncnn": (1e-3, 1e-3), "rknn": (0.0, 0.05)}
-# where the expected outputs were measured (manifest selftest.measured_with)
-MEASURED = {
-    "onnx": "onnxruntime {version} (CPUExecutionProvider) on {machine}",
-    "ncnn": "ncnn (float32, the model uploaded to MaixHub) on {machine}",
-    "rknn": "rknn-toolkit2 simulator on x86_64 (int8 outputs, dequantized; rknn_quantize's test_logits.npy)",
-}
+# The tolerance (atol, rtol of the expected logits' range), the rule, the input layout and where the
+# expected outputs were measured are the backend's facts (Backend.golden_*, backends/).
 
 
 class GoldenError(ValueError):
@@ -54,7 +48,8 @@ def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = Fals
     """Write ``golden/`` for the package's format; returns the manifest's ``selftest`` section, or
     None (with a note) when the inputs hold nothing to make golden samples from."""
     fmt = pkg.board.model_format
-    if fmt not in TOLERANCE:
+    backend = by_kind(fmt)
+    if backend.golden_tolerance is None:
         pkg.notes.append(f"no golden samples for the self-test: not implemented for {fmt} models yet")
         return None
     if data_dir is None:
@@ -70,7 +65,7 @@ def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = Fals
     names = _write_images(pkg.pkg, images)
     np.save(out / "input.npy", inputs)
     np.save(out / "expected.npy", expected.astype(np.float32))
-    atol, rtol = TOLERANCE[fmt]
+    atol, rtol = backend.golden_tolerance
     tolerance = float(atol + rtol * (float(expected.max()) - float(expected.min())))
     top1 = [int(i) for i in expected.argmax(1)]
     if c_demo:
@@ -81,16 +76,14 @@ def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = Fals
         "source": f"the first {n} images of the dataset's test split",
         "images": names,
         "input": f"{GOLDEN_DIR}/input.npy",
-        "input_layout": "float32 N x 3 x H x W, normalised" if fmt == "onnx"
-        else "uint8 N x H x W x 3 in the model's channel order (the model normalises)",
+        "input_layout": backend.golden_input_layout,
         "expected": f"{GOLDEN_DIR}/expected.npy",
         "expected_top1": top1,
         "labels": [int(v) for v in labels[:n]],
         "measured_with": measured,
         "atol": atol, "rtol": rtol, "tolerance": round(tolerance, 9),
-        "rule": "PASS when max |output - expected| <= tolerance on the tensor path and the image path"
-        if fmt != "ncnn" else "MaixPy3 (awnn int8): PASS when at least top1_min of the top-1 agree",
-        "top1_min": n - 1 if fmt == "ncnn" and n > 1 else n,
+        "rule": backend.golden_rule,
+        "top1_min": n - backend.golden_top1_slack if n > backend.golden_top1_slack else n,
         "sha256": {f: sha256_file(pkg.pkg / f) for f in files},
     }
 
@@ -99,7 +92,6 @@ def _golden_samples(pkg: PackageContext, data_dir: Path):
     """(images, labels, runtime inputs, expected outputs, where they were measured) of the first test
     images, the expected outputs from the packaged model through the backend registry; None (with a
     note) when there is nothing to take them from."""
-    from stages.common import backends
     from stages.common.preprocess import normalize, to_channel_order
     from stages.common.splits import load_split
 
@@ -109,40 +101,37 @@ def _golden_samples(pkg: PackageContext, data_dir: Path):
         pkg.notes.append("no golden samples for the self-test: the dataset's test split is empty")
         return None
     images = np.ascontiguousarray(images[:n])
-    fmt = pkg.board.model_format
-    backend = backends.by_kind(fmt)
+    backend = by_kind(pkg.board.model_format)
     if backend.precomputed:  # RKNN: the simulator's outputs, stored by rknn_quantize for this test split
         if not (pkg.model_dir / backend.logits_file).is_file():
-            pkg.notes.append("no golden samples for the self-test: the rknn_quantize stage ran without its `data` "
-                             f"input (no {backend.logits_file})")
+            pkg.notes.append(f"no golden samples for the self-test: the {backend.producer} stage ran without its "
+                             f"`data` input (no {backend.logits_file})")
             return None
         expected = _stored_logits(backend, pkg, data_dir)[:n]
         n = len(expected)  # quantize.data_limit may have simulated fewer
-        return images[:n], labels, to_channel_order(images, pkg.spec)[:n], expected, _measured(fmt)
+        return images[:n], labels, to_channel_order(images, pkg.spec)[:n], expected, _measured(backend)
     inputs = normalize(images, pkg.spec)
-    runner = backends.load(fmt, pkg.model_dir, pkg.io, batch=None)
+    runner = backend(pkg.model_dir, pkg.io, batch=None)
     try:
         expected = np.asarray(runner.logits(inputs), np.float32).reshape(n, -1)
     finally:
         runner.close()
-    return images, labels, inputs, expected, _measured(fmt)
+    return images, labels, inputs, expected, _measured(backend)
 
 
-def _measured(fmt: str) -> str:
+def _measured(backend) -> str:
     from importlib import metadata
 
-    return MEASURED[fmt].format(version=metadata.version("onnxruntime"), machine=platform.machine())
+    return backend.golden_measured_with.format(version=metadata.version("onnxruntime"), machine=platform.machine())
 
 
 def _stored_logits(backend, pkg: PackageContext, data_dir: Path) -> np.ndarray:
-    from stages.common.backends import BackendError
-
     runner = backend(pkg.model_dir, pkg.io)
     try:
         runner.check_data(data_dir, "test", pkg.labels)
     except BackendError as e:
-        raise GoldenError(f"{pkg.model_dir}: {e}; wire package's `data` to the dataset the rknn_quantize stage "
-                          f"simulated") from None
+        raise GoldenError(f"{pkg.model_dir}: {e}; wire package's `data` to the dataset the {backend.producer} "
+                          f"stage simulated") from None
     return np.asarray(runner.stored_logits(), np.float32)
 
 

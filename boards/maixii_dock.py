@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from pydantic import Field
 
-from . import BoardProfile, Finding, PackageContext, write_zip
+from . import BoardProfile, Finding, ModelFormat, PackageContext, write_zip
 from .emulation import Emulation
 from .graph import RESHAPE_OPS
 
@@ -54,7 +54,7 @@ class MaixIIDock(BoardProfile):
     title: str = "MaixII-Dock (V831)"
     soc: str = "Allwinner V831 (Cortex-A7 800 MHz, 0.2 TOPS NPU, 64 MB DDR2 in package)"
     runtime: str = "MaixPy3 maix.nn (awnn int8, converted online by MaixHub)"
-    model_format: str = "ncnn"
+    model_format: ModelFormat = "ncnn"
     input_layout: str = "HWC uint8 RGB camera frame; maix.nn normalises with one mean/norm and quantizes"
     normalisation: str = "uniform"
     ram_mb: float | None = 64

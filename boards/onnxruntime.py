@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Mapping
 
 from pydantic import Field
 
-from . import BoardProfile, PackageContext
+from . import BoardProfile, ModelFormat, PackageContext
 from .emulation import Emulation
 
 
@@ -16,7 +16,7 @@ class OnnxRuntimeBoard(BoardProfile):
     title: str = "ONNX Runtime (generic Linux board)"
     soc: str = "any CPU with a Python 3 + onnxruntime wheel (aarch64, armv7l, x86_64)"
     runtime: str = "onnxruntime (CPUExecutionProvider)"
-    model_format: str = "onnx"
+    model_format: ModelFormat = "onnx"
     input_layout: str = "NCHW float32, normalised by preprocess.py (mean/std from preprocess.json)"
     weight_bytes: float = 4.0  # float32
     activation_bytes: float = 4.0

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from . import BoardProfile, Finding, PackageContext, limit_findings
+from . import BoardProfile, Finding, ModelFormat, PackageContext, limit_findings
 from .emulation import Emulation
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,6 +33,29 @@ if TYPE_CHECKING:  # pragma: no cover
     from .graph import GraphInfo, Node
 
 TOOLKIT = "rknn-toolkit2 2.5.0"
+
+
+class RknnChip(NamedTuple):
+    dtypes: tuple[str, ...]  # the quantized_dtype values the toolkit builds for the chip
+    float16: bool  # build(do_quantization=False) works: the NPU has a float16 path
+
+
+# The one list of Rockchip chips: every target_platform the toolkit builds for, measured with
+# rknn-toolkit2 2.5.0 (RKNN.config raises for every other dtype; build(do_quantization=False) fails
+# where float16 is False). rknn_quantize's targets and checks come from it and a board profile's
+# quantizer target must be one of them: a new chip of the family is one row here (plus a
+# profiles/<name>.yaml and its entry point when edgepipe packages for a board with it).
+RKNN_CHIPS: dict[str, RknnChip] = {
+    "rv1103": RknnChip(("w8a8", "w16a16i_dfp"), float16=False),
+    "rv1106": RknnChip(("w8a8", "w16a16i_dfp"), float16=False),
+    "rv1103b": RknnChip(("w8a8", "w16a16i_dfp"), float16=False),
+    "rv1106b": RknnChip(("w8a8", "w16a16i_dfp"), float16=False),
+    "rk3562": RknnChip(("w8a8", "w8a16", "w16a16i_dfp"), float16=True),
+    "rk3566": RknnChip(("w8a8", "w16a16i_dfp"), float16=True),
+    "rk3568": RknnChip(("w8a8", "w16a16i_dfp"), float16=True),
+    "rk3576": RknnChip(("w8a8", "w16a16i_dfp", "w4a16"), float16=True),
+    "rk3588": RknnChip(("w8a8", "w16a16i_dfp"), float16=True),
+}
 
 # op -> message; "(#N)" cites airockchip/rknn-toolkit2 issues where the board runtime refused the op
 _RUNTIME_LACKS = "the RV1103/RV1106 runtime has no CPU kernel for it, so rknn_init fails on the board"
@@ -57,11 +80,19 @@ LUCKFOX_CPU_FALLBACK = {
 
 
 class RockchipBoard(BoardProfile):
-    model_format: str = "rknn"
+    model_format: ModelFormat = "rknn"
     input_layout: str = "NHWC uint8 RGB (the model normalises: mean_values/std_values inside the .rknn)"
     quantizer: str | None = TOOLKIT
     weight_bytes: float = 1.0  # int8
     activation_bytes: float = 1.0
+
+    @model_validator(mode="after")
+    def _known_chip(self) -> "RockchipBoard":
+        target = self.quantizer_options.get("target")
+        if target not in RKNN_CHIPS:
+            raise ValueError(f"quantizer_options.target {target!r} is not a Rockchip chip rknn-toolkit2 builds for "
+                             f"({', '.join(RKNN_CHIPS)}; boards/rockchip.py RKNN_CHIPS)")
+        return self
 
     def op_applies(self, g: "GraphInfo", node: "Node", level: str) -> bool:
         if node.op == "Pow":

@@ -11,7 +11,7 @@ import ast
 import sys
 from pathlib import Path
 
-PACKAGES = ("engine", "stages", "boards")
+PACKAGES = ("engine", "stages", "boards", "backends")
 
 
 def module_name(root: Path, path: Path) -> str:

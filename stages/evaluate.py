@@ -2,8 +2,8 @@
 
 Inputs: ``data`` (required) is a ``dataset`` folder; every other input is a backend, labelled by its
 input name, whose kind is detected from its folder by the backend registry
-(``stages.common.backends``: PyTorch ``model.pt``, TorchScript, ONNX Runtime, ncnn, and the RKNN
-simulator's stored ``test_logits.npy``; the first registered class that recognises the folder wins).
+(``backends.base``: PyTorch ``model.pt``, TorchScript, ONNX Runtime, ncnn, and the RKNN simulator's
+stored ``test_logits.npy``; the registered class first in order that recognises the folder wins).
 An ``rknn_quantize`` folder run with ``quantize.board_eval.device_id`` also holds the board NPU's
 logits: scored as a second row, ``<input>_board`` (kind ``rknn_board``), beside the simulator's.
 
@@ -46,15 +46,13 @@ from pydantic import Field, model_validator
 
 from engine.contract.markdown import code, escape
 from engine.contract.stage import NOT_IN_KEY, Context, Input, Params, Stage, StageError
-from stages.common import backends
-from stages.common.backends import Backend
+from backends import base as backends
+from backends.base import Backend
 from stages.common.bundle import LABELS, PREPROCESS, check_bundle, read_io, read_labels
 from stages.common.multicrop import MultiCrop, combine_crops, crop_batches, crop_boxes, original_files
 
 __all__ = ["Evaluate", "MultiCrop", "combine_crops", "crop_boxes", "detect_kind"]
 
-# the reference when evaluate.reference is null: the first backend of these kinds
-REFERENCE_KINDS = ("torch", "torchscript", "onnx")
 # images normalised and run per batch: bounds memory for any split size
 STEP = 256
 
@@ -233,11 +231,9 @@ def _pick_reference(models: list[_Backend], wanted: str | None) -> _Backend | No
                 return b
         raise StageError(f"evaluate.reference={wanted!r} is not one of the backend inputs "
                          f"{[b.name for b in models]}")
-    for kind in REFERENCE_KINDS:
-        for b in models:
-            if b.kind == kind:
-                return b
-    return None
+    # the backend class says whether it can be the reference (Backend.reference_rank: lowest first)
+    ranked = sorted((b for b in models if b.runner.reference_rank is not None), key=lambda b: b.runner.reference_rank)
+    return ranked[0] if ranked else None
 
 
 def _single_crop(m: _Backend, split: _Split, ctx) -> dict[str, Any]:
@@ -428,10 +424,10 @@ def _write_features(out: Path, models: list[_Backend], ref: _Backend | None, res
     """features.npz: penultimate-layer features (float16) of the reference PyTorch backend (else the
     first one) on at most features_samples test images drawn with features_seed, with their labels,
     split row indices and predictions. Nothing without a PyTorch backend or with features_samples=0."""
-    torch_models = [m for m in models if m.kind == "torch"]
+    torch_models = [m for m in models if m.runner.gives_features]
     if not torch_models or p.features_samples == 0:
         return
-    m = ref if ref is not None and ref.kind == "torch" else torch_models[0]
+    m = ref if ref is not None and ref.runner.gives_features else torch_models[0]
     rng = np.random.default_rng(p.features_seed)
     index = np.sort(rng.choice(split.n, size=min(split.n, p.features_samples), replace=False))
     ctx.progress(None, None, f"features of {len(index)} images ({m.name})")

@@ -55,7 +55,8 @@ class ExportOnnx(Stage):
             return v
 
     def run(self, params: "ExportOnnx.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
-        from stages.common import backends, parity
+        from backends.base import load as load_backend
+        from stages.common import parity
         from stages.common.bundle import copy_forward
         from stages.common.export import check_channels, load_bundle_folder, write_io
 
@@ -80,7 +81,7 @@ class ExportOnnx(Stage):
         ctx.progress(2, 3, "parity check vs PyTorch")
         batch = params.parity_samples if params.dynamic_batch else None  # a dynamic model runs the whole batch
         result = parity.check_backends(
-            backends.load("torch", src, batch=None), backends.load("onnx", out, {"input": params.input_name}, batch=batch),
+            load_backend("torch", src, batch=None), load_backend("onnx", out, {"input": params.input_name}, batch=batch),
             spec, params, out, what="ONNX Runtime vs PyTorch", extra={"batch": batch or 1}, channels=shape[1],
             hint="Raise export.tolerance only if you accept that difference")
 

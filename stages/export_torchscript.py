@@ -44,7 +44,8 @@ class ExportTorchScript(Stage):
     def run(self, params: "ExportTorchScript.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
         import torch
 
-        from stages.common import backends, parity
+        from backends.base import load as load_backend
+        from stages.common import parity
         from stages.common.bundle import copy_forward
         from stages.common.export import check_channels, load_bundle_folder, write_io
 
@@ -72,7 +73,7 @@ class ExportTorchScript(Stage):
         ctx.progress(1, 2, "parity check vs PyTorch")
         # the saved file runs the whole batch at once: a traced classifier must take any batch size
         result = parity.check_backends(
-            backends.load("torch", src, batch=None), backends.load("torchscript", out, batch=params.parity_samples),
+            load_backend("torch", src, batch=None), load_backend("torchscript", out, batch=params.parity_samples),
             spec, params, out, what="TorchScript vs PyTorch", extra={"batch": params.parity_samples},
             channels=shape[1], hint="Raise torchscript.tolerance only if you accept that difference")
 

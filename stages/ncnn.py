@@ -119,10 +119,11 @@ def _convert(onnx: Path, shape: list[int], params: "NcnnConvert.Params", out: Pa
 
 def _parity(src: Path, io_in: dict, out: Path, io: dict, spec, params: "NcnnConvert.Params", channels: int) -> dict:
     """ncnn (the files just written) against ONNX Runtime (the input), through the backend registry."""
-    from stages.common import backends, parity
+    from backends.base import load as load_backend
+    from stages.common import parity
 
-    reference = backends.load("onnx", src, io_in, batch=None)
-    candidate = backends.load("ncnn", out, io)
+    reference = load_backend("onnx", src, io_in, batch=None)
+    candidate = load_backend("ncnn", out, io)
     try:
         return parity.check_backends(
             reference, candidate, spec, params, out, what="ncnn vs ONNX Runtime", extra={"fp16_weights": params.fp16},

@@ -37,7 +37,7 @@ from boards import BoardName, BoardSettings, Finding, PackageContext, get_board,
 from boards.golden import GoldenError, write_golden
 from engine.contract.hashing import sha256_file
 from engine.contract.stage import Input, Params, Refusal, Stage, StageError
-from stages.common.backends import BACKENDS, by_kind
+from backends.base import by_kind, registered
 from stages.common.bundle import FORWARD, check_bundle, read_io, read_labels
 
 PACKAGE_FORMAT = "edgepipe.package/1"
@@ -82,8 +82,9 @@ class Package(Stage):
         check_bundle(model_dir, FORWARD, input="model", hint="model bundles carry it forward")
         spec = Preprocess.load(model_dir)
         io = read_io(model_dir)
-        if board.model_format == "ncnn" and not io:
-            raise StageError(f"input model: {model_dir / 'io.json'} is missing (the param's blob names)")
+        needs_io = by_kind(board.model_format).needs_io
+        if needs_io and not io:
+            raise StageError(f"input model: {model_dir / 'io.json'} is missing ({needs_io})")
         findings = _check_model(board, model_dir, model_file, p.check)
         _check_targets(inputs.get("eval"), ctx, p.enforce_targets, board.name)
 
@@ -117,12 +118,12 @@ class Package(Stage):
 
 def _model_file(board, model_dir: Path) -> Path:
     """The model file of the board's format in the `model` input (its format is a backend kind,
-    stages/common/backends.py); a one-line error naming what the folder holds otherwise."""
+    backends/); a one-line error naming what the folder holds otherwise."""
     fmt = board.model_format
     backend = by_kind(fmt)
     model_file = model_dir / backend.model_file
     if not model_file.is_file():
-        found = [b.kind for b in BACKENDS if (model_dir / b.model_file).is_file()]
+        found = [b.kind for b in registered() if b.companion_of is None and (model_dir / b.model_file).is_file()]
         raise StageError(
             f"board {board.name} ({board.title}) takes a {fmt} model ({backend.model_file}), but the `model` input "
             f"{model_dir} holds {', '.join(found) + ' model' if found else 'no model file'}; wire package's "
@@ -189,7 +190,7 @@ def _manifest(pkg: PackageContext, findings: list[Finding], accuracy: dict, self
         "format": PACKAGE_FORMAT,
         "board": {k: board.facts()[k] for k in ("name", "title", "soc", "runtime", "quantizer",
                                                  "quantizer_options", "deploy_script")},
-        "model": {"file": _packaged_name(board.name, model_file, files), "format": board.model_format,
+        "model": {"file": _packaged_name(board.model_format, model_file, files), "format": board.model_format,
                   "sha256": sha256_file(model_file), "bytes": model_file.stat().st_size},
         "input": {"name": io.get("input"), "shape": io.get("input_shape", spec.input_shape),
                   "size_hw": [spec.height, spec.width], "resize": spec.resize,
@@ -209,11 +210,10 @@ def _manifest(pkg: PackageContext, findings: list[Finding], accuracy: dict, self
     }
 
 
-def _packaged_name(board: str, model_file: Path, files: dict) -> str:
-    for name in ("model.rknn", "model.onnx", "model.param"):
-        if name in files:
-            return name
-    return model_file.name
+def _packaged_name(kind: str, model_file: Path, files: dict) -> str:
+    """The model file's name in the package: its backend's packaged name when the board wrote it there."""
+    name = by_kind(kind).packaged_as
+    return name if name in files else model_file.name
 
 
 def _source(ctx, name: str) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
+from boards.rockchip import RKNN_CHIPS
 from engine.contract.hashing import sha256_file
 from engine.contract.stage import NOT_IN_KEY, Input, Params, Stage, StageError
 from stages.common import adb
@@ -41,17 +42,12 @@ from stages.common.multicrop import MultiCrop
 from stages.common.rknn_toolkit import PeakRss, ToolkitFailure, maxrss_mb, ok, reason, toolkit
 from stages.common.rknn_toolkit import version as toolkit_version
 
-TARGETS = ("rv1103", "rv1106", "rv1103b", "rv1106b", "rk3562", "rk3566", "rk3568", "rk3576", "rk3588")
+# The chips and what the toolkit builds for each come from one table, boards/rockchip.py RKNN_CHIPS.
+TARGETS = tuple(RKNN_CHIPS)
 DTYPES = ("w8a8", "w8a16", "w16a16i_dfp", "w4a16")
-
-# Measured with rknn-toolkit2 2.5.0 (RKNN.config raises for every other pair).
-DTYPES_BY_TARGET: dict[str, tuple[str, ...]] = {
-    **{t: ("w8a8", "w16a16i_dfp") for t in ("rv1103", "rv1106", "rv1103b", "rv1106b", "rk3566", "rk3568", "rk3588")},
-    "rk3562": ("w8a8", "w8a16", "w16a16i_dfp"),
-    "rk3576": ("w8a8", "w16a16i_dfp", "w4a16"),
-}
+DTYPES_BY_TARGET: dict[str, tuple[str, ...]] = {chip: c.dtypes for chip, c in RKNN_CHIPS.items()}
 # build(do_quantization=False) fails on these: their NPU has no float16 path.
-INT_ONLY_TARGETS = ("rv1103", "rv1106", "rv1103b", "rv1106b")
+INT_ONLY_TARGETS = tuple(chip for chip, c in RKNN_CHIPS.items() if not c.float16)
 
 LOG_NAME = "rknn.log"
 # test images (or original files, for crops) read and run per chunk
@@ -106,15 +102,15 @@ class RknnQuantize(Stage):
         """The ``quantize`` section."""
 
         # target_platform of rknn-toolkit2 (a board profile usually sets it)
-        target: Literal["rv1103", "rv1106", "rv1103b", "rv1106b", "rk3562", "rk3566", "rk3568", "rk3576", "rk3588"] = "rv1103"
+        target: Literal[TARGETS] = "rv1103"  # type: ignore[valid-type]  (boards/rockchip.py RKNN_CHIPS)
         # quantized_algorithm: normal (seconds), mmse (minutes, usually the most accurate), kl_divergence
         algorithm: Literal["normal", "mmse", "kl_divergence"] = "normal"
         # quantized_method: per-channel or per-layer weight scales
         method: Literal["channel", "layer"] = "channel"
-        # quantized_dtype: w8a8 everywhere; w16a16i_dfp everywhere; w8a16 rk3562 only; w4a16 rk3576 only
+        # quantized_dtype: which chip builds which is DTYPES_BY_TARGET (w8a8 and w16a16i_dfp everywhere)
         dtype: Literal["w8a8", "w8a16", "w16a16i_dfp", "w4a16"] = "w8a8"
         optimization_level: int = Field(3, ge=0, le=3)
-        # false: a float16 model (not on rv1103/rv1106/rv1103b/rv1106b, whose NPU is integer-only)
+        # false: a float16 model (not on INT_ONLY_TARGETS, whose NPU is integer-only)
         do_quantization: bool = True
         # calibration images analysed layer by layer (error_analysis.txt); 0 skips the analysis
         accuracy_analysis_samples: int = Field(2, ge=0)

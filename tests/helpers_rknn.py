@@ -152,12 +152,12 @@ def toy(channel_order: str = "RGB") -> Toy:
 
 def onnx_reference_logits(t: Toy, n: int | None = None) -> np.ndarray:
     """onnxruntime logits of the toy's ONNX model on its test split (the model's own preprocessing)."""
-    from stages.common import backends
+    from backends.base import load as load_backend
     from stages.common.preprocess import Preprocess, normalize
 
     spec = Preprocess.load(t.onnx)
     x = normalize(np.load(t.data / "images_test.npy")[:n], spec)
-    return backends.load("onnx", t.onnx, {"input": "input0"}, batch=None).logits(x)
+    return load_backend("onnx", t.onnx, {"input": "input0"}, batch=None).logits(x)
 
 
 def wide_dataset(root: Path, n: int = 48) -> tuple[Path, Path]:

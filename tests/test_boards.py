@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,12 @@ from boards.graph import analyze
 from engine.contract.stage import StageError
 from helpers_boards import export_onnx, stage, tiny_net
 
-BOARDS = ["maixii_dock", "onnxruntime", "rk3566", "rk3588", "rv1103", "rv1106"]
+# the boards pyproject.toml registers (known_boards() must list exactly these); those of a known family
+# are profile files (entry point "boards.profiles:<name>")
+ENTRY_POINTS = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())[
+    "project"]["entry-points"]["edgepipe.boards"]
+BOARDS = sorted(ENTRY_POINTS)
+PROFILE_BOARDS = {name for name, target in ENTRY_POINTS.items() if target.startswith("boards.profiles:")}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +74,7 @@ def test_every_profile_file_is_a_registered_board_of_its_family():
     from boards.profiles import FAMILIES, PROFILES
 
     files = sorted(PROFILES.glob("*.yaml"))
-    assert {f.stem for f in files} == {"rk3566", "rk3588", "rv1103", "rv1106"}
+    assert {f.stem for f in files} == PROFILE_BOARDS and {"rk3566", "rk3588", "rv1103", "rv1106"} <= PROFILE_BOARDS
     for f in files:
         board = get_board(f.stem)
         assert f.stem in known_boards() and type(board) is FAMILIES[yaml.safe_load(f.read_text())["family"]]
@@ -104,6 +110,27 @@ def test_a_new_board_of_a_known_family_is_one_data_file(tmp_path, monkeypatch):
     board = boards.profiles.rv1103b  # what the entry point "boards.profiles:rv1103b" loads
     assert isinstance(board, LuckfoxBoard) and board.ram_mb == 64 and board.model_format == "rknn"
     assert board.package_files == rv1103.package_files and "Pow" in board.cpu_fallback_ops
+
+
+def test_rockchip_chips_are_one_table(tmp_path, monkeypatch):
+    """boards/rockchip.py RKNN_CHIPS is the one list: rknn_quantize's targets, dtypes and int8-only chips
+    come from it, every Rockchip board's target is in it, and a profile naming another chip is refused."""
+    import typing
+
+    import boards.profiles
+    from boards.rockchip import RKNN_CHIPS, RockchipBoard
+    from stages.rknn_quantize import DTYPES_BY_TARGET, INT_ONLY_TARGETS, RknnQuantize
+
+    assert typing.get_args(RknnQuantize.Params.model_fields["target"].annotation) == tuple(RKNN_CHIPS)
+    assert DTYPES_BY_TARGET == {chip: c.dtypes for chip, c in RKNN_CHIPS.items()}
+    assert set(INT_ONLY_TARGETS) == {chip for chip, c in RKNN_CHIPS.items() if not c.float16}
+    rockchip = [get_board(name) for name in known_boards() if isinstance(get_board(name), RockchipBoard)]
+    assert rockchip and all(b.quantizer_options["target"] in RKNN_CHIPS for b in rockchip)
+    monkeypatch.setattr(boards.profiles, "PROFILES", tmp_path)
+    (tmp_path / "rv9999.yaml").write_text(
+        "family: rockchip_c_demo\nname: rv9999\ntitle: T\nsoc: S\nquantizer_options: {target: rv9999}\n")
+    with pytest.raises(ValueError, match="'rv9999' is not a Rockchip chip"):
+        boards.profiles.load_profile("rv9999")
 
 
 def test_board_modules_do_not_import_torch():

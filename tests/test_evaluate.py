@@ -94,7 +94,7 @@ def test_metrics_agree_with_a_direct_computation(evaluated):
 
 def test_fp32_logits_are_the_training_preprocessing(evaluated):
     """The torch backend's logits are load_model + the shared normalize, nothing else."""
-    from stages.common.backends import torch_logits
+    from backends.torch_models import torch_logits
     from stages.common.models import load_model
     from stages.common.preprocess import Preprocess, normalize
 
@@ -134,23 +134,29 @@ def test_rknn_logits_from_another_split_are_refused(backends, tmp_path):
         run_stage("evaluate", {}, {"data": data, "rknn": backends["rknn"]}, tmp_path / "a")
 
 
-def test_a_registered_backend_class_is_picked_up(backends, tmp_path, monkeypatch):
-    """Adding a backend is one class plus its registration: evaluate recognises its folders and scores it."""
-    from stages.common import backends as registry
+_CONSTANT = """
+import numpy as np
 
-    class ConstantBackend(registry.Backend):
-        """Logits stored as one vector: every image gets the same class."""
+from backends.base import Backend
 
-        kind, model_file, target = "constant", "model.constant.npy", "float"
 
-        def _load(self) -> None:
-            self.vector = np.load(self.folder / self.model_file)
+class ConstantBackend(Backend):
+    \"\"\"Logits stored as one vector: every image gets the same class.\"\"\"
 
-        def logits(self, x: np.ndarray) -> np.ndarray:
-            return np.tile(self.vector, (len(x), 1)).astype(np.float32)
+    kind, model_file, target = "constant", "model.constant.npy", "float"
 
-    monkeypatch.setattr(registry, "BACKENDS", list(registry.BACKENDS))
-    registry.register(ConstantBackend)
+    def _load(self):
+        self.vector = np.load(self.folder / self.model_file)
+
+    def logits(self, x):
+        return np.tile(self.vector, (len(x), 1)).astype(np.float32)
+"""
+
+
+def test_a_registered_backend_class_is_picked_up(backends, tmp_path):
+    """Adding a backend is one class plus its entry point: evaluate recognises its folders and scores it."""
+    from helpers_backends import backend_plugin
+
     t = toy()
     folder = tmp_path / "constant"
     folder.mkdir()
@@ -159,7 +165,9 @@ def test_a_registered_backend_class_is_picked_up(backends, tmp_path, monkeypatch
     vector = np.zeros(len(CLASSES), np.float32)
     vector[1] = 1.0
     np.save(folder / "model.constant.npy", vector)
-    run_stage("evaluate", {}, {"data": t.data, "model": backends["model"], "c": folder}, tmp_path / "out")
+    with backend_plugin(tmp_path / "plugin", "constant_backend", _CONSTANT,
+                        constant="constant_backend:ConstantBackend"):
+        run_stage("evaluate", {}, {"data": t.data, "model": backends["model"], "c": folder}, tmp_path / "out")
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert {n: r["kind"] for n, r in report["backends"].items()} == {"model": "torch", "c": "constant"}
     labels = np.load(t.data / "labels_test.npy")
@@ -240,7 +248,7 @@ def test_multicrop_on_original_files(backends, tmp_path):
     # crops of the originals are what the backend saw: recompute crop 0 of image 0 directly
     import csv
 
-    from stages.common.backends import torch_logits
+    from backends.torch_models import torch_logits
     from stages.common.models import load_model
     from stages.common.preprocess import Preprocess, load_image, normalize, resize
 
@@ -406,16 +414,6 @@ from pathlib import Path
 import numpy as np
 import matplotlib.figure  # imported before the baseline: the confusion PNGs need it whatever the split size
 from engine.run.testing import run_stage
-from stages.common import backends
-
-class Constant(backends.Backend):
-    kind, model_file, target = "constant", "model.constant.npy", "float"
-    def _load(self):
-        self.vector = np.load(self.folder / self.model_file)
-    def logits(self, x):
-        return np.tile(self.vector, (len(x), 1)).astype(np.float32) + x[:, :1, 0, 0]
-
-backends.register(Constant)
 data, model, out = map(Path, sys.argv[1:4])
 def rss_mb(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 1024
@@ -425,11 +423,30 @@ print(json.dumps({"base": base, "peak": rss_mb("VmHWM")}))
 """
 
 
+_CONSTANT_PLUS_PIXEL = """
+import numpy as np
+
+from backends.base import Backend
+
+
+class Constant(Backend):
+    kind, model_file, target = "constant", "model.constant.npy", "float"
+
+    def _load(self):
+        self.vector = np.load(self.folder / self.model_file)
+
+    def logits(self, x):
+        return np.tile(self.vector, (len(x), 1)).astype(np.float32) + x[:, :1, 0, 0]
+"""
+
+
 def test_a_100000_image_split_is_read_a_batch_at_a_time(tmp_path):
     """Issue 11: evaluate reads the split memory-mapped, one batch at a time; 100,000 images (307 MB)
     grow the process by far less than the file (measured: see the assertion's message)."""
     import subprocess
     import sys
+
+    from helpers_backends import write_backend_plugin
 
     t = toy()
     data, model = tmp_path / "data", tmp_path / "constant"
@@ -446,9 +463,13 @@ def test_a_100000_image_split_is_read_a_batch_at_a_time(tmp_path):
     np.save(data / "labels_test.npy", np.arange(n, dtype=np.int64) % len(CLASSES))
     np.save(model / "model.constant.npy", np.arange(len(CLASSES), dtype=np.float32))
     file_mb = (data / "images_test.npy").stat().st_size / 2**20
+    plugin = write_backend_plugin(tmp_path / "plugin", "constant_backend", _CONSTANT_PLUS_PIXEL,
+                                  constant="constant_backend:Constant")
+    env = __import__("os").environ
     res = subprocess.run([sys.executable, "-c", _BIG_SPLIT, str(data), str(model), str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=Path(__file__).parent.parent,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         env={**env, "OMP_NUM_THREADS": "1",
+                              "PYTHONPATH": ":".join(filter(None, (str(plugin), env.get("PYTHONPATH"))))})
     assert res.returncode == 0, res.stderr[-2000:]
     rss = json.loads(res.stdout.strip().splitlines()[-1])
     grown = rss["peak"] - rss["base"]

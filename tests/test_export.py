@@ -111,7 +111,7 @@ def test_onnx_outputs_names_and_parity(onnx_out):
 def test_onnx_dynamic_batch_simplified_custom_names(model_dir, tmp_path):
     import onnx
 
-    from stages.common.backends import onnx_session
+    from backends.onnx_models import onnx_session
 
     out = tmp_path / "out"
     metrics = run_stage("export_onnx", {"dynamic_batch": True, "simplify": True, "opset": 17,
@@ -129,7 +129,7 @@ def test_onnx_dynamic_batch_simplified_custom_names(model_dir, tmp_path):
 
 
 def test_onnx_parity_failure_says_by_how_much(model_dir, tmp_path, monkeypatch):
-    from stages.common.backends import OnnxBackend
+    from backends.onnx_models import OnnxBackend
 
     real = OnnxBackend.logits
     monkeypatch.setattr(OnnxBackend, "logits", lambda self, x: real(self, x) + 0.05)
@@ -197,7 +197,7 @@ def test_torchscript_outputs_and_parity(model_dir, tmp_path):
 
 
 def test_torchscript_parity_failure(model_dir, tmp_path, monkeypatch):
-    from stages.common.backends import TorchScriptBackend
+    from backends.torch_models import TorchScriptBackend
 
     real = TorchScriptBackend.logits
     monkeypatch.setattr(TorchScriptBackend, "logits", lambda self, x: real(self, x) + 1.0)  # the saved file only

@@ -198,7 +198,7 @@ def test_parity_passes_a_model_with_logits_in_the_thousands(tmp_path):
 def test_parity_still_fails_a_wrong_model(tmp_path):
     """Two different networks (other weights) of the same large-logit shape: far outside the rule."""
     from engine.contract.stage import StageError
-    from stages.common.backends import torch_logits
+    from backends.torch_models import torch_logits
     from stages.common.parity import check, compare, sample_inputs
     from stages.common.preprocess import Preprocess
 

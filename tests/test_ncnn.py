@@ -104,13 +104,13 @@ def test_ncnn_runtime_matches_onnxruntime_directly(ncnn_fp32, onnx_dir):
     arrays agree with onnxruntime (a freed array would give garbage)."""
     import gc
 
-    from stages.common import backends
+    from backends.base import load as load_backend
 
     out, _ = ncnn_fp32
     io = json.loads((out / "io.json").read_text())
     x = np.random.default_rng(1).standard_normal((3, 3, 32, 48)).astype(np.float32)
-    ref = backends.load("onnx", onnx_dir, batch=None).logits(x)
-    ncnn = backends.load("ncnn", out, io)
+    ref = load_backend("onnx", onnx_dir, batch=None).logits(x)
+    ncnn = load_backend("ncnn", out, io)
     for _ in range(2):
         got = ncnn.logits(x.copy())
         gc.collect()
@@ -128,7 +128,7 @@ def test_ncnn_fp16_weights_smaller_and_less_exact(ncnn_fp32, onnx_dir, tmp_path)
 
 
 def test_ncnn_parity_failure_message(onnx_dir, tmp_path, monkeypatch):
-    from stages.common.backends import NcnnBackend
+    from backends.ncnn_models import NcnnBackend
 
     real = NcnnBackend.logits
     monkeypatch.setattr(NcnnBackend, "logits", lambda self, x: real(self, x) - 0.02)

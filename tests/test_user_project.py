@@ -227,7 +227,7 @@ def test_init_writes_a_project_that_composes_and_never_overwrites(user):
 
 
 # -- the wheel ----------------------------------------------------------------------------------------------
-BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "engine", "stages", "boards", "conf")
+BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "engine", "stages", "boards", "backends", "conf")
 NOT_SHIPPED = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
@@ -273,7 +273,7 @@ def _venv_on_the_project_dependencies(tmp: Path, wheel: Path) -> Path:
 @pytest.mark.slow
 def test_wheel_carries_its_configs_and_runs_from_an_empty_folder(tmp_path):
     wheel = _build_wheel(tmp_path)
-    expected = {str(p.relative_to(REPO)) for name in ("engine", "stages", "boards", "conf")
+    expected = {str(p.relative_to(REPO)) for name in ("engine", "stages", "boards", "backends", "conf")
                 for p in (REPO / name).rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert expected <= _shipped(wheel), f"not in the wheel: {sorted(expected - _shipped(wheel))}"
 

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config.registry import backend_classes
 from engine.contract import figures as figs
 from engine.report.summary import input_spec, mb, model_format, package_facts
 from engine.report.run_view import FEATURES, RunView, stage_dir
 from engine.store.runs import StageRecord
 
 SKIPPED_SHOWN = 100  # skipped.csv rows listed; the count says how many there are
-EVALUATE_VERSION = 2  # bump when the evaluate section shows something else: memoised by it
+EVALUATE_VERSION = 3  # bump when the evaluate section shows something else: memoised by it
+# 3: an rknn_board row is int8 without a reference row too (Backend.int8, not the kind "rknn")
 
 
 # -- dataset ------------------------------------------------------------------------------------------
@@ -169,8 +171,10 @@ def shipped_by(view: RunView, model_stage: str | None) -> list[dict[str, str]]:
 
 
 def is_int8(row: dict[str, Any]) -> bool:
-    """A quantized backend: evaluate scores it against the top-1 drop target (RKNN int8 builds)."""
-    return str(row.get("target", "")).startswith("top-1 drop") or row.get("kind") == "rknn"
+    """A quantized backend: evaluate scored it against the top-1 drop target, or its backend class says
+    it is int8 (RKNN builds; the registry through the entry points, engine/config/registry.py)."""
+    return (str(row.get("target", "")).startswith("top-1 drop")
+            or row.get("kind") in {cls.kind for cls in backend_classes() if cls.int8})
 
 
 # -- package ------------------------------------------------------------------------------------------

@@ -14,24 +14,21 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-# model files per format, as the stages write them (DEVELOPERS.md "Folder formats")
-MODEL_FILES = {
-    "PyTorch (model.pt)": ("model.pt",),
-    "TorchScript": ("model.torchscript.pt",),
-    "ONNX": ("model.onnx",),
-    "ncnn": ("model.ncnn.param", "model.ncnn.bin"),
-    "RKNN": ("model.rknn",),
-}
+from engine.config.registry import backend_classes
+
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # state_dict entries that are not parameters
 CHANGES_SHOWN = 60
 
 
 def model_format(folder: Path) -> tuple[str, int] | None:
-    """(format, bytes on disk) of the model a stage folder holds, or None."""
-    for fmt, files in MODEL_FILES.items():
-        paths = [folder / f for f in files]
+    """(format, bytes on disk) of the model a stage folder holds, or None: the first registered backend
+    (engine/config/registry.py) whose files the folder holds all of, by its report name."""
+    for backend in backend_classes():
+        if backend.report_name is None:  # stored logits, not a model file format
+            continue
+        paths = [folder / f for f in backend.model_files()]
         if all(p.is_file() for p in paths):
-            return fmt, sum(p.stat().st_size for p in paths)
+            return backend.report_name, sum(p.stat().st_size for p in paths)
     return None
 
 

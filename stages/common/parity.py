@@ -1,12 +1,12 @@
 """Parity checks between two backends of the same model, shared by every converting stage.
 
 Each converting stage (``export_onnx``, ``export_torchscript``, ``ncnn``) runs the model it produced
-and the model it started from, both loaded through the backend registry
-(``stages.common.backends``), on the same inputs and records how far apart the logits are, so a
-conversion is verified, never assumed:
+and the model it started from, both loaded through the backend registry (``backends.base``, the
+``edgepipe.backends`` entry points), on the same inputs and records how far apart the logits are, so
+a conversion is verified, never assumed:
 
-    reference = backends.load("torch", src, batch=None)          # one sample at a time
-    candidate = backends.load("onnx", out, {"input": "input0"})
+    reference = load_backend("torch", src, batch=None)          # one sample at a time
+    candidate = load_backend("onnx", out, {"input": "input0"})
     result = check_backends(reference, candidate, spec, params, out, what="ONNX Runtime vs PyTorch",
                             hint="Raise export.tolerance only if you accept that difference")
 
