@@ -122,17 +122,17 @@ class Backend:
     def _load(self) -> None:
         raise NotImplementedError
 
-    def logits(self, x: "np.ndarray") -> "np.ndarray":
+    def logits(self, x: np.ndarray) -> np.ndarray:
         """N x K float32 logits for normalised float32 N x C x H x W inputs."""
         raise NotImplementedError
 
     def check_data(self, data: Path, split: str, classes: list[str]) -> None:
         """Refuse a dataset the backend cannot score (precomputed backends: another split)."""
 
-    def stored_logits(self) -> "np.ndarray":
+    def stored_logits(self) -> np.ndarray:
         raise BackendError(f"{self.folder}: a {self.kind} backend computes its logits (logits(x))")
 
-    def stored_crop_logits(self) -> "np.ndarray | None":
+    def stored_crop_logits(self) -> np.ndarray | None:
         """Precomputed backends: N x K x C logits of evaluate.multicrop's K crops, or None."""
         return None
 

@@ -4,7 +4,6 @@ the ncnn stage's output and the MaixII-Dock package (MaixHub converts it to awnn
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 from .base import Backend, BackendError
 
@@ -60,7 +59,7 @@ class NcnnBackend(Backend):
         self.net.clear()
 
 
-def ncnn_net(param: Union[str, Path], bin: Union[str, Path], threads: int = 1):
+def ncnn_net(param: str | Path, bin: str | Path, threads: int = 1):
     """Load an ncnn model on the CPU, fp32 arithmetic and storage (so a check measures the converted
     weights and graph, not a runtime's fp16/bf16 choice). Raises StageError if it does not load."""
     import ncnn

@@ -4,7 +4,6 @@ onnxruntime board's package."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 from .base import Backend
 
@@ -33,7 +32,7 @@ class OnnxBackend(Backend):
         return np.concatenate(outs).astype(np.float32).reshape(len(x), -1)
 
 
-def onnx_session(path: Union[str, Path], threads: int = 1):
+def onnx_session(path: str | Path, threads: int = 1):
     """An onnxruntime CPU session with its native warnings silenced (severity >= error only)."""
     import onnxruntime as ort
 

@@ -47,8 +47,9 @@ def main() -> None:
 
 
 def make_data(work: Path, per_class: int) -> Path:
-    from engine.run.testing import run_stage
     from helpers_data import make_photo_folder
+
+    from engine.run.testing import run_stage
 
     data = work / f"data_{per_class}"
     if not (data / "labels.txt").is_file():

@@ -29,8 +29,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from helpers_data import (CHINESE_NAMES, REAL_PHOTO_EXPERIMENTS, make_real_photo_folder, pretrain_backbone,  # noqa: E402
-                          pretrained_env, real_photo_overrides, torchvision_file_name)
+from helpers_data import (  # noqa: E402
+    CHINESE_NAMES,
+    REAL_PHOTO_EXPERIMENTS,
+    make_real_photo_folder,
+    pretrain_backbone,
+    pretrained_env,
+    real_photo_overrides,
+    torchvision_file_name,
+)
 
 # one finetuning experiment per architecture whose pipeline has no `init` input (rv1103's train starts
 # from its clip stage, which a from-scratch training cannot take)

@@ -38,10 +38,9 @@ class HandLoop:
     """A plain PyTorch training loop over the stage's own loader and model definition."""
 
     def __init__(self, params, data: Path) -> None:
-        from stages.common.preprocess import Preprocess
-
         import torch
 
+        from stages.common.preprocess import Preprocess
         from stages.common.train_data import NpyDataModule
         from stages.common.train_module import Classifier
 

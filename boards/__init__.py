@@ -27,11 +27,12 @@ import json
 import shutil
 import string
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -125,7 +126,7 @@ class BoardSettings(Params):
 
 
 
-def get_board(name: str, settings: BoardSettings | Mapping[str, Any] | None = None) -> "BoardProfile":
+def get_board(name: str, settings: BoardSettings | Mapping[str, Any] | None = None) -> BoardProfile:
     """The profile registered as ``name``, with the user's limits from ``settings`` applied."""
     ep = board_entry_points().get(name)
     if ep is None:
@@ -178,7 +179,7 @@ class BoardProfile(BaseModel):
     # (`edgepipe selftest --emulate`, boards/emulation.py); one per family, not part of facts()
     emulation: ClassVar[Emulation | None] = None
 
-    def with_settings(self, s: BoardSettings) -> "BoardProfile":
+    def with_settings(self, s: BoardSettings) -> BoardProfile:
         if s.name != self.name:
             raise ValueError(f"settings for board {s.name!r} applied to {self.name!r}")
         target = self.quantizer_options.get("target")
@@ -193,7 +194,7 @@ class BoardProfile(BaseModel):
         return self.model_dump(mode="json")
 
     # -- checks on the exported ONNX (preflight) ----------------------------------------------------
-    def check_onnx(self, g: "GraphInfo", spec: "Preprocess | None" = None, io: Mapping | None = None) -> list[Finding]:
+    def check_onnx(self, g: GraphInfo, spec: Preprocess | None = None, io: Mapping | None = None) -> list[Finding]:
         out = self.check_io(g, spec, io)
         out += self.check_normalisation(spec)
         out += self.check_ops(g)
@@ -201,7 +202,7 @@ class BoardProfile(BaseModel):
         out += self.extra_checks(g, spec)
         return out
 
-    def check_io(self, g: "GraphInfo", spec: "Preprocess | None", io: Mapping | None) -> list[Finding]:
+    def check_io(self, g: GraphInfo, spec: Preprocess | None, io: Mapping | None) -> list[Finding]:
         out: list[Finding] = []
         if g.n_inputs != 1 or g.n_outputs != 1:
             out.append(Finding(level="error", check="input",
@@ -244,7 +245,7 @@ class BoardProfile(BaseModel):
                                        f"package expects one score per class (N x classes)"))
         return out
 
-    def preprocess_problems(self, spec: "Preprocess") -> list[tuple[str, str]]:
+    def preprocess_problems(self, spec: Preprocess) -> list[tuple[str, str]]:
         """What this board cannot take in a preprocess spec, as (preprocess field, problem). Known from
         the config alone: the preflight stage reports these at validation, before anything runs."""
         out = []
@@ -260,7 +261,7 @@ class BoardProfile(BaseModel):
                                       f"board={self.name} ({self.title}) takes; lower preprocess.input_size"))
         return out
 
-    def check_normalisation(self, spec: "Preprocess | None") -> list[Finding]:
+    def check_normalisation(self, spec: Preprocess | None) -> list[Finding]:
         if spec is None or self.normalisation != "uniform":
             return []
         try:
@@ -272,7 +273,7 @@ class BoardProfile(BaseModel):
                                     f"train with preprocess=uniform (mean 0.5, std 0.5 -> mean 127.5, norm 1/127.5)")]
         return []
 
-    def check_ops(self, g: "GraphInfo") -> list[Finding]:
+    def check_ops(self, g: GraphInfo) -> list[Finding]:
         out: list[Finding] = []
         seen: set[tuple[str, str]] = set()
         for node in g.nodes:
@@ -288,18 +289,18 @@ class BoardProfile(BaseModel):
                                        message=f"{where}: {table[node.op]}"))
         return out
 
-    def op_applies(self, g: "GraphInfo", node: "Node", level: str) -> bool:
+    def op_applies(self, g: GraphInfo, node: Node, level: str) -> bool:
         """Whether a listed op type is a problem for this node (subclasses narrow it by attributes)."""
         return True
 
-    def estimates(self, g: "GraphInfo") -> dict[str, float]:
+    def estimates(self, g: GraphInfo) -> dict[str, float]:
         """Model file and working-memory estimates on the board, MB."""
         weights = g.n_params * self.weight_bytes / MB
         acts = g.peak_activation_elems * self.activation_bytes / MB
         return {"params": g.n_params, "model_mb": round(weights, 6), "activations_mb": round(acts, 6),
                 "working_mb": round(weights + acts, 6)}
 
-    def check_sizes(self, g: "GraphInfo") -> list[Finding]:
+    def check_sizes(self, g: GraphInfo) -> list[Finding]:
         est = self.estimates(g)
         out: list[Finding] = []
         if self.flash_mb:
@@ -322,7 +323,7 @@ class BoardProfile(BaseModel):
                                        f"estimate leaves them out"))
         return out
 
-    def extra_checks(self, g: "GraphInfo", spec: "Preprocess | None") -> list[Finding]:
+    def extra_checks(self, g: GraphInfo, spec: Preprocess | None) -> list[Finding]:
         return []
 
     # -- checks on the converted model and the package ----------------------------------------------
@@ -335,13 +336,13 @@ class BoardProfile(BaseModel):
                           f"the flash budget of {self.title}", "use a smaller model or raise board.flash_mb")
         return out
 
-    def normalisation_for(self, spec: "Preprocess") -> dict[str, Any]:
+    def normalisation_for(self, spec: Preprocess) -> dict[str, Any]:
         """The normalisation as this board's toolchain takes it (recorded in the manifest)."""
         mean, std = spec.rknn_mean_std()
         return {"mean": list(spec.mean), "std": list(spec.std), "channel_order": spec.channel_order,
                 "mean_values_0_255": mean, "std_values_0_255": std}
 
-    def write_package(self, pkg: "PackageContext") -> None:
+    def write_package(self, pkg: PackageContext) -> None:
         raise NotImplementedError
 
 
@@ -371,7 +372,7 @@ class PackageContext:
     board: BoardProfile
     model_dir: Path  # the model bundle (onnx / ncnn / rknn stage output)
     model_file: Path
-    spec: "Preprocess"
+    spec: Preprocess
     io: dict
     labels: list[str]
     pkg: Path  # the package folder being written

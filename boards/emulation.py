@@ -23,9 +23,9 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 CACHE_ENV = "EDGEPIPE_EMULATION_CACHE"
 SUITE = "bookworm"  # Debian 12: Python 3.11, glibc 2.36 (what Raspberry Pi OS and RK35 boards' Debian ship)

@@ -12,9 +12,10 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 # ops that are no-ops in any converter (they disappear before the board sees the graph)
 NO_OPS = frozenset({"Identity", "Dropout"})

@@ -20,8 +20,9 @@ Package: the MaixHub upload zip (``images/`` with the calibration images and not
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
@@ -81,7 +82,7 @@ class MaixIIDock(BoardProfile):
         "ram_mb": "V831 integrates 64 MB DDR2",
     })
 
-    def normalisation_for(self, spec: "Preprocess") -> dict[str, Any]:
+    def normalisation_for(self, spec: Preprocess) -> dict[str, Any]:
         out = super().normalisation_for(spec)
         try:
             mean, norm = spec.awnn_mean_norm()
@@ -91,7 +92,7 @@ class MaixIIDock(BoardProfile):
         return out
 
     # -- preflight --------------------------------------------------------------------------------
-    def extra_checks(self, g: "GraphInfo", spec: "Preprocess | None") -> list[Finding]:
+    def extra_checks(self, g: GraphInfo, spec: Preprocess | None) -> list[Finding]:
         pooled, out = self._pooled_chains(g)
         out = self._relayouts(g, pooled) + out
         other = sorted(set(n.op for n in g.nodes) - RESNET_OPS)
@@ -101,7 +102,7 @@ class MaixIIDock(BoardProfile):
                                        f"awnn here: {', '.join(other)}; check MaixHub's conversion report"))
         return out
 
-    def _relayouts(self, g: "GraphInfo", pooled: Mapping[str, Any]) -> list[Finding]:
+    def _relayouts(self, g: GraphInfo, pooled: Mapping[str, Any]) -> list[Finding]:
         """Reshape-type ops become real ncnn Flatten/Reshape/Permute layers unless they act on the
         1-D blob of a global pooling (pnnx folds those away) or on an already flat tensor."""
         out = []
@@ -116,14 +117,14 @@ class MaixIIDock(BoardProfile):
                                            f"{_ncnn_name(node.op)} layer, which awnn cannot run; {_FIX}"))
         return out
 
-    def _pooled_chains(self, g: "GraphInfo") -> tuple[dict, list[Finding]]:
+    def _pooled_chains(self, g: GraphInfo) -> tuple[dict, list[Finding]]:
         """Follow global poolings the way pnnx converts them: an ncnn global Pooling gives a 1-D blob.
         Flatten, Linear, 1x1 convs, activations and element-wise ops among pooled tensors keep it 1-D;
         an element-wise op with a feature map (squeeze-excitation) ends the chain; any other consumer
         (a mean, a Pow, a wider conv) or a 4-D graph output makes pnnx insert a Reshape."""
         out: list[Finding] = []
         const = set(g.constants)
-        pooled: dict[str, "Node"] = {}  # tensor -> the global pooling it derives from
+        pooled: dict[str, Node] = {}  # tensor -> the global pooling it derives from
         for node in g.nodes:
             ins = [i for i in node.inputs if i]
             if ins and all(i in const for i in ins):

@@ -3,7 +3,8 @@ ONNX Runtime on the CPU, preprocessed by the shared ``preprocess.py`` copied ver
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from pydantic import Field
 

@@ -87,14 +87,14 @@ class RockchipBoard(BoardProfile):
     activation_bytes: float = 1.0
 
     @model_validator(mode="after")
-    def _known_chip(self) -> "RockchipBoard":
+    def _known_chip(self) -> RockchipBoard:
         target = self.quantizer_options.get("target")
         if target not in RKNN_CHIPS:
             raise ValueError(f"quantizer_options.target {target!r} is not a Rockchip chip rknn-toolkit2 builds for "
                              f"({', '.join(RKNN_CHIPS)}; boards/rockchip.py RKNN_CHIPS)")
         return self
 
-    def op_applies(self, g: "GraphInfo", node: "Node", level: str) -> bool:
+    def op_applies(self, g: GraphInfo, node: Node, level: str) -> bool:
         if node.op == "Pow":
             exponent = g.constant(node.inputs[1]) if len(node.inputs) > 1 else None
             if exponent is None:
@@ -106,7 +106,7 @@ class RockchipBoard(BoardProfile):
             return not node.attrs.get("count_include_pad", 0) and any(node.attrs.get("pads", []) or [0])
         return True
 
-    def normalisation_for(self, spec: "Preprocess") -> dict[str, Any]:
+    def normalisation_for(self, spec: Preprocess) -> dict[str, Any]:
         out = super().normalisation_for(spec)
         out["where"] = "inside model.rknn (rknn config mean_values/std_values); feed uint8 RGB"
         return out

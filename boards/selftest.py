@@ -12,8 +12,17 @@ import tempfile
 from pathlib import Path
 
 from boards import UnknownBoard, get_board
-from boards.emulation import (ARCHES, PYTHON_VERSION, SUITE, Emulation, EmulationError, install_hint, missing_tools,
-                              package_folder, run_python)
+from boards.emulation import (
+    ARCHES,
+    PYTHON_VERSION,
+    SUITE,
+    Emulation,
+    EmulationError,
+    install_hint,
+    missing_tools,
+    package_folder,
+    run_python,
+)
 
 
 def board_of(package: Path):

@@ -17,8 +17,9 @@ Config section ``calibration`` (conf/calibration/default.yaml).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -88,7 +89,7 @@ class Calibration(Stage):
         split: Literal["train", "val", "test"] = "train"
         seed: int = 0
 
-    def run(self, params: "Calibration.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
+    def run(self, params: Calibration.Params, inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
         from PIL import Image
 
         from stages.common.splits import load_split

@@ -62,7 +62,7 @@ class ClipOutliers(Stage):
         model: ModelParams = ModelParams()
 
         @model_validator(mode="after")
-        def _check(self) -> "ClipOutliers.Params":
+        def _check(self) -> ClipOutliers.Params:
             if not 50.0 < self.percentile <= 100.0:
                 raise ValueError("percentile must be in (50, 100]: the range kept is [100 - p, p]")
             if self.k <= 0:
@@ -70,14 +70,14 @@ class ClipOutliers(Stage):
             return self
 
     @classmethod
-    def check_inputs(cls, params: "ClipOutliers.Params", wired: set[str]):
+    def check_inputs(cls, params: ClipOutliers.Params, wired: set[str]):
         # said at plan, before the dataset stage runs: the user set neither, and model.pretrained is
         # the key the experiments name (clip.weights only overrides it)
         if "model" not in wired and params.weights is None and params.model.pretrained is None:
             yield ("model.pretrained", "clip_outliers has no weights to clip: set model.pretrained (imagenet, or a "
                                        "weights file), or wire a 'model' input (a folder with model.pt)")
 
-    def run(self, params: "ClipOutliers.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]:
+    def run(self, params: ClipOutliers.Params, inputs, out: Path, ctx: Context) -> dict[str, Any]:
         from stages.common.bundle import write_labels
         from stages.common.models import save_model
 
@@ -95,11 +95,17 @@ class ClipOutliers(Stage):
         return {k: v for k, v in summary.items() if k in keep}
 
 
-def _load(p: "ClipOutliers.Params", src_dir, ctx: Context):
+def _load(p: ClipOutliers.Params, src_dir, ctx: Context):
     """(module in eval mode, arch, num_classes, class names or None) from the 'model' input or a
     weights file (clip.weights, else model.pretrained: a file, or torchvision's weights by name)."""
     from stages.common.models import (
-        WeightsError, build_model, infer_num_classes, labels_beside, load_weights, read_bundle, read_state_dict,
+        WeightsError,
+        build_model,
+        infer_num_classes,
+        labels_beside,
+        load_weights,
+        read_bundle,
+        read_state_dict,
     )
     from stages.common.pretrained import categories, published_hash_mismatch
 
@@ -133,7 +139,7 @@ def _load(p: "ClipOutliers.Params", src_dir, ctx: Context):
     return module.eval(), arch, num_classes, labels
 
 
-def _clip(module, p: "ClipOutliers.Params", ctx: Context) -> list[dict]:
+def _clip(module, p: ClipOutliers.Params, ctx: Context) -> list[dict]:
     """Clip every conv/linear (and, unless excluded, BN) weight in place; one report row per layer."""
     import torch
 
@@ -152,7 +158,7 @@ def _clip(module, p: "ClipOutliers.Params", ctx: Context) -> list[dict]:
     return rows
 
 
-def _skip_reason(p: "ClipOutliers.Params", layers, name: str, kind: str) -> str | None:
+def _skip_reason(p: ClipOutliers.Params, layers, name: str, kind: str) -> str | None:
     if p.method == "none":
         return "method none"
     if kind == "bn" and p.exclude_bn:
@@ -181,7 +187,7 @@ def _row(name: str, kind: str, before, after, reason: str | None) -> dict[str, A
     }
 
 
-def _write_report(out: Path, rows: list[dict], p: "ClipOutliers.Params", recalibrated: int | None) -> dict[str, Any]:
+def _write_report(out: Path, rows: list[dict], p: ClipOutliers.Params, recalibrated: int | None) -> dict[str, Any]:
     """clip_report.csv (a row per layer) and clip_report.json (summary + rows); returns the summary."""
     fields = list(rows[0].keys()) if rows else ["layer"]
     with open(out / "clip_report.csv", "w", newline="", encoding="utf-8") as f:
@@ -207,7 +213,7 @@ def _write_report(out: Path, rows: list[dict], p: "ClipOutliers.Params", recalib
     return summary
 
 
-def _recalibrate_bn(module, data, p: "ClipOutliers.Params", rows: list[dict], ctx: Context) -> int | None:
+def _recalibrate_bn(module, data, p: ClipOutliers.Params, rows: list[dict], ctx: Context) -> int | None:
     """Recompute BatchNorm statistics over the data input's training images when clipping changed any
     weight; the number of images used, or None when they were not recomputed (and why is logged)."""
     from stages.common.batchnorm import batchnorm_layers, recalibrate

@@ -43,11 +43,12 @@ import re
 import struct
 import unicodedata
 from collections import Counter, defaultdict, deque
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -75,7 +76,7 @@ class SplitRatios(Params):
     test: float = 0.1
 
     @model_validator(mode="after")
-    def _check(self) -> "SplitRatios":
+    def _check(self) -> SplitRatios:
         for k in ("val", "test"):
             if not 0.0 <= getattr(self, k) < 1.0:
                 raise ValueError(f"split.{k} must be in [0, 1)")
@@ -282,7 +283,7 @@ class _Decoded:
     n_decoded: int = 0
 
     @classmethod
-    def empty(cls, n: int) -> "_Decoded":
+    def empty(cls, n: int) -> _Decoded:
         return cls([None] * n, [None] * n, [None] * n)
 
     def skipped(self, items: list[_Item]) -> list[tuple[str, str]]:
@@ -477,7 +478,7 @@ class Dataset(Stage):
             return value
 
         @model_validator(mode="after")
-        def _check(self) -> "Dataset.Params":
+        def _check(self) -> Dataset.Params:
             if self.kind != "digits" and self.path is None:
                 raise ValueError(f"dataset.path is required for kind={self.kind} (a folder or file)")
             if not self.separator:
@@ -492,7 +493,7 @@ class Dataset(Stage):
             return self
 
     # ------------------------------------------------------------------------------------------
-    def run(self, params: "Dataset.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]:
+    def run(self, params: Dataset.Params, inputs, out: Path, ctx: Context) -> dict[str, Any]:
         p = params
         given = self._given_classes(p)
         if p.group_by and p.kind in ("digits", "idx"):
@@ -563,7 +564,7 @@ class Dataset(Stage):
 
     # -- classes --------------------------------------------------------------------------------
     @staticmethod
-    def _given_classes(p: "Dataset.Params") -> list[str] | None:
+    def _given_classes(p: Dataset.Params) -> list[str] | None:
         if p.classes is not None:
             names = [_nfc(str(c)) for c in p.classes]
         elif p.classes_file is not None:

@@ -37,17 +37,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from engine.contract.markdown import code, escape
-from engine.contract.stage import NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from backends import base as backends
 from backends.base import Backend
+from engine.contract.markdown import code, escape
+from engine.contract.stage import NOT_IN_KEY, Context, Input, Params, Stage, StageError
 from stages.common.bundle import LABELS, PREPROCESS, check_bundle, read_io, read_labels
 from stages.common.multicrop import MultiCrop, combine_crops, crop_batches, crop_boxes, original_files
 
@@ -92,13 +93,13 @@ class Evaluate(Stage):
         threads: Annotated[int, NOT_IN_KEY] = Field(1, ge=1)
 
         @model_validator(mode="after")
-        def _check(self) -> "Evaluate.Params":
+        def _check(self) -> Evaluate.Params:
             if self.multicrop.enabled and self.multicrop.root is None:
                 raise ValueError("multicrop.enabled=true needs multicrop.root: the folder the dataset's index.csv "
                                  "paths are relative to (usually dataset.path)")
             return self
 
-    def run(self, p: "Evaluate.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
+    def run(self, p: Evaluate.Params, inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
         split = _read_split(inputs["data"], p)
         models = [m for name, folder in inputs.items() if name != "data"
                   for m in _load_backends(name, folder, split, p, ctx)]

@@ -12,8 +12,9 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pydantic import Field, field_validator
 
@@ -54,7 +55,7 @@ class ExportOnnx(Stage):
                 raise ValueError("a tensor name must be non-empty and hold no spaces")
             return v
 
-    def run(self, params: "ExportOnnx.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
+    def run(self, params: ExportOnnx.Params, inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
         from backends.base import load as load_backend
         from stages.common import parity
         from stages.common.bundle import copy_forward
@@ -98,7 +99,7 @@ class ExportOnnx(Stage):
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
-def export_onnx(module, path: Path, shape: list[int], params: "ExportOnnx.Params", ctx: Context) -> None:
+def export_onnx(module, path: Path, shape: list[int], params: ExportOnnx.Params, ctx: Context) -> None:
     import torch
 
     dummy = torch.zeros(*shape, dtype=torch.float32)

@@ -25,8 +25,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -60,7 +61,7 @@ class NcnnConvert(Stage):
         # give up on pnnx after this many seconds
         timeout_s: Annotated[int, NOT_IN_KEY] = Field(600, ge=1)
 
-    def run(self, params: "NcnnConvert.Params", inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
+    def run(self, params: NcnnConvert.Params, inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
         from stages.common import parity
         from stages.common.bundle import FORWARD, IO, check_bundle, copy_forward, read_io
         from stages.common.preprocess import Preprocess
@@ -97,7 +98,7 @@ class NcnnConvert(Stage):
         }
 
 
-def _convert(onnx: Path, shape: list[int], params: "NcnnConvert.Params", out: Path) -> tuple[str, list[str], list[str]]:
+def _convert(onnx: Path, shape: list[int], params: NcnnConvert.Params, out: Path) -> tuple[str, list[str], list[str]]:
     """pnnx in a scratch folder -> out/model.ncnn.param (Input shape patched) and .bin; (param text, input
     blobs, output blobs). Everything pnnx prints goes to out/pnnx.log."""
     log = out / "pnnx.log"
@@ -117,7 +118,7 @@ def _convert(onnx: Path, shape: list[int], params: "NcnnConvert.Params", out: Pa
     return param_text, ins, outs
 
 
-def _parity(src: Path, io_in: dict, out: Path, io: dict, spec, params: "NcnnConvert.Params", channels: int) -> dict:
+def _parity(src: Path, io_in: dict, out: Path, io: dict, spec, params: NcnnConvert.Params, channels: int) -> dict:
     """ncnn (the files just written) against ONNX Runtime (the input), through the backend registry."""
     from backends.base import load as load_backend
     from stages.common import parity
@@ -161,7 +162,7 @@ def _reason(text: str) -> str:
     return lines[-1][:200] if lines else "no output"
 
 
-def run_pnnx(onnx_path: Path, shape: list[int], params: "NcnnConvert.Params", log: Path) -> tuple[str, Path, Path]:
+def run_pnnx(onnx_path: Path, shape: list[int], params: NcnnConvert.Params, log: Path) -> tuple[str, Path, Path]:
     """Run pnnx on a copy of ``onnx_path`` in a scratch folder; returns (param text, bin path, scratch
     folder -- the caller removes it). pnnx's output is written to ``log``. The scratch folder is made
     next to ``log`` (in the stage's temp folder), so a run killed mid-conversion leaves it where

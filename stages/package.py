@@ -33,11 +33,11 @@ from typing import Any
 
 from pydantic import Field
 
+from backends.base import by_kind, registered
 from boards import BoardName, BoardSettings, Finding, PackageContext, get_board, write_zip
 from boards.golden import GoldenError, write_golden
 from engine.contract.hashing import sha256_file
 from engine.contract.stage import Input, Params, Refusal, Stage, StageError
-from backends.base import by_kind, registered
 from stages.common.bundle import FORWARD, check_bundle, read_io, read_labels
 
 PACKAGE_FORMAT = "edgepipe.package/1"
@@ -72,7 +72,7 @@ class Package(Stage):
         # false: packaged anyway, the miss noted and in the manifest's accuracy
         enforce_targets: bool = False
 
-    def run(self, p: "Package.Params", inputs, out: Path, ctx) -> dict[str, Any]:
+    def run(self, p: Package.Params, inputs, out: Path, ctx) -> dict[str, Any]:
         from stages.common.preprocess import Preprocess
 
         settings = p.board_settings if p.board_settings and p.board_settings.name == p.board else None
@@ -157,9 +157,9 @@ def _check_targets(eval_dir: Path | None, ctx, enforce: bool, board: str) -> Non
     shipped = {name: row for name, row in _eval_rows(eval_dir).items() if digest and row.get("model_digest") == digest}
     if not shipped:
         if enforce:
-            raise StageError(f"package.enforce_targets=true, but the evaluate stage (input eval) did not score the "
-                             f"shipped model (input model): add it to that stage's needs, or set "
-                             f"package.enforce_targets=false")
+            raise StageError("package.enforce_targets=true, but the evaluate stage (input eval) did not score the "
+                             "shipped model (input model): add it to that stage's needs, or set "
+                             "package.enforce_targets=false")
         return
     missed = [f"{name} {row['missed']}" for name, row in shipped.items() if row.get("missed")]
     if missed and enforce:

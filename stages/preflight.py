@@ -18,8 +18,9 @@ entry: ``after: [preflight]`` (ordering only; not an input, not part of their ca
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Iterable
+from typing import Annotated, Any
 
 from boards import BoardSettings, Finding, get_board
 from engine.contract.stage import NOT_IN_KEY, Input, Params, Stage, StageError
@@ -43,7 +44,7 @@ class Preflight(Stage):
         preprocess: Annotated[Preprocess | None, NOT_IN_KEY] = None
 
     @classmethod
-    def check(cls, p: "Preflight.Params") -> Iterable[tuple[str, str]]:
+    def check(cls, p: Preflight.Params) -> Iterable[tuple[str, str]]:
         try:
             board = get_board(p.board.name, p.board)
         except ValueError as e:  # board.rknn_target that is not the board's
@@ -52,7 +53,7 @@ class Preflight(Stage):
             return []
         return [(f"preprocess.{field}", problem) for field, problem in board.preprocess_problems(p.preprocess)]
 
-    def run(self, p: "Preflight.Params", inputs, out: Path, ctx) -> dict[str, Any]:
+    def run(self, p: Preflight.Params, inputs, out: Path, ctx) -> dict[str, Any]:
         from boards.graph import analyze
 
         src = inputs["onnx"]

@@ -126,7 +126,7 @@ class RknnQuantize(Stage):
         board_eval: BoardEval = BoardEval()
 
         @model_validator(mode="after")
-        def _check(self) -> "RknnQuantize.Params":
+        def _check(self) -> RknnQuantize.Params:
             if not self.do_quantization and self.target in INT_ONLY_TARGETS:
                 raise ValueError(
                     f"do_quantization=false: {self.target} has no float16 NPU path, rknn-toolkit2 only builds "
@@ -144,7 +144,7 @@ class RknnQuantize(Stage):
         """run --jobs: an mmse build holds ~1.7 GB (resnet18 in one process); normal and kl much less."""
         return 1800 if params.do_quantization and params.algorithm == "mmse" else cls.peak_memory_mb
 
-    def run(self, p: "RknnQuantize.Params", inputs, out: Path, ctx) -> dict[str, Any]:
+    def run(self, p: RknnQuantize.Params, inputs, out: Path, ctx) -> dict[str, Any]:
         from stages.common.bundle import copy_forward
 
         onnx_dir = inputs["onnx"]
@@ -389,7 +389,7 @@ def _build_info(p, spec, io: dict, shape: list[int], n_calib: int) -> dict[str, 
     }
 
 
-def _failure_message(e: "ToolkitFailure", log_path: Path, p) -> str:
+def _failure_message(e: ToolkitFailure, log_path: Path, p) -> str:
     """One line for a toolkit failure; on the board, what `adb devices` sees."""
     if e.board:
         return (f"rknn on board {p.board_eval.device_id} failed: {e.what}: {reason(e, log_path)}; `adb devices` "

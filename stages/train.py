@@ -58,7 +58,7 @@ class Augment(Params):
     hue: float = 0.0
 
     @model_validator(mode="after")
-    def _check(self) -> "Augment":
+    def _check(self) -> Augment:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError("crop_scale must satisfy 0 < low <= high <= 1")
@@ -153,7 +153,7 @@ class Train(Stage):
             return v
 
         @model_validator(mode="after")
-        def _check(self) -> "Train.Params":
+        def _check(self) -> Train.Params:
             if self.epochs < 1:
                 raise ValueError("epochs must be >= 1")
             if self.batch_size < 1:
@@ -177,14 +177,14 @@ class Train(Stage):
             return self
 
     @classmethod
-    def check_inputs(cls, params: "Train.Params", wired: set[str]):
+    def check_inputs(cls, params: Train.Params, wired: set[str]):
         # said at plan, not after the dataset stage ran
         if params.mode == "finetune" and "init" not in wired and params.model.pretrained is None:
             yield ("model.pretrained", "train.mode=finetune needs starting weights: set model.pretrained (imagenet, "
                                        "or a weights file), or wire an 'init' input (a folder with model.pt)")
 
     # ------------------------------------------------------------------------------------------
-    def run(self, params: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]:
+    def run(self, params: Train.Params, inputs, out: Path, ctx: Context) -> dict[str, Any]:
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
@@ -214,7 +214,7 @@ def _write_warnings(caught, path: Path) -> None:
         path.write_text("\n".join(seen) + "\n", encoding="utf-8")
 
 
-def _opt_dict(p: "Train.Params") -> dict:
+def _opt_dict(p: Train.Params) -> dict:
     keys = ("optimizer", "lr", "weight_decay", "momentum", "nesterov", "scheduler", "step_every", "step_factor",
             "min_lr", "label_smoothing", "epochs", "seed")
     return {k: getattr(p, k) for k in keys}
@@ -228,7 +228,7 @@ def _read_classes(data: Path) -> list[str]:
     return read_labels(data)
 
 
-def _resume_checkpoint(p: "Train.Params", inputs) -> Path:
+def _resume_checkpoint(p: Train.Params, inputs) -> Path:
     src = p.resume_from if p.resume_from is not None else inputs.get("init")
     if src is None:
         raise StageError("train.mode=resume needs train.resume_from (a .ckpt or a train output) or an 'init' input")
@@ -253,7 +253,7 @@ def _next_epoch(ckpt_path: Path) -> int:
         return int(ck.get("epoch", -1)) + 1 if isinstance(ck, dict) else 0
 
 
-def _finetune_source(p: "Train.Params", inputs) -> Path | None:
+def _finetune_source(p: Train.Params, inputs) -> Path | None:
     """The weights file a finetune starts from (None for other modes); mode/input mismatches are errors."""
     init = inputs.get("init")
     if p.mode == "fromscratch":
@@ -277,7 +277,7 @@ def _finetune_source(p: "Train.Params", inputs) -> Path | None:
     return Path(p.model.pretrained)
 
 
-def make_trainer(p: "Train.Params", out: Path, callbacks: list, loggers: bool = True):
+def make_trainer(p: Train.Params, out: Path, callbacks: list, loggers: bool = True):
     """The Trainer the stage uses (also used by bench/train_throughput.py)."""
     import pytorch_lightning as pl
 
@@ -316,7 +316,7 @@ def make_trainer(p: "Train.Params", out: Path, callbacks: list, loggers: bool = 
     )
 
 
-def _build_module(p: "Train.Params", classes: list[str], weights_src: Path | None, inputs, ctx: Context):
+def _build_module(p: Train.Params, classes: list[str], weights_src: Path | None, inputs, ctx: Context):
     """The LightningModule, with finetune weights loaded (the head following the class names when the
     source carries them); (module, init report or None)."""
     from stages.common.bundle import read_labels
@@ -350,7 +350,7 @@ def _build_module(p: "Train.Params", classes: list[str], weights_src: Path | Non
     return module, report
 
 
-def _fit(p: "Train.Params", trainer, module, dm, ckpt_path: Path | None, has_val: bool) -> None:
+def _fit(p: Train.Params, trainer, module, dm, ckpt_path: Path | None, has_val: bool) -> None:
     """trainer.fit with the failures a user can fix turned into one-line errors."""
     from stages.common.train_module import NonFiniteLoss
 
@@ -404,7 +404,7 @@ def _copy_resume_best(ckpt_path: Path | None, out: Path) -> None:
         shutil.copyfile(best_src, out / "checkpoints" / "best.ckpt")
 
 
-def _callbacks(p: "Train.Params", out: Path, ctx: Context, has_val: bool, recal_batches):
+def _callbacks(p: Train.Params, out: Path, ctx: Context, has_val: bool, recal_batches):
     """(EpochBook, BnRecalibration or None, every callback in Lightning's order)."""
     from stages.common.train_module import BnRecalibration, EpochBook
 
@@ -421,7 +421,7 @@ def _callbacks(p: "Train.Params", out: Path, ctx: Context, has_val: bool, recal_
     return book, recal, callbacks
 
 
-def _check_train_size(data: Path, p: "Train.Params") -> None:
+def _check_train_size(data: Path, p: Train.Params) -> None:
     """Every DDP rank needs at least one full batch (a rank without one would leave the others waiting)."""
     from stages.common.splits import load_split
 
@@ -431,7 +431,7 @@ def _check_train_size(data: Path, p: "Train.Params") -> None:
                          f"train.devices={p.devices} x train.batch_size={p.batch_size}")
 
 
-def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]:
+def _train(p: Train.Params, inputs, out: Path, ctx: Context) -> dict[str, Any]:
     import pytorch_lightning as pl
     import torch
 
@@ -502,7 +502,7 @@ def _train(p: "Train.Params", inputs, out: Path, ctx: Context) -> dict[str, Any]
 TRAIN_ACC_SAMPLE = 1024
 
 
-def _metrics(p: "Train.Params", dm, book, scores: dict, num_classes: int, has_val: bool, init_report,
+def _metrics(p: Train.Params, dm, book, scores: dict, num_classes: int, has_val: bool, init_report,
              ckpt_path: Path | None) -> dict[str, Any]:
     from stages.common.train_module import learning_check
 

@@ -31,12 +31,20 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from engine.errors import UsageError
-from engine.job.execute import (check_runs_root, checked_pipeline, execute_job, make_run_dir, print_cfg,
-                                runs_root_of, validated_pipeline)
+from engine.job.execute import (
+    check_runs_root,
+    checked_pipeline,
+    execute_job,
+    make_run_dir,
+    print_cfg,
+    runs_root_of,
+    validated_pipeline,
+)
 
 USAGE = __doc__
 
@@ -242,8 +250,8 @@ def _default_runs_root() -> Path:
 def cmd_runs(argv: Sequence[str]) -> int:
     import argparse
 
-    from engine.store import runs
     from engine.report.display import STATUS_STYLE, console
+    from engine.store import runs
 
     ap = argparse.ArgumentParser(prog="edgepipe runs")
     ap.add_argument("--limit", type=int, default=20)
@@ -278,8 +286,8 @@ def cmd_runs(argv: Sequence[str]) -> int:
 def cmd_show(argv: Sequence[str]) -> int:
     import argparse
 
-    from engine.store import runs
     from engine.report.display import STATUS_STYLE, console
+    from engine.store import runs
 
     ap = argparse.ArgumentParser(prog="edgepipe show")
     ap.add_argument("run", nargs="?", default="latest")
@@ -499,9 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         verbs = [*VERBS, *plugins]
         print(f"edgepipe: unknown command '{verb}'{did_you_mean(verb, verbs)}\n\n{USAGE.strip()}", file=sys.stderr)
         return 2
+    from engine.cli.init_project import InitError
     from engine.config.compose import ComposeError
     from engine.errors import ConfigError, PluginError, RemoteError
-    from engine.cli.init_project import InitError
     from engine.store.runs import RunFolderError
 
     try:

@@ -10,7 +10,7 @@ plugin reads the line after the program's name; edgepipe takes its verb and its 
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 ACTIONS = ("install", "uninstall", "query")
 COMPOSING_VERBS = ("run", "plan", "dag", "pull")

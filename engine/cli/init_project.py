@@ -4,9 +4,9 @@ layered under the project's conf/ (engine/compose.py), so upgrading edgepipe nev
 
 from __future__ import annotations
 
-from engine.errors import InitError  # re-exported: raised here
-
 from pathlib import Path
+
+from engine.errors import InitError as InitError  # re-exported: raised here
 
 EXPERIMENT = """\
 # @package _global_

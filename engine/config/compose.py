@@ -15,8 +15,6 @@ primary config too (the built-in groups stay available behind it).
 
 from __future__ import annotations
 
-from engine.errors import ComposeError  # re-exported: raised here
-
 import importlib.util
 import os
 import re
@@ -27,6 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from engine.config import compose_cache
+from engine.errors import ComposeError as ComposeError  # re-exported: raised here
 
 CONFIG_NAME = "config"
 CONFIG_NAME_ENV = "EDGEPIPE_CONFIG_NAME"  # -cn/--config-name: another primary config than config.yaml

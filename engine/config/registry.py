@@ -7,8 +7,6 @@ import or instantiate arbitrary code.
 
 from __future__ import annotations
 
-from engine.errors import UnknownStageType  # re-exported: raised here
-
 import importlib
 import inspect
 import os
@@ -17,6 +15,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 from engine.errors import PluginError
+from engine.errors import UnknownStageType as UnknownStageType  # re-exported: raised here
 
 if TYPE_CHECKING:  # the stage contract (pydantic) loads with the first stage type asked for
     from engine.contract.stage import Stage

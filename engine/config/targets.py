@@ -15,7 +15,8 @@ callback writes a `.pth` file into site-packages, which the next Python start ru
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 # Hydra's launcher and sweeper plugins (the classes their own configs name). edgepipe's own configs
 # name no `_target_` today; a class edgepipe adds for Hydra to instantiate goes here too.

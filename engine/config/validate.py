@@ -4,19 +4,20 @@ the bad value and what is allowed."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.config import registry
-from engine.store.cache import KeyRecipe, key_recipe
 from engine.config.compose import check_run_name
-from engine.errors import ConfigError, config_key, did_you_mean
 from engine.contract.stage import Stage
+from engine.errors import ConfigError, config_key, did_you_mean
+from engine.store.cache import KeyRecipe, key_recipe
 
 
 class PipelineEntry(BaseModel):

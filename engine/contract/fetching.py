@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+from collections.abc import Iterator
 
 _FETCHING: contextvars.ContextVar[bool] = contextvars.ContextVar("edgepipe_fetching", default=False)
 

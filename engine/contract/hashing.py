@@ -13,9 +13,10 @@ import sqlite3
 import sys
 import threading
 from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 _CHUNK = 1 << 20
 

@@ -8,8 +8,8 @@ another process opens it would let two processes hold "the same" lock).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 

@@ -11,14 +11,16 @@ inside ``run`` so that planning and fully cached runs stay fast.
 
 from __future__ import annotations
 
-from engine.errors import StageError, Refusal  # re-exported: raised here
-
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Iterable, Mapping
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+from engine.errors import Refusal as Refusal  # re-exported: what a stage raises
+from engine.errors import StageError as StageError
 
 
 class Params(BaseModel):

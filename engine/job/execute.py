@@ -169,8 +169,8 @@ def execute_job(job, pipeline, options, run_dir: Path, title: str, summary_table
     progress display and the summary (a job in a parallel launcher's worker leaves its table to the
     sweep's end). A single run and every sweep job (any launcher) come here."""
     from engine import __version__
-    from engine.store import runs
     from engine.report.display import Display, summary
+    from engine.store import runs
 
     setup_logging(run_dir)
     record = runs.RunRecord(name=str(job.cfg.name), run_dir=str(run_dir.resolve()),

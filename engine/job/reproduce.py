@@ -16,11 +16,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from engine.store import runs
 from engine.config.compose import one_line, yaml_problem
 from engine.errors import ConfigError
 from engine.report.display import Display, console
 from engine.run.pipeline import Options, Pipeline
+from engine.store import runs
 
 
 def load_run(run_dir: Path):
@@ -115,7 +115,7 @@ def _verify(cfg, original: runs.RunRecord, tolerance: float) -> int:
                 console.print(f"  [red]✗[/] {name}: metrics differ beyond {tolerance}: {'; '.join(diffs)}")
             else:
                 console.print(f"  [green]✓[/] {name}: outputs differ byte-wise, metrics within {tolerance}")
-        console.print(("[green]verified[/]" if not bad else f"[red]{bad} stages differ[/]"))
+        console.print("[green]verified[/]" if not bad else f"[red]{bad} stages differ[/]")
         return 1 if bad else 0
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -72,8 +72,8 @@ class Task:
     def _run(self, cfg: DictConfig, hc: DictConfig, run_dir: Path, num: int, overrides: list[str]) -> dict:
         from rich.markup import escape
 
-        from engine.job import execute
         from engine.config import compose
+        from engine.job import execute
 
         hydra_cfg = OmegaConf.create(OmegaConf.to_container(hc, resolve=False))
         job = compose.Job(overrides, cfg, hydra_cfg, run_dir, Path(str(hc.sweep.dir)),

@@ -9,17 +9,17 @@ calls when it ends. Reads run.json only; never imports torch.
 
 from __future__ import annotations
 
-from engine.errors import CompareError  # re-exported: raised here
-
 import csv
 import html
 import io
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
+from engine.errors import CompareError as CompareError  # re-exported: raised here
 from engine.store.runs import RUN_JSON, RunRecord, flat_metrics, resolve_run
 
 DEFAULT_METRICS = ("seconds",)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from engine.errors import DotMissing  # re-exported: raised here
-
 import shutil
 import subprocess
 from pathlib import Path
+
+from engine.errors import DotMissing as DotMissing  # re-exported: raised here
 
 INSTALL_HINT = ("Graphviz's `dot` is not on PATH: install it (Debian/Ubuntu: apt-get install graphviz; "
                 "macOS: brew install graphviz), or use --format mermaid|dot for text")

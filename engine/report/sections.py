@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.config.registry import backend_classes
 from engine.contract import figures as figs
+from engine.report.run_view import RunView
 from engine.report.summary import input_spec, mb, model_format, package_facts
-from engine.report.run_view import FEATURES, RunView, stage_dir
 from engine.store.runs import StageRecord
 
 SKIPPED_SHOWN = 100  # skipped.csv rows listed; the count says how many there are

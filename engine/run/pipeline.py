@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import logging
-import platform
 import shutil
-import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from engine.store import runs
-from engine.run import scheduler
-from engine.store.cache import Cache, CorruptEntry, Hit, library_versions, read_manifest, stage_key
 from engine.config.dag import Graph
 from engine.report.run_report import write_report
+from engine.run import scheduler
+from engine.store import runs
+from engine.store.cache import Cache, CorruptEntry, Hit, library_versions, read_manifest, stage_key
 from engine.store.runs import RunRecord, StageRecord
 
 if TYPE_CHECKING:  # pydantic, and through it the stage contract, load only when a config is validated
     from engine.config.validate import StageSpec
-    from engine.run.plan_memo import Remembered
     from engine.contract.stage import Stage
+    from engine.run.plan_memo import Remembered
 
 log = logging.getLogger("edgepipe")
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.config import compose_cache
-from engine.store.cache import KeyRecipe, installed_versions
-from engine.contract.hashing import scan_files
 from engine.config.registry import PLUGINS_ENV
+from engine.contract.hashing import scan_files
+from engine.store.cache import KeyRecipe, installed_versions
 
 if TYPE_CHECKING:
     from engine.config.compose import Job

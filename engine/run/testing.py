@@ -8,9 +8,9 @@ that passes here passes in a pipeline.
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from engine.config import registry
 from engine.contract.stage import Stage, invoke

@@ -10,20 +10,28 @@ published the same way.
 
 from __future__ import annotations
 
-from engine.errors import CorruptEntry  # re-exported: raised here
-
 import json
 import logging
 import os
 import shutil
 import stat
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ContextManager
 
 from engine.contract import locks
-from engine.contract.hashing import ContentIndex, content_digest, list_files, matches, sha256_file, sha256_json, tree_digest
+from engine.contract.hashing import (
+    ContentIndex,
+    content_digest,
+    list_files,
+    matches,
+    sha256_file,
+    sha256_json,
+    tree_digest,
+)
+from engine.errors import CorruptEntry as CorruptEntry  # re-exported: raised here
 
 if TYPE_CHECKING:  # pydantic and the stage contract load only where params are validated
     from pydantic import BaseModel

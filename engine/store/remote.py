@@ -20,8 +20,6 @@ gs://..., sftp://...), laid out like the local cache: <type>/<key>/out/... and <
 
 from __future__ import annotations
 
-from engine.errors import Refused, BadSignature, NotPushable  # re-exported: raised here
-
 import hashlib
 import hmac
 import json
@@ -30,16 +28,20 @@ import os
 import posixpath
 import uuid
 import warnings
-from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from engine.store.cache import MANIFEST, OUT, Cache, CorruptEntry, entry_of, output_digest, stage_key
-from engine.errors import RemoteError
 from engine.contract.hashing import canonical_json
+from engine.errors import BadSignature as BadSignature  # re-exported: raised here
+from engine.errors import NotPushable as NotPushable
+from engine.errors import Refused as Refused
+from engine.errors import RemoteError as RemoteError
+from engine.store.cache import MANIFEST, OUT, output_digest
 
 log = logging.getLogger("edgepipe")
 
@@ -72,7 +74,7 @@ class CacheSettings(BaseModel):
     remote_max_entry_size: ByteSize = ByteSize(32 << 30)
 
 
-def from_config(cfg: DictConfig) -> "Remote | None":
+def from_config(cfg: DictConfig) -> Remote | None:
     """The remote named by `cache.remote`, or None. A bad section is a ConfigError naming the key."""
     from engine.errors import ConfigError
 

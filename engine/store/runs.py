@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from engine.errors import RunFolderError  # re-exported: raised here
-
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from engine.errors import RunFolderError as RunFolderError  # re-exported: raised here
 
 RUN_JSON = "run.json"
 
@@ -63,7 +64,7 @@ class RunRecord:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, run_dir: Path) -> "RunRecord":
+    def load(cls, run_dir: Path) -> RunRecord:
         path = Path(run_dir) / RUN_JSON
         try:
             data = json.loads(path.read_text())

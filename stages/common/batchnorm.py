@@ -15,7 +15,7 @@ Imports torch: import it inside a stage's ``run``.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -4,8 +4,9 @@ load the bundle folder, check its input channels, write ``io.json``."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from engine.contract.stage import StageError
 from stages.common.bundle import FORWARD, IO, check_bundle
@@ -14,7 +15,7 @@ from stages.common.bundle import FORWARD, IO, check_bundle
 def load_bundle_folder(src: Path):
     """(module in eval mode, Preprocess, bundle info) from a model folder; StageError naming the
     missing file otherwise."""
-    from stages.common.models import read_bundle, load_model
+    from stages.common.models import load_model, read_bundle
     from stages.common.preprocess import Preprocess
 
     check_bundle(src, ("model.pt", *FORWARD), input="model", hint="expected a train/clip_outliers output")

@@ -32,9 +32,10 @@ Bundle (``model.pt``): ``torch.save({"format": "edgepipe.model/1", "arch": <Mode
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import model_validator
 
@@ -93,7 +94,7 @@ class ModelParams(Params):
         return {**data, "pretrained": path, "pretrained_weights": weights.name}
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelParams":
+    def _check(self) -> ModelParams:
         if self.in_channels < 1:
             raise ValueError("in_channels must be >= 1")
         if self.width_mult <= 0:
@@ -118,7 +119,7 @@ class WeightsError(StageError):
 
 
 # -- building ---------------------------------------------------------------------------------------
-def _params(arch: Union[Mapping[str, Any], ModelParams, str]) -> ModelParams:
+def _params(arch: Mapping[str, Any] | ModelParams | str) -> ModelParams:
     if isinstance(arch, ModelParams):
         return arch
     if isinstance(arch, str):
@@ -126,7 +127,7 @@ def _params(arch: Union[Mapping[str, Any], ModelParams, str]) -> ModelParams:
     return ModelParams.model_validate(dict(arch))
 
 
-def build_model(arch: Union[Mapping[str, Any], ModelParams, str], num_classes: int):
+def build_model(arch: Mapping[str, Any] | ModelParams | str, num_classes: int):
     """A freshly initialised model (never downloads weights; ``pretrained`` is NOT loaded here)."""
     p = _params(arch)
     if num_classes < 2:
@@ -176,12 +177,12 @@ def trainable_prefixes(module) -> tuple[str, ...]:
 
 
 # -- bundles ----------------------------------------------------------------------------------------
-def _bundle_path(path: Union[str, Path]) -> Path:
+def _bundle_path(path: str | Path) -> Path:
     path = Path(path)
     return path / BUNDLE_NAME if path.is_dir() else path
 
 
-def save_model(path: Union[str, Path], module, arch: Union[Mapping[str, Any], ModelParams], num_classes: int) -> Path:
+def save_model(path: str | Path, module, arch: Mapping[str, Any] | ModelParams, num_classes: int) -> Path:
     """Write a ``model.pt`` bundle (a folder gets ``model.pt`` inside it)."""
     import torch
 
@@ -196,7 +197,7 @@ def save_model(path: Union[str, Path], module, arch: Union[Mapping[str, Any], Mo
     return path
 
 
-def safe_torch_load(path: Union[str, Path]):
+def safe_torch_load(path: str | Path):
     """``torch.load`` that never runs code from the file: ``weights_only=True`` always (tensors,
     containers and plain types only), with Lightning's AttributeDict allowed (a dict; our own
     checkpoints' hyper-parameters). A file that needs any other type -- a pickled module, a checkpoint
@@ -226,7 +227,7 @@ def _safe_types() -> list:
     return [AttributeDict]
 
 
-def read_bundle(path: Union[str, Path]) -> dict:
+def read_bundle(path: str | Path) -> dict:
     """The bundle dict of a ``model.pt`` (file or folder holding one)."""
     path = _bundle_path(path)
     if not path.is_file():
@@ -237,7 +238,7 @@ def read_bundle(path: Union[str, Path]) -> dict:
     return obj
 
 
-def load_model(path: Union[str, Path]):
+def load_model(path: str | Path):
     """Rebuild the module stored in a ``model.pt`` bundle, in eval mode."""
     b = read_bundle(path)
     module = build_model(b["arch"], b["num_classes"])
@@ -245,7 +246,7 @@ def load_model(path: Union[str, Path]):
     return module.eval()
 
 
-def read_state_dict(path: Union[str, Path]) -> tuple[dict, dict]:
+def read_state_dict(path: str | Path) -> tuple[dict, dict]:
     """(state_dict, info) from any supported weights file: a torchvision state_dict, a model.pt bundle
     (file or folder), a Lightning checkpoint of the train stage. Read with safe_torch_load: nothing in the file runs.
     info holds ``kind`` and, for bundles and train checkpoints, ``arch`` and ``num_classes``."""
@@ -292,7 +293,7 @@ def _fmt_keys(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def infer_num_classes(state_dict: Mapping[str, Any], arch: Union[Mapping[str, Any], ModelParams]) -> int:
+def infer_num_classes(state_dict: Mapping[str, Any], arch: Mapping[str, Any] | ModelParams) -> int:
     """The class count a state_dict's head was trained for."""
     p = _params(arch)
     key = "fc.weight" if p.arch in ("resnet18", "gem_resnet") else "classifier.3.weight"
@@ -301,7 +302,7 @@ def infer_num_classes(state_dict: Mapping[str, Any], arch: Union[Mapping[str, An
     return int(state_dict[key].shape[0])
 
 
-def load_weights(module, source: Union[str, Path, Mapping[str, Any]], labels: list[str] | None = None,
+def load_weights(module, source: str | Path | Mapping[str, Any], labels: list[str] | None = None,
                  source_labels: list[str] | None = None) -> dict:
     """Load weights into ``module``: a path (any format ``read_state_dict`` takes) or a state_dict.
 
@@ -350,7 +351,7 @@ def load_weights(module, source: Union[str, Path, Mapping[str, Any]], labels: li
     }
 
 
-def labels_beside(path: Union[str, Path], info: Mapping[str, Any]) -> list[str] | None:
+def labels_beside(path: str | Path, info: Mapping[str, Any]) -> list[str] | None:
     """The class names a weights file carries: the labels.txt of the folder holding a model.pt bundle
     (a train or clip_outliers output), or of the train output a checkpoint sits in; None otherwise
     (a torchvision state_dict has no names: ImageNet's 1000 classes are not this dataset's)."""

@@ -12,8 +12,9 @@ vote prediction.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Iterator
+from typing import Annotated
 
 import numpy as np
 from pydantic import Field

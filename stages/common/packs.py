@@ -21,8 +21,9 @@ import shutil
 import struct
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -68,13 +69,13 @@ class PackStore:
         self.row = shape[0] * shape[1] * shape[2]
 
     @classmethod
-    def kept(cls, folder: str, shape: tuple[int, int, int]) -> "PackStore":
+    def kept(cls, folder: str, shape: tuple[int, int, int]) -> PackStore:
         store = cls(folder, shape)
         store.drop_stale()
         return store
 
     @classmethod
-    def temporary_in(cls, out: Path, shape: tuple[int, int, int]) -> "PackStore":
+    def temporary_in(cls, out: Path, shape: tuple[int, int, int]) -> PackStore:
         return cls(str(out / ".decoded.tmp"), shape, temporary=True)
 
     # -- writing (in decoding workers) ----------------------------------------------------------
@@ -243,7 +244,7 @@ class _OpenPacks:
             self.read[name] = (data, count)
         return self.read[name]
 
-    def __enter__(self) -> "_OpenPacks":
+    def __enter__(self) -> _OpenPacks:
         return self
 
     def __exit__(self, *exc) -> None:

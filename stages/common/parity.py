@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -86,7 +87,7 @@ def synthetic_images(count: int, height: int, width: int, seed: int = 0) -> np.n
 
 
 def sample_inputs(
-    spec: "Preprocess", count: int = 8, seed: int = 0, channels: int = 3
+    spec: Preprocess, count: int = 8, seed: int = 0, channels: int = 3
 ) -> tuple[np.ndarray, list[str]]:
     """``count`` float32 model inputs (N x C x H x W) and their kinds: the first half ``random``
     (standard normal), the rest ``synthetic`` (image-like pictures normalised with ``spec``)."""
@@ -177,13 +178,13 @@ def _json_safe(obj):
     return obj
 
 
-def write_parity(path: Union[str, Path], result: Mapping[str, Any]) -> Path:
+def write_parity(path: str | Path, result: Mapping[str, Any]) -> Path:
     path = Path(path)
     path.write_text(json.dumps(_json_safe(dict(result)), indent=2) + "\n", encoding="utf-8")
     return path
 
 
-def check(result: Mapping[str, Any], what: str, report: Union[str, Path, None] = None, hint: str = "") -> None:
+def check(result: Mapping[str, Any], what: str, report: str | Path | None = None, hint: str = "") -> None:
     """Raise StageError when ``result`` did not pass, saying by how much it missed the allowed
     difference (the tolerance plus its share of the reference logit range).
 

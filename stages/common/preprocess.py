@@ -18,13 +18,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from stages.common.pixels import (  # noqa: F401  (re-exported: the functions every stage calls)
-    CHANNEL_ORDERS, FILENAME, INTERPOLATIONS, LAYOUTS, RESIZE_MODES, InputGeometry, PreprocessSpec, load_image,
-    normalize, prepare, prepare_batch, resize, spec_file, to_channel_order,
+    CHANNEL_ORDERS,
+    FILENAME,
+    INTERPOLATIONS,
+    LAYOUTS,
+    RESIZE_MODES,
+    InputGeometry,
+    PreprocessSpec,
+    load_image,
+    normalize,
+    prepare,
+    prepare_batch,
+    resize,
+    spec_file,
+    to_channel_order,
 )
 
 # mean, std on the 0..1 scale, RGB order
@@ -123,12 +135,12 @@ class Preprocess(BaseModel, InputGeometry):
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
 
-    def save(self, directory: Union[str, Path]) -> Path:
+    def save(self, directory: str | Path) -> Path:
         path = Path(directory) / FILENAME
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         return path
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "Preprocess":
+    def load(cls, path: str | Path) -> Preprocess:
         """Read ``preprocess.json`` from a folder (or the file itself)."""
         return cls.model_validate(json.loads(spec_file(path).read_text(encoding="utf-8")))

@@ -20,9 +20,9 @@ import hashlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 MIRROR_ENV = "EDGEPIPE_WEIGHTS_MIRROR"
 # torch.hub's HASH_REGEX: torchvision's file names end in -<sha256 prefix>.pth

@@ -37,8 +37,8 @@ import io
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
 
 __all__ = ["quiet", "active", "CurrentStderr", "reroute_logger"]
 
@@ -79,7 +79,7 @@ def active() -> bool:
 
 
 @contextlib.contextmanager
-def quiet(log_path: Union[str, Path], header: str | None = None) -> Iterator[Path]:
+def quiet(log_path: str | Path, header: str | None = None) -> Iterator[Path]:
     """Redirect fd 1/2 and ``sys.stdout``/``sys.stderr`` into ``log_path`` (appended) inside the block.
 
     ``header``, when given, is written to the log first (e.g. ``"== build"``). Yields the log path.

@@ -181,7 +181,7 @@ class NpyDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(seed_for(self.seed, 4)),
         )
 
-    def sample_batches(self, split: str, limit: int | None) -> "SampleBatches":
+    def sample_batches(self, split: str, limit: int | None) -> SampleBatches:
         """Un-augmented batches of a fixed, seeded sample of ``split`` (at most ``limit`` images, None:
         all): the same images in the same order every epoch, for BatchNorm recalibration and the
         eval-mode train accuracy."""
