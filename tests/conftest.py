@@ -143,6 +143,29 @@ def project(tmp_path, capsys, monkeypatch) -> Workspace:
     return w
 
 
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server on 127.0.0.1 with a bucket; credentials only in the environment, as a user has them."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setattr(logging.getLogger("werkzeug"), "disabled", True)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="team")
+    yield endpoint
+    server.stop()
+
+
 # -- real photographs and really pretrained weights (tests/helpers_data.py), built once per session ------
 @pytest.fixture(scope="session")
 def real_photos(tmp_path_factory):

@@ -239,12 +239,12 @@ def run_experiment(runs: Path, *overrides: str) -> dict:
     return record
 
 
-RKNN_API = REPO / "tests" / "rknn_api"
+RKNN_API = REPO / "tests" / "board_tests" / "rknn_api"
 
 
 def build_c_demo(pkg: Path, work: Path) -> Path:
     """Build an RV1103/RV1106 package's C demo as its README says (CMake, RKNN_API_DIR, zero-copy)
-    against the fake librknnmrt.so of tests/rknn_api; returns the install folder."""
+    against the fake librknnmrt.so of tests/board_tests/rknn_api; returns the install folder."""
     import shutil
     import subprocess
 

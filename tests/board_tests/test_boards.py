@@ -110,7 +110,7 @@ def test_board_modules_do_not_import_torch():
     code = ("import sys, boards, boards.graph, stages.preflight, stages.package\n"
             "[boards.get_board(n) for n in boards.known_boards()]\n"
             "assert 'torch' not in sys.modules and 'onnx' not in sys.modules, sorted(sys.modules)")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 def test_settings_tune_limits_and_are_validated():

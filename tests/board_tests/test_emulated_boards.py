@@ -5,11 +5,11 @@ first use, into ~/.cache/edgepipe/emulation or $EDGEPIPE_EMULATION_CACHE).
 - aarch64: the ONNX Runtime package's `infer.py --selftest` and `infer.py IMAGE` (onnxruntime 1.18.1);
   the RK3566 `infer.py` with the real rknn-toolkit-lite2 wheel, up to init_runtime (no NPU here);
 - armhf: the RV1103 C demo built by arm-linux-gnueabihf-gcc -Werror against an armhf build of the
-  stand-in runtime (tests/rknn_api), its `--selftest` and its long-label reading; `prepare_input.py
+  stand-in runtime (tests/board_tests/rknn_api), its `--selftest` and its long-label reading; `prepare_input.py
   --selftest`; the MaixII-Dock `main.py`'s preprocessing (maix.nn is a stub that looks the tensor up
   among the host's).
 
-Each asserts the figures the x86 runs of tests/test_selftest.py assert. The packages come from that
+Each asserts the figures the x86 runs of tests/board_tests/test_selftest.py assert. The packages come from that
 module's fixtures."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from boards.emulation import (EmulationError, cross_compile, install_hint, missi
 from helpers_boards import LABELS, REPO, build_c_demo, stage
 from test_selftest import MAIX_STUB_API, bundles, fake_outputs, on_the_board, package, run  # noqa: F401 (bundles: a fixture)
 
-RKNN_API = REPO / "tests" / "rknn_api"
+RKNN_API = REPO / "tests" / "board_tests" / "rknn_api"
 _MISSING = sorted(set(missing_tools("arm64") + missing_tools("armhf", compiler=True)))
 needs_emulation = pytest.mark.skipif(bool(_MISSING), reason=f"emulation needs {', '.join(_MISSING)}: "
                                                               f"{install_hint(_MISSING)} (make test installs them)")

@@ -2,7 +2,7 @@
 rknn_quantize stages on top of a hand-exported ONNX) and inspected: files, zip layout, patched param,
 normalisation numbers, manifest; the generated scripts compile; the onnxruntime infer.py and the
 rknn-toolkit-lite2 infer.py (on a stub runtime) agree with ONNX Runtime run directly; the C demo
-passes `gcc -fsyntax-only` against tests/rknn_api/rknn_api.h and runs on a fake RKNN runtime."""
+passes `gcc -fsyntax-only` against tests/board_tests/rknn_api/rknn_api.h and runs on a fake RKNN runtime."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from helpers_boards import (LABELS, REPO, build_c_demo, export_onnx, install_rkn
                             make_digit_filelist, make_folder_dataset, make_pretrained, run_experiment, stage,
                             write_images)
 
-RKNN_API = REPO / "tests" / "rknn_api"
+RKNN_API = REPO / "tests" / "board_tests" / "rknn_api"
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_c_demo_passes_gcc_syntax_check(bundles, tmp_path, zero_copy):
 def test_c_demo_runs_on_a_fake_runtime(bundles, tmp_path):
     """prepare_input.py makes the PPM with the training preprocessing; the demo, built with the package's
     CMakeLists.txt, reads it, runs, dequantizes and prints the top-k from labels.txt. The fake runtime
-    (tests/rknn_api/fake_rknn.c) scores class c by the mean of channel c."""
+    (tests/board_tests/rknn_api/fake_rknn.c) scores class c by the mean of channel c."""
     from PIL import Image
 
     _, pkg, _ = package("rv1103", {"model": bundles["rknn_rv1103"]}, tmp_path / "r")

@@ -4,7 +4,7 @@ likely cause. Also: the onnxruntime package runs in a venv holding only numpy, P
 
 Runtimes: the onnxruntime package on the real onnxruntime (in a fresh venv); the rknn-toolkit-lite2
 script on the stub rknnlite of helpers_boards (float ONNX Runtime with the .rknn's normalisation,
-against the real simulator's int8 outputs); the C demo on tests/rknn_api/fake_rknn.c."""
+against the real simulator's int8 outputs); the C demo on tests/board_tests/rknn_api/fake_rknn.c."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 
 from helpers_boards import LABELS, REPO, build_c_demo, export_onnx, install_rknnlite_stub, make_dataset, stage
 
-RKNN_API = REPO / "tests" / "rknn_api"
+RKNN_API = REPO / "tests" / "board_tests" / "rknn_api"
 SITE = Path(sysconfig.get_paths()["purelib"])
 # what the onnxruntime package needs on a board, from .venv: the packages and their bundled libraries
 CLEAN_VENV_PACKAGES = ("numpy", "numpy.libs", "PIL", "pillow.libs", "onnxruntime")
@@ -196,7 +196,7 @@ def test_rknnlite_selftest_on_the_stub(bundles, tmp_path):
 
 
 def fake_outputs(rgb: bytes, size: int = 32) -> list[float]:
-    """What tests/rknn_api/fake_rknn.c returns on the zero-copy path: the mean of channel c / 25,
+    """What tests/board_tests/rknn_api/fake_rknn.c returns on the zero-copy path: the mean of channel c / 25,
     quantized to int8 (scale 0.5, zero point -10) and dequantized."""
     px = np.frombuffer(rgb, np.uint8).reshape(size, size, 3).astype(np.float64)
     logits = (px.sum(axis=(0, 1)) / (size * size) / 25.0).astype(np.float32)
@@ -238,7 +238,7 @@ def test_c_demo_selftest_on_a_fake_runtime(bundles, tmp_path):
     assert r.returncode == 1 and "FAIL -- preprocessing" in r.stdout, r.stdout
 
 
-# What both MaixPy3 stand-ins (here and tests/test_emulated_boards.py) expose around their _Model:
+# What both MaixPy3 stand-ins (here and tests/board_tests/test_emulated_boards.py) expose around their _Model:
 # maix.nn.F.softmax and maix.nn.load.
 MAIX_STUB_API = '''
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_remote_cache import s3  # noqa: F401 - the moto S3 server fixture
 
 pytestmark = pytest.mark.slow
 
@@ -70,8 +69,7 @@ def test_quickstart_report_html_shows_every_backend(quickstart, tmp_path):
     fetched, top-1 as in run.json."""
     import shutil
 
-    from helpers_browser import Browser
-    from test_report import SHOWN, assert_picture, embedded_pngs, Page
+    from helpers_browser import SHOWN, Browser, Page, assert_picture, embedded_pngs
 
     _, _, run, _ = quickstart
     alone = tmp_path / "alone"

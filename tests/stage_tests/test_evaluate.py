@@ -447,7 +447,7 @@ def test_a_100000_image_split_is_read_a_batch_at_a_time(tmp_path):
     np.save(model / "model.constant.npy", np.arange(len(CLASSES), dtype=np.float32))
     file_mb = (data / "images_test.npy").stat().st_size / 2**20
     res = subprocess.run([sys.executable, "-c", _BIG_SPLIT, str(data), str(model), str(tmp_path / "out")],
-                         capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+                         capture_output=True, text=True, cwd=Path(__file__).parents[2],
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     rss = json.loads(res.stdout.strip().splitlines()[-1])
