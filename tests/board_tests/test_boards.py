@@ -15,7 +15,7 @@ import pytest
 from boards import BoardSettings, Finding, get_board, known_boards
 from boards.graph import analyze
 from engine.contract.stage import StageError
-from helpers_boards import export_onnx, stage, tiny_net
+from helpers_data import export_onnx, stage, tiny_net
 
 BOARDS = ["maixii_dock", "onnxruntime", "rk3566", "rk3588", "rv1103", "rv1106"]
 

@@ -25,7 +25,7 @@ import pytest
 from boards import get_board
 from boards.emulation import (EmulationError, cross_compile, install_hint, missing_tools, rootfs, run_binary, run_python,
                               site)
-from helpers_boards import LABELS, REPO, build_c_demo, stage
+from helpers_data import LABELS, REPO, build_c_demo, stage
 from test_selftest import MAIX_STUB_API, bundles, fake_outputs, on_the_board, package, run  # noqa: F401 (bundles: a fixture)
 
 RKNN_API = REPO / "tests" / "board_tests" / "rknn_api"

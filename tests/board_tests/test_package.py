@@ -22,7 +22,7 @@ import pytest
 from pydantic import ValidationError
 
 from engine.contract.stage import StageError
-from helpers_boards import (LABELS, REPO, build_c_demo, export_onnx, install_rknnlite_stub, make_dataset,
+from helpers_data import (LABELS, REPO, build_c_demo, export_onnx, install_rknnlite_stub, make_dataset,
                             make_digit_filelist, make_folder_dataset, make_pretrained, run_experiment, stage,
                             write_images)
 

@@ -3,7 +3,7 @@ the packaged model gave on them here; the deploy scripts' --selftest says PASS, 
 likely cause. Also: the onnxruntime package runs in a venv holding only numpy, Pillow and onnxruntime.
 
 Runtimes: the onnxruntime package on the real onnxruntime (in a fresh venv); the rknn-toolkit-lite2
-script on the stub rknnlite of helpers_boards (float ONNX Runtime with the .rknn's normalisation,
+script on the stub rknnlite of helpers_data (float ONNX Runtime with the .rknn's normalisation,
 against the real simulator's int8 outputs); the C demo on tests/board_tests/rknn_api/fake_rknn.c."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_boards import LABELS, REPO, build_c_demo, export_onnx, install_rknnlite_stub, make_dataset, stage
+from helpers_data import LABELS, REPO, build_c_demo, export_onnx, install_rknnlite_stub, make_dataset, stage
 
 RKNN_API = REPO / "tests" / "board_tests" / "rknn_api"
 SITE = Path(sysconfig.get_paths()["purelib"])

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage, validate_params
-from helpers_rknn import CLASSES, toy, wide_dataset
+from helpers_data import TOY_CLASSES as CLASSES, toy, wide_dataset
 
 
 @pytest.fixture(scope="module")
