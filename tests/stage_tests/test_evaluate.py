@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage, validate_params
-from helpers_data import TOY_CLASSES as CLASSES, toy, wide_dataset
+from helpers_data import TOY_CLASSES as CLASSES, toy, wide_dataset, write_labels
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_bad_inputs_are_named(backends, tmp_path):
     t = toy()
     other = tmp_path / "other"
     shutil.copytree(t.onnx, other)
-    (other / "labels.txt").write_text("a\nb\nc\nd\n")
+    write_labels(other, ["a", "b", "c", "d"])
     with pytest.raises(StageError, match="does not match the dataset's"):
         run_stage("evaluate", {}, {"data": t.data, "onnx": other}, tmp_path / "a")
     with pytest.raises(StageError, match="holds no model"):
