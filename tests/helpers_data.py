@@ -277,6 +277,12 @@ def stage(name: str, params: dict, inputs: dict, out: Path):
 
 
 
+def package(board: str, inputs: dict, out: Path, **params) -> tuple[Path, dict]:
+    """The real package stage for ``board``: (the package folder, its manifest.json)."""
+    stage("package", {"board": board, **params}, inputs, out)
+    return out / "package", json.loads((out / "package" / "manifest.json").read_text())
+
+
 # -- model bundles and export_onnx folders -------------------------------------------------------------
 def _perturb(module, seed: int) -> None:
     """Give batch-norm layers non-trivial running statistics/affine params (deterministic)."""
