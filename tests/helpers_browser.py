@@ -6,7 +6,7 @@ every host name unresolvable; every request it makes and every console/security 
         page = b.open(path)          # waits for the load event
         page.evaluate("document.title"), page.requests, page.problems, page.screenshot(file)
 
-Also what the report tests read off a page, in the browser (SHOWN) and as HTML (Page, embedded_pngs).
+Also what the report tests read off a page, in the browser (SHOWN) and as HTML (HtmlPage, embedded_pngs).
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ SHOWN = """({
 })"""
 
 
-class Page(HTMLParser):
+class HtmlPage(HTMLParser):
     """The images, the top-1 cells of the backends table and the visible text of an HTML page."""
 
     def __init__(self, text: str) -> None:
@@ -207,7 +207,7 @@ def assert_picture(data: bytes, min_side: int = 100, max_side: int = 4000) -> No
     assert px.var() > 100.0, px.var()  # a white page with a few grey lines stays far below this
 
 
-def embedded_pngs(page: Page) -> list[bytes]:
+def embedded_pngs(page: HtmlPage) -> list[bytes]:
     prefix = "data:image/png;base64,"
     assert page.images and all(img["src"].startswith(prefix) for img in page.images)
     return [base64.b64decode(img["src"][len(prefix):]) for img in page.images]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_browser import SHOWN, Browser, Page, assert_picture, embedded_pngs
+from helpers_browser import SHOWN, Browser, HtmlPage, assert_picture, embedded_pngs
 from PIL import Image
 
 from engine.report.page import REPORT_HTML
@@ -42,7 +42,7 @@ def test_every_run_writes_report_html_and_report_rewrites_it(ws, tmp_path):
     run_dir = (ws.runs / "latest").resolve()
     html = (run_dir / REPORT_HTML).read_text(encoding="utf-8")
     run = ws.latest()
-    text = " ".join(Page(html).text)
+    text = " ".join(HtmlPage(html).text)
     for name, stage in run["stages"].items():
         assert f"{name} {stage['type']} {stage['status']}" in " ".join(text.split()), name
         assert stage["key"] in html
@@ -197,7 +197,7 @@ def test_report_numbers_equal_run_json_and_the_stage_outputs(evaluated_run, show
 @pytest.mark.slow
 def test_pictures_are_valid_sized_and_not_blank(evaluated_run):
     run_dir, _ = evaluated_run
-    pngs = embedded_pngs(Page((run_dir / REPORT_HTML).read_text(encoding="utf-8")))
+    pngs = embedded_pngs(HtmlPage((run_dir / REPORT_HTML).read_text(encoding="utf-8")))
     assert len(pngs) >= 9
     for png in pngs:
         assert_picture(png)
@@ -227,7 +227,7 @@ def test_report_costs_no_recomputation_and_draws_nothing_again(evaluated_run):
     run_dir, run = evaluated_run
     metrics = json.loads((run_dir / "stages" / "train" / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
-    page = Page((run_dir / REPORT_HTML).read_text(encoding="utf-8"))
+    page = HtmlPage((run_dir / REPORT_HTML).read_text(encoding="utf-8"))
     assert f"best_epoch {metrics['best_epoch']}" in words(" ".join(page.text))
     stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "stages").rglob("*") if p.is_file()}
     before = (run_dir / REPORT_HTML).read_bytes()
@@ -291,13 +291,13 @@ def test_multicrop_results_are_shown(tmp_path):
         "eval": StageRecord("eval", "evaluate", "ran", path=str(tmp_path / "eval"))})
     html = write_html(record).read_text(encoding="utf-8")
     table = html[html.index('<table class="multicrop">'):]
-    table = words(" ".join(Page(table[:table.index("</table>")]).text))
+    table = words(" ".join(HtmlPage(table[:table.index("</table>")]).text))
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for name, row in report["backends"].items():
         mc = row["multicrop"]
         assert (f"{name} {mc['crops']} {row['top1']:.2%} {mc['top1_mean']:.2%} {mc['top1_vote']:.2%} "
                 f"{mc['undecided']}") in table
-    for png in embedded_pngs(Page(html)):
+    for png in embedded_pngs(HtmlPage(html)):
         assert_picture(png)
 
 
