@@ -207,7 +207,7 @@ def test_a_remembered_plan_checks_the_run_name(ws, monkeypatch):
     from engine.config import validate
 
     with monkeypatch.context() as m:
-        for module in (compose, config):
+        for module in (compose, validate):
             m.setattr(module, "check_run_name", lambda cfg: [])
         assert ws.cli("plan", "name=x..y").rc == 0  # validated, remembered
     runs_before = sorted(ws.runs.rglob("*")) if ws.runs.exists() else []
