@@ -143,6 +143,59 @@ def project(tmp_path, capsys, monkeypatch) -> Workspace:
     return w
 
 
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server on 127.0.0.1 with a bucket; credentials only in the environment, as a user has them."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setattr(logging.getLogger("werkzeug"), "disabled", True)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="team")
+    yield endpoint
+    server.stop()
+
+
+# -- the board tests' bundles (tests/board_tests): two RKNN models built once per session ----------------
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory):
+    """The board tests' inputs, built once per session: an export_onnx-like folder (uniform
+    normalisation, LABELS), a dataset, calibration, ncnn, rknn_rv1103 / rknn_rk3566 (the real
+    rknn_quantize, with `data`: test_logits.npy, the self-test's golden outputs), an evaluate-like
+    eval/ (metrics.json) and JPEG/PNG pictures."""
+    from helpers_data import export_onnx, make_dataset, stage, write_images
+
+    base = tmp_path_factory.mktemp("bundles")
+    b = {"onnx": export_onnx(base / "onnx", kind="linear"), "data": make_dataset(base / "data")}
+    stage("calibration", {"count": 6}, {"data": b["data"]}, base / "calib")
+    b["calib"] = base / "calib"
+    stage("ncnn", {}, {"onnx": b["onnx"]}, base / "ncnn")
+    b["ncnn"] = base / "ncnn"
+    for target in ("rv1103", "rk3566"):  # with `data`: test_logits.npy, the golden outputs of the self-test
+        stage("rknn_quantize", {"target": target, "accuracy_analysis_samples": 0},
+              {"onnx": b["onnx"], "calib": b["calib"], "data": b["data"]}, base / f"rknn_{target}")
+        b[f"rknn_{target}"] = base / f"rknn_{target}"
+    ev = base / "eval"  # what package reads of an evaluate output
+    ev.mkdir()
+    (ev / "metrics.json").write_text(json.dumps({"backends": {
+        "pytorch": {"top1": 0.8, "agreement": 1.0}, "onnx": {"top1": 0.8, "agreement": 1.0},
+        "rknn": {"top1": 0.75, "agreement": 0.9}}}))
+    b["eval"] = ev
+    b["images"] = base / "images"
+    write_images(b["images"])
+    return b
+
+
 # -- real photographs and really pretrained weights (tests/helpers_data.py), built once per session ------
 @pytest.fixture(scope="session")
 def real_photos(tmp_path_factory):

@@ -5,19 +5,26 @@ every host name unresolvable; every request it makes and every console/security 
     with Browser(tmp_path / "profile") as b:
         page = b.open(path)          # waits for the load event
         page.evaluate("document.title"), page.requests, page.problems, page.screenshot(file)
+
+Also what the report tests read off a page, in the browser (SHOWN) and as HTML (HtmlPage, embedded_pngs).
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import select
 import shutil
 import subprocess
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 
 class Browser:
@@ -138,3 +145,69 @@ class Page:
             "clip": {"x": 0, "y": 0, "width": size["width"], "height": height, "scale": 1}}, session=self.session)
         path.write_bytes(base64.b64decode(shot["data"]))
         return path
+
+
+# -- what a report page shows -----------------------------------------------------------------------
+# what the page shows once loaded, read in the browser
+SHOWN = """({
+  images: Array.from(document.images, i => ({alt: i.alt, width: i.naturalWidth, height: i.naturalHeight})),
+  text: document.body.innerText,
+  backends: Array.from(document.querySelectorAll("table.backends tr[data-backend]"), tr => ({
+    name: tr.dataset.backend, top1: Number(tr.querySelector("td.top1").dataset.value),
+    cells: Array.from(tr.cells, c => c.innerText.trim()), best: tr.classList.contains("best")})),
+  parameters: document.querySelector(".parameters").innerText,
+  titles: Array.from(document.querySelectorAll("img.grid"), i => i.previousElementSibling.innerText),
+})"""
+
+
+class HtmlPage(HTMLParser):
+    """The images, the top-1 cells of the backends table and the visible text of an HTML page."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.images: list[dict] = []
+        self.top1: dict[str, tuple[str, str]] = {}  # backend -> (data-value, text shown)
+        self.text: list[str] = []
+        self._backend: str | None = None
+        self._cell: dict | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a)
+        elif tag == "tr":
+            self._backend = a.get("data-backend")
+        elif tag == "td" and "top1" in (a.get("class") or "").split():
+            self._cell = {"value": a.get("data-value"), "text": ""}
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self.top1[self._backend] = (self._cell["value"], self._cell["text"].strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell["text"] += data
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(data)) as im:
+        im.verify()
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("L"), dtype=np.float64)
+
+
+def assert_picture(data: bytes, min_side: int = 100, max_side: int = 4000) -> None:
+    """A valid PNG of a sensible size that is not blank."""
+    px = png_pixels(data)
+    assert min(px.shape) >= min_side and max(px.shape) <= max_side, px.shape
+    assert px.var() > 100.0, px.var()  # a white page with a few grey lines stays far below this
+
+
+def embedded_pngs(page: HtmlPage) -> list[bytes]:
+    prefix = "data:image/png;base64,"
+    assert page.images and all(img["src"].startswith(prefix) for img in page.images)
+    return [base64.b64decode(img["src"][len(prefix):]) for img in page.images]

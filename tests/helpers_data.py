@@ -1,28 +1,77 @@
-"""Small generated datasets for the data/training tests (plain functions, importable by any test).
+"""The tests' data builders, in the documented folder formats (DEVELOPERS.md): generated pictures and
+dataset-stage folders, model bundles and export_onnx folders, the rknn/evaluate toy, the users' input
+layouts (class folders, digit file lists), the bad-data corpus, real photographs and really pretrained
+weights. Plain functions (not fixtures), so any test module can import them:
 
-    from helpers_data import make_image_folder, make_array_dataset, write_idx
+    from helpers_data import make_array_dataset, make_model_dir, export_onnx, toy
+
+Product files (labels.txt, preprocess.json, io.json) are written by the product's own writers
+(stages.common.bundle.write_labels, Preprocess.save, stages.common.export.write_io), never by hand.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import gzip
 import io
 import json
+import shutil
 import struct
-import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-TESTS = Path(__file__).resolve().parent
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
+REPO = Path(__file__).resolve().parent.parent
 
 # unicode and spaces on purpose
 CLASSES = ["chat noir", "çà & ü", "猫 cat"]
+# the board, preflight and package tests' classes
+LABELS = ["cat", "dog", "bird"]
 
 
+def write_labels(folder: Path, names) -> Path:
+    """labels.txt through the product's one writer."""
+    from stages.common import bundle
+
+    return bundle.write_labels(Path(folder), names)
+
+
+def write_preprocess(folder: Path, size: int | tuple[int, int] = 32, **kw) -> None:
+    """preprocess.json through the product's model (Preprocess.save)."""
+    from stages.common.preprocess import Preprocess
+
+    Preprocess.model_validate({"input_size": size, **kw}).save(folder)
+
+
+def write_dataset_folder(folder: Path, splits: dict, names, preprocess: dict | None = None, index: bool = True,
+                         class_counts: dict | None = None) -> Path:
+    """A dataset-stage output from ``splits`` ({split: (uint8 N x H x W x 3 images, int labels)}):
+    images_/labels_<split>.npy, labels.txt (``names``), and with ``index`` index.csv (rows
+    <split>/<i>.png); with ``class_counts`` (a dict) class_counts.json and an empty skipped.csv; with
+    ``preprocess`` (Preprocess fields) preprocess.json. The one writer of the builders below."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, (images, labels) in splits.items():
+        np.save(folder / f"images_{split}.npy", np.asarray(images, dtype=np.uint8))
+        np.save(folder / f"labels_{split}.npy", np.asarray(labels, dtype=np.int64))
+        rows += [f"{split}/{i}.png,{int(c)},{split}" for i, c in enumerate(labels)]
+    if index:
+        (folder / "index.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    write_labels(folder, names)
+    if class_counts is not None:
+        (folder / "class_counts.json").write_text(json.dumps(class_counts), encoding="utf-8")
+        (folder / "skipped.csv").write_text("path,reason\n", encoding="utf-8")
+    if preprocess is not None:
+        write_preprocess(folder, **preprocess)
+    return folder
+
+
+# -- generated pictures and dataset folders -----------------------------------------------------------
 def class_image(label: int, index: int, size: tuple[int, int] = (24, 20), seed: int = 0) -> np.ndarray:
     """A uint8 H x W x 3 picture whose class is easy to learn: a bright horizontal band whose row
     depends on the label, plus noise that depends on (label, index, seed)."""
@@ -54,31 +103,69 @@ def make_image_folder(root: Path, per_class: int = 6, classes=CLASSES, ext: str 
 
 def make_array_dataset(folder: Path, per_class: dict[str, int] | None = None, num_classes: int = 3, size: int = 32,
                        seed: int = 0, mean: str = "uniform") -> Path:
-    """A dataset-stage output (arrays + labels.txt + preprocess.json ...) with learnable classes."""
-    from stages.common.preprocess import Preprocess
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """A dataset-stage output (arrays + labels.txt + preprocess.json ...) with learnable classes
+    (class_image's bands)."""
     per_class = per_class or {"train": 12, "val": 4, "test": 4}
-    rows = []
+    splits = {}
     k = 0
     for split, n in per_class.items():
         images, labels = [], []
         for c in range(num_classes):
-            for i in range(n):
+            for _ in range(n):
                 images.append(class_image(c, k, size=(size, size), seed=seed))
                 labels.append(c)
-                rows.append(f"{split}/{k}.png,{c},{split}")
                 k += 1
-        arr = np.stack(images).astype(np.uint8) if images else np.zeros((0, size, size, 3), np.uint8)
-        np.save(folder / f"images_{split}.npy", arr)
-        np.save(folder / f"labels_{split}.npy", np.asarray(labels, dtype=np.int64))
-    (folder / "labels.txt").write_text("".join(f"class {c}\n" for c in range(num_classes)), encoding="utf-8")
-    (folder / "index.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    (folder / "class_counts.json").write_text(json.dumps({}), encoding="utf-8")
-    (folder / "skipped.csv").write_text("path,reason\n", encoding="utf-8")
-    Preprocess.model_validate({"input_size": size, "mean": mean, "std": mean}).save(folder)
-    return folder
+        splits[split] = (np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), labels)
+    return write_dataset_folder(folder, splits, [f"class {c}" for c in range(num_classes)],
+                                preprocess={"size": size, "mean": mean, "std": mean}, class_counts={})
+
+
+def make_dataset(out: Path, size: int = 32, per_class: int = 4, labels: list[str] | None = None, seed: int = 0) -> Path:
+    """A dataset-stage-like folder for the board tests: arrays and labels.txt only, generated images
+    (class k: brighter channel k)."""
+    labels = labels or LABELS
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split in ("train", "val", "test"):
+        imgs, labs = [], []
+        for k in range(len(labels)):
+            for _ in range(per_class):
+                img = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
+                img[..., k % 3] += np.uint8(100 + 30 * (k // 3))
+                imgs.append(img)
+                labs.append(k)
+        splits[split] = (np.stack(imgs), labs)
+    return write_dataset_folder(out, splits, labels, index=False)
+
+
+def make_dataset_dir(
+    folder: Path,
+    counts: dict[str, list[int]] | None = None,
+    size: int = 16,
+    seed: int = 0,
+) -> Path:
+    """A dataset-stage-like output of random pictures. ``counts`` maps split -> images per class
+    (default: train [12, 6, 3], val [2, 2, 2], test [2, 2, 2]). Each image's top-left pixel encodes its
+    index in the split (R = index % 256, G = index // 256) so tests can tell which one was picked."""
+    counts = counts or {"train": [12, 6, 3], "val": [2, 2, 2], "test": [2, 2, 2]}
+    k = len(next(iter(counts.values())))
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, per_class in counts.items():
+        labels = np.concatenate([np.full(n, c, dtype=np.int64) for c, n in enumerate(per_class)])
+        rng.shuffle(labels)
+        images = rng.integers(0, 256, (len(labels), size, size, 3), dtype=np.uint8)
+        for i in range(len(labels)):
+            images[i, 0, 0, 0] = i % 256
+            images[i, 0, 0, 1] = i // 256
+        splits[split] = (images, labels)
+    return write_dataset_folder(folder, splits, [f"class{i}" for i in range(k)], preprocess={"size": size},
+                                class_counts=counts)
+
+
+def pixel_index(image: np.ndarray) -> int:
+    """The split index a make_dataset_dir image carries in its top-left pixel."""
+    return int(image[0, 0, 0]) + 256 * int(image[0, 0, 1])
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool | None = None) -> Path:
@@ -164,6 +251,449 @@ def make_photo_folder(root: Path, per_class: int = 100, size: int = 256, seed: i
                 crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
             crop.save(folder / f"{name}_{i:04d}.jpg", quality=90)
     return root
+
+
+def write_images(out: Path, n: int = 5, size: int = 48, seed: int = 1) -> list[Path]:
+    """JPEG/PNG test pictures of another size than the model input (the resize is exercised)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        arr = rng.integers(0, 255, (size, size + 8 * i, 3), dtype=np.uint8)
+        p = out / (f"img{i}.jpg" if i % 2 else f"img{i}.png")
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+
+def stage(name: str, params: dict, inputs: dict, out: Path):
+    from engine.run.testing import run_stage
+
+    return run_stage(name, params, inputs, out)
+
+
+
+def package(board: str, inputs: dict, out: Path, **params) -> tuple[Path, dict]:
+    """The real package stage for ``board``: (the package folder, its manifest.json)."""
+    stage("package", {"board": board, **params}, inputs, out)
+    return out / "package", json.loads((out / "package" / "manifest.json").read_text())
+
+
+# -- model bundles and export_onnx folders -------------------------------------------------------------
+def _perturb(module, seed: int) -> None:
+    """Give batch-norm layers non-trivial running statistics/affine params (deterministic)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+def make_module(arch: str | dict = "mobilenet_v3_small", num_classes: int = 4, seed: int = 0):
+    """A model-zoo module, random-init (no weights exist here) with its batch-norm statistics perturbed
+    so that the logits are not all alike."""
+    import torch
+
+    from stages.common.models import build_model
+
+    torch.manual_seed(seed)
+    module = build_model(arch, num_classes)
+    _perturb(module, seed)
+    return module.eval()
+
+
+def make_model_dir(
+    folder: Path,
+    arch: str | dict = "mobilenet_v3_small",
+    num_classes: int = 4,
+    size: int | tuple[int, int] = 32,
+    seed: int = 0,
+    module=None,
+    **preprocess,
+) -> Path:
+    """A train-stage-like output: model.pt (bundle), preprocess.json, labels.txt."""
+    from stages.common.models import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    module = module if module is not None else make_module(arch, num_classes, seed)
+    save_model(folder / "model.pt", module, arch if isinstance(arch, dict) else {"arch": arch}, num_classes)
+    write_preprocess(folder, size, **preprocess)
+    write_labels(folder, [f"class{i}" for i in range(num_classes)])
+    return folder
+
+
+def tiny_net(kind: str = "linear", classes: int = 3, seed: int = 0):
+    """Small classifiers whose heads exercise the board checks.
+
+    linear: conv -> relu -> global pool -> flatten -> Linear   (fits every board)
+    gem:    GeM pooling, x.clamp(eps).pow(p) ... .pow(1/p)      (Pow: CPU fallback on rv1103)
+    flat:   conv -> relu -> flatten of the 8x8 map -> Linear    (a real Flatten: awnn cannot)
+    conv:   global pool -> 1x1 conv -> mean over H,W            (pnnx inserts a Reshape)
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.p = nn.Parameter(torch.full((1,), 3.0))
+            if kind == "flat":
+                self.fc = nn.Linear(16 * 8 * 8, classes)
+            elif kind == "conv":
+                self.fc = nn.Conv2d(16, classes, 1)
+            else:
+                self.fc = nn.Linear(16, classes)
+
+        def forward(self, x):
+            x = F.relu(self.conv2(F.relu(self.conv(x))))
+            if kind == "flat":
+                return self.fc(torch.flatten(x, 1))
+            if kind == "gem":
+                x = F.adaptive_avg_pool2d(x.clamp(min=1e-6).pow(self.p), 1).pow(1.0 / self.p)
+                return self.fc(torch.flatten(x, 1))
+            x = F.adaptive_avg_pool2d(x, 1)
+            if kind == "conv":
+                return self.fc(x).mean(dim=(2, 3))
+            return self.fc(torch.flatten(x, 1))
+
+    return Net().eval()
+
+
+def export_onnx(out: Path, module=None, kind: str = "linear", size: int = 32, preprocess: dict | None = None,
+                labels: list[str] | None = None) -> Path:
+    """An export_onnx-style folder: model.onnx (legacy exporter, opset 13, input0/output0), io.json,
+    preprocess.json, labels.txt."""
+    import warnings
+
+    import torch
+
+    from stages.common.export import write_io
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    module = module if module is not None else tiny_net(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, torch.zeros(1, 3, size, size), str(out / "model.onnx"), dynamo=False,
+                          opset_version=13, input_names=["input0"], output_names=["output0"])
+    write_io(out, "input0", "output0", [1, 3, size, size])
+    write_preprocess(out, **{"size": size, "mean": "uniform", "std": "uniform", **(preprocess or {})})
+    write_labels(out, labels or LABELS)
+    return out
+
+
+# -- users' input layouts ----------------------------------------------------------
+def _picture(rng, size: int, k: int) -> np.ndarray:
+    img = rng.integers(0, 90, (size, size + 6, 3), dtype=np.uint8)
+    img[..., k % 3] += np.uint8(120)
+    if k >= 3:  # more classes than channels: stripes tell them apart
+        img[:: 2 + k % 3] = 255 - img[:: 2 + k % 3]
+    return img
+
+
+def make_folder_dataset(root: Path, classes=("cat", "dog"), per_class: int = 12, size: int = 40, seed: int = 0) -> Path:
+    """<root>/<class>/<n>.jpg: the `dataset=folder` layout."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(classes):
+        (Path(root) / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(_picture(rng, size, k)).save(Path(root) / name / f"{i:03d}.jpg", quality=95)
+    return Path(root)
+
+
+def make_digit_filelist(root: Path, count: int = 300, size: int = 28) -> Path:
+    """The first ``count`` of scikit-learn's bundled 8x8 digits as ``size`` px grayscale PNGs, listed in
+    <root>/train.txt and test.txt (every 5th) as `images/x.png----label` lines: MNIST-like digits in
+    mnist_gem_resnet's layout, real enough for an accuracy floor."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    digits = load_digits()
+    lines: dict[str, list[str]] = {"train": [], "test": []}
+    for i in range(min(count, len(digits.target))):
+        pixels = np.clip(np.round(digits.images[i] * 255 / 16), 0, 255).astype(np.uint8)
+        rel = f"images/{i:05d}.png"
+        Image.fromarray(pixels, "L").resize((size, size), Image.BILINEAR).save(root / rel)
+        lines["test" if i % 5 == 0 else "train"].append(f"{rel}----{digits.target[i]}")
+    for split, rows in lines.items():
+        (root / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def make_pretrained(path: Path, arch: str = "mobilenet_v3_small") -> Path:
+    """A local torchvision-format state_dict (random weights) standing in for downloaded weights."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None)
+    torch.save(model.state_dict(), path)
+    return Path(path)
+
+
+def run_experiment(runs: Path, *overrides: str) -> dict:
+    """`edgepipe run` in this process; returns the run's run.json."""
+    from engine.cli.commands import main
+
+    rc = main(["run", f"runs_root={runs}", *overrides])
+    records = sorted(Path(runs).glob("*/*/run.json"), key=lambda p: p.stat().st_mtime)
+    assert records, "no run folder written"
+    record = json.loads(records[-1].read_text())
+    failed = {n: s.get("error") for n, s in record["stages"].items() if s["status"] == "failed"}
+    assert rc == 0 and not failed, failed or rc
+    return record
+
+
+# -- the rknn_quantize / evaluate toy -----------------------------------------------------------------
+# A toy dataset, a small trained model and the folders the upstream stages would hand over (model
+# bundle, ONNX bundle, calibration set), built once per test session into a temporary folder
+# (``toy()``), and real: a zoo model trained for a few seconds on a colour task so its logits are
+# confident and agreement between backends means something.
+#
+#     t = toy()                      # t.data, t.model, t.onnx, t.calib (folders)
+TOY_SIZE = 32
+TOY_CLASSES = ["red", "green", "blue", "yellow"]
+_COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 60, 220], [230, 210, 40]], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Toy:
+    root: Path
+    data: Path    # dataset folder: images_{train,val,test}.npy, labels_*.npy, index.csv, labels.txt, preprocess.json
+    model: Path   # model bundle folder: model.pt, preprocess.json, labels.txt
+    onnx: Path    # export_onnx folder: model.onnx, io.json, preprocess.json, labels.txt
+    calib: Path   # calibration folder: images/*.png, dataset.txt
+
+
+def toy_images(n: int, seed: int, size: int = TOY_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 N x size x size x 3 RGB pictures: a grey noisy background with a filled rectangle whose
+    colour is the class."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(TOY_CLASSES), n)
+    imgs = np.empty((n, size, size, 3), np.uint8)
+    for i, c in enumerate(labels):
+        bg = rng.uniform(60, 190)
+        img = np.full((size, size, 3), bg, np.float32)
+        h, w = rng.integers(size // 3, size - 2, 2)
+        y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+        img[y:y + h, x:x + w] = _COLOURS[c] + rng.normal(0, 15, 3)
+        img += rng.normal(0, 8, img.shape)
+        imgs[i] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return imgs, labels.astype(np.int64)
+
+
+def write_dataset(folder: Path, spec, n_train=256, n_test=64, seed=0) -> Path:
+    splits = {split: toy_images(n, s, spec.height)
+              for split, n, s in (("train", n_train, seed), ("val", 32, seed + 1), ("test", n_test, seed + 2))}
+    write_dataset_folder(folder, splits, TOY_CLASSES)
+    spec.save(folder)
+    return folder
+
+
+def train_model(data: Path, spec, steps: int = 80, seed: int = 0):
+    """A MobileNetV3-Small (width 0.5) from the model zoo, trained for a few seconds on the toy task.
+
+    One torch thread: on a busy 2-core machine more threads make this tiny model 10-20x slower.
+    torchvision's MobileNetV3 uses BatchNorm momentum 0.01, so after so few steps the running
+    statistics are re-estimated over the train split (cumulative average) before eval mode."""
+    import torch
+
+    from stages.common.models import build_model
+    from stages.common.preprocess import normalize
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        arch = {"arch": "mobilenet_v3_small", "width_mult": 0.5, "dropout": 0.0}
+        module = build_model(arch, len(TOY_CLASSES))
+        x = torch.from_numpy(normalize(np.load(data / "images_train.npy"), spec))
+        y = torch.from_numpy(np.load(data / "labels_train.npy"))
+        opt = torch.optim.Adam(module.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(seed)
+        module.train()
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (32,), generator=g)
+            loss = torch.nn.functional.cross_entropy(module(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None
+        with torch.no_grad():
+            module(x)
+    finally:
+        torch.set_num_threads(threads)
+    return module.eval(), arch
+
+
+def write_model_bundle(folder: Path, module, arch, spec) -> Path:
+    from stages.common.models import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(folder / "model.pt", module, arch, len(TOY_CLASSES))
+    spec.save(folder)
+    write_labels(folder, TOY_CLASSES)
+    return folder
+
+
+def export_onnx_folder(model_dir: Path, out: Path) -> Path:
+    """The real export_onnx stage (no stand-in: a broken stage must fail the tests that use it)."""
+    from engine.run.testing import run_stage
+
+    run_stage("export_onnx", {}, {"model": model_dir}, out)
+    return out
+
+
+def write_calibration(data: Path, out: Path, n: int = 16) -> Path:
+    """The real calibration stage: images/ + dataset.txt (relative to the folder) from the train split."""
+    from engine.run.testing import run_stage
+
+    run_stage("calibration", {"count": n, "split": "train"}, {"data": data}, out)
+    return out
+
+
+def make_toy(root: Path, channel_order: str = "RGB") -> Toy:
+    from stages.common.preprocess import Preprocess
+
+    spec = Preprocess(input_size=(TOY_SIZE, TOY_SIZE), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                      channel_order=channel_order)
+    data = write_dataset(root / "data", spec)
+    module, arch = train_model(data, spec)
+    model = write_model_bundle(root / "model", module, arch, spec)
+    onnx = export_onnx_folder(model, root / "onnx")
+    calib = write_calibration(data, root / "calib")
+    return Toy(root, data, model, onnx, calib)
+
+
+@functools.cache
+def toy(channel_order: str = "RGB") -> Toy:
+    root = Path(tempfile.mkdtemp(prefix=f"edgepipe-toy-{channel_order.lower()}-"))
+    atexit.register(shutil.rmtree, root, True)
+    return make_toy(root, channel_order)
+
+
+def onnx_reference_logits(t: Toy, n: int | None = None) -> np.ndarray:
+    """onnxruntime logits of the toy's ONNX model on its test split (the model's own preprocessing)."""
+    from backends.base import load as load_backend
+    from stages.common.preprocess import Preprocess, normalize
+
+    spec = Preprocess.load(t.onnx)
+    x = normalize(np.load(t.data / "images_test.npy")[:n], spec)
+    return load_backend("onnx", t.onnx, {"input": "input0"}, batch=None).logits(x)
+
+
+def wide_dataset(root: Path, n: int = 48) -> tuple[Path, Path]:
+    """(dataset folder, original files) of ``n`` wide 64x32 pictures of the toy's colours, the object in
+    both halves, which the dataset stage stretches to 32x32: what multi-crop is for."""
+    from engine.run.testing import run_stage
+
+    src = root / "images"
+    imgs, labels = toy_images(n, seed=7, size=TOY_SIZE)
+    for i, (a, c) in enumerate(zip(imgs, labels)):
+        (src / TOY_CLASSES[c]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate([a, a[:, ::-1]], axis=1)).save(src / TOY_CLASSES[c] / f"{i:03d}.png")
+    pre = json.loads((toy().data / "preprocess.json").read_text())
+    run_stage("dataset", {"kind": "folder", "path": str(src), "classes": TOY_CLASSES, "preprocess": pre,
+                          "split": {"val": 0.1, "test": 0.5}}, {}, root / "data")
+    return root / "data", src
+
+
+# -- board runtimes: the rknn-toolkit-lite2 stand-in, the C demo on a fake librknnmrt.so ------------------
+RKNNLITE_STUB = '''"""Stand-in for rknn-toolkit-lite2 in tests: runs the ONNX model ($STUB_ONNX) with the normalisation
+rknn-toolkit2 bakes into a .rknn (mean_values/std_values on 0..255, model channel order), and logs
+the calls to $STUB_LOG."""
+import json
+import os
+
+import numpy as np
+
+
+class RKNNLite:
+    NPU_CORE_AUTO, NPU_CORE_0, NPU_CORE_1, NPU_CORE_2 = 0, 1, 2, 4
+
+    def __init__(self, verbose=False, verbose_file=None):
+        self.log = open(os.environ["STUB_LOG"], "a")
+
+    def load_rknn(self, path):
+        self.log.write(json.dumps({"load_rknn": os.path.basename(path)}) + "\\n")
+        return 0 if os.path.isfile(path) else -1
+
+    def init_runtime(self, **kwargs):
+        import onnxruntime as ort
+
+        self.log.write(json.dumps({"init_runtime": kwargs}) + "\\n")
+        self.sess = ort.InferenceSession(os.environ["STUB_ONNX"], providers=["CPUExecutionProvider"])
+        spec = json.load(open(os.environ["STUB_PREPROCESS"]))
+        order = [0, 1, 2] if spec["channel_order"] == "RGB" else [2, 1, 0]
+        self.mean = np.array([spec["mean"][i] * 255 for i in order], np.float32)
+        self.std = np.array([spec["std"][i] * 255 for i in order], np.float32)
+        return 0
+
+    def inference(self, inputs, data_format=None):
+        x = inputs[0]
+        assert x.dtype == np.uint8 and x.ndim == 4 and x.shape[0] == 1 and x.shape[-1] == 3, (x.dtype, x.shape)
+        xf = ((x.astype(np.float32) - self.mean) / self.std).transpose(0, 3, 1, 2)
+        name = self.sess.get_inputs()[0].name
+        self.log.write(json.dumps({"inference": list(x.shape)}) + "\\n")
+        return [self.sess.run(None, {name: np.ascontiguousarray(xf)})[0]]
+
+    def release(self):
+        self.log.write(json.dumps({"release": True}) + "\\n")
+'''
+
+
+def install_rknnlite_stub(root: Path) -> Path:
+    """A fake `rknnlite` package under root (put root on PYTHONPATH)."""
+    pkg = Path(root) / "rknnlite"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "api.py").write_text(RKNNLITE_STUB)
+    return Path(root)
+
+
+RKNN_API = REPO / "tests" / "board_tests" / "rknn_api"
+
+
+def build_c_demo(pkg: Path, work: Path) -> Path:
+    """Build an RV1103/RV1106 package's C demo as its README says (CMake, RKNN_API_DIR, zero-copy)
+    against the fake librknnmrt.so of tests/board_tests/rknn_api; returns the install folder."""
+    import subprocess
+
+    api = work / "librknn_api"
+    (api / "include").mkdir(parents=True)
+    (api / "armhf-uclibc").mkdir()
+    shutil.copyfile(RKNN_API / "rknn_api.h", api / "include" / "rknn_api.h")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-std=c99", "-I", str(RKNN_API), str(RKNN_API / "fake_rknn.c"),
+                    "-o", str(api / "armhf-uclibc" / "librknnmrt.so")], check=True)
+    build, inst = work / "build", work / "install"
+    for cmd in (["cmake", "-S", str(pkg), "-B", str(build), f"-DRKNN_API_DIR={api}"],
+                ["cmake", "--build", str(build)], ["cmake", "--install", str(build), "--prefix", str(inst)]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    return inst
 
 
 # -- real photographs shipped inside installed packages ------------------------------------------------

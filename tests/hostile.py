@@ -1,6 +1,6 @@
 """The hostile-input corpus's one assertion: a clean failure.
 
-Every case in tests/test_hostile_*.py feeds edgepipe one bad input (generated at test time) and checks
+Every case in tests/*/test_hostile_*.py feeds edgepipe one bad input (generated at test time) and checks
 what a user sees: the promised exit code (2 for config/usage errors, 1 for runtime failures), no Python
 traceback, an error line that names the input, nothing written outside the places the user named, and
 no code executed from a file (the marker a malicious pickle would write does not exist)."""

@@ -11,7 +11,7 @@ import pytest
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage
-from helpers_models import make_model_dir
+from helpers_data import make_model_dir
 from stages.ncnn import param_io, param_layers, patch_input_shape
 
 TINY = {"arch": "mobilenet_v3_small", "width_mult": 0.25}
@@ -143,14 +143,15 @@ def _onnx_folder(folder: Path, module, shape=(1, 3, 32, 32)) -> Path:
     """An export_onnx-like folder around an arbitrary torch module."""
     import torch
 
-    from helpers_models import write_preprocess
+    from helpers_data import write_labels, write_preprocess
+    from stages.common.export import write_io
 
     folder.mkdir(parents=True)
     torch.onnx.export(module.eval(), (torch.randn(*shape),), str(folder / "model.onnx"), dynamo=False,
                       opset_version=13, input_names=["input0"], output_names=["output0"])
-    (folder / "io.json").write_text(json.dumps({"input": "input0", "output": "output0", "input_shape": list(shape)}))
+    write_io(folder, "input0", "output0", list(shape))
     write_preprocess(folder, shape[2])
-    (folder / "labels.txt").write_text("a\nb\nc\n")
+    write_labels(folder, ["a", "b", "c"])
     return folder
 
 

@@ -306,7 +306,7 @@ def test_eval_md_shows_class_names_as_text():
 def test_a_rank_does_not_import_the_users_stages_folder(tmp_path):
     """A rank is `python -m stages.common.train_ranks JOB` started in the user's folder, with the
     environment the train stage gives it. A `stages/` package there must not be imported. (The full
-    DDP path with such a folder: tests/test_train_ddp.py.)"""
+    DDP path with such a folder: tests/e2e/test_train_ddp.py.)"""
     from stages.common.train_ranks import _rank_env
 
     (tmp_path / "stages").mkdir()

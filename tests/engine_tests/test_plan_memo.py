@@ -65,7 +65,7 @@ def test_an_edited_stage_module_is_validated_again(ws, tmp_path):
     """A plugin's stage code is checked by its files' stats: a changed default is a new key."""
     plugins = tmp_path / "plugins"
     plugins.mkdir()
-    source = Path(__file__).with_name("engine_stages.py").read_text()
+    source = Path(__file__).parents[1].joinpath("engine_stages.py").read_text()
     (plugins / "engine_stages.py").write_text(source)
     env = {"PYTHONPATH": os.pathsep.join([str(plugins), ws.env["PYTHONPATH"]])}
     assert probe(ws, "run", env=env)["rc"] == 0 and probe(ws, "plan", env=env)["pydantic"] is False
@@ -93,7 +93,7 @@ def test_another_module_of_the_same_name_on_the_path_is_validated_again(ws, tmp_
     """The same stage type found in another file ($PYTHONPATH, $EDGEPIPE_PLUGINS): not the memo's."""
     plugins = tmp_path / "plugins"
     plugins.mkdir()
-    source = Path(__file__).with_name("engine_stages.py").read_text()
+    source = Path(__file__).parents[1].joinpath("engine_stages.py").read_text()
     (plugins / "engine_stages.py").write_text(source.replace("modulo: int | None = None", "modulo: int | None = 4"))
     assert probe(ws, "run")["rc"] == 0 and probe(ws, "plan")["pydantic"] is False
     other = probe(ws, "run", env={"PYTHONPATH": os.pathsep.join([str(plugins), ws.env["PYTHONPATH"]])})

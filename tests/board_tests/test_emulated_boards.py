@@ -5,12 +5,12 @@ first use, into ~/.cache/edgepipe/emulation or $EDGEPIPE_EMULATION_CACHE).
 - aarch64: the ONNX Runtime package's `infer.py --selftest` and `infer.py IMAGE` (onnxruntime 1.18.1);
   the RK3566 `infer.py` with the real rknn-toolkit-lite2 wheel, up to init_runtime (no NPU here);
 - armhf: the RV1103 C demo built by arm-linux-gnueabihf-gcc -Werror against an armhf build of the
-  stand-in runtime (tests/rknn_api), its `--selftest` and its long-label reading; `prepare_input.py
+  stand-in runtime (tests/board_tests/rknn_api), its `--selftest` and its long-label reading; `prepare_input.py
   --selftest`; the MaixII-Dock `main.py`'s preprocessing (maix.nn is a stub that looks the tensor up
   among the host's).
 
-Each asserts the figures the x86 runs of tests/test_selftest.py assert. The packages come from that
-module's fixtures."""
+Each asserts the figures the x86 runs of tests/board_tests/test_selftest.py assert. The packages are built from
+the same session fixture (`bundles`, conftest.py)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ import pytest
 from boards import get_board
 from boards.emulation import (EmulationError, cross_compile, install_hint, missing_tools, rootfs, run_binary, run_python,
                               site)
-from helpers_boards import LABELS, REPO, build_c_demo, stage
-from test_selftest import MAIX_STUB_API, bundles, fake_outputs, on_the_board, package, run  # noqa: F401 (bundles: a fixture)
+from helpers_data import LABELS, REPO, build_c_demo, package, stage, write_labels
+from test_selftest import MAIX_STUB_API, fake_outputs, on_the_board, run
 
-RKNN_API = REPO / "tests" / "rknn_api"
+RKNN_API = REPO / "tests" / "board_tests" / "rknn_api"
 _MISSING = sorted(set(missing_tools("arm64") + missing_tools("armhf", compiler=True)))
 needs_emulation = pytest.mark.skipif(bool(_MISSING), reason=f"emulation needs {', '.join(_MISSING)}: "
                                                               f"{install_hint(_MISSING)} (make test installs them)")
@@ -92,7 +92,7 @@ def test_onnxruntime_package_on_aarch64(userlands, bundles, tmp_path, capsys):
 def test_rknnlite_infer_on_aarch64_up_to_the_npu(userlands, bundles, tmp_path, capsys):
     """The real rknn-toolkit-lite2 2.5.0 wheel: infer.py imports it and loads model.rknn, the
     preprocessing gives the golden input tensors, and init_runtime fails with infer.py's one line."""
-    pkg, _ = package("rk3566", {"model": bundles["rk3566"], "data": bundles["data"]}, tmp_path / "k")
+    pkg, _ = package("rk3566", {"model": bundles["rknn_rk3566"], "data": bundles["data"]}, tmp_path / "k")
     board = on_the_board(pkg, tmp_path / "board")
     emu = emulation("rk3566")
     rc, out, err = cli(capsys, "selftest", str(board), "--emulate")
@@ -121,7 +121,7 @@ def c_demo(userlands, bundles, tmp_path_factory):
     """The RV1103 package with golden outputs of the stand-in runtime, and its C demo cross-built for
     armhf (-O2 -Wall -Wextra -Werror) against an armhf build of that runtime."""
     base = tmp_path_factory.mktemp("armhf")
-    pkg, _ = package("rv1103", {"model": bundles["rv1103"], "data": bundles["data"]}, base / "r")
+    pkg, _ = package("rv1103", {"model": bundles["rknn_rv1103"], "data": bundles["data"]}, base / "r")
     board = on_the_board(pkg, base / "board")
     golden = board / "golden" / "golden.txt"
     lines = golden.read_text().splitlines()
@@ -167,7 +167,7 @@ def test_c_demo_reads_a_long_label_as_one(userlands, c_demo, tmp_path):
     180 bytes) is one label: every later label keeps its index. On x86 (host gcc, CMake as the README
     builds it) and on armhf."""
     labels = ["红" * 30 + "色的" * 15, "dog", "bird"]
-    (tmp_path / "labels.txt").write_text("".join(f"{name}\n" for name in labels), encoding="utf-8")
+    write_labels(tmp_path, labels)
     image = c_demo / "golden" / "input_00.rgb"
     host = build_c_demo(c_demo, tmp_path / "x86") / "rknn_classify"
     emu = emulation("rv1103")

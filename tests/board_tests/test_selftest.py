@@ -3,8 +3,8 @@ the packaged model gave on them here; the deploy scripts' --selftest says PASS, 
 likely cause. Also: the onnxruntime package runs in a venv holding only numpy, Pillow and onnxruntime.
 
 Runtimes: the onnxruntime package on the real onnxruntime (in a fresh venv); the rknn-toolkit-lite2
-script on the stub rknnlite of helpers_boards (float ONNX Runtime with the .rknn's normalisation,
-against the real simulator's int8 outputs); the C demo on tests/rknn_api/fake_rknn.c."""
+script on the stub rknnlite of helpers_data (float ONNX Runtime with the .rknn's normalisation,
+against the real simulator's int8 outputs); the C demo on tests/board_tests/rknn_api/fake_rknn.c."""
 
 from __future__ import annotations
 
@@ -19,24 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_boards import LABELS, REPO, build_c_demo, export_onnx, install_rknnlite_stub, make_dataset, stage
+from helpers_data import LABELS, REPO, build_c_demo, export_onnx, install_rknnlite_stub, make_dataset, package, stage
 
-RKNN_API = REPO / "tests" / "rknn_api"
+RKNN_API = REPO / "tests" / "board_tests" / "rknn_api"
 SITE = Path(sysconfig.get_paths()["purelib"])
 # what the onnxruntime package needs on a board, from .venv: the packages and their bundled libraries
 CLEAN_VENV_PACKAGES = ("numpy", "numpy.libs", "PIL", "pillow.libs", "onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    base = tmp_path_factory.mktemp("golden")
-    b = {"onnx": export_onnx(base / "onnx", kind="linear"), "data": make_dataset(base / "data")}
-    stage("calibration", {"count": 6}, {"data": b["data"]}, base / "calib")
-    for target in ("rv1103", "rk3566"):
-        stage("rknn_quantize", {"target": target, "accuracy_analysis_samples": 0},
-              {"onnx": b["onnx"], "calib": base / "calib", "data": b["data"]}, base / f"rknn_{target}")
-        b[target] = base / f"rknn_{target}"
-    return b
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +40,6 @@ def clean_venv(tmp_path_factory):
         if (SITE / name).exists():
             (site / name).symlink_to(SITE / name)
     return python
-
-
-def package(board: str, inputs: dict, out: Path) -> tuple[Path, dict]:
-    stage("package", {"board": board}, inputs, out)
-    return out / "package", json.loads((out / "package" / "manifest.json").read_text())
 
 
 def on_the_board(pkg: Path, where: Path) -> Path:
@@ -94,8 +77,8 @@ def test_manifest_records_golden_samples(bundles, tmp_path):
     assert "python3 infer.py --selftest" in readme and "run by ONNX Runtime there" in readme
     assert "pip install numpy pillow onnxruntime\n" in readme
     # rknn: the simulator's outputs from rknn_quantize, for the same test split
-    pkg, manifest = package("rv1103", {"model": bundles["rv1103"], "data": bundles["data"]}, tmp_path / "r")
-    sim = np.load(bundles["rv1103"] / "test_logits.npy")[:8]
+    pkg, manifest = package("rv1103", {"model": bundles["rknn_rv1103"], "data": bundles["data"]}, tmp_path / "r")
+    sim = np.load(bundles["rknn_rv1103"] / "test_logits.npy")[:8]
     assert np.array_equal(np.load(pkg / "golden" / "expected.npy"), sim)
     assert np.load(pkg / "golden" / "input.npy").dtype == np.uint8
     assert "simulator" in manifest["selftest"]["measured_with"]
@@ -110,7 +93,7 @@ def test_manifest_records_golden_samples(bundles, tmp_path):
     # another dataset than the one rknn_quantize simulated: a one-line error
     other = make_dataset(tmp_path / "other", seed=5)
     with pytest.raises(StageError, match=r"input data: .*test_logits.npy were computed on another test split"):
-        package("rv1103", {"model": bundles["rv1103"], "data": other}, tmp_path / "x")
+        package("rv1103", {"model": bundles["rknn_rv1103"], "data": other}, tmp_path / "x")
 
 
 def test_onnxruntime_package_runs_and_selftests_in_a_clean_venv(bundles, clean_venv, tmp_path):
@@ -127,6 +110,7 @@ def test_onnxruntime_package_runs_and_selftests_in_a_clean_venv(bundles, clean_v
     assert "top-1 8/8" in r.stdout and r.stdout.rstrip().endswith("PASS -- this board computes what was measured here")
 
     # other preprocessing settings on the board: the tensor path passes, the image path fails
+    # by hand on purpose: a package edited on the board, where no edgepipe (no Preprocess) is installed
     spec = json.loads((board / "preprocess.json").read_text())
     (board / "preprocess.json").write_text(json.dumps({**spec, "mean": [0.485, 0.456, 0.406]}))
     r = run([clean_venv, "-I", board / "infer.py", "--selftest"], tmp_path)
@@ -165,7 +149,7 @@ def regolden(board: Path, expected: np.ndarray) -> None:
 
 
 def test_rknnlite_selftest_on_the_stub(bundles, tmp_path):
-    pkg, manifest = package("rk3566", {"model": bundles["rk3566"], "data": bundles["data"]}, tmp_path / "k")
+    pkg, manifest = package("rk3566", {"model": bundles["rknn_rk3566"], "data": bundles["data"]}, tmp_path / "k")
     board = on_the_board(pkg, tmp_path / "board")
     stub = install_rknnlite_stub(tmp_path / "stub")
     env = {"PYTHONPATH": str(stub), "STUB_LOG": str(tmp_path / "stub.log"),
@@ -196,7 +180,7 @@ def test_rknnlite_selftest_on_the_stub(bundles, tmp_path):
 
 
 def fake_outputs(rgb: bytes, size: int = 32) -> list[float]:
-    """What tests/rknn_api/fake_rknn.c returns on the zero-copy path: the mean of channel c / 25,
+    """What tests/board_tests/rknn_api/fake_rknn.c returns on the zero-copy path: the mean of channel c / 25,
     quantized to int8 (scale 0.5, zero point -10) and dequantized."""
     px = np.frombuffer(rgb, np.uint8).reshape(size, size, 3).astype(np.float64)
     logits = (px.sum(axis=(0, 1)) / (size * size) / 25.0).astype(np.float32)
@@ -207,7 +191,7 @@ def fake_outputs(rgb: bytes, size: int = 32) -> list[float]:
 def test_c_demo_selftest_on_a_fake_runtime(bundles, tmp_path):
     """The demo as the README builds it (CMake, zero-copy) installs golden/ and runs it; the golden
     outputs are replaced by the fake runtime's (the simulator's belong to the real model)."""
-    pkg, _ = package("rv1103", {"model": bundles["rv1103"], "data": bundles["data"]}, tmp_path / "r")
+    pkg, _ = package("rv1103", {"model": bundles["rknn_rv1103"], "data": bundles["data"]}, tmp_path / "r")
     src = on_the_board(pkg, tmp_path / "src")
     golden = src / "golden" / "golden.txt"
     lines = golden.read_text().splitlines()
@@ -232,13 +216,13 @@ def test_c_demo_selftest_on_a_fake_runtime(bundles, tmp_path):
     # the image path of the C package: prepare_input.py --selftest (preprocessing on the host or board)
     r = run([sys.executable, "-I", src / "prepare_input.py", "--selftest"], tmp_path)
     assert r.returncode == 0 and "8/8 inputs identical" in r.stdout, r.stdout + r.stderr
-    spec = json.loads((src / "preprocess.json").read_text())
+    spec = json.loads((src / "preprocess.json").read_text())  # by hand on purpose: a package edited on the host
     (src / "preprocess.json").write_text(json.dumps({**spec, "channel_order": "BGR"}))
     r = run([sys.executable, "-I", src / "prepare_input.py", "--selftest"], tmp_path)
     assert r.returncode == 1 and "FAIL -- preprocessing" in r.stdout, r.stdout
 
 
-# What both MaixPy3 stand-ins (here and tests/test_emulated_boards.py) expose around their _Model:
+# What both MaixPy3 stand-ins (here and tests/board_tests/test_emulated_boards.py) expose around their _Model:
 # maix.nn.F.softmax and maix.nn.load.
 MAIX_STUB_API = '''
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage, validate_params
-from helpers_rknn import CLASSES, toy, wide_dataset
+from helpers_data import TOY_CLASSES as CLASSES, toy, wide_dataset, write_labels
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_bad_inputs_are_named(backends, tmp_path):
     t = toy()
     other = tmp_path / "other"
     shutil.copytree(t.onnx, other)
-    (other / "labels.txt").write_text("a\nb\nc\nd\n")
+    write_labels(other, ["a", "b", "c", "d"])
     with pytest.raises(StageError, match="does not match the dataset's"):
         run_stage("evaluate", {}, {"data": t.data, "onnx": other}, tmp_path / "a")
     with pytest.raises(StageError, match="holds no model"):
@@ -467,7 +467,7 @@ def test_a_100000_image_split_is_read_a_batch_at_a_time(tmp_path):
                                   constant="constant_backend:Constant")
     env = __import__("os").environ
     res = subprocess.run([sys.executable, "-c", _BIG_SPLIT, str(data), str(model), str(tmp_path / "out")],
-                         capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+                         capture_output=True, text=True, cwd=Path(__file__).parents[2],
                          env={**env, "OMP_NUM_THREADS": "1",
                               "PYTHONPATH": ":".join(filter(None, (str(plugin), env.get("PYTHONPATH"))))})
     assert res.returncode == 0, res.stderr[-2000:]

@@ -162,7 +162,7 @@ def test_configured_class_name_with_a_line_break_is_a_config_error(project):
 def _gem(num_classes: int = 10, scale: float = 1.0, seed: int = 0):
     import torch
 
-    from helpers_models import make_module
+    from helpers_data import make_module
 
     m = make_module({"arch": "gem_resnet", "stem": "small"}, num_classes=num_classes, seed=seed)
     with torch.no_grad():
@@ -175,7 +175,7 @@ def test_parity_passes_a_model_with_logits_in_the_thousands(tmp_path):
     """The shape of the shipped mnist_gem_resnet model (GeM-ResNet, small stem) with logits of a few
     thousand: float32 backends differ by more than the absolute tolerance alone allows."""
     from engine.run.testing import run_stage
-    from helpers_models import make_model_dir
+    from helpers_data import make_model_dir
 
     d = make_model_dir(tmp_path / "model", arch={"arch": "gem_resnet", "stem": "small"}, num_classes=10,
                        size=32, module=_gem(scale=5000.0))

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_remote_cache import s3  # noqa: F401 - the moto S3 server fixture
 
 pytestmark = pytest.mark.slow
 
@@ -70,8 +69,7 @@ def test_quickstart_report_html_shows_every_backend(quickstart, tmp_path):
     fetched, top-1 as in run.json."""
     import shutil
 
-    from helpers_browser import Browser
-    from test_report import SHOWN, assert_picture, embedded_pngs, Page
+    from helpers_browser import SHOWN, Browser, HtmlPage, assert_picture, embedded_pngs
 
     _, _, run, _ = quickstart
     alone = tmp_path / "alone"
@@ -86,7 +84,7 @@ def test_quickstart_report_html_shows_every_backend(quickstart, tmp_path):
     assert {"loss and accuracy per epoch (train)", "t-SNE of the test features by class",
             *(f"confusion matrix of {b}" for b in backends)} <= alts
     assert all(img["width"] > 0 for img in shown["images"])
-    for png in embedded_pngs(Page((alone / "report.html").read_text(encoding="utf-8"))):
+    for png in embedded_pngs(HtmlPage((alone / "report.html").read_text(encoding="utf-8"))):
         assert_picture(png)
     top1 = run["stages"]["eval"]["metrics"]["top1"]
     assert {b["name"]: b["top1"] for b in shown["backends"]} == top1

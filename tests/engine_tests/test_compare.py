@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_report import assert_picture
+from helpers_browser import assert_picture
 
 from engine.report.compare import lower_is_better, write_sweep_comparison
 

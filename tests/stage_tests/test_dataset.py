@@ -271,7 +271,7 @@ def test_config_groups_validate():
     from stages.common.models import ModelParams
     from stages.train import Train
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = Path(__file__).resolve().parents[2] / "conf"
 
     def load(group: str, name: str) -> dict:
         cfg = OmegaConf.create({"seed": 3, "section": OmegaConf.load(conf / group / f"{name}.yaml")})
@@ -372,7 +372,7 @@ def test_decoding_workers_import_no_pydantic():
             "pickle.loads(sys.stdin.buffer.read()); "
             "print(json.dumps([m for m in sys.modules if m.split('.')[0] in ('pydantic', 'stages', 'engine')]))")
     task = pickle.dumps((decoding.decode_chunk, resize_spec(Preprocess(input_size=[12, 20]))))
-    r = subprocess.run([sys.executable, "-c", code], input=task, capture_output=True, cwd=Path(__file__).parents[1])
+    r = subprocess.run([sys.executable, "-c", code], input=task, capture_output=True, cwd=Path(__file__).parents[2])
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)) <= {"engine", "engine.contract", "engine.contract.hashing", "stages", "stages.common", "stages.common.decoding",
                                    "stages.common.packs", "stages.common.pixels"}, r.stdout
@@ -569,7 +569,7 @@ def test_killed_run_leaves_whole_entries(tmp_path):
         save_image(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), root / "ab"[i % 2] / f"{i}.jpg")
     scratch = tmp_path / "scratch"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(root), str(tmp_path / "killed"), str(scratch)],
-                            cwd=Path(__file__).resolve().parents[1])
+                            cwd=Path(__file__).resolve().parents[2])
     try:  # 64 rows of 32 px a pack: a run makes 5
         until(lambda: len(kept_packs(scratch)) >= 1 or proc.poll() is not None, timeout=120,
               what="packs of decoded images to be kept")

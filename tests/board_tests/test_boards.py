@@ -16,11 +16,11 @@ import pytest
 from boards import BoardSettings, Finding, get_board, known_boards
 from boards.graph import analyze
 from engine.contract.stage import StageError
-from helpers_boards import export_onnx, stage, tiny_net
+from helpers_data import export_onnx, stage, tiny_net
 
 # the boards pyproject.toml registers (known_boards() must list exactly these); those of a known family
 # are profile files (entry point "boards.profiles:<name>")
-ENTRY_POINTS = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())[
+ENTRY_POINTS = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())[
     "project"]["entry-points"]["edgepipe.boards"]
 BOARDS = sorted(ENTRY_POINTS)
 PROFILE_BOARDS = {name for name, target in ENTRY_POINTS.items() if target.startswith("boards.profiles:")}
@@ -137,7 +137,7 @@ def test_board_modules_do_not_import_torch():
     code = ("import sys, boards, boards.graph, stages.preflight, stages.package\n"
             "[boards.get_board(n) for n in boards.known_boards()]\n"
             "assert 'torch' not in sys.modules and 'onnx' not in sys.modules, sorted(sys.modules)")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 def test_settings_tune_limits_and_are_validated():

@@ -17,7 +17,7 @@ from stages.common.preprocess import (
     PRESETS, Preprocess, load_image, normalize, prepare, resize, to_channel_order,
 )
 
-DEPLOY_MODULE = Path(__file__).resolve().parents[1] / "stages" / "common" / "pixels.py"
+DEPLOY_MODULE = Path(__file__).resolve().parents[2] / "stages" / "common" / "pixels.py"
 
 
 def test_presets_sizes_and_validation():

@@ -2,7 +2,7 @@
 rknn_quantize stages on top of a hand-exported ONNX) and inspected: files, zip layout, patched param,
 normalisation numbers, manifest; the generated scripts compile; the onnxruntime infer.py and the
 rknn-toolkit-lite2 infer.py (on a stub runtime) agree with ONNX Runtime run directly; the C demo
-passes `gcc -fsyntax-only` against tests/rknn_api/rknn_api.h and runs on a fake RKNN runtime."""
+passes `gcc -fsyntax-only` against tests/board_tests/rknn_api/rknn_api.h and runs on a fake RKNN runtime."""
 
 from __future__ import annotations
 
@@ -22,40 +22,10 @@ import pytest
 from pydantic import ValidationError
 
 from engine.contract.stage import StageError
-from helpers_boards import (LABELS, REPO, build_c_demo, export_onnx, install_rknnlite_stub, make_dataset,
-                            make_digit_filelist, make_folder_dataset, make_pretrained, run_experiment, stage,
-                            write_images)
+from helpers_data import (LABELS, REPO, build_c_demo, export_onnx, install_rknnlite_stub, make_digit_filelist,
+                            make_folder_dataset, make_pretrained, package, run_experiment, stage)
 
-RKNN_API = REPO / "tests" / "rknn_api"
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    """export_onnx-like folder (uniform normalisation), dataset, calibration, ncnn, rknn rv1103/rk3566."""
-    base = tmp_path_factory.mktemp("bundles")
-    b = {"onnx": export_onnx(base / "onnx", kind="linear"), "data": make_dataset(base / "data")}
-    stage("calibration", {"count": 6}, {"data": b["data"]}, base / "calib")
-    b["calib"] = base / "calib"
-    stage("ncnn", {}, {"onnx": b["onnx"]}, base / "ncnn")
-    b["ncnn"] = base / "ncnn"
-    for target in ("rv1103", "rk3566"):  # with `data`: test_logits.npy, the golden outputs of the self-test
-        stage("rknn_quantize", {"target": target, "accuracy_analysis_samples": 0},
-              {"onnx": b["onnx"], "calib": b["calib"], "data": b["data"]}, base / f"rknn_{target}")
-        b[f"rknn_{target}"] = base / f"rknn_{target}"
-    ev = base / "eval"
-    ev.mkdir()
-    (ev / "metrics.json").write_text(json.dumps({"backends": {
-        "pytorch": {"top1": 0.8, "agreement": 1.0}, "onnx": {"top1": 0.8, "agreement": 1.0},
-        "rknn": {"top1": 0.75, "agreement": 0.9}}}))
-    b["eval"] = ev
-    b["images"] = base / "images"
-    write_images(b["images"])
-    return b
-
-
-def package(board: str, inputs: dict, out: Path, **params):
-    metrics = stage("package", {"board": board, **params}, inputs, out)
-    return metrics, out / "package", json.loads((out / "package" / "manifest.json").read_text())
+RKNN_API = REPO / "tests" / "board_tests" / "rknn_api"
 
 
 def sha256(path: Path) -> str:
@@ -107,7 +77,8 @@ def run_script(script: Path, *args: str, env: dict | None = None, cwd: Path | No
 
 # -- onnxruntime --------------------------------------------------------------------------------------
 def test_onnxruntime_package(bundles, tmp_path):
-    metrics, pkg, manifest = package("onnxruntime", {"model": bundles["onnx"], "eval": bundles["eval"]}, tmp_path / "o")
+    metrics = stage("package", {"board": "onnxruntime"}, {"model": bundles["onnx"], "eval": bundles["eval"]}, tmp_path / "o")
+    pkg, manifest = tmp_path / "o" / "package", json.loads((tmp_path / "o" / "package" / "manifest.json").read_text())
     check_common(pkg, manifest, "onnxruntime", bundles["onnx"] / "model.onnx", tmp_path / "o" / "package.zip")
     # one preprocessing definition: the shared numpy/Pillow functions verbatim, and the model's settings
     assert (pkg / "preprocess.py").read_bytes() == (REPO / "stages" / "common" / "pixels.py").read_bytes()
@@ -123,7 +94,7 @@ def test_onnxruntime_package(bundles, tmp_path):
 
 
 def test_onnxruntime_infer_matches_onnxruntime(bundles, tmp_path):
-    _, pkg, _ = package("onnxruntime", {"model": bundles["onnx"]}, tmp_path / "o")
+    pkg, _ = package("onnxruntime", {"model": bundles["onnx"]}, tmp_path / "o")
     board_dir = tmp_path / "on_the_board"  # a copy elsewhere: the package needs nothing from the repo
     shutil.copytree(pkg, board_dir)
     images = sorted(bundles["images"].iterdir())
@@ -147,7 +118,7 @@ def test_onnxruntime_infer_matches_onnxruntime(bundles, tmp_path):
 
 # -- rv1103 -------------------------------------------------------------------------------------------
 def test_rv1103_package(bundles, tmp_path):
-    _, pkg, manifest = package("rv1103", {"model": bundles["rknn_rv1103"], "eval": bundles["eval"]}, tmp_path / "r")
+    pkg, manifest = package("rv1103", {"model": bundles["rknn_rv1103"], "eval": bundles["eval"]}, tmp_path / "r")
     check_common(pkg, manifest, "rv1103", bundles["rknn_rv1103"] / "model.rknn", tmp_path / "r" / "package.zip")
     assert manifest["normalisation"]["mean_values_0_255"] == [127.5] * 3
     assert manifest["normalisation"]["std_values_0_255"] == [127.5] * 3
@@ -166,7 +137,7 @@ def test_rv1103_package(bundles, tmp_path):
 
 @pytest.mark.parametrize("zero_copy", [True, False])
 def test_c_demo_passes_gcc_syntax_check(bundles, tmp_path, zero_copy):
-    _, pkg, _ = package("rv1103", {"model": bundles["rknn_rv1103"]}, tmp_path / "r")
+    pkg, _ = package("rv1103", {"model": bundles["rknn_rv1103"]}, tmp_path / "r")
     defines = ["-DEDGEPIPE_ZERO_COPY=1"] if zero_copy else []
     r = subprocess.run(["gcc", "-fsyntax-only", "-std=c99", "-Wall", "-Wextra", "-Werror", *defines,
                         "-I", str(RKNN_API), str(pkg / "main.c")], capture_output=True, text=True)
@@ -176,10 +147,10 @@ def test_c_demo_passes_gcc_syntax_check(bundles, tmp_path, zero_copy):
 def test_c_demo_runs_on_a_fake_runtime(bundles, tmp_path):
     """prepare_input.py makes the PPM with the training preprocessing; the demo, built with the package's
     CMakeLists.txt, reads it, runs, dequantizes and prints the top-k from labels.txt. The fake runtime
-    (tests/rknn_api/fake_rknn.c) scores class c by the mean of channel c."""
+    (tests/board_tests/rknn_api/fake_rknn.c) scores class c by the mean of channel c."""
     from PIL import Image
 
-    _, pkg, _ = package("rv1103", {"model": bundles["rknn_rv1103"]}, tmp_path / "r")
+    pkg, _ = package("rv1103", {"model": bundles["rknn_rv1103"]}, tmp_path / "r")
     green = tmp_path / "green.png"
     Image.fromarray(np.dstack([np.full((40, 50), v, np.uint8) for v in (30, 220, 60)])).save(green)
     r = subprocess.run([sys.executable, "-I", str(pkg / "prepare_input.py"), str(green), "-o", str(tmp_path / "g.ppm")],
@@ -208,7 +179,7 @@ def test_c_demo_runs_on_a_fake_runtime(bundles, tmp_path):
 
 # -- rk3566 / rk3588 ------------------------------------------------------------------------------------
 def test_rk3566_package_and_infer_on_a_stub_rknnlite(bundles, tmp_path):
-    _, pkg, manifest = package("rk3566", {"model": bundles["rknn_rk3566"]}, tmp_path / "k")
+    pkg, manifest = package("rk3566", {"model": bundles["rknn_rk3566"]}, tmp_path / "k")
     check_common(pkg, manifest, "rk3566", bundles["rknn_rk3566"] / "model.rknn", tmp_path / "k" / "package.zip")
     assert (pkg / "preprocess.py").read_bytes() == (REPO / "stages" / "common" / "pixels.py").read_bytes()
     stub = install_rknnlite_stub(tmp_path / "stub")
@@ -233,7 +204,7 @@ def test_rk3566_package_and_infer_on_a_stub_rknnlite(bundles, tmp_path):
 def test_rk3588_infer_uses_all_npu_cores_and_refuses_a_model_for_another_chip(bundles, tmp_path):
     with pytest.raises(StageError, match=r"built for rk3566, not rk3588.*quantize.target=rk3588"):
         package("rk3588", {"model": bundles["rknn_rk3566"]}, tmp_path / "x")
-    _, pkg, _ = package("rk3588", {"model": bundles["rknn_rk3566"], }, tmp_path / "y", check=False)
+    pkg, _ = package("rk3588", {"model": bundles["rknn_rk3566"], }, tmp_path / "y", check=False)
     assert "core_mask=RKNNLite.NPU_CORE_AUTO" in (pkg / "infer.py").read_text()
     assert any("built for rk3566" in n for n in json.loads((pkg / "manifest.json").read_text())["notes"])
 
@@ -242,7 +213,7 @@ def test_rk3588_infer_uses_all_npu_cores_and_refuses_a_model_for_another_chip(bu
 def test_maixii_dock_package(bundles, tmp_path):
     from boards.maixii_dock import parse_param
 
-    _, pkg, manifest = package("maixii_dock", {"model": bundles["ncnn"], "calib": bundles["calib"],
+    pkg, manifest = package("maixii_dock", {"model": bundles["ncnn"], "calib": bundles["calib"],
                                                "eval": bundles["eval"]}, tmp_path / "m")
     check_common(pkg, manifest, "maixii_dock", bundles["ncnn"] / "model.ncnn.param", tmp_path / "m" / "package.zip")
     io = json.loads((bundles["ncnn"] / "io.json").read_text())

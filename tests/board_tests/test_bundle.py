@@ -19,7 +19,7 @@ def test_names_round_trip_verbatim_with_spaces_and_unicode(tmp_path):
 
 
 def test_blank_lines_and_crlf_name_no_class(tmp_path):
-    (tmp_path / "labels.txt").write_bytes(b"a\r\nb c\r\n\r\n")
+    (tmp_path / "labels.txt").write_bytes(b"a\r\nb c\r\n\r\n")  # by hand on purpose: what write_labels never writes
     assert read_labels(tmp_path) == ["a", "b c"]
 
 

@@ -19,7 +19,7 @@ from boards import get_board, known_boards
 from engine.config.registry import backend_classes
 from helpers_backends import backend_plugin
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_backend_in_pyproject_is_registered_and_owns_its_facts():

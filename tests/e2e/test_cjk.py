@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from engine.contract import figures as figs
-from helpers_boards import make_folder_dataset
+from helpers_data import make_folder_dataset
 from helpers_browser import Browser
 
 CLASSES = ("有鸟", "无鸟")

@@ -12,7 +12,7 @@ from engine.config import compose
 from engine.config.validate import ConfigError
 from engine.run.pipeline import Pipeline
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 GROUP_OPTIONS = sorted(
     (group.name, option.stem)
@@ -43,7 +43,7 @@ def _floors(func: ast.FunctionDef) -> list[float]:
 def _e2e_tests() -> dict[str, ast.FunctionDef]:
     """test_experiment_<name> functions of every test module (the quickstart's lives in test_quickstart.py)."""
     found = {}
-    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+    for path in sorted(Path(__file__).resolve().parents[1].rglob("test_*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_experiment_"):
                 found[node.name.removeprefix("test_experiment_")] = node
@@ -54,7 +54,7 @@ def _e2e_tests() -> dict[str, ast.FunctionDef]:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_has_an_end_to_end_test_with_an_accuracy_floor(experiment):
-    """A new conf/experiment/NAME.yaml needs tests/test_*.py::test_experiment_NAME that runs it and
+    """A new conf/experiment/NAME.yaml needs tests/**/test_*.py::test_experiment_NAME that runs it and
     asserts a top-1 floor (a test that only checks files exist let a diverging default ship)."""
     test = _e2e_tests().get(experiment)
     assert test is not None, f"conf/experiment/{experiment}.yaml has no test_experiment_{experiment} in tests/"

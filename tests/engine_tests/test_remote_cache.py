@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import socket
 from pathlib import Path
-
-import pytest
 
 from conftest import TESTS, Workspace
 from hostile import assert_clean_failure
@@ -123,7 +120,7 @@ def test_a_tool_upgrade_shows_in_plan_and_reruns(ws, monkeypatch):
     real = metadata.version
     # what `pip install -U pyyaml` would do to the version the key reads (package metadata)
     monkeypatch.setattr(metadata, "version", lambda d: "99.0" if d == "pyyaml" else real(d))
-    monkeypatch.setenv("EDGEPIPE_COMPOSE_CACHE", "off")  # plan_memo's versions: tests/test_plan_memo.py
+    monkeypatch.setenv("EDGEPIPE_COMPOSE_CACHE", "off")  # plan_memo's versions: tests/engine_tests/test_plan_memo.py
     plan = {s["name"]: s for s in json.loads(ws.cli("plan", "--json").out)["stages"]}
     assert plan["src"]["status"] == "will run" and plan["src"]["reason"] == f"pyyaml {installed} -> 99.0"
     ws.reset_counts()
@@ -147,27 +144,6 @@ def test_bad_remote_settings_are_one_line_errors(ws):
     assert_clean_failure(r, 2, "latest")  # no run yet
     assert ws.cli("run").rc == 0
     assert_clean_failure(ws.cli("push"), 2, "cache.remote")  # the run names no remote
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    """moto's S3 server on 127.0.0.1 with a bucket; credentials only in the environment, as a user has them."""
-    from moto.server import ThreadedMotoServer
-
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.setattr(logging.getLogger("werkzeug"), "disabled", True)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="team")
-    yield endpoint
-    server.stop()
 
 
 def test_s3_remote_second_machine_computes_nothing(ws, tmp_path, capsys, monkeypatch, s3):

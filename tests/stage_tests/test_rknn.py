@@ -20,8 +20,8 @@ from pydantic import ValidationError
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage, validate_params
-from helpers_rknn import onnx_reference_logits, toy
-from helpers_rknn import wide_dataset as make_wide_dataset
+from helpers_data import onnx_reference_logits, toy
+from helpers_data import wide_dataset as make_wide_dataset
 
 
 @pytest.fixture(scope="module")

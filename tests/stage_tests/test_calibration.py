@@ -12,7 +12,7 @@ from PIL import Image
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage
-from helpers_models import make_dataset_dir, pixel_index
+from helpers_data import make_dataset_dir, pixel_index
 from stages.calibration import select, stratified_counts
 
 

@@ -12,9 +12,9 @@ import yaml
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage, validate_params
-from helpers_models import make_model_dir
+from helpers_data import make_model_dir
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = {"arch": "mobilenet_v3_small", "width_mult": 0.25}
 
 

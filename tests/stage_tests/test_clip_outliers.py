@@ -11,7 +11,7 @@ import torch
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage
-from helpers_data import make_array_dataset
+from helpers_data import make_array_dataset, write_labels, write_preprocess
 from stages.clip_outliers import ClipOutliers
 from stages.common.models import build_model, read_bundle, save_model
 from stages.train import Train
@@ -31,8 +31,8 @@ def _model_dir(folder: Path, arch: str = "resnet18", num_classes: int = 3) -> tu
         m.bn1.running_var.mul_(1.5)
     folder.mkdir(parents=True)
     save_model(folder / "model.pt", m, {"arch": arch}, num_classes)
-    (folder / "labels.txt").write_text("a\nb\nc\n", encoding="utf-8")
-    (folder / "preprocess.json").write_text(json.dumps({"input_size": [32, 32]}), encoding="utf-8")
+    write_labels(folder, ["a", "b", "c"])
+    write_preprocess(folder, [32, 32])
     return folder, {k: v.clone() for k, v in m.state_dict().items()}
 
 
@@ -115,7 +115,7 @@ def test_finetune_starts_from_clipped_weights(tmp_path):
     src, _ = _model_dir(tmp_path / "model")
     run_stage(ClipOutliers, {"percentile": 99.0}, {"model": src}, tmp_path / "clip")
     data = make_array_dataset(tmp_path / "data", {"train": 6, "val": 2, "test": 2})
-    (data / "labels.txt").write_text("a\nb\nc\n", encoding="utf-8")  # the model's classes: its head is kept
+    write_labels(data, ["a", "b", "c"])  # the model's classes: its head is kept
     run_stage(Train, {"mode": "finetune", "epochs": 1, "batch_size": 6, "limit_train_batches": 1, "freeze_features": True},
               {"data": data, "init": tmp_path / "clip"}, tmp_path / "ft")
     met = json.loads((tmp_path / "ft" / "metrics.json").read_text())

@@ -6,7 +6,6 @@ its data: images, and the numbers shown equal to run.json's and the stage output
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -14,12 +13,11 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_browser import Browser
+from helpers_browser import SHOWN, Browser, HtmlPage, assert_picture, embedded_pngs
 from PIL import Image
 
 from engine.report.page import REPORT_HTML
@@ -34,71 +32,6 @@ CHEAP_EVAL = ["pipeline=train", "dataset=digits", "preprocess.input_size=16", "t
               "+pipeline.stages.rknn={uses:rknn_quantize,needs:{onnx:onnx,calib:calib,data:data},config:quantize}",
               "+pipeline.stages.eval={uses:evaluate,needs:{data:data,pytorch:clip,onnx:onnx,rknn:rknn}}",
               "+pipeline.stages.package={uses:package,needs:{model:onnx,eval:eval,data:data},with:{board:onnxruntime}}"]
-# what the page shows once loaded, read in the browser
-SHOWN = """({
-  images: Array.from(document.images, i => ({alt: i.alt, width: i.naturalWidth, height: i.naturalHeight})),
-  text: document.body.innerText,
-  backends: Array.from(document.querySelectorAll("table.backends tr[data-backend]"), tr => ({
-    name: tr.dataset.backend, top1: Number(tr.querySelector("td.top1").dataset.value),
-    cells: Array.from(tr.cells, c => c.innerText.trim()), best: tr.classList.contains("best")})),
-  parameters: document.querySelector(".parameters").innerText,
-  titles: Array.from(document.querySelectorAll("img.grid"), i => i.previousElementSibling.innerText),
-})"""
-
-
-class Page(HTMLParser):
-    """The images, the top-1 cells of the backends table and the visible text of an HTML page."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.images: list[dict] = []
-        self.top1: dict[str, tuple[str, str]] = {}  # backend -> (data-value, text shown)
-        self.text: list[str] = []
-        self._backend: str | None = None
-        self._cell: dict | None = None
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "img":
-            self.images.append(a)
-        elif tag == "tr":
-            self._backend = a.get("data-backend")
-        elif tag == "td" and "top1" in (a.get("class") or "").split():
-            self._cell = {"value": a.get("data-value"), "text": ""}
-
-    def handle_endtag(self, tag):
-        if tag == "td" and self._cell is not None:
-            self.top1[self._backend] = (self._cell["value"], self._cell["text"].strip())
-            self._cell = None
-
-    def handle_data(self, data):
-        self.text.append(data)
-        if self._cell is not None:
-            self._cell["text"] += data
-
-
-def png_pixels(data: bytes) -> np.ndarray:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(io.BytesIO(data)) as im:
-        im.verify()
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("L"), dtype=np.float64)
-
-
-def assert_picture(data: bytes, min_side: int = 100, max_side: int = 4000) -> None:
-    """A valid PNG of a sensible size that is not blank."""
-    px = png_pixels(data)
-    assert min(px.shape) >= min_side and max(px.shape) <= max_side, px.shape
-    assert px.var() > 100.0, px.var()  # a white page with a few grey lines stays far below this
-
-
-def embedded_pngs(page: Page) -> list[bytes]:
-    prefix = "data:image/png;base64,"
-    assert page.images and all(img["src"].startswith(prefix) for img in page.images)
-    return [base64.b64decode(img["src"][len(prefix):]) for img in page.images]
-
-
 def words(text: str) -> str:
     return " ".join(text.split())
 
@@ -109,7 +42,7 @@ def test_every_run_writes_report_html_and_report_rewrites_it(ws, tmp_path):
     run_dir = (ws.runs / "latest").resolve()
     html = (run_dir / REPORT_HTML).read_text(encoding="utf-8")
     run = ws.latest()
-    text = " ".join(Page(html).text)
+    text = " ".join(HtmlPage(html).text)
     for name, stage in run["stages"].items():
         assert f"{name} {stage['type']} {stage['status']}" in " ".join(text.split()), name
         assert stage["key"] in html
@@ -264,7 +197,7 @@ def test_report_numbers_equal_run_json_and_the_stage_outputs(evaluated_run, show
 @pytest.mark.slow
 def test_pictures_are_valid_sized_and_not_blank(evaluated_run):
     run_dir, _ = evaluated_run
-    pngs = embedded_pngs(Page((run_dir / REPORT_HTML).read_text(encoding="utf-8")))
+    pngs = embedded_pngs(HtmlPage((run_dir / REPORT_HTML).read_text(encoding="utf-8")))
     assert len(pngs) >= 9
     for png in pngs:
         assert_picture(png)
@@ -294,7 +227,7 @@ def test_report_costs_no_recomputation_and_draws_nothing_again(evaluated_run):
     run_dir, run = evaluated_run
     metrics = json.loads((run_dir / "stages" / "train" / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
-    page = Page((run_dir / REPORT_HTML).read_text(encoding="utf-8"))
+    page = HtmlPage((run_dir / REPORT_HTML).read_text(encoding="utf-8"))
     assert f"best_epoch {metrics['best_epoch']}" in words(" ".join(page.text))
     stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "stages").rglob("*") if p.is_file()}
     before = (run_dir / REPORT_HTML).read_bytes()
@@ -331,7 +264,7 @@ def test_damaged_report_memos_are_computed_again(evaluated_run):
 def test_multicrop_results_are_shown(tmp_path):
     """evaluate with multi-crop on a folder of wide images (as in test_evaluate), reported from a run
     folder whose record points at the stage outputs: the multi-crop table shows metrics.json's numbers."""
-    from helpers_rknn import CLASSES, toy, toy_images
+    from helpers_data import TOY_CLASSES as CLASSES, toy, toy_images
 
     from engine.report.page import write_html
     from engine.store.runs import RunRecord, StageRecord
@@ -358,13 +291,13 @@ def test_multicrop_results_are_shown(tmp_path):
         "eval": StageRecord("eval", "evaluate", "ran", path=str(tmp_path / "eval"))})
     html = write_html(record).read_text(encoding="utf-8")
     table = html[html.index('<table class="multicrop">'):]
-    table = words(" ".join(Page(table[:table.index("</table>")]).text))
+    table = words(" ".join(HtmlPage(table[:table.index("</table>")]).text))
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for name, row in report["backends"].items():
         mc = row["multicrop"]
         assert (f"{name} {mc['crops']} {row['top1']:.2%} {mc['top1_mean']:.2%} {mc['top1_vote']:.2%} "
                 f"{mc['undecided']}") in table
-    for png in embedded_pngs(Page(html)):
+    for png in embedded_pngs(HtmlPage(html)):
         assert_picture(png)
 
 

@@ -15,7 +15,7 @@ the ~100% ImageNet weights give on six photo classes), so they catch a preproces
 broken head (chance is 17%), not a few points. One run per experiment is shared by its assertions.
 
 mnist_gem_resnet is not run here: its dataset is a digit file list (`path----label`, labels 0..9), a
-layout photos do not come in; tests/test_package.py runs it on scikit-learn's digits.
+layout photos do not come in; tests/board_tests/test_package.py runs it on scikit-learn's digits.
 """
 
 from __future__ import annotations

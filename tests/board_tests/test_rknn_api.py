@@ -1,4 +1,4 @@
-"""tests/rknn_api/rknn_api.h -- the RKNN runtime declarations the generated C demo is compiled against
+"""tests/board_tests/rknn_api/rknn_api.h -- the RKNN runtime declarations the generated C demo is compiled against
 in the tests -- checked declaration by declaration against Rockchip's published header.
 
 Reference: rknpu2 `rknn_api.h` of NPU SDK V2.3.2, `rknpu2/runtime/Linux/librknn_api/include/rknn_api.h`
