@@ -51,7 +51,7 @@ BOARD_GROUP = "edgepipe.boards"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # the shared preprocessing functions (numpy + Pillow only), copied verbatim as preprocess.py into
 # packages that run Python on the board
-PREPROCESS_MODULE = Path(__file__).resolve().parent.parent / "stages" / "common" / "pixels.py"
+PREPROCESS_MODULE = Path(__file__).resolve().parent.parent / "stages" / "common" / "preprocess_numpy.py"
 # share of a limit above which a check warns ("close to the limit")
 NEAR_LIMIT = 0.8
 MB = 1024 * 1024

@@ -104,7 +104,7 @@ def export_onnx(module, path: Path, shape: list[int], params: ExportOnnx.Params,
 
     dummy = torch.zeros(*shape, dtype=torch.float32)
     dynamic_axes = {params.input_name: {0: "batch"}, params.output_name: {0: "batch"}} if params.dynamic_batch else None
-    from stages.common.quiet import quiet
+    from stages.common.native_output import quiet
 
     # the exporter prints from native code on failure ("Torch IR graph at exception: ..."): keep the
     # terminal clean; the StageError below carries the reason

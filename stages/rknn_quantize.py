@@ -197,7 +197,7 @@ class RknnQuantize(Stage):
         with toolkit(out / LOG_NAME, "== config, load_onnx, build, export_rknn"):
             from rknn.api import RKNN
 
-            from stages.common.quiet import reroute_logger
+            from stages.common.native_output import reroute_logger
 
             rknn = RKNN(verbose=True if p.verbose_log else False)
             reroute_logger("rknnLogger")  # its handler may hold an import-time sys.stderr

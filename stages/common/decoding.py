@@ -1,9 +1,9 @@
 """What a decoding worker of the dataset stage runs (stages/dataset.py starts the workers, gathers
 their results and writes the arrays; the workers write the pixels into packs, packs.py). It imports
-numpy, Pillow, pixels.py, packs.py and engine.contract.hashing only,
+numpy, Pillow, preprocess_numpy.py, packs.py and engine.contract.hashing only,
 not pydantic or the engine's stage machinery: a spawned worker imports the module of the function it
 runs, and this one takes ~0.1 s where stages.dataset takes ~0.25 s, start-up paid by every worker of
-every run. The resize settings come as pixels.PreprocessSpec (plain) for the same reason.
+every run. The resize settings come as preprocess_numpy.PreprocessSpec (plain) for the same reason.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 
 from engine.contract.hashing import sha256_file, sha256_json
 from stages.common.packs import PackStore
-from stages.common.pixels import PreprocessSpec, load_image, resize
+from stages.common.preprocess_numpy import PreprocessSpec, load_image, resize
 
 RESIZE_SETTINGS = ("input_size", "resize", "interpolation", "pad_value")  # what resize() reads of a spec
 
@@ -59,13 +59,16 @@ def keep_freed_memory() -> None:
 
 def kept_store(scratch: Path, spec) -> PackStore:
     """The store of decoded rows kept between runs (``Context.scratch``), in a folder named by
-    everything that makes the pixels besides the file's bytes (the resize settings, pixels.py's code,
-    Pillow's version), so a row found there is right for any run that finds it."""
+    everything that makes the pixels besides the file's bytes (the resize settings,
+    preprocess_numpy.py's code, Pillow's version), so a row found there is right for any run that
+    finds it. The code's entry keeps the module's earlier name: renamed, every kept row would be
+    decoded again."""
     import PIL
 
-    from stages.common import pixels
+    from stages.common import preprocess_numpy
 
-    made_by = {"format": 2, "pillow": PIL.__version__, "pixels.py": sha256_file(Path(pixels.__file__)),
+    code = sha256_file(Path(preprocess_numpy.__file__))
+    made_by = {"format": 2, "pillow": PIL.__version__, "pixels.py": code,
                **{k: getattr(spec, k) for k in RESIZE_SETTINGS}}
     h, w = spec.input_size
     return PackStore.kept(os.path.join(scratch, "decoded", sha256_json(made_by)[:32]), (h, w, 3))

@@ -2,7 +2,7 @@
 
 Importing this module does not import torch (stage modules use ``ModelParams`` at top level while the
 engine plans); torch/torchvision are imported when a model is built or loaded. The torch classes
-(GeM, EdgeResNet, EdgeMobileNetV3) are ordinary module-level classes in ``model_zoo.py``.
+(GeM, EdgeResNet, EdgeMobileNetV3) are ordinary module-level classes in ``models_torch.py``.
 
 Architectures (``model.arch``):
 - ``resnet18``            torchvision ResNet-18.
@@ -143,7 +143,7 @@ def build_model(arch: Mapping[str, Any] | ModelParams | str, num_classes: int):
 
 
 def _build(p: ModelParams, num_classes: int):
-    from .model_zoo import EdgeMobileNetV3, EdgeResNet
+    from .models_torch import EdgeMobileNetV3, EdgeResNet
 
     if p.arch in ("resnet18", "gem_resnet"):
         return EdgeResNet(

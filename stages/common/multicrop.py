@@ -76,7 +76,7 @@ def crop_batches(files: list[Path], k: int, spec, hw: tuple[int, int], chunk: in
                  ) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, uint8 m x K x H x W x 3 crops) for consecutive chunks of ``files``, resized with
     ``spec`` (the model's preprocess: the code training used)."""
-    from stages.common.pixels import load_image, resize
+    from stages.common.preprocess_numpy import load_image, resize
 
     h, w = hw
     for start in range(0, len(files), chunk):

@@ -2,14 +2,14 @@
 
 Training, calibration, evaluation and the deploy scripts generated for boards all call the same
 functions, so the pixels a model sees on a board are computed exactly like the ones it was trained on.
-The functions live in ``stages/common/pixels.py`` (numpy + Pillow only), which the package stage
+The functions live in ``stages/common/preprocess_numpy.py`` (numpy + Pillow only), which the package stage
 copies verbatim into packages as ``preprocess.py``; they are re-exported here. This module adds the
 pydantic model ``Preprocess`` that validates the config section and writes ``preprocess.json``
-(boards read it back with ``pixels.PreprocessSpec``, which needs no pydantic).
+(boards read it back with ``preprocess_numpy.PreprocessSpec``, which needs no pydantic).
 
-    spec = Preprocess.load("model_dir")   # then load_image / resize / normalize as in pixels.py
+    spec = Preprocess.load("model_dir")   # then load_image / resize / normalize as in preprocess_numpy.py
 
-Conventions (mean/std on the 0..1 scale, RGB order: see pixels.py), and
+Conventions (mean/std on the 0..1 scale, RGB order: see preprocess_numpy.py), and
 - ``rknn_mean_std()`` / ``awnn_mean_norm()`` give the same normalisation in the 0..255 form that
   board toolchains take, in the model's input channel order.
 """
@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from stages.common.pixels import (  # noqa: F401  (re-exported: the functions every stage calls)
+from stages.common.preprocess_numpy import (  # noqa: F401  (re-exported: the functions every stage calls)
     CHANNEL_ORDERS,
     FILENAME,
     INTERPOLATIONS,
@@ -113,7 +113,7 @@ class Preprocess(BaseModel, InputGeometry):
             raise ValueError("pad_value must be in 0..255")
         return v
 
-    # -- convenience (height, width, input_shape, channel_index: pixels.InputGeometry) -------------
+    # -- convenience (height, width, input_shape, channel_index: preprocess_numpy.InputGeometry) -------------
     def rknn_mean_std(self) -> tuple[list[float], list[float]]:
         """(mean_values, std_values) on 0..255 per channel, in the model's channel order (rknn config)."""
         idx = self.channel_index()

@@ -1,7 +1,7 @@
 """Calling rknn-toolkit2 from a stage: its output into a log, its failures as one line.
 
 ``toolkit(log, header)`` wraps toolkit calls: everything the toolkit prints (native code included)
-goes to ``log`` (``stages.common.quiet``), its scratch files (``check*.onnx``) into a temp folder,
+goes to ``log`` (``stages.common.native_output``), its scratch files (``check*.onnx``) into a temp folder,
 and an exception it raises becomes ``ToolkitFailure`` naming the call (``config``, ``build``,
 ``init_runtime``, ...). ``ok(call, ret)`` turns a non-zero return code into one. ``reason(failure,
 log)`` is the one-line why: the exception's last ``XxxError: message`` line, else the log's last
@@ -44,7 +44,7 @@ def ok(what: str, ret: Any) -> Any:
 @contextlib.contextmanager
 def toolkit(log_path: Path, header: str | None) -> Iterator[None]:
     """``quiet`` around toolkit calls; an exception the toolkit raises becomes ``ToolkitFailure``."""
-    from stages.common.quiet import quiet
+    from stages.common.native_output import quiet
 
     # The toolkit writes check*.onnx (and more) into the working folder: give it a scratch one.
     cwd = os.getcwd()

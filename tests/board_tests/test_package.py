@@ -81,7 +81,7 @@ def test_onnxruntime_package(bundles, tmp_path):
     pkg, manifest = tmp_path / "o" / "package", json.loads((tmp_path / "o" / "package" / "manifest.json").read_text())
     check_common(pkg, manifest, "onnxruntime", bundles["onnx"] / "model.onnx", tmp_path / "o" / "package.zip")
     # one preprocessing definition: the shared numpy/Pillow functions verbatim, and the model's settings
-    assert (pkg / "preprocess.py").read_bytes() == (REPO / "stages" / "common" / "pixels.py").read_bytes()
+    assert (pkg / "preprocess.py").read_bytes() == (REPO / "stages" / "common" / "preprocess_numpy.py").read_bytes()
     assert (pkg / "preprocess.json").read_bytes() == (bundles["onnx"] / "preprocess.json").read_bytes()
     assert "import torch" not in (pkg / "infer.py").read_text()
     assert manifest["normalisation"]["mean"] == [0.5] * 3 and manifest["normalisation"]["mean_values_0_255"] == [127.5] * 3
@@ -181,7 +181,7 @@ def test_c_demo_runs_on_a_fake_runtime(bundles, tmp_path):
 def test_rk3566_package_and_infer_on_a_stub_rknnlite(bundles, tmp_path):
     pkg, manifest = package("rk3566", {"model": bundles["rknn_rk3566"]}, tmp_path / "k")
     check_common(pkg, manifest, "rk3566", bundles["rknn_rk3566"] / "model.rknn", tmp_path / "k" / "package.zip")
-    assert (pkg / "preprocess.py").read_bytes() == (REPO / "stages" / "common" / "pixels.py").read_bytes()
+    assert (pkg / "preprocess.py").read_bytes() == (REPO / "stages" / "common" / "preprocess_numpy.py").read_bytes()
     stub = install_rknnlite_stub(tmp_path / "stub")
     log = tmp_path / "stub.log"
     images = sorted(bundles["images"].iterdir())

@@ -17,7 +17,7 @@ from stages.common.preprocess import (
     PRESETS, Preprocess, load_image, normalize, prepare, resize, to_channel_order,
 )
 
-DEPLOY_MODULE = Path(__file__).resolve().parents[2] / "stages" / "common" / "pixels.py"
+DEPLOY_MODULE = Path(__file__).resolve().parents[2] / "stages" / "common" / "preprocess_numpy.py"
 
 
 def test_presets_sizes_and_validation():
@@ -129,7 +129,7 @@ def test_prepare_is_load_resize_normalize(tmp_path):
 
 
 def test_deploy_module_depends_on_numpy_pillow_only(tmp_path):
-    """stages/common/pixels.py is what packages carry as preprocess.py: no pydantic on the board."""
+    """stages/common/preprocess_numpy.py is what packages carry as preprocess.py: no pydantic on the board."""
     tree = ast.parse(DEPLOY_MODULE.read_text(encoding="utf-8"))
     top = set()
     for node in ast.walk(tree):

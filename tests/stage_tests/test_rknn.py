@@ -1,5 +1,5 @@
 """rknn_quantize on the real rknn-toolkit2 2.5.0 x86 simulator, with a small trained model at 32 px,
-and stages.common.quiet (the fd-level redirection every toolkit call runs under)."""
+and stages.common.native_output (the fd-level redirection every toolkit call runs under)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def test_simulator_refuses_a_loaded_rknn(normal_build, tmp_path):
     simulator for a model loaded with load_rknn (it needs load_onnx + build in the same session)."""
     from rknn.api import RKNN
 
-    from stages.common.quiet import quiet
+    from stages.common.native_output import quiet
 
     with quiet(tmp_path / "t.log"):
         r = RKNN(verbose=False)
@@ -190,9 +190,9 @@ def test_missing_inputs_are_named(tmp_path):
         run_stage("rknn_quantize", {}, {"onnx": broken, "calib": t.calib}, tmp_path / "b")
 
 
-# -- stages.common.quiet ------------------------------------------------------------------------------
+# -- stages.common.native_output ------------------------------------------------------------------------------
 def test_quiet_captures_native_output_and_restores_on_error(tmp_path, capfd):
-    from stages.common.quiet import active, quiet
+    from stages.common.native_output import active, quiet
 
     libc = ctypes.CDLL(None)
     log = tmp_path / "q.log"
@@ -219,7 +219,7 @@ def test_quiet_captures_native_output_and_restores_on_error(tmp_path, capfd):
 
 
 def test_quiet_nests_and_keeps_grabbed_streams_valid(tmp_path, capfd):
-    from stages.common.quiet import quiet
+    from stages.common.native_output import quiet
 
     outer, inner = tmp_path / "outer.log", tmp_path / "inner.log"
     with quiet(outer):

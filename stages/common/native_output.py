@@ -5,7 +5,7 @@ rknn-toolkit2 (and other converters) print from C/C++ code straight to file desc
 the process's fd 1 and fd 2 at a log file (``os.dup2``), and ``sys.stdout``/``sys.stderr`` at those fds,
 for the duration of a ``with`` block, then puts everything back -- also when the block raises.
 
-    from stages.common.quiet import quiet
+    from stages.common.native_output import quiet
 
     with quiet(out / "rknn.log"):
         rknn.build(...)                # Python prints, logging, tqdm and printf() all land in the log
