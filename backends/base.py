@@ -28,7 +28,7 @@ folder may hold other model files beside ``model.rknn``); a class with ``compani
 recognised alone but scored beside that kind when the same folder holds its files (the board's
 logits beside the simulator's). Loading the classes imports no runtime and no numpy (the report
 reads their facts): torch, onnxruntime, ncnn and numpy are imported inside the methods that use them.
-"""
+"""  # noqa: E501 - a row of the table above cannot be wrapped, and the docstring stays as written
 
 from __future__ import annotations
 

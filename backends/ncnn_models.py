@@ -69,7 +69,8 @@ def ncnn_net(param: str | Path, bin: str | Path, threads: int = 1):
     net = ncnn.Net()
     net.opt.use_vulkan_compute = False
     net.opt.num_threads = threads
-    for flag in ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_storage", "use_int8_inference"):
+    for flag in ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_storage",
+                 "use_int8_inference"):
         if hasattr(net.opt, flag):
             setattr(net.opt, flag, False)
     if net.load_param(str(param)) != 0:

@@ -19,7 +19,8 @@ class RknnSimulatorBackend(Backend):
     packaged_as = "model.rknn"
     # an int8 NPU may differ from the simulator by a few output quantization steps
     golden_tolerance = (0.0, 0.05)
-    golden_measured_with = "rknn-toolkit2 simulator on x86_64 (int8 outputs, dequantized; rknn_quantize's test_logits.npy)"
+    golden_measured_with = ("rknn-toolkit2 simulator on x86_64 (int8 outputs, dequantized; "
+                            "rknn_quantize's test_logits.npy)")
     logits_file: ClassVar[str] = "test_logits.npy"
     build_section: ClassVar[str] = "simulator"
     missing_hint: ClassVar[str] = ("the rknn simulator only runs in the build session, so wire the dataset into "

@@ -127,10 +127,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000, help="small JPEGs for plan and the stage (default 100000)")
     ap.add_argument("--size", type=int, default=48, help="their input size in pixels (default 48)")
-    ap.add_argument("--photo-n", type=int, default=10_000, help=f"photos decoded to {PHOTO_SIZE} px (default 10000; 0: skip)")
+    ap.add_argument("--photo-n", type=int, default=10_000,
+                    help=f"photos decoded to {PHOTO_SIZE} px (default 10000; 0: skip)")
     ap.add_argument("--photo-distinct", type=int, default=0, metavar="K",
                     help="generate K photos, the rest copies with other trailing bytes (default 0: all generated)")
-    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="N of 'images/s at 1 and N workers'")
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                    help="N of 'images/s at 1 and N workers'")
     ap.add_argument("--no-single", action="store_true", help="photo runs at N workers only (no 1-worker runs)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each unchanged plan/status and photo run (median)")
     ap.add_argument("--dvc", help="the dvc command (default: $EDGEPIPE_BENCH_DVC, else dvc on PATH)")

@@ -33,7 +33,8 @@ def cold_run(jobs: int, overrides: list[str], only: str | None) -> dict:
         env.pop("EDGEPIPE_PLUGINS", None)
         t0 = time.perf_counter()
         select = ["--only", only] if only else []
-        proc = subprocess.run([str(EDGEPIPE), "run", "--jobs", str(jobs), *select, "+experiment=quickstart", *overrides],
+        proc = subprocess.run([str(EDGEPIPE), "run", "--jobs", str(jobs), *select, "+experiment=quickstart",
+                               *overrides],
                               cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:

@@ -111,7 +111,8 @@ def main() -> None:
         print(f"{variant:<14} {t['fp32_variant']:>7.2%} {t['onnx']:>7.2%} {ev['agreement']['onnx']:>7.1%} "
               f"{t['rknn_normal']:>12.2%} {dn:>+6.2f} {t['rknn_mmse']:>10.2%} {dm:>+6.2f}  "
               f"{mad['rknn_normal']:>7.2f}/{mad['rknn_mmse']:<7.2f}  "
-              f"{builds['normal']['build']['build_s']:>7.1f} s /{builds['mmse']['build']['build_s']:>6.1f} s  {peak:>8.0f}  {ok}")
+              f"{builds['normal']['build']['build_s']:>7.1f} s /{builds['mmse']['build']['build_s']:>6.1f} s  "
+              f"{peak:>8.0f}  {ok}")
     print()
     print(f"fp32 (unclipped) top-1 {rows['no clip'][0]['top1']['fp32']:.2%}; ONNX max abs logit diff vs PyTorch "
           f"{rows['no clip'][0]['max_abs_diff']['onnx']:.2g}; simulator agreement with fp32: "

@@ -155,7 +155,7 @@ def main() -> None:
     # the input pipeline alone (fetch + augmentation + normalisation), to show it is not the bottleneck
     hl = HandLoop(Train.Params.model_validate(params), data)
     n, t0 = 0, time.perf_counter()
-    for b, (x, y) in enumerate(hl.loader):
+    for _b, (_x, y) in enumerate(hl.loader):
         n += len(y)
     loader_rate = n / (time.perf_counter() - t0)
     print(f"model {args.arch}, {args.size} px digits, batch {args.batch}, {args.batches} batches x "

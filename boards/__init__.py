@@ -221,24 +221,27 @@ class BoardProfile(BaseModel):
         if n != 1:
             level: Level = "warning" if by_kind(self.model_format).any_batch else "error"
             out.append(Finding(level=level, check="input",
-                               message=f"input '{g.input_name}' batch dimension is {n if n is not None else 'dynamic'}; "
-                                       f"{self.title} runs batch 1 with static shapes (export without a dynamic batch)"))
+                               message=f"input '{g.input_name}' batch dimension is "
+                                       f"{n if n is not None else 'dynamic'}; {self.title} runs batch 1 with static "
+                                       "shapes (export without a dynamic batch)"))
         if h is None or w is None:
             out.append(Finding(level="error", check="input",
-                               message=f"input '{g.input_name}' has a dynamic height/width; export with a fixed input size"))
+                               message=f"input '{g.input_name}' has a dynamic height/width; "
+                                       "export with a fixed input size"))
         elif self.max_input_size and max(h, w) > self.max_input_size:
             out.append(Finding(level="error", check="input",
                                message=f"input {h}x{w} exceeds {self.title}'s {self.max_input_size} px; "
                                        f"lower preprocess.input_size"))
         if spec is not None and h is not None and w is not None and (spec.height, spec.width) != (h, w):
             out.append(Finding(level="error", check="preprocess",
-                               message=f"preprocess.json input_size {list(spec.input_size)} differs from the ONNX input "
-                                       f"{h}x{w}; re-export after changing preprocess.input_size"))
+                               message=f"preprocess.json input_size {list(spec.input_size)} differs from the "
+                                       f"ONNX input {h}x{w}; re-export after changing preprocess.input_size"))
         if io:
             for key, actual in (("input", g.input_name), ("output", g.output_name)):
                 if io.get(key) and io[key] != actual:
                     out.append(Finding(level="error", check="input",
-                                       message=f"io.json names {key} '{io[key]}' but the ONNX graph's {key} is '{actual}'"))
+                                       message=f"io.json names {key} '{io[key]}' but the ONNX graph's {key} "
+                                               f"is '{actual}'"))
         if g.output_shape is not None and len(nontrivial(g.output_shape)) > 1:
             out.append(Finding(level="error", check="output",
                                message=f"output '{g.output_name}' has shape {list(g.output_shape)}; a classifier "
@@ -253,9 +256,9 @@ class BoardProfile(BaseModel):
             try:
                 spec.awnn_mean_norm()
             except ValueError:
-                out.append(("mean", f"{list(spec.mean)} (std {list(spec.std)}) differs per channel, but board={self.name} "
-                                    f"({self.title}) takes one mean and one norm for all three channels; use "
-                                    f"preprocess=uniform (mean 0.5, std 0.5) or equal values per channel"))
+                out.append(("mean", f"{list(spec.mean)} (std {list(spec.std)}) differs per channel, but "
+                                    f"board={self.name} ({self.title}) takes one mean and one norm for all three "
+                                    "channels; use preprocess=uniform (mean 0.5, std 0.5) or equal values per channel"))
         if self.max_input_size and max(spec.input_size) > self.max_input_size:
             out.append(("input_size", f"{list(spec.input_size)} exceeds the {self.max_input_size} px that "
                                       f"board={self.name} ({self.title}) takes; lower preprocess.input_size"))
@@ -268,9 +271,10 @@ class BoardProfile(BaseModel):
             spec.awnn_mean_norm()
         except ValueError:
             return [Finding(level="error", check="normalisation",
-                            message=f"{self.title} takes one mean and one norm for all three channels ({self.runtime}), "
-                                    f"but preprocess has mean={list(spec.mean)} std={list(spec.std)}; "
-                                    f"train with preprocess=uniform (mean 0.5, std 0.5 -> mean 127.5, norm 1/127.5)")]
+                            message=f"{self.title} takes one mean and one norm for all three channels "
+                                    f"({self.runtime}), but preprocess has mean={list(spec.mean)} "
+                                    f"std={list(spec.std)}; train with preprocess=uniform "
+                                    "(mean 0.5, std 0.5 -> mean 127.5, norm 1/127.5)")]
         return []
 
     def check_ops(self, g: GraphInfo) -> list[Finding]:

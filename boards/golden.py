@@ -148,7 +148,8 @@ def _write_images(pkg_dir: Path, images: np.ndarray) -> list[str]:
 def _write_c_golden(out: Path, inputs: np.ndarray, expected: np.ndarray, top1: list[int], tolerance: float) -> None:
     """input_NN.rgb and golden.txt for the C demo (no npy or JSON parser there)."""
     n, h, w, _ = inputs.shape
-    lines = ["edgepipe-golden 1", f"samples {n} classes {expected.shape[1]} height {h} width {w} tolerance {tolerance!r}"]
+    lines = ["edgepipe-golden 1",
+             f"samples {n} classes {expected.shape[1]} height {h} width {w} tolerance {tolerance!r}"]
     for i in range(n):
         name = f"input_{i:02d}.rgb"
         (out / name).write_bytes(np.ascontiguousarray(inputs[i], np.uint8).tobytes())

@@ -166,7 +166,8 @@ def analyze(path: str | Path) -> GraphInfo:
     )
 
 
-def _peak_activations(nodes: list[Node], shapes, constants, inputs: Iterable[str], outputs: set[str]) -> tuple[int, int]:
+def _peak_activations(nodes: list[Node], shapes, constants, inputs: Iterable[str],
+                      outputs: set[str]) -> tuple[int, int]:
     """Peak of the summed sizes of live activations while the nodes run in file (topological) order.
 
     A tensor lives from the node that makes it until its last consumer has run (graph outputs until

@@ -40,7 +40,8 @@ class ClipOutliers(Stage):
     sections = {"model": "model"}
     inputs = {
         "model": Input(required=False, doc="a folder holding model.pt (train or clip_outliers output)"),
-        "data": Input(required=False, doc="a dataset output: BatchNorm statistics are recomputed over its training images"),
+        "data": Input(required=False,
+                      doc="a dataset output: BatchNorm statistics are recomputed over its training images"),
     }
 
     class Params(Params):
@@ -204,12 +205,14 @@ def _write_report(out: Path, rows: list[dict], p: ClipOutliers.Params, recalibra
         "granularity": p.granularity,
         "layers_clipped": len(clipped),
         "layers_total": len(rows),
-        "fraction_clipped": (sum(r["fraction_clipped"] * _numel(r["shape"]) for r in clipped) / total) if total else 0.0,
+        "fraction_clipped": ((sum(r["fraction_clipped"] * _numel(r["shape"]) for r in clipped) / total)
+                             if total else 0.0),
         "max_absmax_before": max((r["absmax_before"] for r in clipped), default=None),
         "max_absmax_after": max((r["absmax_after"] for r in clipped), default=None),
         "bn_recalibrated_images": recalibrated,
     }
-    (out / "clip_report.json").write_text(json.dumps({"summary": summary, "layers": rows}, indent=2) + "\n", encoding="utf-8")
+    (out / "clip_report.json").write_text(json.dumps({"summary": summary, "layers": rows}, indent=2) + "\n",
+                                          encoding="utf-8")
     return summary
 
 

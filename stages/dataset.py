@@ -141,7 +141,8 @@ def _list_files(path: Path, root: Path | None) -> list[tuple[Path, str | None]]:
             if s is not None:
                 lists.append((f, s))
     if not lists:
-        candidates = [f for f in sorted(path.iterdir()) if f.is_file() and f.suffix.lower() in (".txt", ".list", ".lst")]
+        candidates = [f for f in sorted(path.iterdir())
+                      if f.is_file() and f.suffix.lower() in (".txt", ".list", ".lst")]
         candidates = [f for f in candidates if f.name not in ("labels.txt", "classes.txt")]
         if len(candidates) != 1:
             raise StageError(
@@ -422,7 +423,8 @@ def _write_class_counts(items: list[_Item], by_split: dict[str, list[int]], clas
     per_split = {s: Counter(items[i].label for i in by_split[s]) for s in SPLITS}
     class_counts = {s: {c: per_split[s][k] for k, c in enumerate(classes)} for s in SPLITS}
     class_counts["total"] = {c: counts[k] for k, c in enumerate(classes)}
-    (out / "class_counts.json").write_text(json.dumps(class_counts, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "class_counts.json").write_text(json.dumps(class_counts, indent=2, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
 
 
 class Dataset(Stage):
@@ -595,7 +597,8 @@ class Dataset(Stage):
     def _dir(self, p) -> Path:
         path = Path(p.path)
         if not path.is_dir():
-            raise StageError(f"dataset.path must be a folder for kind={p.kind}: {path} {'is a file' if path.exists() else 'does not exist'}")
+            raise StageError(f"dataset.path must be a folder for kind={p.kind}: {path} "
+                             f"{'is a file' if path.exists() else 'does not exist'}")
         return path
 
     def _folder(self, p, given, ctx, base: Path | None = None, split: str | None = None, classes=None):
@@ -639,7 +642,8 @@ class Dataset(Stage):
                     raise StageError(f"two folders for split {s!r} in {root}: {found[s].name}, {d.name}")
                 found[s] = d
         if "train" not in found:
-            raise StageError(f"kind=split_folders needs {root}/train/<class>/... (found {sorted(x.name for x in root.iterdir())})")
+            raise StageError(f"kind=split_folders needs {root}/train/<class>/... "
+                             f"(found {sorted(x.name for x in root.iterdir())})")
         items, classes = self._folder(p, given, ctx, base=found["train"], split="train")
         if given is None:  # classes of val/test that train lacks are an error, not new classes
             classes = list(classes)
@@ -706,7 +710,8 @@ class Dataset(Stage):
         if path.is_file():
             image_files = [path]
         elif path.is_dir():
-            image_files = sorted(f for f in path.iterdir() if f.is_file() and "idx3" in f.name and "image" in f.name.lower())
+            image_files = sorted(f for f in path.iterdir()
+                                 if f.is_file() and "idx3" in f.name and "image" in f.name.lower())
         else:
             raise StageError(f"dataset.path does not exist: {path}")
         if not image_files:
@@ -725,18 +730,21 @@ class Dataset(Stage):
             if imgs.dtype != np.uint8:
                 raise StageError(f"{imf}: images must be unsigned bytes (idx type 0x08), got {imgs.dtype}")
             low = imf.name.lower()
-            split = "test" if ("t10k" in low or "test" in low) else "val" if "val" in low else "train" if "train" in low else None
+            split = ("test" if ("t10k" in low or "test" in low) else "val" if "val" in low
+                     else "train" if "train" in low else None)
             parts.append((imf, imgs, labels.astype(np.int64), split))
         values = sorted({int(v) for _, _, lab, _ in parts for v in np.unique(lab)})
         if given is not None:
             if values and (values[0] < 0 or values[-1] >= len(given)):
-                raise StageError(f"kind=idx: labels run {values[0]}..{values[-1]} but dataset.classes has {len(given)} names")
+                raise StageError(f"kind=idx: labels run {values[0]}..{values[-1]} but dataset.classes has "
+                                 f"{len(given)} names")
             classes, remap = given, {v: v for v in values}
         else:
             classes, remap = [str(v) for v in values], {v: i for i, v in enumerate(values)}
         splits = [s for *_, s in parts]
         if len(parts) > 1 and None in splits:
-            raise StageError(f"kind=idx: cannot tell the split of {[f.name for f, *_, s in parts if s is None]} (name them train-/t10k-)")
+            raise StageError(f"kind=idx: cannot tell the split of {[f.name for f, *_, s in parts if s is None]} "
+                             "(name them train-/t10k-)")
         items = []
         for imf, imgs, labels, split in parts:
             imgs = imgs[..., 0] if imgs.ndim == 4 and imgs.shape[-1] == 1 else imgs
@@ -774,7 +782,10 @@ class Dataset(Stage):
         rows written into ``store`` by ``workers`` spawned processes (chunks of ``_chunk_size``
         images, a bounded window of them in flight) or by this one."""
         workers = p.workers or _cpus()
-        jobs = lambda chunk: [(str(items[i].file) if items[i].array is None else None, items[i].array) for i in chunk]
+
+        def jobs(chunk):
+            return [(str(items[i].file) if items[i].array is None else None, items[i].array) for i in chunk]
+
         task = functools.partial(decode_chunk, spec=resize_spec(p.preprocess), store=store)
         pool = None
         # in-memory sources (digits, idx) only resize small arrays: starting processes costs more

@@ -60,7 +60,8 @@ STEP = 256
 
 class Evaluate(Stage):
     name = "evaluate"
-    peak_memory_mb = 1500  # MB, for run --jobs: every backend loaded, the rknn simulator too (~1.1 GB measured at 32 px)
+    # MB, for run --jobs: every backend loaded, the rknn simulator too (~1.1 GB measured at 32 px)
+    peak_memory_mb = 1500
     tools = ("torch", "onnxruntime", "ncnn")  # their versions are in the cache key
     # 2: features.npz; RKNN multi-crop and board rows
     # 3: metrics.json's missed + model_digest per backend; confusion PNGs drawn with a CJK font when installed
@@ -465,7 +466,8 @@ def _markdown(report: dict, p) -> str:
     lines = [f"# Evaluation: {escape(report['split'])} split, {report['samples']} images, "
              f"{len(report['classes'])} classes", ""]
     lines.append(f"fp32 reference: {code(ref)}" if ref else "no fp32 (PyTorch) backend: agreement columns are empty")
-    lines += ["", "| backend | kind | samples | top-1 | Δ vs fp32 (points) | agreement with fp32 | max abs logit diff | target |",
+    lines += ["", "| backend | kind | samples | top-1 | Δ vs fp32 (points) | agreement with fp32 "
+                  "| max abs logit diff | target |",
               "|---|---|---:|---:|---:|---:|---:|---|"]
     for name, row in report["backends"].items():
         tgt = {True: "✓", False: "✗", None: ""}[row.get("target_met")]
@@ -479,7 +481,8 @@ def _markdown(report: dict, p) -> str:
         agree = f"{row['agreement']:.2%}" if "agreement" in row else ""
         mad = f"{row['max_abs_diff']:.3g}" if "max_abs_diff" in row else ""
         kind = escape(row["kind"] + (f" ({row['detail']})" if row.get("detail") else ""))
-        lines.append(f"| {escape(name)} | {kind} | {row['samples']} | {row['top1']:.2%} | {drop} | {agree} | {mad} | {tgt} |")
+        lines.append(f"| {escape(name)} | {kind} | {row['samples']} | {row['top1']:.2%} | {drop} | {agree} | {mad} "
+                     f"| {tgt} |")
     if p.multicrop.enabled:
         lines += _multicrop_markdown(report, p)
     names = list(report["backends"])

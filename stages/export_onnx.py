@@ -26,7 +26,8 @@ class ExportOnnx(Stage):
     Runtime against PyTorch on sample inputs."""
 
     name = "export_onnx"
-    peak_memory_mb = 1200  # MB, for run --jobs: torch + onnx + onnxruntime for the parity check (~1.1 GB measured at 32 px)
+    # MB, for run --jobs: torch + onnx + onnxruntime for the parity check (~1.1 GB measured at 32 px)
+    peak_memory_mb = 1200
     tools = ("torch", "onnx", "onnxruntime")  # their versions are in the cache key
     config_section = "export"
     version = 1
@@ -82,7 +83,8 @@ class ExportOnnx(Stage):
         ctx.progress(2, 3, "parity check vs PyTorch")
         batch = params.parity_samples if params.dynamic_batch else None  # a dynamic model runs the whole batch
         result = parity.check_backends(
-            load_backend("torch", src, batch=None), load_backend("onnx", out, {"input": params.input_name}, batch=batch),
+            load_backend("torch", src, batch=None),
+            load_backend("onnx", out, {"input": params.input_name}, batch=batch),
             spec, params, out, what="ONNX Runtime vs PyTorch", extra={"batch": batch or 1}, channels=shape[1],
             hint="Raise export.tolerance only if you accept that difference")
 

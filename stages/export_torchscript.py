@@ -42,7 +42,8 @@ class ExportTorchScript(Stage):
         parity_samples: int = Field(8, ge=1, le=1024)
         seed: int = 0
 
-    def run(self, params: ExportTorchScript.Params, inputs: Mapping[str, Path], out: Path, ctx: Context) -> dict[str, Any]:
+    def run(self, params: ExportTorchScript.Params, inputs: Mapping[str, Path], out: Path,
+            ctx: Context) -> dict[str, Any]:
         import torch
 
         from backends.base import load as load_backend

@@ -108,7 +108,8 @@ def _convert(onnx: Path, shape: list[int], params: NcnnConvert.Params, out: Path
         check_layers(param_text, log)
         ins, outs = param_io(param_text)
         if len(ins) != 1 or len(outs) != 1:
-            raise StageError(f"the ncnn model has inputs {ins} and outputs {outs}; a classifier needs one of each (see {log})")
+            raise StageError(f"the ncnn model has inputs {ins} and outputs {outs}; a classifier needs one of each "
+                             f"(see {log})")
         if params.input_shape_in_param:
             param_text = patch_input_shape(param_text, w, h, c)
         (out / "model.ncnn.param").write_text(param_text, encoding="utf-8")
@@ -157,7 +158,8 @@ def _reason(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
         low = ln.lower()
-        if any(k in low for k in ("error", "failed", "unsupported", "not supported", "exception", "abort", "terminate")):
+        if any(k in low for k in ("error", "failed", "unsupported", "not supported", "exception", "abort",
+                                  "terminate")):
             return ln[:200]
     return lines[-1][:200] if lines else "no output"
 
@@ -192,7 +194,8 @@ def run_pnnx(onnx_path: Path, shape: list[int], params: NcnnConvert.Params, log:
         param, binf = scratch / "model.ncnn.param", scratch / "model.ncnn.bin"
         if rc != 0 or not param.is_file() or not binf.is_file():
             what = f"exit code {rc}" if rc >= 0 else f"killed by signal {-rc}"
-            raise StageError(f"pnnx failed to convert model.onnx to ncnn ({what}): {_reason(_ANSI.sub('', text))}; log: {log}")
+            raise StageError(f"pnnx failed to convert model.onnx to ncnn ({what}): {_reason(_ANSI.sub('', text))}; "
+                             f"log: {log}")
         return param.read_text(encoding="utf-8"), binf, scratch
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -46,13 +46,17 @@ PACKAGE_FORMAT = "edgepipe.package/1"
 class Package(Stage):
     name = "package"
     # 2: the manifest's accuracy says whether each backend met its target (target_met)
-    # 3: preprocess.py is stages/common/preprocess_numpy.py (numpy + Pillow only); selftest.py and golden/ samples
-    version = 6  # 6: the C demo reads labels.txt whole (a long label no longer splits in two), READMEs name `selftest --emulate`; 5: golden outputs through the backend registry (ONNX Runtime with 1 thread), RKNN READMEs name the board row; 4: the packaged preprocess.py (pixels.py) shares InputGeometry with the host model
+    # 3: preprocess.py is stages/common/pixels.py, now preprocess_numpy.py (numpy + Pillow only); selftest.py and golden/ samples
+    # 6: the C demo reads labels.txt whole (a long label no longer splits in two), READMEs name `selftest --emulate`;
+    # 5: golden outputs through the backend registry (ONNX Runtime with 1 thread), RKNN READMEs name the board row;
+    # 4: the packaged preprocess.py (pixels.py) shares InputGeometry with the host model
+    version = 6
     inputs = {
         "model": Input(required=True, doc="model bundle: export_onnx, ncnn or rknn_quantize folder"),
         "eval": Input(required=False, doc="evaluate folder (metrics.json): accuracy per backend in the manifest"),
         "calib": Input(required=False, doc="calibration folder (images/): required for maixii_dock"),
-        "data": Input(required=False, doc="dataset folder: its first test images become the self-test's golden samples"),
+        "data": Input(required=False,
+                      doc="dataset folder: its first test images become the self-test's golden samples"),
     }
     sections = {"board_settings": "board"}
     # rknn-toolkit2 writes different model.rknn bytes for the same build (see rknn_quantize); the

@@ -227,7 +227,8 @@ class RknnQuantize(Stage):
         error_analysis.txt; the ~90 MB of per-tensor dumps each call writes are deleted."""
         target = out / "error_analysis.txt"
         if not images:
-            target.write_text("# accuracy analysis skipped (quantize.accuracy_analysis_samples=0 or no calibration set)\n")
+            target.write_text("# accuracy analysis skipped "
+                              "(quantize.accuracy_analysis_samples=0 or no calibration set)\n")
             return "skipped"
         parts = []
         status = "ok"

@@ -138,7 +138,8 @@ class Train(Stage):
         @field_validator("precision", mode="before")
         @classmethod
         def _precision(cls, v: Any) -> Any:
-            return {32: "32", 64: "64", "32-true": "32", "64-true": "64", 16: "16-mixed", "bf16": "bf16-mixed"}.get(v, v)
+            return {32: "32", 64: "64", "32-true": "32", "64-true": "64", 16: "16-mixed",
+                    "bf16": "bf16-mixed"}.get(v, v)
 
         @field_validator("strategy", mode="before")
         @classmethod
@@ -463,7 +464,8 @@ def _train(p: Train.Params, inputs, out: Path, ctx: Context) -> dict[str, Any]:
         dm = NpyDataModule(data, spec, p.batch_size, p.workers, p.augment, p.seed, rank, world)
         has_val = dm.size("val") > 0
         if p.early_stopping is not None and not has_val:
-            raise StageError("train.early_stopping monitors val_acc but the dataset has no validation split (dataset.split.val)")
+            raise StageError("train.early_stopping monitors val_acc but the dataset has no validation split "
+                             "(dataset.split.val)")
         module, init_report = _build_module(p, classes, weights_src, inputs, ctx)
         if rank == 0:
             _copy_resume_best(ckpt_path, out)
@@ -472,7 +474,8 @@ def _train(p: Train.Params, inputs, out: Path, ctx: Context) -> dict[str, Any]:
         try:
             trainer = make_trainer(p, out, callbacks)
         except Exception as e:  # noqa: BLE001 - e.g. 16-mixed on a CPU
-            raise StageError(f"cannot set up training (precision={p.precision}, accelerator={p.accelerator}): {e}") from None
+            raise StageError(f"cannot set up training (precision={p.precision}, "
+                             f"accelerator={p.accelerator}): {e}") from None
         ctx.progress(0, p.epochs, f"training {p.model.arch} for {p.epochs} epochs")
         _fit(p, trainer, module, dm, ckpt_path, has_val)
         if not trainer.is_global_zero:
@@ -530,7 +533,8 @@ def _metrics(p: Train.Params, dm, book, scores: dict, num_classes: int, has_val:
                            if p.bn_recalibrate else None),
         "learning_check": learning_check(val_accs, dm.size("val"), train_loss, num_classes),
         "init": init_report,
-        "resumed_from": (("init/" if p.resume_from is None else "resume_from/") + ckpt_path.name) if ckpt_path else None,
+        "resumed_from": ((("init/" if p.resume_from is None else "resume_from/") + ckpt_path.name)
+                         if ckpt_path else None),
         "epochs": history,
     }
 

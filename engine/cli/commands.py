@@ -276,7 +276,8 @@ def cmd_runs(argv: Sequence[str]) -> int:
         table.add_column(col, overflow="fold")
     for r in rows:
         h = r["headline"]
-        hv = f"{h['key']} = {h['value']:.4g}" if h and isinstance(h.get("value"), float) else (f"{h['key']} = {h['value']}" if h else "")
+        hv = (f"{h['key']} = {h['value']:.4g}" if h and isinstance(h.get("value"), float)
+              else (f"{h['key']} = {h['value']}" if h else ""))
         table.add_row(r["time"], r["name"], f"[{STATUS_STYLE.get(r['status'], '')}]{r['status']}[/]",
                       f"{r['seconds']:.1f}", hv, os.path.relpath(r["run_dir"]))
     console.print(table)
@@ -345,7 +346,8 @@ def cmd_compare(argv: Sequence[str]) -> int:
                                  "that differ, the headline and --metrics; writes compare.csv, .md and .html")
     ap.add_argument("runs", nargs="+", help="a sweep folder, or run folders (paths, 'latest' or part of a name)")
     ap.add_argument("--metrics", default=",".join(compare.DEFAULT_METRICS),
-                    help="comma-separated metric names (top1, drop_points, seconds, or full keys such as eval.top1.onnx)")
+                    help="comma-separated metric names (top1, drop_points, seconds, or full keys such as "
+                         "eval.top1.onnx)")
     ap.add_argument("--out", type=Path, default=None, help="folder for compare.csv/.md/.html "
                     "(default: the sweep folder, else the current folder)")
     ap.add_argument("--width", type=int, default=None, help="terminal columns for the table (default: the terminal's)")

@@ -45,7 +45,8 @@ def push(record: Any, cache: Cache, remote: Remote) -> int:
 def _unpushable(entry: Path) -> str | None:
     """Why a local entry cannot be pushed: gone, from an older layout, or damaged."""
     if not (entry / OUT).is_dir() or not (entry / MANIFEST).is_file():
-        return f"{entry} is not in the local cache (removed by gc, or made before manifests moved beside out/; re-run it)"
+        return (f"{entry} is not in the local cache (removed by gc, or made before manifests moved beside out/; "
+                "re-run it)")
     try:
         Cache.verify(entry / OUT, json.loads((entry / MANIFEST).read_text()), rehash=True)
     except (CorruptEntry, ValueError) as e:

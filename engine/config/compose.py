@@ -246,7 +246,8 @@ def check_run_name(cfg: DictConfig) -> list[str]:
 
 
 def _plain(job: Job) -> dict:
-    return {**OmegaConf.to_container(job.cfg, resolve=False), "hydra": OmegaConf.to_container(job.hydra_cfg, resolve=False)}
+    return {**OmegaConf.to_container(job.cfg, resolve=False),
+            "hydra": OmegaConf.to_container(job.hydra_cfg, resolve=False)}
 
 
 def check_targets(tree: dict, overrides: list[str], user_dir: Path | None) -> None:

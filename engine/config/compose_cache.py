@@ -44,7 +44,8 @@ ENV = "EDGEPIPE_COMPOSE_CACHE"
 KEEP = 200  # entries; the oldest go first
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # .hydra/ texts an entry keeps
 _ENV_NAME = re.compile(r"\$\{(?:oc\.)?env:\s*([A-Za-z_][A-Za-z0-9_]*)")
-_CODE = ("config/compose.py", "config/compose_cache.py", "config/targets.py", "__init__.py")  # engine/ files whose code makes the Job
+# engine/ files whose code makes the Job
+_CODE = ("config/compose.py", "config/compose_cache.py", "config/targets.py", "__init__.py")
 
 
 def folder() -> Path | None:
@@ -335,6 +336,6 @@ def _register_resolvers(entry: dict) -> None:
     if not OmegaConf.has_resolver("now"):
         OmegaConf.register_new_resolver("now", lambda pattern: datetime.now().strftime(pattern), use_cache=True)
     if not OmegaConf.has_resolver("python_version"):
-        levels = {"major": f"{sys.version_info[0]}", "minor": "{0}.{1}".format(*sys.version_info),
-                  "micro": "{0}.{1}.{2}".format(*sys.version_info)}
+        levels = {"major": f"{sys.version_info[0]}", "minor": "{}.{}".format(*sys.version_info),
+                  "micro": "{}.{}.{}".format(*sys.version_info)}
         OmegaConf.register_new_resolver("python_version", lambda level="minor": levels.get(level))

@@ -104,7 +104,8 @@ class Graph:
         unknown = [n for n in only if n not in self.specs]
         if unknown:
             raise ConfigError(
-                [f"{option} {n}: no such stage{did_you_mean(n, list(self.specs))}; stages: {', '.join(self.specs)}" for n in unknown]
+                [f"{option} {n}: no such stage{did_you_mean(n, list(self.specs))}; stages: {', '.join(self.specs)}"
+                 for n in unknown]
             )
         if not only:
             return list(self.order)

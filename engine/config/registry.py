@@ -46,7 +46,8 @@ def _load_plugins() -> None:
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
-            raise PluginError(f"{PLUGINS_ENV}: cannot import '{module_name}' ({e}); fix or unset the variable") from None
+            raise PluginError(f"{PLUGINS_ENV}: cannot import '{module_name}' ({e}); "
+                              "fix or unset the variable") from None
         for obj in vars(module).values():
             if inspect.isclass(obj) and issubclass(obj, Stage) and obj is not Stage and hasattr(obj, "name"):
                 _registered.setdefault(obj.name, obj)

@@ -138,7 +138,8 @@ def _as_model(annotation: Any) -> type[BaseModel] | None:
 def load_pipeline(cfg: DictConfig) -> PipelineSpec:
     raw = _section(cfg, "pipeline")
     if not isinstance(raw, Mapping) or not raw.get("stages"):
-        raise ConfigError(["pipeline.stages: no stages defined; choose a pipeline with pipeline=NAME (see conf/pipeline/)"])
+        raise ConfigError(["pipeline.stages: no stages defined; choose a pipeline with pipeline=NAME "
+                           "(see conf/pipeline/)"])
     try:
         return PipelineSpec.model_validate(raw)
     except ValidationError as e:
@@ -224,7 +225,9 @@ def unvalidated_override_problems(cfg: DictConfig, overrides: list[str], specs: 
         readers = [s for s in specs.values() if s.section == section]
         if not head or any(head not in s.entry.with_ for s in readers):
             continue  # validated as some stage's params already
-        entries = [(s.name, s.entry.model_copy(update={"with_": {k: v for k, v in s.entry.with_.items() if k != head}}), s.cls)
+        entries = [(s.name,
+                    s.entry.model_copy(update={"with_": {k: v for k, v in s.entry.with_.items() if k != head}}),
+                    s.cls)
                    for s in readers] or [(section, PipelineEntry(uses=cls.name, config=section), cls)
                                          for cls in _types_owning(section)]
         for name, entry, cls in entries:

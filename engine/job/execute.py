@@ -76,7 +76,8 @@ def print_cfg(jobs, part: str, resolve: bool) -> None:
     from omegaconf import OmegaConf
 
     if part not in CFG_PARTS:
-        raise UsageError(f"--cfg {part}: use one of {', '.join(CFG_PARTS[:3])} (add --resolve to resolve interpolations)")
+        raise UsageError(f"--cfg {part}: use one of {', '.join(CFG_PARTS[:3])} "
+                         "(add --resolve to resolve interpolations)")
     for job in jobs:
         hydra = OmegaConf.masked_copy(job.hydra_cfg, [k for k in job.hydra_cfg if k not in ("help", "hydra_help")])
         whole = OmegaConf.merge(OmegaConf.create({"hydra": hydra}), job.cfg)

@@ -128,7 +128,8 @@ def headline_direction(run_dir: Path) -> str | None:
     from omegaconf import OmegaConf
 
     try:
-        value = OmegaConf.select(OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml"), "pipeline.headline_direction")
+        value = OmegaConf.select(OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml"),
+                                 "pipeline.headline_direction")
     except Exception:  # noqa: BLE001 - no or an unreadable .hydra/: the headline's name decides
         return None
     return str(value) if value in ("maximize", "minimize") else None
@@ -193,11 +194,13 @@ def rich_tables(c: Comparison, width: int) -> list:
         used += need[i] + 3
     tables = []
     for n, chunk in enumerate(chunks):
-        title = (f"{len(c.jobs)} jobs, best {c.headline or 'headline'} first ({'lowest' if c.lower_is_better else 'highest'})"
+        title = (f"{len(c.jobs)} jobs, best {c.headline or 'headline'} first "
+                 f"({'lowest' if c.lower_is_better else 'highest'})"
                  + (f" ({n + 1}/{len(chunks)})" if len(chunks) > 1 else ""))
         table = Table(title=title, title_justify="left")
         for i in fixed + chunk:
-            table.add_column(labels[i], justify="right" if i > len(c.swept) else "left", no_wrap=True, min_width=need[i])
+            table.add_column(labels[i], justify="right" if i > len(c.swept) else "left", no_wrap=True,
+                             min_width=need[i])
         for row in rows:
             table.add_row(*(row[i] for i in fixed + chunk))
         tables.append(table)
@@ -258,7 +261,8 @@ def html_page(c: Comparison) -> str:
             f"<title>edgepipe compare</title>\n<style>body {{ font-family: system-ui, sans-serif; margin: 2em; }}\n"
             f"table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 0.2em 0.6em; }}\n"
             f"img {{ max-width: 100%; }} .note {{ color: #666; }}</style></head>\n<body>\n"
-            f"<h1>{len(c.jobs)} jobs, best first</h1>\n<table>\n<tr>{head}</tr>\n{body}</table>\n{plot}\n</body></html>\n")
+            f"<h1>{len(c.jobs)} jobs, best first</h1>\n<table>\n<tr>{head}</tr>\n{body}</table>\n"
+            f"{plot}\n</body></html>\n")
 
 
 def sweep_plot(c: Comparison) -> bytes:
@@ -310,7 +314,8 @@ def write_sweep_comparison(sweep_dir: Path, metrics: Sequence[str] = DEFAULT_MET
     return write_outputs(compare(jobs, metrics), Path(sweep_dir))[2]
 
 
-def run(refs: Sequence[str], runs_root: Path, metrics: Sequence[str], out_dir: Path | None, width: int | None) -> list[Path]:
+def run(refs: Sequence[str], runs_root: Path, metrics: Sequence[str], out_dir: Path | None,
+        width: int | None) -> list[Path]:
     """What `edgepipe compare` does: print the table, write the three files (in the sweep folder when one
     sweep folder is compared, else in out_dir or the current folder)."""
     from rich.console import Console

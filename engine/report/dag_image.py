@@ -17,7 +17,8 @@ def render_dot(dot_text: str, fmt: str, output: Path) -> Path:
     exe = shutil.which("dot")
     if exe is None:
         raise DotMissing(INSTALL_HINT)
-    r = subprocess.run([exe, f"-T{fmt}", "-o", str(output)], input=dot_text, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([exe, f"-T{fmt}", "-o", str(output)], input=dot_text, capture_output=True, text=True,
+                       timeout=120)
     if r.returncode != 0:
         first = (r.stderr.strip().splitlines() or ["no message"])[0]
         raise OSError(f"dot -T{fmt} failed for {output}: {first}")

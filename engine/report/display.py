@@ -71,7 +71,8 @@ class Display:
     def _update(self, name: str, completed: float | None, total: float | None, description: str | None,
                 important: bool) -> None:
         if self.live and name in self._tasks:
-            kw = {k: v for k, v in (("completed", completed), ("total", total), ("description", description)) if v is not None}
+            kw = {k: v for k, v in (("completed", completed), ("total", total), ("description", description))
+                  if v is not None}
             self.progress.update(self._tasks[name], **kw)
             if important and description:
                 self.progress.console.print(f"  {name}: {description}")

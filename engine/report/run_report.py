@@ -13,7 +13,8 @@ from engine.store.runs import RunRecord, flat_metrics
 def write_report(record: RunRecord) -> None:
     from engine.report import page  # matplotlib and jinja2 load only when a report is written
 
-    lines = [f"# {escape(record.name)}", "", f"- folder: {code(record.run_dir)}", f"- status: **{escape(record.status)}**",
+    lines = [f"# {escape(record.name)}", "", f"- folder: {code(record.run_dir)}",
+             f"- status: **{escape(record.status)}**",
              f"- seconds: {record.seconds:.1f}"]
     if record.overrides:
         lines.append(f"- overrides: {code(' '.join(record.overrides))}")

@@ -39,7 +39,8 @@ def train_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]
     metrics = read_json(folder / "metrics.json") or {}
     epochs = metrics.get("epochs") or epochs_from_csv(folder / "logs" / "csv" / "metrics.csv")
     best = metrics.get("best_epoch")
-    facts = {k: metrics[k] for k in ("arch", "mode", "epochs_run", "best_epoch", "val_acc", "test_acc", "train_eval_acc")
+    facts = {k: metrics[k] for k in ("arch", "mode", "epochs_run", "best_epoch", "val_acc", "test_acc",
+                                     "train_eval_acc")
              if metrics.get(k) is not None}
     curves = None
     if epochs:
@@ -65,7 +66,8 @@ def epochs_from_csv(path: Path) -> list[dict[str, Any]]:
 # -- clip_outliers ------------------------------------------------------------------------------------
 def clip_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:
     report = read_json(folder / "clip_report.json") or {}
-    layers = [r for r in report.get("layers") or [] if all(f"{m}_{w}" in r for m in ("min", "max") for w in ("before", "after"))]
+    layers = [r for r in report.get("layers") or []
+              if all(f"{m}_{w}" in r for m in ("min", "max") for w in ("before", "after"))]
     summary = report.get("summary") or {}
     picture = None
     # BatchNorm scales sit near 1 and dwarf the conv ranges: drawn only when they were clipped

@@ -229,7 +229,9 @@ class Pipeline:
         rec.key = key
         t0 = time.time()
         display.started(rec)
-        with self.cache.lock(st.type, key, on_wait=lambda: display.update(rec.name, description="waiting for another process computing it")):
+        with self.cache.lock(st.type, key,
+                             on_wait=lambda: display.update(rec.name,
+                                                            description="waiting for another process computing it")):
             hit: Hit | None = None
             if forced:
                 rec.reason = "forced"

@@ -148,7 +148,8 @@ def _code_stats(root: Path) -> str:
         files = [(rel, st) for rel, st in scan_files(root) if "__pycache__/" not in rel]
     h = hashlib.sha256(str(root).encode("utf-8", "surrogateescape"))
     for rel, st in files:
-        h.update(f"{rel}\0{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n".encode("utf-8", "surrogateescape"))
+        h.update(f"{rel}\0{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n"
+                 .encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 

@@ -17,9 +17,10 @@ import shutil
 import stat
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager
+from typing import TYPE_CHECKING, Any
 
 from engine.contract import locks
 from engine.contract.hashing import (
@@ -299,12 +300,13 @@ class Cache:
     def lock_path(self, stage_type: str, key: str) -> Path:
         return self.root / stage_type / ".locks" / f"{key}.lock"
 
-    def lock(self, stage_type: str, key: str, on_wait: Callable[[], None] | None = None) -> ContextManager[None]:
+    def lock(self, stage_type: str, key: str,
+             on_wait: Callable[[], None] | None = None) -> AbstractContextManager[None]:
         """Exclusive per-key lock (released by the OS if the holder dies); `on_wait` is called when
         another process holds it."""
         return locks.held(self.lock_path(stage_type, key), on_wait)
 
-    def lock_if_free(self, stage_type: str, key: str) -> ContextManager[bool]:
+    def lock_if_free(self, stage_type: str, key: str) -> AbstractContextManager[bool]:
         """The key's lock if no process holds it now (gc leaves an entry in use alone)."""
         return locks.held_if_free(self.lock_path(stage_type, key))
 

@@ -85,7 +85,8 @@ def from_config(cfg: DictConfig) -> Remote | None:
         settings = CacheSettings.model_validate(OmegaConf.to_container(section, resolve=True)
                                                 if isinstance(section, DictConfig) else section)
     except ValidationError as e:
-        raise ConfigError([f"cache.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]) from None
+        raise ConfigError([f"cache.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                           for err in e.errors()]) from None
     if not settings.remote:
         return None
     secrets = sorted(_secret_keys(settings.remote_options, "cache.remote_options"))
@@ -257,7 +258,8 @@ class Remote:
         except Exception as e:  # noqa: BLE001 - a back-end failure: warned, computed here
             raise self._error("read", e) from None
         if done != size:
-            raise Refused(f"{rel} is {'longer' if done > size else 'shorter'} than its size in the manifest ({size} bytes)")
+            raise Refused(f"{rel} is {'longer' if done > size else 'shorter'} than its size in the manifest "
+                          f"({size} bytes)")
         if digest.hexdigest() != meta["sha256"]:
             raise Refused(f"{rel} does not match its sha256 in the manifest")
         return digest.hexdigest()

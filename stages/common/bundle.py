@@ -78,4 +78,5 @@ def read_io(folder: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise StageError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): re-run the stage that wrote it") from None
+        raise StageError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): "
+                         "re-run the stage that wrote it") from None

@@ -191,7 +191,8 @@ def save_model(path: str | Path, module, arch: Mapping[str, Any] | ModelParams, 
         path = path / BUNDLE_NAME
     state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
     torch.save(
-        {"format": BUNDLE_FORMAT, "arch": _params(arch).arch_dict(), "num_classes": int(num_classes), "state_dict": state},
+        {"format": BUNDLE_FORMAT, "arch": _params(arch).arch_dict(), "num_classes": int(num_classes),
+         "state_dict": state},
         path,
     )
     return path
@@ -218,7 +219,8 @@ def safe_torch_load(path: str | Path):
             "from weights files. If you trust the file, save its state_dict where you made it: "
             "torch.save(model.state_dict(), 'weights.pt')") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise WeightsError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise WeightsError(f"cannot read {path}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def _safe_types() -> list:
@@ -412,12 +414,14 @@ def _fit_tensors(sd: Mapping[str, Any], own: Mapping[str, Any], heads: tuple[str
         t = own[k]
         if v.shape == t.shape:
             fit.new[k] = v
-        elif v.numel() == t.numel() and v.squeeze().shape == t.squeeze().shape and v.dim() in (1, 2, 4) and t.dim() in (1, 2, 4):
+        elif (v.numel() == t.numel() and v.squeeze().shape == t.squeeze().shape and v.dim() in (1, 2, 4)
+              and t.dim() in (1, 2, 4)):
             fit.new[k] = v.reshape(t.shape)  # Linear <-> 1x1 conv
             fit.adapted.append(k)
         elif any(k.startswith(h) for h in heads):
             fit.reinit.append(k)
-        elif first and k == f"{first}.weight" and v.dim() == 4 and v.shape[0] == t.shape[0] and v.shape[2:] == t.shape[2:]:
+        elif (first and k == f"{first}.weight" and v.dim() == 4 and v.shape[0] == t.shape[0]
+              and v.shape[2:] == t.shape[2:]):
             fit.new[k] = _adapt_channels(v, t.shape[1])
             fit.adapted.append(k)
         else:
@@ -444,7 +448,8 @@ def _refuse_misfit(fit: _Fit, sd: Mapping[str, Any], own: Mapping[str, Any], whe
     if not (missing or fit.unexpected or fit.mismatched):
         return
     parts = [f"weights {where} do not fit the model ({model})"]
-    for label, keys in (("missing keys", missing), ("unexpected keys", fit.unexpected), ("shape mismatches", fit.mismatched)):
+    for label, keys in (("missing keys", missing), ("unexpected keys", fit.unexpected),
+                        ("shape mismatches", fit.mismatched)):
         if keys:
             parts.append(f"{label} ({len(keys)}): {_fmt_keys(keys)}")
     parts.append("check model.arch / model.depth / model.stem / model.in_channels against the file")

@@ -150,7 +150,8 @@ def compare(
     result.update(_stats(ref, got))
     span = float(ref.max() - ref.min()) if ref.size else 0.0
     allowed = allowed_abs_diff(ref, tolerance, rtol)
-    result["max_rel_diff"] = result["max_abs_diff"] / span if span > 0 else (0.0 if result["max_abs_diff"] == 0 else float("inf"))
+    result["max_rel_diff"] = (result["max_abs_diff"] / span if span > 0
+                              else (0.0 if result["max_abs_diff"] == 0 else float("inf")))
     result["tolerance"] = float(tolerance)
     result["rtol"] = float(rtol)
     result["allowed_abs_diff"] = allowed
@@ -160,7 +161,8 @@ def compare(
     if kinds is not None:
         kinds = list(kinds)
         result["by_kind"] = {
-            k: _stats(ref[[i for i, kk in enumerate(kinds) if kk == k]], got[[i for i, kk in enumerate(kinds) if kk == k]])
+            k: _stats(ref[[i for i, kk in enumerate(kinds) if kk == k]],
+                      got[[i for i, kk in enumerate(kinds) if kk == k]])
             for k in dict.fromkeys(kinds)
         }
     if extra:
@@ -202,8 +204,8 @@ def check(result: Mapping[str, Any], what: str, report: str | Path | None = None
         lo, hi = result.get("reference_logit_range", (0.0, 0.0))
         msg = (
             f"{what}: max abs logit difference {diff:.3g} is {diff - allowed:.3g} above the tolerance {allowed:.3g} "
-            f"({diff / allowed:.1f}x; {tol:g} + {result.get('rtol', 0.0):g} x the reference logit range {hi - lo:.3g}); "
-            f"top-1 agreement {result['top1_agreement']:.1%} on {result['samples']} samples{where}"
+            f"({diff / allowed:.1f}x; {tol:g} + {result.get('rtol', 0.0):g} x the reference logit range "
+            f"{hi - lo:.3g}); top-1 agreement {result['top1_agreement']:.1%} on {result['samples']} samples{where}"
         )
     if hint:
         msg += f". {hint}"

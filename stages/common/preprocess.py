@@ -77,7 +77,8 @@ class Preprocess(BaseModel, InputGeometry):
             value = data.get(key)
             if isinstance(value, str):
                 if value not in PRESETS:
-                    raise ValueError(f"{key}: unknown preset {value!r}; use one of {sorted(PRESETS)} or a list of 3 numbers")
+                    raise ValueError(f"{key}: unknown preset {value!r}; use one of {sorted(PRESETS)} "
+                                     "or a list of 3 numbers")
                 data[key] = PRESETS[value][idx]
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 data[key] = (float(value),) * 3

@@ -31,7 +31,8 @@ def load_split(folder: Path, split: str, size: tuple[int, int] | None = None, wh
     images = np.load(img_file, mmap_mode="r")
     labels = np.load(lab_file).astype(np.int64)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise StageError(f"{what}: {img_file.name} holds {images.dtype} {list(images.shape)}; expected uint8 N x H x W x 3 (RGB)")
+        raise StageError(f"{what}: {img_file.name} holds {images.dtype} {list(images.shape)}; "
+                         "expected uint8 N x H x W x 3 (RGB)")
     if len(images) != len(labels):
         raise StageError(f"{what}: {img_file.name} has {len(images)} images but {lab_file.name} {len(labels)} labels")
     if size is not None and len(images) and tuple(images.shape[1:3]) != tuple(size):

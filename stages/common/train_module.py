@@ -85,7 +85,7 @@ class Classifier(pl.LightningModule):
     def configure_optimizers(self):
         o = self.opt
         decay, no_decay = [], []
-        for name, prm in self.model.named_parameters():
+        for _name, prm in self.model.named_parameters():
             if prm.requires_grad:
                 (no_decay if prm.ndim <= 1 else decay).append(prm)
         groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
@@ -150,7 +150,8 @@ class EpochBook(pl.Callback):
         step = max(1, self._nb // 20)
         if (batch_idx + 1) % step == 0:
             e = trainer.current_epoch
-            self.ctx.progress(e + (batch_idx + 1) / self._nb, self.epochs, f"epoch {e + 1}/{self.epochs} batch {batch_idx + 1}/{self._nb}")
+            self.ctx.progress(e + (batch_idx + 1) / self._nb, self.epochs,
+                              f"epoch {e + 1}/{self.epochs} batch {batch_idx + 1}/{self._nb}")
 
     def _stop_timer(self) -> None:
         if self._timing:
