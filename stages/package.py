@@ -46,10 +46,10 @@ PACKAGE_FORMAT = "edgepipe.package/1"
 class Package(Stage):
     name = "package"
     # 2: the manifest's accuracy says whether each backend met its target (target_met)
-    # 3: preprocess.py is stages/common/pixels.py, now preprocess_numpy.py (numpy + Pillow only); selftest.py and golden/ samples
-    # 6: the C demo reads labels.txt whole (a long label no longer splits in two), READMEs name `selftest --emulate`;
+    # 3: preprocess.py is stages/common/preprocess_numpy.py (numpy + Pillow only); selftest.py and golden/ samples
+    # 4: the packaged preprocess.py shares InputGeometry with the host model
     # 5: golden outputs through the backend registry (ONNX Runtime with 1 thread), RKNN READMEs name the board row;
-    # 4: the packaged preprocess.py (pixels.py) shares InputGeometry with the host model
+    # 6: the C demo reads labels.txt whole (a long label no longer splits in two), READMEs name `selftest --emulate`
     version = 6
     inputs = {
         "model": Input(required=True, doc="model bundle: export_onnx, ncnn or rknn_quantize folder"),
