@@ -50,7 +50,7 @@ class Browser:
         self._id = 0
         self.events: list[dict] = []
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Browser:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -81,7 +81,7 @@ class Browser:
                 return m.get("result", {})
             self.events.append(m)
 
-    def open(self, path: Path, timeout: float = 120) -> "Page":
+    def open(self, path: Path, timeout: float = 120) -> Page:
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Network", "Log", "Runtime"):

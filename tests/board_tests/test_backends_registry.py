@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_backends import backend_plugin
 
 from backends.base import BACKEND_GROUP, Backend, by_kind, packaged_kinds, recognise, recognise_all, registered
 from boards import get_board, known_boards
 from engine.config.registry import backend_classes
-from helpers_backends import backend_plugin
 
 ROOT = Path(__file__).resolve().parents[2]
 

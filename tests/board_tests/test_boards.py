@@ -12,11 +12,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from helpers_data import export_onnx, stage, tiny_net
 
 from boards import BoardSettings, Finding, get_board, known_boards
 from boards.graph import analyze
 from engine.contract.stage import StageError
-from helpers_data import export_onnx, stage, tiny_net
 
 # the boards pyproject.toml registers (known_boards() must list exactly these); those of a known family
 # are profile files (entry point "boards.profiles:<name>")

@@ -15,18 +15,24 @@ the same session fixture (`bundles`, conftest.py)."""
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from boards import get_board
-from boards.emulation import (EmulationError, cross_compile, install_hint, missing_tools, rootfs, run_binary, run_python,
-                              site)
 from helpers_data import LABELS, REPO, build_c_demo, package, stage, write_labels
 from test_selftest import MAIX_STUB_API, fake_outputs, on_the_board, run
+
+from boards import get_board
+from boards.emulation import (
+    EmulationError,
+    cross_compile,
+    install_hint,
+    missing_tools,
+    rootfs,
+    run_binary,
+    run_python,
+    site,
+)
 
 RKNN_API = REPO / "tests" / "board_tests" / "rknn_api"
 _MISSING = sorted(set(missing_tools("arm64") + missing_tools("armhf", compiler=True)))

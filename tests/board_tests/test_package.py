@@ -19,11 +19,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_data import (
+    LABELS,
+    REPO,
+    build_c_demo,
+    export_onnx,
+    install_rknnlite_stub,
+    make_digit_filelist,
+    make_folder_dataset,
+    make_pretrained,
+    package,
+    run_experiment,
+    stage,
+)
 from pydantic import ValidationError
 
 from engine.contract.stage import StageError
-from helpers_data import (LABELS, REPO, build_c_demo, export_onnx, install_rknnlite_stub, make_digit_filelist,
-                            make_folder_dataset, make_pretrained, package, run_experiment, stage)
 
 RKNN_API = REPO / "tests" / "board_tests" / "rknn_api"
 
@@ -417,6 +428,7 @@ def test_a_shipped_model_that_misses_its_target_fails_the_run_after_the_report(t
     that package is not written, the other package still is, the report says which miss was fatal, and
     with the setting off only the packages run again."""
     from conftest import REPO
+
     from engine.cli.commands import main
 
     monkeypatch.setenv("EDGEPIPE_RUNS", str(tmp_path / "runs"))

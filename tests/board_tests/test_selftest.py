@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers_data import LABELS, REPO, build_c_demo, export_onnx, install_rknnlite_stub, make_dataset, package, stage
 
 RKNN_API = REPO / "tests" / "board_tests" / "rknn_api"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_browser import Browser
+from helpers_data import make_folder_dataset
 from PIL import Image
 
 from engine.contract import figures as figs
-from helpers_data import make_folder_dataset
-from helpers_browser import Browser
 
 CLASSES = ("有鸟", "无鸟")
 RUN = ["pipeline=train", "dataset=folder", "preprocess.input_size=16", "train=tiny", "train.epochs=1",
@@ -44,6 +44,7 @@ def chinese_run(tmp_path_factory):
     """A run on 有鸟 / 无鸟 folders, with Python's warnings always shown (matplotlib's missing-glyph
     warning would otherwise show once per process) and, through the CLI's logging, in edgepipe.log."""
     from conftest import REPO
+
     from engine.cli.commands import main
 
     root = tmp_path_factory.mktemp("cjk")

@@ -10,8 +10,7 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from engine.config import compose
-from engine.config import compose_cache
+from engine.config import compose, compose_cache
 
 EXPERIMENT = """\
 # @package _global_

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
 from conftest import Workspace
 from hostile import assert_clean_failure
 from test_remote_cache import machine  # one way to make a second machine in this process

@@ -203,8 +203,7 @@ def test_an_edited_compose_entry_cannot_name_a_run_outside_runs_root(ws):
 def test_a_remembered_plan_checks_the_run_name(ws, monkeypatch):
     """Should a memo ever hold a config with a bad name (here: remembered while the check was off), a
     run from it is refused before a run folder exists."""
-    from engine.config import compose
-    from engine.config import validate
+    from engine.config import compose, validate
 
     with monkeypatch.context() as m:
         for module in (compose, validate):
@@ -217,8 +216,7 @@ def test_a_remembered_plan_checks_the_run_name(ws, monkeypatch):
 
 
 def test_a_sealing_key_someone_else_can_read_is_not_used(ws, capsys, monkeypatch):
-    from engine.config import compose
-    from engine.config import compose_cache
+    from engine.config import compose, compose_cache
 
     key = _compose_folder() / f".seal-key-{os.getuid()}"
     compose.compose([])  # made on first use, this user's only

@@ -264,11 +264,12 @@ def test_damaged_report_memos_are_computed_again(evaluated_run):
 def test_multicrop_results_are_shown(tmp_path):
     """evaluate with multi-crop on a folder of wide images (as in test_evaluate), reported from a run
     folder whose record points at the stage outputs: the multi-crop table shows metrics.json's numbers."""
-    from helpers_data import TOY_CLASSES as CLASSES, toy, toy_images
+    from helpers_data import TOY_CLASSES as CLASSES
+    from helpers_data import toy, toy_images
 
     from engine.report.page import write_html
-    from engine.store.runs import RunRecord, StageRecord
     from engine.run.testing import run_stage
+    from engine.store.runs import RunRecord, StageRecord
 
     t = toy()
     src = tmp_path / "images"

@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import TESTS
 from hostile import assert_clean_failure
 
@@ -264,8 +263,8 @@ def test_ray_launcher_missing_names_the_extra(ws):
 def test_submitit_slurm_composes_and_the_job_function_pickles(ws):
     """SLURM cannot run here: its launcher config composes, and the job function Hydra hands it
     crosses a process boundary by reference (plain pickle, as for joblib and submitit)."""
-    from engine.run.pipeline import Options
     from engine.job.sweep import Task
+    from engine.run.pipeline import Options
 
     r = ws.cli("run", "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=4", *GRID, "--cfg", "hydra")
     assert r.rc == 0, r.err
@@ -273,8 +272,8 @@ def test_submitit_slurm_composes_and_the_job_function_pickles(ws):
     assert "cpus_per_task: 4" in r.out and not ws.runs.exists()
     task = Task(options=Options(only=["total"]), total=4, threads=4, in_process=False)
     assert pickle.loads(pickle.dumps(task)) == task
-    from engine.job.sweep import _jobs_at_once, _threads_per_job
     from engine.config import compose
+    from engine.job.sweep import _jobs_at_once, _threads_per_job
 
     job = compose.compose(["hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=4"])
     assert _jobs_at_once(job.hydra_cfg, "submitit_slurm", "basic", 4) is None  # each job on its node share

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers_data import make_photo_folder
 
 from engine.run.testing import run_stage
-from helpers_data import make_photo_folder
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_data import make_dataset_dir, pixel_index
 from PIL import Image
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage
-from helpers_data import make_dataset_dir, pixel_index
 from stages.calibration import select, stratified_counts
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_data import make_array_dataset, write_labels, write_preprocess
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage
-from helpers_data import make_array_dataset, write_labels, write_preprocess
 from stages.clip_outliers import ClipOutliers
 from stages.common.models import build_model, read_bundle, save_model
 from stages.train import Train

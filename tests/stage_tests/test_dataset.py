@@ -18,17 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_data import CLASSES, class_image, make_bad_corpus, make_image_folder, save_image, write_idx
+from helpers_procs import until
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage, validate_params
-from helpers_data import CLASSES, class_image, make_bad_corpus, make_image_folder, save_image, write_idx
-from helpers_procs import until
-from stages.common.preprocess import Preprocess, load_image, resize
 from stages import dataset as dataset_module
-from stages.common import decoding
-from stages.common import packs
+from stages.common import decoding, packs
 from stages.common.decoding import resize_spec
 from stages.common.packs import PackStore
+from stages.common.preprocess import Preprocess, load_image, resize
 from stages.dataset import Dataset
 
 SPLITS = ("train", "val", "test")

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_data import TOY_CLASSES as CLASSES
+from helpers_data import toy, wide_dataset, write_labels
 from pydantic import ValidationError
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage, validate_params
-from helpers_data import TOY_CLASSES as CLASSES, toy, wide_dataset, write_labels
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers_data import make_model_dir
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage, validate_params
-from helpers_data import make_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"arch": "mobilenet_v3_small", "width_mult": 0.25}

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers_data import class_image, save_image
 from hostile import assert_clean_failure, new_files, snapshot
 
@@ -161,7 +160,6 @@ def test_configured_class_name_with_a_line_break_is_a_config_error(project):
 # -- parity: scale-aware ---------------------------------------------------------------------------------
 def _gem(num_classes: int = 10, scale: float = 1.0, seed: int = 0):
     import torch
-
     from helpers_data import make_module
 
     m = make_module({"arch": "gem_resnet", "stem": "small"}, num_classes=num_classes, seed=seed)
@@ -174,8 +172,9 @@ def _gem(num_classes: int = 10, scale: float = 1.0, seed: int = 0):
 def test_parity_passes_a_model_with_logits_in_the_thousands(tmp_path):
     """The shape of the shipped mnist_gem_resnet model (GeM-ResNet, small stem) with logits of a few
     thousand: float32 backends differ by more than the absolute tolerance alone allows."""
-    from engine.run.testing import run_stage
     from helpers_data import make_model_dir
+
+    from engine.run.testing import run_stage
 
     d = make_model_dir(tmp_path / "model", arch={"arch": "gem_resnet", "stem": "small"}, num_classes=10,
                        size=32, module=_gem(scale=5000.0))
@@ -197,8 +196,8 @@ def test_parity_passes_a_model_with_logits_in_the_thousands(tmp_path):
 
 def test_parity_still_fails_a_wrong_model(tmp_path):
     """Two different networks (other weights) of the same large-logit shape: far outside the rule."""
-    from engine.contract.stage import StageError
     from backends.torch_models import torch_logits
+    from engine.contract.stage import StageError
     from stages.common.parity import check, compare, sample_inputs
     from stages.common.preprocess import Preprocess
 

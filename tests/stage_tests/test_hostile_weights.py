@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_data import make_array_dataset
+from hostile import assert_clean_failure, new_files, snapshot
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage
-from helpers_data import make_array_dataset
-from hostile import assert_clean_failure, new_files, snapshot
 from stages.common.models import WeightsError, build_model, read_state_dict
 
 # the digits quickstart data at 16 px and two short epochs: seconds per run

@@ -12,7 +12,14 @@ import torch
 import torchvision
 
 from stages.common.models import (
-    BUNDLE_FORMAT, ModelParams, WeightsError, build_model, load_model, load_weights, read_bundle, save_model,
+    BUNDLE_FORMAT,
+    ModelParams,
+    WeightsError,
+    build_model,
+    load_model,
+    load_weights,
+    read_bundle,
+    save_model,
 )
 
 ARCHS = ["resnet18", "mobilenet_v3_small", "mobilenet_v3_large", "gem_resnet"]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_data import make_model_dir
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage
-from helpers_data import make_model_dir
 from stages.ncnn import param_io, param_layers, patch_input_shape
 
 TINY = {"arch": "mobilenet_v3_small", "width_mult": 0.25}
@@ -142,8 +142,8 @@ def test_ncnn_parity_failure_message(onnx_dir, tmp_path, monkeypatch):
 def _onnx_folder(folder: Path, module, shape=(1, 3, 32, 32)) -> Path:
     """An export_onnx-like folder around an arbitrary torch module."""
     import torch
-
     from helpers_data import write_labels, write_preprocess
+
     from stages.common.export import write_io
 
     folder.mkdir(parents=True)

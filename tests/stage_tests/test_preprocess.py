@@ -10,11 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_data import jpeg_bytes, make_bad_corpus
 from PIL import Image
 
-from helpers_data import jpeg_bytes, make_bad_corpus
 from stages.common.preprocess import (
-    PRESETS, Preprocess, load_image, normalize, prepare, resize, to_channel_order,
+    PRESETS,
+    Preprocess,
+    load_image,
+    normalize,
+    prepare,
+    resize,
+    to_channel_order,
 )
 
 DEPLOY_MODULE = Path(__file__).resolve().parents[2] / "stages" / "common" / "preprocess_numpy.py"

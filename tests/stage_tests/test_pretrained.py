@@ -11,14 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-
-from engine.store.cache import Cache, stage_key
-from engine.run.testing import run_stage
 from helpers_data import make_array_dataset
 from hostile import assert_clean_failure, new_files, snapshot
+
+from engine.run.testing import run_stage
+from engine.store.cache import Cache, stage_key
 from stages.common.models import ModelParams, WeightsError, build_model, load_weights
 from stages.common.pretrained import (
-    MIRROR_ENV, WeightsUnavailable, download_verified, ensure, published, published_hash_mismatch,
+    MIRROR_ENV,
+    WeightsUnavailable,
+    download_verified,
+    ensure,
+    published,
+    published_hash_mismatch,
 )
 from stages.train import Train
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_data import onnx_reference_logits, toy
+from helpers_data import wide_dataset as make_wide_dataset
 from pydantic import ValidationError
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage, validate_params
-from helpers_data import onnx_reference_logits, toy
-from helpers_data import wide_dataset as make_wide_dataset
 
 
 @pytest.fixture(scope="module")
@@ -341,9 +341,9 @@ def test_the_toolkits_bundled_adb_is_found():
 def test_the_rknn_stages_read_evaluate_multicrop_and_board_eval_from_the_config(tmp_path):
     """Through real Hydra composition: the RKNN builds take evaluate.multicrop's crops (their vote stays out
     of the key) and quantize.board_eval.device_id."""
-    from engine.store.cache import key_params
     from engine.config.compose import compose
     from engine.config.validate import validate
+    from engine.store.cache import key_params
 
     def rknn_keys(*overrides):
         job = compose(["+experiment=rv1103_mobilenetv3", f"dataset.path={tmp_path}", *overrides])

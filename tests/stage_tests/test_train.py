@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_data import make_array_dataset
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage, validate_params
-from helpers_data import make_array_dataset
 from stages.common.models import build_model, load_model, read_bundle, save_model
 from stages.common.preprocess import Preprocess, normalize
 from stages.common.train_data import NpyDataModule, augment_batch
