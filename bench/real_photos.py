@@ -4,7 +4,7 @@ The data and weights are the tests' (tests/helpers_data.py): six classes of augm
 photos that scikit-learn, matplotlib and scikit-image install (china, flower, grace_hopper, astronaut,
 coffee, chelsea), and backbones pretrained first on ten OTHER photos, saved as torchvision state_dicts.
 Each experiment runs through the real CLI (`edgepipe run +experiment=NAME dataset.path=...`) with the
-same overrides as tests/test_real_photos.py; printed per experiment: top-1 of every backend its
+same overrides as tests/e2e/test_real_photos.py; printed per experiment: top-1 of every backend its
 evaluate stage scores (fp32 PyTorch, ONNX Runtime, ncnn, RKNN normal / mmse in the simulator) and the
 int8 drop against `evaluate.quant_max_drop`. Then, per architecture, the finetuned model's test top-1
 beside the same training from scratch (same data, epochs and seed).

@@ -15,10 +15,10 @@ TEST=(
   "${DEMO[@]}"
   build-essential           # gcc: the C demo's syntax check and its build against the stand-in runtime
   cmake                     # builds the RV1103 C demo as its README does
-  chromium                  # tests/test_report.py shows report.html as a person sees it
+  chromium                  # tests/engine_tests/test_report.py shows report.html as a person sees it
   graphviz                  # dot: edgepipe dag --format png|svg
   fonts-noto-cjk            # report figures with Chinese class names
-  qemu-user-static          # tests/test_emulated_boards.py: ARM code on this machine
+  qemu-user-static          # tests/board_tests/test_emulated_boards.py: ARM code on this machine
   debootstrap               # ... the ARM Debian userland it runs in
   gcc-arm-linux-gnueabihf   # ... the RV1103 C demo cross-built for armhf
 )
