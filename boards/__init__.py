@@ -30,7 +30,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -76,7 +76,12 @@ class Finding(BaseModel):
 # -- registry -------------------------------------------------------------------------------------
 @lru_cache(maxsize=1)
 def board_entry_points() -> dict:
-    return {ep.name: ep for ep in entry_points(group=BOARD_GROUP)}
+    """Every board by name: those of a known family are the profile files in boards/profiles/ (a new
+    one is that file alone), the rest the `edgepipe.boards` entry points (a board with a module of its
+    own, or another distribution's board; one of those with a profile's name wins)."""
+    profiles = Path(__file__).resolve().parent / "profiles"
+    found = {p.stem: EntryPoint(p.stem, f"boards.profiles:{p.stem}", BOARD_GROUP) for p in profiles.glob("*.yaml")}
+    return {**found, **{ep.name: ep for ep in entry_points(group=BOARD_GROUP)}}
 
 
 def known_boards() -> list[str]:

@@ -1,6 +1,7 @@
 """Boards of a known family as data: one ``<name>.yaml`` here per board, holding the profile's field
 values plus ``family``, which names the class with the family's behaviour. A new board of a known
-family is a YAML file here and one ``edgepipe.boards`` entry point, ``<name> = "boards.profiles:<name>"``.
+family is a YAML file here (boards.board_entry_points lists every file here as the board
+``boards.profiles:<name>``) and its config option, conf/board/<name>.yaml.
 
 The files are read with ``yaml.safe_load`` and validated by the family's pydantic model (unknown keys
 are refused); nothing in them runs code.

@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 from helpers_data import export_onnx, stage, tiny_net
 
+import boards
 from boards import BoardSettings, Finding, get_board, known_boards
 from boards.graph import analyze
 from engine.contract.stage import StageError
 
-# the boards pyproject.toml registers (known_boards() must list exactly these); those of a known family
-# are profile files (entry point "boards.profiles:<name>")
-ENTRY_POINTS = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())[
-    "project"]["entry-points"]["edgepipe.boards"]
-BOARDS = sorted(ENTRY_POINTS)
-PROFILE_BOARDS = {name for name, target in ENTRY_POINTS.items() if target.startswith("boards.profiles:")}
+# the boards registered here: pyproject's entry points and, for a known family, boards/profiles/*.yaml
+PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+BOARDS = sorted({*PYPROJECT["project"]["entry-points"]["edgepipe.boards"],
+                 *(p.stem for p in (Path(boards.__file__).parent / "profiles").glob("*.yaml"))})
+PROFILE_BOARDS = {name for name, ep in boards.board_entry_points().items() if ep.value.startswith("boards.profiles:")}
 
 
 @pytest.fixture(scope="module")
