@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from backends.base import by_kind, packaged_kinds
+from boards.errors import UnknownBoard as UnknownBoard  # re-exported: raised here
 from engine.contract.stage import Params
 from stages.common.bundle import write_labels
 
@@ -108,11 +109,6 @@ def _check_model_format(kind: str) -> str:
 ModelFormat = Annotated[str, AfterValidator(_check_model_format)]
 
 
-class UnknownBoard(KeyError):
-    def __str__(self) -> str:
-        return f"unknown board {self.args[0]!r}; known boards: {', '.join(known_boards())}"
-
-
 class BoardSettings(Params):
     """The ``board`` config section (conf/board/NAME.yaml): which board, plus optional limits the
     user can tune for their variant of it (a Luckfox Pico with more flash, a V831 with less free RAM)."""
@@ -135,7 +131,7 @@ def get_board(name: str, settings: BoardSettings | Mapping[str, Any] | None = No
     """The profile registered as ``name``, with the user's limits from ``settings`` applied."""
     ep = board_entry_points().get(name)
     if ep is None:
-        raise UnknownBoard(name)
+        raise UnknownBoard(name, known_boards())
     # a board with its own module registers its class; a board of a known family registers its
     # profile, read from boards/profiles/<name>.yaml
     loaded = ep.load()

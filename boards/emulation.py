@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from boards.errors import EmulationError as EmulationError  # re-exported: raised here
+
 CACHE_ENV = "EDGEPIPE_EMULATION_CACHE"
 SUITE = "bookworm"  # Debian 12: Python 3.11, glibc 2.36 (what Raspberry Pi OS and RK35 boards' Debian ship)
 MIRROR = "http://deb.debian.org/debian"
@@ -72,14 +74,6 @@ class Emulation:
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:
             raise ValueError(f"unknown emulated architecture {self.arch!r}; known: {', '.join(ARCHES)}")
-
-
-class EmulationError(Exception):
-    """Something the user must install or fix (exit status 2), or a build that failed (1); one line."""
-
-    def __init__(self, message: str, status: int = 2) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 # -- the cache --------------------------------------------------------------------------------------

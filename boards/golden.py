@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import BackendError, by_kind
+from boards.errors import GoldenError as GoldenError  # re-exported: raised here
 from engine.contract.hashing import sha256_file
 
 from . import PackageContext
@@ -38,10 +39,6 @@ GOLDEN_DIR = "golden"
 SAMPLES = 8
 # The tolerance (atol, rtol of the expected logits' range), the rule, the input layout and where the
 # expected outputs were measured are the backend's facts (Backend.golden_*, backends/).
-
-
-class GoldenError(ValueError):
-    """The inputs cannot give golden samples that belong together (a user wiring error)."""
 
 
 def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = False) -> dict[str, Any] | None:

@@ -39,7 +39,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import model_validator
 
-from engine.contract.stage import FROM_FILES, HASH_CONTENT, Params, StageError
+from engine.contract.stage import FROM_FILES, HASH_CONTENT, Params
+from stages.common.errors import WeightsError as WeightsError  # re-exported: raised here
 from stages.common.pretrained import ensure, is_weights_name, published
 
 BUNDLE_FORMAT = "edgepipe.model/1"
@@ -112,10 +113,6 @@ class ModelParams(Params):
         d = self.model_dump(mode="json")
         d["pretrained"] = d["pretrained_weights"] = None
         return d
-
-
-class WeightsError(StageError):
-    """A weights file that is missing or does not fit the model (the message lists the keys)."""
 
 
 # -- building ---------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from stages.common.errors import StoreError as StoreError  # re-exported: raised here
+
 MAGIC = b"EDGEPACK"
 HEADER = struct.Struct("<8sII")  # magic, rows, bytes per row
 DIGEST_BYTES = 32
@@ -35,10 +37,6 @@ _COPY_BYTES = 4 << 20  # the most one copy (or one write of gathered rows) moves
 _OPEN_PACKS = 64  # descriptors kept open while copying (rows come in pack order, mostly)
 _READ_PACKS = 8  # whole packs kept in memory while gathering small rows (~2 MB each at most)
 _KERNEL_ROW = 64 << 10  # rows at least this large are copied by the kernel, smaller ones gathered
-
-
-class StoreError(Exception):
-    """A pack this run found could not be read back (removed meanwhile, or the disk failed)."""
 
 
 class Location(NamedTuple):

@@ -24,18 +24,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.common.errors import WeightsUnavailable as WeightsUnavailable  # re-exported: raised here
+
 MIRROR_ENV = "EDGEPIPE_WEIGHTS_MIRROR"
 # torch.hub's HASH_REGEX: torchvision's file names end in -<sha256 prefix>.pth
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
 # torchvision's enum member names; "imagenet" is ours for DEFAULT (its best ImageNet weights)
 _MEMBER = re.compile(r"[A-Z][A-Z0-9_]*")
 ALIASES = {"imagenet": "DEFAULT"}
-
-
-class WeightsUnavailable(FileNotFoundError):
-    """Published weights that are not on this machine and cannot be fetched now. A FileNotFoundError
-    on purpose: raised inside params validation it passes through pydantic, and the command line shows
-    it as one line with the exit code of a config error, before anything runs."""
 
 
 def is_weights_name(value: object) -> bool:

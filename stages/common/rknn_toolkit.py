@@ -23,16 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.contract.stage import StageError
+from stages.common.errors import ToolkitFailure as ToolkitFailure  # re-exported: raised here
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-class ToolkitFailure(Exception):
-    def __init__(self, what: str, exc: BaseException | None) -> None:
-        super().__init__(what)
-        self.what = what
-        self.exc = exc
-        self.board = False  # set when the call ran against a connected board
 
 
 def ok(what: str, ret: Any) -> Any:

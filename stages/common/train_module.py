@@ -19,16 +19,9 @@ from torch import nn
 
 from engine.contract.stage import Context
 from stages.common.batchnorm import recalibrate
+from stages.common.errors import NonFiniteLoss as NonFiniteLoss  # re-exported: raised here
 from stages.common.models import build_model, trainable_prefixes
 from stages.common.train_data import seed_for
-
-
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite: the run diverged."""
-
-    def __init__(self, epoch: int, batch: int, value: float) -> None:
-        super().__init__(f"training loss {value} at epoch {epoch}, batch {batch}")
-        self.epoch, self.batch, self.value = epoch, batch, value
 
 
 class Classifier(pl.LightningModule):

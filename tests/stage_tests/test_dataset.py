@@ -373,8 +373,9 @@ def test_decoding_workers_import_no_pydantic():
     task = pickle.dumps((decoding.decode_chunk, resize_spec(Preprocess(input_size=[12, 20]))))
     r = subprocess.run([sys.executable, "-c", code], input=task, capture_output=True, cwd=Path(__file__).parents[2])
     assert r.returncode == 0, r.stderr
-    assert set(json.loads(r.stdout)) <= {"engine", "engine.contract", "engine.contract.hashing", "stages", "stages.common", "stages.common.decoding",
-                                   "stages.common.packs", "stages.common.preprocess_numpy"}, r.stdout
+    assert set(json.loads(r.stdout)) <= {"engine", "engine.contract", "engine.contract.hashing", "engine.errors",
+                                         "stages", "stages.common", "stages.common.decoding", "stages.common.errors",
+                                         "stages.common.packs", "stages.common.preprocess_numpy"}, r.stdout
 
 
 @pytest.mark.parametrize("kernel_copy", ["works", "missing", "fails", "fails part way"])
