@@ -41,7 +41,7 @@ def child(stage: str, work: Path, size: int, test: float, batches: int) -> None:
                   "split": {"val": 0.02, "test": test}}
         inputs, scratch = {}, work / "scratch"
     elif stage == "train":
-        import torch  # noqa: F401 - in the baseline, as for evaluate
+        import torch  # in the baseline, as for evaluate
 
         from stages.train import Train as cls
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import stages.train as train_mod  # noqa: E402
-from engine.run.testing import run_stage  # noqa: E402
-from stages.dataset import Dataset  # noqa: E402
-from stages.train import Train, _opt_dict  # noqa: E402
+import stages.train as train_mod
+from engine.run.testing import run_stage
+from stages.dataset import Dataset
+from stages.train import Train, _opt_dict
 
 
 class HandLoop:

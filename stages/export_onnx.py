@@ -130,7 +130,7 @@ def export_onnx(module, path: Path, shape: list[int], params: ExportOnnx.Params,
                 output_names=[params.output_name],
                 dynamic_axes=dynamic_axes,
             )
-        except Exception as e:  # noqa: BLE001 - exporter failures are shown without its traceback
+        except Exception as e:  # exporter failures are shown without its traceback
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise StageError(f"torch.onnx.export failed (opset {params.opset}): {first}") from e
     for w in caught:
@@ -148,7 +148,7 @@ def simplify_onnx(path: Path, ctx: Context) -> None:
     model = onnx.load(str(path))
     try:
         slim = onnxslim.slim(model)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise StageError(f"onnxslim failed on {path.name}: {type(e).__name__}: {e}; set export.simplify=false") from e
     if slim is None:
         raise StageError(f"onnxslim returned no model for {path.name}; set export.simplify=false")
@@ -162,7 +162,7 @@ def check_onnx(path: Path, input_name: str, output_name: str) -> list[str]:
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise StageError(f"onnx.checker rejects {path.name}: {str(e).strip().splitlines()[0]}") from e
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}

@@ -65,7 +65,7 @@ class ExportTorchScript(Stage):
                 # check_trace=False: our own parity check below compares the *saved* file instead
                 traced = torch.jit.trace(module, torch.zeros(*shape), check_trace=False)
                 torch.jit.save(traced, str(path))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise StageError(f"torch.jit.trace failed: {first}") from e
         for w in caught:

@@ -531,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # disk full, permissions, a folder removed under a running command
         print(f"edgepipe: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 1
-    except Exception as e:  # noqa: BLE001 - a bug: one line for the user, the traceback on request
+    except Exception as e:  # a bug: one line for the user, the traceback on request
         if os.environ.get(DEBUG_ENV):
             raise
         logging.getLogger("edgepipe").info("internal error", exc_info=True)  # the run's edgepipe.log

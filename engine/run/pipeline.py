@@ -257,7 +257,7 @@ class Pipeline:
             try:
                 metrics, libraries = (call or _call_in_process)(st.cls, st.name, st.params, inputs, tmp, context,
                                                                 display)
-            except BaseException as e:  # noqa: BLE001 - every failure is recorded, none leaves an entry
+            except BaseException as e:  # every failure is recorded, none leaves an entry
                 from engine.contract.stage import Refusal, StageError
 
                 # What the failed stage wrote (its logs above all) moves to the run folder, never

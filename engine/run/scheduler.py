@@ -201,7 +201,7 @@ class StageProcesses:
                 else:
                     record = item[1]
                     logging.getLogger(record.name).handle(record)
-            except Exception:  # noqa: BLE001 - a display hiccup must not stop the relay
+            except Exception:  # a display hiccup must not stop the relay
                 log.debug("relay failed", exc_info=True)
 
     def call(self, stage_cls: type, stage_name: str, params: Any, inputs: Mapping, out: Any,

@@ -21,7 +21,7 @@ def load_bundle_folder(src: Path):
     check_bundle(src, ("model.pt", *FORWARD), input="model", hint="expected a train/clip_outliers output")
     try:
         spec = Preprocess.load(src)
-    except Exception as e:  # noqa: BLE001 - a broken file is the user's to fix
+    except Exception as e:  # a broken file is the user's to fix
         raise StageError(f"cannot read {src / 'preprocess.json'}: {e}") from e
     info = read_bundle(src / "model.pt")
     module = load_model(src / "model.pt")

@@ -50,7 +50,7 @@ _fd_streams: dict[int, io.TextIOWrapper] = {}
 def _libc_fflush() -> None:
     try:
         ctypes.CDLL(None).fflush(None)
-    except Exception:  # pragma: no cover - non-glibc platforms
+    except Exception:  # noqa: BLE001 - non-glibc platforms
         pass
 
 
@@ -69,7 +69,7 @@ def _flush_python(*streams) -> None:
         try:
             if s is not None:
                 s.flush()
-        except Exception:
+        except Exception:  # noqa: BLE001 - flushing is best effort: a stream that cannot flush is left as it is
             pass
 
 

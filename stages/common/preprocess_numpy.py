@@ -22,10 +22,9 @@ Conventions
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -67,7 +66,7 @@ class InputGeometry:
         return [0, 1, 2] if self.channel_order == "RGB" else [2, 1, 0]
 
 
-def spec_file(path: str | Path) -> Path:
+def spec_file(path: Union[str, Path]) -> Path:
     """``preprocess.json`` of a folder, or the file itself."""
     path = Path(path)
     return path / FILENAME if path.is_dir() else path
@@ -87,7 +86,7 @@ class PreprocessSpec(InputGeometry):
     layout: str = "NCHW"
 
     @classmethod
-    def from_dict(cls, data: Any) -> PreprocessSpec:
+    def from_dict(cls, data: Any) -> "PreprocessSpec":
         """From a dumped ``Preprocess`` (what the host wrote); ValueError names what is wrong."""
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
@@ -108,7 +107,7 @@ class PreprocessSpec(InputGeometry):
         return spec
 
     @classmethod
-    def load(cls, path: str | Path) -> PreprocessSpec:
+    def load(cls, path: Union[str, Path]) -> "PreprocessSpec":
         """Read ``preprocess.json`` from a folder (or the file itself)."""
         path = spec_file(path)
         try:
@@ -142,7 +141,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX...
 
 
-def load_image(path: str | Path | BinaryIO) -> Image.Image:
+def load_image(path: Union[str, Path, BinaryIO]) -> Image.Image:
     """Decode an image file (path or binary file object) fully into an RGB PIL image with its EXIF orientation applied.
 
     Grayscale, palette, RGBA/LA (composited on black), CMYK and 16-bit images become 8-bit RGB.
@@ -162,7 +161,7 @@ def load_image(path: str | Path | BinaryIO) -> Image.Image:
 
 
 # -- resizing ---------------------------------------------------------------------------------------
-def resize(img: Image.Image | np.ndarray, spec) -> np.ndarray:
+def resize(img: Union[Image.Image, np.ndarray], spec) -> np.ndarray:
     """Resize an RGB image to ``spec.input_size`` with ``spec.resize``; returns uint8 H x W x 3 (RGB)."""
     if isinstance(img, np.ndarray):
         img = Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8))
@@ -219,13 +218,13 @@ def to_channel_order(images: np.ndarray, spec) -> np.ndarray:
     return np.ascontiguousarray(a[..., ::-1]) if spec.channel_order == "BGR" else a
 
 
-def prepare(image: str | Path | Image.Image | np.ndarray, spec) -> np.ndarray:
+def prepare(image: Union[str, Path, Image.Image, np.ndarray], spec) -> np.ndarray:
     """A file, PIL image or uint8 RGB array -> float32 1 x 3 x H x W model input."""
     if isinstance(image, (str, Path)):
         image = load_image(image)
     return normalize(resize(image, spec)[None], spec)
 
 
-def prepare_batch(images: Sequence[str | Path | Image.Image | np.ndarray], spec) -> np.ndarray:
+def prepare_batch(images: Sequence[Union[str, Path, Image.Image, np.ndarray]], spec) -> np.ndarray:
     arr = np.stack([resize(load_image(i) if isinstance(i, (str, Path)) else i, spec) for i in images])
     return normalize(arr, spec)

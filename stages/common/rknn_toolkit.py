@@ -51,7 +51,7 @@ def toolkit(log_path: Path, header: str | None) -> Iterator[None]:
             yield
     except (ToolkitFailure, StageError):
         raise
-    except Exception as e:  # noqa: BLE001 - the toolkit raises ValueError/RuntimeError/... with tracebacks
+    except Exception as e:  # the toolkit raises ValueError/RuntimeError/... with tracebacks
         what = "rknn-toolkit2"
         for frame in reversed(_frames(e.__traceback__)):
             if frame.f_code.co_name in _CALLS:
