@@ -41,8 +41,9 @@ class Browser:
 
         # MAP * ~NOTFOUND: no host name resolves, so a page that needed the network would show broken images
         self.proc = subprocess.Popen(
-            [exe, "--headless", "--disable-gpu", "--no-sandbox", "--remote-debugging-pipe", f"--user-data-dir={profile}",
-             "--host-resolver-rules=MAP * ~NOTFOUND", f"--window-size={width},{height}", "about:blank"],
+            [exe, "--headless", "--disable-gpu", "--no-sandbox", "--remote-debugging-pipe",
+             f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND", f"--window-size={width},{height}",
+             "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=protocol_fds, close_fds=False)
         os.close(cmd_r)
         os.close(out_w)

@@ -799,7 +799,8 @@ def pretrain_backbone(arch: str, folder: Path, per_class: int = 40, epochs: int 
         photo = real_photo(name)
         images += [np.asarray(augmented_crop(photo, rng, **PRETRAIN_SETTINGS[arch])) for _ in range(per_class)]
         labels += [k] * per_class
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = (torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+                 torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
     x = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255 - mean) / std
     y = torch.tensor(labels)
     model = build_model(arch, len(PRETRAIN_PHOTOS)).train()
@@ -860,7 +861,8 @@ def pretrained_env(weights: Path) -> dict[str, str]:
 REAL_PHOTO_EXPERIMENTS = {
     "quickstart": {"size": 64, "arch": None, "chinese": False, "overrides": ["dataset=folder"]},
     "v831_resnet18": {"size": 256, "arch": "resnet18", "chinese": False, "overrides": ["train.epochs=5"]},
-    "rv1103_mobilenetv3": {"size": 256, "arch": "mobilenet_v3_small", "chinese": True, "overrides": []},  # its 10 epochs
+    # its 10 epochs
+    "rv1103_mobilenetv3": {"size": 256, "arch": "mobilenet_v3_small", "chinese": True, "overrides": []},
     "onnx_catsdogs": {"size": 256, "arch": "mobilenet_v3_small", "chinese": False, "overrides": []},  # its 5 epochs
 }
 REAL_PHOTO_SPLIT = ["dataset.split.test=0.3", "dataset.split.val=0.1", "train.batch_size=16"]

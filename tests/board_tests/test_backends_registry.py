@@ -64,7 +64,8 @@ def test_loading_the_registry_imports_no_runtime():
             "from engine.config.registry import backend_classes\n"
             "from backends.base import registered\n"
             "assert len(backend_classes()) == len(registered()) >= 6\n"
-            "print(sorted(m for m in ('torch', 'onnxruntime', 'ncnn', 'rknn', 'numpy', 'pydantic') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'ncnn', 'rknn', 'numpy', 'pydantic') "
+            "if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "[]"

@@ -78,7 +78,8 @@ def test_every_profile_file_is_a_registered_board_of_its_family():
     for f in files:
         board = get_board(f.stem)
         assert f.stem in known_boards() and type(board) is FAMILIES[yaml.safe_load(f.read_text())["family"]]
-    assert get_board("rk3588").init_runtime == "core_mask=RKNNLite.NPU_CORE_AUTO" and not get_board("rk3566").init_runtime
+    assert (get_board("rk3588").init_runtime == "core_mask=RKNNLite.NPU_CORE_AUTO"
+            and not get_board("rk3566").init_runtime)
     assert "init_runtime" not in get_board("rk3588").facts()  # preflight.json / manifests record what they did
 
 
@@ -203,9 +204,11 @@ def test_preflight_flags_pow_for_rv1103(onnx_dirs, tmp_path):
 
 def test_preflight_checks_ram_and_flash_budgets(onnx_dirs, tmp_path):
     # tiny model: 1,443 int8 weights + 5,120 activations = 0.0063 MB; half of 0.004 MB is usable
-    with pytest.raises(StageError, match=r"ram: working memory estimate 6.4 KB .* exceeds the budget of 50% of .* RAM \(0.002 MB\)"):
+    with pytest.raises(StageError, match=r"ram: working memory estimate 6.4 KB .* exceeds the budget of 50% of .* RAM "
+                                         r"\(0.002 MB\)"):
         preflight(onnx_dirs["linear"], tmp_path / "ram", "rv1103", ram_mb=0.004)
-    with pytest.raises(StageError, match=r"flash: model weights 1.4 KB \(1,443 parameters .* exceeds the flash budget .* \(0.001 MB\).*board.flash_mb"):
+    with pytest.raises(StageError, match=r"flash: model weights 1.4 KB \(1,443 parameters .* "
+                                         r"exceeds the flash budget .* \(0.001 MB\).*board.flash_mb"):
         preflight(onnx_dirs["linear"], tmp_path / "flash", "rv1103", flash_mb=0.001)
     # the onnxruntime board has no limits unless the user sets them
     with pytest.raises(StageError, match="ram"):
@@ -280,14 +283,18 @@ def test_maixii_reshape_prediction_matches_pnnx_on_the_model_zoo(tmp_path):
 
 
 def test_rknn_log_layers_on_the_cpu_fail_the_luckfox_package():
-    log = """D RKNN: [01:05:13.422] ID   OpType             DataType Target InputShape                               OutputShape            Cycles(DDR/NPU/Total)    RW(KB)       FullName
-D RKNN: [01:05:13.422] 0    InputOperator      INT8     CPU    \\                                        (1,3,32,32)            0/0/0                    0            InputOperator:input0
-D RKNN: [01:05:13.422] 3    Pow                INT8     NPU    (1,8,32,32),(1)                          (1,8,32,32)            0/0/0                    16           Pow:/pool/Pow
-D RKNN: [01:05:13.422] 6    Pow                INT8     CPU    (1,8,1,1),(1)                            (1,8,1,1)              0/0/0                    0            Pow:/pool/Pow_1
-D RKNN: [01:05:13.422] 9    OutputOperator     INT8     CPU    (1,3)                                    \\                      0/0/0                    0            OutputOperator:output0
-D RKNN: [01:05:13.430] Total Internal Memory Size: 40000KB
-D RKNN: [01:05:13.430] Total Weight Memory Size: 0.8125KB
-"""
+    log = ("D RKNN: [01:05:13.422] ID   OpType             DataType Target InputShape                               "
+           "OutputShape            Cycles(DDR/NPU/Total)    RW(KB)       FullName\n"
+           "D RKNN: [01:05:13.422] 0    InputOperator      INT8     CPU    \\                                        "
+           "(1,3,32,32)            0/0/0                    0            InputOperator:input0\n"
+           "D RKNN: [01:05:13.422] 3    Pow                INT8     NPU    (1,8,32,32),(1)                          "
+           "(1,8,32,32)            0/0/0                    16           Pow:/pool/Pow\n"
+           "D RKNN: [01:05:13.422] 6    Pow                INT8     CPU    (1,8,1,1),(1)                            "
+           "(1,8,1,1)              0/0/0                    0            Pow:/pool/Pow_1\n"
+           "D RKNN: [01:05:13.422] 9    OutputOperator     INT8     CPU    (1,3)                                    "
+           "\\                      0/0/0                    0            OutputOperator:output0\n"
+           "D RKNN: [01:05:13.430] Total Internal Memory Size: 40000KB\n"
+           "D RKNN: [01:05:13.430] Total Weight Memory Size: 0.8125KB\n")
     found = get_board("rv1103").check_rknn_log(log)
     assert [f.check for f in found] == ["cpu_fallback", "ram"]
     assert "Pow (Pow:/pool/Pow_1)" in found[0].message and found[0].level == "error"

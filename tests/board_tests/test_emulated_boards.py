@@ -110,7 +110,8 @@ def test_rknnlite_infer_on_aarch64_up_to_the_npu(userlands, bundles, tmp_path, c
     # infer.py's preprocessing on aarch64, with rknnlite imported as infer.py imports it
     check = ("import sys, json, numpy as np; sys.path.insert(0, sys.argv[1]); import infer, rknnlite.api; "
              "from preprocess import PreprocessSpec, load_image, resize, to_channel_order; "
-             "from pathlib import Path; here = Path(sys.argv[1]); st = json.load(open(here / 'manifest.json'))['selftest']; "
+             "from pathlib import Path; here = Path(sys.argv[1]); "
+             "st = json.load(open(here / 'manifest.json'))['selftest']; "
              "spec = PreprocessSpec.load(here / 'preprocess.json'); want = np.load(here / st['input']); "
              "got = [to_channel_order(resize(load_image(here / p), spec), spec) for p in st['images']]; "
              "print(sum(int(np.array_equal(g, w)) for g, w in zip(got, want)), len(want))")
@@ -203,7 +204,8 @@ class _Model:
         self.inputs, self.outputs = table["inputs"], table["outputs"]
 
     def forward(self, img, quantize=True):
-        x = (np.asarray(img, np.float32) - np.array(self.opt["mean"], np.float32)) * np.array(self.opt["norm"], np.float32)
+        x = (np.asarray(img, np.float32) - np.array(self.opt["mean"], np.float32)) \
+* np.array(self.opt["norm"], np.float32)
         diffs = np.abs(self.inputs - x[None]).reshape(len(self.inputs), -1).max(1)
         with open(os.environ["STUB_LOG"], "a") as log:
             log.write("%r\\n" % float(diffs.min()))

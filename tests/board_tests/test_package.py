@@ -88,14 +88,16 @@ def run_script(script: Path, *args: str, env: dict | None = None, cwd: Path | No
 
 # -- onnxruntime --------------------------------------------------------------------------------------
 def test_onnxruntime_package(bundles, tmp_path):
-    metrics = stage("package", {"board": "onnxruntime"}, {"model": bundles["onnx"], "eval": bundles["eval"]}, tmp_path / "o")
+    metrics = stage("package", {"board": "onnxruntime"}, {"model": bundles["onnx"], "eval": bundles["eval"]},
+                    tmp_path / "o")
     pkg, manifest = tmp_path / "o" / "package", json.loads((tmp_path / "o" / "package" / "manifest.json").read_text())
     check_common(pkg, manifest, "onnxruntime", bundles["onnx"] / "model.onnx", tmp_path / "o" / "package.zip")
     # one preprocessing definition: the shared numpy/Pillow functions verbatim, and the model's settings
     assert (pkg / "preprocess.py").read_bytes() == (REPO / "stages" / "common" / "preprocess_numpy.py").read_bytes()
     assert (pkg / "preprocess.json").read_bytes() == (bundles["onnx"] / "preprocess.json").read_bytes()
     assert "import torch" not in (pkg / "infer.py").read_text()
-    assert manifest["normalisation"]["mean"] == [0.5] * 3 and manifest["normalisation"]["mean_values_0_255"] == [127.5] * 3
+    assert (manifest["normalisation"]["mean"] == [0.5] * 3
+            and manifest["normalisation"]["mean_values_0_255"] == [127.5] * 3)
     assert manifest["accuracy"]["rknn"] == {"top1": 0.75, "agreement": 0.9}
     assert metrics["acc_onnx"] == 0.8 and metrics["board"] == "onnxruntime"
     assert set(manifest["source"]) == {"eval", "model"}
@@ -169,7 +171,8 @@ def test_c_demo_runs_on_a_fake_runtime(bundles, tmp_path):
     ppm = (tmp_path / "g.ppm").read_bytes()
     assert ppm.startswith(b"P6\n32 32\n255\n") and len(ppm) == len(b"P6\n32 32\n255\n") + 32 * 32 * 3
     # the zero-copy build as the README says (CMake, RKNN_API_DIR), against a fake librknnmrt.so
-    assert shutil.which("cmake"), "cmake is missing: apt-get install cmake (make test installs it: scripts/system-deps.sh)"
+    assert shutil.which("cmake"), ("cmake is missing: apt-get install cmake "
+                                   "(make test installs it: scripts/system-deps.sh)")
     inst = build_c_demo(pkg, tmp_path)
     assert {p.name for p in inst.iterdir()} == {"rknn_classify", "lib", "model.rknn", "labels.txt"}
     # the general-API build (rknn_inputs_set / rknn_outputs_get), straight with gcc
@@ -245,7 +248,8 @@ def test_maixii_dock_package(bundles, tmp_path):
     exec((pkg / "classes_label.py").read_text(), ns)
     assert ns["labels"] == LABELS
     main = (pkg / "main.py").read_text()
-    assert f'"inputs": {{"{io["input"]}": INPUT_SIZE}}' in main and f'"outputs": {{"{io["output"]}": OUTPUT_SIZE}}' in main
+    assert (f'"inputs": {{"{io["input"]}": INPUT_SIZE}}' in main
+            and f'"outputs": {{"{io["output"]}": OUTPUT_SIZE}}' in main)
     assert io["input"] in param["blobs"] and io["output"] in param["blobs"]
     assert "INPUT_SIZE = (32, 32, 3)" in main and "OUTPUT_SIZE = (1, 1, 3)" in main
     assert '"mean": [127.5, 127.5, 127.5]' in main and f'"norm": [{1 / 127.5!r}, {1 / 127.5!r}, {1 / 127.5!r}]' in main
@@ -342,7 +346,8 @@ def test_experiment_v831_resnet18(tmp_path):
         assert len([n for n in zf.namelist() if n.startswith("images/")]) == 4
     manifest = json.loads((pkg / "manifest.json").read_text())
     # preprocess=imagenet_uniform: ImageNet's channel means averaged, 0.449 (114.5 on 0..255)
-    assert manifest["labels"] == ["defect", "ok"] and manifest["normalisation"]["awnn_mean"] == pytest.approx(114.5, abs=0.01)
+    assert (manifest["labels"] == ["defect", "ok"]
+            and manifest["normalisation"]["awnn_mean"] == pytest.approx(114.5, abs=0.01))
     assert manifest["accuracy"] and manifest["source"]["model"]["type"] == "ncnn"
     assert manifest["selftest"]["samples"] == 8 and (pkg / "golden" / "image_07.png").is_file()
 

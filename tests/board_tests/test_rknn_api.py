@@ -164,7 +164,8 @@ def parse_structs(code: str) -> dict[str, list[tuple[str, str]]]:
 
 
 def parse_defines(code: str) -> dict[str, int]:
-    return {k: int(v, 0) for k, v in re.findall(r"^\s*#define\s+(RKNN_\w+)\s+(-?(?:0x[0-9a-fA-F]+|\d+))\s*$", code, re.M)}
+    return {k: int(v, 0)
+            for k, v in re.findall(r"^\s*#define\s+(RKNN_\w+)\s+(-?(?:0x[0-9a-fA-F]+|\d+))\s*$", code, re.M)}
 
 
 def parse_functions(code: str) -> dict[str, tuple[str, list[str]]]:

@@ -36,7 +36,8 @@ TOFU = """(() => { const td = document.querySelector("table.per-class td:first-c
   s.style.fontSize = getComputedStyle(td).fontSize; document.body.appendChild(s);
   const b = s.getBoundingClientRect(); return {x: b.x + scrollX, y: b.y + scrollY, w: b.width, h: b.height}; })()"""
 
-pytestmark = pytest.mark.skipif(figs.cjk_font() is None, reason="no CJK font installed (apt-get install fonts-noto-cjk)")
+pytestmark = pytest.mark.skipif(figs.cjk_font() is None,
+                                reason="no CJK font installed (apt-get install fonts-noto-cjk)")
 
 
 @pytest.fixture(scope="module")

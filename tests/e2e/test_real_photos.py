@@ -149,7 +149,8 @@ def test_finetuning_from_pretrained_weights_beats_training_from_scratch(experime
     runs = Path(record["run_dir"]).parents[1]
     data = real_photos(size=REAL_PHOTO_EXPERIMENTS["onnx_catsdogs"]["size"])
     overrides = real_photo_overrides("onnx_catsdogs", data, None)
-    assert main(["run", f"runs_root={runs}", *overrides, "train.mode=fromscratch", "model.pretrained=null", "--only", "train"]) == 0
+    assert main(["run", f"runs_root={runs}", *overrides, "train.mode=fromscratch", "model.pretrained=null",
+                 "--only", "train"]) == 0
     scratch = _train_metrics(json.loads((runs / "latest" / "run.json").read_text()))
     finetuned = _train_metrics(record)
     assert finetuned["init"]["reinitialized"] and scratch["init"] is None

@@ -24,7 +24,8 @@ def digits(tmp_path_factory) -> Path:
     """No validation split: both runs keep their last epoch, so the comparison is of training alone
     (with one, a 100 % validation score in an early epoch can pick different epochs in the two runs)."""
     out = tmp_path_factory.mktemp("digits") / "data"
-    run_stage("dataset", {"kind": "digits", "split": {"val": 0.0, "test": 0.2}, "preprocess": {"input_size": 16}}, {}, out)
+    run_stage("dataset", {"kind": "digits", "split": {"val": 0.0, "test": 0.2}, "preprocess": {"input_size": 16}},
+              {}, out)
     return out
 
 

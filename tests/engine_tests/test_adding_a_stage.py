@@ -95,6 +95,7 @@ def test_a_plugin_stage_runs_after_a_builtin_one_and_is_cached(user):
     r = user.cli("plan", "pipeline=balance", "+pipeline.stages.balance.with.min_shar=0.2")
     assert_clean_failure(r, 2, "pipeline.stages.balance.with.min_shar", "did you mean 'min_share'", "class_balance")
     # a StageError of its own is one line naming its key; nothing of it lands in the cache
-    r = user.cli("run", "pipeline=balance", "preprocess.input_size=[16,16]", "pipeline.stages.balance.with.min_share=0.5")
+    r = user.cli("run", "pipeline=balance", "preprocess.input_size=[16,16]",
+                 "pipeline.stages.balance.with.min_share=0.5")
     assert r.rc == 1 and "class_balance.min_share=0.5" in r.err, r.err
     assert user.entries("class_balance") == [entry]

@@ -69,7 +69,8 @@ def test_a_stage_reaching_into_the_engine_is_found(tree):
     plant(tree / "stages" / "calibration.py", "    from engine.store.cache import Cache\n    return Cache")
     imports, _ = lint(tree)
     assert imports.returncode == 1
-    assert "stages, boards and backends use the engine only through engine.contract and engine.errors BROKEN" in imports.stdout
+    assert ("stages, boards and backends use the engine only through engine.contract and engine.errors BROKEN"
+            in imports.stdout)
 
 
 def test_a_private_name_of_another_module_is_found(tree):

@@ -62,7 +62,8 @@ def test_a_cached_config_equals_a_composed_one(conf, monkeypatch):
     compose.write_hydra_dir(conf.parent / "composed", job1)
     compose.write_hydra_dir(conf.parent / "cached", job2)
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml", "resolved.yaml"):
-        assert (conf.parent / "cached" / ".hydra" / name).read_text() == (conf.parent / "composed" / ".hydra" / name).read_text()
+        assert ((conf.parent / "cached" / ".hydra" / name).read_text()
+                == (conf.parent / "composed" / ".hydra" / name).read_text())
     assert not compose.is_sweep(["+experiment=mine", "train.lr=0.5"])
     assert compose.is_sweep(["+experiment=mine", "train.lr=0.5,0.1"])
 

@@ -104,5 +104,6 @@ def test_board_switch_changes_rknn_target(tmp_path):
 
 
 def test_sweep_over_the_quickstart_expands(tmp_path):
-    jobs = compose.expand_sweep(["+experiment=quickstart", "train.lr=0.001,0.01", "quantize.method=channel,layer"], CONF)
+    jobs = compose.expand_sweep(["+experiment=quickstart", "train.lr=0.001,0.01", "quantize.method=channel,layer"],
+                                CONF)
     assert len(jobs) == 4

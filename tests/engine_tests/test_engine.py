@@ -57,7 +57,8 @@ def test_run_folder_layout(ws):
     assert manifest["libraries"]["python"]
     # cache entries are read-only: a stage or a user cannot edit them by accident
     # (checked by mode bits: the tests run as root, for whom os.access always says writable)
-    for f in (run_dir / "stages" / "scale" / "value.txt", Path(run["stages"]["scale"]["path"]).parent / "manifest.json"):
+    for f in (run_dir / "stages" / "scale" / "value.txt",
+              Path(run["stages"]["scale"]["path"]).parent / "manifest.json"):
         assert f.stat().st_mode & 0o222 == 0, oct(f.stat().st_mode)
 
 
@@ -159,7 +160,8 @@ def test_a_file_whose_times_moved_is_hashed_once_and_its_new_times_kept(tmp_path
     before = (hit.path.parent / "manifest.json").read_bytes()
     assert cache.lookup("train", "k", fetch=False) is not None  # `plan`: checks, writes nothing
     assert (hit.path.parent / "manifest.json").read_bytes() == before
-    assert cache.lookup("train", "k").manifest["files"]["model.pt"]["ctime_ns"] == (hit.path / "model.pt").stat().st_ctime_ns
+    assert (cache.lookup("train", "k").manifest["files"]["model.pt"]["ctime_ns"]
+            == (hit.path / "model.pt").stat().st_ctime_ns)
     assert cache.lookup("train", "k") is not None
     assert hashed == [hit.path / "model.pt"] * 2
     assert sorted(p.name for p in hit.path.parent.iterdir()) == ["manifest.json", "out"]
@@ -210,12 +212,16 @@ def test_a_refusal_fails_the_run_but_independent_stages_still_run(ws, jobs):
 CONFIG_ERRORS = [
     (["+scale.factr=3"], "scale.factr: unknown key (did you mean 'factor'?)"),
     (["scale.factor=abc"], "scale.factor: 'abc' is not allowed"),
-    (["pipeline.stages.scale.uses=t_scal"], "pipeline.stages.scale.uses: unknown stage type 't_scal' (did you mean 't_scale'?)"),
+    (["pipeline.stages.scale.uses=t_scal"],
+     "pipeline.stages.scale.uses: unknown stage type 't_scal' (did you mean 't_scale'?)"),
     (["pipeline.stages.scale.uses=os.system"], "unknown stage type 'os.system'"),
-    (["pipeline.stages.quant.needs.x=scael"], "pipeline.stages.quant.needs.x: no stage named 'scael' (did you mean 'scale'?)"),
+    (["pipeline.stages.quant.needs.x=scael"],
+     "pipeline.stages.quant.needs.x: no stage named 'scael' (did you mean 'scale'?)"),
     (["+pipeline.stages.src.needs={x: quant}"], "stage type 't_source' has no input 'x'"),
-    (["~pipeline.stages.scale.needs"], "pipeline.stages.scale.needs: required input 'x' of stage type 't_scale' is not wired"),
-    (["pipeline.stages.src.uses=t_scale", "+pipeline.stages.src.config=scale", "+pipeline.stages.src.needs={x: total}"], "cycle src -> scale -> quant -> total -> src"),
+    (["~pipeline.stages.scale.needs"],
+     "pipeline.stages.scale.needs: required input 'x' of stage type 't_scale' is not wired"),
+    (["pipeline.stages.src.uses=t_scale", "+pipeline.stages.src.config=scale",
+      "+pipeline.stages.src.needs={x: total}"], "cycle src -> scale -> quant -> total -> src"),
     (["+pipeline.stages.scale.colour=red"], "pipeline.stages.scale.colour: unknown key"),
     (["scale.factor=1", "nosuch.key=1"], "nosuch"),  # Hydra's own error for an unknown key without '+'
 ]
@@ -241,8 +247,10 @@ def test_override_hidden_by_with_is_reported(ws):
     # `side` reads the scale section but pins factor=7 with `with:`; scale itself still reads it.
     r = ws.cli("plan", "scale.factor=3")
     assert "has no effect" not in r.err
-    r = ws.cli("plan", "scale.factor=3", "+pipeline.stages.scale.with={factor: 2}", "+pipeline.stages.quant.config=quant")
-    assert "scale.factor=3 has no effect: pipeline.stages.scale.with.factor, pipeline.stages.side.with.factor set it" in r.err
+    r = ws.cli("plan", "scale.factor=3", "+pipeline.stages.scale.with={factor: 2}",
+               "+pipeline.stages.quant.config=quant")
+    assert ("scale.factor=3 has no effect: pipeline.stages.scale.with.factor, pipeline.stages.side.with.factor set it"
+            in r.err)
 
 
 def test_hydra_override_forms(ws):
@@ -263,7 +271,8 @@ def test_stage_without_config_reads_its_own_or_its_types_section(ws):
     assert r.rc == 0, r.err
     assert ws.latest()["stages"]["triple"]["metrics"] == {"value": 6.0}
     # a section named like the stage wins
-    r = ws.cli("run", "+pipeline.stages.triple={uses: t_scale, needs: {x: src}}", "+triple={factor: 3}", "--only", "triple")
+    r = ws.cli("run", "+pipeline.stages.triple={uses: t_scale, needs: {x: src}}", "+triple={factor: 3}",
+               "--only", "triple")
     assert ws.latest()["stages"]["triple"]["metrics"] == {"value": 9.0}
     r = ws.cli("plan", "+pipeline.stages.triple={uses: t_scale, needs: {x: src}}", "+triple={factor: 4}")
     assert "triple.factor: 3 -> 4" in r.out

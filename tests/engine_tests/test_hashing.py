@@ -72,7 +72,8 @@ def test_a_changed_file_costs_its_own_hash(tmp_path, monkeypatch):
     index = ContentIndex(tmp_path / "index.sqlite")
     changed = content_digest(root, index)
     assert read == ["f3.bin"]
-    assert changed == tree_digest({rel: sha256_file(root / rel) for rel in ["a.bin", "sub/b.bin"] + [f"f{i}.bin" for i in range(20)]})
+    assert changed == tree_digest({rel: sha256_file(root / rel)
+                                   for rel in ["a.bin", "sub/b.bin"] + [f"f{i}.bin" for i in range(20)]})
 
 
 def test_a_deleted_file_leaves_the_index(tmp_path):

@@ -106,11 +106,13 @@ def test_any_call_a_config_names_off_the_allow_list_is_refused(ws, conf, node, a
 
 def test_a_target_given_as_an_override_is_named(ws):
     r = ws.cli("plan", "+hydra.callbacks.x._target_=pathlib.Path.touch")
-    assert_clean_failure(r, 2, "hydra.callbacks.x._target_", "override '+hydra.callbacks.x._target_=pathlib.Path.touch'")
+    assert_clean_failure(r, 2, "hydra.callbacks.x._target_",
+                         "override '+hydra.callbacks.x._target_=pathlib.Path.touch'")
 
 
 @pytest.mark.parametrize("choice", [
-    ["hydra/sweeper=optuna", f"hydra/sweeper/sampler={s}"] for s in ("tpe", "random", "cmaes", "nsgaii", "motpe", "grid")
+    ["hydra/sweeper=optuna", f"hydra/sweeper/sampler={s}"]
+    for s in ("tpe", "random", "cmaes", "nsgaii", "motpe", "grid")
 ] + [[f"hydra/launcher={name}"] for name in ("basic", "joblib", "submitit_local", "submitit_slurm")]
   + [["hydra/job_logging=default", f"hydra/hydra_logging={name}"] for name in ("default", "hydra_debug")],
     ids=lambda c: c[-1])

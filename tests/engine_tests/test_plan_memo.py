@@ -18,7 +18,8 @@ import json, sys
 from engine.cli.commands import main
 rc = main(sys.argv[1:])
 print("\\n" + json.dumps({"rc": rc, "pydantic": "pydantic" in sys.modules,
-                  "stage code": sorted(m for m in sys.modules if m.startswith(("engine_stages", "engine.config.validate")))}))
+                  "stage code": sorted(m for m in sys.modules \
+if m.startswith(("engine_stages", "engine.config.validate")))}))
 """
 
 

@@ -304,7 +304,8 @@ def test_multicrop_results_are_shown(tmp_path):
 
 # -- edgepipe dag --format png|svg ---------------------------------------------------------------------
 def test_dag_png_and_svg_with_graphviz(ws, tmp_path):
-    assert shutil.which("dot"), "Graphviz's dot is missing: apt-get install graphviz (make test installs it: scripts/system-deps.sh)"
+    assert shutil.which("dot"), ("Graphviz's dot is missing: apt-get install graphviz "
+                                 "(make test installs it: scripts/system-deps.sh)")
     r = ws.cli("dag", "--format", "png", "-o", str(tmp_path / "dag.png"))
     assert r.rc == 0, r.err
     assert r.out.strip() == str(tmp_path / "dag.png")

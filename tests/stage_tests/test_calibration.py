@@ -76,7 +76,8 @@ def test_calibration_is_deterministic_and_seed_dependent(data_dir, tmp_path):
     a = run_stage("calibration", {"count": 5}, {"data": data_dir}, tmp_path / "a")
     run_stage("calibration", {"count": 5}, {"data": data_dir}, tmp_path / "b")
     run_stage("calibration", {"count": 5, "seed": 7}, {"data": data_dir}, tmp_path / "c")
-    files = lambda d: [f["index"] for f in json.loads((tmp_path / d / "calibration.json").read_text())["files"]]
+    def files(d):
+        return [f["index"] for f in json.loads((tmp_path / d / "calibration.json").read_text())["files"]]
     assert files("a") == files("b") != files("c")
     for name in ("dataset.txt", "calibration.json", "images/0000.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

@@ -50,14 +50,16 @@ def test_percentile_per_channel(tmp_path):
     assert after["layer1.0.conv1.weight"][3].abs().max() < 1.0  # the outlier is gone
     # per channel: a channel without outliers is clipped only at its own 1%/99% points
     ch = before["layer1.0.conv1.weight"][0]
-    assert after["layer1.0.conv1.weight"][0].max() == pytest.approx(float(torch.quantile(ch.flatten().double(), 0.99)), rel=1e-5)
+    assert (after["layer1.0.conv1.weight"][0].max()
+            == pytest.approx(float(torch.quantile(ch.flatten().double(), 0.99)), rel=1e-5))
     for k, v in before.items():  # biases, BN (weight included: exclude_bn) and BN statistics untouched
         if not k.endswith(".weight") or k.startswith("bn") or ".bn" in k or "downsample.1" in k:
             assert torch.equal(after[k], v), k
     assert torch.equal(after["bn1.weight"], before["bn1.weight"])
     assert m["layers_clipped"] == 21 and 0 < m["fraction_clipped"] < 0.03
     assert m["max_absmax_before"] == OUTLIER and m["max_absmax_after"] < OUTLIER
-    assert (tmp_path / "out" / "labels.txt").read_text() == "a\nb\nc\n" and (tmp_path / "out" / "preprocess.json").is_file()
+    assert ((tmp_path / "out" / "labels.txt").read_text() == "a\nb\nc\n"
+            and (tmp_path / "out" / "preprocess.json").is_file())
     report = json.loads((tmp_path / "out" / "clip_report.json").read_text())
     row = next(r for r in report["layers"] if r["layer"] == "layer1.0.conv1")
     assert row["max_before"] == OUTLIER and row["max_after"] < 1 and row["fraction_clipped"] > 0
@@ -93,7 +95,8 @@ def test_none_copies_and_weights_file(tmp_path):
     assert (tmp_path / "same" / "clip_report.csv").is_file()
     # a torchvision-style state_dict plus the model section (class count read from the head)
     torch.save(before, tmp_path / "weights.pth")
-    m = run_stage(ClipOutliers, {"weights": tmp_path / "weights.pth", "model": {"arch": "resnet18"}}, {}, tmp_path / "w")
+    m = run_stage(ClipOutliers, {"weights": tmp_path / "weights.pth", "model": {"arch": "resnet18"}},
+                  {}, tmp_path / "w")
     b = read_bundle(tmp_path / "w")
     assert b["num_classes"] == 3 and b["arch"]["arch"] == "resnet18" and m["layers_clipped"] > 0
     assert not (tmp_path / "w" / "labels.txt").exists()
@@ -116,7 +119,8 @@ def test_finetune_starts_from_clipped_weights(tmp_path):
     run_stage(ClipOutliers, {"percentile": 99.0}, {"model": src}, tmp_path / "clip")
     data = make_array_dataset(tmp_path / "data", {"train": 6, "val": 2, "test": 2})
     write_labels(data, ["a", "b", "c"])  # the model's classes: its head is kept
-    run_stage(Train, {"mode": "finetune", "epochs": 1, "batch_size": 6, "limit_train_batches": 1, "freeze_features": True},
+    run_stage(Train, {"mode": "finetune", "epochs": 1, "batch_size": 6, "limit_train_batches": 1,
+                      "freeze_features": True},
               {"data": data, "init": tmp_path / "clip"}, tmp_path / "ft")
     met = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert met["init"]["reinitialized"] == [] and met["init"]["source"] == "init/model.pt"

@@ -98,7 +98,8 @@ def test_split_folders_fixed_and_carved(tmp_path):
     root = tmp_path / "data"
     make_image_folder(root / "train", per_class=8, classes=["a", "b"])
     make_image_folder(root / "test", per_class=2, classes=["a", "b"], seed=1)
-    m = run_stage(Dataset, {"kind": "split_folders", "path": root, "preprocess": PRE, "split": {"val": 0.25, "test": 0.1}},
+    m = run_stage(Dataset, {"kind": "split_folders", "path": root, "preprocess": PRE,
+                            "split": {"val": 0.25, "test": 0.1}},
                   {}, tmp_path / "out")
     assert (m["n_train"], m["n_val"], m["n_test"]) == (12, 4, 4)  # test fixed by test/, val carved from train
     rows = _index(tmp_path / "out")
@@ -179,7 +180,8 @@ def test_idx_files(tmp_path):
         run_stage(Dataset, {"kind": "idx", "path": one, "preprocess": PRE}, {}, tmp_path / "bad")
     write_idx(one / "train-labels-idx1-ubyte", tr_labels)
     rng.shuffle(tr_labels)
-    m = run_stage(Dataset, {"kind": "idx", "path": one / "train-images-idx3-ubyte", "preprocess": PRE}, {}, tmp_path / "o2")
+    m = run_stage(Dataset, {"kind": "idx", "path": one / "train-images-idx3-ubyte", "preprocess": PRE},
+                  {}, tmp_path / "o2")
     assert m["n_train"] + m["n_val"] + m["n_test"] == 30 and m["n_test"] == 3
 
 
@@ -241,7 +243,8 @@ def test_group_by_keeps_videos_together(tmp_path):
         for v in range(5):
             for f in range(4):
                 save_image(class_image(c, v * 10 + f), root / name / f"vid{v}_frame{f}.png")
-    params = {"kind": "folder", "path": root, "preprocess": PRE, "group_by": r"^(vid\d+)_", "split": {"val": 0.2, "test": 0.2}}
+    params = {"kind": "folder", "path": root, "preprocess": PRE, "group_by": r"^(vid\d+)_",
+              "split": {"val": 0.2, "test": 0.2}}
     run_stage(Dataset, params, {}, tmp_path / "out")
     where: dict[str, set] = {}
     for r in _index(tmp_path / "out"):
@@ -256,7 +259,8 @@ def test_grayscale_source_and_letterbox(tmp_path):
     for c in range(2):
         for i in range(4):
             save_image(class_image(c, i, size=(10, 30))[..., 0], root / f"c{c}" / f"{i}.png")
-    run_stage(Dataset, {"kind": "folder", "path": root, "preprocess": {"input_size": 12, "resize": "letterbox", "pad_value": 9},
+    run_stage(Dataset, {"kind": "folder", "path": root,
+                        "preprocess": {"input_size": 12, "resize": "letterbox", "pad_value": 9},
                         "split": {"val": 0.0, "test": 0.0}}, {}, tmp_path / "out")
     x = np.load(tmp_path / "out" / "images_train.npy")
     assert x.shape == (8, 12, 12, 3) and np.all(x[:, :4] == 9)  # 12 x 4 content, padded rows

@@ -281,8 +281,8 @@ def badly_calibrated(tmp_path_factory) -> Path:
     for i in range(2):
         Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(root / "calib" / "images" / f"{i}.png")
     (root / "calib" / "dataset.txt").write_text("images/0.png\nimages/1.png\n")
-    run_stage("rknn_quantize", {"accuracy_analysis_samples": 0}, {"onnx": t.onnx, "calib": root / "calib", "data": t.data},
-              root / "rknn")
+    run_stage("rknn_quantize", {"accuracy_analysis_samples": 0},
+              {"onnx": t.onnx, "calib": root / "calib", "data": t.data}, root / "rknn")
     return root / "rknn"
 
 
@@ -307,8 +307,8 @@ def test_int8_drop_beyond_quant_max_drop_misses_the_target(badly_calibrated, tmp
     assert re.search(rf"^\| rknn \|.*\| ✗ \*\*{re.escape(row['missed'])}\*\* \(top-1 drop <= 1 points\) \|$",
                      (out / "eval.md").read_text(), re.M)
     # the same build within a looser target
-    loose = run_stage("evaluate", {"quant_max_drop": drop + 1}, {"data": t.data, "model": t.model, "rknn": badly_calibrated},
-                      tmp_path / "loose")
+    loose = run_stage("evaluate", {"quant_max_drop": drop + 1},
+                      {"data": t.data, "model": t.model, "rknn": badly_calibrated}, tmp_path / "loose")
     assert loose["target_met"] == {"rknn": True}
 
 
@@ -350,14 +350,17 @@ def test_package_refuses_a_shipped_model_that_missed_its_target(badly_calibrated
         run_stage("package", {"board": "rv1103", "enforce_targets": True}, ship_rknn, tmp_path / "refused",
                   sources={"model": {"digest": "rknn-digest"}})
     assert rows["rknn"]["missed"].startswith(f"top-1 drop {drop:.2f} points > 1.0")
-    assert str(e.value) == f"rknn {rows['rknn']['missed']}: the rv1103 package is not written (package.enforce_targets=true)"
+    assert str(e.value) == (f"rknn {rows['rknn']['missed']}: the rv1103 package is not written "
+                            "(package.enforce_targets=true)")
     assert not any((tmp_path / "refused").iterdir())
     # the onnx model met its target: packaged though the int8 row of the same evaluation missed
-    run_stage("package", {"board": "onnxruntime", "enforce_targets": True}, {"model": t.onnx, "eval": tmp_path / "eval"},
+    run_stage("package", {"board": "onnxruntime", "enforce_targets": True},
+              {"model": t.onnx, "eval": tmp_path / "eval"},
               tmp_path / "onnx_pkg", sources={"model": {"digest": "onnx-digest"}})
     assert (tmp_path / "onnx_pkg" / "package.zip").is_file()
     # enforce_targets=false: packaged, the miss in the manifest
-    run_stage("package", {"board": "rv1103"}, ship_rknn, tmp_path / "anyway", sources={"model": {"digest": "rknn-digest"}})
+    run_stage("package", {"board": "rv1103"}, ship_rknn, tmp_path / "anyway",
+              sources={"model": {"digest": "rknn-digest"}})
     accuracy = json.loads((tmp_path / "anyway" / "package" / "manifest.json").read_text())["accuracy"]
     assert accuracy["rknn"]["missed"] == rows["rknn"]["missed"] and "model_digest" not in accuracy["rknn"]
     # a shipped model evaluate never scored, or no eval input: the setting cannot hold, and says so
@@ -387,7 +390,8 @@ def test_features_are_the_penultimate_layer(evaluated):
     assert str(f["backend"]) == "model" and f["classes"].tolist() == CLASSES
     pred = np.load(out / "predictions.npz")
     assert np.array_equal(f["pred"], pred["model.pred"])
-    last = [m for m in load_model(t.model / "model.pt").modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]
+    last = [m for m in load_model(t.model / "model.pt").modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]
     w = last.weight.detach().numpy().reshape(len(CLASSES), -1)
     logits = f["features"].astype(np.float32) @ w.T + last.bias.detach().numpy()
     ref = pred["model.logits"]
@@ -398,8 +402,8 @@ def test_features_are_capped_and_seeded(backends, tmp_path):
     t = toy()
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        run_stage("evaluate", {"features_samples": 10, "features_seed": seed}, {"data": t.data, "model": backends["model"]},
-                  tmp_path / name)
+        run_stage("evaluate", {"features_samples": 10, "features_seed": seed},
+                  {"data": t.data, "model": backends["model"]}, tmp_path / name)
         runs[name] = np.load(tmp_path / name / "features.npz")["index"]
     assert len(runs["a"]) == 10 and np.all(np.diff(runs["a"]) > 0)
     assert np.array_equal(runs["a"], runs["b"]) and not np.array_equal(runs["a"], runs["c"])

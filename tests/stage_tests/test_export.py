@@ -21,7 +21,8 @@ TINY = {"arch": "mobilenet_v3_small", "width_mult": 0.25}
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     # non-square on purpose: H and W must not be swapped anywhere
-    return make_model_dir(tmp_path_factory.mktemp("model"), arch=TINY, num_classes=4, size=(32, 40), mean="imagenet", std="imagenet")
+    return make_model_dir(tmp_path_factory.mktemp("model"), arch=TINY, num_classes=4, size=(32, 40),
+                          mean="imagenet", std="imagenet")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,8 @@ def test_onnx_outputs_names_and_parity(onnx_out):
 
     out, metrics = onnx_out
     # exactly the contract's files: weights inside the .onnx, no external .data file
-    assert sorted(p.name for p in out.iterdir()) == ["io.json", "labels.txt", "model.onnx", "parity.json", "preprocess.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["io.json", "labels.txt", "model.onnx", "parity.json",
+                                                     "preprocess.json"]
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     assert {o.domain: o.version for o in model.opset_import}[""] == 13
@@ -201,7 +203,8 @@ def test_torchscript_parity_failure(model_dir, tmp_path, monkeypatch):
 
     real = TorchScriptBackend.logits
     monkeypatch.setattr(TorchScriptBackend, "logits", lambda self, x: real(self, x) + 1.0)  # the saved file only
-    with pytest.raises(StageError, match=r"TorchScript vs PyTorch: max abs logit difference 1 is 0.999 above the tolerance 0.001"):
+    with pytest.raises(StageError,
+                       match=r"TorchScript vs PyTorch: max abs logit difference 1 is 0.999 above the tolerance 0.001"):
         run_stage("export_torchscript", {}, {"model": model_dir}, tmp_path / "out")
 
 

@@ -116,7 +116,8 @@ def test_load_our_checkpoints(tmp_path):
     assert load_weights(dst, tmp_path)["reinitialized"] == []
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
     # a Lightning checkpoint of the train stage ("model." prefix)
-    ckpt = {"epoch": 3, "pytorch-lightning_version": "2", "state_dict": {f"model.{k}": v for k, v in src.state_dict().items()}}
+    ckpt = {"epoch": 3, "pytorch-lightning_version": "2",
+            "state_dict": {f"model.{k}": v for k, v in src.state_dict().items()}}
     torch.save(ckpt, tmp_path / "last.ckpt")
     dst = build_model("mobilenet_v3_small", 3)
     load_weights(dst, tmp_path / "last.ckpt")
@@ -128,7 +129,8 @@ def test_mismatched_weights_list_keys(tmp_path):
     with pytest.raises(WeightsError) as e:
         load_weights(build_model("mobilenet_v3_small", 3), tmp_path / "r18.pth")
     msg = str(e.value)
-    assert "missing keys" in msg and "features.0.0.weight" in msg and "unexpected keys" in msg and "layer1.0.conv1.weight" in msg
+    assert ("missing keys" in msg and "features.0.0.weight" in msg
+            and "unexpected keys" in msg and "layer1.0.conv1.weight" in msg)
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pth")
     with pytest.raises(WeightsError, match=r"unexpected keys \(\d+\): layer1\.2\."):
         load_weights(build_model({"arch": "gem_resnet", "depth": 18}, 3), tmp_path / "r34.pth")
@@ -186,5 +188,7 @@ def test_the_head_follows_the_class_names(tmp_path, head):
     assert report["reinitialized"] == ["classifier.3.bias", "classifier.3.weight"]
     assert not torch.equal(dst.classifier[3].weight, w)
 
-    assert load_weights(build_model(arch, 3), tmp_path, labels=["无鸟", "有鸟", "猫"])["head"].startswith("kept: the same")
-    assert load_weights(build_model(arch, 3), src.state_dict(), labels=["a", "b", "c"])["head"].startswith("kept (no class")
+    assert load_weights(build_model(arch, 3), tmp_path,
+                        labels=["无鸟", "有鸟", "猫"])["head"].startswith("kept: the same")
+    assert load_weights(build_model(arch, 3), src.state_dict(),
+                        labels=["a", "b", "c"])["head"].startswith("kept (no class")

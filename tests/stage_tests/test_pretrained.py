@@ -152,7 +152,8 @@ def test_torchvisions_names_resolve_through_its_weights_api(given, weights):
 
 
 def test_unknown_names_and_unfitting_settings_are_config_errors():
-    with pytest.raises(ValueError, match=r"IMAGENET1K_V2.*not one of torchvision's weights for resnet18.*IMAGENET1K_V1"):
+    with pytest.raises(ValueError,
+                       match=r"IMAGENET1K_V2.*not one of torchvision's weights for resnet18.*IMAGENET1K_V1"):
         ModelParams(arch="resnet18", pretrained="IMAGENET1K_V2")
     with pytest.raises(ValueError, match="stem: small"):
         ModelParams(arch="resnet18", stem="small", pretrained="imagenet")

@@ -327,7 +327,8 @@ def test_board_eval_without_a_board_lists_what_adb_sees(tmp_path):
 def test_board_eval_needs_the_test_split(tmp_path):
     t = toy()
     with pytest.raises(StageError, match=r"quantize.board_eval.device_id needs the rknn_quantize stage's `data` input"):
-        run_stage("rknn_quantize", {"board_eval": {"device_id": "X"}}, {"onnx": t.onnx, "calib": t.calib}, tmp_path / "o")
+        run_stage("rknn_quantize", {"board_eval": {"device_id": "X"}}, {"onnx": t.onnx, "calib": t.calib},
+                  tmp_path / "o")
 
 
 def test_the_toolkits_bundled_adb_is_found():

@@ -63,7 +63,8 @@ def test_each_model_trains_a_few_steps(data, tmp_path, model, capfd):
     assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "labels.txt").read_bytes() == (data / "labels.txt").read_bytes()
     met = _metrics(out)
-    assert met["epochs"][0]["epoch"] == 1 and {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} <= set(met["epochs"][0])
+    assert (met["epochs"][0]["epoch"] == 1
+            and {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} <= set(met["epochs"][0]))
     assert met["test_acc"] == m["test_acc"] and met["n_train"] == 36
     module = load_model(out / "model.pt")
     assert module(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
@@ -74,7 +75,8 @@ def test_same_seed_same_metrics(data, first, tmp_path):
     out, a = first
     b = run_stage(Train, {**RUN, "workers": 0}, {"data": data}, tmp_path / "b")
     assert _metrics(out) == _metrics(tmp_path / "b")
-    assert {k: a[k] for k in ("val_acc", "test_acc", "train_loss")} == {k: b[k] for k in ("val_acc", "test_acc", "train_loss")}
+    assert ({k: a[k] for k in ("val_acc", "test_acc", "train_loss")}
+            == {k: b[k] for k in ("val_acc", "test_acc", "train_loss")})
     sa, sb = read_bundle(out)["state_dict"], read_bundle(tmp_path / "b")["state_dict"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     for f in ("model.pt", "metrics.json", "checkpoints/last.ckpt"):
@@ -104,11 +106,13 @@ def test_finetune_from_init_input_and_errors(data, tmp_path):
     save_model(init / "model.pt", build_model("mobilenet_v3_small", 3), {"arch": "mobilenet_v3_small"}, 3)
     m = run_stage(Train, {**FAST, "mode": "finetune", "model": {"arch": "mobilenet_v3_small"}},
                   {"data": data, "init": init}, tmp_path / "ft")
-    assert _metrics(tmp_path / "ft")["init"]["reinitialized"] == [] and m["test_acc"] == _metrics(tmp_path / "ft")["test_acc"]
+    assert (_metrics(tmp_path / "ft")["init"]["reinitialized"] == []
+            and m["test_acc"] == _metrics(tmp_path / "ft")["test_acc"])
     start, tuned = read_bundle(init)["state_dict"], read_bundle(tmp_path / "ft")["state_dict"]
     assert not torch.equal(start["features.1.block.0.0.weight"], tuned["features.1.block.0.0.weight"])  # not frozen
     with pytest.raises(StageError, match=r"do not fit.*missing keys.*unexpected keys"):
-        run_stage(Train, {**FAST, "mode": "finetune", "model": {"arch": "resnet18"}}, {"data": data, "init": init}, tmp_path / "x1")
+        run_stage(Train, {**FAST, "mode": "finetune", "model": {"arch": "resnet18"}},
+                  {"data": data, "init": init}, tmp_path / "x1")
     with pytest.raises(StageError, match="needs model.pretrained"):
         run_stage(Train, {**FAST, "mode": "finetune"}, {"data": data}, tmp_path / "x2")
     with pytest.raises(StageError, match="file not found"):
@@ -135,7 +139,8 @@ def test_resume_continues_like_an_uninterrupted_run(data, first, tmp_path):
     run_stage(Train, {**RUN, "epochs": 2}, {"data": data}, tmp_path / "straight")
     assert res["epochs"] == _metrics(tmp_path / "straight")["epochs"]  # same stream, same state: same numbers
     with pytest.raises(StageError, match="resume checkpoint not found"):
-        run_stage(Train, {**RUN, "mode": "resume", "resume_from": str(tmp_path / "nope.ckpt")}, {"data": data}, tmp_path / "x")
+        run_stage(Train, {**RUN, "mode": "resume", "resume_from": str(tmp_path / "nope.ckpt")},
+                  {"data": data}, tmp_path / "x")
 
 
 def test_early_stopping_and_step_scheduler(data, tmp_path):
@@ -159,7 +164,8 @@ def test_loaders_normalise_like_eval_and_augment_train_only(data):
     xt2, _ = next(iter(dm.train_dataloader()))
     assert torch.equal(xt, xt2)  # a function of (seed, epoch, index)
     train = np.load(data / "images_train.npy")
-    plain = NpyDataModule(data, spec, 5, 0, validate_params(Train, {"augment": {"random_resized_crop": False}}).augment, 0)
+    plain = NpyDataModule(data, spec, 5, 0,
+                          validate_params(Train, {"augment": {"random_resized_crop": False}}).augment, 0)
     xp, yp = next(iter(plain.train_dataloader()))
     sampler = plain.train_dataloader().sampler
     order = [i for i, _ in next(iter(sampler))]
