@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean-venv system-deps-demo system-deps-test
+.PHONY: install demo lint test test-fast bench clean-venv system-deps-demo system-deps-test
 
 # The Debian packages each needs (scripts/system-deps.sh holds the one list): installed when missing
 # and this user can (root, passwordless sudo); otherwise one line with the apt-get command, at once.
@@ -35,10 +35,17 @@ demo: system-deps-demo $(STAMP)
 	@echo "packages: $$(ls runs/latest/stages/package_*/package.zip | tr '\n' ' ')"
 	@echo "again (all cached): $(BIN)/edgepipe run +experiment=quickstart"
 
-test: system-deps-test $(STAMP)
+# The architecture DEVELOPERS.md draws, kept: ruff (pyproject's [tool.ruff]), import-linter's contracts
+# (layers, no loops, the engine's public contract) and no use of another module's _private names.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python scripts/lint_private_names.py .
+
+test: system-deps-test lint $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: system-deps-test $(STAMP)
+test-fast: system-deps-test lint $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
