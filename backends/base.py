@@ -14,21 +14,22 @@ Classes are registered as entry points, like stages and boards::
     [project.entry-points."edgepipe.backends"]
     onnx = "backends.onnx_models:OnnxBackend"
 
-| kind          | folder holds                          | runs with                                    |
-|---------------|---------------------------------------|----------------------------------------------|
-| ``rknn``      | ``model.rknn`` + ``test_logits.npy`` (+ ``test_crop_logits.npy``) | nothing: stored logits from rknn_quantize's x86 simulator |
-| ``rknn_board``| ``board_test_logits.npy`` beside them | nothing: stored logits from the board's NPU (``quantize.board_eval``) |
-| ``torchscript`` | ``model.torchscript.pt``            | ``torch.jit.load``                           |
-| ``torch``     | ``model.pt``                          | ``stages.common.models.load_model`` (fp32)   |
-| ``onnx``      | ``model.onnx``                        | onnxruntime (CPU)                            |
-| ``ncnn``      | ``*.ncnn.param`` + ``.bin`` (ncnn stage: ``model.ncnn.*``) | the ncnn Python package                      |
+The built-in kinds (what each folder holds; what runs it):
+- ``rknn``: ``model.rknn`` + ``test_logits.npy`` (+ ``test_crop_logits.npy``); nothing runs: stored
+  logits from rknn_quantize's x86 simulator.
+- ``rknn_board``: ``board_test_logits.npy`` beside them; stored logits from the board's NPU
+  (``quantize.board_eval``).
+- ``torchscript``: ``model.torchscript.pt``; ``torch.jit.load``.
+- ``torch``: ``model.pt``; ``stages.common.models.load_model`` (fp32).
+- ``onnx``: ``model.onnx``; onnxruntime (CPU).
+- ``ncnn``: ``*.ncnn.param`` + ``.bin`` (the ncnn stage's ``model.ncnn.*``); the ncnn Python package.
 
 Order matters: the class with the lowest ``order`` that recognises a folder wins (an rknn_quantize
 folder may hold other model files beside ``model.rknn``); a class with ``companion_of`` is never
 recognised alone but scored beside that kind when the same folder holds its files (the board's
 logits beside the simulator's). Loading the classes imports no runtime and no numpy (the report
 reads their facts): torch, onnxruntime, ncnn and numpy are imported inside the methods that use them.
-"""  # noqa: E501 - a row of the table above cannot be wrapped, and the docstring stays as written
+"""
 
 from __future__ import annotations
 
