@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,10 @@ class Result:
     err: str
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Workspace:
     """A project folder with its own runs/ and a counter of real stage executions."""
 
@@ -96,10 +101,13 @@ class Workspace:
         return Result(rc, captured.out, captured.err)
 
     def spawn(self, *args: str, **kw) -> subprocess.Popen:
-        """Start the CLI as a separate process (for concurrency and kill tests)."""
+        """Start the CLI as a separate process (for concurrency and kill tests), with Ctrl-C's signal
+        handled as in a terminal's foreground job: a suite started in the background (`cmd &` in a
+        script, nohup) hands its children SIGINT ignored, and Python then never raises
+        KeyboardInterrupt, so the interrupt tests would wait for nothing."""
         env = {**os.environ, **self.env}
         return subprocess.Popen([str(EDGEPIPE), *args], cwd=self.root, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, **kw)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint, **kw)
 
     def counts(self) -> collections.Counter:
         if not self.counter.exists():
