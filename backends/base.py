@@ -33,15 +33,15 @@ reads their facts): torch, onnxruntime, ncnn and numpy are imported inside the m
 
 from __future__ import annotations
 
-from functools import lru_cache
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
+
+from engine.contract.plugins import BACKEND_GROUP as BACKEND_GROUP  # re-exported
+from engine.contract.plugins import backend_classes as registered  # every backend, in recognition order
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-BACKEND_GROUP = "edgepipe.backends"
 # what the manifest's self-test asks of a float runtime (boards/golden.py)
 TENSOR_RULE = "PASS when max |output - expected| <= tolerance on the tensor path and the image path"
 UINT8_INPUT = "uint8 N x H x W x 3 in the model's channel order (the model normalises)"
@@ -142,13 +142,6 @@ class Backend:
 
 
 # -- the registry ------------------------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def registered() -> tuple[type[Backend], ...]:
-    """Every registered backend class, in recognition order (``order``, then kind)."""
-    classes = [ep.load() for ep in entry_points(group=BACKEND_GROUP)]
-    return tuple(sorted(classes, key=lambda cls: (cls.order, cls.kind)))
-
-
 def by_kind(kind: str) -> type[Backend]:
     for cls in registered():
         if cls.kind == kind:

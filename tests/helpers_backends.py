@@ -35,10 +35,8 @@ def write_backend_plugin(root: Path, module: str, source: str, boards: dict[str,
 def clear_backend_caches() -> None:
     """The entry-point readers (backends' for stages and boards, the report's, the boards') read again."""
     import boards
-    from backends.base import registered
-    from engine.config.registry import backend_classes
+    from engine.contract.plugins import backend_classes
 
-    registered.cache_clear()
     backend_classes.cache_clear()
     boards.board_entry_points.cache_clear()
 

@@ -472,6 +472,18 @@ def plugin_commands() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group="edgepipe.commands") if ep.name not in VERBS}
 
 
+def _load_plugin(ep: Any) -> Any:
+    """A plugin verb's main(argv); a package whose entry point cannot be imported is a PluginError
+    (one line, exit 2) naming it, not an internal error of edgepipe's."""
+    from engine.errors import PluginError
+
+    try:
+        return ep.load()
+    except Exception as e:  # noqa: BLE001 - whatever another distribution's import raises
+        raise PluginError(f"command '{ep.name}' ({ep.value}, an edgepipe.commands entry point) cannot be "
+                          f"loaded ({type(e).__name__}: {e}); reinstall or remove the package that adds it") from None
+
+
 def _shell_completion(argv: list[str]) -> int:
     from engine.cli import completion
     from engine.config.compose import ComposeError
@@ -500,22 +512,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if verb in ("run", "plan", "dag", "push", "pull") and ("-h" in rest or "--help" in rest):
         print(USAGE.strip())  # the other verbs have argparse's own --help
         return 0
+    plugin = None  # a verb another distribution adds (edgepipe.commands)
     if verb not in VERBS:
         plugins = plugin_commands()
-        if verb in plugins:
-            return plugins[verb].load()(rest)
-        from engine.errors import did_you_mean
+        if verb not in plugins:
+            from engine.errors import did_you_mean
 
-        verbs = [*VERBS, *plugins]
-        print(f"edgepipe: unknown command '{verb}'{did_you_mean(verb, verbs)}\n\n{USAGE.strip()}", file=sys.stderr)
-        return 2
+            verbs = [*VERBS, *plugins]
+            print(f"edgepipe: unknown command '{verb}'{did_you_mean(verb, verbs)}\n\n{USAGE.strip()}",
+                  file=sys.stderr)
+            return 2
+        plugin = plugins[verb]
     from engine.cli.init_project import InitError
     from engine.config.compose import ComposeError
     from engine.errors import ConfigError, PluginError, RemoteError
     from engine.store.runs import RunFolderError
 
     try:
-        return VERBS[verb](rest)
+        command = VERBS[verb] if plugin is None else _load_plugin(plugin)
+        return command(rest)
     except ConfigError as e:
         print("edgepipe: invalid config:\n" + "\n".join(f"  - {p}" for p in e.problems), file=sys.stderr)
         return 2

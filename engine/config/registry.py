@@ -68,16 +68,3 @@ def get(name: str) -> type[Stage]:
     cls = ep.load()
     _registered[name] = cls
     return cls
-
-
-# -- model backends ------------------------------------------------------------------------------------
-BACKEND_GROUP = "edgepipe.backends"
-
-
-@lru_cache(maxsize=1)
-def backend_classes() -> tuple[type, ...]:
-    """The model backend classes (``edgepipe.backends`` entry points), in their recognition order, for
-    the report's facts (name, files, int8). The engine never imports the backends package: the entry
-    points are its only way to them, as for stages. Loading them imports no runtime (no torch)."""
-    classes = [ep.load() for ep in entry_points(group=BACKEND_GROUP)]
-    return tuple(sorted(classes, key=lambda cls: (cls.order, cls.kind)))

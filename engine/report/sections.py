@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.config.registry import backend_classes
 from engine.contract import figures as figs
+from engine.contract.plugins import backend_classes
 from engine.report.run_view import RunView
 from engine.report.summary import input_spec, mb, model_format, package_facts
 from engine.store.runs import StageRecord

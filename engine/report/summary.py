@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from engine.config.registry import backend_classes
+from engine.contract.plugins import backend_classes
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # state_dict entries that are not parameters
 CHANGES_SHOWN = 60

@@ -17,7 +17,6 @@ from helpers_backends import backend_plugin
 
 from backends.base import BACKEND_GROUP, Backend, by_kind, packaged_kinds, recognise, recognise_all, registered
 from boards import get_board, known_boards
-from engine.config.registry import backend_classes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_every_backend_in_pyproject_is_registered_and_owns_its_facts():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][BACKEND_GROUP]
     assert sorted(c.kind for c in registered()) == sorted(declared)  # the entry point's name is the kind
-    assert backend_classes() == registered()  # the report's reader sees the same classes in the same order
     for cls in registered():
         assert issubclass(cls, Backend) and by_kind(cls.kind) is cls
         assert cls.model_file and cls.model_files() and cls.target in (None, "float", "quantized")
@@ -61,9 +59,8 @@ def test_loading_the_registry_imports_no_runtime():
     """The report reads the backends' facts: loading every class imports no torch, onnxruntime, ncnn,
     rknn (nor numpy or pydantic)."""
     code = ("import sys\n"
-            "from engine.config.registry import backend_classes\n"
-            "from backends.base import registered\n"
-            "assert len(backend_classes()) == len(registered()) >= 6\n"
+            "from engine.contract.plugins import backend_classes\n"
+            "assert len(backend_classes()) >= 6\n"
             "print(sorted(m for m in ('torch', 'onnxruntime', 'ncnn', 'rknn', 'numpy', 'pydantic') "
             "if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -378,3 +378,19 @@ def test_a_valid_value_hidden_by_with_is_only_a_warning(project):
     r = project.cli("plan", "+experiment=quickstart", "quantize.algorithm=kl_divergence", "--json")
     assert r.rc == 0, r.err
     assert "quantize.algorithm=kl_divergence has no effect: pipeline.stages.rknn_normal.with.algorithm" in r.err
+
+
+def test_a_broken_plugin_command_is_one_line_naming_it(monkeypatch, capsys):
+    """A verb another distribution adds (edgepipe.commands) whose module cannot be imported: one line
+    naming the entry point, exit 2, not an internal error of edgepipe's."""
+    from importlib.metadata import EntryPoint
+
+    from engine.cli import commands
+
+    broken = EntryPoint("flash", "no_such_plugin_module:main", "edgepipe.commands")
+    monkeypatch.setattr(commands, "plugin_commands", lambda: {"flash": broken})
+    rc = commands.main(["flash", "board.bin"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "command 'flash' (no_such_plugin_module:main, an edgepipe.commands entry point)" in err
+    assert "ModuleNotFoundError" in err and "internal error" not in err
