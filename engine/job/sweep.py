@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from engine.config.compose import ComposeError
 
@@ -309,7 +309,8 @@ def _launch(overrides: list[str], cdir: Path | None, task: Task, sweeper: str) -
         compose.check_targets(OmegaConf.to_container(cfg, resolve=False), overrides, user_dir)
         from hydra._internal.callbacks import Callbacks
 
-        context = HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=Callbacks(cfg))
+        context = HydraContext(config_loader=CheckedLoader(GlobalHydra.instance().config_loader()),
+                               callbacks=Callbacks(cfg))
         OmegaConf.save(cfg, Path(str(cfg.hydra.sweep.dir)) / "multirun.yaml")  # any sweeper, as Hydra's basic does
         _quiet_plugins()
         try:
@@ -321,6 +322,52 @@ def _launch(overrides: list[str], cdir: Path | None, task: Task, sweeper: str) -
             first = (str(e).splitlines() or [""])[0]
             return f"the {sweeper} sweeper stopped: {type(e).__name__}: {first}"
     return None
+
+
+class CheckedLoader:
+    """Hydra's config loader, with each job's folder checked (check_job_folders) when a launcher loads
+    that job's config: every launcher does so before run_job makes the folder and writes `.hydra/` (in
+    this process, or in a joblib/submitit worker, which unpickles this class by reference)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        config = self.loader.load_sweep_config(master_config, sweep_overrides)
+        check_job_folders(config)
+        return config
+
+    def __getattr__(self, name: str) -> Any:  # the rest is Hydra's loader's
+        if name == "loader":  # not set yet (unpickling): no recursion through self.loader
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+def check_job_folders(config: DictConfig) -> None:
+    """A ComposeError unless the job's folder (hydra.sweep.dir/hydra.sweep.subdir) stays inside the sweep
+    folder and its config folder (hydra.output_subdir) inside the job's: each part a name allowed by
+    engine.contract.names. The subdir is resolved as the launcher will (hydra.job.num and id, known only
+    there, stand in as 0 and <job name>_0; the launchers make them of digits and hydra.job.name)."""
+    from engine.contract import names
+
+    probe = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
+    with open_dict(probe):
+        for field, value in (("num", 0), ("id", f"{OmegaConf.select(probe, 'hydra.job.name', default='')}_0")):
+            if OmegaConf.select(probe, f"hydra.job.{field}", default=None, throw_on_missing=False) is None:
+                probe.hydra.job[field] = value
+    for key, may_be_null in (("hydra.sweep.subdir", False), ("hydra.output_subdir", True)):
+        try:
+            value = OmegaConf.select(probe, key, default=None, throw_on_resolution_failure=True)
+        except Exception as e:  # noqa: BLE001 - OmegaConf's and the resolvers' own: an unresolvable folder
+            raise ComposeError(f"{key}: cannot be resolved ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if value is None and may_be_null:
+            continue
+        parts = str(value).split("/")
+        why = next((names.problem(p) for p in parts if names.problem(p)), None)
+        if value is None or why:
+            raise ComposeError(f"{key}={value!r}: each part of a job's folder must be a plain name, inside the "
+                               f"sweep folder ({why or 'not set'}); set it to a relative path such as "
+                               f"${{hydra.job.num}}")
 
 
 def _quiet_plugins() -> None:
