@@ -120,6 +120,13 @@ def test_a_sweep_writes_no_job_folder_outside_the_sweep_folder(ws, override, key
     assert not ws.counts()  # refused before any job ran
 
 
+def test_a_joblib_worker_checks_its_job_folder_too(ws):
+    """joblib's launcher loads each job's config in its worker process: the check goes there with it."""
+    r = ws.cli("run", "-m", "src.value=1,2", "hydra/launcher=joblib", "hydra.sweep.subdir=../../../escaped")
+    assert_clean_failure(r, 2, "hydra.sweep.subdir")
+    assert not (ws.root / "escaped").exists() and not ws.counts()
+
+
 # -- 8. gc deletes nothing behind a link out of the cache ----------------------------------------------------
 def test_gc_deletes_nothing_through_a_linked_cache_folder(ws, tmp_path):
     """runs/cache/<type> or runs/cache/.scratch linked to someone's folder: gc took what it found there
