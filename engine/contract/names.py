@@ -46,7 +46,7 @@ def join(root: Path, *names: str, what: str = "name") -> Path:
     """root/name/... with every name checked, confirmed (by its text) to stay under root. A symlink
     at the result is not followed: a run's stages/<name> link points into the cache by design."""
     path = Path(root).joinpath(*(check(n, what) for n in names))
-    base, full = os.path.normpath(root), os.path.normpath(path)
+    base, full = os.path.abspath(root), os.path.abspath(path)
     if os.path.commonpath([base, full]) != base or full == base:
         raise UnsafeName(f"{what} {'/'.join(names)!r} leaves {root}")
     return path

@@ -429,14 +429,15 @@ def _what(path: Path) -> str:
 
 def _remove_others(folder: Path) -> None:
     """Remove from a stage's finished output what no listing holds: dangling links, FIFOs, sockets and
-    devices, then empty folders (deepest first: a folder of empty folders goes too)."""
+    devices, then empty folders (deepest first: a folder of empty folders goes too). Nothing behind a
+    link that leads out of the output."""
     while True:
         others: list[str] = []
         list_files(folder, on_other=others.append)
-        if not others:
+        removable = [folder / rel for rel in others if names.inside(folder / rel, folder)]
+        if not removable:
             return
-        for rel in others:
-            path = folder / rel
+        for path in removable:
             if path.is_dir() and not path.is_symlink():
                 path.rmdir()
             else:

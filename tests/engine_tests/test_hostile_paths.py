@@ -52,6 +52,36 @@ def cached_run(ws) -> Path:
     return (ws.runs / "latest").resolve()
 
 
+# -- the rule itself ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["src", "rknn_mmse", "src-1.v2", "lr=0.1,bs=8", "a+b@c", "数据", ".hydra", "0"])
+def test_the_rule_takes_the_names_people_use(name):
+    from engine.contract import names
+
+    assert names.problem(name) is None and names.join(Path("/r"), name) == Path("/r") / name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a..b", "/etc", "a/b", "a\\b", "-rf", "a b", "a\nb", "a\x00b",
+                                  "x" * 201, 3, None])
+def test_the_rule_refuses_what_could_leave_a_folder(name):
+    from engine.contract import names
+
+    assert names.problem(name)
+    with pytest.raises(names.UnsafeName):
+        names.join(Path("/r"), name)
+
+
+def test_remove_tree_deletes_nothing_behind_a_link_out(tmp_path):
+    from engine.contract import names
+
+    victim = _victim(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "linked").symlink_to(victim)
+    assert names.remove_tree(root / "linked" / "precious.txt", within=root) is False
+    assert names.remove_tree(root / "linked", within=root) is True  # the link itself, not what it points at
+    assert _intact(victim) and not (root / "linked").exists()
+
+
 # -- 1. stage names ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("verb", ["plan", "run"])
 def test_a_failing_stage_named_as_an_absolute_folder_leaves_that_folder(ws, conf, verb):
