@@ -173,6 +173,7 @@ def multirun(opts: dict, overrides: list[str], options) -> int:
 
     # Validate every job before anything is written to runs/ (an Optuna trial: the base config).
     pipelines = [validated_pipeline(job, options, sweep=True) for job in jobs]
+    check_known_job_folders(jobs)
     print_warnings(shadowed(list(overrides), pipelines[0]))  # a swept key too (an Optuna search of one)
     sweep_dir = make_run_dir(base.sweep_dir, "hydra.sweep.dir")
     hydra_overrides = _hydra_overrides(parsed, base, sweep_dir, pipelines[0], sweeper)
@@ -343,23 +344,35 @@ class CheckedLoader:
         return getattr(self.loader, name)
 
 
-def check_job_folders(config: DictConfig) -> None:
+def check_known_job_folders(jobs: list) -> None:
+    """check_job_folders of every job known before the sweep starts (a grid's; an Optuna study's base
+    config), so that a folder that would leave is a config error before anything is written."""
+    for num, job in enumerate(jobs):
+        full = OmegaConf.create({**OmegaConf.to_container(job.cfg, resolve=False),
+                                 "hydra": OmegaConf.to_container(job.hydra_cfg, resolve=False)})
+        check_job_folders(full, num)
+
+
+def check_job_folders(config: DictConfig, num: int = 0) -> None:
     """A ComposeError unless the job's folder (hydra.sweep.dir/hydra.sweep.subdir) stays inside the sweep
     folder and its config folder (hydra.output_subdir) inside the job's: each part a name allowed by
-    engine.contract.names. The subdir is resolved as the launcher will (hydra.job.num and id, known only
-    there, stand in as 0 and <job name>_0; the launchers make them of digits and hydra.job.name)."""
+    engine.contract.names. The subdir is resolved as the launcher will (hydra.job.num and id, when only
+    the launcher knows them, stand in as `num` and <job name>_<num>: launchers make them of digits and
+    hydra.job.name)."""
     from engine.contract import names
 
     probe = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
     with open_dict(probe):
-        for field, value in (("num", 0), ("id", f"{OmegaConf.select(probe, 'hydra.job.name', default='')}_0")):
+        job_name = OmegaConf.select(probe, "hydra.job.name", default="")
+        for field, value in (("num", num), ("id", f"{job_name}_{num}")):
             if OmegaConf.select(probe, f"hydra.job.{field}", default=None, throw_on_missing=False) is None:
                 probe.hydra.job[field] = value
     for key, may_be_null in (("hydra.sweep.subdir", False), ("hydra.output_subdir", True)):
         try:
             value = OmegaConf.select(probe, key, default=None, throw_on_resolution_failure=True)
         except Exception as e:  # noqa: BLE001 - OmegaConf's and the resolvers' own: an unresolvable folder
-            raise ComposeError(f"{key}: cannot be resolved ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            first = (str(e).splitlines() or [""])[0]
+            raise ComposeError(f"{key}: cannot be resolved ({type(e).__name__}: {first})") from None
         if value is None and may_be_null:
             continue
         parts = str(value).split("/")

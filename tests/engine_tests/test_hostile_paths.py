@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TESTS
-from hostile import assert_clean_failure, assert_one_line_problems, snapshot
+from hostile import assert_clean_failure, assert_one_line_problems, new_files, snapshot
 
 
 @pytest.fixture
@@ -144,10 +144,12 @@ def test_a_sweep_writes_no_job_folder_outside_the_sweep_folder(ws, override, key
     """Hydra joins hydra.sweep.dir/hydra.sweep.subdir and writes config.yaml, hydra.yaml and overrides.yaml
     into its hydra.output_subdir: both were taken as they came, `..` and absolute paths included."""
     escaped = ws.root / "escaped"
+    before = snapshot(ws.root)
     r = ws.cli("run", "-m", "src.value=1,2", override.replace("ABSOLUTE", str(escaped)))
     assert_clean_failure(r, 2, key)
+    assert_one_line_problems(r)
     assert not escaped.exists() and not (ws.root.parent / "escaped").exists()
-    assert not ws.counts()  # refused before any job ran
+    assert new_files(ws.root, before) == []  # a grid's jobs are all checked before the sweep folder is made
 
 
 def test_a_joblib_worker_checks_its_job_folder_too(ws):
