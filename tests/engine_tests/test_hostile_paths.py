@@ -152,9 +152,13 @@ def test_a_sweep_writes_no_job_folder_outside_the_sweep_folder(ws, override, key
     assert new_files(ws.root, before) == []  # a grid's jobs are all checked before the sweep folder is made
 
 
-def test_a_joblib_worker_checks_its_job_folder_too(ws):
-    """joblib's launcher loads each job's config in its worker process: the check goes there with it."""
-    r = ws.cli("run", "-m", "src.value=1,2", "hydra/launcher=joblib", "hydra.sweep.subdir=../../../escaped")
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_an_optuna_trials_job_folder_is_checked_when_it_is_drawn(ws, launcher):
+    """A trial's overrides are known only when the sweeper draws them, and Hydra makes the job's folder
+    (sweep folder/override_dirname here) before edgepipe validates the job: the launcher's loading of
+    the job's config checks it (joblib's in its worker)."""
+    r = ws.cli("run", "-m", "hydra/sweeper=optuna", f"hydra/launcher={launcher}", "hydra.sweeper.n_trials=1",
+               "hydra.sweep.subdir=${hydra.job.override_dirname}", "name=choice(../../../../escaped)")
     assert_clean_failure(r, 2, "hydra.sweep.subdir")
     assert not (ws.root / "escaped").exists() and not ws.counts()
 
