@@ -25,6 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from engine.config import compose_cache
+from engine.contract import names
 from engine.errors import ComposeError as ComposeError  # re-exported: raised here
 
 CONFIG_NAME = "config"
@@ -229,20 +230,14 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
     return job
 
 
-# A run name becomes part of a folder name under runs_root: no separators, no '..'.
-_RUN_NAME = re.compile(r"[\w.+=,@-]+")
-
-
 def check_run_name(cfg: DictConfig) -> list[str]:
-    """The problem with the config's `name`, if any (config.validate and every remembered plan check it)."""
+    """The problem with the config's `name`, if any (config.validate and every remembered plan check it):
+    it becomes part of a folder name under runs_root, so engine.contract.names' rule applies."""
     name = OmegaConf.select(cfg, "name", default=None, throw_on_missing=False)
     if name is None:
         return []
-    name = str(name)
-    if _RUN_NAME.fullmatch(name) and ".." not in name:
-        return []
-    return [f"name: {name!r} is not a valid run name (it becomes a folder under runs_root); use letters, "
-            f"digits and . _ - + = , @ only, no '/' and no '..'"]
+    why = names.problem(str(name))
+    return [f"name: {str(name)!r} is not a valid run name (it becomes a folder under runs_root); {why}"] if why else []
 
 
 def _plain(job: Job) -> dict:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.config import registry
 from engine.config.compose import check_run_name
+from engine.contract import names
 from engine.contract.stage import Stage
 from engine.errors import ConfigError, config_key, did_you_mean
 from engine.store.cache import KeyRecipe, key_recipe
@@ -267,6 +268,11 @@ def validate(cfg: DictConfig) -> tuple[PipelineSpec, dict[str, StageSpec]]:
     problems: list[str] = check_run_name(cfg)
     specs: dict[str, StageSpec] = {}
     for name, entry in pipeline.stages.items():
+        why = names.problem(name)
+        if why:  # it names the run's stages/<name> link and failed/<name> folder
+            problems.append(f"pipeline.stages: stage name {name!r} cannot name a folder (the run keeps "
+                            f"stages/<name> and failed/<name>); {why}")
+            continue
         try:
             cls = registry.get(entry.uses)
         except registry.UnknownStageType as e:

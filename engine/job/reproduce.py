@@ -8,7 +8,6 @@ non-deterministic (or whose bytes differ), by their metrics within a tolerance.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from engine.config.compose import one_line, yaml_problem
+from engine.contract import names
 from engine.errors import ConfigError
 from engine.report.display import Display, console
 from engine.run.pipeline import Options, Pipeline
@@ -117,8 +117,8 @@ def _verify(cfg, original: runs.RunRecord, tolerance: float) -> int:
                 console.print(f"  [green]✓[/] {name}: outputs differ byte-wise, metrics within {tolerance}")
         console.print("[green]verified[/]" if not bad else f"[red]{bad} stages differ[/]")
         return 1 if bad else 0
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    finally:  # only what it made: nothing behind a link out of runs_root
+        names.remove_tree(scratch, within=Path(original.runs_root))
 
 
 def _metric_diffs(old: dict, new: dict, tolerance: float) -> list[str] | None:

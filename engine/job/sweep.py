@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from engine.config.compose import ComposeError
 
@@ -173,6 +173,7 @@ def multirun(opts: dict, overrides: list[str], options) -> int:
 
     # Validate every job before anything is written to runs/ (an Optuna trial: the base config).
     pipelines = [validated_pipeline(job, options, sweep=True) for job in jobs]
+    check_known_job_folders(jobs)
     print_warnings(shadowed(list(overrides), pipelines[0]))  # a swept key too (an Optuna search of one)
     sweep_dir = make_run_dir(base.sweep_dir, "hydra.sweep.dir")
     hydra_overrides = _hydra_overrides(parsed, base, sweep_dir, pipelines[0], sweeper)
@@ -309,7 +310,8 @@ def _launch(overrides: list[str], cdir: Path | None, task: Task, sweeper: str) -
         compose.check_targets(OmegaConf.to_container(cfg, resolve=False), overrides, user_dir)
         from hydra._internal.callbacks import Callbacks
 
-        context = HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=Callbacks(cfg))
+        context = HydraContext(config_loader=CheckedLoader(GlobalHydra.instance().config_loader()),
+                               callbacks=Callbacks(cfg))
         OmegaConf.save(cfg, Path(str(cfg.hydra.sweep.dir)) / "multirun.yaml")  # any sweeper, as Hydra's basic does
         _quiet_plugins()
         try:
@@ -321,6 +323,64 @@ def _launch(overrides: list[str], cdir: Path | None, task: Task, sweeper: str) -
             first = (str(e).splitlines() or [""])[0]
             return f"the {sweeper} sweeper stopped: {type(e).__name__}: {first}"
     return None
+
+
+class CheckedLoader:
+    """Hydra's config loader, with each job's folder checked (check_job_folders) when a launcher loads
+    that job's config: every launcher does so before run_job makes the folder and writes `.hydra/` (in
+    this process, or in a joblib/submitit worker, which unpickles this class by reference)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        config = self.loader.load_sweep_config(master_config, sweep_overrides)
+        check_job_folders(config)
+        return config
+
+    def __getattr__(self, name: str) -> Any:  # the rest is Hydra's loader's
+        if name == "loader":  # not set yet (unpickling): no recursion through self.loader
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+def check_known_job_folders(jobs: list) -> None:
+    """check_job_folders of every job known before the sweep starts (a grid's; an Optuna study's base
+    config), so that a folder that would leave is a config error before anything is written."""
+    for num, job in enumerate(jobs):
+        full = OmegaConf.create({**OmegaConf.to_container(job.cfg, resolve=False),
+                                 "hydra": OmegaConf.to_container(job.hydra_cfg, resolve=False)})
+        check_job_folders(full, num)
+
+
+def check_job_folders(config: DictConfig, num: int = 0) -> None:
+    """A ComposeError unless the job's folder (hydra.sweep.dir/hydra.sweep.subdir) stays inside the sweep
+    folder and its config folder (hydra.output_subdir) inside the job's: each part a name allowed by
+    engine.contract.names. The subdir is resolved as the launcher will (hydra.job.num and id, when only
+    the launcher knows them, stand in as `num` and <job name>_<num>: launchers make them of digits and
+    hydra.job.name)."""
+    from engine.contract import names
+
+    probe = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
+    with open_dict(probe):
+        job_name = OmegaConf.select(probe, "hydra.job.name", default="")
+        for field, value in (("num", num), ("id", f"{job_name}_{num}")):
+            if OmegaConf.select(probe, f"hydra.job.{field}", default=None, throw_on_missing=False) is None:
+                probe.hydra.job[field] = value
+    for key, may_be_null in (("hydra.sweep.subdir", False), ("hydra.output_subdir", True)):
+        try:
+            value = OmegaConf.select(probe, key, default=None, throw_on_resolution_failure=True)
+        except Exception as e:  # noqa: BLE001 - OmegaConf's and the resolvers' own: an unresolvable folder
+            first = (str(e).splitlines() or [""])[0]
+            raise ComposeError(f"{key}: cannot be resolved ({type(e).__name__}: {first})") from None
+        if value is None and may_be_null:
+            continue
+        parts = str(value).split("/")
+        why = next((names.problem(p) for p in parts if names.problem(p)), None)
+        if value is None or why:
+            raise ComposeError(f"{key}={value!r}: each part of a job's folder must be a plain name, inside the "
+                               f"sweep folder ({why or 'not set'}); set it to a relative path such as "
+                               f"${{hydra.job.num}}")
 
 
 def _quiet_plugins() -> None:
