@@ -606,12 +606,16 @@ def _gate_markdown(report: dict, p) -> list[str]:
     lines.append("")
     for n, row in gated.items():
         lines.append(f"- {escape(n)}: {'holds' if row['target_met'] else '**misses**'}: {escape(row['verdict'])}")
-    unresolved = [row["resolution_points"] for row in gated.values() if not row["resolved"]]
-    if unresolved:
+    # rows may score different numbers of images (an RKNN build's quantize.data_limit): one sentence per weight
+    unresolved: dict[float, list[str]] = {}
+    for n, row in gated.items():
+        if not row["resolved"]:
+            unresolved.setdefault(row["resolution_points"], []).append(n)
+    for weight, names in unresolved.items():
         lines += ["", f"**The {escape(report['split'])} split cannot resolve the {p.quant_max_drop:g}-point target:** "
-                      f"one image = {unresolved[0]:.3g} points > {p.quant_max_drop:g}. The verdict is the rule's "
-                      "(net images lost at most the target rounded up to whole images); the interval shows how "
-                      "far the true drop may lie. More test images resolve it."]
+                      f"one image = {weight:.3g} points > {p.quant_max_drop:g} ({', '.join(map(escape, names))}). "
+                      "The verdict is the rule's (net images lost at most the target rounded up to whole images); "
+                      "the interval shows how far the true drop may lie. More test images resolve it."]
     lines += ["", f"Rule: a build holds when its net loss (lost - gained) is at most the target rounded up to "
                   f"whole images. Interval: {escape(CI_METHOD)}."]
     return lines

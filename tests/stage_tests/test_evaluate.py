@@ -637,7 +637,7 @@ def test_one_image_lost_on_72_holds_a_one_point_target_and_says_the_split_cannot
     assert row["drop_ci95"] == pytest.approx(_interval(1, 0, 72), abs=0.01)
     assert row["drop_ci95"][0] < 1.0 < row["drop_ci95"][1]  # the interval straddles the target: the rule decides
     md = (tmp_path / "out" / "eval.md").read_text()
-    assert "**The test split cannot resolve the 1-point target:** one image = 1.39 points > 1." in md
+    assert "**The test split cannot resolve the 1-point target:** one image = 1.39 points > 1 (int8)." in md
     assert re.search(r"^- int8: holds: net \+1 image of 72 \(\+1\.39 points; 1 lost, 0 gained; .*this split cannot "
                      r"resolve the target$", md, re.M), md
     notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("int8: ")]
@@ -649,6 +649,13 @@ def test_one_image_lost_on_72_holds_a_one_point_target_and_says_the_split_cannot
     assert row["logit_cosine"] == pytest.approx(_cosine(both_f, both_q), abs=1e-6)
     assert row["agreement"] == pytest.approx(float(np.mean(both_f.argmax(1) == both_q.argmax(1))))
     assert row["logit_cosine"] < 0.9999  # the val logits really were read (test alone differs in one image)
+    # a 2-point target: one image (1.39 points) is within it, the split resolves it, and nothing says otherwise
+    with backend_plugin(tmp_path / "plugin", "stored_int8", _STORED_INT8, stored_int8="stored_int8:StoredInt8"):
+        run_stage("evaluate", {"quant_max_drop": 2.0}, {"data": data, "model": toy().model, "int8": int8},
+                  tmp_path / "two")
+    row = json.loads((tmp_path / "two" / "metrics.json").read_text())["backends"]["int8"]
+    assert row["resolved"] is True and row["target_met"] is True and row["allowed_images"] == 2
+    assert "cannot resolve" not in (tmp_path / "two" / "eval.md").read_text()
 
 
 def test_two_images_lost_on_72_miss_and_package_refuses_with_the_verdict(seventy_two, backends, tmp_path):
