@@ -1,7 +1,8 @@
 """RKNN int8 models: nothing runs here, rknn_quantize stores the logits. The x86 simulator only runs
 in the build session, which stores the test split's logits (``test_logits.npy``;
 ``test_crop_logits.npy`` with evaluate.multicrop; ``val_logits.npy``, the val split's, for evaluate's
-label-free figures) and what they were computed on (``build.json``: ``images_<split>_sha256``);
+label-free figures) and what they were computed on (``build.json``: ``simulator.images_test_sha256``,
+``simulator_val.images_val_sha256``);
 with ``quantize.board_eval`` it also stores a connected board NPU's (``board_test_logits.npy``)."""
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class RknnSimulatorBackend(Backend):
 
     def stored_split_logits(self, data: Path, split: str, classes: list[str]):
         """``val_logits.npy`` (``board_val_logits.npy``): the same session's outputs on the val split,
-        used only when build.json records the digest of the images_val.npy they were computed on."""
+        used only when build.json records the digest of the images_val.npy they were computed on
+        (``simulator_val.images_val_sha256``)."""
         import numpy as np
 
         from engine.contract.hashing import sha256_file
@@ -63,10 +65,12 @@ class RknnSimulatorBackend(Backend):
         path = self.folder / name
         if not path.is_file():
             return None
-        want = (self.build.get(self.build_section) or {}).get(f"images_{split}_sha256")
+        # rknn_quantize records the run on val as its own section (simulator_val) beside the test split's
+        sections = (self.build.get(f"{self.build_section}_{split}") or {}, self.build.get(self.build_section) or {})
+        want = next((s[f"images_{split}_sha256"] for s in sections if s.get(f"images_{split}_sha256")), None)
         if want is None:  # logits nothing ties to a dataset must not pass for this one's
-            raise BackendError(f"its {name} has no images_{split}_sha256 in build.json ({self.build_section}): "
-                               f"rebuild it with this edgepipe's rknn_quantize")
+            raise BackendError(f"its {name} has no images_{split}_sha256 in build.json "
+                               f"({self.build_section}_{split}): rebuild it with this edgepipe's rknn_quantize")
         if want != sha256_file(data / f"images_{split}.npy"):
             raise BackendError(f"its {name} were computed on another {split} split (images_{split}.npy differs); "
                                f"wire the same dataset stage into rknn_quantize and evaluate")

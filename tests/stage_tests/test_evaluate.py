@@ -718,7 +718,7 @@ def test_rknn_label_free_figures_read_its_stored_val_logits(backends, tmp_path):
     with pytest.raises(StageError, match=r"input rknn: its val_logits.npy has no images_val_sha256 in build.json"):
         run_stage("evaluate", {}, {"data": t.data, "model": t.model, "rknn": rk}, tmp_path / "undated")
     build = json.loads((rk / "build.json").read_text())
-    build["simulator"]["images_val_sha256"] = sha256_file(t.data / "images_val.npy")
+    build["simulator_val"] = {"images_val_sha256": sha256_file(t.data / "images_val.npy")}  # rknn_quantize's record
     (rk / "build.json").write_text(json.dumps(build))
     run_stage("evaluate", {}, {"data": t.data, "model": t.model, "rknn": rk}, tmp_path / "both")
     row = json.loads((tmp_path / "both" / "metrics.json").read_text())["backends"]["rknn"]
@@ -728,7 +728,7 @@ def test_rknn_label_free_figures_read_its_stored_val_logits(backends, tmp_path):
     assert row["logit_cosine"] == pytest.approx(_cosine(both_f, both_q), abs=1e-6)
     assert row["agreement"] == pytest.approx(float(np.mean(both_f.argmax(1) == both_q.argmax(1))))
     assert "| val + test (96 images) |" in (tmp_path / "both" / "eval.md").read_text()
-    build["simulator"]["images_val_sha256"] = "0" * 64
+    build["simulator_val"]["images_val_sha256"] = "0" * 64
     (rk / "build.json").write_text(json.dumps(build))
     with pytest.raises(StageError, match=r"input rknn: its val_logits.npy were computed on another val split"):
         run_stage("evaluate", {}, {"data": t.data, "model": t.model, "rknn": rk}, tmp_path / "other")
