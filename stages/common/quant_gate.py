@@ -15,7 +15,8 @@ The rule (``judge``), in whole images because that is what a split can resolve:
 - A build **holds** when its net loss ``lost - gained`` is at most ``allowed_images``, else it
   **misses**. Nothing else decides: the interval below is reported, not used, so a build is never
   refused or passed on an interval's width alone.
-- ``resolved`` says whether the data can tell at all (one image is at most the target's points);
+- ``resolved`` says whether the data can tell at all (one image is at most the target's points, or
+  the target is 0: no net loss, which any split decides);
   when it cannot, evaluate and the search say so in words, and the interval shows how far the truth
   may lie from the figure.
 
@@ -117,7 +118,8 @@ def drop_interval(lost: int, gained: int, n: int, alpha: float = ALPHA) -> tuple
 def judge(drop: PairedDrop, max_drop_points: float) -> Verdict:
     """The gate's rule: holds when the net loss in images is at most the target rounded up to whole images."""
     allowed = math.ceil(max_drop_points * drop.n / 100.0 - 1e-9)
-    resolved = drop.resolution_points <= max_drop_points
+    # a 0-point target is whole images already (no net loss): any split tells it apart
+    resolved = max_drop_points == 0 or drop.resolution_points <= max_drop_points
     holds = drop.net_lost_images <= allowed
     net = drop.net_lost_images
     said = (f"net {net:+d} image{'s' if abs(net) != 1 else ''} of {drop.n} ({drop.drop_points:+.2f} points; "
