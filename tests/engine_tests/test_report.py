@@ -307,7 +307,8 @@ def test_int8_gate_is_shown_for_quantized_rows(bundles, tmp_path):
     run folder whose record points at the stage output: images lost and gained, the net drop with its
     interval, one image in points, cosine and agreement with the splits they cover, the verdict, and in
     words that this small split cannot resolve the target."""
-    from engine.report.page import write_html
+    from engine.report.page import REPORT_HTML
+    from engine.report.run_report import write_report
     from engine.run.testing import run_stage
     from engine.store.runs import RunRecord, StageRecord
 
@@ -320,7 +321,8 @@ def test_int8_gate_is_shown_for_quantized_rows(bundles, tmp_path):
         "pipeline:\n  stages:\n    eval: {uses: evaluate, needs: {onnx: onnx, rknn: rknn}}\n")
     record = RunRecord(name="gate", run_dir=str(run_dir), runs_root=str(tmp_path / "runs"), status="ok", stages={
         "eval": StageRecord("eval", "evaluate", "ran", path=str(tmp_path / "eval"))})
-    html = write_html(record).read_text(encoding="utf-8")
+    write_report(record)
+    html = (run_dir / REPORT_HTML).read_text(encoding="utf-8")
     assert '<table class="gate">' in html, "no int8 gate table"
     table = html[html.index('<table class="gate">'):]
     table = words(" ".join(HtmlPage(table[:table.index("</table>")]).text))
@@ -333,6 +335,9 @@ def test_int8_gate_is_shown_for_quantized_rows(bundles, tmp_path):
     assert n < 100 and row["resolved"] is False  # a small split: one image is more than the 1-point target
     assert words(f"rknn: the test split cannot resolve the 1-point target: one image = {100 / n:.3g} points > 1") \
         in words(" ".join(HtmlPage(html).text))
+    # report.md: the verdict of every int8 row, held or missed (a miss is also under "Targets missed")
+    md = (run_dir / "report.md").read_text()
+    assert f"## int8 builds against fp32\n\n- eval: **rknn** {verdict}: {row['verdict']}\n" in md, md
 
 
 # -- edgepipe dag --format png|svg ---------------------------------------------------------------------
