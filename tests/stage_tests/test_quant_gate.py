@@ -48,6 +48,13 @@ def test_a_zero_target_refuses_any_net_loss():
     assert judge(paired_drop(*_pair(1000, lost=1, gained=1)), 0.0).holds
 
 
+def test_a_zero_target_is_resolved_on_any_split():
+    """No net loss is a whole-image statement: more images would not decide it better, so the verdict
+    must not say the split cannot resolve it."""
+    v = judge(paired_drop(*_pair(72, lost=1, gained=0)), 0.0)
+    assert not v.holds and v.resolved and "cannot resolve" not in v.reason
+
+
 def test_a_large_split_resolves_the_target_in_whole_images():
     v10 = judge(paired_drop(*_pair(1000, lost=10, gained=0)), 1.0)
     v11 = judge(paired_drop(*_pair(1000, lost=11, gained=0)), 1.0)
