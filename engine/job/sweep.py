@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from engine.config.compose import ComposeError
+from engine.job.execute import ConsoleFormatter
 
 JOB_RESULT = "sweep_job.json"  # what each job leaves in its folder for after_sweep
 OPTUNA_RESULTS = "optimization_results.yaml"  # what the Optuna sweeper writes in the sweep folder
@@ -64,14 +65,14 @@ class Task:
             result.update(self._run(cfg, hc, run_dir, num, overrides))
         except Exception as e:  # noqa: BLE001 - every failure is this job's one line, not a worker dump
             result["error"] = _one_line(e)
-            print(f"edgepipe: {_job_name(result, self.total)} failed: {result['error']}", file=sys.stderr)
+            from engine.report.display import plain
+
+            print(plain(f"edgepipe: {_job_name(result, self.total)} failed: {result['error']}"), file=sys.stderr)
         _write_json(run_dir / JOB_RESULT, result)
         value = (result["headline"] or {}).get("value") if result["status"] == "ok" else None
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     def _run(self, cfg: DictConfig, hc: DictConfig, run_dir: Path, num: int, overrides: list[str]) -> dict:
-        from rich.markup import escape
-
         from engine.config import compose
         from engine.job import execute
 
@@ -82,7 +83,7 @@ class Task:
         compose.write_resolved(run_dir, cfg)  # Hydra wrote config/hydra/overrides.yaml already
         of = f"/{self.total}" if self.total else ""
         record = execute.execute_job(job, pipeline, self.options, run_dir, summary_table=self.in_process,
-                                 title=escape(f"{cfg.name} [job {num + 1}{of}: {' '.join(overrides)}]"))
+                                 title=f"{cfg.name} [job {num + 1}{of}: {' '.join(overrides)}]")
         failed = [f"{s.name}: {s.error}" for s in record.stages.values() if s.error]
         return {"status": record.status, "headline": record.headline,
                 "error": failed[0] if failed else None}
@@ -94,10 +95,13 @@ def _job_name(result: dict, total: int | None = None) -> str:
 
 
 def _one_line(e: Exception) -> str:
+    from engine.config.compose import interpolation_problem
     from engine.errors import ConfigError
 
     if isinstance(e, ConfigError):
         return "invalid config: " + "; ".join(e.problems)
+    if (problem := interpolation_problem(e)) is not None:
+        return f"invalid config: {problem}"
     first = (str(e).splitlines() or [""])[0]
     if isinstance(e, OSError) or type(e).__module__.startswith("engine."):  # edgepipe's own: already user-facing
         return first or type(e).__name__
@@ -115,7 +119,7 @@ def _limit_threads(threads: int | None) -> None:
         sys.modules["torch"].set_num_threads(threads)
 
 
-class _FirstLine(logging.Formatter):
+class _FirstLine(ConsoleFormatter):
     def format(self, record: logging.LogRecord) -> str:
         return (super().format(record).splitlines() or [""])[0]
 
@@ -411,19 +415,21 @@ def after_sweep(sweep_dir: Path, job_results: list[dict], error: str | None = No
     jobs ok", and an Optuna study's best trial (its overrides and value, from the sweeper's
     optimization_results.yaml in the sweep folder). The exit status: a grid sweep fails when any job
     failed; an Optuna study when no trial completed."""
+    from engine.report.display import plain  # what a job wrote is shown, never obeyed by the terminal
+
     ok = [r for r in job_results if r.get("status") == "ok"]
     for r in job_results:
         h = r.get("headline") or {}
         what = (f"{h.get('key')} = {_short(h.get('value'))}" if h else "") if r in ok else r.get("error")
-        print(f"  {'ok' if r in ok else 'failed':<6} {_job_name(r, len(job_results))}  {what or ''}")
+        print(plain(f"  {'ok' if r in ok else 'failed':<6} {_job_name(r, len(job_results))}  {what or ''}"))
     print(f"sweep: {len(ok)}/{len(job_results)} jobs ok in {sweep_dir}")
     _write_comparison(sweep_dir, ok)
     best = best_trial(sweep_dir)
     if best:
         params = " ".join(f"{k}={v}" for k, v in best["best_params"].items())
-        print(f"best: {params} -> {_short(best['best_value'])} (in {Path(sweep_dir) / OPTUNA_RESULTS})")
+        print(plain(f"best: {params} -> {_short(best['best_value'])} (in {Path(sweep_dir) / OPTUNA_RESULTS})"))
     if error:
-        print(f"edgepipe: {error}", file=sys.stderr)
+        print(f"edgepipe: {plain(error)}", file=sys.stderr)
     elif not grid and not ok:
         print("edgepipe: no trial completed; each trial's error is above", file=sys.stderr)
     if grid:
