@@ -125,7 +125,8 @@ RAY = {"override /hydra/launcher": "ray"}
      "hydra.launcher.ray.init.runtime_env"),
     (RAY, {"ray": {"init": {"runtime_env": {"worker_process_setup_hook": "sitecustomize"}}}},
      "hydra.launcher.ray.init.runtime_env"),
-    (RAY, {"ray": {"init": {"runtime_env": {"py_modules": ["{root}/planted"]}}}}, "hydra.launcher.ray.init.runtime_env"),
+    (RAY, {"ray": {"init": {"runtime_env": {"py_modules": ["{root}/planted"]}}}},
+     "hydra.launcher.ray.init.runtime_env"),
     (RAY, {"ray": {"init": {"runtime_env": {"pip": ["evil-package"]}}}}, "hydra.launcher.ray.init.runtime_env"),
     (RAY, {"ray": {"init": {"runtime_env": {"working_dir": "{root}/planted"}}}}, "hydra.launcher.ray.init.runtime_env"),
     (RAY, {"ray": {"remote": {"runtime_env": {"pip": ["evil-package"]}}}}, "hydra.launcher.ray.remote.runtime_env"),
@@ -205,7 +206,8 @@ def test_show_and_runs_print_run_json_and_metrics_as_text(ws):
     run = json.loads(path.read_text())
     run["name"] = "[link=http://evil.example]x[/link]\x1b]0;owned\x07"
     run["headline"] = {"key": "[bold]\x1b[31mtop1", "value": 0.5}
-    run["stages"]["src"]["metrics"] = {"\x1b[2Jkey": 1.0, "[link=http://evil.example]k[/link]": "\x1b]52;c;b3duZWQ=\x07"}
+    run["stages"]["src"]["metrics"] = {"\x1b[2Jkey": 1.0,
+                                       "[link=http://evil.example]k[/link]": "\x1b]52;c;b3duZWQ=\x07"}
     path.write_text(json.dumps(run))
     for verb in ("show", "runs"):
         r = ws.cli(verb)
