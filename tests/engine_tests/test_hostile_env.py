@@ -209,11 +209,12 @@ def test_show_and_runs_print_run_json_and_metrics_as_text(ws):
     run["stages"]["src"]["metrics"] = {"\x1b[2Jkey": 1.0,
                                        "[link=http://evil.example]k[/link]": "\x1b]52;c;b3duZWQ=\x07"}
     path.write_text(json.dumps(run))
-    for verb in ("show", "runs"):
-        r = ws.cli(verb)
+    for verb, markup in ((["show"], "[link="), (["runs"], "[link="),  # `runs` folds its cells
+                         (["compare", "latest", "--metrics", "value,\x1b[2Jkey"], "[bold]\\x1b[31mtop1")):
+        r = ws.cli(*verb)
         assert r.rc == 0, r.err
         _no_escapes(r.out)
-        assert "[link=" in r.out  # Rich would have taken it as markup (`runs` folds its cells)
+        assert markup in r.out, r.out  # Rich would have taken it as markup
     shown = ws.cli("show").out
     assert "[link=http://evil.example]x[/link]\\x1b]0;owned\\x07" in shown and "\\x1b]52;c;" in shown
 
