@@ -22,12 +22,14 @@ class OnnxInt8Backend(OnnxBackend):
     report_name, order, reference_rank = "ONNX int8", 35, None
     # the float ONNX folder's file name: an onnxruntime board runs either (boards/onnxruntime.py)
     packaged_as = "model.onnx"
-    # ONNX Runtime fuses each DequantizeLinear -> op -> QuantizeLinear into an integer kernel of the CPU
-    # (x86: u8s8 with or without VNNI; ARM: NEON dot products), whose requantization may round an
-    # intermediate value one step differently; a step near the output moves a logit by range / 255.
-    # 5% of the expected logits' range allows ~13 such steps; measured here, the fused kernels against the
-    # same model run unfused in float (tests/stage_tests/test_onnx_quantize.py) differ by far less.
-    golden_tolerance = (0.0, 0.05)
+    # ONNX Runtime fuses each DequantizeLinear -> op -> QuantizeLinear into an integer kernel of the CPU;
+    # the products and sums are exact integers everywhere (onnx_quantize keeps weights to 7 bits so x86
+    # AVX2 does not saturate: stages/common/ort_quant.py), the requantizing float multiply may round an
+    # intermediate value one step differently on another CPU, and a step near the output moves a logit by
+    # ~range / 255. 3% of the expected logits' range allows ~8 such steps. Measured here: the fused x86
+    # kernels and the same graph run unfused in float give identical logits (0 difference; with 8-bit
+    # weights 12% of the range: tests/stage_tests/test_onnx_quantize.py).
+    golden_tolerance = (0.0, 0.03)
     golden_measured_with = "onnxruntime {version} (CPUExecutionProvider, int8 QDQ kernels) on {machine}"
     record: ClassVar[str] = "int8.json"
 
