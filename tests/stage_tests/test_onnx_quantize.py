@@ -176,7 +176,8 @@ def test_float_ships_when_nothing_holds_and_fail_says_why(tmp_path, dim_calib):
     assert recognise(out).kind == "onnx"  # the float model's folder reads as float
     with pytest.raises(StageError) as e:
         quantize(tmp_path / "f", calib=dim_calib, search=nothing, fallback="fail")
-    assert "\n" not in str(e.value) and "no candidate holds" in str(e.value) and "best minmax/channel/16" in str(e.value)
+    line = str(e.value)
+    assert "\n" not in line and "no candidate holds" in line and "best minmax/channel/16" in line
 
 
 def test_onnx_int8_backend_is_recognised_and_scored_by_evaluate(tmp_path):
