@@ -69,12 +69,12 @@ def shipped_model(model_dir: Path, model_format: str) -> dict[str, Any]:
     search = _read_json(model_dir / "search.json")
     int8 = kind.int8
     if int8:
-        facts = _read_json(model_dir / kind.record)
-        chosen = search.get("chosen") or {}
-        why = chosen.get("reason") or "the int8 build of the model input"
-        note = (f"int8 ships ({facts.get('calibrator')}, "
-                f"{'per-channel' if facts.get('per_channel') else 'per-tensor'} weights, "
-                f"{len(facts.get('float_nodes') or [])} node(s) kept in float): {why}")
+        # onnx_int8's record of what was quantized and how (another int8 kind may have none)
+        facts = _read_json(model_dir / getattr(kind, "record", "int8.json"))
+        why = (search.get("chosen") or {}).get("reason") or f"the model input is a {kind.kind} model"
+        how = (f" ({facts.get('calibrator')}, {'per-channel' if facts.get('per_channel') else 'per-tensor'} "
+               f"weights, {len(facts.get('float_nodes') or [])} node(s) kept in float)" if facts else "")
+        note = f"int8 ships{how}: {why}"
     elif search:
         why = search.get("reason") or "no int8 candidate held"
         best = (search.get("best") or {}).get("label")
