@@ -506,3 +506,29 @@ def test_search_settings_and_the_target_are_not_in_the_key_without_the_search():
     assert on.max_drop == 3.0 and on.search.enabled
     with pytest.raises(ValidationError, match="search.enabled=true searches int8 builds"):
         validate_params("rknn_quantize", {"target": "rk3588", "do_quantization": False, "search": {"enabled": True}})
+
+
+@pytest.mark.parametrize("board", ["rv1103", "rv1106", "rk3566"])
+def test_the_board_experiment_searches_and_packages_the_searchs_build(tmp_path, board):
+    from engine.config.compose import compose
+    from engine.config.validate import validate
+
+    job = compose(["+experiment=rv1103_mobilenetv3", f"dataset.path={tmp_path}", f"board={board}"])
+    _, specs = validate(job.cfg)
+    assert specs["rknn"].params.search.enabled and specs["rknn"].params.target == board
+    assert specs["rknn"].params.max_drop == job.cfg.evaluate.quant_max_drop
+    # the plain builds beside it are evaluated side by side, unsearched
+    assert not specs["rknn_normal"].params.search.enabled and not specs["rknn_mmse"].params.search.enabled
+    assert specs["package"].entry.needs["model"] == "rknn" and specs["eval"].entry.needs["rknn"] == "rknn"
+    job = compose(["+experiment=rv1103_mobilenetv3", f"dataset.path={tmp_path}",
+                   "pipeline.stages.package.needs.model=rknn_mmse"])
+    _, specs = validate(job.cfg)
+    assert specs["package"].entry.needs["model"] == "rknn_mmse"
+
+
+def test_the_quickstart_does_not_search():
+    from engine.config.compose import compose
+    from engine.config.validate import validate
+
+    _, specs = validate(compose(["+experiment=quickstart"]).cfg)
+    assert not any(s.params.search.enabled for s in specs.values() if s.cls.name == "rknn_quantize")
