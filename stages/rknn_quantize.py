@@ -303,8 +303,12 @@ def _search(p, spec, io: dict, shape: list[int], inputs, out: Path, ctx) -> dict
             shutil.copyfile(chosen.folder / name, out / name)
     build = json.loads((out / "build.json").read_text())
     ctx.note(f"int8 search: {chosen.candidate.label} ships ({len(result.tried)} candidate(s) tried)")
-    return {"sim_top1": build["simulator"]["top1"], "build_s": build.get("build_s"), "candidates": len(result.tried),
-            "chosen": chosen.candidate.label, "search_s": round(result.seconds, 3)}
+    # run.json, and so `edgepipe show`: which candidates were tried and why this one ships
+    tried = "; ".join(f"{t.candidate.label}: " + ("failed" if t.failed else "holds" if t.holds else
+                                                   "missed" if t.complete else "rejected early")
+                      + (" (cached)" if t.cached else "") for t in result.tried)
+    return {"sim_top1": build["simulator"]["top1"], "build_s": build.get("build_s"), "search_s": round(result.seconds, 3),
+            "search": {"chosen": chosen.candidate.label, "why": result.reason, "tried": tried}}
 
 
 def _selection(onnx_dir: Path, io: dict, data_dir: Path, spec) -> tuple[Any, Any, str]:

@@ -431,7 +431,10 @@ def test_the_search_ships_the_first_candidate_that_holds_and_a_second_run_builds
     # cheapest first: normal, channel, the smaller subset; judged on val (32 images), never on test
     assert chosen["label"] == "normal/channel/8" and chosen["holds"] and chosen["images"] == 32
     assert record["selection"] == {"split": "val", "images": 32, "float_top1": pytest.approx(chosen["float_top1"])}
-    assert "holds on the selection split" in record["chosen"]["reason"] and metrics["chosen"] == "normal/channel/8"
+    assert "holds on the selection split" in record["chosen"]["reason"]
+    # run.json's metrics (what `edgepipe show` prints): what was tried and why this one ships
+    assert metrics["search"] == {"chosen": "normal/channel/8", "why": record["chosen"]["reason"],
+                                 "tried": "normal/channel/8: holds"}
     assert np.load(first / "val_logits.npy").shape == (32, 4) and np.load(first / "test_logits.npy").shape == (64, 4)
     build = json.loads((first / "build.json").read_text())
     assert build["calibration_images"] == 8 and build["simulator_val"]["samples"] == 32
@@ -532,3 +535,40 @@ def test_the_quickstart_does_not_search():
 
     _, specs = validate(compose(["+experiment=quickstart"]).cfg)
     assert not any(s.params.search.enabled for s in specs.values() if s.cls.name == "rknn_quantize")
+
+
+def test_the_report_shows_the_candidates_the_shipped_one_and_where_int8_hurts(weak_toy, tmp_path):
+    """A search that shipped and one where nothing held (its failed/ folder), reported from a run folder
+    whose record points at the stage outputs: the candidates with the shipped one marked, the worst
+    layers (layers.json) as a table, the cosine picture."""
+    from helpers_browser import HtmlPage, assert_picture, embedded_pngs
+
+    from engine.report.page import write_html
+    from engine.store.runs import RunRecord, StageRecord
+
+    t = toy()
+    run_stage("rknn_quantize", {"search": SEARCH}, {"onnx": t.onnx, "calib": t.calib, "data": t.data},
+              tmp_path / "shipped", scratch=tmp_path / "scratch")
+    params = {"max_drop": 0.0, "search": {**SEARCH, "calib_images": [1], "methods": ["layer"],
+                                          "algorithms": ["normal"]}}
+    with pytest.raises(StageError) as e:
+        run_stage("rknn_quantize", params, weak_toy, tmp_path / "failed", scratch=tmp_path / "scratch")
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("pipeline:\n  stages:\n    rknn: {uses: rknn_quantize}\n")
+    record = RunRecord(name="search", run_dir=str(run_dir), runs_root=str(tmp_path / "runs"), status="failed", stages={
+        "rknn": StageRecord("rknn", "rknn_quantize", "ran", path=str(tmp_path / "shipped")),
+        "weak": StageRecord("weak", "rknn_quantize", "failed", path=str(tmp_path / "failed"), error=str(e.value))})
+    html = write_html(record).read_text(encoding="utf-8")
+    page = " ".join(" ".join(HtmlPage(html).text).split())
+    assert "normal/channel/8 shipped" in page and "normal/channel/8 holds on the selection split" in page
+    assert re.search(r"normal/layer/1 normal layer 1 0 [\d.]+% [\d.]+% [\d.]+ -1 \+0 missed ?: net \+1 image of 32",
+                     page), page
+    assert re.search(r"no candidate holds \(every candidate was tried\) ?; next: hybrid quantization \(quantize.search", page)
+    worst = min(json.loads((tmp_path / "shipped" / "layers.json").read_text())["layers"],
+                key=lambda x: x["cosine_alone"])
+    assert f"{worst['name']} {worst['op_type']} {worst['cosine_alone']:.5f}" in page
+    pngs = embedded_pngs(HtmlPage(html))
+    assert len(pngs) == 2  # the cosine along the network of each build
+    for png in pngs:
+        assert_picture(png)
