@@ -307,7 +307,8 @@ def _search(p, spec, io: dict, shape: list[int], inputs, out: Path, ctx) -> dict
     tried = "; ".join(f"{t.candidate.label}: " + ("failed" if t.failed else "holds" if t.holds else
                                                    "missed" if t.complete else "rejected early")
                       + (" (cached)" if t.cached else "") for t in result.tried)
-    return {"sim_top1": build["simulator"]["top1"], "build_s": build.get("build_s"), "search_s": round(result.seconds, 3),
+    return {"sim_top1": build["simulator"]["top1"], "build_s": build.get("build_s"),
+            "search_s": round(result.seconds, 3),
             "search": {"chosen": chosen.candidate.label, "why": result.reason, "tried": tried}}
 
 

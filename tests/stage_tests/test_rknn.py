@@ -564,7 +564,8 @@ def test_the_report_shows_the_candidates_the_shipped_one_and_where_int8_hurts(we
     assert "normal/channel/8 shipped" in page and "normal/channel/8 holds on the selection split" in page
     assert re.search(r"normal/layer/1 normal layer 1 0 [\d.]+% [\d.]+% [\d.]+ -1 \+0 missed ?: net \+1 image of 32",
                      page), page
-    assert re.search(r"no candidate holds \(every candidate was tried\) ?; next: hybrid quantization \(quantize.search", page)
+    assert re.search(r"no candidate holds \(every candidate was tried\) ?; next: hybrid quantization \(quantize.search",
+                     page)
     worst = min(json.loads((tmp_path / "shipped" / "layers.json").read_text())["layers"],
                 key=lambda x: x["cosine_alone"])
     assert f"{worst['name']} {worst['op_type']} {worst['cosine_alone']:.5f}" in page
