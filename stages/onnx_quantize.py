@@ -216,7 +216,8 @@ class OrtQuantizer:
         with tempfile.TemporaryDirectory(prefix="ort-rank-") as work:
             ranked = ort_quant.rank_nodes(self.float_model, model, self.input_name, self.x[worst], Path(work))
         facts["reverted_cosine"] = {r.name: r.cosine_reverted for r in ranked}
-        return Built(layers=[LayerScore(r.name, r.op_type, r.cosine_alone, r.cosine_accumulated) for r in ranked],
+        layers = [LayerScore(r.name, r.op_type, r.cosine_alone, r.cosine_accumulated, r.position) for r in ranked]
+        return Built(layers=layers,
                      facts=facts)
 
     def _holds(self, selection) -> bool:

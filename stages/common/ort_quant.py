@@ -172,6 +172,8 @@ class NodeScore:
     cosine_alone: float | None
     # its output in the int8 model vs the float model (every node before it int8 too)
     cosine_accumulated: float | None
+    # its place in the float graph's node list (0: nearest the input)
+    position: int = -1
 
 
 def rank_nodes(float_model: Path, qdq_model: Path, input_name: str, x: np.ndarray, work: Path) -> list[NodeScore]:
@@ -187,6 +189,7 @@ def rank_nodes(float_model: Path, qdq_model: Path, input_name: str, x: np.ndarra
     float_proto, qdq_proto = onnx.load(str(float_model)), onnx.load(str(qdq_model))
     weights = {i.name: i for i in float_proto.graph.initializer}
     weighted = {n.name: n for n in float_proto.graph.node if _weighted(n, set(weights))}
+    position = {n.name: i for i, n in enumerate(float_proto.graph.node)}
     want = np.concatenate(list(logits_in_chunks(session(float_model), input_name, x)))
     reverted = {}
     for node in qdq_proto.graph.node:
@@ -214,7 +217,7 @@ def rank_nodes(float_model: Path, qdq_model: Path, input_name: str, x: np.ndarra
         out = _quantized_after(weighted[name].output[0], accumulated, consumers)
         scores.append(NodeScore(name, weighted[name].op_type, round(cos, 6),
                                 None if out is None else round(alone[out], 6),
-                                None if out is None else round(accumulated[out], 6)))
+                                None if out is None else round(accumulated[out], 6), position[name]))
     return sorted(scores, key=lambda s: (-s.cosine_reverted, s.name))
 
 

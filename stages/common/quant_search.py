@@ -16,6 +16,7 @@ does the rest and knows nothing of any toolkit:
    worst layers (the toolkit's ranking on the images where float and int8 disagree most) move to float
    ``step`` at a time; a step that makes the selection figure worse is taken back and the next layers
    of the ranking are tried instead; at most ``max_float_layers``.
+   Then the toolkit's own hybrid builds, if it offers any (``toolkit_hybrid``, optional).
 4. A **time budget** (``budget_s``): no new build starts once it is spent (cached candidates still count).
 
 Every candidate is **cached on its own** under ``cache_dir/<key>/`` (the key: the toolkit's identity,
@@ -111,6 +112,7 @@ class LayerScore:
     op_type: str
     cosine_alone: float | None  # the layer quantized alone, on float inputs
     cosine_accumulated: float | None  # the layer's output with every layer before it quantized too
+    position: int = -1  # its place along the network (0: nearest the input; -1: unknown)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerScore:
@@ -118,7 +120,7 @@ class LayerScore:
             return None if v is None else float(v)
 
         return cls(str(d["name"]), str(d.get("op_type", "")), num(d.get("cosine_alone")),
-                   num(d.get("cosine_accumulated")))
+                   num(d.get("cosine_accumulated")), int(d.get("position", -1)))
 
 
 class SelectionPass:
@@ -205,9 +207,12 @@ class Quantizer(Protocol):
     def build(self, candidate: Candidate, folder: Path, selection: SelectionPass) -> Built:
         """Build ``candidate`` into ``folder`` (empty, the quantizer's own), feed the selection split's
         logits through ``selection.feed`` in order until it returns False; when the pass completed, store
-        in ``folder`` what shipping the build needs (e.g. the test split's logits) and rank the layers on
-        ``selection.disagreeing(k)``'s images. Raise ``CandidateFailed`` when the toolkit fails or logs an
-        exception."""
+        in ``folder`` what shipping the build needs (e.g. the test split's logits); rank the layers (worst
+        first) on ``selection.disagreeing(k)``'s images. Raise ``CandidateFailed`` when the toolkit fails or
+        logs an exception. ``candidate.float_layers`` are names from an earlier ranking of this quantizer.
+
+        Optional: ``toolkit_hybrid(base) -> list[Candidate]``, the toolkit's own hybrid builds (e.g. rknn's
+        ``auto_hybrid``), tried after the layer-by-layer hybrid search found nothing that holds."""
         ...
 
 
@@ -318,6 +323,12 @@ def search(quantizer: Quantizer, labels: np.ndarray, float_logits: np.ndarray, s
         if t is not None:
             return s.result(t, f"{t.candidate.label} holds on the selection split ({len(t.candidate.float_layers)} "
                                f"layer(s) in float; no all-int8 candidate did): {t.reason}")
+    if hybrid.enabled and base is not None:
+        for c in getattr(quantizer, "toolkit_hybrid", lambda _base: [])(base.candidate):
+            t = s.attempt(c, s.bound())
+            if t is not None and t.holds:
+                return s.result(t, f"{c.label} holds on the selection split (the toolkit's own hybrid; neither an "
+                                   f"all-int8 candidate nor the layer-by-layer search did): {t.reason}")
     best = _best(s.tried)
     why = "the time budget was spent" if s.spent else "every candidate was tried"
     return SearchResult(tried=s.tried, chosen=None, reason=f"no candidate holds ({why})", best=best,
