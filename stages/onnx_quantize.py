@@ -217,8 +217,7 @@ class OrtQuantizer:
             ranked = ort_quant.rank_nodes(self.float_model, model, self.input_name, self.x[worst], Path(work))
         facts["reverted_cosine"] = {r.name: r.cosine_reverted for r in ranked}
         layers = [LayerScore(r.name, r.op_type, r.cosine_alone, r.cosine_accumulated, r.position) for r in ranked]
-        return Built(layers=layers,
-                     facts=facts)
+        return Built(layers=layers, facts=facts)
 
     def _holds(self, selection) -> bool:
         from stages.common.quant_gate import judge, paired_drop
