@@ -8,11 +8,15 @@ experiments start from backbones really pretrained on ten OTHER photos and saved
 state_dicts (the `pretrained_weights` fixture). The floors are the product's own targets, read from
 the eval stage's metrics.json: every float backend agrees 100% with PyTorch (max abs logit difference
 within `evaluate.float_tolerance`) and the shipped RKNN int8 model loses at most
-`evaluate.quant_max_drop` top-1 points in the simulator. The fp32 floors are what these seeded runs
-reach less about 5 points (72 test images: 1 image = 1.4 points): a backbone pretrained on ten photos
-is far weaker than ImageNet's (finetuned at the experiments' own lr and epochs it reaches 68-81%, not
-the ~100% ImageNet weights give on six photo classes), so they catch a preprocessing mismatch or a
-broken head (chance is 17%), not a few points. One run per experiment is shared by its assertions.
+`evaluate.quant_max_drop` top-1 points in the simulator. The fp32 floors come from an independent
+reference, never from this code's own result: a plain PyTorch loop (tests/helpers_reference.py:
+torchvision's model and transforms, AdamW + cosine, torch's `update_bn` over a shuffled loader) trained
+with the experiment's epochs, lr and batch size on the very arrays the run's dataset stage wrote
+(`bench/real_photos.py` prints it beside every backend), less two binomial standard deviations on the
+72 test images (`helpers_reference.binomial_margin`). A floor taken from the code under test hid a
+BatchNorm bug here that cost rv1103_mobilenetv3 15 points (72.2% against 87.5% once fixed). A backbone
+pretrained on ten photos is far weaker than ImageNet's, so the references sit at 74-86%, not at the
+~100% ImageNet weights give on six photo classes. One run per experiment is shared by its assertions.
 
 mnist_gem_resnet is not run here: its dataset is a digit file list (`path----label`, labels 0..9), a
 layout photos do not come in; tests/board_tests/test_package.py runs it on scikit-learn's digits.
@@ -90,8 +94,9 @@ def test_experiment_quickstart(experiment_run):
     photo crops instead of digits: fp32 and every float backend, and the packaged mmse model's drop."""
     rc, record, metrics = experiment_run("quickstart")
     top1 = _float_backends_hold(metrics)
-    assert top1["pytorch"] >= 0.68, top1  # 32 px photo crops, 6 epochs from scratch: 73.6% in make test
-    # on 2 threads, 80.6% on one (training's float sums follow the thread count)
+    # reference 73.6% (the plain PyTorch loop on the same arrays) less 2 binomial SD (10.4 points); this
+    # code reached 75.0% on 2 threads (before the BatchNorm fix, 72.2%)
+    assert top1["pytorch"] >= 0.63, top1
     holds, verdict = _int8_holds(metrics, "rknn_mmse")
     assert holds, f"rknn_mmse {verdict} ({top1})"
     assert rc == 0 and record["status"] == "ok"
@@ -103,7 +108,8 @@ def test_experiment_v831_resnet18(experiment_run):
     assert metrics["samples"] >= 60
     top1 = _float_backends_hold(metrics)
     assert set(top1) == {"pytorch", "onnx", "ncnn"}
-    assert top1["pytorch"] >= 0.72, top1  # 76.4% in make test on 2 threads, 80.6-86.1% on one (5 epochs)
+    # reference 76.4% less 2 binomial SD (10.0 points); this code reached 76.4% on 2 threads
+    assert top1["pytorch"] >= 0.66, top1
     assert rc == 0 and record["status"] == "ok"
 
 
