@@ -62,6 +62,9 @@ class Package(Stage):
     # rknn-toolkit2 writes different model.rknn bytes for the same build (see rknn_quantize); the
     # manifest and the zip carry its sha256. Left out of the output digest, like rknn_quantize does.
     volatile_outputs = ("package/model.rknn", "package/manifest.json", "package.zip")
+    # its scripts and C sources run under `edgepipe selftest` and on the board: a package from
+    # cache.remote is taken only when signed (README "Trust model")
+    outputs_execute = True
 
     class Params(Params):
         # the board to package for (conf/package/default.yaml: ${board.name})

@@ -326,3 +326,50 @@ def test_a_push_with_another_key_leaves_the_teams_entries_alone(signed, ws, monk
     r = ws.cli("push")
     assert r.rc == 1 and r.out.count("not pushed") == 5 and "EDGEPIPE_REMOTE_KEY" in r.out, r.out + r.err
     assert {p: p.read_bytes() for p in signed.rglob("*") if p.is_file()} == before
+
+
+# ---- outputs that run as code (Stage.outputs_execute: TorchScript, board packages) --------------
+@pytest.fixture
+def src_executes(monkeypatch) -> None:
+    """t_source declares what export_torchscript and package declare: its outputs run as code here."""
+    import engine_stages
+
+    monkeypatch.setattr(engine_stages.Source, "outputs_execute", True)
+    monkeypatch.setenv("EDGEPIPE_COMPOSE_CACHE", "off")  # a remembered recipe holds the fact
+
+
+def test_an_entry_that_runs_as_code_is_not_taken_from_an_unsigned_remote(shared, src_executes, tmp_path, capsys,
+                                                                         monkeypatch):
+    b = machine(tmp_path, "b", capsys, monkeypatch)
+    remote = f"cache.remote=file://{shared}"
+    plan = {s["name"]: s["status"] for s in json.loads(b.cli("plan", remote, "--json").out)["stages"]}
+    assert plan["src"] == "will run", plan
+    why = refused_and_recomputed(b, b.cli("run", remote), "run as code here", "not signed")
+    assert "t_source/" in why and "Signing" in why
+    # the same bytes give the same keys downstream: everything else still came from the remote
+    assert {n: s for n, s in b.statuses().items() if n != "src"} == dict.fromkeys(["scale", "quant", "side", "total"],
+                                                                                  "cached")
+
+
+def test_an_entry_that_runs_as_code_is_taken_from_a_signed_remote(signed, src_executes, tmp_path, capsys,
+                                                                  monkeypatch):
+    b = machine(tmp_path, "b", capsys, monkeypatch)
+    r = b.cli("run", f"cache.remote=file://{signed}", "+cache.remote_signed=true")
+    assert r.rc == 0 and "refused" not in r.err, r.err
+    assert set(b.statuses().values()) == {"cached"} and not b.counts()
+    (entry,) = b.entries("t_source")
+    assert json.loads((entry / "manifest.json").read_text())["signed"] is True
+
+
+def test_an_entry_that_runs_as_code_fetched_unsigned_before_is_computed_again(shared, tmp_path, capsys, monkeypatch):
+    """A cache that fetched such an entry from an unsigned remote before the rule existed."""
+    import engine_stages
+
+    b = machine(tmp_path, "b", capsys, monkeypatch)
+    monkeypatch.setenv("EDGEPIPE_COMPOSE_CACHE", "off")
+    assert b.cli("run", f"cache.remote=file://{shared}").rc == 0 and not b.counts()
+    monkeypatch.setattr(engine_stages.Source, "outputs_execute", True)
+    r = b.cli("run")
+    assert r.rc == 0 and b.counts() == {"src": 1}, r.err
+    assert "without a signature" in b.latest()["stages"]["src"]["reason"]
+    assert b.cli("run").rc == 0 and b.counts() == {"src": 1}  # computed here: a local entry from now on
