@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from conftest import Workspace
 from hostile import assert_clean_failure
+
+from engine.contract.stage import Stage
 from test_remote_cache import machine  # one way to make a second machine in this process
 
 KEY = "team-key-0123456789abcdef"  # what a team would keep in a secret store and export
@@ -373,3 +375,110 @@ def test_an_entry_that_runs_as_code_fetched_unsigned_before_is_computed_again(sh
     assert r.rc == 0 and b.counts() == {"src": 1}, r.err
     assert "without a signature" in b.latest()["stages"]["src"]["reason"]
     assert b.cli("run").rc == 0 and b.counts() == {"src": 1}  # computed here: a local entry from now on
+
+
+# A real export_torchscript entry, planted: the TorchScript file that evaluate loads writes a local file
+# through torch.from_file(shared=True) (issue 30, item 5). Two cheap stages feed the real ones.
+class TinyBundle(Stage):
+    """A train-like output (model.pt, preprocess.json, labels.txt) of a random MobileNetV3-Small."""
+
+    name = "t_bundle"
+
+    def run(self, p, inputs, out, ctx):
+        from helpers_data import make_model_dir
+
+        make_model_dir(out, num_classes=3, size=32)
+
+
+class TinyData(Stage):
+    """A dataset-stage-like output with the bundle's three classes."""
+
+    name = "t_data"
+
+    def run(self, p, inputs, out, ctx):
+        from helpers_data import make_dataset
+
+        make_dataset(out, size=32, per_class=2, labels=[f"class{i}" for i in range(3)])
+
+
+TORCHSCRIPT_CONFIG = """\
+defaults: [_self_]
+name: torchscript
+runs_root: ${oc.env:EDGEPIPE_RUNS,runs}
+cache: {remote: null, remote_options: {}}
+evaluate: {features_samples: 0}
+pipeline:
+  stages:
+    model: {uses: t_bundle}
+    data: {uses: t_data}
+    ts: {uses: export_torchscript, needs: {model: model}}
+    eval: {uses: evaluate, needs: {data: data, ts: ts}}
+hydra:
+  run: {dir: "${runs_root}/${now:%Y-%m-%d}/${now:%H-%M-%S}_${name}"}
+"""
+
+
+def torchscript_machine(tmp_path: Path, name: str, capsys, monkeypatch) -> Workspace:
+    conf = tmp_path / "torchscript_conf"
+    conf.mkdir(exist_ok=True)
+    (conf / "config.yaml").write_text(TORCHSCRIPT_CONFIG)
+    w = Workspace(tmp_path / name, capsys, conf)
+    w.env["EDGEPIPE_PLUGINS"] = "test_hostile_remote"
+    w.root.mkdir()
+    for k, v in w.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(w.root)
+    return w
+
+
+def evil_torchscript(path: Path, victim: Path) -> bytes:
+    """A TorchScript classifier (N x 3 x H x W -> N x 3) whose forward overwrites `victim`."""
+    import torch
+
+    class Evil(torch.nn.Module):
+        def __init__(self, target: str) -> None:
+            super().__init__()
+            self.target = target
+
+        def forward(self, x):
+            mapped = torch.from_file(self.target, shared=True, size=8, dtype=torch.uint8)
+            mapped.fill_(88)  # b"XXXXXXXX" in the victim file
+            return x.mean(dim=(2, 3)) + mapped.sum().float() * 0  # used, so the write is not optimised out
+
+    torch.jit.save(torch.jit.script(Evil(str(victim))), str(path))
+    return path.read_bytes()
+
+
+def test_a_planted_torchscript_model_cannot_write_a_local_file(tmp_path, capsys, monkeypatch):
+    a = torchscript_machine(tmp_path, "a", capsys, monkeypatch)
+    shared = tmp_path / "shared"
+    remote = f"cache.remote=file://{shared}"
+    r = a.cli("run", remote)
+    assert r.rc == 0 and set(a.statuses().values()) == {"ran"}, r.out + r.err
+    assert a.cli("push").rc == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    (entry,) = [m.parent for m in shared.glob("export_torchscript/*/manifest.json")]
+    evil = evil_torchscript(tmp_path / "evil.pt", victim)
+    swap_file(entry, "model.torchscript.pt", evil)  # self-consistent: sizes, sha256 and digest
+
+    b = torchscript_machine(tmp_path, "b", capsys, monkeypatch)
+    r = b.cli("run", remote)
+    assert r.rc == 0, r.out + r.err
+    assert victim.read_bytes() == b"precious"
+    refused = [line for line in r.err.splitlines() if "refused" in line]
+    assert len(refused) == 1 and "export_torchscript/" in refused[0] and "run as code" in refused[0], r.err
+    assert b.statuses()["ts"] == "ran"
+    (ts,) = b.entries("export_torchscript")
+    assert (ts / "out" / "model.torchscript.pt").read_bytes() != evil
+
+
+def swap_file(entry: Path, rel: str, data: bytes) -> None:
+    """A writer of an unsigned remote replaces a file with its size, sha256 and the entry's digest."""
+    from engine.store.cache import output_digest
+
+    def change(m: dict) -> None:
+        m["files"][rel] = dict(m["files"][rel], **put_file(entry, rel, data))
+        m["digest"] = output_digest({name: f["sha256"] for name, f in m["files"].items()})
+
+    rewrite(entry, change)
