@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from conftest import Workspace
 from hostile import assert_clean_failure
+from test_remote_cache import machine  # one way to make a second machine in this process
 
 from engine.contract.stage import Stage
-from test_remote_cache import machine  # one way to make a second machine in this process
 
 KEY = "team-key-0123456789abcdef"  # what a team would keep in a secret store and export
 
