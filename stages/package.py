@@ -86,7 +86,8 @@ class Package(Stage):
         board = get_board(p.board, settings)
         model_dir = inputs["model"]
         model_file = _model_file(board, model_dir)
-        check_bundle(model_dir, FORWARD, input="model", hint="model bundles carry it forward")
+        # the model file too: a model.onnx is checked before anything reads it (stages.common.onnx_files)
+        check_bundle(model_dir, (model_file.name, *FORWARD), input="model", hint="model bundles carry it forward")
         spec = Preprocess.load(model_dir)
         io = read_io(model_dir)
         needs_io = by_kind(board.model_format).needs_io
