@@ -390,6 +390,17 @@ class TinyBundle(Stage):
         make_model_dir(out, num_classes=3, size=32)
 
 
+class TinyOnnx(Stage):
+    """An export_onnx-like output (model.onnx, io.json, preprocess.json, labels.txt) of a tiny net."""
+
+    name = "t_onnx"
+
+    def run(self, p, inputs, out, ctx):
+        from helpers_data import export_onnx
+
+        export_onnx(out, labels=[f"class{i}" for i in range(3)])
+
+
 class TinyData(Stage):
     """A dataset-stage-like output with the bundle's three classes."""
 
@@ -418,10 +429,26 @@ hydra:
 """
 
 
-def torchscript_machine(tmp_path: Path, name: str, capsys, monkeypatch) -> Workspace:
-    conf = tmp_path / "torchscript_conf"
+PACKAGE_CONFIG = """\
+defaults: [_self_]
+name: package
+runs_root: ${oc.env:EDGEPIPE_RUNS,runs}
+cache: {remote: null, remote_options: {}}
+package: {board: onnxruntime}
+pipeline:
+  stages:
+    onnx: {uses: t_onnx}
+    data: {uses: t_data}
+    pkg: {uses: package, needs: {model: onnx, data: data}}
+hydra:
+  run: {dir: "${runs_root}/${now:%Y-%m-%d}/${now:%H-%M-%S}_${name}"}
+"""
+
+
+def torchscript_machine(tmp_path: Path, name: str, capsys, monkeypatch, config: str = TORCHSCRIPT_CONFIG) -> Workspace:
+    conf = tmp_path / "test_conf"
     conf.mkdir(exist_ok=True)
-    (conf / "config.yaml").write_text(TORCHSCRIPT_CONFIG)
+    (conf / "config.yaml").write_text(config)
     w = Workspace(tmp_path / name, capsys, conf)
     w.env["EDGEPIPE_PLUGINS"] = "test_hostile_remote"
     w.root.mkdir()
@@ -473,12 +500,47 @@ def test_a_planted_torchscript_model_cannot_write_a_local_file(tmp_path, capsys,
     assert (ts / "out" / "model.torchscript.pt").read_bytes() != evil
 
 
-def swap_file(entry: Path, rel: str, data: bytes) -> None:
-    """A writer of an unsigned remote replaces a file with its size, sha256 and the entry's digest."""
+def swap_file(entry: Path, rel: str, data: bytes, volatile: tuple[str, ...] = ()) -> None:
+    """A writer of an unsigned remote replaces a file with its size, sha256 and the entry's digest
+    (`volatile`: the stage's volatile_outputs, left out of the digest as a reader leaves them out)."""
     from engine.store.cache import output_digest
 
     def change(m: dict) -> None:
         m["files"][rel] = dict(m["files"][rel], **put_file(entry, rel, data))
-        m["digest"] = output_digest({name: f["sha256"] for name, f in m["files"].items()})
+        m["digest"] = output_digest({name: f["sha256"] for name, f in m["files"].items()}, volatile)
 
     rewrite(entry, change)
+
+
+EVIL_SELFTEST = """\
+import pathlib
+pathlib.Path({victim!r}).write_bytes(b"XXXXXXXX")
+print("PASS")
+"""
+
+
+def test_a_planted_board_package_does_not_run_under_selftest(tmp_path, capsys, monkeypatch):
+    """A package's scripts run under `edgepipe selftest` (and on the board): a writer of an unsigned
+    remote swaps infer.py; the reader's run computes the package here, and its self-test runs ours."""
+    from stages.package import Package
+
+    a = torchscript_machine(tmp_path, "a", capsys, monkeypatch, PACKAGE_CONFIG)
+    shared = tmp_path / "shared"
+    remote = f"cache.remote=file://{shared}"
+    r = a.cli("run", remote)
+    assert r.rc == 0 and set(a.statuses().values()) == {"ran"}, r.out + r.err
+    assert a.cli("push").rc == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    (entry,) = [m.parent for m in shared.glob("package/*/manifest.json")]
+    swap_file(entry, "package/infer.py", EVIL_SELFTEST.format(victim=str(victim)).encode(), Package.volatile_outputs)
+
+    b = torchscript_machine(tmp_path, "b", capsys, monkeypatch, PACKAGE_CONFIG)
+    ran = b.cli("run", remote)
+    assert ran.rc == 0, ran.out + ran.err
+    r = b.cli("selftest", str(b.runs / "latest" / "stages" / "pkg"))
+    assert victim.read_bytes() == b"precious"
+    assert r.rc == 0 and "PASS" in r.out, r.out + r.err
+    refused = [line for line in ran.err.splitlines() if "refused" in line]
+    assert len(refused) == 1 and "package/" in refused[0] and "run as code" in refused[0], ran.err
+    assert b.statuses() == {"onnx": "cached", "data": "cached", "pkg": "ran"}

@@ -192,3 +192,25 @@ def test_an_onnx_model_naming_a_custom_op_domain_is_refused(tmp_path, monkeypatc
     with pytest.raises(UnsafeOnnx, match="'ai.onnx.contrib' needs a custom-op library"):
         load_backend("onnx", folder)
     assert made == []
+
+
+def test_selftest_refuses_a_package_whose_model_reads_outside_it_before_running_anything(tmp_path, secret,
+                                                                                         monkeypatch, capsys):
+    """Under `selftest --emulate` the board's older onnxruntime runs in qemu-user, which opens host files."""
+    import subprocess
+
+    from helpers_data import export_onnx, make_dataset, package
+
+    import boards.selftest
+
+    onnx_dir = export_onnx(tmp_path / "onnx")
+    pkg, _ = package("onnxruntime", {"model": onnx_dir, "data": make_dataset(tmp_path / "data")}, tmp_path / "pkg")
+    bad = external_data_model(tmp_path / "bad", "../../secret.bin")
+    os.chmod(pkg / "model.onnx", 0o644)
+    (pkg / "model.onnx").write_bytes(bad.read_bytes())
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: ran.append(a) or pytest.fail("the package ran"))
+    assert boards.selftest.main([str(pkg)]) == 2
+    err = capsys.readouterr().err
+    assert ran == [] and len(err.strip().splitlines()) == 1, err
+    assert "package: " in err and "'w'" in err and "outside the model's folder" in err and "nothing was run" in err
