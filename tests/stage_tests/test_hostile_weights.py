@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers_data import make_array_dataset
@@ -214,3 +215,24 @@ def test_selftest_refuses_a_package_whose_model_reads_outside_it_before_running_
     err = capsys.readouterr().err
     assert ran == [] and len(err.strip().splitlines()) == 1, err
     assert "package: " in err and "'w'" in err and "outside the model's folder" in err and "nothing was run" in err
+
+
+@pytest.mark.parametrize("token", ["absolute", "../secret.png"])
+def test_a_calibration_list_naming_a_file_outside_its_folder_is_refused(token, tmp_path):
+    """A calibration entry from cache.remote whose dataset.txt names a local file: the toolkit would read it."""
+    import shutil
+
+    from helpers_data import export_onnx, make_dataset, save_image, write_calibration
+
+    onnx_dir = export_onnx(tmp_path / "onnx")
+    calib = write_calibration(make_dataset(tmp_path / "data"), tmp_path / "calib", n=2)
+    secret = save_image(np.zeros((32, 32, 3), np.uint8), tmp_path / "secret.png")
+    listed = str(secret) if token == "absolute" else token
+    os.chmod(calib / "dataset.txt", 0o644)
+    shutil.copy(calib / "dataset.txt", tmp_path / "good.txt")
+    (calib / "dataset.txt").write_text(f"{listed}\n" + (tmp_path / "good.txt").read_text())
+    with pytest.raises(StageError) as e:
+        run_stage("rknn_quantize", {"accuracy_analysis_samples": 0}, {"onnx": onnx_dir, "calib": calib},
+                  tmp_path / "out")
+    message = str(e.value)
+    assert "\n" not in message and "line 1" in message and "outside the calibration folder" in message, message
