@@ -495,7 +495,7 @@ def test_a_planted_torchscript_model_cannot_write_a_local_file(tmp_path, capsys,
     assert victim.read_bytes() == b"precious"
     refused = [line for line in r.err.splitlines() if "refused" in line]
     assert len(refused) == 1 and "export_torchscript/" in refused[0] and "run as code" in refused[0], r.err
-    assert b.statuses()["ts"] == "ran"
+    assert b.statuses()["ts"] == "ran", b.statuses()
     (ts,) = b.entries("export_torchscript")
     assert (ts / "out" / "model.torchscript.pt").read_bytes() != evil
 
