@@ -40,8 +40,8 @@ def check_onnx(path: Path, what: str = "") -> None:
     prefix = f"{what}: " if what else ""
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - a file protobuf cannot parse: the runtime would refuse it too
-        raise UnsafeOnnx(f"{prefix}{path} is not an ONNX model ({type(e).__name__}); export it again") from None
+    except Exception:  # noqa: BLE001 - not a protobuf: every runtime parses it with protobuf too and refuses
+        return  # it in its own words (a converting stage's failure names its log)
     folder = path.resolve().parent
     for tensor in _tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
