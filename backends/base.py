@@ -15,8 +15,8 @@ Classes are registered as entry points, like stages and boards::
     onnx = "backends.onnx_models:OnnxBackend"
 
 The built-in kinds (what each folder holds; what runs it):
-- ``rknn``: ``model.rknn`` + ``test_logits.npy`` (+ ``test_crop_logits.npy``); nothing runs: stored
-  logits from rknn_quantize's x86 simulator.
+- ``rknn``: ``model.rknn`` + ``test_logits.npy`` (+ ``test_crop_logits.npy``, ``val_logits.npy``);
+  nothing runs: stored logits from rknn_quantize's x86 simulator.
 - ``rknn_board``: ``board_test_logits.npy`` beside them; stored logits from the board's NPU
   (``quantize.board_eval``).
 - ``torchscript``: ``model.torchscript.pt``; ``torch.jit.load``.
@@ -135,6 +135,12 @@ class Backend:
 
     def stored_crop_logits(self) -> np.ndarray | None:
         """Precomputed backends: N x K x C logits of evaluate.multicrop's K crops, or None."""
+        return None
+
+    def stored_split_logits(self, data: Path, split: str, classes: list[str]) -> np.ndarray | None:
+        """Precomputed backends: the N x C logits their stage stored for another split of the dataset
+        ``data`` (the first N images of it; evaluate's label-free figures on val), checked to belong to
+        that split (BackendError when they do not); None when the stage stored none."""
         return None
 
     def close(self) -> None:

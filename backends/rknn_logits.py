@@ -1,6 +1,8 @@
 """RKNN int8 models: nothing runs here, rknn_quantize stores the logits. The x86 simulator only runs
 in the build session, which stores the test split's logits (``test_logits.npy``;
-``test_crop_logits.npy`` with evaluate.multicrop) and what they were computed on (``build.json``);
+``test_crop_logits.npy`` with evaluate.multicrop; ``val_logits.npy``, the val split's, for evaluate's
+label-free figures) and what they were computed on (``build.json``: ``simulator.images_test_sha256``,
+``simulator_val.images_val_sha256``);
 with ``quantize.board_eval`` it also stores a connected board NPU's (``board_test_logits.npy``)."""
 
 from __future__ import annotations
@@ -46,11 +48,40 @@ class RknnSimulatorBackend(Backend):
         if want and want != sha256_file(data / "images_test.npy"):
             raise BackendError(f"its {self.logits_file} were computed on another test split (images_test.npy "
                                f"differs); wire the same dataset stage into rknn_quantize and evaluate")
-        if self._logits.ndim != 2 or self._logits.shape[1] != len(classes):
-            raise BackendError(f"{self.logits_file} has shape {list(self._logits.shape)}, expected N x {len(classes)}")
+        self._check_shape(self._logits, self.logits_file, classes)
 
     def stored_logits(self):
         return self._logits
+
+    def stored_split_logits(self, data: Path, split: str, classes: list[str]):
+        """``val_logits.npy`` (``board_val_logits.npy``): the same session's outputs on the val split,
+        used only when build.json records the digest of the images_val.npy they were computed on
+        (``simulator_val.images_val_sha256``)."""
+        import numpy as np
+
+        from engine.contract.hashing import sha256_file
+
+        name = self.logits_file.replace("test", split)
+        path = self.folder / name
+        if not path.is_file():
+            return None
+        # rknn_quantize records the run on val as its own section (simulator_val) beside the test split's
+        sections = (self.build.get(f"{self.build_section}_{split}") or {}, self.build.get(self.build_section) or {})
+        want = next((s[f"images_{split}_sha256"] for s in sections if s.get(f"images_{split}_sha256")), None)
+        if want is None:  # logits nothing ties to a dataset must not pass for this one's
+            raise BackendError(f"its {name} has no images_{split}_sha256 in build.json "
+                               f"({self.build_section}_{split}): rebuild it with this edgepipe's rknn_quantize")
+        if want != sha256_file(data / f"images_{split}.npy"):
+            raise BackendError(f"its {name} were computed on another {split} split (images_{split}.npy differs); "
+                               f"wire the same dataset stage into rknn_quantize and evaluate")
+        logits = np.load(path).astype(np.float32)
+        self._check_shape(logits, name, classes)
+        return logits
+
+    @staticmethod
+    def _check_shape(logits, name: str, classes: list[str]) -> None:
+        if logits.ndim != 2 or logits.shape[1] != len(classes):
+            raise BackendError(f"{name} has shape {list(logits.shape)}, expected N x {len(classes)}")
 
     def stored_crop_logits(self):
         import numpy as np

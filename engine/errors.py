@@ -70,6 +70,10 @@ class NotPushable(Exception):
     """An entry push leaves alone, and why."""
 
 
+class UnsafeName(ValueError):
+    """A name that cannot become a path component (engine.contract.names): the message names it and the rule."""
+
+
 class RunFolderError(ValueError):
     """A run folder whose run.json or .hydra/ files cannot be read; the message names the file."""
 

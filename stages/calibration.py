@@ -51,7 +51,9 @@ def stratified_counts(class_sizes: Mapping[int, int], count: int) -> dict[int, i
 
 
 def select(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """Indices into ``labels`` of a stratified sample (sorted ascending). Deterministic for a seed."""
+    """Indices into ``labels`` of a stratified sample, in a seeded order that mixes the classes (a split
+    is stored in class order: a list in that order would make every prefix of it -- the images a
+    quantizer analyses first, a smaller calibration subset -- one class). Deterministic for a seed."""
     labels = np.asarray(labels)
     classes, sizes = np.unique(labels, return_counts=True)
     take = stratified_counts(dict(zip(classes.tolist(), sizes.tolist())), count)
@@ -61,7 +63,7 @@ def select(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
         members = np.flatnonzero(labels == c)
         if take[c]:
             picked.append(rng.choice(members, size=take[c], replace=False))
-    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+    return rng.permutation(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
 def picked_rows(images: np.ndarray, picked: np.ndarray, chunk: int = 256):
@@ -79,7 +81,7 @@ class Calibration(Stage):
 
     name = "calibration"
     tools = ("pillow",)  # their versions are in the cache key
-    version = 1
+    version = 2  # 2: the images listed in a seeded order that mixes the classes, not in class order
     inputs = {"data": Input(required=True, doc="dataset output: images_{split}.npy, labels_{split}.npy, labels.txt")}
 
     class Params(Params):

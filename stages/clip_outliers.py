@@ -36,7 +36,8 @@ class ClipOutliers(Stage):
     name = "clip_outliers"
     peak_memory_mb = 1000  # MB, for run --jobs: torch, the model and calibration batches
     tools = ("torch",)  # their versions are in the cache key
-    version = 2  # 2: BatchNorm statistics recomputed with a data input
+    # 2: BatchNorm statistics recomputed with a data input; 3: over batches that mix the classes
+    version = 3
     sections = {"model": "model"}
     inputs = {
         "model": Input(required=False, doc="a folder holding model.pt (train or clip_outliers output)"),

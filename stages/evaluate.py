@@ -14,13 +14,19 @@ a batch at a time (a 100,000-image split is never in memory at once).
 
 Per backend: top-1, per-class accuracy, confusion matrix (``confusion_<backend>.png``), and against
 the fp32 reference (the first PyTorch backend unless ``evaluate.reference`` names one): top-1
-agreement, max/mean abs logit difference and the top-1 change in points. Quality targets (float
-backends agree 100% within ``float_tolerance`` plus ``parity.RTOL`` x the reference logit range, the
-converting stages' rule; quantized ones lose at most ``quant_max_drop``
-points) are checked per backend: ``metrics.json`` holds ``target_met``, a one-line ``missed`` (e.g.
-``top-1 drop 3.20 points > 1.0``) and ``model_digest`` (the engine's digest of the model folder the row
-scored), which the package stage reads to refuse a model that missed its target
-(``package.enforce_targets``); evaluate itself never fails on a miss. Outputs: ``metrics.json``, ``eval.md``,
+agreement, max/mean abs logit difference and the top-1 change in points. Quality targets are checked
+per backend: float backends agree 100% within ``float_tolerance`` plus ``parity.RTOL`` x the
+reference logit range (the converting stages' rule); quantized ones (backend target "quantized") are
+judged by the int8 gate, ``stages.common.quant_gate``, on the scored split: images lost and gained
+against the reference, the net drop with its exact 95% interval, one image in points, and the rule
+(net images lost at most ``quant_max_drop`` rounded up to whole images). Their ``agreement`` and
+``logit_cosine`` need no labels, so they cover every image that is not training data: val and test
+(``label_free_splits``; the reference runs on val too, a precomputed backend gives its stored val
+logits when its stage stored them). ``metrics.json`` holds ``target_met``, a one-line ``missed`` (the
+gate's verdict, e.g. ``net +2 images of 72 (...) > 1 image allowed by the 1-point target``) and
+``model_digest`` (the engine's digest of the model folder the row scored), which the package stage
+reads to refuse a model that missed its target (``package.enforce_targets``); evaluate itself never
+fails on a miss. Outputs: ``metrics.json``, ``eval.md``,
 ``predictions.npz``, ``confusion_<backend>.png``, ``features.npz`` (penultimate-layer features of the
 first PyTorch backend on up to ``features_samples`` seeded test images, float16, with their labels,
 row indices and predictions: what the report's t-SNE draws), ``timing.json`` (not in the digest).
@@ -65,7 +71,9 @@ class Evaluate(Stage):
     tools = ("torch", "onnxruntime", "ncnn")  # their versions are in the cache key
     # 2: features.npz; RKNN multi-crop and board rows
     # 3: metrics.json's missed + model_digest per backend; confusion PNGs drawn with a CJK font when installed
-    version = 3
+    # 4: quantized rows judged by stages.common.quant_gate (lost/gained images, interval, whole-image rule);
+    #    their agreement and logit_cosine over val + test
+    version = 4
     extra_inputs = True
     inputs = {"data": Input(required=True, doc="dataset folder; every other input is a backend to score")}
     # Wall times differ on every run: kept apart so that metrics.json (which package reads) is
@@ -78,11 +86,11 @@ class Evaluate(Stage):
         split: Literal["test", "val"] = "test"
         # input name of the fp32 reference; null: the first PyTorch (model.pt) backend
         reference: str | None = None
-        # score only the first N images of the split (null: all)
+        # score only the first N images of the split (null: all); the label-free figures take as many of val
         limit: int | None = Field(None, ge=1)
         # quality targets (reported here; package.enforce_targets refuses a shipped model that misses
         # them): float backends agree 100% with max abs logit difference <= float_tolerance; quantized
-        # backends lose at most quant_max_drop top-1 points
+        # backends lose at most quant_max_drop top-1 points, rounded up to whole images (README "Evaluation")
         float_tolerance: float = Field(1e-3, gt=0)
         quant_max_drop: float = Field(1.0, ge=0)
         multicrop: MultiCrop = MultiCrop()
@@ -111,8 +119,9 @@ class Evaluate(Stage):
         results = {m.name: _single_crop(m, split, ctx) for m in models}
         if p.multicrop.enabled:
             _add_crop_logits(results, models, split, p, ctx)
+        label_free = _label_free(models, ref, results, split, p, ctx)
         ctx.progress(len(models), len(models), "scoring")
-        table = _score(results, split.labels, split.classes, ref.name if ref else None, p)
+        table = _score(results, split.labels, split.classes, ref.name if ref else None, p, label_free)
         for m in models:
             if "note" in table[m.name]:
                 ctx.note(table[m.name]["note"])
@@ -250,6 +259,66 @@ def _single_crop(m: _Backend, split: _Split, ctx) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t0, 3), "detail": m.runner.detail}
 
 
+# -- label-free figures: every image that is not training data ------------------------------------------
+def _label_free(models: list[_Backend], ref: _Backend | None, results: dict, split: _Split, p,
+                ctx) -> dict[str, dict[str, Any]]:
+    """Each quantized backend's top-1 agreement and mean logit cosine with the reference over the scored
+    split and the other non-training split (val beside test): they need no labels, so they can use
+    every image the model was not trained on. A precomputed backend gives the other split's logits
+    only when its stage stored them; otherwise the row says which splits it covers."""
+    from stages.common.quant_gate import agreement_and_cosine
+
+    quantized = [m for m in models if m.runner.target == "quantized" and m is not ref]
+    if ref is None or not quantized:
+        return {}
+    other = "val" if split.name == "test" else "test"
+    images = _other_split(split.folder, other, p)
+    ref_other = None if images is None else _split_logits(ref, split, other, images, ctx)
+    figures: dict[str, dict[str, Any]] = {}
+    for m in quantized:
+        k = min(len(results[m.name]["logits"]), len(results[ref.name]["logits"]))
+        parts = {split.name: (results[ref.name]["logits"][:k], results[m.name]["logits"][:k])}
+        quant_other = None if ref_other is None else _split_logits(m, split, other, images, ctx)
+        if quant_other is not None:
+            j = min(len(ref_other), len(quant_other))
+            parts[other] = (ref_other[:j], quant_other[:j])
+        elif images is not None:
+            ctx.log.info("%s: agreement and logit cosine over the %s split only (%s stored no %s logits)",
+                         m.name, split.name, m.folder, other)
+        names = [s for s in ("val", "test") if s in parts]
+        agreement, cosine = agreement_and_cosine(np.concatenate([parts[s][0] for s in names]),
+                                                 np.concatenate([parts[s][1] for s in names]))
+        figures[m.name] = {"agreement": agreement, "logit_cosine": round(cosine, 6), "label_free_splits": names,
+                           "label_free_images": int(sum(len(parts[s][0]) for s in names))}
+    return figures
+
+
+def _other_split(data: Path, name: str, p) -> np.ndarray | None:
+    """The first `limit` images of the dataset's other non-training split (memory-mapped), or None when it
+    has none."""
+    from stages.common.splits import load_split, split_files
+
+    if not all(f.is_file() for f in split_files(data, name)):
+        return None
+    images, _ = load_split(data, name, what="input data")
+    images = images if p.limit is None else images[:p.limit]
+    return images if len(images) else None
+
+
+def _split_logits(m: _Backend, split: _Split, name: str, images: np.ndarray, ctx) -> np.ndarray | None:
+    """A backend's logits on another split: computed, or stored by its stage (None when it stored none)."""
+    ctx.progress(None, None, f"{m.name} on the {name} split (label-free figures)")
+    if not m.runner.precomputed:
+        return m.logits(images)
+    try:
+        stored = m.runner.stored_split_logits(split.folder, name, split.classes)
+    except backends.BackendError as e:
+        raise StageError(f"input {m.input}: {e}") from None
+    if stored is not None and len(stored) > len(images):
+        stored = stored[:len(images)]
+    return stored
+
+
 # -- multi-crop -------------------------------------------------------------------------------------------
 def _add_crop_logits(results: dict, models: list[_Backend], split: _Split, p, ctx) -> None:
     """results[name]["crop_logits"] (N x K x C) for every backend that has them: computed ones run the
@@ -292,7 +361,7 @@ def confusion(labels: np.ndarray, pred: np.ndarray, c: int) -> np.ndarray:
     return cm
 
 
-def _score(results, labels, classes, ref_name, p) -> dict[str, dict[str, Any]]:
+def _score(results, labels, classes, ref_name, p, label_free) -> dict[str, dict[str, Any]]:
     """One row per backend: top-1, per-class accuracy, confusion; against the reference: agreement,
     logit differences, the top-1 change and the quality target; multi-crop figures."""
     ref = results.get(ref_name) if ref_name else None
@@ -300,7 +369,7 @@ def _score(results, labels, classes, ref_name, p) -> dict[str, dict[str, Any]]:
     for name, r in results.items():
         row = _accuracy_row(r, labels, classes)
         if ref is not None and name != ref_name:
-            row.update(_versus_reference(name, r, ref["logits"], labels, p))
+            row.update(_versus_reference(name, r, ref["logits"], labels, p, label_free.get(name)))
         if "crop_logits" in r:
             row["multicrop"] = _multicrop_row(r["crop_logits"], labels, classes, p)
         table[name] = row
@@ -325,7 +394,8 @@ def _accuracy_row(r: dict, labels: np.ndarray, classes: list[str]) -> dict[str, 
     return row
 
 
-def _versus_reference(name: str, r: dict, ref_logits: np.ndarray, labels: np.ndarray, p) -> dict[str, Any]:
+def _versus_reference(name: str, r: dict, ref_logits: np.ndarray, labels: np.ndarray, p,
+                      label_free: dict | None) -> dict[str, Any]:
     from stages.common import parity  # float backends: the converting stages' scale-aware rule
 
     k = min(len(r["logits"]), len(ref_logits))
@@ -349,24 +419,35 @@ def _versus_reference(name: str, r: dict, ref_logits: np.ndarray, labels: np.nda
         row["target"] = (f"agreement 100% and max abs diff <= {allowed:.3g} "
                          f"({p.float_tolerance:g} + {parity.RTOL:g} x reference logit range)")
     elif r["target"] == "quantized":
-        ok = row["drop_points"] <= p.quant_max_drop
+        gate = _int8_gate(rl, bl, labels[:k], p)
+        ok = gate.pop("holds")
+        row.update(gate, **(label_free or {}))
         if not ok:
-            missed.append(f"top-1 drop {row['drop_points']:.2f} points > {float(p.quant_max_drop)}"
-                          + _resolution(k, p.quant_max_drop))
-        row["target"] = f"top-1 drop <= {p.quant_max_drop:g} points"
+            missed.append(row["verdict"])
     row["target_met"] = ok
     if missed:  # one line, with the row's name in front: what package.enforce_targets stops on
         row["missed"] = ", ".join(missed)
-    if ok is False:
+    if r["target"] == "quantized" and (ok is False or not row["resolved"]):
+        row["note"] = f"{name}: {'holds' if ok else 'misses'} its target ({row['target']}): {row['verdict']}"
+    elif ok is False:
         row["note"] = (f"{name}: misses its target ({row['target']}): agreement {row['agreement']:.2%}, "
                        f"max abs diff {row['max_abs_diff']:.3g}, drop {row['drop_points']:.2f} points")
     return row
 
 
-def _resolution(n: int, target_points: float) -> str:
-    """What a miss on a small split should say: one image there is more points than the target."""
-    one = 100.0 / max(n, 1)
-    return f" (on {n} test images one image is {one:.3g} points)" if one > target_points else ""
+def _int8_gate(ref_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray, p) -> dict[str, Any]:
+    """The int8 gate (stages.common.quant_gate, the one rule) on the scored split: flips both ways, the
+    net drop and its interval, one image in points, and the verdict."""
+    from stages.common.quant_gate import judge, paired_drop
+
+    drop = paired_drop(labels, ref_logits, logits)
+    verdict = judge(drop, p.quant_max_drop)
+    return {"lost_images": drop.lost, "gained_images": drop.gained, "drop_points": drop.drop_points,
+            "drop_ci95": list(drop.drop_ci95), "resolution_points": drop.resolution_points,
+            "allowed_images": verdict.allowed_images, "resolved": verdict.resolved, "verdict": verdict.reason,
+            "holds": verdict.holds,
+            "target": (f"top-1 drop <= {p.quant_max_drop:g} points: at most {verdict.allowed_images} net "
+                       f"image{'s' if verdict.allowed_images != 1 else ''} lost of {drop.n}")}
 
 
 def _multicrop_row(crop_logits: np.ndarray, labels: np.ndarray, classes: list[str], p) -> dict[str, Any]:
@@ -446,7 +527,8 @@ def _write_features(out: Path, models: list[_Backend], ref: _Backend | None, res
 def _flat_metrics(report: dict) -> dict[str, Any]:
     """{'top1': {backend: acc}, 'agreement': {...}, ...}: flattened by the engine to top1.onnx etc."""
     out: dict[str, Any] = {"samples": report["samples"]}
-    for key in ("top1", "agreement", "max_abs_diff", "drop_points", "target_met", "missed"):
+    for key in ("top1", "agreement", "max_abs_diff", "drop_points", "lost_images", "gained_images", "logit_cosine",
+                "target_met", "missed"):
         vals = {name: row[key] for name, row in report["backends"].items() if key in row and row[key] is not None}
         if vals:
             out[key] = vals
@@ -483,6 +565,7 @@ def _markdown(report: dict, p) -> str:
         kind = escape(row["kind"] + (f" ({row['detail']})" if row.get("detail") else ""))
         lines.append(f"| {escape(name)} | {kind} | {row['samples']} | {row['top1']:.2%} | {drop} | {agree} | {mad} "
                      f"| {tgt} |")
+    lines += _gate_markdown(report, p)
     if p.multicrop.enabled:
         lines += _multicrop_markdown(report, p)
     names = list(report["backends"])
@@ -499,6 +582,43 @@ def _markdown(report: dict, p) -> str:
         lines.append(f"![{escape(n)}](confusion_{_safe(n)}.png)")
     lines.append("")
     return "\n".join(lines)
+
+
+def _gate_markdown(report: dict, p) -> list[str]:
+    """The quantized rows against fp32: flips both ways, the net drop with its interval, what one image
+    weighs, the label-free figures and the verdict; in words when the split cannot resolve the target."""
+    from stages.common.quant_gate import CI_METHOD
+
+    gated = {n: row for n, row in report["backends"].items() if "lost_images" in row}
+    if not gated:
+        return []
+    lines = ["", f"## Quantized builds against fp32 ({escape(report['split'])} split, "
+                 f"target: top-1 drop <= {p.quant_max_drop:g} points)", "",
+             "| backend | lost | gained | net drop (points) | 95% interval | one image (points) | allowed images "
+             "| logit cosine | agreement | over (no labels) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for n, row in gated.items():
+        lo, hi = row["drop_ci95"]
+        lines.append(f"| {escape(n)} | {row['lost_images']} | {row['gained_images']} | {row['drop_points']:+.2f} "
+                     f"| {lo:+.2f} to {hi:+.2f} | {row['resolution_points']:.3g} | {row['allowed_images']} "
+                     f"| {row['logit_cosine']:.4f} | {row['agreement']:.2%} "
+                     f"| {escape(' + '.join(row['label_free_splits']))} ({row['label_free_images']} images) |")
+    lines.append("")
+    for n, row in gated.items():
+        lines.append(f"- {escape(n)}: {'holds' if row['target_met'] else '**misses**'}: {escape(row['verdict'])}")
+    # rows may score different numbers of images (an RKNN build's quantize.data_limit): one sentence per weight
+    unresolved: dict[float, list[str]] = {}
+    for n, row in gated.items():
+        if not row["resolved"]:
+            unresolved.setdefault(row["resolution_points"], []).append(n)
+    for weight, names in unresolved.items():
+        lines += ["", f"**The {escape(report['split'])} split cannot resolve the {p.quant_max_drop:g}-point target:** "
+                      f"one image = {weight:.3g} points > {p.quant_max_drop:g} ({', '.join(map(escape, names))}). "
+                      "The verdict is the rule's (net images lost at most the target rounded up to whole images); "
+                      "the interval shows how far the true drop may lie. More test images resolve it."]
+    lines += ["", f"Rule: a build holds when its net loss (lost - gained) is at most the target rounded up to "
+                  f"whole images. Interval: {escape(CI_METHOD)}."]
+    return lines
 
 
 def _multicrop_markdown(report: dict, p) -> list[str]:

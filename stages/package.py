@@ -7,8 +7,10 @@ Inputs
 - ``eval`` (optional): an ``evaluate`` folder; its per-backend accuracy goes into the manifest. With
   ``package.enforce_targets`` (on in the built-in experiments) a shipped model that missed its target
   there (the rows whose ``model_digest`` is the ``model`` input's) is refused: engine.contract.stage.Refusal,
-  one line such as ``rknn_mmse top-1 drop 3.20 points > 1.0``, nothing written; rows of models only
-  compared (RKNN ``normal`` beside the shipped ``mmse``) are reported by evaluate, never fatal here.
+  one line naming the row with evaluate's verdict (for a quantized build: net images lost, the 95%
+  interval, the images the target allows) and the next step (ship a build that holds, score more test
+  images, quantize.search), nothing written; rows of models only compared (RKNN ``normal`` beside the
+  shipped ``mmse``) are reported by evaluate, never fatal here.
 - ``calib`` (optional; required for maixii_dock): a ``calibration`` folder; MaixHub quantizes with
   its ``images/``.
 - ``data`` (optional): the ``dataset`` folder; the first test images become the package's golden
@@ -162,7 +164,8 @@ def _check_targets(eval_dir: Path | None, ctx, enforce: bool, board: str) -> Non
                              "evaluate stage that scores the shipped model (or set package.enforce_targets=false)")
         return
     digest = ctx.sources.get("model", {}).get("digest")
-    shipped = {name: row for name, row in _eval_rows(eval_dir).items() if digest and row.get("model_digest") == digest}
+    rows = _eval_rows(eval_dir)
+    shipped = {name: row for name, row in rows.items() if digest and row.get("model_digest") == digest}
     if not shipped:
         if enforce:
             raise StageError("package.enforce_targets=true, but the evaluate stage (input eval) did not score the "
@@ -171,9 +174,23 @@ def _check_targets(eval_dir: Path | None, ctx, enforce: bool, board: str) -> Non
         return
     missed = [f"{name} {row['missed']}" for name, row in shipped.items() if row.get("missed")]
     if missed and enforce:
-        raise Refusal(f"{'; '.join(missed)}: the {board} package is not written (package.enforce_targets=true)")
+        gated = any("allowed_images" in row for row in shipped.values() if row.get("missed"))
+        raise Refusal(f"{'; '.join(missed)}: the {board} package is not written (package.enforce_targets=true)"
+                      + (_next_step(rows, shipped) if gated else ""))
     for line in missed:
         ctx.note(f"{line}: packaged anyway (package.enforce_targets=false)")
+
+
+def _next_step(rows: dict[str, dict[str, Any]], shipped: dict[str, dict[str, Any]]) -> str:
+    """What to do about a quantized build that missed: ship one evaluate found holding (named by its
+    evaluate input, which the built-in pipelines name like the stage), score more images, or search."""
+    kinds = {row.get("kind") for row in shipped.values()}
+    holding = [row.get("input", name) for name, row in rows.items()
+               if name not in shipped and row.get("target_met") is True and "allowed_images" in row
+               and row.get("kind") in kinds]
+    ship = (f"ship {holding[0]}, which holds it (pipeline.stages.package.needs.model={holding[0]})" if holding
+            else "ship another build (pipeline.stages.package.needs.model=<its stage>)")
+    return f". Next: {ship}, score more test images, or let quantize.search try builds until one holds"
 
 
 def _eval_rows(eval_dir: Path) -> dict[str, dict[str, Any]]:

@@ -90,7 +90,9 @@ class Train(Stage):
     name = "train"
     peak_memory_mb = 1500  # MB, for run --jobs: Lightning, the model, its optimizer state and batches
     tools = ("torch", "pytorch-lightning")  # their versions are in the cache key
-    version = 2  # 2: BatchNorm recalibration, train_eval_acc and learning_check in metrics.json
+    # 2: BatchNorm recalibration, train_eval_acc and learning_check in metrics.json
+    # 3: recalibration batches drawn as a seeded permutation, not in the class order splits are stored in
+    version = 3
     sections = {"model": "model"}
     inputs = {
         "data": Input(required=True, doc="a dataset stage output (images_*.npy, labels_*.npy, preprocess.json)"),

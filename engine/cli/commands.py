@@ -174,7 +174,7 @@ def cmd_run(argv: Sequence[str]) -> int:
 
 
 def cmd_plan(argv: Sequence[str]) -> int:
-    from engine.report.display import STATUS_STYLE, console
+    from engine.report.display import console, safe, styled_status
     from engine.run.pipeline import Options
 
     opts, overrides = _split_args(argv)
@@ -190,11 +190,11 @@ def cmd_plan(argv: Sequence[str]) -> int:
         if not opts.get("json"):
             from rich.table import Table
 
-            table = Table(title=f"plan: {job.cfg.name} {' '.join(job.overrides)}", title_justify="left")
+            table = Table(title=safe(f"plan: {job.cfg.name} {' '.join(job.overrides)}"), title_justify="left")
             for col in ("stage", "type", "status", "key", "why"):
                 table.add_column(col, overflow="fold")
             for i in items:
-                table.add_row(i.name, i.type, f"[{STATUS_STYLE[i.status]}]{i.status}[/]", (i.key or "")[:10], i.reason)
+                table.add_row(safe(i.name), safe(i.type), styled_status(i.status), (i.key or "")[:10], safe(i.reason))
             console.print(table)
     if opts.get("json"):
         print(json.dumps(out if len(out) > 1 else out[0], indent=2))
@@ -250,7 +250,7 @@ def _default_runs_root() -> Path:
 def cmd_runs(argv: Sequence[str]) -> int:
     import argparse
 
-    from engine.report.display import STATUS_STYLE, console
+    from engine.report.display import console, safe, styled_status
     from engine.store import runs
 
     ap = argparse.ArgumentParser(prog="edgepipe runs")
@@ -271,15 +271,15 @@ def cmd_runs(argv: Sequence[str]) -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title=f"runs in {a.root}", title_justify="left")
+    table = Table(title=f"runs in {safe(a.root)}", title_justify="left")
     for col in ("time", "name", "status", "seconds", "headline", "folder"):
         table.add_column(col, overflow="fold")
     for r in rows:
         h = r["headline"]
         hv = (f"{h['key']} = {h['value']:.4g}" if h and isinstance(h.get("value"), float)
               else (f"{h['key']} = {h['value']}" if h else ""))
-        table.add_row(r["time"], r["name"], f"[{STATUS_STYLE.get(r['status'], '')}]{r['status']}[/]",
-                      f"{r['seconds']:.1f}", hv, os.path.relpath(r["run_dir"]))
+        table.add_row(r["time"], safe(r["name"]), styled_status(r["status"]), f"{r['seconds']:.1f}", safe(hv),
+                      safe(os.path.relpath(r["run_dir"])))
     console.print(table)
     return 0
 
@@ -287,7 +287,7 @@ def cmd_runs(argv: Sequence[str]) -> int:
 def cmd_show(argv: Sequence[str]) -> int:
     import argparse
 
-    from engine.report.display import STATUS_STYLE, console
+    from engine.report.display import console, safe, styled_status
     from engine.store import runs
 
     ap = argparse.ArgumentParser(prog="edgepipe show")
@@ -296,23 +296,23 @@ def cmd_show(argv: Sequence[str]) -> int:
     a = ap.parse_args(argv)
     run_dir = runs.resolve_run(a.root, a.run)
     r = runs.RunRecord.load(run_dir)
-    console.print(f"[bold]{r.name}[/] — {r.status} in {r.seconds:.1f} s")
-    console.print(f"folder: {run_dir}")
+    console.print(f"[bold]{safe(r.name)}[/] — {safe(r.status)} in {r.seconds:.1f} s")
+    console.print(f"folder: {safe(run_dir)}")
     if r.overrides:
-        console.print(f"overrides: {' '.join(r.overrides)}")
+        console.print(f"overrides: {safe(' '.join(map(str, r.overrides)))}")
     for s in r.stages.values():
-        console.print(f"\n[bold]{s.name}[/] ({s.type}) [{STATUS_STYLE.get(s.status, '')}]{s.status}[/] "
-                      f"{s.seconds:.1f} s  key {s.key or '-'}")
+        console.print(f"\n[bold]{safe(s.name)}[/] ({safe(s.type)}) {styled_status(s.status)} "
+                      f"{s.seconds:.1f} s  key {safe(s.key or '-')}")
         if s.error:
-            console.print(f"  error: {s.error}")
+            console.print(f"  error: {safe(s.error)}")
         if s.path and Path(s.path).is_dir():
             link = Path(run_dir) / "stages" / s.name
-            console.print(f"  outputs: {link if link.exists() else s.path}")
+            console.print(f"  outputs: {safe(link if link.exists() else s.path)}")
             for child in sorted(Path(s.path).iterdir()):
                 if child.name != "manifest.json":
-                    console.print(f"    {child.name}{'/' if child.is_dir() else ''}")
+                    console.print(f"    {safe(child.name)}{'/' if child.is_dir() else ''}")
         for k, v in runs.flat_metrics(s.metrics).items():
-            console.print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+            console.print(f"  {safe(k)}: {v:.4g}" if isinstance(v, float) else f"  {safe(k)}: {safe(v)}")
     return 0
 
 
@@ -496,6 +496,14 @@ def _shell_completion(argv: list[str]) -> int:
         return 2
 
 
+def plain(value: Any) -> str:
+    """What an error quotes from a file or a config, with its control characters written out: shown,
+    never obeyed by the terminal (display.plain, imported only when an error is shown)."""
+    from engine.report.display import plain as shown
+
+    return shown(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -524,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         plugin = plugins[verb]
     from engine.cli.init_project import InitError
-    from engine.config.compose import ComposeError
+    from engine.config.compose import ComposeError, interpolation_problem
     from engine.errors import ConfigError, PluginError, RemoteError
     from engine.store.runs import RunFolderError
 
@@ -532,13 +540,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = VERBS[verb] if plugin is None else _load_plugin(plugin)
         return command(rest)
     except ConfigError as e:
-        print("edgepipe: invalid config:\n" + "\n".join(f"  - {p}" for p in e.problems), file=sys.stderr)
+        print("edgepipe: invalid config:\n" + "\n".join(f"  - {plain(p)}" for p in e.problems), file=sys.stderr)
         return 2
     except (ComposeError, UsageError, FileNotFoundError, RunFolderError, PluginError, InitError) as e:
-        print(f"edgepipe: {e}", file=sys.stderr)
+        print(f"edgepipe: {plain(e)}", file=sys.stderr)
         return 2
     except RemoteError as e:  # the shared cache cannot be reached: a runtime failure
-        print(f"edgepipe: {e}", file=sys.stderr)
+        print(f"edgepipe: {plain(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("edgepipe: interrupted; completed stages stay cached, the next run resumes from them", file=sys.stderr)
@@ -547,12 +555,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgepipe: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 1
     except Exception as e:  # a bug: one line for the user, the traceback on request
+        if (problem := interpolation_problem(e)) is not None:  # a value read wherever the config is used
+            print(f"edgepipe: invalid config:\n  - {plain(problem)}", file=sys.stderr)
+            return 2
         if os.environ.get(DEBUG_ENV):
             raise
         logging.getLogger("edgepipe").info("internal error", exc_info=True)  # the run's edgepipe.log
         first = (str(e).splitlines() or [""])[0]
-        print(f"edgepipe: internal error ({type(e).__name__}: {first}); set {DEBUG_ENV}=1 for the traceback "
-              f"and please report it", file=sys.stderr)
+        print(f"edgepipe: internal error ({type(e).__name__}: {plain(first)}); set {DEBUG_ENV}=1 for the "
+              f"traceback and please report it", file=sys.stderr)
         return 1
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+from engine.contract import names
 from engine.store.cache import MANIFEST, OUT, Cache, CorruptEntry, entry_of, stage_key
 from engine.store.remote import NotPushable, Remote
 
@@ -23,7 +25,14 @@ def push(record: Any, cache: Cache, remote: Remote) -> int:
         if not rec.path or not rec.key or rec.status not in ("ran", "cached") or (rec.type, rec.key) in seen:
             continue
         seen.add((rec.type, rec.key))
-        entry = entry_of(Path(rec.path))
+        why = names.problem(rec.type) or names.problem(rec.key)
+        # What is pushed is the cache's own entry of that type and key, whatever run.json says its path is
+        entry = cache.entry(rec.type, rec.key) if not why else None
+        if entry is None or os.path.realpath(entry_of(Path(rec.path))) != os.path.realpath(entry):
+            print(f"{rec.name}: not pushed: run.json names {rec.type}/{rec.key} at {rec.path}, which is not "
+                  f"that entry of the cache ({why or 'another folder'})")
+            done["skipped"] += 1
+            continue
         with cache.lock(rec.type, rec.key):  # gc leaves it alone meanwhile
             why = _unpushable(entry)
             if why:

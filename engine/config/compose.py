@@ -25,6 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from engine.config import compose_cache
+from engine.contract import names
 from engine.errors import ComposeError as ComposeError  # re-exported: raised here
 
 CONFIG_NAME = "config"
@@ -68,6 +69,19 @@ def parse_overrides(overrides: list[str], where: str = "override", config_loader
             raise ComposeError(f"{where} '{text}': no key before '='; write KEY=VALUE, e.g. train.lr=0.01")
         parsed.append(o)
     return parsed
+
+
+def interpolation_problem(e: BaseException) -> str | None:
+    """An interpolation that cannot be resolved (`${nope}`, `${oc.env:UNSET}`, `${now:...}` in a saved
+    config read without Hydra) as one line naming its key; None for any other exception."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    if not isinstance(e, InterpolationResolutionError):
+        return None
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    reason = reason.replace("KeyError raised while resolving interpolation: ", "").replace('"', "")
+    return (f"{e.full_key or 'a config value'}: its interpolation cannot be resolved ({reason}); an interpolation "
+            f"names a key of the config (${{train.lr}}) or a variable that is set (${{oc.env:NAME,default}})")
 
 
 def yaml_problem(e: Exception) -> str:
@@ -229,20 +243,14 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
     return job
 
 
-# A run name becomes part of a folder name under runs_root: no separators, no '..'.
-_RUN_NAME = re.compile(r"[\w.+=,@-]+")
-
-
 def check_run_name(cfg: DictConfig) -> list[str]:
-    """The problem with the config's `name`, if any (config.validate and every remembered plan check it)."""
+    """The problem with the config's `name`, if any (config.validate and every remembered plan check it):
+    it becomes part of a folder name under runs_root, so engine.contract.names' rule applies."""
     name = OmegaConf.select(cfg, "name", default=None, throw_on_missing=False)
     if name is None:
         return []
-    name = str(name)
-    if _RUN_NAME.fullmatch(name) and ".." not in name:
-        return []
-    return [f"name: {name!r} is not a valid run name (it becomes a folder under runs_root); use letters, "
-            f"digits and . _ - + = , @ only, no '/' and no '..'"]
+    why = names.problem(str(name))
+    return [f"name: {str(name)!r} is not a valid run name (it becomes a folder under runs_root); {why}"] if why else []
 
 
 def _plain(job: Job) -> dict:
@@ -257,8 +265,50 @@ def check_targets(tree: dict, overrides: list[str], user_dir: Path | None) -> No
     from engine.config import targets
 
     for path, value, why in targets.refused(tree):
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        raise ComposeError(f"{targets.dotted(path)}={shown} ({_origin(path, overrides, user_dir)}): {why}")
+        raise ComposeError(f"{targets.dotted(path)}={_shown(value)} ({_origin(path, overrides, user_dir)}): {why}")
+    for key, text, applied in _with_hydra_sweeper_params(tree):
+        # a sweeper (Optuna's fixed params: every trial) sets it on each job: the same check on the result
+        origin = _origin(["hydra", "sweeper", "params", key], overrides, user_dir)
+        where = f"hydra.sweeper.params '{key}: {text}', {origin}"
+        if applied is None:
+            raise ComposeError(f"{where}: a sweeper param may not choose Hydra's config groups; choose them on "
+                               f"the command line or in the defaults list")
+        for path, value, why in targets.refused(applied):
+            raise ComposeError(f"{targets.dotted(path)}={_shown(value)} ({where}): {why}")
+
+
+def _shown(value) -> str:
+    return repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+
+
+def _with_hydra_sweeper_params(tree: dict):
+    """(key, value as written, the tree with that value set) for each value of each `hydra.*` entry of
+    hydra.sweeper.params (each value of a sweep); the tree is None for a Hydra config group."""
+    import copy
+
+    from engine.config import targets
+
+    params = (tree.get("hydra") or {}).get("sweeper") or {}
+    params = params.get("params") if isinstance(params, dict) else None
+    for key, text in (params.items() if isinstance(params, dict) else ()):
+        path = targets.hydra_param(key)
+        if path is None or str(key).startswith("~"):
+            continue  # the job's own keys: checked by validation; a deletion sets nothing
+        if not path:
+            yield key, text, None
+            continue
+        (o,) = parse_overrides([f"{key}={text}"], "hydra.sweeper.params")
+        if o.is_sweep_override() and not o.is_discrete_sweep():
+            raise ComposeError(f"hydra.sweeper.params '{key}: {text}': Hydra's own settings cannot be searched")
+        for value in (list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]):
+            applied = copy.deepcopy(tree)
+            node = applied
+            for part in path[:-1]:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+            node[path[-1]] = value
+            yield key, text, applied
 
 
 def _origin(path: list, overrides: list[str], user_dir: Path | None) -> str:

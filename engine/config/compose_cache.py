@@ -5,11 +5,12 @@ An entry is found by a key of: the overrides, the working folder (hydra.runtime.
 search path's folders with the name, size, mtime, ctime and inode of every .yaml file in them (an
 edited, added or removed file is a new key), the Python and edgepipe code that composes, and the
 modification times of the folders packages are installed in (installing or upgrading Hydra,
-OmegaConf or a Hydra plugin changes them). Values of environment variables the config files name
-(``${oc.env:NAME}``) are kept in the entry and must be equal when it is used. What Hydra resolves
-at compose time only (``${now:}`` in hydra.run.dir) is resolved again on every use; the job config
-keeps its interpolations, as a composed one does. A config whose ``hydra.searchpath`` adds folders
-is not kept (their files are not in the key).
+OmegaConf or a Hydra plugin changes them). Values of environment variables the config files and the
+overrides read (``${oc.env:NAME}``, ``${oc.env:'NAME'}``) are kept in the entry and must be equal when
+it is used; a config that reads one it does not name (``${oc.env:${x}}``, ``oc.decode``) is not
+kept. What Hydra resolves at compose time only (``${now:}`` in hydra.run.dir) is resolved again on
+every use; the job config keeps its interpolations, as a composed one does. A config whose
+``hydra.searchpath`` adds folders is not kept (their files are not in the key).
 
 Entries are JSON files under $EDGEPIPE_COMPOSE_CACHE (default ~/.cache/edgepipe/compose, or
 $XDG_CACHE_HOME's); EDGEPIPE_COMPOSE_CACHE=off turns the cache off. A damaged entry is a miss.
@@ -43,7 +44,13 @@ FORMAT = 2  # 2: .hydra/ texts kept
 ENV = "EDGEPIPE_COMPOSE_CACHE"
 KEEP = 200  # entries; the oldest go first
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # .hydra/ texts an entry keeps
-_ENV_NAME = re.compile(r"\$\{(?:oc\.)?env:\s*([A-Za-z_][A-Za-z0-9_]*)")
+# Where a config reads the environment: each use of OmegaConf's env resolvers, and its name when it is
+# written out (quoted or not). A use whose name is not (`${oc.env:${x}}`), or oc.decode, which can
+# build an interpolation from strings, makes a config one that is not kept.
+_ENV_USE = re.compile(r"\$\{\s*(?:oc\s*\.\s*)?env\s*:")
+_ENV_NAME = re.compile(r"""\$\{\s*(?:oc\s*\.\s*)?env\s*:\s*(['"]?)([A-Za-z_][A-Za-z0-9_]*)\1\s*[,}]""")
+_DECODE = re.compile(r"\boc\s*\.\s*decode\b")
+UNCACHEABLE = "\0uncacheable"  # an env name no variable has: the entry is never used
 # engine/ files whose code makes the Job
 _CODE = ("config/compose.py", "config/compose_cache.py", "config/targets.py", "__init__.py")
 
@@ -89,15 +96,23 @@ def _yaml_stats(root: Path) -> list[str]:
             for rel, st in scan_files(root) if rel.endswith((".yaml", ".yml"))]
 
 
-def _env_names(folders: list[Path]) -> list[str]:
-    names: set[str] = set()
+def _env_names(folders: list[Path], overrides: list[str]) -> list[str]:
+    """Every environment variable the config files and the overrides can read through an
+    interpolation; [UNCACHEABLE] when one of them reads one that cannot be named."""
+    texts = list(overrides)
     for root in folders:
         for rel, _ in scan_files(root, stat=False):
             if rel.endswith((".yaml", ".yml")):
                 try:
-                    names.update(_ENV_NAME.findall((root / rel).read_text(encoding="utf-8", errors="replace")))
+                    texts.append((root / rel).read_text(encoding="utf-8", errors="replace"))
                 except OSError:
-                    return ["\0unreadable"]  # an env name may hide in it: compare an impossible one
+                    return [UNCACHEABLE]  # an env name may hide in it
+    names: set[str] = set()
+    for text in texts:
+        found = [name for _, name in _ENV_NAME.findall(text)]
+        if len(found) != len(_ENV_USE.findall(text)) or _DECODE.search(text):
+            return [UNCACHEABLE]
+        names.update(found)
     return sorted(names)
 
 
@@ -137,7 +152,9 @@ def store(key: Key, job, hydra_files: dict[str, str]) -> bool:
     entry = {"format": FORMAT, "overrides": key.overrides, "cfg": cfg, "hydra": hydra,
              "struct": bool(OmegaConf.is_struct(job.cfg)), "sources": job.sources,
              "hydra_files": hydra_files,
-             "env": {name: os.environ.get(name) for name in _env_names(key.folders)}}
+             "env": {name: os.environ.get(name) for name in _env_names(key.folders, key.overrides)}}
+    if UNCACHEABLE in entry["env"]:
+        return False
     try:
         text = json.dumps(entry, allow_nan=False)
         if json.loads(text) != entry:  # e.g. an integer key would come back a string

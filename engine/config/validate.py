@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.config import registry
-from engine.config.compose import check_run_name
+from engine.config.compose import check_run_name, interpolation_problem
+from engine.contract import names
 from engine.contract.stage import Stage
 from engine.errors import ConfigError, config_key, did_you_mean
 from engine.store.cache import KeyRecipe, key_recipe
@@ -79,10 +81,13 @@ def _deep_merge(base: dict, extra: Mapping) -> dict:
 
 
 def _section(cfg: DictConfig, key: str) -> Any:
-    node = OmegaConf.select(cfg, key, default=None)
-    if node is None:
-        return None
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    try:
+        node = OmegaConf.select(cfg, key, default=None)
+        if node is None:
+            return None
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    except InterpolationResolutionError as e:  # ${nope}, ${oc.env:UNSET}: a config error naming the key
+        raise ConfigError([interpolation_problem(e)]) from None
 
 
 def _describe(err: Mapping[str, Any], model: type[BaseModel], origin: Mapping[str, str], section: str) -> str:
@@ -267,6 +272,11 @@ def validate(cfg: DictConfig) -> tuple[PipelineSpec, dict[str, StageSpec]]:
     problems: list[str] = check_run_name(cfg)
     specs: dict[str, StageSpec] = {}
     for name, entry in pipeline.stages.items():
+        why = names.problem(name)
+        if why:  # it names the run's stages/<name> link and failed/<name> folder
+            problems.append(f"pipeline.stages: stage name {name!r} cannot name a folder (the run keeps "
+                            f"stages/<name> and failed/<name>); {why}")
+            continue
         try:
             cls = registry.get(entry.uses)
         except registry.UnknownStageType as e:

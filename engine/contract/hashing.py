@@ -38,20 +38,22 @@ def sha256_json(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
-def list_files(root: Path, on_loop: Callable[[Path], None] | None = None) -> list[str]:
+def list_files(root: Path, on_loop: Callable[[Path], None] | None = None,
+               on_other: Callable[[str], None] | None = None) -> list[str]:
     """Every regular file under root as a POSIX relative path, sorted. Symlinks are followed, to files
     and to folders, so the content behind a linked folder counts like any other. A link back to a
     folder it sits in (a loop) is not entered: everything behind it is listed already; ``on_loop``
-    gets its path."""
-    return [rel for rel, _ in scan_files(root, on_loop, stat=False)]
+    gets its path. ``on_other`` gets the relative path of what is neither listed nor entered (a
+    dangling link, a FIFO, a socket, a device) and of every empty folder below root."""
+    return [rel for rel, _ in scan_files(root, on_loop, stat=False, on_other=on_other)]
 
 
-def scan_files(root: Path, on_loop: Callable[[Path], None] | None = None,
-               stat: bool = True) -> list[tuple[str, os.stat_result | None]]:
+def scan_files(root: Path, on_loop: Callable[[Path], None] | None = None, stat: bool = True,
+               on_other: Callable[[str], None] | None = None) -> list[tuple[str, os.stat_result | None]]:
     """list_files' listing as (relative path, stat with symlinks followed), sorted: one os.scandir
     per folder and one stat per file, no path resolved per file (root/rel is the file's path)."""
     with _no_gc():
-        return _scan(root, on_loop, stat)
+        return _scan(root, on_loop, stat, on_other)
 
 
 @contextlib.contextmanager
@@ -66,7 +68,8 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _scan(root: Path, on_loop: Callable[[Path], None] | None, stat: bool) -> list[tuple[str, os.stat_result | None]]:
+def _scan(root: Path, on_loop: Callable[[Path], None] | None, stat: bool,
+          on_other: Callable[[str], None] | None = None) -> list[tuple[str, os.stat_result | None]]:
     found = []
     stack: list[tuple[Path, str, frozenset[str]]] = [(Path(root), "", frozenset())]
     while stack:
@@ -80,13 +83,19 @@ def _scan(root: Path, on_loop: Callable[[Path], None] | None, stat: bool) -> lis
             entries = list(os.scandir(folder))
         except OSError:  # unreadable folder: as os.walk, list what can be read
             continue
+        if not entries and rel and on_other is not None:
+            on_other(rel[:-1])
         for entry in entries:
             try:
                 if entry.is_file():  # first: the common case, one call per file
                     found.append((rel + entry.name, entry.stat() if stat else None))
                 elif entry.is_dir():
                     stack.append((folder / entry.name, f"{rel}{entry.name}/", ancestors | {real}))
-            except OSError:  # a dangling or unreadable link
+                elif on_other is not None:  # a dangling link, a FIFO, a socket, a device
+                    on_other(rel + entry.name)
+            except OSError:  # an unreadable link
+                if on_other is not None:
+                    on_other(rel + entry.name)
                 continue
     found.sort(key=itemgetter(0))
     return found

@@ -27,6 +27,16 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class ConsoleFormatter(logging.Formatter):
+    """The console's lines with every control character written out: a stage's error or a file name
+    with terminal escapes in it is shown, never obeyed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from engine.report.display import plain
+
+        return plain(super().format(record))
+
+
 def setup_logging(run_dir: Path | None) -> None:
     """edgepipe's warnings on stderr; everything (third-party INFO included) in the run's log file."""
     root = logging.getLogger()
@@ -45,7 +55,7 @@ def setup_logging(run_dir: Path | None) -> None:
     if not any(getattr(h, "_edgepipe_console", False) for h in ep.handlers):
         sh = _StderrHandler()
         sh.setLevel(logging.WARNING)
-        sh.setFormatter(logging.Formatter("edgepipe: %(levelname)s: %(message)s"))
+        sh.setFormatter(ConsoleFormatter("edgepipe: %(levelname)s: %(message)s"))
         sh._edgepipe_console = True  # type: ignore[attr-defined]
         ep.addHandler(sh)
 

@@ -8,7 +8,6 @@ non-deterministic (or whose bytes differ), by their metrics within a tolerance.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -17,8 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from engine.config.compose import one_line, yaml_problem
+from engine.contract import names
 from engine.errors import ConfigError
-from engine.report.display import Display, console
+from engine.report.display import Display, console, safe
 from engine.run.pipeline import Options, Pipeline
 from engine.store import runs
 
@@ -58,9 +58,9 @@ def reproduce(run_dir: Path, verify: bool = False, tolerance: float = 0.01) -> i
         elif item.status != "cached":
             problems.append(f"{item.name}: not in the cache ({item.reason})")
     for p in problems:
-        console.print(f"  [red]✗[/] {p}")
+        console.print(f"  [red]✗[/] {safe(p)}")
     for hint in _hints(original) if problems else []:
-        console.print(f"  [yellow]note[/]: {hint}")
+        console.print(f"  [yellow]note[/]: {safe(hint)}")
     if problems and not verify:
         console.print(f"[red]not reproduced[/]: {len(problems)} of {len(items)} stages miss the cache")
         return 1
@@ -101,24 +101,25 @@ def _verify(cfg, original: runs.RunRecord, tolerance: float) -> int:
         for name, old in original.stages.items():
             new = record.stages.get(name)
             if new is None or new.status != "ran":
-                console.print(f"  [red]✗[/] {name}: {new.status if new else 'missing'} {new.error if new else ''}")
+                console.print(f"  [red]✗[/] {safe(name)}: {safe(new.status if new else 'missing')} "
+                              f"{safe(new.error if new else '')}")
                 bad += 1
                 continue
             if new.digest == old.digest:
-                console.print(f"  [green]✓[/] {name}: identical outputs")
+                console.print(f"  [green]✓[/] {safe(name)}: identical outputs")
                 continue
             diffs = _metric_diffs(old.metrics, new.metrics, tolerance)
             if diffs is None:
-                console.print(f"  [yellow]~[/] {name}: outputs differ byte-wise and the stage reports no metrics")
+                console.print(f"  [yellow]~[/] {safe(name)}: outputs differ byte-wise and the stage reports no metrics")
             elif diffs:
                 bad += 1
-                console.print(f"  [red]✗[/] {name}: metrics differ beyond {tolerance}: {'; '.join(diffs)}")
+                console.print(f"  [red]✗[/] {safe(name)}: metrics differ beyond {tolerance}: {safe('; '.join(diffs))}")
             else:
-                console.print(f"  [green]✓[/] {name}: outputs differ byte-wise, metrics within {tolerance}")
+                console.print(f"  [green]✓[/] {safe(name)}: outputs differ byte-wise, metrics within {tolerance}")
         console.print("[green]verified[/]" if not bad else f"[red]{bad} stages differ[/]")
         return 1 if bad else 0
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    finally:  # only what it made: nothing behind a link out of runs_root
+        names.remove_tree(scratch, within=Path(original.runs_root))
 
 
 def _metric_diffs(old: dict, new: dict, tolerance: float) -> list[str] | None:

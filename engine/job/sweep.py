@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from engine.config.compose import ComposeError
+from engine.job.execute import ConsoleFormatter
 
 JOB_RESULT = "sweep_job.json"  # what each job leaves in its folder for after_sweep
 OPTUNA_RESULTS = "optimization_results.yaml"  # what the Optuna sweeper writes in the sweep folder
@@ -64,14 +65,14 @@ class Task:
             result.update(self._run(cfg, hc, run_dir, num, overrides))
         except Exception as e:  # noqa: BLE001 - every failure is this job's one line, not a worker dump
             result["error"] = _one_line(e)
-            print(f"edgepipe: {_job_name(result, self.total)} failed: {result['error']}", file=sys.stderr)
+            from engine.report.display import plain
+
+            print(plain(f"edgepipe: {_job_name(result, self.total)} failed: {result['error']}"), file=sys.stderr)
         _write_json(run_dir / JOB_RESULT, result)
         value = (result["headline"] or {}).get("value") if result["status"] == "ok" else None
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     def _run(self, cfg: DictConfig, hc: DictConfig, run_dir: Path, num: int, overrides: list[str]) -> dict:
-        from rich.markup import escape
-
         from engine.config import compose
         from engine.job import execute
 
@@ -82,7 +83,7 @@ class Task:
         compose.write_resolved(run_dir, cfg)  # Hydra wrote config/hydra/overrides.yaml already
         of = f"/{self.total}" if self.total else ""
         record = execute.execute_job(job, pipeline, self.options, run_dir, summary_table=self.in_process,
-                                 title=escape(f"{cfg.name} [job {num + 1}{of}: {' '.join(overrides)}]"))
+                                 title=f"{cfg.name} [job {num + 1}{of}: {' '.join(overrides)}]")
         failed = [f"{s.name}: {s.error}" for s in record.stages.values() if s.error]
         return {"status": record.status, "headline": record.headline,
                 "error": failed[0] if failed else None}
@@ -94,10 +95,13 @@ def _job_name(result: dict, total: int | None = None) -> str:
 
 
 def _one_line(e: Exception) -> str:
+    from engine.config.compose import interpolation_problem
     from engine.errors import ConfigError
 
     if isinstance(e, ConfigError):
         return "invalid config: " + "; ".join(e.problems)
+    if (problem := interpolation_problem(e)) is not None:
+        return f"invalid config: {problem}"
     first = (str(e).splitlines() or [""])[0]
     if isinstance(e, OSError) or type(e).__module__.startswith("engine."):  # edgepipe's own: already user-facing
         return first or type(e).__name__
@@ -115,7 +119,7 @@ def _limit_threads(threads: int | None) -> None:
         sys.modules["torch"].set_num_threads(threads)
 
 
-class _FirstLine(logging.Formatter):
+class _FirstLine(ConsoleFormatter):
     def format(self, record: logging.LogRecord) -> str:
         return (super().format(record).splitlines() or [""])[0]
 
@@ -173,6 +177,7 @@ def multirun(opts: dict, overrides: list[str], options) -> int:
 
     # Validate every job before anything is written to runs/ (an Optuna trial: the base config).
     pipelines = [validated_pipeline(job, options, sweep=True) for job in jobs]
+    check_known_job_folders(jobs)
     print_warnings(shadowed(list(overrides), pipelines[0]))  # a swept key too (an Optuna search of one)
     sweep_dir = make_run_dir(base.sweep_dir, "hydra.sweep.dir")
     hydra_overrides = _hydra_overrides(parsed, base, sweep_dir, pipelines[0], sweeper)
@@ -309,7 +314,8 @@ def _launch(overrides: list[str], cdir: Path | None, task: Task, sweeper: str) -
         compose.check_targets(OmegaConf.to_container(cfg, resolve=False), overrides, user_dir)
         from hydra._internal.callbacks import Callbacks
 
-        context = HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=Callbacks(cfg))
+        context = HydraContext(config_loader=CheckedLoader(GlobalHydra.instance().config_loader()),
+                               callbacks=Callbacks(cfg))
         OmegaConf.save(cfg, Path(str(cfg.hydra.sweep.dir)) / "multirun.yaml")  # any sweeper, as Hydra's basic does
         _quiet_plugins()
         try:
@@ -321,6 +327,64 @@ def _launch(overrides: list[str], cdir: Path | None, task: Task, sweeper: str) -
             first = (str(e).splitlines() or [""])[0]
             return f"the {sweeper} sweeper stopped: {type(e).__name__}: {first}"
     return None
+
+
+class CheckedLoader:
+    """Hydra's config loader, with each job's folder checked (check_job_folders) when a launcher loads
+    that job's config: every launcher does so before run_job makes the folder and writes `.hydra/` (in
+    this process, or in a joblib/submitit worker, which unpickles this class by reference)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        config = self.loader.load_sweep_config(master_config, sweep_overrides)
+        check_job_folders(config)
+        return config
+
+    def __getattr__(self, name: str) -> Any:  # the rest is Hydra's loader's
+        if name == "loader":  # not set yet (unpickling): no recursion through self.loader
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+def check_known_job_folders(jobs: list) -> None:
+    """check_job_folders of every job known before the sweep starts (a grid's; an Optuna study's base
+    config), so that a folder that would leave is a config error before anything is written."""
+    for num, job in enumerate(jobs):
+        full = OmegaConf.create({**OmegaConf.to_container(job.cfg, resolve=False),
+                                 "hydra": OmegaConf.to_container(job.hydra_cfg, resolve=False)})
+        check_job_folders(full, num)
+
+
+def check_job_folders(config: DictConfig, num: int = 0) -> None:
+    """A ComposeError unless the job's folder (hydra.sweep.dir/hydra.sweep.subdir) stays inside the sweep
+    folder and its config folder (hydra.output_subdir) inside the job's: each part a name allowed by
+    engine.contract.names. The subdir is resolved as the launcher will (hydra.job.num and id, when only
+    the launcher knows them, stand in as `num` and <job name>_<num>: launchers make them of digits and
+    hydra.job.name)."""
+    from engine.contract import names
+
+    probe = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
+    with open_dict(probe):
+        job_name = OmegaConf.select(probe, "hydra.job.name", default="")
+        for field, value in (("num", num), ("id", f"{job_name}_{num}")):
+            if OmegaConf.select(probe, f"hydra.job.{field}", default=None, throw_on_missing=False) is None:
+                probe.hydra.job[field] = value
+    for key, may_be_null in (("hydra.sweep.subdir", False), ("hydra.output_subdir", True)):
+        try:
+            value = OmegaConf.select(probe, key, default=None, throw_on_resolution_failure=True)
+        except Exception as e:  # noqa: BLE001 - OmegaConf's and the resolvers' own: an unresolvable folder
+            first = (str(e).splitlines() or [""])[0]
+            raise ComposeError(f"{key}: cannot be resolved ({type(e).__name__}: {first})") from None
+        if value is None and may_be_null:
+            continue
+        parts = str(value).split("/")
+        why = next((names.problem(p) for p in parts if names.problem(p)), None)
+        if value is None or why:
+            raise ComposeError(f"{key}={value!r}: each part of a job's folder must be a plain name, inside the "
+                               f"sweep folder ({why or 'not set'}); set it to a relative path such as "
+                               f"${{hydra.job.num}}")
 
 
 def _quiet_plugins() -> None:
@@ -351,19 +415,21 @@ def after_sweep(sweep_dir: Path, job_results: list[dict], error: str | None = No
     jobs ok", and an Optuna study's best trial (its overrides and value, from the sweeper's
     optimization_results.yaml in the sweep folder). The exit status: a grid sweep fails when any job
     failed; an Optuna study when no trial completed."""
+    from engine.report.display import plain  # what a job wrote is shown, never obeyed by the terminal
+
     ok = [r for r in job_results if r.get("status") == "ok"]
     for r in job_results:
         h = r.get("headline") or {}
         what = (f"{h.get('key')} = {_short(h.get('value'))}" if h else "") if r in ok else r.get("error")
-        print(f"  {'ok' if r in ok else 'failed':<6} {_job_name(r, len(job_results))}  {what or ''}")
+        print(plain(f"  {'ok' if r in ok else 'failed':<6} {_job_name(r, len(job_results))}  {what or ''}"))
     print(f"sweep: {len(ok)}/{len(job_results)} jobs ok in {sweep_dir}")
     _write_comparison(sweep_dir, ok)
     best = best_trial(sweep_dir)
     if best:
         params = " ".join(f"{k}={v}" for k, v in best["best_params"].items())
-        print(f"best: {params} -> {_short(best['best_value'])} (in {Path(sweep_dir) / OPTUNA_RESULTS})")
+        print(plain(f"best: {params} -> {_short(best['best_value'])} (in {Path(sweep_dir) / OPTUNA_RESULTS})"))
     if error:
-        print(f"edgepipe: {error}", file=sys.stderr)
+        print(f"edgepipe: {plain(error)}", file=sys.stderr)
     elif not grid and not ok:
         print("edgepipe: no trial completed; each trial's error is above", file=sys.stderr)
     if grid:

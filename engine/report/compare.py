@@ -180,6 +180,8 @@ def rich_tables(c: Comparison, width: int) -> list:
     overrides and the headline."""
     from rich.table import Table
 
+    from engine.report.display import safe  # run names, overrides, metrics: from run.json, shown as text
+
     header, rows = c.header(), c.rows()
     labels = short_headers(header, len(c.swept))
     need = [max([len(r[i]) for r in rows] + [max(len(w) for w in label.split("\n"))]) for i, label in enumerate(labels)]
@@ -197,12 +199,12 @@ def rich_tables(c: Comparison, width: int) -> list:
         title = (f"{len(c.jobs)} jobs, best {c.headline or 'headline'} first "
                  f"({'lowest' if c.lower_is_better else 'highest'})"
                  + (f" ({n + 1}/{len(chunks)})" if len(chunks) > 1 else ""))
-        table = Table(title=title, title_justify="left")
+        table = Table(title=safe(title), title_justify="left")
         for i in fixed + chunk:
-            table.add_column(labels[i], justify="right" if i > len(c.swept) else "left", no_wrap=True,
+            table.add_column(safe(labels[i]), justify="right" if i > len(c.swept) else "left", no_wrap=True,
                              min_width=need[i])
         for row in rows:
-            table.add_row(*(row[i] for i in fixed + chunk))
+            table.add_row(*(safe(row[i]) for i in fixed + chunk))
         tables.append(table)
     return tables
 

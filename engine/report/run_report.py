@@ -3,6 +3,7 @@ written at the end of every run and by `edgepipe report`."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,32 @@ def write_report(record: RunRecord) -> None:
     if missed:
         lines += ["", "## Targets missed", ""] + [f"- {escape(st)}: **{escape(b)}** {escape(text)}"
                                                   for st, b, text in missed]
+    gates = int8_verdicts(record)
+    if gates:
+        lines += ["", "## int8 builds against fp32", ""] + [f"- {escape(st)}: **{escape(b)}** {escape(text)}"
+                                                            for st, b, text in gates]
     errors = [s for s in record.stages.values() if s.error]
     if errors:
         lines += ["", "## Errors", ""] + [f"- **{escape(s.name)}**: {escape(s.error)}" for s in errors]
     lines += ["", "Stage outputs are linked under `stages/`; the exact config is in `.hydra/`.", ""]
     (Path(record.run_dir) / "report.md").write_text("\n".join(lines))
     page.write_html(record)
+
+
+def int8_verdicts(record: RunRecord) -> list[tuple[str, str, str]]:
+    """(stage, backend, "holds: ..." / "misses: ...") for every row evaluate judged with the int8 gate,
+    read from its metrics.json (the verdict in images, the interval, and whether the split resolves it)."""
+    found = []
+    for s in record.stages.values():
+        if s.type != "evaluate" or not s.path:
+            continue
+        try:
+            rows = json.loads((Path(s.path) / "metrics.json").read_text(encoding="utf-8")).get("backends") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        found += [(s.name, name, f"{'holds' if row.get('target_met') else 'misses'}: {row['verdict']}")
+                  for name, row in rows.items() if isinstance(row, dict) and isinstance(row.get("verdict"), str)]
+    return found
 
 
 def _short(v: Any) -> str:

@@ -18,8 +18,9 @@ from engine.report.summary import input_spec, mb, model_format, package_facts
 from engine.store.runs import StageRecord
 
 SKIPPED_SHOWN = 100  # skipped.csv rows listed; the count says how many there are
-EVALUATE_VERSION = 3  # bump when the evaluate section shows something else: memoised by it
+EVALUATE_VERSION = 4  # bump when the evaluate section shows something else: memoised by it
 # 3: an rknn_board row is int8 without a reference row too (Backend.int8, not the kind "rknn")
+# 4: the int8 gate's figures and verdict per quantized row (evaluate 4's metrics.json)
 
 
 # -- dataset ------------------------------------------------------------------------------------------
@@ -131,8 +132,18 @@ def _evaluate_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, 
                  for n, row in backends.items() if isinstance(row.get("multicrop"), dict)]
     return {"split": report.get("split", "?"), "samples": report.get("samples", "?"), "reference": ref,
             "classes": classes, "rows": rows, "per_backend": per_backend, "disagree": disagree,
-            "tsne": tsne(view, folder, classes), "multicrop": multicrop,
+            "tsne": tsne(view, folder, classes), "multicrop": multicrop, "unresolved": unresolved(report),
             "images_problem": pictures.problem, "problem": None}
+
+
+def unresolved(report: dict[str, Any]) -> list[str]:
+    """One sentence per quantized row whose split cannot resolve the int8 target (one image > the target)."""
+    target = (report.get("targets") or {}).get("quant_max_drop_points")
+    return [f"{name}: the {report.get('split', '?')} split cannot resolve the {fmt(target)}-point target: one image "
+            f"= {points(row.get('resolution_points'))} points > {fmt(target)}; the verdict is the rule's, in whole "
+            f"images, and the interval shows how far the true drop may lie"
+            for name, row in (report.get("backends") or {}).items()
+            if isinstance(row, dict) and row.get("resolved") is False]
 
 
 def confusion_uri(view: RunView, folder: Path, name: str, row: dict[str, Any], classes: list[str]) -> str | None:
@@ -158,8 +169,25 @@ def backend_row(name: str, row: dict[str, Any], reference: str | None, model_fol
             "max_abs_diff": f"{row['max_abs_diff']:.3g}" if "max_abs_diff" in row else "",
             "size": mb(found[1]) if found else "", "int8": is_int8(row),
             "verdict": "reference" if name == reference else verdict, "target": row.get("target", ""),
-            "missed": row.get("missed", ""),
+            "missed": row.get("missed", ""), "gate": gate_cells(row),
             "per_class": {c: pct(v, 1) for c, v in per_class.items()}}
+
+
+def gate_cells(row: dict[str, Any]) -> dict[str, Any] | None:
+    """A quantized row's int8 gate (stages.common.quant_gate, as evaluate wrote it) as text; None for others
+    and for rows an older evaluate wrote."""
+    if "lost_images" not in row:
+        return None
+    ci = row.get("drop_ci95") or ["", ""]
+    splits = row.get("label_free_splits") or []
+    return {"lost": row["lost_images"], "gained": row.get("gained_images", ""),
+            "drop": f"{row['drop_points']:+.2f}" if isinstance(row.get("drop_points"), (int, float)) else "",
+            "interval": f"{ci[0]:+.2f} to {ci[1]:+.2f}" if all(isinstance(v, (int, float)) for v in ci) else "",
+            "resolution": points(row.get("resolution_points")), "allowed": row.get("allowed_images", ""),
+            "cosine": f"{row['logit_cosine']:.4f}" if isinstance(row.get("logit_cosine"), (int, float)) else "",
+            "agreement": pct(row.get("agreement")),
+            "over": f"{' + '.join(splits)} ({row.get('label_free_images', '?')} images)" if splits else "",
+            "holds": row.get("target_met") is True, "verdict": row.get("verdict", "")}
 
 
 def shipped_by(view: RunView, model_stage: str | None) -> list[dict[str, str]]:
@@ -224,6 +252,11 @@ def pct(v: Any, digits: int = 2) -> str:
 
 def fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def points(v: Any) -> str:
+    """Top-1 points as evaluate's eval.md writes one image's weight (1.39)."""
+    return f"{v:.3g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
 
 
 READERS = {"dataset": dataset_section, "train": train_section, "clip_outliers": clip_section,

@@ -78,14 +78,33 @@ def model_facts(model_pt: Path) -> dict[str, Any] | None:
             name = next(n for n in z.namelist() if n.endswith("/data.pkl"))
             with z.open(name) as f:
                 bundle = _ShapesOnly(f).load()
-        shapes = bundle["state_dict"]
-        params = sum(math.prod(s) for k, s in shapes.items() if not k.endswith(BUFFERS) and isinstance(s, tuple))
+        shapes = {k: s for k, s in bundle["state_dict"].items() if isinstance(s, tuple)}
+        if not all(_is_shape(s) for s in shapes.values()):
+            return None  # facts that cannot be true are left out
+        params = sum(math.prod(s) for k, s in shapes.items() if not str(k).endswith(BUFFERS))
+        if params > MAX_COUNT:
+            return None
         arch = bundle.get("arch") or {}
-        return {"arch": arch.get("arch", "?") if isinstance(arch, dict) else str(arch),
-                "num_classes": bundle.get("num_classes"), "parameters": params}
+        num_classes = bundle.get("num_classes")
+        return {"arch": str(arch.get("arch", "?") if isinstance(arch, dict) else arch)[:80],
+                "num_classes": num_classes if _is_count(num_classes) else "?", "parameters": params}
     except (OSError, StopIteration, KeyError, TypeError, AttributeError, ValueError, pickle.UnpicklingError,
             zipfile.BadZipFile, EOFError):
         return None
+
+
+MAX_COUNT = 10**15  # more parameters, classes or elements than any model holds: the file lies
+
+
+def _is_count(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_COUNT
+
+
+def _is_shape(shape: Any) -> bool:
+    """A tensor's shape as torch pickles it: a few dimensions, each a count, whose product is one too (a
+    planted file's huge integers would otherwise reach the report's number formatting)."""
+    return (isinstance(shape, tuple) and len(shape) <= 16 and all(_is_count(d) for d in shape)
+            and math.prod(shape) <= MAX_COUNT)
 
 
 # -- preprocess.json and packages ---------------------------------------------------------------------

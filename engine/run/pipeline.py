@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from engine.config.dag import Graph
+from engine.contract import names
 from engine.report.run_report import write_report
 from engine.run import scheduler
 from engine.store import runs
@@ -264,11 +265,14 @@ class Pipeline:
 
                 # What the failed stage wrote (its logs above all) moves to the run folder, never
                 # into the cache; messages that name a file in it are pointed at the new place.
-                kept = Path(record.run_dir) / "failed" / st.name
-                kept.parent.mkdir(exist_ok=True)
-                if kept.exists():
-                    shutil.rmtree(kept)
-                shutil.move(str(tmp), kept)
+                failed_dir = Path(record.run_dir) / "failed"
+                kept = names.join(failed_dir, st.name, what="stage name")
+                failed_dir.mkdir(exist_ok=True)
+                if names.remove_tree(kept, within=Path(record.run_dir)):
+                    shutil.move(str(tmp), kept)
+                else:  # failed/ is a link out of the run folder: nothing is deleted or written there
+                    log.warning("%s leads out of the run folder; stage %s's files stay in %s", failed_dir, st.name, tmp)
+                    kept = tmp
                 rec.status, rec.seconds = "failed", time.time() - t0
                 rec.path = None
                 if not isinstance(e, Refusal):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import stat
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.contract import locks
+from engine.contract import locks, names
 from engine.contract.hashing import (
     ContentIndex,
     content_digest,
@@ -211,8 +210,9 @@ class Cache:
         self.contents: dict[str, str] = {}  # content digests by path, read by this command (stage_key)
 
     def entry(self, stage_type: str, key: str) -> Path:
-        """The entry's folder: out/ (the stage's output) and manifest.json."""
-        return self.root / stage_type / key
+        """The entry's folder: out/ (the stage's output) and manifest.json; the type and key checked by
+        engine.contract.names (they may come from a run.json or a manifest)."""
+        return names.join(self.root, stage_type, key, what="cache type or key")
 
     # ---- lookup ------------------------------------------------------------------------------
     def lookup(self, stage_type: str, key: str, fetch: bool = True, volatile: Iterable[str] = (),
@@ -261,10 +261,10 @@ class Cache:
             log.warning("%s; computing %s/%s here", e, stage_type, key)
             hashes = None
         except BaseException:  # Ctrl-C, a full disk: it propagates, the temp folder does not
-            _rmtree(tmp)
+            names.remove_tree(tmp, within=self.root)
             raise
         if hashes is None:  # refused (warned): the stage is recomputed
-            _rmtree(tmp)
+            names.remove_tree(tmp, within=self.root)
             return None
         record = {k: v for k, v in manifest.items() if k not in ("files", "digest", "signature", "signed")}
         record |= {"fetched": True, "signed": self.remote.signing_key is not None}
@@ -285,9 +285,13 @@ class Cache:
         restores the mtime is caught too; an edit within the filesystem's timestamp granularity of the entry's
         creation is not (use `edgepipe reproduce --verify` to recompute). Returns the stats of the
         files whose times moved while their content did not."""
-        extra = sorted(set(list_files(path)) - set(manifest["files"]))
+        others: list[str] = []  # what is neither a file nor a folder holding one: never published
+        extra = sorted(set(list_files(path, on_other=others.append)) - set(manifest["files"]))
         if extra:  # added by hand: the next stage would read it, so the entry is not the one recorded
             raise CorruptEntry(f"{path / extra[0]}: not in the manifest (added to the entry after it was made)")
+        if others:  # a FIFO would hang the next stage, a dangling link or an empty folder changes what it sees
+            raise CorruptEntry(f"{path / min(others)}: {_what(path / min(others))}, not in the manifest (added to "
+                               f"the entry after it was made)")
         moved = {}
         for rel, meta in manifest["files"].items():
             f = path / rel
@@ -306,7 +310,7 @@ class Cache:
 
     # ---- locking -----------------------------------------------------------------------------
     def lock_path(self, stage_type: str, key: str) -> Path:
-        return self.root / stage_type / ".locks" / f"{key}.lock"
+        return self.entry(stage_type, key).parent / ".locks" / f"{key}.lock"
 
     def lock(self, stage_type: str, key: str,
              on_wait: Callable[[], None] | None = None) -> AbstractContextManager[None]:
@@ -323,10 +327,10 @@ class Cache:
         """An empty folder to run a stage into (it becomes the entry's out/). Call with the key's lock
         held: any older temp folder of this key belongs to a dead process (a killed run), so it is
         removed."""
-        tmp_root = self.root / stage_type / ".tmp"
+        tmp_root = self.entry(stage_type, key).parent / ".tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         for stale in tmp_root.glob(f"{key}-*"):
-            _rmtree(stale)
+            names.remove_tree(stale, within=self.root)
         tmp = tmp_root / f"{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         return tmp
@@ -334,7 +338,10 @@ class Cache:
     def publish(self, tmp: Path, stage_type: str, key: str, manifest: dict, volatile: tuple[str, ...] = (),
                 hashes: Mapping[str, str] | None = None, digest: str | None = None) -> Hit:
         """Hash the outputs (or take `hashes`, already checked, and `digest`), make them read-only, and
-        rename them into place as out/ with the manifest beside it, in one rename."""
+        rename them into place as out/ with the manifest beside it, in one rename. What is neither a
+        file nor a folder holding one (an empty folder, a FIFO, a dangling link) is removed first: a
+        verified entry holds none (nor does a fetched one)."""
+        _remove_others(tmp)
         listed = list_files(tmp)
         for rel in listed:  # every chmod before any stat: a chmod moves the ctime of each hard link of the
             f = tmp / rel  # file (Lightning links last.ckpt to best.ckpt), and a moved ctime costs a re-hash
@@ -356,18 +363,23 @@ class Cache:
             trash = self.root / stage_type / ".tmp" / f"trash-{key}-{uuid.uuid4().hex[:8]}"
             os.rename(final, trash)
             os.rename(staged, final)
-            _rmtree(trash)
+            names.remove_tree(trash, within=self.root)
         else:
             os.rename(staged, final)
         return Hit(final / OUT, manifest)
 
-    def discard(self, stage_type: str, key: str) -> None:
+    def discard(self, stage_type: str, key: str) -> bool:
+        """Remove an entry; False, nothing touched, when a symlink above it leads out of the cache
+        (a type folder linked elsewhere): deleting follows no link out of the folder it cleans."""
         path = self.entry(stage_type, key)
+        if not names.inside(path, self.root):
+            return False
         if path.exists():
-            trash = self.root / stage_type / ".tmp" / f"trash-{key}-{uuid.uuid4().hex[:8]}"
+            trash = path.parent / ".tmp" / f"trash-{key}-{uuid.uuid4().hex[:8]}"
             trash.parent.mkdir(parents=True, exist_ok=True)
             os.rename(path, trash)
-            _rmtree(trash)
+            names.remove_tree(trash, within=self.root)
+        return True
 
     # ---- listing -----------------------------------------------------------------------------
     def entries(self) -> Iterator[tuple[str, str, Path]]:
@@ -438,8 +450,31 @@ def read_manifest(output: Path) -> dict:
     return json.loads((entry_of(output) / MANIFEST).read_text())
 
 
-def _rmtree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def _what(path: Path) -> str:
+    """What a path that is neither a regular file nor a folder holding one is, in words."""
+    if path.is_symlink() and not path.exists():
+        return "a dangling symlink"
+    if path.is_dir():
+        return "an empty folder"
+    mode = path.lstat().st_mode
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
+def _remove_others(folder: Path) -> None:
+    """Remove from a stage's finished output what no listing holds: dangling links, FIFOs, sockets and
+    devices, then empty folders (deepest first: a folder of empty folders goes too). Nothing behind a
+    link that leads out of the output."""
+    while True:
+        others: list[str] = []
+        list_files(folder, on_other=others.append)
+        removable = [folder / rel for rel in others if names.inside(folder / rel, folder)]
+        if not removable:
+            return
+        for path in removable:
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            else:
+                path.unlink()
 
 
 def entry_size(path: Path) -> int:

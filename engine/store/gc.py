@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from engine.contract import names
 from engine.store import runs
 from engine.store.cache import Cache, entry_of, entry_size
 
@@ -33,8 +33,12 @@ def collect(runs_root: Path, dry_run: bool = False) -> int:
     cache = Cache(Path(runs_root) / "cache")
     keep = referenced_entries(runs_root)
     removed, freed = 0, 0
+    linked_out: set[str] = set()  # type folders that are links out of the cache: gc deletes nothing there
     for stage_type, key, path in list(cache.entries()):
-        if str(path.resolve()) in keep:
+        if str(path.resolve()) in keep or names.problem(key) or names.problem(stage_type):
+            continue
+        if not names.inside(path, cache.root):
+            linked_out.add(stage_type)
             continue
         with cache.lock_if_free(stage_type, key) as free:
             if not free:  # an entry being written or read under lock right now is left alone
@@ -45,15 +49,21 @@ def collect(runs_root: Path, dry_run: bool = False) -> int:
                 cache.discard(stage_type, key)
             removed += 1
             freed += size
+    for stage_type in sorted(linked_out):
+        print(f"edgepipe: warning: {cache.root / stage_type} is a link out of the cache "
+              f"({(cache.root / stage_type).resolve()}); gc removes nothing there", file=sys.stderr)
     # Temp folders of killed runs (their key's lock is free) are garbage too.
     for tmp in sorted(cache.root.glob("*/.tmp/*")) if cache.root.is_dir() else []:
         key = tmp.name.split("-")[0] if not tmp.name.startswith("trash-") else tmp.name.split("-")[1]
-        with cache.lock_if_free(tmp.parent.parent.name, key) as free:
+        stage_type = tmp.parent.parent.name
+        if names.problem(key) or names.problem(stage_type) or not names.inside(tmp, cache.root):
+            continue  # not a temp folder of ours, or behind a link out of the cache
+        with cache.lock_if_free(stage_type, key) as free:
             if not free:
                 continue
             print(f"{'would remove' if dry_run else 'removed'} unfinished {tmp.relative_to(cache.root)}")
             if not dry_run:
-                shutil.rmtree(tmp, ignore_errors=True)
+                names.remove_tree(tmp, within=cache.root)
     verb = "would free" if dry_run else "freed"
     print(f"gc: {removed} unreferenced cache entries, {verb} {freed / 1e6:.1f} MB")
     n_scratch, scratch_bytes = collect_scratch(cache.root / ".scratch", dry_run)
@@ -70,7 +80,9 @@ def collect_scratch(scratch: Path, dry_run: bool = False, days: float = SCRATCH_
     dataset stage keeps a row for every file it ever decoded, so the folder would grow without end. A stage
     that finds one removed computes it again. Empty folders left behind go too."""
     cutoff, removed, freed = time.time() - days * 86400, 0, 0
-    for folder, _, files in os.walk(scratch, topdown=False) if scratch.is_dir() else []:
+    if not scratch.is_dir() or scratch.is_symlink():
+        return 0, 0  # none, or a link out of the cache: gc deletes nothing there (os.walk follows no other)
+    for folder, _, files in os.walk(scratch, topdown=False):
         for name in files:
             path = os.path.join(folder, name)
             try:

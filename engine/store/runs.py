@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.contract import names
 from engine.errors import RunFolderError as RunFolderError  # re-exported: raised here
 
 RUN_JSON = "run.json"
@@ -65,24 +67,91 @@ class RunRecord:
 
     @classmethod
     def load(cls, run_dir: Path) -> RunRecord:
+        """The record in run_dir/run.json, every field of the type it should be and every name that
+        becomes a path (stage names, types, keys) allowed by engine.contract.names; RunFolderError
+        naming the file and the field otherwise: the one place a run.json is read."""
         path = Path(run_dir) / RUN_JSON
         try:
             data = json.loads(path.read_text())
             if not isinstance(data, dict):
                 raise ValueError(f"a JSON {type(data).__name__}, not an object")
             data.pop("seconds", None)
-            stages = {k: StageRecord(**v) for k, v in data.pop("stages", {}).items()}
+            raw_stages = data.pop("stages", {})
+            _check_fields(data, _RUN_FIELDS, "")
+            if not isinstance(raw_stages, dict):
+                raise ValueError(f"stages: a JSON {type(raw_stages).__name__}, not an object")
+            stages = {}
+            for name, raw in raw_stages.items():
+                if not isinstance(raw, dict):
+                    raise ValueError(f"stages.{name}: a JSON {type(raw).__name__}, not an object")
+                _check_fields(raw, _STAGE_FIELDS, f"stages.{name}.")
+                for field_name, value in (("", name), ("name", raw["name"]), ("type", raw["type"]),
+                                          ("key", raw.get("key"))):
+                    why = value is not None and names.problem(value)
+                    if why:
+                        raise ValueError(f"stages.{name}{'.' + field_name if field_name else ''}: {value!r} "
+                                         f"cannot name a folder ({why})")
+                stages[name] = StageRecord(**raw)
             return cls(**data, stages=stages)
-        except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not a run record
+        except (ValueError, TypeError, AttributeError, RecursionError) as e:  # not JSON, or not a run record
             raise RunFolderError(f"{path} is not an edgepipe run record ({type(e).__name__}: {e}); "
                                  f"was it edited by hand?") from None
 
 
+# The type each field of run.json must have (the dataclasses' annotations, checked on read: a record is
+# read from a folder anyone may have edited or copied): (types, required).
+_NUMBER, _TEXT, _NONE = (int, float), (str,), (type(None),)
+_LAST_TIME = 1e11  # started/finished: seconds since 1970, up to the year 5138 (time.localtime takes them)
+_RUN_FIELDS = {"name": (_TEXT, True), "run_dir": (_TEXT, True), "runs_root": (_TEXT, True),
+               "started": (_NUMBER, False), "finished": (_NUMBER + _NONE, False), "status": (_TEXT, False),
+               "overrides": ((list,), False), "headline": ((dict, type(None)), False),
+               "edgepipe_version": (_TEXT + _NONE, False), "config_sources": ((list,), False),
+               "cwd": (_TEXT + _NONE, False)}
+_STAGE_FIELDS = {"name": (_TEXT, True), "type": (_TEXT, True), "status": (_TEXT, False),
+                 "key": (_TEXT + _NONE, False), "seconds": (_NUMBER, False), "path": (_TEXT + _NONE, False),
+                 "digest": (_TEXT + _NONE, False), "metrics": ((dict,), False), "reason": (_TEXT + _NONE, False),
+                 "error": (_TEXT + _NONE, False)}
+
+
+def _check_fields(data: dict, fields: dict[str, tuple[tuple[type, ...], bool]], prefix: str) -> None:
+    """ValueError naming the first field of `data` missing, unknown or of another type than `fields` says."""
+    for name, (types, required) in fields.items():
+        if name not in data:
+            if required:
+                raise ValueError(f"{prefix}{name}: missing")
+            continue
+        value = data[name]
+        if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
+            raise ValueError(f"{prefix}{name}: {type(value).__name__} {_short(value)}, expected "
+                             f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}")
+        if name in ("started", "finished") and value is not None and not 0 <= value < _LAST_TIME:
+            raise ValueError(f"{prefix}{name}: {value} is not a time (seconds since 1970)")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{prefix}{name}: {value} is not a finite number")
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{prefix}{unknown[0]}: not a field of a run record")
+    for name in ("overrides",):
+        if name in data and not all(isinstance(o, str) for o in data[name]):
+            raise ValueError(f"{prefix}{name}: holds something other than text")
+    headline = data.get("headline")
+    if isinstance(headline, dict) and not isinstance(headline.get("key"), str):
+        raise ValueError(f"{prefix}headline.key: missing or not text")
+    if "config_sources" in data and not all(isinstance(c, dict) for c in data["config_sources"]):
+        raise ValueError(f"{prefix}config_sources: holds something other than objects")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def link_stage(run_dir: Path, stage: str, target: Path) -> None:
-    """runs/<run>/stages/<stage> -> the cache entry, as a relative link."""
+    """runs/<run>/stages/<stage> -> the cache entry, as a relative link (the stage name checked: a link
+    is made, and whatever stood there removed, only inside stages/)."""
     links = Path(run_dir) / "stages"
     links.mkdir(exist_ok=True)
-    link = links / stage
+    link = names.join(links, stage, what="stage name")
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(os.path.relpath(target, links))

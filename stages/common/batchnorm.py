@@ -10,6 +10,10 @@ gradients -- but only BatchNorm layers run in train mode: dropout stays off (no 
 the global RNG, so recalibration is deterministic and leaves the training stream unchanged), and the
 layers named in ``frozen`` (a finetune with frozen features) keep their statistics.
 
+The batches must mix the classes (``NpyDataModule.sample_batches`` draws a seeded permutation), as
+``update_bn`` expects the shuffled training loader: each batch's variance is averaged, so batches of
+one class each measure only the variance within a class and miss the variance between classes.
+
 Imports torch: import it inside a stage's ``run``.
 """
 
@@ -29,7 +33,8 @@ def batchnorm_layers(model: nn.Module, frozen: Iterable[nn.Module] = ()) -> list
 
 
 def recalibrate(model: nn.Module, batches: Iterable, frozen: Iterable[nn.Module] = ()) -> int:
-    """Recompute the running mean/var of ``model``'s BatchNorm layers over ``batches`` ((x, y) or x).
+    """Recompute the running mean/var of ``model``'s BatchNorm layers over ``batches`` ((x, y) or x; in
+    an order that mixes the classes, see the module's text).
     The model's own train/eval flags are restored afterwards. Returns the number of images seen (0 when
     the model has no BatchNorm layer or there are no batches: the model is then left untouched)."""
     layers = batchnorm_layers(model, frozen)

@@ -184,13 +184,15 @@ class NpyDataModule(pl.LightningDataModule):
     def sample_batches(self, split: str, limit: int | None) -> SampleBatches:
         """Un-augmented batches of a fixed, seeded sample of ``split`` (at most ``limit`` images, None:
         all): the same images in the same order every epoch, for BatchNorm recalibration and the
-        eval-mode train accuracy."""
+        eval-mode train accuracy. The order is a seeded permutation, never the stored one: the dataset
+        stage stores a split in class order, and BatchNorm statistics averaged over batches of one class
+        each miss the variance between classes (eval mode then normalises with variances that are far
+        too small: 0.62 eval-mode accuracy on the training images of a model at 0.97 in train mode)."""
         images, labels = self.arrays[split]
         n = len(labels)
-        if limit is None or limit >= n:
-            pick = np.arange(n)
-        else:
-            pick = np.sort(np.random.default_rng(seed_for(self.seed, 5)).permutation(n)[:limit])
+        pick = np.random.default_rng(seed_for(self.seed, 5)).permutation(n)
+        if limit is not None:
+            pick = pick[:limit]
         return SampleBatches(ArrayBatches(images, labels, self.spec), pick, self.batch_size)
 
     def train_dataloader(self):

@@ -162,3 +162,41 @@ def test_an_environment_variable_in_the_defaults_list(conf, monkeypatch):
     monkeypatch.setenv("EDGEPIPE_TEST_TRAIN", "tiny")
     assert _compose("+experiment=envy")[0]["train"]["epochs"] == tiny != default
     assert hits == [False, False, False]  # the entry of the first was replaced by the second
+
+
+@pytest.mark.parametrize("name", ["EDGEPIPE_TEST_TRAIN", "'EDGEPIPE_TEST_TRAIN'", '"EDGEPIPE_TEST_TRAIN"'],
+                         ids=["plain", "single-quoted", "double-quoted"])
+def test_an_environment_variable_a_file_names_in_quotes(conf, monkeypatch, name):
+    """OmegaConf takes a quoted name too (`${oc.env:'NAME'}`): it must be in the key like any other."""
+    (conf / "experiment" / "envy.yaml").write_text(
+        f"# @package _global_\ndefaults:\n  - override /train: ${{oc.env:{name},default}}\n  - _self_\n")
+    monkeypatch.setenv("EDGEPIPE_TEST_TRAIN", "tiny")
+    tiny = _compose("+experiment=envy")[0]["train"]["epochs"]
+    monkeypatch.setenv("EDGEPIPE_TEST_TRAIN", "default")
+    assert _compose("+experiment=envy")[0]["train"]["epochs"] != tiny
+
+
+@pytest.mark.parametrize("override", ["train=${oc.env:EDGEPIPE_TEST_TRAIN}", "train=${oc.env:'EDGEPIPE_TEST_TRAIN'}"],
+                         ids=["plain", "quoted"])
+def test_an_environment_variable_an_override_names(conf, monkeypatch, override):
+    """`train=${oc.env:NAME}` on the command line chooses a config group while composing: another value of
+    NAME must compose again, not serve the first choice (issue 30, item 7)."""
+    hits = _hits(monkeypatch)
+    monkeypatch.setenv("EDGEPIPE_TEST_TRAIN", "tiny")
+    tiny = _compose("+experiment=mine", override)[0]["train"]
+    monkeypatch.setenv("EDGEPIPE_TEST_TRAIN", "default")
+    default = _compose("+experiment=mine", override)[0]["train"]
+    assert default != tiny and hits == [False, False]
+    assert _compose("+experiment=mine", override)[0]["train"] == default and hits[-1] is True
+
+
+@pytest.mark.parametrize("value", ["${oc.env:${oc.env:EDGEPIPE_TEST_WHICH}}",
+                                   "${oc.decode:'${oc.env:EDGEPIPE_TEST_WHICH}'}"], ids=["nested", "decode"])
+def test_an_environment_read_that_cannot_be_named_is_never_kept(conf, monkeypatch, value):
+    """Which variable `${oc.env:${x}}` reads, or what oc.decode builds, is only known when it resolves:
+    a config folder holding one is composed every time (the names are taken from every file of it)."""
+    (conf / "experiment" / "which.yaml").write_text(f'# @package _global_\nnote: "{value}"\n')
+    monkeypatch.setenv("EDGEPIPE_TEST_WHICH", "HOME")
+    assert _compose("+experiment=which")[1].digest is None
+    (conf / "experiment" / "which.yaml").unlink()
+    assert _compose("+experiment=mine")[1].digest is not None

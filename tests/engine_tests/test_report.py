@@ -302,6 +302,44 @@ def test_multicrop_results_are_shown(tmp_path):
         assert_picture(png)
 
 
+def test_int8_gate_is_shown_for_quantized_rows(bundles, tmp_path):
+    """evaluate's int8 gate (the board tests' session RKNN build against its ONNX source), reported from a
+    run folder whose record points at the stage output: images lost and gained, the net drop with its
+    interval, one image in points, cosine and agreement with the splits they cover, the verdict, and in
+    words that this small split cannot resolve the target."""
+    from engine.report.page import REPORT_HTML
+    from engine.report.run_report import write_report
+    from engine.run.testing import run_stage
+    from engine.store.runs import RunRecord, StageRecord
+
+    run_stage("evaluate", {}, {"data": bundles["data"], "onnx": bundles["onnx"], "rknn": bundles["rknn_rv1103"]},
+              tmp_path / "eval")
+    row = json.loads((tmp_path / "eval" / "metrics.json").read_text())["backends"]["rknn"]
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(
+        "pipeline:\n  stages:\n    eval: {uses: evaluate, needs: {onnx: onnx, rknn: rknn}}\n")
+    record = RunRecord(name="gate", run_dir=str(run_dir), runs_root=str(tmp_path / "runs"), status="ok", stages={
+        "eval": StageRecord("eval", "evaluate", "ran", path=str(tmp_path / "eval"))})
+    write_report(record)
+    html = (run_dir / REPORT_HTML).read_text(encoding="utf-8")
+    assert '<table class="gate">' in html, "no int8 gate table"
+    table = html[html.index('<table class="gate">'):]
+    table = words(" ".join(HtmlPage(table[:table.index("</table>")]).text))
+    lo, hi = row["drop_ci95"]
+    verdict = "holds" if row["target_met"] else "misses"
+    assert (f"rknn {row['lost_images']} {row['gained_images']} {row['drop_points']:+.2f} {lo:+.2f} to {hi:+.2f} "
+            f"{row['resolution_points']:.3g} {row['allowed_images']} {row['logit_cosine']:.4f} {row['agreement']:.2%} "
+            f"test ({row['samples']} images) {verdict} : {row['verdict']}") in table, table
+    n = row["samples"]
+    assert n < 100 and row["resolved"] is False  # a small split: one image is more than the 1-point target
+    assert words(f"rknn: the test split cannot resolve the 1-point target: one image = {100 / n:.3g} points > 1") \
+        in words(" ".join(HtmlPage(html).text))
+    # report.md: the verdict of every int8 row, held or missed (a miss is also under "Targets missed")
+    md = (run_dir / "report.md").read_text()
+    assert f"## int8 builds against fp32\n\n- eval: **rknn** {verdict}: {row['verdict']}\n" in md, md
+
+
 # -- edgepipe dag --format png|svg ---------------------------------------------------------------------
 def test_dag_png_and_svg_with_graphviz(ws, tmp_path):
     assert shutil.which("dot"), ("Graphviz's dot is missing: apt-get install graphviz "
