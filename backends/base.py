@@ -174,6 +174,16 @@ def recognise(folder: Path) -> type[Backend] | None:
     return next((cls for cls in registered() if cls.companion_of is None and cls.recognises(folder)), None)
 
 
+def shipped(folder: Path, kind: str) -> type[Backend]:
+    """The backend of the model a board taking ``kind`` ships from ``folder``: the class that recognises
+    the folder when it has ``kind``'s model file and packaged name (an int8 ONNX folder for a board that
+    takes ONNX: its golden tolerance, not the float one), else ``kind``'s own class."""
+    fmt = by_kind(kind)
+    found = recognise(folder)
+    same = found is not None and (found.model_file, found.packaged_as) == (fmt.model_file, fmt.packaged_as)
+    return found if same else fmt
+
+
 def recognise_all(folder: Path) -> list[type[Backend]]:
     """The backend recognising ``folder`` and those of its companions the folder holds."""
     cls = recognise(folder)

@@ -6,7 +6,10 @@ coffee, chelsea), and backbones pretrained first on ten OTHER photos, saved as t
 Each experiment runs through the real CLI (`edgepipe run +experiment=NAME dataset.path=...`) with the
 same overrides as tests/e2e/test_real_photos.py; printed per experiment: top-1 of every backend its
 evaluate stage scores (fp32 PyTorch, ONNX Runtime, ncnn, RKNN normal / mmse in the simulator) and the
-int8 drop against `evaluate.quant_max_drop`. Then, per architecture, the finetuned model's test top-1
+int8 drop against `evaluate.quant_max_drop`, and `reference`: the independent reference the tests' floors
+come from (tests/helpers_reference.py: a plain PyTorch loop with torchvision's model, transforms and
+`update_bn` over a shuffled loader, trained on the very arrays of the run's dataset stage with the
+experiment's epochs, lr and batch size). Then, per architecture, the finetuned model's test top-1
 beside the same training from scratch (same data, epochs and seed).
 
 Everything is kept under --work (edgepipe's own cache): a second run only prints.
@@ -38,11 +41,12 @@ from helpers_data import (  # noqa: E402
     real_photo_overrides,
     torchvision_file_name,
 )
+from helpers_reference import reference_top1  # noqa: E402
 
 # one finetuning experiment per architecture whose pipeline has no `init` input (rv1103's train starts
 # from its clip stage, which a from-scratch training cannot take)
 FINETUNE_VS_SCRATCH = ("onnx_catsdogs", "v831_resnet18")
-BACKENDS = ("pytorch", "torchscript", "onnx", "ncnn", "rknn_normal", "rknn_mmse")
+BACKENDS = ("reference", "pytorch", "torchscript", "onnx", "ncnn", "rknn_normal", "rknn_mmse")
 
 
 def photos(work: Path, size: int, per_class: int, chinese: bool) -> Path:
@@ -94,7 +98,23 @@ def experiment_row(work: Path, name: str, per_class: int) -> tuple[dict, dict]:
             row[backend] = b["top1"]
             if "drop_points" in b and b.get("kind", "").startswith("rknn"):
                 row[f"{backend}_drop"] = b["drop_points"]
+    if record["stages"].get("data", {}).get("path"):
+        row["reference"] = reference(record, spec, w)
     return row, record
+
+
+def reference(record: dict, spec: dict, weights_file: Path | None) -> float:
+    """The plain PyTorch loop's test top-1 on the run's own dataset arrays, with its training settings."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(record["run_dir"]) / ".hydra" / "config.yaml").read_text(encoding="utf-8"))
+    train = cfg["train"]
+    arch = spec["arch"] or cfg["model"]["arch"]
+    result = reference_top1(Path(record["stages"]["data"]["path"]), arch,
+                            weights_file if train.get("mode") == "finetune" else None,
+                            epochs=train["epochs"], lr=train["lr"], batch_size=train["batch_size"],
+                            hflip=train["augment"].get("hflip", 0.0), seed=cfg.get("seed", 0) or 0)
+    return result["test_top1"]
 
 
 def scratch_vs_finetune(work: Path, name: str, record: dict, per_class: int) -> dict:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import BackendError, by_kind
+from backends.base import BackendError, shipped
 from boards.errors import GoldenError as GoldenError  # re-exported: raised here
 from engine.contract.hashing import sha256_file
 
@@ -45,7 +45,7 @@ def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = Fals
     """Write ``golden/`` for the package's format; returns the manifest's ``selftest`` section, or
     None (with a note) when the inputs hold nothing to make golden samples from."""
     fmt = pkg.board.model_format
-    backend = by_kind(fmt)
+    backend = shipped(pkg.model_dir, fmt)  # an int8 ONNX model on an ONNX board: int8's tolerance
     if backend.golden_tolerance is None:
         pkg.notes.append(f"no golden samples for the self-test: not implemented for {fmt} models yet")
         return None
@@ -98,7 +98,7 @@ def _golden_samples(pkg: PackageContext, data_dir: Path):
         pkg.notes.append("no golden samples for the self-test: the dataset's test split is empty")
         return None
     images = np.ascontiguousarray(images[:n])
-    backend = by_kind(pkg.board.model_format)
+    backend = shipped(pkg.model_dir, pkg.board.model_format)
     if backend.precomputed:  # RKNN: the simulator's outputs, stored by rknn_quantize for this test split
         if not (pkg.model_dir / backend.logits_file).is_file():
             pkg.notes.append(f"no golden samples for the self-test: the {backend.producer} stage ran without its "

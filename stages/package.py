@@ -52,7 +52,9 @@ class Package(Stage):
     # 4: the packaged preprocess.py shares InputGeometry with the host model
     # 5: golden outputs through the backend registry (ONNX Runtime with 1 thread), RKNN READMEs name the board row;
     # 6: the C demo reads labels.txt whole (a long label no longer splits in two), READMEs name `selftest --emulate`
-    version = 6
+    # 7: the onnxruntime package records which model ships (manifest `quantization`, notes) and an int8
+    #    ONNX model's golden samples take int8's tolerance
+    version = 7
     inputs = {
         "model": Input(required=True, doc="model bundle: export_onnx, ncnn or rknn_quantize folder"),
         "eval": Input(required=False, doc="evaluate folder (metrics.json): accuracy per backend in the manifest"),
@@ -133,7 +135,7 @@ def _model_file(board, model_dir: Path) -> Path:
     backend = by_kind(fmt)
     model_file = model_dir / backend.model_file
     if not model_file.is_file():
-        found = [b.kind for b in registered() if b.companion_of is None and (model_dir / b.model_file).is_file()]
+        found = [b.kind for b in registered() if b.companion_of is None and b.recognises(model_dir)]
         raise StageError(
             f"board {board.name} ({board.title}) takes a {fmt} model ({backend.model_file}), but the `model` input "
             f"{model_dir} holds {', '.join(found) + ' model' if found else 'no model file'}; wire package's "

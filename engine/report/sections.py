@@ -1,5 +1,6 @@
 """What report.html shows for each stage type, read from the files the stages wrote: the dataset's counts
-and skipped files, the training history, clip_outliers' per-layer weight ranges, evaluate's backend
+and skipped files, the training history, clip_outliers' per-layer weight ranges, each RKNN build's
+worst layers and its int8 search's candidates, evaluate's backend
 table, confusion matrices, misclassified and int8-vs-fp32 images, t-SNE and multi-crop results, and
 the board packages. Every picture goes through report_figures.memo_png (drawn once per content).
 """
@@ -206,6 +207,109 @@ def is_int8(row: dict[str, Any]) -> bool:
             or row.get("kind") in {cls.kind for cls in backend_classes() if cls.int8})
 
 
+# -- rknn_quantize: where int8 hurts, and the int8 search ------------------------------------------------
+WORST_SHOWN = 10  # layers in each worst-layers table
+COSINE_VERSION = 1  # bump when the cosine picture is drawn differently
+
+
+def rknn_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:
+    """An RKNN build: its worst layers by accuracy_analysis (layers.json) as a table and its cosine along
+    the network as a picture; with quantize.search, the candidates tried (search.json), the shipped one
+    marked, each missed candidate with its own worst layers."""
+    build = read_json(folder / "build.json") or {}
+    layers = (read_json(folder / "layers.json") or {}).get("layers") or []
+    search = read_json(folder / "search.json")
+    facts = {k: fmt(build[k]) for k in ("target", "algorithm", "method", "dtype", "calibration_images")
+             if build.get(k) is not None}
+    if build.get("float_layers"):
+        facts["layers in float"] = f"{len(build['float_layers'])} ({build.get('float_layer_dtype')})"
+    section: dict[str, Any] = {"facts": facts, "worst": worst_layers(layers), "cosine": cosine_uri(view, layers),
+                               "search": None, "problem": None}
+    if search is not None:
+        section["search"] = search_rows(search)
+    elif not layers:
+        section["problem"] = f"no per-layer analysis in {folder} (quantize.accuracy_analysis_samples=0?)"
+    return section
+
+
+def worst_layers(layers: list[dict[str, Any]], shown: int = WORST_SHOWN) -> list[list[str]]:
+    """[layer, op type, cosine alone, cosine accumulated] of the worst layers (lowest cosine alone)."""
+    scored = [x for x in layers if isinstance(x.get("cosine_alone"), (int, float))]
+    scored.sort(key=lambda x: x["cosine_alone"])
+    return [[x.get("name", ""), x.get("op_type", ""), f"{x['cosine_alone']:.5f}",
+             f"{x['cosine_accumulated']:.5f}" if isinstance(x.get("cosine_accumulated"), (int, float)) else ""]
+            for x in scored[:shown]]
+
+
+def search_rows(search: dict[str, Any]) -> dict[str, Any]:
+    """search.json as the template shows it: one row per candidate, the chosen one marked."""
+    chosen = (search.get("chosen") or {}).get("index")
+    rows = []
+    for i, c in enumerate(search.get("candidates") or []):
+        if c.get("failed"):
+            verdict = "failed"
+        elif c.get("holds"):
+            verdict = "holds"
+        else:
+            verdict = "missed" if c.get("complete") else "rejected early"
+        rows.append({"label": c.get("label", ""), "algorithm": c.get("algorithm", ""), "method": c.get("method", ""),
+                     "calibration_images": c.get("calibration_images", ""),
+                     "float_layers": len(c.get("float_layers") or []), "step": c.get("step", ""),
+                     "top1": pct(c.get("selection_top1")), "agreement": pct(c.get("agreement")),
+                     "cosine": f"{c['cosine']:.4f}" if isinstance(c.get("cosine"), (int, float)) else "",
+                     "images": f"-{c.get('lost_images', 0)} +{c.get('gained_images', 0)}" if c.get("images") else "",
+                     "verdict": verdict, "reason": c.get("failed") or c.get("reason", ""),
+                     "seconds": fmt(c.get("seconds")), "cached": "cached" if c.get("cached") else "built",
+                     "chosen": i == chosen, "worst": worst_layers(c.get("layers") or [], 5)})
+    selection = search.get("selection") or {}
+    return {"rows": rows, "chosen": chosen is not None, "reason": search.get("reason", ""),
+            "next_step": search.get("next_step"), "target": search.get("target_points"),
+            "split": selection.get("split", "val"), "images": selection.get("images", "?"),
+            "float_top1": pct(selection.get("float_top1")), "float_dtype": search.get("float_layer_dtype", ""),
+            "seconds": fmt(search.get("seconds")), "budget_spent": bool(search.get("budget_spent"))}
+
+
+def cosine_uri(view: RunView, layers: list[dict[str, Any]]) -> str | None:
+    points = [[x.get("position", i), x.get("cosine_alone"), x.get("cosine_accumulated"), x.get("name", "")]
+              for i, x in enumerate(layers) if isinstance(x.get("cosine_alone"), (int, float))]
+    if not points:
+        return None
+    return figs.png_uri(figs.memo_png(view.scratch, ("rknn cosine", COSINE_VERSION, points),
+                                      lambda: cosine_png(points)))
+
+
+def cosine_png(points: list[list[Any]]) -> bytes:
+    """Cosine (int8 simulator vs float) of each layer along the network, alone and accumulated; the five
+    worst named. Drawn only when the memo misses (matplotlib is imported here, not on the page path)."""
+    import io
+
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context({"font.family": figs.font_families()}):
+        fig = Figure(figsize=(min(max(6.0, 0.06 * len(points) + 4), 16), 3.6), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        xs = list(range(len(points)))
+        ax.plot(xs, [p[2] if p[2] is not None else float("nan") for p in points], color="tab:gray",
+                label="accumulated (every layer before it in int8 too)")
+        ax.plot(xs, [p[1] for p in points], color="tab:blue", marker=".", linewidth=0.8,
+                label="alone (float inputs)")
+        for i in sorted(xs, key=lambda i: points[i][1])[:5]:
+            ax.annotate(str(points[i][3]).rsplit("/", 2)[-2] if "/" in str(points[i][3]) else str(points[i][3]),
+                        (i, points[i][1]), fontsize=6, rotation=30, color="tab:red")
+        ax.set_xlabel("layer along the network (input -> output)")
+        ax.set_ylabel("cosine vs float")
+        ax.set_title("where int8 hurts: per-layer cosine (accuracy_analysis)")
+        ax.legend(fontsize=7, loc="lower left")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
 # -- package ------------------------------------------------------------------------------------------
 def package_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:
     facts = package_facts(folder)
@@ -260,4 +364,4 @@ def points(v: Any) -> str:
 
 
 READERS = {"dataset": dataset_section, "train": train_section, "clip_outliers": clip_section,
-           "evaluate": evaluate_section, "package": package_section}
+           "rknn_quantize": rknn_section, "evaluate": evaluate_section, "package": package_section}

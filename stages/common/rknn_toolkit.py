@@ -5,7 +5,8 @@ goes to ``log`` (``stages.common.native_output``), its scratch files (``check*.o
 and an exception it raises becomes ``ToolkitFailure`` naming the call (``config``, ``build``,
 ``init_runtime``, ...). ``ok(call, ret)`` turns a non-zero return code into one. ``reason(failure,
 log)`` is the one-line why: the exception's last ``XxxError: message`` line, else the log's last
-``E`` line. ``PeakRss`` samples this process's resident memory while a build runs.
+``E`` line. ``logged_exception(log, since)`` finds an exception the toolkit only logged. ``PeakRss``
+samples this process's resident memory while a build runs.
 """
 
 from __future__ import annotations
@@ -111,6 +112,27 @@ def _from_log(log_path: Path) -> str | None:
             call, _, rest = m.group(1).partition(": ")  # "init_runtime: why": the message names the call already
             return _short(rest if call in _CALLS and rest else m.group(1))
     return None
+
+
+def logged_exception(log_path: Path, since: int = 0) -> str | None:
+    """One line for an exception the toolkit logged after byte ``since`` of its log (a traceback or an
+    ``E`` line) though the call returned success, else None: some toolkit versions log one inside mmse
+    and still write a (worse) model."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(since)
+            text = _ANSI.sub("", f.read().decode(errors="replace"))
+    except OSError:
+        return None
+    lines = [ln.strip() for ln in text.splitlines()]
+    errors = [ln for ln in lines if re.match(r"^E \S", ln) and not ln.startswith("E rknn-toolkit2 version")]
+    if not errors and not any(ln.startswith("Traceback (most recent call last)") for ln in lines):
+        return None
+    for ln in reversed(lines):
+        m = re.match(r"^(?:E \S+: )?(?:[\w]+\.)*(\w*(?:Error|Exception)): (.+)$", ln)
+        if m:
+            return _short(f"{m.group(1)}: {m.group(2)}")
+    return _short(errors[-1][2:]) if errors else "a traceback"
 
 
 def _short(s: str, limit: int = 240) -> str:

@@ -2,7 +2,8 @@
 userland (Python 3.11) and PyPI's ARM wheels come from boards/emulation.py's cache (built once, on
 first use, into ~/.cache/edgepipe/emulation or $EDGEPIPE_EMULATION_CACHE).
 
-- aarch64: the ONNX Runtime package's `infer.py --selftest` and `infer.py IMAGE` (onnxruntime 1.18.1);
+- aarch64: the ONNX Runtime package's `infer.py --selftest` and `infer.py IMAGE` (onnxruntime 1.18.1), with
+  the float model and with onnx_quantize's int8 QDQ model;
   the RK3566 `infer.py` with the real rknn-toolkit-lite2 wheel, up to init_runtime (no NPU here);
 - armhf: the RV1103 C demo built by arm-linux-gnueabihf-gcc -Werror against an armhf build of the
   stand-in runtime (tests/board_tests/rknn_api), its `--selftest` and its long-label reading; `prepare_input.py
@@ -92,6 +93,25 @@ def test_onnxruntime_package_on_aarch64(userlands, bundles, tmp_path, capsys):
     # the same command without --emulate: this machine's Python
     rc, out, err = cli(capsys, "selftest", str(tmp_path / "o"))
     assert rc == 0 and "PASS" in out and "qemu" not in out, out + err
+
+
+@needs_emulation
+def test_onnxruntime_int8_package_on_aarch64(userlands, tmp_path, capsys):
+    """onnx_quantize's int8 QDQ model (the toy, tests/helpers_data.py) in the ONNX Runtime package on
+    onnxruntime 1.18.1 aarch64: the runtime reads its IR version and QDQ operators, and ARM's integer
+    kernels give the golden outputs measured here on x86 within int8's tolerance (3% of the range)."""
+    from helpers_data import toy
+
+    from engine.run.testing import run_stage
+
+    t = toy()
+    search = {"calibrators": ["minmax"], "methods": ["channel"], "calib_images": [16]}
+    run_stage("onnx_quantize", {"search": search}, {"onnx": t.onnx, "calib": t.calib, "data": t.data}, tmp_path / "q")
+    _, manifest = package("onnxruntime", {"model": tmp_path / "q", "data": t.data}, tmp_path / "o")
+    assert manifest["quantization"]["shipped"] == "int8" and manifest["selftest"]["rtol"] == 0.03
+    rc, out, err = cli(capsys, "selftest", str(tmp_path / "o" / "package.zip"), "--emulate")
+    assert rc == 0 and "on arm64 under qemu-aarch64-static" in out, out + err
+    assert "top-1 8/8" in out and "PASS -- this board computes what was measured here" in out, out
 
 
 @needs_emulation

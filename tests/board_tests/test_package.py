@@ -406,9 +406,14 @@ def test_experiment_onnx_catsdogs(tmp_path):
     pkg = _pkg(record)
     rows = run_script(pkg / "infer.py", str(data), "--json")
     assert len(rows) == 80 and {r["label"] for r in rows} <= {"cat", "dog"}
-    onnx_dir = Path(record["stages"]["onnx"]["path"])
+    # the package holds onnx_quantize's choice (int8 when a candidate held on val, else float), says which,
+    # and infer.py gives that model's predictions
+    int8_dir = Path(record["stages"]["onnx_int8"]["path"])
+    shipped = json.loads((int8_dir / "search.json").read_text())["shipped"]
+    assert json.loads((pkg / "manifest.json").read_text())["quantization"]["shipped"] == shipped
+    assert (pkg / "model.onnx").read_bytes() == (int8_dir / "model.onnx").read_bytes()
     images = sorted(p for p in data.rglob("*.jpg"))
-    assert [r["index"] for r in rows] == ort_logits(onnx_dir / "model.onnx", images).argmax(1).tolist()
+    assert [r["index"] for r in rows] == ort_logits(pkg / "model.onnx", images).argmax(1).tolist()
     r = subprocess.run([sys.executable, "-I", str(pkg / "infer.py"), "--selftest"], capture_output=True, text=True)
     assert r.returncode == 0 and "selftest: PASS" in r.stdout, r.stdout + r.stderr
 

@@ -38,8 +38,8 @@ def test_normal_build_outputs(normal_build):
     out = normal_build
     names = {p.name for p in out.iterdir()}
     assert not list(Path.cwd().glob("check*.onnx"))  # the toolkit's scratch files stay out of the user's folder
-    assert names == {"model.rknn", "build.json", "error_analysis.txt", "rknn.log", "test_logits.npy",
-                     "io.json", "preprocess.json", "labels.txt"}
+    assert names == {"model.rknn", "build.json", "error_analysis.txt", "layers.json", "rknn.log", "test_logits.npy",
+                     "val_logits.npy", "io.json", "preprocess.json", "labels.txt"}
     build = json.loads((out / "build.json").read_text())
     assert build["target"] == "rv1103" and build["algorithm"] == "normal" and build["dtype"] == "w8a8"
     # mean/std come from preprocess.json (imagenet preset) on the 0..255 scale, never typed
@@ -47,6 +47,10 @@ def test_normal_build_outputs(normal_build):
     assert build["std_values"] == pytest.approx([58.395, 57.12, 57.375])
     assert build["build_s"] > 0 and build["rss_peak_mb"] > 100
     assert build["accuracy_analysis"] == "ok"
+    # every build runs the val split too (evaluate's label-free agreement and cosine read it)
+    assert np.load(out / "val_logits.npy").shape == (32, 4) and build["simulator_val"]["samples"] == 32
+    layers = json.loads((out / "layers.json").read_text())["layers"]
+    assert [x["position"] for x in layers] == list(range(len(layers))) and layers[-1]["op_type"]
     metrics = json.loads((out.parent / "metrics.json").read_text())
     assert set(metrics) == {"build_s", "rss_peak_mb", "sim_top1"}
     assert (out / "model.rknn").stat().st_size > 10_000
@@ -382,3 +386,190 @@ def test_a_board_that_fails_in_the_toolkit_is_one_line(tmp_path, monkeypatch):
     assert "\n" not in msg and msg.startswith("rknn on board NOBOARD42 failed: init_runtime: ")
     assert "NOBOARD42' not found" in msg  # the toolkit's reason from rknn.log, not its bare RuntimeError
     assert "`adb devices` lists " in msg and "rknn_server" in msg and "rknn.log" in msg
+
+
+# -- quantize.search: the int8 search on the real toolkit (stages/common/quant_search.py) ------------------
+SEARCH = {"enabled": True, "calib_images": [8, 16], "hybrid": {"enabled": False}}
+
+
+@pytest.fixture(scope="module")
+def weak_toy(tmp_path_factory):
+    """The toy trained for 3 steps only: logits near ties, so int8 flips some val images (one, here)."""
+    from helpers_data import (
+        TOY_SIZE,
+        export_onnx_folder,
+        train_model,
+        write_calibration,
+        write_dataset,
+        write_model_bundle,
+    )
+
+    from stages.common.preprocess import Preprocess
+
+    root = tmp_path_factory.mktemp("weak")
+    spec = Preprocess(input_size=(TOY_SIZE, TOY_SIZE), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    data = write_dataset(root / "data", spec)
+    module, arch = train_model(data, spec, steps=3)
+    onnx = export_onnx_folder(write_model_bundle(root / "model", module, arch, spec), root / "onnx")
+    return {"onnx": onnx, "calib": write_calibration(data, root / "calib"), "data": data}
+
+
+def _search_json(out: Path) -> dict:
+    return json.loads((out / "search.json").read_text())
+
+
+def test_the_search_ships_the_first_candidate_that_holds_and_a_second_run_builds_nothing(tmp_path):
+    t = toy()
+    inputs = {"onnx": t.onnx, "calib": t.calib, "data": t.data}
+    first = tmp_path / "first"
+    metrics = run_stage("rknn_quantize", {"search": SEARCH}, inputs, first, scratch=tmp_path / "scratch")
+    assert {"model.rknn", "test_logits.npy", "val_logits.npy", "layers.json", "search.json", "build.json",
+            "error_analysis.txt", "rknn.log", "io.json", "preprocess.json", "labels.txt"} == {
+               p.name for p in first.iterdir()}
+    record = _search_json(first)
+    chosen = record["candidates"][record["chosen"]["index"]]
+    # cheapest first: normal, channel, the smaller subset; judged on val (32 images), never on test
+    assert chosen["label"] == "normal/channel/8" and chosen["holds"] and chosen["images"] == 32
+    assert record["selection"] == {"split": "val", "images": 32, "float_top1": pytest.approx(chosen["float_top1"])}
+    assert "holds on the selection split" in record["chosen"]["reason"]
+    # run.json's metrics (what `edgepipe show` prints): what was tried and why this one ships
+    assert metrics["search"] == {"chosen": "normal/channel/8", "why": record["chosen"]["reason"],
+                                 "tried": "normal/channel/8: holds"}
+    assert np.load(first / "val_logits.npy").shape == (32, 4) and np.load(first / "test_logits.npy").shape == (64, 4)
+    build = json.loads((first / "build.json").read_text())
+    assert build["calibration_images"] == 8 and build["simulator_val"]["samples"] == 32
+    # the worst layers by accuracy_analysis, on the val images where float and int8 disagree most
+    layers = chosen["layers"]
+    assert layers and {"name", "op_type", "cosine_alone", "cosine_accumulated", "position"} <= set(layers[0])
+    assert layers[0]["cosine_alone"] == min(x["cosine_alone"] for x in layers)
+    # a second run (another output folder, the same scratch) takes every candidate from the cache: the
+    # toolkit's .rknn files differ byte for byte between two builds, so equal bytes mean no build
+    second = tmp_path / "second"
+    run_stage("rknn_quantize", {"search": SEARCH}, inputs, second, scratch=tmp_path / "scratch")
+    assert all(c["cached"] for c in _search_json(second)["candidates"])
+    assert (second / "model.rknn").read_bytes() == (first / "model.rknn").read_bytes()
+
+
+def test_when_nothing_holds_the_stage_fails_with_one_line_and_every_candidate_stays_cached(weak_toy, tmp_path):
+    params = {"max_drop": 0.0, "search": {"enabled": True, "calib_images": [1], "methods": ["layer"],
+                                          "algorithms": ["normal"],
+                                          "hybrid": {"enabled": True, "max_float_layers": 2, "step": 2}}}
+    with pytest.raises(StageError) as e:
+        run_stage("rknn_quantize", params, weak_toy, tmp_path / "out", scratch=tmp_path / "scratch")
+    line = str(e.value)
+    assert "\n" not in line
+    assert line.startswith("int8 search: no candidate holds the target on the selection split; best normal/layer/1")
+    assert "> 0 images allowed by the 0-point target" in line and "next: more calibration data" in line
+    record = _search_json(tmp_path / "out")
+    assert record["chosen"] is None and len(record["candidates"]) == 2  # all-int8, then 2 layers in int16
+    assert record["float_layer_dtype"] == "int16"  # rv1103: the toolkit refuses float16 layers there
+    assert record["candidates"][1]["float_layers"] == [x["name"] for x in record["candidates"][0]["layers"][:2]]
+    cached = list((tmp_path / "scratch" / "candidates").glob("*/candidate.json"))
+    assert len(cached) == 2
+    with pytest.raises(StageError, match="no candidate holds"):
+        run_stage("rknn_quantize", params, weak_toy, tmp_path / "again", scratch=tmp_path / "scratch")
+    assert all(c["cached"] for c in _search_json(tmp_path / "again")["candidates"])
+
+
+def test_an_exception_the_toolkit_only_logs_fails_that_candidate(tmp_path, monkeypatch):
+    """Some toolkit versions log an exception inside mmse and still write a worse model (return 0):
+    that candidate fails and the search goes on. The toolkit here does not, so its build is made to."""
+    from rknn.api import RKNN
+
+    t = toy()
+    real_config, real_build = RKNN.config, RKNN.build
+
+    def config(self, *a, **kw):
+        self._method = kw.get("quantized_method")
+        return real_config(self, *a, **kw)
+
+    def build(self, *a, **kw):
+        ret = real_build(self, *a, **kw)
+        if self._method == "channel":  # as the toolkit logs it: on stderr, through its logger
+            os.write(2, b"E build: Traceback (most recent call last):\n  File \"rknn/api/mmse_quant2.py\"\n"
+                        b"E build: ValueError: mmse: clip range search diverged\n")
+        return ret
+
+    monkeypatch.setattr(RKNN, "config", config)
+    monkeypatch.setattr(RKNN, "build", build)
+    search = {**SEARCH, "algorithms": ["mmse"], "calib_images": [2]}
+    run_stage("rknn_quantize", {"search": search}, {"onnx": t.onnx, "calib": t.calib, "data": t.data},
+              tmp_path / "out", scratch=tmp_path / "scratch")
+    failed, chosen = _search_json(tmp_path / "out")["candidates"]
+    assert failed["label"] == "mmse/channel/2" and not failed["holds"]
+    assert failed["failed"] == ("the toolkit logged an exception while building: ValueError: mmse: clip range "
+                                "search diverged; see its log")
+    assert chosen["label"] == "mmse/layer/2" and chosen["holds"]
+
+
+def test_search_settings_and_the_target_are_not_in_the_key_without_the_search():
+    plain = validate_params("rknn_quantize", {}).model_dump()
+    assert validate_params("rknn_quantize", {"max_drop": 3.0, "search": {"budget_s": 5}}).model_dump() == plain
+    on = validate_params("rknn_quantize", {"max_drop": 3.0, "search": {"enabled": True}})
+    assert on.max_drop == 3.0 and on.search.enabled
+    with pytest.raises(ValidationError, match="search.enabled=true searches int8 builds"):
+        validate_params("rknn_quantize", {"target": "rk3588", "do_quantization": False, "search": {"enabled": True}})
+
+
+@pytest.mark.parametrize("board", ["rv1103", "rv1106", "rk3566"])
+def test_the_board_experiment_searches_and_packages_the_searchs_build(tmp_path, board):
+    from engine.config.compose import compose
+    from engine.config.validate import validate
+
+    job = compose(["+experiment=rv1103_mobilenetv3", f"dataset.path={tmp_path}", f"board={board}"])
+    _, specs = validate(job.cfg)
+    assert specs["rknn"].params.search.enabled and specs["rknn"].params.target == board
+    assert specs["rknn"].params.max_drop == job.cfg.evaluate.quant_max_drop
+    # the plain builds beside it are evaluated side by side, unsearched
+    assert not specs["rknn_normal"].params.search.enabled and not specs["rknn_mmse"].params.search.enabled
+    assert specs["package"].entry.needs["model"] == "rknn" and specs["eval"].entry.needs["rknn"] == "rknn"
+    job = compose(["+experiment=rv1103_mobilenetv3", f"dataset.path={tmp_path}",
+                   "pipeline.stages.package.needs.model=rknn_mmse"])
+    _, specs = validate(job.cfg)
+    assert specs["package"].entry.needs["model"] == "rknn_mmse"
+
+
+def test_the_quickstart_does_not_search():
+    from engine.config.compose import compose
+    from engine.config.validate import validate
+
+    _, specs = validate(compose(["+experiment=quickstart"]).cfg)
+    assert not any(s.params.search.enabled for s in specs.values() if s.cls.name == "rknn_quantize")
+
+
+def test_the_report_shows_the_candidates_the_shipped_one_and_where_int8_hurts(weak_toy, tmp_path):
+    """A search that shipped and one where nothing held (its failed/ folder), reported from a run folder
+    whose record points at the stage outputs: the candidates with the shipped one marked, the worst
+    layers (layers.json) as a table, the cosine picture."""
+    from helpers_browser import HtmlPage, assert_picture, embedded_pngs
+
+    from engine.report.page import write_html
+    from engine.store.runs import RunRecord, StageRecord
+
+    t = toy()
+    run_stage("rknn_quantize", {"search": SEARCH}, {"onnx": t.onnx, "calib": t.calib, "data": t.data},
+              tmp_path / "shipped", scratch=tmp_path / "scratch")
+    params = {"max_drop": 0.0, "search": {**SEARCH, "calib_images": [1], "methods": ["layer"],
+                                          "algorithms": ["normal"]}}
+    with pytest.raises(StageError) as e:
+        run_stage("rknn_quantize", params, weak_toy, tmp_path / "failed", scratch=tmp_path / "scratch")
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("pipeline:\n  stages:\n    rknn: {uses: rknn_quantize}\n")
+    record = RunRecord(name="search", run_dir=str(run_dir), runs_root=str(tmp_path / "runs"), status="failed", stages={
+        "rknn": StageRecord("rknn", "rknn_quantize", "ran", path=str(tmp_path / "shipped")),
+        "weak": StageRecord("weak", "rknn_quantize", "failed", path=str(tmp_path / "failed"), error=str(e.value))})
+    html = write_html(record).read_text(encoding="utf-8")
+    page = " ".join(" ".join(HtmlPage(html).text).split())
+    assert "normal/channel/8 shipped" in page and "normal/channel/8 holds on the selection split" in page
+    assert re.search(r"normal/layer/1 normal layer 1 0 [\d.]+% [\d.]+% [\d.]+ -1 \+0 missed ?: net \+1 image of 32",
+                     page), page
+    assert re.search(r"no candidate holds \(every candidate was tried\) ?; next: hybrid quantization \(quantize.search",
+                     page)
+    worst = min(json.loads((tmp_path / "shipped" / "layers.json").read_text())["layers"],
+                key=lambda x: x["cosine_alone"])
+    assert f"{worst['name']} {worst['op_type']} {worst['cosine_alone']:.5f}" in page
+    pngs = embedded_pngs(HtmlPage(html))
+    assert len(pngs) == 2  # the cosine along the network of each build
+    for png in pngs:
+        assert_picture(png)
