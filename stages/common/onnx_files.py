@@ -6,10 +6,11 @@ runtime opens that path), and a node may name an operator domain that a custom-o
 ONNX Runtime 1.26 and onnx 1.18 here refuse absolute and ``..`` locations themselves, each in its own
 words and as a traceback; the onnxruntime 1.18 a board package runs on (``edgepipe selftest
 --emulate``, where qemu-user lets the guest open any host file) and rknn-toolkit2's loader need not
-be, and the check should not rest on each loader's version. So every loader of a model.onnx from a cache entry calls ``check_onnx`` first: the
-file's protobuf alone is read (no external data), and a location that is absolute, climbs with
-``..`` or resolves (symlinks followed) outside the model's folder, or a domain outside ONNX's own and
-ONNX Runtime's built-in ones, is one line naming the file (README "Trust model").
+be, and the check should not rest on each loader's version. So every loader of a model.onnx from
+a cache entry calls ``check_onnx`` first: the file's protobuf alone is read (no external data), and
+a location that is absolute, climbs with ``..`` or resolves (symlinks followed) outside the model's
+folder, or a domain outside ONNX's own and ONNX Runtime's built-in ones, is one line naming the file
+(README "Trust model").
 """
 
 from __future__ import annotations
