@@ -33,8 +33,13 @@ class OnnxBackend(Backend):
 
 
 def onnx_session(path: str | Path, threads: int = 1):
-    """An onnxruntime CPU session with its native warnings silenced (severity >= error only)."""
+    """An onnxruntime CPU session with its native warnings silenced (severity >= error only), for a
+    file that reads no other file outside its folder and needs no custom-op library (check_onnx)."""
     import onnxruntime as ort
+
+    from stages.common.onnx_files import check_onnx
+
+    check_onnx(Path(path))
 
     so = ort.SessionOptions()
     so.log_severity_level = 3

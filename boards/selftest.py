@@ -42,6 +42,7 @@ def selftest(path: Path, emulate: bool, scratch: Path) -> int:
     instruction set; prints its output and what it did not check. Exit status: the self-test's."""
     package = package_folder(path, scratch)
     board = board_of(package)
+    _check_model(package)
     emu: Emulation | None = type(board).emulation
     if emu is None or not emu.command:
         why = emu.cannot if emu else "no emulation is known for its family"
@@ -74,6 +75,21 @@ def selftest(path: Path, emulate: bool, scratch: Path) -> int:
     if emulate and emu.checks and r.returncode == 0:
         print(f"selftest: checked under emulation: {emu.checks}")
     return r.returncode
+
+
+def _check_model(package: Path) -> None:
+    """A package's model.onnx is checked before its self-test runs it: under qemu-user the guest
+    opens host files, and the board's onnxruntime is older than the one here (stages.common.onnx_files).
+    The package's scripts themselves are the package stage's: an entry of it from cache.remote is taken
+    only when signed (Stage.outputs_execute)."""
+    from stages.common.onnx_files import UnsafeOnnx, check_onnx
+
+    model = package / "model.onnx"
+    if model.is_file():
+        try:
+            check_onnx(model, "package")
+        except UnsafeOnnx as e:
+            raise EmulationError(f"{e}; nothing was run", status=2) from None
 
 
 def _missing_module(stderr: str) -> str | None:

@@ -34,6 +34,9 @@ class ExportTorchScript(Stage):
     config_section = "torchscript"
     version = 1
     inputs = {"model": Input(required=True, doc="model bundle folder: model.pt, preprocess.json, labels.txt")}
+    # torch.jit.load runs a TorchScript file's ops (torch.from_file, torch.save...: files read and
+    # written): an entry of this stage from cache.remote is taken only when signed (README "Trust model")
+    outputs_execute = True
 
     class Params(Params):
         # max abs logit difference allowed between the saved TorchScript file and the eager model

@@ -66,6 +66,9 @@ class Package(Stage):
     # rknn-toolkit2 writes different model.rknn bytes for the same build (see rknn_quantize); the
     # manifest and the zip carry its sha256. Left out of the output digest, like rknn_quantize does.
     volatile_outputs = ("package/model.rknn", "package/manifest.json", "package.zip")
+    # its scripts and C sources run under `edgepipe selftest` and on the board: a package from
+    # cache.remote is taken only when signed (README "Trust model")
+    outputs_execute = True
 
     class Params(Params):
         # the board to package for (conf/package/default.yaml: ${board.name})
@@ -87,7 +90,8 @@ class Package(Stage):
         board = get_board(p.board, settings)
         model_dir = inputs["model"]
         model_file = _model_file(board, model_dir)
-        check_bundle(model_dir, FORWARD, input="model", hint="model bundles carry it forward")
+        # the model file too: a model.onnx is checked before anything reads it (stages.common.onnx_files)
+        check_bundle(model_dir, (model_file.name, *FORWARD), input="model", hint="model bundles carry it forward")
         spec = Preprocess.load(model_dir)
         io = read_io(model_dir)
         needs_io = by_kind(board.model_format).needs_io

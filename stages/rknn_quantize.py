@@ -823,15 +823,21 @@ def _calibration_entries(calib: Path, spec) -> list[list[str]]:
     if not lst.is_file():
         raise StageError(f"input calib: {lst} is missing (expected a calibration folder with dataset.txt)")
     entries = []
+    folder = calib.resolve()
     for n, line in enumerate(lst.read_text().splitlines(), 1):
         if not line.strip():
             continue
         paths = []
         for token in line.split():
-            path = Path(token) if Path(token).is_absolute() else calib / token
+            path = (calib / token).resolve()
+            # the calibration stage lists files of its own folder; a list from cache.remote naming any
+            # other file would have the toolkit read it (README "Trust model")
+            if not path.is_relative_to(folder):
+                raise StageError(f"input calib: {lst} line {n} names {token}, outside the calibration folder; "
+                                 f"a calibration list names files of its own folder (make it again: calibration)")
             if not path.is_file():
                 raise StageError(f"input calib: {lst} line {n} names {token}, which does not exist")
-            paths.append(str(path.resolve()))
+            paths.append(str(path))
         entries.append(paths)
     if not entries:
         raise StageError(f"input calib: {lst} lists no images")

@@ -83,7 +83,8 @@ def pull(pipeline: Any) -> int:
         key, _ = stage_key(st.recipe, inputs, cache)
         with cache.lock(st.cls.name, key):
             try:
-                hit = cache.lookup(st.cls.name, key, volatile=st.recipe.volatile)
+                hit = cache.lookup(st.cls.name, key, volatile=st.recipe.volatile,
+                                   executes=st.recipe.executes)
             except CorruptEntry as e:
                 log.warning("stage %s: local cache entry damaged (%s); run recomputes it", name, e)
                 hit = None

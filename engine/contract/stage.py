@@ -120,6 +120,13 @@ class Stage:
     # installed versions (package metadata, nothing imported) are part of the cache key, so an upgrade
     # re-runs the stage and `plan` names it (rknn-toolkit2 2.5.0 -> 2.6.0).
     tools: ClassVar[tuple[str, ...]] = ()
+    # True when what the stage writes is run as code by a later stage or command: a TorchScript file
+    # (torch.jit.load runs its ops, file I/O included), a board package's scripts and C sources
+    # (`edgepipe selftest`, the board). An entry of such a stage is taken from cache.remote only when
+    # signed with the team's key ($EDGEPIPE_REMOTE_KEY); otherwise it is computed here (engine/store/
+    # cache.py, README "Trust model"). Model formats that runtimes read as data (ONNX, ncnn, RKNN,
+    # weights) are checked where they are loaded instead.
+    outputs_execute: ClassVar[bool] = False
 
     # Rough peak memory of one run of the stage in MB (resident, the process included): with
     # `run --jobs N` a stage starts only when it fits --max-memory beside the stages running.

@@ -103,7 +103,8 @@ class Pipeline:
             hit, damage = None, None
             if name not in forced:
                 try:
-                    hit = self.cache.lookup(st.type, key, fetch=False, volatile=st.recipe.volatile)
+                    hit = self.cache.lookup(st.type, key, fetch=False, volatile=st.recipe.volatile,
+                                            executes=st.recipe.executes)
                 except CorruptEntry as e:
                     damage = str(e)
             if hit:
@@ -238,7 +239,8 @@ class Pipeline:
                 rec.reason = "forced"
             else:
                 try:
-                    hit = self.cache.lookup(st.type, key, volatile=st.recipe.volatile)
+                    hit = self.cache.lookup(st.type, key, volatile=st.recipe.volatile,
+                                            executes=st.recipe.executes)
                 except CorruptEntry as e:
                     log.warning("stage %s: cache entry damaged (%s); recomputing", st.name, e)
                     rec.reason = f"cache entry damaged: {e}"

@@ -64,12 +64,15 @@ class KeyRecipe:
     from_files: bool = False  # a FROM_FILES field is set: validation read files, not to be remembered
     # Not in the key: the stage's volatile_outputs, which a remote entry's digest is recomputed without
     volatile: tuple[str, ...] = ()
+    # Not in the key: Stage.outputs_execute (its outputs run as code here), which decides whether an
+    # unsigned remote entry may be taken (admitted())
+    executes: bool = False
 
 
 def key_recipe(cls: type[Stage], params: BaseModel) -> KeyRecipe:
     kp, content, from_files = key_params(params)
     return KeyRecipe(cls.name, cls.version, kp, {k: str(v) for k, v in content.items()}, list(cls.tools),
-                     from_files, tuple(cls.volatile_outputs))
+                     from_files, tuple(cls.volatile_outputs), bool(cls.outputs_execute))
 
 
 def key_params(params: BaseModel) -> tuple[dict, dict[str, Path], bool]:
@@ -212,27 +215,31 @@ class Cache:
         return names.join(self.root, stage_type, key, what="cache type or key")
 
     # ---- lookup ------------------------------------------------------------------------------
-    def lookup(self, stage_type: str, key: str, fetch: bool = True, volatile: Iterable[str] = ()) -> Hit | None:
+    def lookup(self, stage_type: str, key: str, fetch: bool = True, volatile: Iterable[str] = (),
+               executes: bool = False) -> Hit | None:
         """The entry if present and intact; None if absent; CorruptEntry if its files changed. On a
         local miss the remote (if any) is asked: with `fetch` (call with the key's lock held) the entry
         is downloaded, checked and published here; without, a remote hit is only reported. Without
         `fetch` nothing is written (`plan`): not even the new times of a file found intact.
-        `volatile`: the stage's volatile_outputs (KeyRecipe.volatile), to recompute a remote digest."""
+        `volatile`: the stage's volatile_outputs (KeyRecipe.volatile), to recompute a remote digest;
+        `executes`: its outputs run as code here (KeyRecipe.executes): see admitted()."""
         path = self.entry(stage_type, key)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except FileNotFoundError:
             if path.exists():
                 raise CorruptEntry(f"{path}: manifest.json is missing") from None
-            return self._remote_lookup(stage_type, key, fetch, tuple(volatile)) if self.remote else None
+            return self._remote_lookup(stage_type, key, fetch, tuple(volatile), executes) if self.remote else None
         except ValueError:
             raise CorruptEntry(f"{path}: manifest.json is not valid JSON") from None
+        _check_fetched_executable(path, manifest, executes)
         moved = self.verify(path / OUT, manifest)
         if moved and fetch:
             manifest = _restamp(path / MANIFEST, manifest, moved)
         return Hit(path / OUT, manifest)
 
-    def _remote_lookup(self, stage_type: str, key: str, fetch: bool, volatile: tuple[str, ...]) -> Hit | None:
+    def _remote_lookup(self, stage_type: str, key: str, fetch: bool, volatile: tuple[str, ...],
+                       executes: bool) -> Hit | None:
         """A remote entry checked (manifest, signature, digest, then every file) and published here;
         None when there is none or it is refused (warned by the remote). No temp folder outlives it."""
         from engine.errors import RemoteError
@@ -243,7 +250,7 @@ class Cache:
         except RemoteError as e:  # reached at the start (check_remote), so a passing failure: compute here
             log.warning("%s; computing %s/%s here", e, stage_type, key)
             return None
-        if manifest is None:
+        if manifest is None or not admitted(self.remote, stage_type, key, executes, warn=fetch):
             return None
         if not fetch:
             return Hit(None, manifest, remote_only=True)
@@ -259,7 +266,8 @@ class Cache:
         if hashes is None:  # refused (warned): the stage is recomputed
             names.remove_tree(tmp, within=self.root)
             return None
-        record = {k: v for k, v in manifest.items() if k not in ("files", "digest", "signature")} | {"fetched": True}
+        record = {k: v for k, v in manifest.items() if k not in ("files", "digest", "signature", "signed")}
+        record |= {"fetched": True, "signed": self.remote.signing_key is not None}
         hit = self.publish(tmp, stage_type, key, record, hashes=hashes, digest=manifest["digest"])
         hit.fetched = True
         return hit
@@ -381,6 +389,31 @@ class Cache:
         for type_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for entry in sorted(p for p in type_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 yield type_dir.name, entry.name, entry
+
+
+# ---- which remote entries are taken (README "Trust model") -------------------------------------------
+def admitted(remote: Any, stage_type: str, key: str, executes: bool, warn: bool = True) -> bool:
+    """Whether a checked remote entry may be taken. An entry whose outputs run as code here (a stage
+    with outputs_execute: TorchScript, a board package) is taken only from a signed remote: any writer
+    of an unsigned one could choose that code. Otherwise it is computed here (warned when `warn`).
+    The stage declares the fact; no list of stage types is kept here."""
+    if not executes or remote.signing_key is not None:
+        return True
+    if warn:
+        log.warning("cache.remote: %s/%s refused: its outputs run as code here and cache.remote is not signed "
+                    "(%s); computing it here", stage_type, key, _SIGN_HINT)
+    return False
+
+
+_SIGN_HINT = "a team that shares such entries signs them: README 'A cache a team can share', Signing"
+
+
+def _check_fetched_executable(path: Path, manifest: Mapping, executes: bool) -> None:
+    """An entry fetched from an unsigned remote before admitted() existed, whose outputs run as code
+    here, is not served: CorruptEntry, so it is computed here and replaced."""
+    if executes and manifest.get("fetched") and not manifest.get("signed"):
+        raise CorruptEntry(f"{path}: fetched from cache.remote without a signature, and its outputs run as "
+                           f"code here; computing it here")
 
 
 def _write_manifest(path: Path, manifest: Mapping) -> None:

@@ -8,6 +8,8 @@ gs://..., sftp://...), laid out like the local cache: <type>/<key>/out/... and <
   Then every file is downloaded into a temp folder, read no further than its declared size + 1 byte
   and checked against its sha256, and the entry is published locally as if computed here. Anything
   that fails refuses the entry: one warning line, the stage is computed here, no temp folder is left.
+  An entry whose outputs run as code here (Stage.outputs_execute: TorchScript, board packages) is
+  taken only when signing is on (engine.store.cache.admitted).
 - Writing (`edgepipe push`): each file goes up under a temp name and is then moved to its name; the
   manifest goes last (signed, with a key), so an entry whose upload was cut short has no manifest and
   is never seen. An entry already there is left alone (the first upload wins; a non-deterministic

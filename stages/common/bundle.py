@@ -50,11 +50,17 @@ def write_labels(path: Path, names: Iterable[str]) -> Path:
 
 def check_bundle(folder: Path, needs: Iterable[str] = FORWARD, *, input: str, hint: str) -> None:
     """StageError naming the input and the first file of ``needs`` that ``folder`` lacks, e.g.
-    ``input onnx: /x/io.json is missing (expected an export_onnx output)``; ``hint`` goes in the brackets."""
+    ``input onnx: /x/io.json is missing (expected an export_onnx output)``; ``hint`` goes in the brackets.
+    A ``model.onnx`` among ``needs`` is checked too, before the stage hands it to any runtime: its data
+    inside its folder, no custom-op domain (stages.common.onnx_files; the file may come from cache.remote)."""
     folder = Path(folder)
     for name in needs:
         if not (folder / name).is_file():
             raise StageError(f"input {input}: {folder / name} is missing ({hint})")
+    if "model.onnx" in needs:
+        from stages.common.onnx_files import check_onnx
+
+        check_onnx(folder / "model.onnx", f"input {input}")
 
 
 def copy_forward(src_folder: Path, out: Path, *, io: bool = False, missing_ok: bool = False) -> list[str]:

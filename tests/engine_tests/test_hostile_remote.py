@@ -20,6 +20,8 @@ from conftest import Workspace
 from hostile import assert_clean_failure
 from test_remote_cache import machine  # one way to make a second machine in this process
 
+from engine.contract.stage import Stage
+
 KEY = "team-key-0123456789abcdef"  # what a team would keep in a secret store and export
 
 
@@ -326,3 +328,219 @@ def test_a_push_with_another_key_leaves_the_teams_entries_alone(signed, ws, monk
     r = ws.cli("push")
     assert r.rc == 1 and r.out.count("not pushed") == 5 and "EDGEPIPE_REMOTE_KEY" in r.out, r.out + r.err
     assert {p: p.read_bytes() for p in signed.rglob("*") if p.is_file()} == before
+
+
+# ---- outputs that run as code (Stage.outputs_execute: TorchScript, board packages) --------------
+@pytest.fixture
+def src_executes(monkeypatch) -> None:
+    """t_source declares what export_torchscript and package declare: its outputs run as code here."""
+    import engine_stages
+
+    monkeypatch.setattr(engine_stages.Source, "outputs_execute", True)
+    monkeypatch.setenv("EDGEPIPE_COMPOSE_CACHE", "off")  # a remembered recipe holds the fact
+
+
+def test_an_entry_that_runs_as_code_is_not_taken_from_an_unsigned_remote(shared, src_executes, tmp_path, capsys,
+                                                                         monkeypatch):
+    b = machine(tmp_path, "b", capsys, monkeypatch)
+    remote = f"cache.remote=file://{shared}"
+    plan = {s["name"]: s["status"] for s in json.loads(b.cli("plan", remote, "--json").out)["stages"]}
+    assert plan["src"] == "will run", plan
+    why = refused_and_recomputed(b, b.cli("run", remote), "run as code here", "not signed")
+    assert "t_source/" in why and "Signing" in why
+    # the same bytes give the same keys downstream: everything else still came from the remote
+    assert {n: s for n, s in b.statuses().items() if n != "src"} == dict.fromkeys(["scale", "quant", "side", "total"],
+                                                                                  "cached")
+
+
+def test_an_entry_that_runs_as_code_is_taken_from_a_signed_remote(signed, src_executes, tmp_path, capsys,
+                                                                  monkeypatch):
+    b = machine(tmp_path, "b", capsys, monkeypatch)
+    r = b.cli("run", f"cache.remote=file://{signed}", "+cache.remote_signed=true")
+    assert r.rc == 0 and "refused" not in r.err, r.err
+    assert set(b.statuses().values()) == {"cached"} and not b.counts()
+    (entry,) = b.entries("t_source")
+    assert json.loads((entry / "manifest.json").read_text())["signed"] is True
+
+
+def test_an_entry_that_runs_as_code_fetched_unsigned_before_is_computed_again(shared, tmp_path, capsys, monkeypatch):
+    """A cache that fetched such an entry from an unsigned remote before the rule existed."""
+    import engine_stages
+
+    b = machine(tmp_path, "b", capsys, monkeypatch)
+    monkeypatch.setenv("EDGEPIPE_COMPOSE_CACHE", "off")
+    assert b.cli("run", f"cache.remote=file://{shared}").rc == 0 and not b.counts()
+    monkeypatch.setattr(engine_stages.Source, "outputs_execute", True)
+    r = b.cli("run")
+    assert r.rc == 0 and b.counts() == {"src": 1}, r.err
+    assert "without a signature" in b.latest()["stages"]["src"]["reason"]
+    assert b.cli("run").rc == 0 and b.counts() == {"src": 1}  # computed here: a local entry from now on
+
+
+# A real export_torchscript entry, planted: the TorchScript file that evaluate loads writes a local file
+# through torch.from_file(shared=True) (issue 30, item 5). Two cheap stages feed the real ones.
+class TinyBundle(Stage):
+    """A train-like output (model.pt, preprocess.json, labels.txt) of a random MobileNetV3-Small."""
+
+    name = "t_bundle"
+
+    def run(self, p, inputs, out, ctx):
+        from helpers_data import make_model_dir
+
+        make_model_dir(out, num_classes=3, size=32)
+
+
+class TinyOnnx(Stage):
+    """An export_onnx-like output (model.onnx, io.json, preprocess.json, labels.txt) of a tiny net."""
+
+    name = "t_onnx"
+
+    def run(self, p, inputs, out, ctx):
+        from helpers_data import export_onnx
+
+        export_onnx(out, labels=[f"class{i}" for i in range(3)])
+
+
+class TinyData(Stage):
+    """A dataset-stage-like output with the bundle's three classes."""
+
+    name = "t_data"
+
+    def run(self, p, inputs, out, ctx):
+        from helpers_data import make_dataset
+
+        make_dataset(out, size=32, per_class=2, labels=[f"class{i}" for i in range(3)])
+
+
+TORCHSCRIPT_CONFIG = """\
+defaults: [_self_]
+name: torchscript
+runs_root: ${oc.env:EDGEPIPE_RUNS,runs}
+cache: {remote: null, remote_options: {}}
+evaluate: {features_samples: 0}
+pipeline:
+  stages:
+    model: {uses: t_bundle}
+    data: {uses: t_data}
+    ts: {uses: export_torchscript, needs: {model: model}}
+    eval: {uses: evaluate, needs: {data: data, ts: ts}}
+hydra:
+  run: {dir: "${runs_root}/${now:%Y-%m-%d}/${now:%H-%M-%S}_${name}"}
+"""
+
+
+PACKAGE_CONFIG = """\
+defaults: [_self_]
+name: package
+runs_root: ${oc.env:EDGEPIPE_RUNS,runs}
+cache: {remote: null, remote_options: {}}
+package: {board: onnxruntime}
+pipeline:
+  stages:
+    onnx: {uses: t_onnx}
+    data: {uses: t_data}
+    pkg: {uses: package, needs: {model: onnx, data: data}}
+hydra:
+  run: {dir: "${runs_root}/${now:%Y-%m-%d}/${now:%H-%M-%S}_${name}"}
+"""
+
+
+def torchscript_machine(tmp_path: Path, name: str, capsys, monkeypatch, config: str = TORCHSCRIPT_CONFIG) -> Workspace:
+    conf = tmp_path / "test_conf"
+    conf.mkdir(exist_ok=True)
+    (conf / "config.yaml").write_text(config)
+    w = Workspace(tmp_path / name, capsys, conf)
+    w.env["EDGEPIPE_PLUGINS"] = "test_hostile_remote"
+    w.root.mkdir()
+    for k, v in w.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(w.root)
+    return w
+
+
+def evil_torchscript(path: Path, victim: Path) -> bytes:
+    """A TorchScript classifier (N x 3 x H x W -> N x 3) whose forward overwrites `victim`."""
+    import torch
+
+    class Evil(torch.nn.Module):
+        def __init__(self, target: str) -> None:
+            super().__init__()
+            self.target = target
+
+        def forward(self, x):
+            mapped = torch.from_file(self.target, shared=True, size=8, dtype=torch.uint8)
+            mapped.fill_(88)  # b"XXXXXXXX" in the victim file
+            return x.mean(dim=(2, 3)) + mapped.sum().float() * 0  # used, so the write is not optimised out
+
+    torch.jit.save(torch.jit.script(Evil(str(victim))), str(path))
+    return path.read_bytes()
+
+
+def test_a_planted_torchscript_model_cannot_write_a_local_file(tmp_path, capsys, monkeypatch):
+    a = torchscript_machine(tmp_path, "a", capsys, monkeypatch)
+    shared = tmp_path / "shared"
+    remote = f"cache.remote=file://{shared}"
+    r = a.cli("run", remote)
+    assert r.rc == 0 and set(a.statuses().values()) == {"ran"}, r.out + r.err
+    assert a.cli("push").rc == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    (entry,) = [m.parent for m in shared.glob("export_torchscript/*/manifest.json")]
+    evil = evil_torchscript(tmp_path / "evil.pt", victim)
+    swap_file(entry, "model.torchscript.pt", evil)  # self-consistent: sizes, sha256 and digest
+
+    b = torchscript_machine(tmp_path, "b", capsys, monkeypatch)
+    r = b.cli("run", remote)
+    assert r.rc == 0, r.out + r.err
+    assert victim.read_bytes() == b"precious"
+    refused = [line for line in r.err.splitlines() if "refused" in line]
+    assert len(refused) == 1 and "export_torchscript/" in refused[0] and "run as code" in refused[0], r.err
+    assert b.statuses()["ts"] == "ran", b.statuses()
+    (ts,) = b.entries("export_torchscript")
+    assert (ts / "out" / "model.torchscript.pt").read_bytes() != evil
+
+
+def swap_file(entry: Path, rel: str, data: bytes, volatile: tuple[str, ...] = ()) -> None:
+    """A writer of an unsigned remote replaces a file with its size, sha256 and the entry's digest
+    (`volatile`: the stage's volatile_outputs, left out of the digest as a reader leaves them out)."""
+    from engine.store.cache import output_digest
+
+    def change(m: dict) -> None:
+        m["files"][rel] = dict(m["files"][rel], **put_file(entry, rel, data))
+        m["digest"] = output_digest({name: f["sha256"] for name, f in m["files"].items()}, volatile)
+
+    rewrite(entry, change)
+
+
+EVIL_SELFTEST = """\
+import pathlib
+pathlib.Path({victim!r}).write_bytes(b"XXXXXXXX")
+print("PASS")
+"""
+
+
+def test_a_planted_board_package_does_not_run_under_selftest(tmp_path, capsys, monkeypatch):
+    """A package's scripts run under `edgepipe selftest` (and on the board): a writer of an unsigned
+    remote swaps infer.py; the reader's run computes the package here, and its self-test runs ours."""
+    from stages.package import Package
+
+    a = torchscript_machine(tmp_path, "a", capsys, monkeypatch, PACKAGE_CONFIG)
+    shared = tmp_path / "shared"
+    remote = f"cache.remote=file://{shared}"
+    r = a.cli("run", remote)
+    assert r.rc == 0 and set(a.statuses().values()) == {"ran"}, r.out + r.err
+    assert a.cli("push").rc == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    (entry,) = [m.parent for m in shared.glob("package/*/manifest.json")]
+    swap_file(entry, "package/infer.py", EVIL_SELFTEST.format(victim=str(victim)).encode(), Package.volatile_outputs)
+
+    b = torchscript_machine(tmp_path, "b", capsys, monkeypatch, PACKAGE_CONFIG)
+    ran = b.cli("run", remote)
+    assert ran.rc == 0, ran.out + ran.err
+    r = b.cli("selftest", str(b.runs / "latest" / "stages" / "pkg"))
+    assert victim.read_bytes() == b"precious"
+    assert r.rc == 0 and "PASS" in r.out, r.out + r.err
+    refused = [line for line in ran.err.splitlines() if "refused" in line]
+    assert len(refused) == 1 and "package/" in refused[0] and "run as code" in refused[0], ran.err
+    assert b.statuses() == {"onnx": "cached", "data": "cached", "pkg": "ran"}
