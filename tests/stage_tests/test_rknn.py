@@ -570,6 +570,7 @@ def test_the_report_shows_the_candidates_the_shipped_one_and_where_int8_hurts(we
                 key=lambda x: x["cosine_alone"])
     assert f"{worst['name']} {worst['op_type']} {worst['cosine_alone']:.5f}" in page
     pngs = embedded_pngs(HtmlPage(html))
-    assert len(pngs) == 2  # the cosine along the network of each build
+    assert "Worst layers of the best candidate, normal/layer/1" in page  # where nothing shipped
+    assert len(pngs) == 2  # the cosine along the network: the shipped build, the best candidate
     for png in pngs:
         assert_picture(png)
