@@ -201,9 +201,6 @@ class RknnQuantize(Stage):
             if self.search.enabled and not self.do_quantization:
                 raise ValueError("search.enabled=true searches int8 builds: set do_quantization=true "
                                  "(or search.enabled=false for a float16 model)")
-            if self.search.enabled and self.board_eval.device_id is not None:
-                raise ValueError("board_eval.device_id is not supported with search.enabled=true yet: "
-                                 "run the board check on a build without the search")
             return self
 
     @classmethod
@@ -302,14 +299,39 @@ def _search(p, spec, io: dict, shape: list[int], inputs, out: Path, ctx) -> dict
         if (chosen.folder / name).is_file():
             shutil.copyfile(chosen.folder / name, out / name)
     build = json.loads((out / "build.json").read_text())
+    board_top1 = None
+    if p.board_eval.device_id is not None:  # the board runs a loaded .rknn (only the simulator refuses one)
+        build["board"] = _board_of_loaded(out, inputs["data"], spec, p, ctx)
+        board_top1 = build["board"]["top1"]
+        (out / "build.json").write_text(json.dumps(build, indent=2) + "\n")
     ctx.note(f"int8 search: {chosen.candidate.label} ships ({len(result.tried)} candidate(s) tried)")
     # run.json, and so `edgepipe show`: which candidates were tried and why this one ships
     tried = "; ".join(f"{t.candidate.label}: " + ("failed" if t.failed else "holds" if t.holds else
                                                    "missed" if t.complete else "rejected early")
                       + (" (cached)" if t.cached else "") for t in result.tried)
-    return {"sim_top1": build["simulator"]["top1"], "build_s": build.get("build_s"),
-            "search_s": round(result.seconds, 3),
-            "search": {"chosen": chosen.candidate.label, "why": result.reason, "tried": tried}}
+    metrics = {"sim_top1": build["simulator"]["top1"], "build_s": build.get("build_s"),
+               "search_s": round(result.seconds, 3),
+               "search": {"chosen": chosen.candidate.label, "why": result.reason, "tried": tried}}
+    if board_top1 is not None:
+        metrics["board_top1"] = board_top1
+    return metrics
+
+
+def _board_of_loaded(out: Path, data_dir: Path, spec, p, ctx) -> dict[str, Any]:
+    """The shipped model.rknn, loaded in a new session, on the connected board (board_test_logits.npy)."""
+    log = out / LOG_NAME
+    rknn = None
+    try:
+        with toolkit(log, "== load_rknn (board_eval)"):
+            from rknn.api import RKNN
+
+            rknn = RKNN(verbose=True if p.verbose_log else False)
+            ok("load_rknn", rknn.load_rknn(str(out / "model.rknn")))
+        return _on_board(rknn, data_dir, spec, p, out, ctx)
+    except ToolkitFailure as e:
+        raise StageError(_failure_message(e, log, p)) from None
+    finally:
+        _release(rknn, log)
 
 
 def _selection(onnx_dir: Path, io: dict, data_dir: Path, spec) -> tuple[Any, Any, str]:

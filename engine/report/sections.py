@@ -223,8 +223,14 @@ def rknn_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:
              if build.get(k) is not None}
     if build.get("float_layers"):
         facts["layers in float"] = f"{len(build['float_layers'])} ({build.get('float_layer_dtype')})"
+    layers_of = "the shipped build" if search is not None else "the build"
+    best = (search or {}).get("best") or {}
+    if not layers and isinstance(best.get("index"), int) and best["index"] < len(search.get("candidates") or []):
+        # nothing shipped: where int8 hurts the best candidate
+        layers = sorted(search["candidates"][best["index"]].get("layers") or [], key=lambda x: x.get("position", 0))
+        layers_of = f"the best candidate, {best.get('label', '')}"
     section: dict[str, Any] = {"facts": facts, "worst": worst_layers(layers), "cosine": cosine_uri(view, layers),
-                               "search": None, "problem": None}
+                               "layers_of": layers_of, "search": None, "problem": None}
     if search is not None:
         section["search"] = search_rows(search)
     elif not layers:

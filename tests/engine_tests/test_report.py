@@ -131,7 +131,8 @@ def test_report_in_chromium_loads_every_image_and_nothing_from_the_network(evalu
     run_dir, run = evaluated_run
     alts = [i["alt"] for i in shown["images"]]
     backends = ["pytorch", "onnx", "rknn"]
-    expected = ["loss and accuracy per epoch (train)", "weight range per layer before and after clipping (clip)"]
+    expected = ["loss and accuracy per epoch (train)", "weight range per layer before and after clipping (clip)",
+                "per-layer cosine along the network (rknn)"]  # the rknn_quantize section (accuracy_analysis)
     for b in backends:
         expected += [f"confusion matrix of {b}", f"misclassified by {b}"]
     assert [a for a in alts if "disagrees" not in a] == [*expected, "t-SNE of the test features by class"]

@@ -502,6 +502,28 @@ def test_an_exception_the_toolkit_only_logs_fails_that_candidate(tmp_path, monke
     assert chosen["label"] == "mmse/layer/2" and chosen["holds"]
 
 
+def test_board_eval_after_the_search_runs_the_shipped_build_on_the_board(tmp_path, monkeypatch):
+    """The board runs the chosen model.rknn loaded in a new session (only the simulator refuses a loaded
+    one): past the adb check, the real toolkit's init_runtime(target, device_id) fails without a board,
+    in one line, after the search chose."""
+    from stages.common import adb
+
+    t = toy()
+    tool = adb.executable()
+    server_before = adb.server_running()
+    monkeypatch.setattr(adb, "check_connected", lambda serial, key: None)
+    try:
+        with pytest.raises(StageError) as e:
+            run_stage("rknn_quantize", {"search": SEARCH, "data_limit": 4, "board_eval": {"device_id": "NOBOARD42"}},
+                      {"onnx": t.onnx, "calib": t.calib, "data": t.data}, tmp_path / "out",
+                      scratch=tmp_path / "scratch")
+    finally:
+        if tool and not server_before:
+            subprocess.run([tool, "kill-server"], capture_output=True)
+    assert str(e.value).startswith("rknn on board NOBOARD42 failed: init_runtime: ")
+    assert _search_json(tmp_path / "out")["chosen"]["label"] == "normal/channel/8"
+
+
 def test_search_settings_and_the_target_are_not_in_the_key_without_the_search():
     plain = validate_params("rknn_quantize", {}).model_dump()
     assert validate_params("rknn_quantize", {"max_drop": 3.0, "search": {"budget_s": 5}}).model_dump() == plain
@@ -570,6 +592,7 @@ def test_the_report_shows_the_candidates_the_shipped_one_and_where_int8_hurts(we
                 key=lambda x: x["cosine_alone"])
     assert f"{worst['name']} {worst['op_type']} {worst['cosine_alone']:.5f}" in page
     pngs = embedded_pngs(HtmlPage(html))
-    assert len(pngs) == 2  # the cosine along the network of each build
+    assert "Worst layers of the best candidate, normal/layer/1" in page  # where nothing shipped
+    assert len(pngs) == 2  # the cosine along the network: the shipped build, the best candidate
     for png in pngs:
         assert_picture(png)
