@@ -46,7 +46,7 @@ from helpers_reference import reference_top1  # noqa: E402
 # one finetuning experiment per architecture whose pipeline has no `init` input (rv1103's train starts
 # from its clip stage, which a from-scratch training cannot take)
 FINETUNE_VS_SCRATCH = ("onnx_catsdogs", "v831_resnet18")
-BACKENDS = ("reference", "pytorch", "torchscript", "onnx", "ncnn", "rknn_normal", "rknn_mmse")
+BACKENDS = ("reference", "pytorch", "torchscript", "onnx", "ncnn", "onnx_int8", "rknn", "rknn_normal", "rknn_mmse")
 
 
 def photos(work: Path, size: int, per_class: int, chinese: bool) -> Path:
@@ -96,7 +96,7 @@ def experiment_row(work: Path, name: str, per_class: int) -> tuple[dict, dict]:
         row["quant_max_drop"] = m["targets"]["quant_max_drop_points"]
         for backend, b in m["backends"].items():
             row[backend] = b["top1"]
-            if "drop_points" in b and b.get("kind", "").startswith("rknn"):
+            if "verdict" in b:  # a quantized row judged by the int8 gate
                 row[f"{backend}_drop"] = b["drop_points"]
     if record["stages"].get("data", {}).get("path"):
         row["reference"] = reference(record, spec, w)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'experiment':<20} {'n':>4} " + " ".join(f"{b:>12}" for b in BACKENDS) + "  int8 drop (target)")
     for row in rows:
         cells = " ".join(f"{row[b]:>12.2%}" if b in row else f"{'-':>12}" for b in BACKENDS)
-        drops = ", ".join(f"{b} {row[f'{b}_drop']:.2f}" for b in ("rknn_normal", "rknn_mmse") if f"{b}_drop" in row)
+        drops = ", ".join(f"{b} {row[f'{b}_drop']:.2f}" for b in BACKENDS if f"{b}_drop" in row)
         target = f" (<= {row['quant_max_drop']:g})" if drops else ""
         status = "" if row["rc"] == 0 else f"  run exit {row['rc']}: {row['failed']}"
         print(f"{row['experiment']:<20} {row.get('samples', '-'):>4} {cells}  {drops}{target}{status}")

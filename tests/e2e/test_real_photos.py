@@ -115,24 +115,27 @@ def test_experiment_v831_resnet18(experiment_run):
 
 def test_experiment_rv1103_mobilenetv3(experiment_run):
     """MobileNetV3-Small: pretrained weights clipped, finetuned at 224 px on photo folders with Chinese names,
-    int8 in the simulator. On these photos the mmse build it packages loses 12.5 points (9 of 72 images;
-    4.2 with every training image as calibration) while the normal build holds: a finding, not a test
-    artefact (README, Experiments). So the run must refuse to package it, with the one line naming the
-    backend, the figure and the target, every other stage cached; and the normal build, which meets the
-    target, ships with the Chinese labels when the pipeline packages it instead."""
+    int8 in the simulator. By default the run packages the int8 search's build (stage rknn: the cheapest
+    candidate that holds the 1-point target on the val split), which holds the target on the test split
+    too, and says which candidates were tried and why this one shipped (run.json, which `edgepipe show`
+    prints, and search.json). The normal build ships with the Chinese labels when the pipeline packages it
+    instead, every other stage cached."""
     rc, record, metrics = experiment_run("rv1103_mobilenetv3")
     top1 = _float_backends_hold(metrics)
-    assert top1["pytorch"] >= 0.65, top1  # 72.2% in make test on 2 threads, 73.6% on one (its own 10 epochs)
-    holds, verdict = _int8_holds(metrics, "rknn_normal")
-    assert holds, f"rknn_normal {verdict} ({top1})"
-    mmse_holds, mmse_verdict = _int8_holds(metrics, "rknn_mmse")
+    # reference 86.1% less 2 binomial SD (8.2 points); this code reached 87.5% on 2 threads (before the
+    # BatchNorm fix, 72.2%: this floor fails it)
+    assert top1["pytorch"] >= 0.78, top1
     stages = record["stages"]
-    if not mmse_holds:
-        assert rc == 1 and stages["package"]["status"] == "failed", (rc, stages["package"])
-        assert f"rknn_mmse {mmse_verdict}" in stages["package"]["error"]
-        assert all(s["status"] != "failed" for name, s in stages.items() if name != "package")
-    else:  # the mmse build held: it is packaged
-        assert rc == 0 and record["status"] == "ok"
+    assert rc == 0 and record["status"] == "ok", {k: s.get("error") for k, s in stages.items()}
+    holds, verdict = _int8_holds(metrics, "rknn")
+    assert holds, f"rknn {verdict} ({top1})"
+    manifest = json.loads((Path(stages["package"]["path"]) / "package" / "manifest.json").read_text())
+    assert manifest["source"]["model"]["stage"] == "rknn"
+    search = json.loads((Path(stages["rknn"]["path"]) / "search.json").read_text())
+    chosen = search["candidates"][search["chosen"]["index"]]
+    assert chosen["holds"] and search["chosen"]["reason"], search["chosen"]
+    shown = stages["rknn"]["metrics"]["search"]
+    assert shown["chosen"] == search["chosen"]["label"] and "holds" in shown["tried"], shown
     rc, record, _ = experiment_run("rv1103_mobilenetv3", "pipeline.stages.package.needs.model=rknn_normal")
     assert rc == 0 and record["status"] == "ok"
     assert {s["status"] for name, s in record["stages"].items() if name != "package"} == {"cached"}
