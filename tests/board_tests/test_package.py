@@ -360,9 +360,13 @@ def test_experiment_rv1103_mobilenetv3(tmp_path):
     # experiment's 1-point int8 target allows one image there (stages/common/quant_gate.py); the search
     # (stage rknn) chooses on the 8 val images. package.enforce_targets is off here: the floors below are
     # this test's check; the refusal is test_two_images_lost_on_72_miss_and_package_refuses_with_the_verdict
+    # export.tolerance: this 32-px toy's logits span ~145, and ONNX Runtime on 2 threads differed from
+    # PyTorch by 0.03 (2e-4 of that range, 1.9x the default rule) in make test, with top-1 agreeing on every
+    # sample; the parity rule itself is tested in test_export.py
     record = run_experiment(tmp_path / "runs", "+experiment=rv1103_mobilenetv3", f"dataset.path={data}",
                             f"model.pretrained={weights}", "quantize.accuracy_analysis_samples=0",
-                            "quantize.data_limit=8", "package.enforce_targets=false", *MOBILENET)
+                            "quantize.data_limit=8", "package.enforce_targets=false", "export.tolerance=0.05",
+                            *MOBILENET)
     st = record["stages"]
     assert st["clip"]["status"] == st["rknn"]["status"] == st["rknn_normal"]["status"] == "ran"
     assert st["rknn_mmse"]["status"] == "ran"
@@ -401,8 +405,11 @@ def test_experiment_mnist_gem_resnet(tmp_path):
 def test_experiment_onnx_catsdogs(tmp_path):
     data = make_folder_dataset(tmp_path / "catsdogs", classes=("cat", "dog"), per_class=40)
     weights = make_pretrained(tmp_path / "mobilenet_v3_small.pth")
+    # calibration.count=4 (FAST) and 8 val images: the int8 search can hold on val and still lose 2 of the
+    # 24 test images (measured), which the gate refuses; package.enforce_targets is off here, as in the
+    # rv1103 test: this test is about what ships and how (the refusal has its own test in test_evaluate)
     record = run_experiment(tmp_path / "runs", "+experiment=onnx_catsdogs", f"dataset.path={data}",
-                            f"model.pretrained={weights}", *MOBILENET)
+                            f"model.pretrained={weights}", "package.enforce_targets=false", *MOBILENET)
     top1 = record["stages"]["eval"]["metrics"]["top1"]
     assert top1["pytorch"] >= 0.9 and top1["onnx"] >= 0.9, top1
     pkg = _pkg(record)
