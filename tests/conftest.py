@@ -205,6 +205,16 @@ def bundles(tmp_path_factory):
 
 
 # -- real photographs and really pretrained weights (tests/helpers_data.py), built once per session ------
+@pytest.fixture
+def conf(ws, monkeypatch) -> Path:
+    """The user's own config folder (a copy of the engine tests' one), where a colleague's file lands:
+    $EDGEPIPE_CONFIG_DIR points at it."""
+    conf = ws.root / "conf"
+    shutil.copytree(TESTS / "engine_conf", conf)
+    monkeypatch.setenv("EDGEPIPE_CONFIG_DIR", str(conf))
+    return conf
+
+
 @pytest.fixture(scope="session")
 def real_photos(tmp_path_factory):
     """real_photos(size=256, per_class=40, chinese=False) -> a class-per-folder set of augmented crops of

@@ -9,12 +9,10 @@ one line, and nothing written where the user did not ask (most cases: nothing at
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import TESTS
 from hostile import assert_clean_failure, assert_one_line_problems, new_files, snapshot
 
 
@@ -71,37 +69,28 @@ def test_glob_sweep_over_a_config_group_expands(ws):
 
 
 # -- 3. YAML tags in a config file ------------------------------------------------------------------------
-@pytest.fixture
-def user_conf(ws, monkeypatch) -> Path:
-    """A user's own config folder (a copy of the engine tests' one)."""
-    conf = ws.root / "conf"
-    shutil.copytree(TESTS / "engine_conf", conf)
-    monkeypatch.setenv("EDGEPIPE_CONFIG_DIR", str(conf))
-    return conf
-
-
 @pytest.mark.parametrize("tag", ["!!python/object/apply:os.system", "!!python/object/new:os.system",
                                  "!!python/name:os.system"])
 @pytest.mark.parametrize("verb", ["plan", "run"])
-def test_python_tag_in_an_experiment_runs_nothing(ws, user_conf, verb, tag):
+def test_python_tag_in_an_experiment_runs_nothing(ws, conf, verb, tag):
     marker = ws.root / "MARKER"
-    (user_conf / "experiment" / "evil.yaml").write_text(
+    (conf / "experiment" / "evil.yaml").write_text(
         f'# @package _global_\nsrc:\n  value: {tag} ["touch {marker}"]\n')
     err = failed_cleanly(ws, [verb, "+experiment=evil"], 2, "experiment/evil.yaml", "line 3", tag.split(":")[0])
     assert "not allowed" in err
     assert not marker.exists() and ws.counts() == {}
 
 
-def test_python_tag_in_the_root_config_runs_nothing(ws, user_conf):
+def test_python_tag_in_the_root_config_runs_nothing(ws, conf):
     marker = ws.root / "MARKER"
-    text = (user_conf / "config.yaml").read_text()
-    (user_conf / "config.yaml").write_text(text + f'evil: !!python/object/apply:os.system ["touch {marker}"]\n')
+    text = (conf / "config.yaml").read_text()
+    (conf / "config.yaml").write_text(text + f'evil: !!python/object/apply:os.system ["touch {marker}"]\n')
     failed_cleanly(ws, ["run"], 2, "config.yaml", "!!python/object/apply")
     assert not marker.exists()
 
 
-def test_broken_yaml_in_a_config_file_names_file_and_line(ws, user_conf):
-    (user_conf / "experiment" / "broken.yaml").write_text("src: {value: [1\n")
+def test_broken_yaml_in_a_config_file_names_file_and_line(ws, conf):
+    (conf / "experiment" / "broken.yaml").write_text("src: {value: [1\n")
     failed_cleanly(ws, ["plan", "+experiment=broken"], 2, "experiment/broken.yaml", "line", "not valid YAML")
 
 
@@ -138,8 +127,8 @@ def test_run_dir_that_cannot_be_made_is_a_config_error(ws, override, names):
     ("- a list\n", ["experiment/odd", "Cannot merge"]),
     ("5\n", ["+experiment=odd", "YAML mapping"]),
 ], ids=["list", "scalar"])
-def test_experiment_that_is_not_a_mapping(ws, user_conf, text, names):
-    (user_conf / "experiment" / "odd.yaml").write_text("# @package _global_\n" + text)
+def test_experiment_that_is_not_a_mapping(ws, conf, text, names):
+    (conf / "experiment" / "odd.yaml").write_text("# @package _global_\n" + text)
     err = failed_cleanly(ws, ["plan", "+experiment=odd"], 2, *names)
     assert "full_key" not in err
 

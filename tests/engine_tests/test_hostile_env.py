@@ -10,21 +10,10 @@ tests' cheap stages."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TESTS
 from hostile import assert_clean_failure, assert_one_line_problems
-
-
-@pytest.fixture
-def conf(ws, monkeypatch) -> Path:
-    """The user's own config folder (a copy of the engine tests' one)."""
-    conf = ws.root / "conf"
-    shutil.copytree(TESTS / "engine_conf", conf)
-    monkeypatch.setenv("EDGEPIPE_CONFIG_DIR", str(conf))
-    return conf
 
 
 def _experiment(conf: Path, body: dict, defaults: list | None = None, name: str = "evil") -> Path:

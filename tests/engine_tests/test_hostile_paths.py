@@ -15,17 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import TESTS
 from hostile import assert_clean_failure, assert_one_line_problems, new_files, snapshot
-
-
-@pytest.fixture
-def conf(ws, monkeypatch) -> Path:
-    """The user's own config folder (a copy of the engine tests' one), where a colleague's file lands."""
-    conf = ws.root / "conf"
-    shutil.copytree(TESTS / "engine_conf", conf)
-    monkeypatch.setenv("EDGEPIPE_CONFIG_DIR", str(conf))
-    return conf
 
 
 def _pipeline(conf: Path, stages: dict) -> str:

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TESTS
 from hostile import assert_clean_failure, assert_one_line_problems
 
 from engine.contract.hashing import ContentIndex, content_digest
@@ -52,15 +51,6 @@ def test_a_file_rewritten_with_its_old_mtime_is_read_again(tmp_path):
 
 
 # -- config files that would make Hydra call something ------------------------------------------------------
-@pytest.fixture
-def conf(ws, monkeypatch) -> Path:
-    """The user's own config folder (a copy of the engine tests' one)."""
-    conf = ws.root / "conf"
-    shutil.copytree(TESTS / "engine_conf", conf)
-    monkeypatch.setenv("EDGEPIPE_CONFIG_DIR", str(conf))
-    return conf
-
-
 def _writes_a_pth(pth: Path) -> dict:
     """A Hydra config node that, instantiated, writes a .pth file (code the next Python start runs)."""
     return {"_target_": "pathlib.Path.write_text",
