@@ -147,7 +147,8 @@ def test_experiment_rv1103_mobilenetv3(experiment_run):
 def test_experiment_onnx_catsdogs(experiment_run):
     rc, record, metrics = experiment_run("onnx_catsdogs")
     top1 = _float_backends_hold(metrics)
-    assert top1["pytorch"] >= 0.55 and top1["onnx"] == top1["pytorch"], top1  # 61.1% in make test, 68.1% on one thread
+    # reference 68.1% less 2 binomial SD (11.0 points); this code reached 75.0% on 2 threads
+    assert top1["pytorch"] >= 0.57 and top1["onnx"] == top1["pytorch"], top1
     assert rc == 0 and record["status"] == "ok"
 
 
