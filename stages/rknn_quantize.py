@@ -439,7 +439,7 @@ class RknnQuantizer:
     # -- a candidate's parts ------------------------------------------------------------------------
     def _calibration_subset(self, c: Candidate, folder: Path) -> Path:
         """The class-balanced, seeded subset of the calibration set (absolute paths, rknn's list format)."""
-        from stages.calibration import select
+        from stages.common.sampling import select
 
         picked = select(self.calib_labels, c.calib_images, self.p.search.seed)
         path = folder / ".dataset_abs.txt"

@@ -13,7 +13,7 @@ from PIL import Image
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage
-from stages.calibration import select, stratified_counts
+from stages.common.sampling import select, stratified_counts
 
 
 @pytest.fixture(scope="module")
