@@ -331,7 +331,9 @@ def test_int8_gate_is_shown_for_quantized_rows(bundles, tmp_path):
     verdict = "holds" if row["target_met"] else "misses"
     assert (f"rknn {row['lost_images']} {row['gained_images']} {row['drop_points']:+.2f} {lo:+.2f} to {hi:+.2f} "
             f"{row['resolution_points']:.3g} {row['allowed_images']} {row['logit_cosine']:.4f} {row['agreement']:.2%} "
-            f"test ({row['samples']} images) {verdict} : {row['verdict']}") in table, table
+            f"{' + '.join(row['label_free_splits'])} ({row['label_free_images']} images) {verdict} : "
+            f"{row['verdict']}") in table, table
+    assert row["label_free_splits"] == ["val", "test"]  # rknn_quantize stores the simulator's val logits too
     n = row["samples"]
     assert n < 100 and row["resolved"] is False  # a small split: one image is more than the 1-point target
     assert words(f"rknn: the test split cannot resolve the 1-point target: one image = {100 / n:.3g} points > 1") \
