@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from helpers_data import onnx_reference_logits, toy
 from helpers_data import wide_dataset as make_wide_dataset
+from PIL import Image
 from pydantic import ValidationError
 
 from engine.contract.stage import StageError
@@ -394,7 +395,9 @@ SEARCH = {"enabled": True, "calib_images": [8, 16], "hybrid": {"enabled": False}
 
 @pytest.fixture(scope="module")
 def weak_toy(tmp_path_factory):
-    """The toy trained for 3 steps only: logits near ties, so int8 flips some val images (one, here)."""
+    """The toy trained for 3 steps only (logits near ties) and calibrated on images darkened to a tenth
+    of their brightness (activation ranges far too small, so real images saturate): int8 flips val images
+    whatever the calibration subset and the thread count."""
     from helpers_data import (
         TOY_SIZE,
         export_onnx_folder,
@@ -411,7 +414,12 @@ def weak_toy(tmp_path_factory):
     data = write_dataset(root / "data", spec)
     module, arch = train_model(data, spec, steps=3)
     onnx = export_onnx_folder(write_model_bundle(root / "model", module, arch, spec), root / "onnx")
-    return {"onnx": onnx, "calib": write_calibration(data, root / "calib"), "data": data}
+    calib = write_calibration(data, root / "calib")
+    for png in (calib / "images").glob("*.png"):
+        with Image.open(png) as im:
+            dark = (np.asarray(im.convert("RGB"), np.float32) * 0.1).astype(np.uint8)
+        Image.fromarray(dark).save(png)
+    return {"onnx": onnx, "calib": calib, "data": data}
 
 
 def _search_json(out: Path) -> dict:
@@ -584,8 +592,8 @@ def test_the_report_shows_the_candidates_the_shipped_one_and_where_int8_hurts(we
     html = write_html(record).read_text(encoding="utf-8")
     page = " ".join(" ".join(HtmlPage(html).text).split())
     assert "normal/channel/8 shipped" in page and "normal/channel/8 holds on the selection split" in page
-    assert re.search(r"normal/layer/1 normal layer 1 0 [\d.]+% [\d.]+% [\d.]+ -1 \+0 missed ?: net \+1 image of 32",
-                     page), page
+    assert re.search(r"normal/layer/1 normal layer 1 0 [\d.]+% [\d.]+% [\d.]+ -\d+ \+\d+ missed ?: "
+                     r"net \+\d+ images? of 32", page), page
     assert re.search(r"no candidate holds \(every candidate was tried\) ?; next: hybrid quantization \(quantize.search",
                      page)
     worst = min(json.loads((tmp_path / "shipped" / "layers.json").read_text())["layers"],
