@@ -369,6 +369,16 @@ def test_the_rknn_stages_read_evaluate_multicrop_and_board_eval_from_the_config(
 def test_a_board_that_fails_in_the_toolkit_is_one_line(tmp_path, monkeypatch):
     """Past the adb check (a board that was listed, then went away or runs no rknn_server): the real
     toolkit's init_runtime(target, device_id) fails and the stage says so in one line, with what adb sees."""
+    msg = _on_a_missing_board(monkeypatch, {"accuracy_analysis_samples": 0}, tmp_path / "out")
+    assert "\n" not in msg and msg.startswith("rknn on board NOBOARD42 failed: init_runtime: ")
+    assert "NOBOARD42' not found" in msg  # the toolkit's reason from rknn.log, not its bare RuntimeError
+    assert "`adb devices` lists " in msg and "rknn_server" in msg and "rknn.log" in msg
+
+
+def _on_a_missing_board(monkeypatch, params: dict, out: Path, scratch: Path | None = None) -> str:
+    """The toy's rknn_quantize with board_eval on a board past the adb check that is not there (listed,
+    then gone, or no rknn_server): the real toolkit's init_runtime(target, device_id) fails; the
+    stage's one-line error."""
     from stages.common import adb
 
     t = toy()
@@ -377,16 +387,12 @@ def test_a_board_that_fails_in_the_toolkit_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(adb, "check_connected", lambda serial, key: None)
     try:
         with pytest.raises(StageError) as e:
-            run_stage("rknn_quantize", {"accuracy_analysis_samples": 0, "data_limit": 4,
-                                        "board_eval": {"device_id": "NOBOARD42"}},
-                      {"onnx": t.onnx, "calib": t.calib, "data": t.data}, tmp_path / "out")
+            run_stage("rknn_quantize", {**params, "data_limit": 4, "board_eval": {"device_id": "NOBOARD42"}},
+                      {"onnx": t.onnx, "calib": t.calib, "data": t.data}, out, scratch=scratch)
     finally:
         if tool and not server_before:  # the toolkit starts an adb server of its own
             subprocess.run([tool, "kill-server"], capture_output=True)
-    msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("rknn on board NOBOARD42 failed: init_runtime: ")
-    assert "NOBOARD42' not found" in msg  # the toolkit's reason from rknn.log, not its bare RuntimeError
-    assert "`adb devices` lists " in msg and "rknn_server" in msg and "rknn.log" in msg
+    return str(e.value)
 
 
 # -- quantize.search: the int8 search on the real toolkit (stages/common/quant_search.py) ------------------
@@ -514,21 +520,8 @@ def test_board_eval_after_the_search_runs_the_shipped_build_on_the_board(tmp_pat
     """The board runs the chosen model.rknn loaded in a new session (only the simulator refuses a loaded
     one): past the adb check, the real toolkit's init_runtime(target, device_id) fails without a board,
     in one line, after the search chose."""
-    from stages.common import adb
-
-    t = toy()
-    tool = adb.executable()
-    server_before = adb.server_running()
-    monkeypatch.setattr(adb, "check_connected", lambda serial, key: None)
-    try:
-        with pytest.raises(StageError) as e:
-            run_stage("rknn_quantize", {"search": SEARCH, "data_limit": 4, "board_eval": {"device_id": "NOBOARD42"}},
-                      {"onnx": t.onnx, "calib": t.calib, "data": t.data}, tmp_path / "out",
-                      scratch=tmp_path / "scratch")
-    finally:
-        if tool and not server_before:
-            subprocess.run([tool, "kill-server"], capture_output=True)
-    assert str(e.value).startswith("rknn on board NOBOARD42 failed: init_runtime: ")
+    msg = _on_a_missing_board(monkeypatch, {"search": SEARCH}, tmp_path / "out", scratch=tmp_path / "scratch")
+    assert msg.startswith("rknn on board NOBOARD42 failed: init_runtime: ")
     assert _search_json(tmp_path / "out")["chosen"]["label"] == "normal/channel/8"
 
 
