@@ -458,6 +458,21 @@ def torchscript_machine(tmp_path: Path, name: str, capsys, monkeypatch, config: 
     return w
 
 
+def pushed_entry(tmp_path: Path, capsys, monkeypatch, config: str, stage_type: str) -> tuple[str, Path, Path]:
+    """Machine a runs `config` and pushes to a file:// remote; returns (the remote override, a local victim
+    file holding b"precious", the remote's entry of `stage_type`) for a writer of that remote to plant in."""
+    a = torchscript_machine(tmp_path, "a", capsys, monkeypatch, config)
+    shared = tmp_path / "shared"
+    remote = f"cache.remote=file://{shared}"
+    r = a.cli("run", remote)
+    assert r.rc == 0 and set(a.statuses().values()) == {"ran"}, r.out + r.err
+    assert a.cli("push").rc == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    (entry,) = [m.parent for m in shared.glob(f"{stage_type}/*/manifest.json")]
+    return remote, victim, entry
+
+
 def evil_torchscript(path: Path, victim: Path) -> bytes:
     """A TorchScript classifier (N x 3 x H x W -> N x 3) whose forward overwrites `victim`."""
     import torch
@@ -477,15 +492,7 @@ def evil_torchscript(path: Path, victim: Path) -> bytes:
 
 
 def test_a_planted_torchscript_model_cannot_write_a_local_file(tmp_path, capsys, monkeypatch):
-    a = torchscript_machine(tmp_path, "a", capsys, monkeypatch)
-    shared = tmp_path / "shared"
-    remote = f"cache.remote=file://{shared}"
-    r = a.cli("run", remote)
-    assert r.rc == 0 and set(a.statuses().values()) == {"ran"}, r.out + r.err
-    assert a.cli("push").rc == 0
-    victim = tmp_path / "victim.txt"
-    victim.write_bytes(b"precious")
-    (entry,) = [m.parent for m in shared.glob("export_torchscript/*/manifest.json")]
+    remote, victim, entry = pushed_entry(tmp_path, capsys, monkeypatch, TORCHSCRIPT_CONFIG, "export_torchscript")
     evil = evil_torchscript(tmp_path / "evil.pt", victim)
     swap_file(entry, "model.torchscript.pt", evil)  # self-consistent: sizes, sha256 and digest
 
@@ -524,15 +531,7 @@ def test_a_planted_board_package_does_not_run_under_selftest(tmp_path, capsys, m
     remote swaps infer.py; the reader's run computes the package here, and its self-test runs ours."""
     from stages.package import Package
 
-    a = torchscript_machine(tmp_path, "a", capsys, monkeypatch, PACKAGE_CONFIG)
-    shared = tmp_path / "shared"
-    remote = f"cache.remote=file://{shared}"
-    r = a.cli("run", remote)
-    assert r.rc == 0 and set(a.statuses().values()) == {"ran"}, r.out + r.err
-    assert a.cli("push").rc == 0
-    victim = tmp_path / "victim.txt"
-    victim.write_bytes(b"precious")
-    (entry,) = [m.parent for m in shared.glob("package/*/manifest.json")]
+    remote, victim, entry = pushed_entry(tmp_path, capsys, monkeypatch, PACKAGE_CONFIG, "package")
     swap_file(entry, "package/infer.py", EVIL_SELFTEST.format(victim=str(victim)).encode(), Package.volatile_outputs)
 
     b = torchscript_machine(tmp_path, "b", capsys, monkeypatch, PACKAGE_CONFIG)
