@@ -90,23 +90,26 @@ def _golden_samples(pkg: PackageContext, data_dir: Path):
     images, the expected outputs from the packaged model through the backend registry; None (with a
     note) when there is nothing to take them from."""
     from stages.common.preprocess import normalize, to_channel_order
+    from stages.common.sampling import limited
     from stages.common.splits import load_split
 
-    images, labels = load_split(data_dir, "test", size=(pkg.spec.height, pkg.spec.width))
-    n = min(SAMPLES, len(images))
+    all_images, labels = load_split(data_dir, "test", size=(pkg.spec.height, pkg.spec.width))
+    n = min(SAMPLES, len(all_images))
     if n == 0:
         pkg.notes.append("no golden samples for the self-test: the dataset's test split is empty")
         return None
-    images = np.ascontiguousarray(images[:n])
+    images = np.ascontiguousarray(all_images[:n])
     backend = shipped(pkg.model_dir, pkg.board.model_format)
     if backend.precomputed:  # RKNN: the simulator's outputs, stored by rknn_quantize for this test split
         if not (pkg.model_dir / backend.logits_file).is_file():
             pkg.notes.append(f"no golden samples for the self-test: the {backend.producer} stage ran without its "
                              f"`data` input (no {backend.logits_file})")
             return None
-        expected = _stored_logits(backend, pkg, data_dir)[:n]
-        n = len(expected)  # quantize.data_limit may have simulated fewer
-        return images[:n], labels, to_channel_order(images, pkg.spec)[:n], expected, _measured(backend)
+        stored = _stored_logits(backend, pkg, data_dir)
+        # quantize.data_limit may have simulated fewer: a seeded class-stratified sample, in row order
+        rows = limited(labels, len(stored))[:n]
+        images = np.ascontiguousarray(all_images[rows])
+        return images, labels[rows], to_channel_order(images, pkg.spec), stored[:len(rows)], _measured(backend)
     inputs = normalize(images, pkg.spec)
     runner = backend(pkg.model_dir, pkg.io, batch=None)
     try:

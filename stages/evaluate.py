@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -73,7 +73,9 @@ class Evaluate(Stage):
     # 3: metrics.json's missed + model_digest per backend; confusion PNGs drawn with a CJK font when installed
     # 4: quantized rows judged by stages.common.quant_gate (lost/gained images, interval, whole-image rule);
     #    their agreement and logit_cosine over val + test
-    version = 4
+    # 5: evaluate.limit scores a seeded class-stratified sample (sampling.limited), the one quantize.data_limit
+    #    stores logits of; stored logits are matched to the scored images by row; predictions.npz's `rows`
+    version = 5
     extra_inputs = True
     inputs = {"data": Input(required=True, doc="dataset folder; every other input is a backend to score")}
     # Wall times differ on every run: kept apart so that metrics.json (which package reads) is
@@ -86,7 +88,8 @@ class Evaluate(Stage):
         split: Literal["test", "val"] = "test"
         # input name of the fp32 reference; null: the first PyTorch (model.pt) backend
         reference: str | None = None
-        # score only the first N images of the split (null: all); the label-free figures take as many of val
+        # score N images of the split, a seeded class-stratified sample (null: all); the same N of the other
+        # split for the label-free figures; quantize.data_limit=N stores the simulator's logits of the same N
         limit: int | None = Field(None, ge=1)
         # quality targets (reported here; package.enforce_targets refuses a shipped model that misses
         # them): float backends agree 100% with max abs logit difference <= float_tolerance; quantized
@@ -115,6 +118,7 @@ class Evaluate(Stage):
         if not models:
             raise StageError("evaluate has no backend to score: add model folders to its `needs:` "
                              "(e.g. model: train, onnx: onnx, rknn: rknn)")
+        split = _stored_first(split, models)
         ref = _pick_reference(models, p.reference)
         results = {m.name: _single_crop(m, split, ctx) for m in models}
         if p.multicrop.enabled:
@@ -138,18 +142,24 @@ class Evaluate(Stage):
 # -- the split --------------------------------------------------------------------------------------------
 @dataclass
 class _Split:
-    """The scored rows of a dataset split: images stay memory-mapped (read a batch at a time)."""
+    """The scored images of a dataset split: ``rows`` of the stored split (evaluate.limit's sample), in the
+    order every result lists them; images stay memory-mapped (read a batch at a time)."""
 
     name: str
     folder: Path
     classes: list[str]
-    images: np.ndarray  # uint8 n x H x W x 3, memory-mapped
-    labels: np.ndarray  # int64 n
+    images: np.ndarray  # uint8 N x H x W x 3, the whole stored split, memory-mapped
+    all_labels: np.ndarray  # int64 N, the whole stored split
+    rows: np.ndarray  # int64 n: the scored rows of the stored split
     spec: Any  # the dataset's Preprocess, or None
 
     @property
     def n(self) -> int:
-        return len(self.labels)
+        return len(self.rows)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.all_labels[self.rows]
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -158,15 +168,39 @@ class _Split:
 
 def _read_split(data: Path, p) -> _Split:
     from stages.common.preprocess import Preprocess
+    from stages.common.sampling import limited
     from stages.common.splits import load_split
 
     check_bundle(data, (LABELS,), input="data", hint="expected a dataset folder")
     images, labels = load_split(data, p.split, split_key="evaluate.split")
-    n = len(labels) if p.limit is None else min(len(labels), p.limit)
-    if n == 0:
+    if len(labels) == 0:
         raise StageError(f"input data: the {p.split} split is empty")
     spec = Preprocess.load(data) if (data / PREPROCESS).is_file() else None
-    return _Split(p.split, data, read_labels(data), images[:n], labels[:n], spec)
+    return _Split(p.split, data, read_labels(data), images, np.asarray(labels), limited(labels, p.limit), spec)
+
+
+def _stored_rows(all_labels: np.ndarray, stored: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which of ``rows`` a stage's ``stored`` logits cover and where: (positions in ``rows``, indices into the
+    stored logits). A stage that limits the images it runs keeps ``sampling.limited(labels, N)``'s rows in
+    row order (rknn_quantize's quantize.data_limit), so N alone says which rows they are."""
+    from stages.common.sampling import limited
+
+    kept = limited(all_labels, stored)
+    at = np.minimum(np.searchsorted(kept, rows), max(len(kept) - 1, 0))
+    covered = np.flatnonzero(kept[at] == rows) if len(kept) else np.zeros(0, np.int64)
+    return covered, at[covered]
+
+
+def _stored_first(split: _Split, models: list[_Backend]) -> _Split:
+    """The scored rows reordered so that the rows every precomputed backend stored come first (then those
+    fewer of them stored): each such backend's logits cover a prefix of the scored images, the layout every
+    result, predictions.npz and the report share. Unchanged when they stored every scored row."""
+    stored = [len(m.runner.stored_logits()) for m in models if m.runner.precomputed]
+    coverage = np.zeros(split.n, np.int64)
+    for count in stored:
+        coverage[_stored_rows(split.all_labels, count, split.rows)[0]] += 1
+    order = np.lexsort((split.rows, -coverage))
+    return replace(split, rows=split.rows[order])
 
 
 # -- backends -------------------------------------------------------------------------------------------
@@ -185,14 +219,15 @@ class _Backend:
     def kind(self) -> str:
         return self.runner.kind
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        """Logits of uint8 N x H x W x 3 images (a memory map is read STEP images at a time)."""
+    def logits(self, images: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Logits of uint8 N x H x W x 3 images, or of those ``rows`` of them, in that order (a memory map
+        is read STEP images at a time)."""
         from stages.common.preprocess import normalize
         from stages.common.splits import read_rows
 
         outs = []
-        for i in range(0, len(images), STEP):
-            x = normalize(read_rows(images, slice(i, i + STEP)), self.spec)
+        for i in range(0, len(images) if rows is None else len(rows), STEP):
+            x = normalize(read_rows(images, slice(i, i + STEP) if rows is None else rows[i:i + STEP]), self.spec)
             outs.append(np.asarray(self.runner.logits(x), dtype=np.float32).reshape(len(x), -1))
         return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
@@ -251,12 +286,25 @@ def _single_crop(m: _Backend, split: _Split, ctx) -> dict[str, Any]:
     """The backend's logits on the split's arrays (stored ones for precomputed backends), checked."""
     ctx.progress(None, None, f"{m.name} ({m.kind})")
     t0 = time.perf_counter()
-    logits = m.runner.stored_logits()[:split.n] if m.runner.precomputed else m.logits(split.images)
+    if m.runner.precomputed:
+        logits = _stored_prefix(m, m.runner.stored_logits(), split)
+    else:
+        logits = m.logits(split.images, split.rows)
     if logits.ndim != 2 or logits.shape[1] != len(split.classes):
         raise StageError(f"input {m.name}: the model gives outputs of shape {list(logits.shape)}, expected "
                          f"N x {len(split.classes)} (one logit per class of labels.txt)")
     return {"kind": m.kind, "folder": str(m.folder), "logits": logits, "target": m.runner.target,
             "seconds": round(time.perf_counter() - t0, 3), "detail": m.runner.detail}
+
+
+def _stored_prefix(m: _Backend, stored: np.ndarray, split: _Split) -> np.ndarray:
+    """The rows of a precomputed backend's stored logits (or crop logits) that belong to the scored images,
+    in their order: a prefix of them (``_stored_first``)."""
+    covered, at = _stored_rows(split.all_labels, len(stored), split.rows)
+    if not np.array_equal(covered, np.arange(len(covered))):
+        raise StageError(f"input {m.input}: its stored logits cover other {split.name} images than another input's "
+                         f"(their stages ran with different quantize.data_limit): give them the same one")
+    return stored[at]
 
 
 # -- label-free figures: every image that is not training data ------------------------------------------
@@ -274,14 +322,18 @@ def _label_free(models: list[_Backend], ref: _Backend | None, results: dict, spl
     other = "val" if split.name == "test" else "test"
     images = _other_split(split.folder, other, p)
     ref_other = None if images is None else _split_logits(ref, split, other, images, ctx)
+    if ref_other is not None:  # the reference's logits at every kept row (NaN where it stored none)
+        full = np.full((len(images[2]), ref_other[1].shape[1]), np.nan, np.float32)
+        full[ref_other[0]] = ref_other[1]
+        ref_other = full
     figures: dict[str, dict[str, Any]] = {}
     for m in quantized:
         k = min(len(results[m.name]["logits"]), len(results[ref.name]["logits"]))
         parts = {split.name: (results[ref.name]["logits"][:k], results[m.name]["logits"][:k])}
         quant_other = None if ref_other is None else _split_logits(m, split, other, images, ctx)
         if quant_other is not None:
-            j = min(len(ref_other), len(quant_other))
-            parts[other] = (ref_other[:j], quant_other[:j])
+            both = ~np.isnan(ref_other[quant_other[0]]).any(1)  # rows both have
+            parts[other] = (ref_other[quant_other[0]][both], quant_other[1][both])
         elif images is not None:
             ctx.log.info("%s: agreement and logit cosine over the %s split only (%s stored no %s logits)",
                          m.name, split.name, m.folder, other)
@@ -293,30 +345,33 @@ def _label_free(models: list[_Backend], ref: _Backend | None, results: dict, spl
     return figures
 
 
-def _other_split(data: Path, name: str, p) -> np.ndarray | None:
-    """The first `limit` images of the dataset's other non-training split (memory-mapped), or None when it
-    has none."""
+def _other_split(data: Path, name: str, p) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The dataset's other non-training split: (images, memory-mapped; labels; the rows `limit` keeps,
+    the same seeded class-stratified sample as the scored split's), or None when it has none."""
+    from stages.common.sampling import limited
     from stages.common.splits import load_split, split_files
 
     if not all(f.is_file() for f in split_files(data, name)):
         return None
-    images, _ = load_split(data, name, what="input data")
-    images = images if p.limit is None else images[:p.limit]
-    return images if len(images) else None
+    images, labels = load_split(data, name, what="input data")
+    return (images, np.asarray(labels), limited(labels, p.limit)) if len(labels) else None
 
 
-def _split_logits(m: _Backend, split: _Split, name: str, images: np.ndarray, ctx) -> np.ndarray | None:
-    """A backend's logits on another split: computed, or stored by its stage (None when it stored none)."""
+def _split_logits(m: _Backend, split: _Split, name: str, other: tuple, ctx):
+    """A backend's logits on another split's kept rows, as (their positions among the kept rows, logits):
+    computed on all of them, or those of the rows its stage stored (None when it stored none)."""
+    images, labels, rows = other
     ctx.progress(None, None, f"{m.name} on the {name} split (label-free figures)")
     if not m.runner.precomputed:
-        return m.logits(images)
+        return np.arange(len(rows)), m.logits(images, rows)
     try:
         stored = m.runner.stored_split_logits(split.folder, name, split.classes)
     except backends.BackendError as e:
         raise StageError(f"input {m.input}: {e}") from None
-    if stored is not None and len(stored) > len(images):
-        stored = stored[:len(images)]
-    return stored
+    if stored is None:
+        return None
+    covered, at = _stored_rows(labels, len(stored), rows)
+    return covered, stored[at]
 
 
 # -- multi-crop -------------------------------------------------------------------------------------------
@@ -330,7 +385,8 @@ def _add_crop_logits(results: dict, models: list[_Backend], split: _Split, p, ct
             _stored_crop_logits(results[m.name], m, split, k, ctx)
     if not computed:
         return
-    files = original_files(split.folder, split.name, split.n, p.multicrop.root)
+    listed = original_files(split.folder, split.name, int(split.rows.max()) + 1, p.multicrop.root)
+    files = [listed[r] for r in split.rows]
     parts: dict[str, list[np.ndarray]] = {m.name: [] for m in computed}
     for start, crops in crop_batches(files, k, split.spec or computed[0].spec, split.hw):
         ctx.progress(start, split.n, "multi-crop: reading original images" if start == 0 else None)
@@ -351,7 +407,7 @@ def _stored_crop_logits(result: dict, m: _Backend, split: _Split, k: int, ctx) -
     if stored.ndim != 3 or stored.shape[1] != k:
         raise StageError(f"input {m.name}: its test_crop_logits.npy holds {list(stored.shape)[1:2]} crops per image, "
                          f"evaluate.multicrop.crops={k}: rebuild it with the same evaluate.multicrop settings")
-    result["crop_logits"] = stored[:split.n]
+    result["crop_logits"] = _stored_prefix(m, stored, split)
 
 
 # -- scoring ----------------------------------------------------------------------------------------------
@@ -486,7 +542,8 @@ def _write_outputs(out: Path, results: dict, table: dict, report: dict, split: _
     for name, r in results.items():
         _confusion_png(out / f"confusion_{_safe(name)}.png", np.asarray(table[name]["confusion"]), split.classes,
                        f"{name} ({r['kind']}): top-1 {table[name]['top1']:.2%} on {table[name]['samples']}")
-    arrays: dict[str, np.ndarray] = {"labels": split.labels}
+    # rows: the stored split's row of each scored image (evaluate.limit's sample; stored logits first)
+    arrays: dict[str, np.ndarray] = {"labels": split.labels, "rows": split.rows}
     for name, r in results.items():
         arrays[f"{name}.logits"] = r["logits"].astype(np.float32)
         arrays[f"{name}.pred"] = r["logits"].argmax(1).astype(np.int64)
@@ -517,10 +574,10 @@ def _write_features(out: Path, models: list[_Backend], ref: _Backend | None, res
     from stages.common.preprocess import normalize
     from stages.common.splits import read_rows
 
-    feats = [m.runner.features(normalize(read_rows(split.images, index[i:i + STEP]), m.spec)).astype(np.float16)
-             for i in range(0, len(index), STEP)]
+    feats = [m.runner.features(normalize(read_rows(split.images, split.rows[index[i:i + STEP]]), m.spec)
+                               ).astype(np.float16) for i in range(0, len(index), STEP)]
     np.savez_compressed(out / "features.npz", features=np.concatenate(feats), labels=split.labels[index],
-                        index=index.astype(np.int64), pred=results[m.name]["logits"][index].argmax(1).astype(np.int64),
+                        index=split.rows[index], pred=results[m.name]["logits"][index].argmax(1).astype(np.int64),
                         classes=np.asarray(split.classes), backend=np.asarray(m.name))
 
 

@@ -130,7 +130,8 @@ class RknnQuantize(Stage):
     config_section = "quantize"
     # 2: test_crop_logits.npy (evaluate.multicrop), board_test_logits.npy (quantize.board_eval)
     # 3: val_logits.npy, layers.json; quantize.search (search.json)
-    version = 3
+    # 4: quantize.data_limit keeps a seeded class-stratified sample (sampling.limited), not the first rows
+    version = 4
     sections = {"multicrop": "evaluate.multicrop", "max_drop": "evaluate.quant_max_drop"}
     # rknn-toolkit2 writes a different model.rknn for the same inputs (~9.5k bytes differ between two
     # identical builds); the simulator outputs are reproducible. model.rknn stays in the output digest
@@ -161,7 +162,7 @@ class RknnQuantize(Stage):
         do_quantization: bool = True
         # calibration images analysed layer by layer (error_analysis.txt); 0 skips the analysis
         accuracy_analysis_samples: int = Field(2, ge=0)
-        # simulate at most this many test images (null: the whole test split)
+        # simulate at most this many test images, a seeded class-stratified sample (null: the whole split)
         data_limit: int | None = Field(None, ge=1)
         # the toolkit's debug-level log in rknn.log (~2.5x bigger): it holds the compiler's layer table
         # (which layers run on the CPU) and memory totals that board checks read; never changes the model
@@ -362,7 +363,7 @@ class RknnQuantizer:
     candidate (kept under ``step1/``), its config's ``custom_quantize_layers`` set, ``step2``."""
 
     name = "rknn-toolkit2"
-    FORMAT = 1  # bump when a candidate's folder holds something else
+    FORMAT = 2  # bump when a candidate's folder holds something else (2: data_limit is a stratified sample)
 
     def __init__(self, p, spec, io: dict, shape: list[int], inputs, step1_cache: Path, ctx) -> None:
         self.p, self.spec, self.io, self.shape, self.ctx = p, spec, io, shape, ctx
@@ -716,26 +717,30 @@ def _on_board(rknn, data_dir: Path, spec, p, out: Path, ctx) -> dict[str, Any]:
 
 def _run_split(rknn, data_dir: Path, spec, limit: int | None, dest: Path, out: Path, ctx, where: str,
                split: str = "test") -> dict[str, Any]:
-    """The initialised runtime on the first ``limit`` images of a split (None: all), a chunk at a time;
-    N x C logits saved to ``dest``; what they were computed on (evaluate checks the digests)."""
+    """The initialised runtime on the images of a split that ``limit`` keeps (None: all; else the seeded
+    class-stratified sample ``sampling.limited``, the one evaluate.limit takes), a chunk at a time;
+    N x C logits saved to ``dest`` in row order; what they were computed on (evaluate checks the digests
+    and finds the rows again from N)."""
     import numpy as np
 
     from stages.common.preprocess import to_channel_order
+    from stages.common.sampling import limited
     from stages.common.splits import load_split, read_rows, split_files
 
     images, labels = load_split(data_dir, split, size=(spec.height, spec.width))
-    n = len(images) if limit is None else min(len(images), limit)
+    rows = limited(labels, limit)
+    n = len(rows)
     logits = []
     for start in range(0, n, CHUNK):
         ctx.progress(start, n, f"{where} on {n} {split} images" if start == 0 else None)
-        logits.append(_infer(rknn, to_channel_order(read_rows(images, slice(start, min(n, start + CHUNK))), spec), out))
+        logits.append(_infer(rknn, to_channel_order(read_rows(images, rows[start:start + CHUNK]), spec), out))
     ctx.progress(n, n, None)
     arr = np.concatenate(logits) if logits else np.zeros((0, 0), np.float32)
     np.save(dest, arr)
     img_path, lab_path = split_files(data_dir, split)
     return {
         "samples": n, "of": int(len(images)),
-        "top1": round(float((arr.argmax(1) == labels[:n]).mean()) if n else float("nan"), 6),
+        "top1": round(float((arr.argmax(1) == labels[rows]).mean()) if n else float("nan"), 6),
         # evaluate checks these: the logits belong to this exact test split
         f"images_{split}_sha256": sha256_file(img_path), f"labels_{split}_sha256": sha256_file(lab_path),
     }
@@ -747,9 +752,13 @@ def _simulate_crops(rknn, data_dir: Path, spec, p, n: int, out: Path, ctx) -> di
 
     from stages.common.multicrop import crop_batches, original_files
     from stages.common.preprocess import to_channel_order
+    from stages.common.sampling import limited
+    from stages.common.splits import load_split
 
     k = p.multicrop.crops
-    files = original_files(data_dir, "test", n, p.multicrop.root)
+    rows = limited(load_split(data_dir, "test")[1], p.data_limit)  # the rows test_logits.npy holds
+    listed = original_files(data_dir, "test", int(rows[-1]) + 1 if len(rows) else 0, p.multicrop.root)
+    files = [listed[r] for r in rows]
     parts = []
     for start, crops in crop_batches(files, k, spec, (spec.height, spec.width)):
         ctx.progress(start, n, f"simulator on {k} crops of {n} original images" if start == 0 else None)

@@ -18,10 +18,12 @@ class ImagePictures:
 
     def __init__(self, view: RunView, folder: Path, data_stage: str | None, report: dict, classes: list[str]) -> None:
         self.view, self.classes, self.problem = view, classes, None
-        self.labels, self.preds, self.images = None, {}, None
+        self.labels, self.preds, self.images, self.rows = None, {}, None, None
         try:
             with np.load(folder / "predictions.npz") as z:
                 self.labels = z["labels"]
+                # the split's row of each scored image (evaluate.limit samples them); older files: in order
+                self.rows = z["rows"] if "rows" in z.files else np.arange(len(self.labels))
                 self.preds = {k[: -len(".pred")]: z[k] for k in z.files if k.endswith(".pred")}
         except (OSError, KeyError, ValueError) as e:
             self.problem = f"no readable {folder / 'predictions.npz'} ({e})"
@@ -32,7 +34,7 @@ class ImagePictures:
             self.images = np.load(path, mmap_mode="r") if path else None
         except (OSError, ValueError):
             self.images = None
-        if self.images is None or len(self.images) < len(self.labels):
+        if self.images is None or len(self.images) <= (int(self.rows.max()) if len(self.rows) else -1):
             self.problem = f"the test images are not readable ({path or 'no data input'}): no image grids"
             self.images = None
 
@@ -41,7 +43,7 @@ class ImagePictures:
         title = f"{len(idx)} {what}" + (f" (the first {len(shown)} shown)" if len(idx) > len(shown) else "")
         if not len(shown) or self.images is None:
             return {"title": title, "uri": None}
-        pixels = np.asarray(self.images[shown])
+        pixels = np.asarray(self.images[self.rows[shown]])
         caps = captions[: len(shown)]
         uri = figs.png_uri(figs.memo_png(self.view.scratch, ("grid", figs.GRID_VERSION, pixels, caps),
                                          lambda: figs.grid_png(pixels, caps)))

@@ -1,5 +1,6 @@
-"""Class-stratified, seeded samples of a split's labels: the calibration stage's picks and the
-quantizers' calibration subsets (rknn_quantize's search) come from the one function.
+"""Class-stratified, seeded samples of a split's labels: the calibration stage's picks, the
+quantizers' calibration subsets (rknn_quantize's search) and the images a limit keeps
+(``evaluate.limit``, ``quantize.data_limit``: ``limited``) come from the one function.
 
 Standard library and numpy only."""
 
@@ -46,3 +47,17 @@ def select(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
         if take[c]:
             picked.append(rng.choice(members, size=take[c], replace=False))
     return rng.permutation(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+LIMIT_SEED = 0  # evaluate.limit and quantize.data_limit: one seed, so the same limit keeps the same images
+
+
+def limited(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    """The rows of a split that a limit of ``limit`` images keeps, ascending: every row when ``limit`` is
+    None or covers the split, else a seeded class-stratified sample (a split is stored in class order, so
+    its first rows would be its first classes only). A pure function of the labels and the count:
+    evaluate recomputes which images a stage's stored logits belong to from their number."""
+    n = len(labels)
+    if limit is None or limit >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(select(labels, limit, LIMIT_SEED)).astype(np.int64)

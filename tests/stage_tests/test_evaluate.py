@@ -203,6 +203,57 @@ def test_no_torch_backend_uses_onnx_as_reference(backends, tmp_path):
     assert report["backends"]["rknn"]["samples"] == 20
 
 
+def _class_ordered(src: Path, dst: Path) -> Path:
+    """The toy dataset with every split stored in class order, as the dataset stage stores its splits."""
+    shutil.copytree(src, dst)
+    for split in ("train", "val", "test"):
+        labels = np.load(src / f"labels_{split}.npy")
+        order = np.argsort(labels, kind="stable")
+        np.save(dst / f"labels_{split}.npy", labels[order])
+        np.save(dst / f"images_{split}.npy", np.load(src / f"images_{split}.npy")[order])
+    return dst
+
+
+def test_a_limit_is_a_seeded_class_stratified_sample():
+    from stages.common.sampling import limited
+
+    labels = np.repeat(np.arange(4), [30, 20, 10, 4])  # class-ordered, unbalanced
+    rows = limited(labels, 16)
+    assert len(rows) == 16 and np.all(np.diff(rows) > 0) and set(labels[rows]) == {0, 1, 2, 3}
+    assert np.array_equal(rows, limited(labels, 16))  # the same rows every time: evaluate and rknn agree
+    assert np.array_equal(limited(labels, None), np.arange(64)) and np.array_equal(limited(labels, 99), np.arange(64))
+
+
+def test_limits_score_every_class_and_rknn_logits_line_up_by_row(tmp_path):
+    """A class-ordered test split: evaluate.limit=8 scores every class (its first 8 rows are one class), and
+    rknn_quantize's quantize.data_limit=8 stores the simulator's logits of the same 8 images, which evaluate
+    matches to their labels by row, with the same limit and without one."""
+    t = toy()
+    data = _class_ordered(t.data, tmp_path / "ordered")
+    labels = np.load(data / "labels_test.npy")
+    assert np.all(labels[:8] == 0), "the premise: a prefix of the split is one class"
+    run_stage("rknn_quantize", {"accuracy_analysis_samples": 0, "data_limit": 8},
+              {"onnx": t.onnx, "calib": t.calib, "data": data}, tmp_path / "rknn")
+    sim = np.load(tmp_path / "rknn" / "test_logits.npy")
+    for limit in (8, None):
+        out = tmp_path / f"eval_{limit}"
+        metrics = run_stage("evaluate", {"limit": limit}, {"data": data, "onnx": t.onnx, "rknn": tmp_path / "rknn"},
+                            out)
+        pred = np.load(out / "predictions.npz")
+        rows = pred["rows"]
+        assert np.array_equal(pred["labels"], labels[rows]) and len(rows) == (8 if limit else len(labels))
+        assert sorted(pred["labels"][:8].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]  # every class, two of each
+        # the simulator's logits, scored against the labels of the images they were computed on: each row's
+        # logits point the way the float model's do on the same image
+        assert np.array_equal(pred["rknn.logits"], sim) and metrics["samples"] == len(rows)
+        assert metrics["top1"]["rknn"] == pytest.approx(float(np.mean(sim.argmax(1) == labels[rows[:8]])))
+        assert _cosine(pred["onnx.logits"][:8], sim) > 0.9
+    from helpers_data import onnx_reference_logits
+
+    direct = onnx_reference_logits(type(t)(t.root, data, t.model, t.onnx, t.calib))[rows[:8]]
+    assert np.allclose(direct, pred["onnx.logits"][:8], atol=1e-4)  # rows[:8]: the images rknn simulated
+
+
 # -- multi-crop -----------------------------------------------------------------------------------------
 def test_crop_boxes():
     from stages.evaluate import crop_boxes
