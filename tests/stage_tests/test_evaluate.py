@@ -66,7 +66,8 @@ def test_float_backends_match_fp32(evaluated):
     ref = np.load(out / "predictions.npz")["model.logits"]
     for b in ("onnx", "ts", "ncnn"):
         assert metrics["max_abs_diff"][b] <= 1e-6 * (ref.max() - ref.min()), (b, metrics["max_abs_diff"][b])
-    assert metrics["top1"]["model"] >= 0.85  # the toy model learned its task
+    # the toy model learned its task: reference loop 95.3% on the 64 toy test images - 2 SD = 0.90; bench/floors.py
+    assert metrics["top1"]["model"] >= 0.90
 
 
 def test_metrics_agree_with_a_direct_computation(evaluated):
@@ -240,9 +241,9 @@ def test_limits_score_every_class_and_rknn_logits_line_up_by_row(tmp_path):
         metrics = run_stage("evaluate", {"limit": limit}, {"data": data, "onnx": t.onnx, "rknn": tmp_path / "rknn"},
                             out)
         pred = np.load(out / "predictions.npz")
+        assert sorted(pred["labels"][:8].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]  # every class, two of each
         rows = pred["rows"]
         assert np.array_equal(pred["labels"], labels[rows]) and len(rows) == (8 if limit else len(labels))
-        assert sorted(pred["labels"][:8].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]  # every class, two of each
         # the simulator's logits, scored against the labels of the images they were computed on: each row's
         # logits point the way the float model's do on the same image
         assert np.array_equal(pred["rknn.logits"], sim) and metrics["samples"] == len(rows)
@@ -297,7 +298,8 @@ def test_multicrop_on_original_files(backends, tmp_path):
     mc = report["backends"]["model"]["multicrop"]
     assert mc["top1_mean"] == pytest.approx(np.mean(pred["model.pred_mean"] == pred["labels"]))
     assert mc["top1_vote"] == pytest.approx(np.mean(pred["model.pred_vote"] == pred["labels"]))
-    assert metrics["multicrop_top1_mean"]["model"] >= 0.7
+    # reference loop 95.8% on the 24 originals' first window (the toy picture) - 2 SD = 0.87; bench/floors.py
+    assert metrics["multicrop_top1_mean"]["model"] >= 0.87
     assert "Multi-crop (3 crops" in (out / "eval.md").read_text()
     # crops of the originals are what the backend saw: recompute crop 0 of image 0 directly
     import csv

@@ -114,7 +114,7 @@ def test_mmse_build_is_quiet_and_notes(tmp_path, capfd, caplog):
     assert captured.out == "" and captured.err == ""
     assert any("mmse quantization takes minutes" in r.getMessage() for r in caplog.records)
     assert np.load(tmp_path / "out" / "test_logits.npy").shape == (16, 4)
-    assert metrics["sim_top1"] >= 0.8
+    assert metrics["sim_top1"] >= 0.84  # reference loop 95.3% on toy test images, n=16 - 2 SD = 0.84; bench/floors.py
     assert (tmp_path / "out" / "error_analysis.txt").read_text().count("# sample ") == 1
     assert "rknn building done" in (tmp_path / "out" / "rknn.log").read_text(errors="replace")
 

@@ -255,7 +255,7 @@ def test_finetune_onto_the_same_classes_in_swapped_order_starts_where_the_model_
     write_labels(data / "labels.txt", names)
     trained = run_stage(Train, {**FAST, "epochs": 3, "limit_train_batches": None, "lr": 3e-3,
                                 "model": {"arch": "mobilenet_v3_small"}}, {"data": data}, tmp_path / "trained")
-    assert trained["val_acc"] >= 0.8  # far from its complement
+    assert trained["val_acc"] >= 0.75  # far from its complement: reference loop 91.7% on 12 val - 2 SD; bench/floors.py
     swapped = _relabelled(data, tmp_path / "swapped", names, [1, 0])
     # one epoch at a learning rate that moves nothing: the first validation is the starting point
     tuned = run_stage(Train, {**FAST, "mode": "finetune", "lr": 1e-9, "limit_train_batches": None,
