@@ -339,7 +339,8 @@ def test_experiment_v831_resnet18(tmp_path):
                             *FAST, "train.epochs=3", "train.batch_size=8")
     assert record["stages"]["preflight"]["status"] == "ran"
     top1 = record["stages"]["eval"]["metrics"]["top1"]
-    assert set(top1) == {"pytorch", "onnx", "ncnn"} and min(top1.values()) >= 0.9, top1
+    # reference loop 100% on these 12 test images - 1 image (2 SD is less) = 0.91; bench/floors.py
+    assert set(top1) == {"pytorch", "onnx", "ncnn"} and min(top1.values()) >= 0.91, top1
     pkg = _pkg(record)
     with zipfile.ZipFile(pkg / "maixhub_upload.zip") as zf:
         assert {n.split("/")[0] for n in zf.namelist()} == {"images", "model.param", "model.bin"}
@@ -371,10 +372,10 @@ def test_experiment_rv1103_mobilenetv3(tmp_path):
     assert st["clip"]["status"] == st["rknn"]["status"] == st["rknn_normal"]["status"] == "ran"
     assert st["rknn_mmse"]["status"] == "ran"
     top1 = st["eval"]["metrics"]["top1"]
-    # generated pictures (one bright band per class) that any correct training tells apart on every image
-    assert top1["pytorch"] >= 0.9 and top1["onnx"] >= 0.9, top1
-    # int8 in the simulator, on 8 test images (quantize.data_limit): at most 2 of them lost
-    assert min(top1["rknn"], top1["rknn_normal"], top1["rknn_mmse"]) >= 0.75, top1
+    # reference loop 100% on these 24 test images - 1 image (2 SD is less) = 0.95; bench/floors.py
+    assert top1["pytorch"] >= 0.95 and top1["onnx"] >= 0.95, top1
+    # int8 in the simulator, on 8 test images (quantize.data_limit): reference loop 100% - 1 image = 0.87
+    assert min(top1["rknn"], top1["rknn_normal"], top1["rknn_mmse"]) >= 0.87, top1
     pkg = _pkg(record)
     assert (pkg / "model.rknn").is_file() and (pkg / "main.c").is_file()
     manifest = json.loads((pkg / "manifest.json").read_text())
@@ -397,7 +398,8 @@ def test_experiment_mnist_gem_resnet(tmp_path):
     st = record["stages"]
     assert st["torchscript"]["status"] == st["onnx"]["status"] == st["package"]["status"] == "ran"
     top1 = st["eval"]["metrics"]["top1"]
-    assert top1["pytorch"] >= 0.9 and top1["onnx"] >= 0.9, top1  # 100 test digits
+    # reference loop 97.0% on these 100 test digits - 2 SD = 0.93; bench/floors.py
+    assert top1["pytorch"] >= 0.93 and top1["onnx"] >= 0.93, top1
     assert json.loads((_pkg(record) / "manifest.json").read_text())["labels"] == [str(i) for i in range(10)]
 
 
@@ -411,7 +413,8 @@ def test_experiment_onnx_catsdogs(tmp_path):
     record = run_experiment(tmp_path / "runs", "+experiment=onnx_catsdogs", f"dataset.path={data}",
                             f"model.pretrained={weights}", "package.enforce_targets=false", *MOBILENET)
     top1 = record["stages"]["eval"]["metrics"]["top1"]
-    assert top1["pytorch"] >= 0.9 and top1["onnx"] >= 0.9, top1
+    # reference loop 100% on these 24 test images - 1 image (2 SD is less) = 0.95; bench/floors.py
+    assert top1["pytorch"] >= 0.95 and top1["onnx"] >= 0.95, top1
     pkg = _pkg(record)
     rows = run_script(pkg / "infer.py", str(data), "--json")
     assert len(rows) == 80 and {r["label"] for r in rows} <= {"cat", "dog"}
