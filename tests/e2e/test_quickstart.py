@@ -50,7 +50,7 @@ def test_quickstart_accuracy_holds_on_every_backend(quickstart):
     _, _, run, _ = quickstart
     m = run["stages"]["eval"]["metrics"]
     fp32 = m["top1"]["pytorch"]
-    assert fp32 >= 0.9  # 32 px digits, a few epochs
+    assert fp32 >= 0.98  # reference loop 99.4% on the 179 test digits (32 px, 6 epochs) - 2 SD = 0.98; bench/floors.py
     # README (Export, ncnn and calibration): 100% top-1 agreement with PyTorch, logits within 1e-6 x the
     # logit range, on the test split
     preds = np.load(Path(run["stages"]["eval"]["path"]) / "predictions.npz")
