@@ -17,7 +17,9 @@ from engine.run.testing import run_stage
 
 pytestmark = pytest.mark.slow
 
-FLOOR = 0.9
+# reference loop 100% on the 36 test crops, mobilenet_v3_small and resnet18 alike - 1 image (2 SD less) = 0.97;
+# bench/floors.py (rows bn_photos_*); the same floor for val, train_eval and the int8 simulator
+FLOOR = 0.97
 PREPROCESS = {"input_size": 224, "mean": "imagenet", "std": "imagenet"}
 TRAIN = {"epochs": 3, "batch_size": 32, "lr": 3e-3, "accelerator": "cpu", "seed": 0,
          "augment": {"hflip": 0.5}}
