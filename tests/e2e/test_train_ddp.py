@@ -33,7 +33,7 @@ def test_two_ddp_processes_train_like_one(digits, tmp_path):
     one = run_stage("train", {**TRAIN, "batch_size": 64}, {"data": digits}, tmp_path / "one")
     two = run_stage("train", {**TRAIN, "batch_size": 32, "devices": 2}, {"data": digits}, tmp_path / "two")
     assert abs(two["test_acc"] - one["test_acc"]) <= 0.01, (one, two)  # within 1 point (360 test digits)
-    assert two["test_acc"] >= 0.95
+    assert two["test_acc"] >= 0.99  # reference loop 100% on the 359 test digits - 1 image (2 SD less); bench/floors.py
     out = tmp_path / "two"
     assert (out / "model.pt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "logs" / "ranks.log").is_file()
