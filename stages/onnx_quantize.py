@@ -77,7 +77,7 @@ class OnnxQuantize(Stage):
     name = "onnx_quantize"
     config_section = "onnx_quantize"
     tools = ("onnxruntime", "onnx")  # their versions are in the cache key
-    version = 1
+    version = 2  # 2: calibration subsets drawn by stages.common.sampling.select (rknn_quantize's rule)
     peak_memory_mb = 1000
     sections = {"max_drop": "evaluate.quant_max_drop"}
     # seconds and whether each candidate came from the scratch cache
@@ -187,6 +187,7 @@ class OrtQuantizer:
                 "format": "QDQ uint8 activations, int8 weights", "model": sha256_file(self.float_model),
                 "calibration": sha256_json([sha256_file(f) for f in calibration_files(self.calib)[0]]),
                 "preprocess": self.spec.to_dict(), "input": self.input_name, "seed": self.s.seed,
+                "sampling": "stages.common.sampling.select",  # how subsets are drawn (cached candidates)
                 "rank_images": self.s.hybrid.rank_images}
 
     def candidates(self):

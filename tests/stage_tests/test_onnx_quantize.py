@@ -126,6 +126,26 @@ def test_excluded_nodes_stay_float(tmp_path):
                 assert produced_by.get(weight) == "DequantizeLinear"
 
 
+def test_calibration_subset_is_the_one_stratified_sample(tmp_path):
+    """ONNX Runtime's calibration subsets are drawn by stages.common.sampling.select, the rule
+    rknn_quantize's search and the calibration stage use (no second sampler): the same images, in the
+    same order, for every size and seed."""
+    from PIL import Image
+
+    from stages.common import ort_quant
+    from stages.common.preprocess import Preprocess, normalize
+    from stages.common.sampling import select
+
+    t = toy()
+    spec = Preprocess.load(t.onnx)
+    files, labels = ort_quant.calibration_files(t.calib)
+    assert len(set(labels)) > 1  # a class-labelled set: the stratified rule has something to do
+    for count, seed in ((5, 0), (7, 3), (len(files), 1)):
+        picked = [files[i] for i in select(np.asarray(labels), count, seed)]
+        expected = normalize(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in picked]), spec)
+        np.testing.assert_array_equal(ort_quant.calibration_inputs(t.calib, spec, count, seed), expected)
+
+
 def test_hybrid_keeps_the_ranked_nodes_in_float(tmp_path, dim_calib):
     """The dim calibration loses images: the hybrid step ranks the nodes on the images where float and
     int8 disagree most and moves them to float; each candidate's graph has exactly its float nodes."""
