@@ -1,7 +1,8 @@
 """ONNX Runtime static int8: the pieces of ``onnxruntime.quantization`` the ``onnx_quantize`` stage uses.
 
 - ``calibration_inputs``: a class-stratified, seeded subset (``stages.common.sampling.select``) of a
-  ``calibration`` folder's images, read as the dataset wrote them and normalised with the shared ``stages.common.preprocess.normalize``;
+  ``calibration`` folder's images, read as the dataset wrote them and normalised with the shared
+  ``stages.common.preprocess.normalize``;
   ``ArrayReader`` hands them to ``quantize_static`` as its ``CalibrationDataReader``.
 - ``quantize``: ``quantize_static`` in QDQ format (QuantizeLinear/DequantizeLinear pairs around float
   operators, which ONNX Runtime fuses into integer kernels), uint8 activations, int8 weights (7-bit range:
