@@ -306,12 +306,8 @@ def _search(p, spec, io: dict, shape: list[int], inputs, out: Path, ctx) -> dict
         (out / "build.json").write_text(json.dumps(build, indent=2) + "\n")
     ctx.note(f"int8 search: {chosen.candidate.label} ships ({len(result.tried)} candidate(s) tried)")
     # run.json, and so `edgepipe show`: which candidates were tried and why this one ships
-    tried = "; ".join(f"{t.candidate.label}: " + ("failed" if t.failed else "holds" if t.holds else
-                                                   "missed" if t.complete else "rejected early")
-                      + (" (cached)" if t.cached else "") for t in result.tried)
     metrics = {"sim_top1": build["simulator"]["top1"], "build_s": build.get("build_s"),
-               "search_s": round(result.seconds, 3),
-               "search": {"chosen": chosen.candidate.label, "why": result.reason, "tried": tried}}
+               "search_s": round(result.seconds, 3), "search": result.summary()}
     if board_top1 is not None:
         metrics["board_top1"] = board_top1
     return metrics

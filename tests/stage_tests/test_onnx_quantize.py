@@ -200,6 +200,46 @@ def test_float_ships_when_nothing_holds_and_fail_says_why(tmp_path, dim_calib):
     assert "\n" not in line and "no candidate holds" in line and "best minmax/channel/16" in line
 
 
+def test_report_shows_the_search_with_the_shipped_candidate_marked(tmp_path, dim_calib):
+    """The run's report has a section per onnx_quantize stage, built by the helper rknn_quantize's uses:
+    the candidates tried with the shipped one marked and why; when nothing holds, why, and the best
+    candidate's worst nodes. run.json's metrics (so `edgepipe show`) say the same."""
+    from helpers_browser import HtmlPage
+
+    from engine.report.page import REPORT_HTML
+    from engine.report.run_report import write_report
+    from engine.store.runs import RunRecord, StageRecord
+
+    t = toy()
+    shipped = run_stage("onnx_quantize", {"search": FAST}, {"onnx": t.onnx, "calib": t.calib, "data": t.data},
+                        tmp_path / "int8")
+    nothing = {**FAST, "methods": ["channel"], "hybrid": {"enabled": False}}
+    float_ships = run_stage("onnx_quantize", {"search": nothing}, {"onnx": t.onnx, "calib": dim_calib,
+                                                                    "data": t.data}, tmp_path / "float")
+    good, bad = (json.loads((tmp_path / f / "search.json").read_text()) for f in ("int8", "float"))
+    assert good["chosen"] and bad["chosen"] is None and bad["candidates"][0]["layers"]
+    assert shipped["search"]["chosen"] == good["chosen"]["label"] and shipped["search"]["why"] == good["reason"]
+    assert float_ships["search"] == {"chosen": None, "why": bad["reason"], "tried": "minmax/channel/16: missed"}
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("pipeline:\n  stages:\n    q_int8: {uses: onnx_quantize}\n"
+                                                    "    q_float: {uses: onnx_quantize}\n")
+    record = RunRecord(name="onnx-int8", run_dir=str(run_dir), runs_root=str(tmp_path / "runs"), status="ok",
+                       stages={"q_int8": StageRecord("q_int8", "onnx_quantize", "ran", path=str(tmp_path / "int8")),
+                               "q_float": StageRecord("q_float", "onnx_quantize", "ran",
+                                                      path=str(tmp_path / "float"))})
+    write_report(record)
+    text = " ".join(" ".join(HtmlPage((run_dir / REPORT_HTML).read_text(encoding="utf-8")).text).split())
+    assert "int8 build (q_int8)" in text and "int8 build (q_float)" in text, text
+    chosen = good["candidates"][good["chosen"]["index"]]
+    assert f"{chosen['label']} shipped" in text and good["reason"] in text
+    assert bad["reason"] in text and "shipped" not in text[text.index("int8 build (q_float)"):]
+    assert "Worst layers of the best candidate, minmax/channel/16 (each node reverted to float alone)" in text
+    scored = [x for x in bad["candidates"][0]["layers"] if x["cosine_alone"] is not None]
+    assert scored and min(scored, key=lambda x: x["cosine_alone"])["name"] in text
+
+
 def test_onnx_int8_backend_is_recognised_and_scored_by_evaluate(tmp_path):
     t = toy()
     quantize(tmp_path / "q")
