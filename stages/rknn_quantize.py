@@ -290,14 +290,15 @@ def _search(p, spec, io: dict, shape: list[int], inputs, out: Path, ctx) -> dict
                   selection={"split": "val", "images": int(len(labels)),
                              "float_top1": round(float((float_logits.argmax(1) == labels).mean()), 6)})
     (out / "search.json").write_text(json.dumps(record, indent=2) + "\n")
-    if cache.is_relative_to(out):
-        shutil.rmtree(cache, ignore_errors=True)
-    if result.chosen is None:
-        raise StageError(result.line())
     chosen = result.chosen
-    for name in SHIPPED:
-        if (chosen.folder / name).is_file():
-            shutil.copyfile(chosen.folder / name, out / name)
+    if chosen is not None:
+        for name in SHIPPED:
+            if (chosen.folder / name).is_file():
+                shutil.copyfile(chosen.folder / name, out / name)
+    if cache.is_relative_to(out):  # after the chosen build's files are copied out of it
+        shutil.rmtree(cache, ignore_errors=True)
+    if chosen is None:
+        raise StageError(result.line())
     build = json.loads((out / "build.json").read_text())
     board_top1 = None
     if p.board_eval.device_id is not None:  # the board runs a loaded .rknn (only the simulator refuses one)
@@ -358,7 +359,8 @@ class RknnQuantizer:
     candidate (kept under ``step1/``), its config's ``custom_quantize_layers`` set, ``step2``."""
 
     name = "rknn-toolkit2"
-    FORMAT = 1  # bump when a candidate's folder holds something else
+    FORMAT = 2  # bump when a candidate's folder holds something else, or is judged otherwise
+    # 2: the toolkit's benign E lines (rknn_toolkit.BENIGN_ERRORS) no longer fail a candidate
 
     def __init__(self, p, spec, io: dict, shape: list[int], inputs, step1_cache: Path, ctx) -> None:
         self.p, self.spec, self.io, self.shape, self.ctx = p, spec, io, shape, ctx
