@@ -86,10 +86,11 @@ def run(work: Path, *overrides: str) -> tuple[int, dict, float]:
     """`edgepipe run` in this process; (exit code, run.json, seconds)."""
     from engine.cli.commands import main
 
+    before = set((work / "runs").glob("*/*/run.json"))
     t0 = time.perf_counter()
     rc = main(["run", f"runs_root={work / 'runs'}", *overrides])
     seconds = time.perf_counter() - t0
-    record = json.loads((work / "runs" / "latest" / "run.json").read_text())
+    record = own_record(work, before, list(overrides))
     for s in record["stages"].values():
         if s["status"] == "ran":
             BUILT.setdefault((s["type"], s["key"]), s["seconds"])
@@ -128,6 +129,15 @@ def experiment_row(work: Path, name: str, per_class: int, board: str | None = No
     if with_reference and record["stages"].get("data", {}).get("path"):
         row["reference"] = reference(record, spec, w)
     return row, record
+
+
+def own_record(work: Path, before: set[Path], overrides: list[str]) -> dict:
+    """run.json of the run just made with ``overrides`` (not `latest`: another bench may share the folder)."""
+    for path in sorted(set((work / "runs").glob("*/*/run.json")) - before, reverse=True):
+        record = json.loads(path.read_text())
+        if record.get("overrides", [])[-len(overrides):] == overrides:
+            return record
+    return json.loads((work / "runs" / "latest" / "run.json").read_text())
 
 
 def board_override(board: str | None) -> list[str]:
