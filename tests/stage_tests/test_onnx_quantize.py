@@ -54,7 +54,8 @@ def test_int8_model_holds_against_the_float_reference(tmp_path):
     search = quantize(tmp_path / "q", max_drop=1.0)
     out = tmp_path / "q"
     # chosen on val (32 images), never the test split evaluate reports
-    assert search["selection"] == {"split": "val", "images": 32, "max_drop_points": 1.0}
+    assert search["selection"] == {"split": "val", "images": 32, "max_drop_points": 1.0,
+                                   "float_top1": pytest.approx(search["candidates"][0]["float_top1"])}
     assert search["shipped"] == "int8" and search["chosen"]["label"].startswith("minmax/")
     assert sorted(p.name for p in out.iterdir()) == ["int8.json", "io.json", "labels.txt", "model.onnx",
                                                      "preprocess.json", "quantize.log", "search.json"]
