@@ -12,10 +12,21 @@ come from (tests/helpers_reference.py: a plain PyTorch loop with torchvision's m
 experiment's epochs, lr and batch size). Then, per architecture, the finetuned model's test top-1
 beside the same training from scratch (same data, epochs and seed).
 
+With ``--boards``, each experiment runs once per board (``board=NAME``: rv1103_mobilenetv3 then
+quantizes for that chip); every row says whether a package was written and, for each stage with an int8
+search (search.json), which candidate shipped, why, how many were tried and how long the search took.
+With ``--search-speed``, each such run is followed, in the same sitting, by the same run with the
+search off (``quantize.search.enabled=false``: the pre-search pipeline, whose ``rknn`` stage is the
+plain ``normal`` build): the cold run's seconds with and without the search, each summed over the
+run's distinct cache keys from the run that built them (the experiment's first run must be the cold
+one: a fresh --work folder).
+
 Everything is kept under --work (edgepipe's own cache): a second run only prints.
 
     .venv/bin/python bench/real_photos.py                                   # every experiment
     .venv/bin/python bench/real_photos.py --experiments rv1103_mobilenetv3 --work /tmp/rp
+    .venv/bin/python bench/real_photos.py --experiments rv1103_mobilenetv3 --boards rv1103 rv1106 rk3566 \
+        --search-speed --work /tmp/rp-boards
 """
 
 from __future__ import annotations
@@ -67,14 +78,22 @@ def weights(work: Path, arch: str) -> Path:
     return path
 
 
+# (stage type, cache key) -> seconds of the run in this sitting that built it (--search-speed)
+BUILT: dict[tuple[str, str], float] = {}
+
+
 def run(work: Path, *overrides: str) -> tuple[int, dict, float]:
     """`edgepipe run` in this process; (exit code, run.json, seconds)."""
     from engine.cli.commands import main
 
+    before = set((work / "runs").glob("*/*/run.json"))
     t0 = time.perf_counter()
     rc = main(["run", f"runs_root={work / 'runs'}", *overrides])
     seconds = time.perf_counter() - t0
-    record = json.loads((work / "runs" / "latest" / "run.json").read_text())
+    record = own_record(work, before, list(overrides))
+    for s in record["stages"].values():
+        if s["status"] == "ran":
+            BUILT.setdefault((s["type"], s["key"]), s["seconds"])
     return rc, record, seconds
 
 
@@ -82,14 +101,23 @@ def eval_metrics(record: dict, stage: str = "eval") -> dict:
     return json.loads((Path(record["stages"][stage]["path"]) / "metrics.json").read_text())
 
 
-def experiment_row(work: Path, name: str, per_class: int) -> tuple[dict, dict]:
+def experiment_overrides(work: Path, name: str, per_class: int) -> list[str]:
+    """The real-photo overrides of ``name`` (data and weights built under ``work`` when missing)."""
     spec = REAL_PHOTO_EXPERIMENTS[name]
     data = photos(work, spec["size"], per_class, spec["chinese"])
     w = weights(work, spec["arch"]) if spec["arch"] else None
     os.environ.update(pretrained_env(w) if w is not None else {})  # `imagenet` is found there
-    rc, record, seconds = run(work, *real_photo_overrides(name, data, w))
+    return real_photo_overrides(name, data, w)
+
+
+def experiment_row(work: Path, name: str, per_class: int, board: str | None = None,
+                   with_reference: bool = True) -> tuple[dict, dict]:
+    spec = REAL_PHOTO_EXPERIMENTS[name]
+    w = weights(work, spec["arch"]) if spec["arch"] else None
+    rc, record, seconds = run(work, *experiment_overrides(work, name, per_class), *board_override(board))
     failed = {k: s.get("error") for k, s in record["stages"].items() if s["status"] == "failed"}
-    row = {"experiment": name, "rc": rc, "seconds": round(seconds), "failed": failed}
+    row = {"experiment": name + (f" board={board}" if board else ""), "rc": rc, "seconds": round(seconds),
+           "failed": failed, "packaged": packaged(record), "searches": searches(record)}
     if "eval" in record["stages"] and record["stages"]["eval"]["status"] != "failed":
         m = eval_metrics(record)
         row["samples"] = m["samples"]
@@ -98,9 +126,73 @@ def experiment_row(work: Path, name: str, per_class: int) -> tuple[dict, dict]:
             row[backend] = b["top1"]
             if "verdict" in b:  # a quantized row judged by the int8 gate
                 row[f"{backend}_drop"] = b["drop_points"]
-    if record["stages"].get("data", {}).get("path"):
+    if with_reference and record["stages"].get("data", {}).get("path"):
         row["reference"] = reference(record, spec, w)
     return row, record
+
+
+def own_record(work: Path, before: set[Path], overrides: list[str]) -> dict:
+    """run.json of the run just made with ``overrides`` (not `latest`: another bench may share the folder)."""
+    for path in sorted(set((work / "runs").glob("*/*/run.json")) - before, reverse=True):
+        record = json.loads(path.read_text())
+        if record.get("overrides", [])[-len(overrides):] == overrides:
+            return record
+    return json.loads((work / "runs" / "latest" / "run.json").read_text())
+
+
+def board_override(board: str | None) -> list[str]:
+    return [f"board={board}"] if board else []
+
+
+def packaged(record: dict) -> bool:
+    """Whether the run wrote a board package (a package-type stage that ran or was cached)."""
+    return any(s["type"] == "package" and s["status"] in ("ran", "cached") for s in record["stages"].values())
+
+
+def searches(record: dict) -> dict:
+    """Per stage with an int8 search (its search.json): the candidate that shipped, why, how many were
+    tried and the search's seconds."""
+    found = {}
+    for name, s in record["stages"].items():
+        search = read_json(Path(s["path"]) / "search.json") if s.get("path") else None
+        if search is None:
+            continue
+        chosen = search.get("chosen") or {}
+        found[name] = {"chosen": chosen.get("label"), "why": search.get("reason") or search.get("next_step"),
+                       "tried": len(search.get("candidates") or []), "seconds": search.get("seconds")}
+    return found
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def search_speed(work: Path, name: str, per_class: int, board: str | None, searched: dict) -> dict:
+    """The same run with the search off, in the same sitting; the cold run's seconds with and without it:
+    each run's distinct cache keys, each counted with the seconds of the run in this sitting that built
+    it (a key two stages share is built once in a cold run)."""
+    rc, record, _ = run(work, *experiment_overrides(work, name, per_class), *board_override(board),
+                        "quantize.search.enabled=false")
+
+    def cold(r: dict) -> float:
+        return sum(BUILT.get(key, 0.0) for key in {(s["type"], s["key"]) for s in r["stages"].values()})
+
+    on_rknn = searched["stages"].get("rknn", {}).get("seconds")
+    return {"rc_off": rc, "cold_on_s": round(cold(searched), 1), "cold_off_s": round(cold(record), 1),
+            "ratio": round(cold(searched) / cold(record), 3) if cold(record) else None,
+            "rknn_stage_on_s": round(on_rknn, 1) if on_rknn is not None else None,
+            "first_candidate_held": first_candidate_held(searched)}
+
+
+def first_candidate_held(record: dict) -> bool | None:
+    for s in record["stages"].values():
+        search = read_json(Path(s["path"]) / "search.json") if s.get("path") else None
+        if search is not None and search.get("candidates"):
+            return bool(search["candidates"][0].get("holds"))
+    return None
 
 
 def reference(record: dict, spec: dict, weights_file: Path | None) -> float:
@@ -134,15 +226,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiments", nargs="*", default=list(REAL_PHOTO_EXPERIMENTS))
     ap.add_argument("--per-class", type=int, default=40, help="images per class (default 40)")
     ap.add_argument("--work", type=Path, default=None, help="keep data, weights and runs here (default: a temp folder)")
+    ap.add_argument("--boards", nargs="*", default=[None], metavar="BOARD",
+                    help="run each experiment once per board (board=BOARD; default: the experiment's own)")
+    ap.add_argument("--search-speed", action="store_true",
+                    help="after each run with an int8 search, the same run with quantize.search.enabled=false: "
+                         "cold seconds with and without the search")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="edgepipe-real-photos-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.pop("EDGEPIPE_PLUGINS", None)
-    rows, records = [], {}
+    rows, records, speeds = [], {}, []
     for name in args.experiments:
-        row, records[name] = experiment_row(work, name, args.per_class)
-        rows.append(row)
-        print(json.dumps(row, ensure_ascii=False), flush=True)
+        for board in args.boards or [None]:
+            # the reference does not depend on the board: once per experiment
+            row, record = experiment_row(work, name, args.per_class, board, with_reference=name not in records)
+            records.setdefault(name, record)
+            rows.append(row)
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+            if args.search_speed and row["searches"]:
+                speeds.append({"experiment": row["experiment"],
+                               **search_speed(work, name, args.per_class, board, record)})
+                print(json.dumps(speeds[-1]), flush=True)
     print(f"\n{'experiment':<20} {'n':>4} " + " ".join(f"{b:>12}" for b in BACKENDS) + "  int8 drop (target)")
     for row in rows:
         cells = " ".join(f"{row[b]:>12.2%}" if b in row else f"{'-':>12}" for b in BACKENDS)
@@ -150,6 +254,15 @@ def main(argv: list[str] | None = None) -> int:
         target = f" (<= {row['quant_max_drop']:g})" if drops else ""
         status = "" if row["rc"] == 0 else f"  run exit {row['rc']}: {row['failed']}"
         print(f"{row['experiment']:<20} {row.get('samples', '-'):>4} {cells}  {drops}{target}{status}")
+    for row in rows:
+        for stage, found in row["searches"].items():
+            print(f"{row['experiment']}: {'package written' if row['packaged'] else 'NO package'}; int8 search "
+                  f"({stage}): {found['chosen'] or 'nothing holds'} after {found['tried']} candidate(s), "
+                  f"{found['seconds'] or 0:.0f} s: {found['why']}")
+    for sp in speeds:
+        print(f"{sp['experiment']}: cold run {sp['cold_on_s']:.0f} s with the search, {sp['cold_off_s']:.0f} s "
+              f"without ({sp['ratio']}x; the search's rknn stage {sp['rknn_stage_on_s']} s; first candidate "
+              f"held: {sp['first_candidate_held']})")
     print(f"\n{'finetune vs scratch':<20} {'arch':<20} {'finetune':>9} {'scratch':>9}   (train stage's test_acc)")
     for name in FINETUNE_VS_SCRATCH:
         if name not in records or records[name]["stages"].get("train", {}).get("status") not in ("ran", "cached"):

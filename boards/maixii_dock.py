@@ -212,6 +212,12 @@ class MaixIIDock(BoardProfile):
                              f"captured at {w}x{h}, so framing can differ slightly from training")
         pkg.extra_manifest["maixhub_upload"] = {"zip": UPLOAD_ZIP, "images": len(images),
                                                 "files": ["images/", "model.param", "model.bin"]}
+        # said plainly in the manifest, the README's notes and the run's report (its package section)
+        note = (f"int8 is not built here: MaixHub's online converter makes the V831's int8 (awnn) model from "
+                f"{UPLOAD_ZIP} (this float ncnn model and its {len(images)} calibration images); edgepipe neither "
+                f"searches nor measures it (evaluate's ncnn row is the float model)")
+        pkg.extra_manifest["quantization"] = {"shipped": "float", "kind": "ncnn", "int8_by": "MaixHub", "note": note}
+        pkg.notes.append(note)
         pkg.render("maixii/README.md.tmpl", "README.md", board_title=self.title, height=h, width=w,
                    n_images=len(images), input_name=inp, output_name=outp, mean=repr(mean), norm=repr(norm),
                    notes="".join(f"- {n}\n" for n in pkg.notes) or "- none\n")

@@ -77,7 +77,7 @@ class OnnxQuantize(Stage):
     name = "onnx_quantize"
     config_section = "onnx_quantize"
     tools = ("onnxruntime", "onnx")  # their versions are in the cache key
-    version = 1
+    version = 2  # 2: calibration subsets drawn by stages.common.sampling.select (rknn_quantize's rule)
     peak_memory_mb = 1000
     sections = {"max_drop": "evaluate.quant_max_drop"}
     # seconds and whether each candidate came from the scratch cache
@@ -152,14 +152,19 @@ class OnnxQuantize(Stage):
             ctx.note(f"no int8 candidate holds the target on {p.selection_split}: the float ONNX model ships")
         copy_forward(src, out, io=True)
         shipped = "int8" if chosen is not None else "float"
-        summary = {"toolkit": quantizer.identity()["toolkit"], "selection": {
-            "split": p.selection_split, "images": int(len(labels)), "max_drop_points": p.max_drop},
-            "shipped": shipped, **result.as_dict()}
+        float_top1 = float(np.mean(float_logits.argmax(1) == labels))
+        # the fields rknn_quantize's search.json has too: the report shows both with one helper
+        summary = {"toolkit": quantizer.identity()["toolkit"], "target_points": p.max_drop,
+                   "float_layer_dtype": "float32", "selection": {
+                       "split": p.selection_split, "images": int(len(labels)), "max_drop_points": p.max_drop,
+                       "float_top1": round(float_top1, 6)},
+                   "shipped": shipped, **result.as_dict()}
         (out / SEARCH_RECORD).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        # run.json, and so `edgepipe show`: which candidates were tried and why this one ships
         return {"shipped": shipped, "candidates": len(result.tried),
                 "chosen": chosen.candidate.label if chosen else None,
                 "selection_top1": chosen.top1 if chosen else None,
-                "selection_float_top1": float(np.mean(float_logits.argmax(1) == labels))}
+                "selection_float_top1": float_top1, "search": result.summary()}
 
 
 class OrtQuantizer:
@@ -187,6 +192,7 @@ class OrtQuantizer:
                 "format": "QDQ uint8 activations, int8 weights", "model": sha256_file(self.float_model),
                 "calibration": sha256_json([sha256_file(f) for f in calibration_files(self.calib)[0]]),
                 "preprocess": self.spec.to_dict(), "input": self.input_name, "seed": self.s.seed,
+                "sampling": "stages.common.sampling.select",  # how subsets are drawn (cached candidates)
                 "rank_images": self.s.hybrid.rank_images}
 
     def candidates(self):

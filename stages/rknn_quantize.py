@@ -291,14 +291,15 @@ def _search(p, spec, io: dict, shape: list[int], inputs, out: Path, ctx) -> dict
                   selection={"split": "val", "images": int(len(labels)),
                              "float_top1": round(float((float_logits.argmax(1) == labels).mean()), 6)})
     (out / "search.json").write_text(json.dumps(record, indent=2) + "\n")
-    if cache.is_relative_to(out):
-        shutil.rmtree(cache, ignore_errors=True)
-    if result.chosen is None:
-        raise StageError(result.line())
     chosen = result.chosen
-    for name in SHIPPED:
-        if (chosen.folder / name).is_file():
-            shutil.copyfile(chosen.folder / name, out / name)
+    if chosen is not None:
+        for name in SHIPPED:
+            if (chosen.folder / name).is_file():
+                shutil.copyfile(chosen.folder / name, out / name)
+    if cache.is_relative_to(out):  # after the chosen build's files are copied out of it
+        shutil.rmtree(cache, ignore_errors=True)
+    if chosen is None:
+        raise StageError(result.line())
     build = json.loads((out / "build.json").read_text())
     board_top1 = None
     if p.board_eval.device_id is not None:  # the board runs a loaded .rknn (only the simulator refuses one)
@@ -307,12 +308,8 @@ def _search(p, spec, io: dict, shape: list[int], inputs, out: Path, ctx) -> dict
         (out / "build.json").write_text(json.dumps(build, indent=2) + "\n")
     ctx.note(f"int8 search: {chosen.candidate.label} ships ({len(result.tried)} candidate(s) tried)")
     # run.json, and so `edgepipe show`: which candidates were tried and why this one ships
-    tried = "; ".join(f"{t.candidate.label}: " + ("failed" if t.failed else "holds" if t.holds else
-                                                   "missed" if t.complete else "rejected early")
-                      + (" (cached)" if t.cached else "") for t in result.tried)
     metrics = {"sim_top1": build["simulator"]["top1"], "build_s": build.get("build_s"),
-               "search_s": round(result.seconds, 3),
-               "search": {"chosen": chosen.candidate.label, "why": result.reason, "tried": tried}}
+               "search_s": round(result.seconds, 3), "search": result.summary()}
     if board_top1 is not None:
         metrics["board_top1"] = board_top1
     return metrics
@@ -363,7 +360,9 @@ class RknnQuantizer:
     candidate (kept under ``step1/``), its config's ``custom_quantize_layers`` set, ``step2``."""
 
     name = "rknn-toolkit2"
-    FORMAT = 2  # bump when a candidate's folder holds something else (2: data_limit is a stratified sample)
+    FORMAT = 3  # bump when a candidate's folder holds something else, or is judged otherwise
+    # (2: data_limit is a stratified sample; 3: the toolkit's benign E lines, rknn_toolkit.BENIGN_ERRORS,
+    # no longer fail a candidate)
 
     def __init__(self, p, spec, io: dict, shape: list[int], inputs, step1_cache: Path, ctx) -> None:
         self.p, self.spec, self.io, self.shape, self.ctx = p, spec, io, shape, ctx

@@ -1,6 +1,6 @@
 """What report.html shows for each stage type, read from the files the stages wrote: the dataset's counts
-and skipped files, the training history, clip_outliers' per-layer weight ranges, each RKNN build's
-worst layers and its int8 search's candidates, evaluate's backend
+and skipped files, the training history, clip_outliers' per-layer weight ranges, each int8 build's
+(rknn_quantize, onnx_quantize) worst layers and its int8 search's candidates, evaluate's backend
 table, confusion matrices, misclassified and int8-vs-fp32 images, t-SNE and multi-crop results, and
 the board packages. Every picture goes through report_figures.memo_png (drawn once per content).
 """
@@ -207,7 +207,7 @@ def is_int8(row: dict[str, Any]) -> bool:
             or row.get("kind") in {cls.kind for cls in backend_classes() if cls.int8})
 
 
-# -- rknn_quantize: where int8 hurts, and the int8 search ------------------------------------------------
+# -- rknn_quantize, onnx_quantize: where int8 hurts, and the int8 search ------------------------------
 WORST_SHOWN = 10  # layers in each worst-layers table
 COSINE_VERSION = 1  # bump when the cosine picture is drawn differently
 
@@ -217,25 +217,51 @@ def rknn_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:
     the network as a picture; with quantize.search, the candidates tried (search.json), the shipped one
     marked, each missed candidate with its own worst layers."""
     build = read_json(folder / "build.json") or {}
-    layers = (read_json(folder / "layers.json") or {}).get("layers") or []
-    search = read_json(folder / "search.json")
     facts = {k: fmt(build[k]) for k in ("target", "algorithm", "method", "dtype", "calibration_images")
              if build.get(k) is not None}
     if build.get("float_layers"):
         facts["layers in float"] = f"{len(build['float_layers'])} ({build.get('float_layer_dtype')})"
-    layers_of = "the shipped build" if search is not None else "the build"
-    best = (search or {}).get("best") or {}
-    if not layers and isinstance(best.get("index"), int) and best["index"] < len(search.get("candidates") or []):
-        # nothing shipped: where int8 hurts the best candidate
-        layers = sorted(search["candidates"][best["index"]].get("layers") or [], key=lambda x: x.get("position", 0))
-        layers_of = f"the best candidate, {best.get('label', '')}"
-    section: dict[str, Any] = {"facts": facts, "worst": worst_layers(layers), "cosine": cosine_uri(view, layers),
-                               "layers_of": layers_of, "search": None, "problem": None}
-    if search is not None:
-        section["search"] = search_rows(search)
-    elif not layers:
+    layers = (read_json(folder / "layers.json") or {}).get("layers") or []
+    section = int8_section(view, facts, layers, read_json(folder / "search.json"), "accuracy_analysis")
+    if section["search"] is None and not layers:
         section["problem"] = f"no per-layer analysis in {folder} (quantize.accuracy_analysis_samples=0?)"
     return section
+
+
+def onnx_quantize_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, Any]:
+    """ONNX Runtime's int8 (onnx_quantize): what ships (int8.json, or the float model when no candidate
+    held), its search's candidates (search.json) with the shipped one marked, and the worst nodes of the
+    shipped build (or of the best candidate) when the search ranked them."""
+    search = read_json(folder / "search.json") or {}
+    int8 = read_json(folder / "int8.json") or {}
+    facts = {"toolkit": fmt(search.get("toolkit", "onnxruntime")), "ships": search.get("shipped", "?")}
+    if int8:
+        facts.update({"calibrator": fmt(int8.get("calibrator")),
+                      "weights": "per channel" if int8.get("per_channel") else "per tensor",
+                      "calibration_images": fmt(int8.get("calibration_images")),
+                      "nodes in float": fmt(len(int8.get("float_nodes") or []))})
+    chosen = (search.get("chosen") or {}).get("index")
+    candidates = search.get("candidates") or []
+    layers = candidates[chosen].get("layers") or [] if isinstance(chosen, int) and chosen < len(candidates) else []
+    return int8_section(view, facts, sorted(layers, key=lambda x: x.get("position", 0)), search or None,
+                        "each node reverted to float alone")
+
+
+def int8_section(view: RunView, facts: dict[str, str], layers: list[dict[str, Any]],
+                 search: dict[str, Any] | None, ranked_by: str) -> dict[str, Any]:
+    """The part every int8 stage's section shares (quant_search's search.json, whatever the toolkit): the
+    shipped build's worst layers and cosine picture (the best candidate's when nothing shipped; ``ranked_by``
+    says how the toolkit scored them) and the candidates tried, the shipped one marked."""
+    layers_of = "the shipped build" if search is not None else "the build"
+    best = (search or {}).get("best") or {}
+    candidates = (search or {}).get("candidates") or []
+    if not layers and isinstance(best.get("index"), int) and best["index"] < len(candidates):
+        # nothing shipped: where int8 hurts the best candidate
+        layers = sorted(candidates[best["index"]].get("layers") or [], key=lambda x: x.get("position", 0))
+        layers_of = f"the best candidate, {best.get('label', '')}"
+    return {"facts": facts, "worst": worst_layers(layers), "cosine": cosine_uri(view, layers, ranked_by),
+            "layers_of": layers_of, "ranked_by": ranked_by,
+            "search": search_rows(search) if search is not None else None, "problem": None}
 
 
 def worst_layers(layers: list[dict[str, Any]], shown: int = WORST_SHOWN) -> list[list[str]]:
@@ -275,16 +301,16 @@ def search_rows(search: dict[str, Any]) -> dict[str, Any]:
             "seconds": fmt(search.get("seconds")), "budget_spent": bool(search.get("budget_spent"))}
 
 
-def cosine_uri(view: RunView, layers: list[dict[str, Any]]) -> str | None:
+def cosine_uri(view: RunView, layers: list[dict[str, Any]], ranked_by: str) -> str | None:
     points = [[x.get("position", i), x.get("cosine_alone"), x.get("cosine_accumulated"), x.get("name", "")]
               for i, x in enumerate(layers) if isinstance(x.get("cosine_alone"), (int, float))]
     if not points:
         return None
-    return figs.png_uri(figs.memo_png(view.scratch, ("rknn cosine", COSINE_VERSION, points),
-                                      lambda: cosine_png(points)))
+    return figs.png_uri(figs.memo_png(view.scratch, ("rknn cosine", COSINE_VERSION, points, ranked_by),
+                                      lambda: cosine_png(points, ranked_by)))
 
 
-def cosine_png(points: list[list[Any]]) -> bytes:
+def cosine_png(points: list[list[Any]], ranked_by: str) -> bytes:
     """Cosine (int8 simulator vs float) of each layer along the network, alone and accumulated; the five
     worst named. Drawn only when the memo misses (matplotlib is imported here, not on the page path)."""
     import io
@@ -307,7 +333,7 @@ def cosine_png(points: list[list[Any]]) -> bytes:
                         (i, points[i][1]), fontsize=6, rotation=30, color="tab:red")
         ax.set_xlabel("layer along the network (input -> output)")
         ax.set_ylabel("cosine vs float")
-        ax.set_title("where int8 hurts: per-layer cosine (accuracy_analysis)")
+        ax.set_title(f"where int8 hurts: per-layer cosine ({ranked_by})")
         ax.legend(fontsize=7, loc="lower left")
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -370,4 +396,5 @@ def points(v: Any) -> str:
 
 
 READERS = {"dataset": dataset_section, "train": train_section, "clip_outliers": clip_section,
-           "rknn_quantize": rknn_section, "evaluate": evaluate_section, "package": package_section}
+           "rknn_quantize": rknn_section, "onnx_quantize": onnx_quantize_section, "evaluate": evaluate_section,
+           "package": package_section}

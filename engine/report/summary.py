@@ -129,6 +129,8 @@ def package_facts(folder: Path) -> dict[str, Any]:
     model = manifest.get("model") or {}
     return {"board": board.get("name", "?"), "title": board.get("title", ""),
             "model": model.get("file", ""), "model_size": mb(model.get("bytes")),
+            # which model ships and who makes its int8 (the board's words: manifest `quantization`)
+            "quantization": str((manifest.get("quantization") or {}).get("note", "")),
             "zip": (folder / "package.zip") if (folder / "package.zip").is_file() else None}
 
 

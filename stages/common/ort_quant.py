@@ -1,7 +1,8 @@
 """ONNX Runtime static int8: the pieces of ``onnxruntime.quantization`` the ``onnx_quantize`` stage uses.
 
-- ``calibration_inputs``: a class-balanced, seeded subset of a ``calibration`` folder's images, read as
-  the dataset wrote them and normalised with the shared ``stages.common.preprocess.normalize``;
+- ``calibration_inputs``: a class-stratified, seeded subset (``stages.common.sampling.select``) of a
+  ``calibration`` folder's images, read as the dataset wrote them and normalised with the shared
+  ``stages.common.preprocess.normalize``;
   ``ArrayReader`` hands them to ``quantize_static`` as its ``CalibrationDataReader``.
 - ``quantize``: ``quantize_static`` in QDQ format (QuantizeLinear/DequantizeLinear pairs around float
   operators, which ONNX Runtime fuses into integer kernels), uint8 activations, int8 weights (7-bit range:
@@ -61,22 +62,6 @@ class ArrayReader(CalibrationDataReader):
         self.i = 0
 
 
-def balanced_order(labels: Sequence[int], seed: int) -> list[int]:
-    """Indices of ``labels`` such that every prefix is class-balanced: each class's members in a seeded
-    order, then one of each class in turn (classes in ascending order). The first N are the N-image set."""
-    rng = np.random.default_rng(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, c in enumerate(labels):
-        by_class.setdefault(int(c), []).append(i)
-    queues = [list(rng.permutation(members)) for _, members in sorted(by_class.items())]
-    order: list[int] = []
-    while any(queues):
-        for q in queues:
-            if q:
-                order.append(int(q.pop(0)))
-    return order
-
-
 def calibration_files(calib: Path) -> tuple[list[Path], list[int]]:
     """The image files of a ``calibration`` folder and their labels (calibration.json; -1 when unknown)."""
     meta = calib / "calibration.json"
@@ -90,14 +75,16 @@ def calibration_files(calib: Path) -> tuple[list[Path], list[int]]:
 
 
 def calibration_inputs(calib: Path, spec, count: int, seed: int) -> np.ndarray:
-    """float32 N x C x H x W: the first ``count`` images of the class-balanced order, normalised as the
-    model expects. The images are the dataset's pixels at the input size (the calibration stage)."""
+    """float32 N x C x H x W: ``count`` images drawn by ``stages.common.sampling.select`` (class-stratified,
+    seeded: the same rule as rknn_quantize's calibration subsets), normalised as the model expects. The
+    images are the dataset's pixels at the input size (the calibration stage)."""
     from PIL import Image
 
     from stages.common.preprocess import normalize
+    from stages.common.sampling import select
 
     files, labels = calibration_files(calib)
-    picked = [files[i] for i in balanced_order(labels, seed)[:count]]
+    picked = [files[i] for i in select(np.asarray(labels), count, seed)]
     pixels = []
     for f in picked:
         with Image.open(f) as im:

@@ -285,6 +285,13 @@ class SearchResult:
         return (f"int8 search: no candidate holds the target on the selection split; best {self.best.candidate.label}: "
                 f"{self.best.reason or self.best.failed}; next: {self.next_step}")
 
+    def summary(self) -> dict[str, Any]:
+        """What run.json (and so `edgepipe show`) says: the chosen candidate, why, and every one tried."""
+        tried = "; ".join(f"{t.candidate.label}: " + ("failed" if t.failed else "holds" if t.holds else
+                                                       "missed" if t.complete else "rejected early")
+                          + (" (cached)" if t.cached else "") for t in self.tried)
+        return {"chosen": self.chosen.candidate.label if self.chosen else None, "why": self.reason, "tried": tried}
+
     def as_dict(self) -> dict[str, Any]:
         index = {id(t): i for i, t in enumerate(self.tried)}
         return {

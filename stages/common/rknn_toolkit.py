@@ -114,10 +114,21 @@ def _from_log(log_path: Path) -> str | None:
     return None
 
 
+# ``E`` lines rknn-toolkit2 logs during builds that complete with a sound model: not failures. Each with
+# where it was seen and why it is harmless.
+BENIGN_ERRORS = (
+    # 2.5.0, every rk3566 build of MobileNetV3-Small at 224 px (normal, kl_divergence, mmse; channel and
+    # layer): RKNNModelBuildPass logs "E RKNN: Unkown op target: 0" after warning that the classifier's
+    # Reshape shape tensors have no qtype; every layer of its layer table still has a target (NPU or CPU)
+    # and the build's simulator top-1 on the real-photo test split equals rv1103's (bench/real_photos.py)
+    "Unkown op target: 0",
+)
+
+
 def logged_exception(log_path: Path, since: int = 0) -> str | None:
     """One line for an exception the toolkit logged after byte ``since`` of its log (a traceback or an
-    ``E`` line) though the call returned success, else None: some toolkit versions log one inside mmse
-    and still write a (worse) model."""
+    ``E`` line other than BENIGN_ERRORS) though the call returned success, else None: some toolkit
+    versions log one inside mmse and still write a (worse) model."""
     try:
         with open(log_path, "rb") as f:
             f.seek(since)
@@ -125,7 +136,8 @@ def logged_exception(log_path: Path, since: int = 0) -> str | None:
     except OSError:
         return None
     lines = [ln.strip() for ln in text.splitlines()]
-    errors = [ln for ln in lines if re.match(r"^E \S", ln) and not ln.startswith("E rknn-toolkit2 version")]
+    errors = [ln for ln in lines if re.match(r"^E \S", ln) and not ln.startswith("E rknn-toolkit2 version")
+              and not any(ln.endswith(benign) for benign in BENIGN_ERRORS)]
     if not errors and not any(ln.startswith("Traceback (most recent call last)") for ln in lines):
         return None
     for ln in reversed(lines):

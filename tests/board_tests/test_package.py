@@ -351,6 +351,11 @@ def test_experiment_v831_resnet18(tmp_path):
             and manifest["normalisation"]["awnn_mean"] == pytest.approx(114.5, abs=0.01))
     assert manifest["accuracy"] and manifest["source"]["model"]["type"] == "ncnn"
     assert manifest["selftest"]["samples"] == 8 and (pkg / "golden" / "image_07.png").is_file()
+    # the V831's int8 is MaixHub's: the manifest, the package README and the run's report say so
+    said = "int8 is not built here: MaixHub's online converter makes the V831's int8 (awnn) model"
+    assert manifest["quantization"]["int8_by"] == "MaixHub" and said in manifest["quantization"]["note"]
+    assert said in (pkg / "README.md").read_text()
+    assert said.replace("'", "&#39;") in (Path(record["run_dir"]) / "report.html").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow

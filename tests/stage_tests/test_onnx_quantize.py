@@ -54,7 +54,8 @@ def test_int8_model_holds_against_the_float_reference(tmp_path):
     search = quantize(tmp_path / "q", max_drop=1.0)
     out = tmp_path / "q"
     # chosen on val (32 images), never the test split evaluate reports
-    assert search["selection"] == {"split": "val", "images": 32, "max_drop_points": 1.0}
+    assert search["selection"] == {"split": "val", "images": 32, "max_drop_points": 1.0,
+                                   "float_top1": pytest.approx(search["candidates"][0]["float_top1"])}
     assert search["shipped"] == "int8" and search["chosen"]["label"].startswith("minmax/")
     assert sorted(p.name for p in out.iterdir()) == ["int8.json", "io.json", "labels.txt", "model.onnx",
                                                      "preprocess.json", "quantize.log", "search.json"]
@@ -126,6 +127,26 @@ def test_excluded_nodes_stay_float(tmp_path):
                 assert produced_by.get(weight) == "DequantizeLinear"
 
 
+def test_calibration_subset_is_the_one_stratified_sample(tmp_path):
+    """ONNX Runtime's calibration subsets are drawn by stages.common.sampling.select, the rule
+    rknn_quantize's search and the calibration stage use (no second sampler): the same images, in the
+    same order, for every size and seed."""
+    from PIL import Image
+
+    from stages.common import ort_quant
+    from stages.common.preprocess import Preprocess, normalize
+    from stages.common.sampling import select
+
+    t = toy()
+    spec = Preprocess.load(t.onnx)
+    files, labels = ort_quant.calibration_files(t.calib)
+    assert len(set(labels)) > 1  # a class-labelled set: the stratified rule has something to do
+    for count, seed in ((5, 0), (7, 3), (len(files), 1)):
+        picked = [files[i] for i in select(np.asarray(labels), count, seed)]
+        expected = normalize(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in picked]), spec)
+        np.testing.assert_array_equal(ort_quant.calibration_inputs(t.calib, spec, count, seed), expected)
+
+
 def test_hybrid_keeps_the_ranked_nodes_in_float(tmp_path, dim_calib):
     """The dim calibration loses images: the hybrid step ranks the nodes on the images where float and
     int8 disagree most and moves them to float; each candidate's graph has exactly its float nodes."""
@@ -178,6 +199,46 @@ def test_float_ships_when_nothing_holds_and_fail_says_why(tmp_path, dim_calib):
         quantize(tmp_path / "f", calib=dim_calib, search=nothing, fallback="fail")
     line = str(e.value)
     assert "\n" not in line and "no candidate holds" in line and "best minmax/channel/16" in line
+
+
+def test_report_shows_the_search_with_the_shipped_candidate_marked(tmp_path, dim_calib):
+    """The run's report has a section per onnx_quantize stage, built by the helper rknn_quantize's uses:
+    the candidates tried with the shipped one marked and why; when nothing holds, why, and the best
+    candidate's worst nodes. run.json's metrics (so `edgepipe show`) say the same."""
+    from helpers_browser import HtmlPage
+
+    from engine.report.page import REPORT_HTML
+    from engine.report.run_report import write_report
+    from engine.store.runs import RunRecord, StageRecord
+
+    t = toy()
+    shipped = run_stage("onnx_quantize", {"search": FAST}, {"onnx": t.onnx, "calib": t.calib, "data": t.data},
+                        tmp_path / "int8")
+    nothing = {**FAST, "methods": ["channel"], "hybrid": {"enabled": False}}
+    float_ships = run_stage("onnx_quantize", {"search": nothing}, {"onnx": t.onnx, "calib": dim_calib,
+                                                                    "data": t.data}, tmp_path / "float")
+    good, bad = (json.loads((tmp_path / f / "search.json").read_text()) for f in ("int8", "float"))
+    assert good["chosen"] and bad["chosen"] is None and bad["candidates"][0]["layers"]
+    assert shipped["search"]["chosen"] == good["chosen"]["label"] and shipped["search"]["why"] == good["reason"]
+    assert float_ships["search"] == {"chosen": None, "why": bad["reason"], "tried": "minmax/channel/16: missed"}
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("pipeline:\n  stages:\n    q_int8: {uses: onnx_quantize}\n"
+                                                    "    q_float: {uses: onnx_quantize}\n")
+    record = RunRecord(name="onnx-int8", run_dir=str(run_dir), runs_root=str(tmp_path / "runs"), status="ok",
+                       stages={"q_int8": StageRecord("q_int8", "onnx_quantize", "ran", path=str(tmp_path / "int8")),
+                               "q_float": StageRecord("q_float", "onnx_quantize", "ran",
+                                                      path=str(tmp_path / "float"))})
+    write_report(record)
+    text = " ".join(" ".join(HtmlPage((run_dir / REPORT_HTML).read_text(encoding="utf-8")).text).split())
+    assert "int8 build (q_int8)" in text and "int8 build (q_float)" in text, text
+    chosen = good["candidates"][good["chosen"]["index"]]
+    assert f"{chosen['label']} shipped" in text and good["reason"] in text
+    assert bad["reason"] in text and "shipped" not in text[text.index("int8 build (q_float)"):]
+    assert "Worst layers of the best candidate, minmax/channel/16 (each node reverted to float alone)" in text
+    scored = [x for x in bad["candidates"][0]["layers"] if x["cosine_alone"] is not None]
+    assert scored and min(scored, key=lambda x: x["cosine_alone"])["name"] in text
 
 
 def test_onnx_int8_backend_is_recognised_and_scored_by_evaluate(tmp_path):

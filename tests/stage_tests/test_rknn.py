@@ -518,6 +518,21 @@ def test_an_exception_the_toolkit_only_logs_fails_that_candidate(tmp_path, monke
     assert chosen["label"] == "mmse/layer/2" and chosen["holds"]
 
 
+def test_an_error_line_the_toolkit_logs_for_sound_rk3566_builds_does_not_fail_the_search(tmp_path):
+    """rknn-toolkit2 2.5.0 logs "E RKNN: Unkown op target: 0" in every rk3566 build of a MobileNetV3 (the
+    toy's and the real-photo run's) and still writes a sound model: the search on rk3566 ships its
+    first candidate. (Taken for a logged exception, it failed every candidate, and the real-photo run
+    with board=rk3566 wrote no package.)"""
+    t = toy()
+    out = tmp_path / "out"
+    run_stage("rknn_quantize", {"target": "rk3566", "search": SEARCH}, {"onnx": t.onnx, "calib": t.calib,
+                                                                        "data": t.data}, out)
+    assert "E RKNN: " in (out / "rknn.log").read_text() and "Unkown op target: 0" in (out / "rknn.log").read_text()
+    record = _search_json(out)
+    first = record["candidates"][0]
+    assert first["failed"] is None and first["holds"] and record["chosen"]["index"] == 0, first
+
+
 def test_board_eval_after_the_search_runs_the_shipped_build_on_the_board(tmp_path, monkeypatch):
     """The board runs the chosen model.rknn loaded in a new session (only the simulator refuses a loaded
     one): past the adb check, the real toolkit's init_runtime(target, device_id) fails without a board,
