@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from helpers_browser import Browser
 from helpers_data import make_folder_dataset
+from helpers_project import use_real_config
 from helpers_require import require_cjk_font
 from PIL import Image
 
@@ -44,17 +45,12 @@ def chinese_run(tmp_path_factory):
     """A run on 有鸟 / 无鸟 folders, with Python's warnings always shown (matplotlib's missing-glyph
     warning would otherwise show once per process) and, through the CLI's logging, in edgepipe.log."""
     require_cjk_font()
-    from conftest import REPO
-
     from engine.cli.commands import main
 
     root = tmp_path_factory.mktemp("cjk")
     data = make_folder_dataset(root / "birds", classes=CLASSES, per_class=12, size=24)
     mp = pytest.MonkeyPatch()
-    mp.setenv("EDGEPIPE_RUNS", str(root / "runs"))
-    mp.setenv("EDGEPIPE_CONFIG_DIR", str(REPO / "conf"))
-    mp.delenv("EDGEPIPE_PLUGINS", raising=False)
-    mp.chdir(root)
+    use_real_config(mp, root)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         rc = main(["run", *RUN, f"dataset.path={data}"])
