@@ -25,11 +25,13 @@ def in_ci() -> bool:
 def require(missing: str | None, install: str) -> None:
     """Skip the calling test (fail it where $CI is set) when ``missing`` names what this machine lacks;
     ``install`` is the command that installs it."""
+    __tracebackhide__ = True  # the skip's location: the test's line, not this one
     if missing:
         pytest.skip(f"needs {missing}: {install}")
 
 
 def require_cjk_font() -> None:
+    __tracebackhide__ = True
     from engine.contract import figures
 
     require(None if figures.cjk_font() is not None else "a CJK font (Noto Sans CJK)", CJK_FONT)
