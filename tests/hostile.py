@@ -51,3 +51,14 @@ def assert_one_line_problems(result) -> None:
     of an ``invalid config:`` list (no dumped sections, no wrapped Hydra messages)."""
     for line in filter(str.strip, result.err.splitlines()):
         assert line.startswith(("edgepipe:", "  - ")), f"a problem spans several lines:\n{result.err}"
+
+
+class CodeRunningPickle:
+    """What a malicious pickle (a weights file, a planted cache file) holds: unpickling it runs a shell
+    command that creates ``marker``; the test then asserts the marker does not exist."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))

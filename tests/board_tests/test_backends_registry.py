@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers_backends import backend_plugin
+from helpers_data import write_dataset_folder
 
 from backends.base import BACKEND_GROUP, Backend, by_kind, packaged_kinds, recognise, recognise_all, registered
 from boards import get_board, known_boards
@@ -107,25 +108,30 @@ def _table_folder(root: Path) -> Path:
     return root
 
 
-def test_a_plugin_backend_is_seen_by_package_golden_and_report(tmp_path):
-    """One class and its entry point (with a board that takes it): evaluate scores it, the package
-    stage packages it with golden samples measured by it, the report names it and marks it int8."""
+def test_a_plugin_backend_is_seen_by_evaluate_package_golden_and_report(tmp_path):
+    """One class and its entry point (with a board that takes it): evaluate scores it with its logits, the
+    package stage packages it with golden samples measured by it, the report names it and marks it int8."""
     from engine.report.sections import is_int8
     from engine.report.summary import model_format
     from engine.run.testing import run_stage
 
     model = _table_folder(tmp_path / "model")
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    np.save(data / "images_test.npy", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
-    np.save(data / "labels_test.npy", np.arange(4, dtype=np.int64) % 3)
+    # image i all in channel i % 3 (red, green, blue): the table's logits pick that channel's class
+    images = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    images[np.arange(4), :, :, np.arange(4) % 3] = 255
+    labels = np.array([0, 1, 2, 1])  # the 4th is red, labelled green
+    data = write_dataset_folder(tmp_path / "data", {"test": (images, labels)}, ["red", "green", "blue"])
     with pytest.raises(KeyError):
         by_kind("table")
     with backend_plugin(tmp_path / "plugin", "table_backend", PLUGIN, boards={"table_board": "table_backend:board"},
                         table="table_backend:TableBackend"):
         assert by_kind("table").kind == "table" and "table" in packaged_kinds()
         assert recognise(model).kind == "table"
+        run_stage("evaluate", {}, {"data": data, "mine": model}, tmp_path / "eval")
+        # evaluate: the input's kind from the registry, scored with the plugin's logits (the 4th image missed)
+        scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())["backends"]["mine"]
+        assert scored["kind"] == "table" and scored["samples"] == 4 and scored["top1"] == 0.75, scored
+        assert scored["confusion"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]], scored
         run_stage("package", {"board": "table_board"}, {"model": model, "data": data}, tmp_path / "pkg")
         manifest = json.loads((tmp_path / "pkg" / "package" / "manifest.json").read_text())
         assert manifest["model"]["format"] == "table"

@@ -32,6 +32,7 @@ from helpers_data import (
     run_experiment,
     stage,
 )
+from helpers_project import use_real_config
 from pydantic import ValidationError
 
 from engine.contract.stage import StageError
@@ -454,14 +455,9 @@ def test_a_shipped_model_that_misses_its_target_fails_the_run_after_the_report(t
     """package.enforce_targets=true: exit 1 and one line naming the backend, the figure and the target;
     that package is not written, the other package still is, the report says which miss was fatal, and
     with the setting off only the packages run again."""
-    from conftest import REPO
-
     from engine.cli.commands import main
 
-    monkeypatch.setenv("EDGEPIPE_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("EDGEPIPE_CONFIG_DIR", str(REPO / "conf"))
-    monkeypatch.delenv("EDGEPIPE_PLUGINS", raising=False)
-    monkeypatch.chdir(tmp_path)
+    use_real_config(monkeypatch, tmp_path)
     assert main(["run", *TARGETS, "package.enforce_targets=true"]) == 1
     run_dir = (tmp_path / "runs" / "latest").resolve()
     run = json.loads((run_dir / "run.json").read_text())

@@ -2,7 +2,8 @@
 class folders draws its confusion matrices, image grids and t-SNE legend without one missing-glyph
 warning, Chromium shows the characters in report.html, Pillow's captions use the same CJK font, the
 log says so when no CJK font is installed, and a memoised picture is drawn again when the installed
-fonts change. Needs a CJK font (Debian: fonts-noto-cjk, installed with the other system packages)."""
+fonts change. The run, the page and the captions need a CJK font (Debian: fonts-noto-cjk, installed with
+the other system packages): without one they skip, or fail where $CI is set; the others run anyway."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 from helpers_browser import Browser
 from helpers_data import make_folder_dataset
+from helpers_project import use_real_config
+from helpers_require import require_cjk_font
 from PIL import Image
 
 from engine.contract import figures as figs
@@ -36,25 +39,18 @@ TOFU = """(() => { const td = document.querySelector("table.per-class td:first-c
   s.style.fontSize = getComputedStyle(td).fontSize; document.body.appendChild(s);
   const b = s.getBoundingClientRect(); return {x: b.x + scrollX, y: b.y + scrollY, w: b.width, h: b.height}; })()"""
 
-pytestmark = pytest.mark.skipif(figs.cjk_font() is None,
-                                reason="no CJK font installed (apt-get install fonts-noto-cjk)")
-
 
 @pytest.fixture(scope="module")
 def chinese_run(tmp_path_factory):
     """A run on 有鸟 / 无鸟 folders, with Python's warnings always shown (matplotlib's missing-glyph
     warning would otherwise show once per process) and, through the CLI's logging, in edgepipe.log."""
-    from conftest import REPO
-
+    require_cjk_font()
     from engine.cli.commands import main
 
     root = tmp_path_factory.mktemp("cjk")
     data = make_folder_dataset(root / "birds", classes=CLASSES, per_class=12, size=24)
     mp = pytest.MonkeyPatch()
-    mp.setenv("EDGEPIPE_RUNS", str(root / "runs"))
-    mp.setenv("EDGEPIPE_CONFIG_DIR", str(REPO / "conf"))
-    mp.delenv("EDGEPIPE_PLUGINS", raising=False)
-    mp.chdir(root)
+    use_real_config(mp, root)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         rc = main(["run", *RUN, f"dataset.path={data}"])
@@ -102,6 +98,7 @@ def test_report_html_shows_the_characters_in_chromium(chinese_run, tmp_path):
 
 def test_grid_captions_use_the_cjk_font():
     """Pillow's captions: 有鸟 and 无鸟 give different pixels (the default bitmap font drew the same boxes)."""
+    require_cjk_font()
     pixels = np.full((2, 32, 32, 3), 200, np.uint8)
     a = np.asarray(Image.open(io.BytesIO(figs.grid_png(pixels, ["true 有鸟", "true 无鸟"]))).convert("L")).astype(int)
     left, right = a[104:, 8:8 + 96], a[104:, 8 + 104:8 + 104 + 96]  # the two captions, under their 96-px cells

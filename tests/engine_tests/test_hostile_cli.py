@@ -103,23 +103,18 @@ def test_missing_config_lists_the_options_on_one_line(ws, args, names):
 
 
 # -- 4. runs_root, damaged run folders ----------------------------------------------------------------------
-@pytest.mark.parametrize("verb", ["plan", "run"])
-def test_runs_root_under_a_regular_file_is_a_config_error(ws, verb):
+@pytest.mark.parametrize("args, names", [
+    (["plan", "runs_root={blocker}/runs"], ["runs_root", "{blocker}"]),
+    (["run", "runs_root={blocker}/runs"], ["runs_root", "{blocker}"]),
+    (["run", "hydra.run.dir={blocker}/run"], ["hydra.run.dir", "Not a directory"]),
+    (["run", "hydra.run.dir={blocker}"], ["hydra.run.dir", "is a file"]),
+    (["run", "runs_root=${{oc.env:EDGEPIPE_NO_SUCH_VARIABLE}}"], ["hydra.run.dir", "EDGEPIPE_NO_SUCH_VARIABLE"]),
+], ids=["plan-runs-root-under-a-file", "run-runs-root-under-a-file", "run-dir-under-a-file", "run-dir-a-file",
+        "run-dir-unset-variable"])
+def test_runs_folder_that_cannot_be_made_is_a_config_error(ws, args, names):
     blocker = ws.root / "afile"
     blocker.write_text("not a folder\n")  # fails for root too, unlike a read-only folder
-    failed_cleanly(ws, [verb, f"runs_root={blocker}/runs"], 2, "runs_root", str(blocker))
-    assert blocker.read_text() == "not a folder\n"
-
-
-@pytest.mark.parametrize("override, names", [
-    ("hydra.run.dir={blocker}/run", ["hydra.run.dir", "Not a directory"]),
-    ("hydra.run.dir={blocker}", ["hydra.run.dir", "is a file"]),
-    ("runs_root=${{oc.env:EDGEPIPE_NO_SUCH_VARIABLE}}", ["hydra.run.dir", "EDGEPIPE_NO_SUCH_VARIABLE"]),
-], ids=["under-a-file", "a-file", "unset-variable"])
-def test_run_dir_that_cannot_be_made_is_a_config_error(ws, override, names):
-    blocker = ws.root / "afile"
-    blocker.write_text("not a folder\n")
-    failed_cleanly(ws, ["run", override.format(blocker=blocker)], 2, *names)
+    failed_cleanly(ws, [a.format(blocker=blocker) for a in args], 2, *(n.format(blocker=blocker) for n in names))
     assert blocker.read_text() == "not a folder\n" and ws.counts() == {}
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hostile import assert_clean_failure, assert_one_line_problems
+from hostile import CodeRunningPickle, assert_clean_failure, assert_one_line_problems
 
 from engine.contract.hashing import ContentIndex, content_digest
 
@@ -224,16 +224,6 @@ def test_a_sealing_key_someone_else_can_read_is_not_used(ws, capsys, monkeypatch
     key.chmod(0o600)
 
 
-class _RunsCode:
-    """A pickle that, loaded, creates the file named (what a planted bytecode-cache file would do)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
-
-
 def test_a_planted_template_cache_file_never_runs(ws):
     """Jinja's FileSystemBytecodeCache unpickles the files of compose/jinja/: whoever can write that
     folder ran code at `edgepipe report`. A planted or replaced file is now a miss."""
@@ -243,7 +233,7 @@ def test_a_planted_template_cache_file_never_runs(ws):
 
     assert ws.cli("run").rc == 0
     marker = ws.root / "PWNED"
-    evil = bc_magic + pickle.dumps(_RunsCode(marker))
+    evil = bc_magic + pickle.dumps(CodeRunningPickle(marker))
     folders = list((_compose_folder() / "jinja").iterdir())
     assert folders
     key = __import__("hashlib").sha1(b"report.html").hexdigest()  # jinja's bucket key for the template

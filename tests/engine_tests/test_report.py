@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers_browser import SHOWN, Browser, HtmlPage, assert_picture, embedded_pngs
+from helpers_project import use_real_config
+from hostile import CodeRunningPickle
 from PIL import Image
 
 from engine.report.page import REPORT_HTML
@@ -90,14 +92,9 @@ def test_summary_lists_the_values_that_differ_from_the_defaults(ws):
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory):
     """CHEAP_EVAL run once for the module: (run folder, run.json)."""
-    from conftest import REPO
-
     root = tmp_path_factory.mktemp("report")
     mp = pytest.MonkeyPatch()
-    mp.setenv("EDGEPIPE_RUNS", str(root / "runs"))
-    mp.setenv("EDGEPIPE_CONFIG_DIR", str(REPO / "conf"))
-    mp.delenv("EDGEPIPE_PLUGINS", raising=False)
-    mp.chdir(root)
+    use_real_config(mp, root)
     from engine.cli.commands import main
 
     assert main(["run", *CHEAP_EVAL]) == 0
@@ -379,14 +376,10 @@ def test_parameter_count_reads_no_code_from_model_pt(tmp_path):
     from engine.report.summary import model_facts
 
     marker = tmp_path / "MARKER"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     bad = tmp_path / "model.pt"
     with zipfile.ZipFile(bad, "w") as z:
-        z.writestr("model/data.pkl", pickle.dumps({"format": "edgepipe.model/1", "state_dict": Evil()}))
+        z.writestr("model/data.pkl", pickle.dumps({"format": "edgepipe.model/1",
+                                                   "state_dict": CodeRunningPickle(marker)}))
     assert model_facts(bad) is None and not marker.exists()
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
     assert model_facts(tmp_path / "junk.pt") is None

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_data import make_array_dataset
-from hostile import assert_clean_failure, new_files, snapshot
+from hostile import CodeRunningPickle, assert_clean_failure, new_files, snapshot
 
 from engine.contract.stage import StageError
 from engine.run.testing import run_stage
@@ -24,18 +24,8 @@ FAST = ["pipeline=train", "dataset=digits", "preprocess.input_size=16", "train=t
         "train.limit_train_batches=2", "model.stem=small"]
 
 
-class Payload:
-    """What a malicious weights file holds: unpickling it runs a shell command."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
-
-
 def malicious_file(path: Path, marker: Path, wrap=lambda p: {"state_dict": {"fc.weight": p}}) -> Path:
-    torch.save(wrap(Payload(marker)), path)
+    torch.save(wrap(CodeRunningPickle(marker)), path)
     return path
 
 

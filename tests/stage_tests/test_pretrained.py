@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 from helpers_data import make_array_dataset
-from hostile import assert_clean_failure, new_files, snapshot
+from hostile import CodeRunningPickle, assert_clean_failure, new_files, snapshot
 
 from engine.run.testing import run_stage
 from engine.store.cache import Cache, stage_key
@@ -208,22 +208,10 @@ def test_run_fetches_from_the_mirror_before_any_stage_runs(tmp_path, torch_home,
 
 
 # -- nothing in a weights file runs ------------------------------------------------------------------------------
-class Payload:
-    """Unpickling it runs a shell command."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch '{self.marker}'",))
-
-
 def test_a_hub_file_that_would_run_code_is_refused(torch_home, tmp_path):
     marker = tmp_path / "PWNED"
     hub_file(torch_home).parent.mkdir(parents=True)
-    torch.save({"features.0.0.weight": Payload(marker)}, hub_file(torch_home))
+    torch.save({"features.0.0.weight": CodeRunningPickle(marker)}, hub_file(torch_home))
     p = ModelParams(arch="mobilenet_v3_small", pretrained="imagenet")
     with pytest.raises(WeightsError, match="refused: loading it would run code"):
         load_weights(build_model(p, 2), p.pretrained)
