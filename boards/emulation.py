@@ -43,17 +43,20 @@ class Arch:
     qemu: str  # the qemu-user binary that runs it
     wheel_platforms: tuple[str, ...]  # PyPI platform tags of its wheels (none: Debian's packages only)
     cross_gcc: str | None = None  # Debian's cross compiler for C packages
+    processor: str = ""  # CMAKE_SYSTEM_PROCESSOR of its CMake toolchain file
 
 
 ARCHES = {
     "arm64": Arch("arm64", "qemu-aarch64-static",
-                  ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64")),
+                  ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64"),
+                  processor="aarch64"),
     # PyPI has no armv7l wheels of numpy/Pillow: armhf userlands take Debian's python3-numpy/-pil
-    "armhf": Arch("armhf", "qemu-arm-static", (), "arm-linux-gnueabihf-gcc"),
+    "armhf": Arch("armhf", "qemu-arm-static", (), "arm-linux-gnueabihf-gcc", "arm"),
 }
 # the Debian package behind each tool, for the one-line `apt-get install` a missing tool gets
 APT_PACKAGE = {"qemu-aarch64-static": "qemu-user-static", "qemu-arm-static": "qemu-user-static",
-               "debootstrap": "debootstrap", "dpkg-deb": "dpkg", "arm-linux-gnueabihf-gcc": "gcc-arm-linux-gnueabihf"}
+               "debootstrap": "debootstrap", "dpkg-deb": "dpkg", "arm-linux-gnueabihf-gcc": "gcc-arm-linux-gnueabihf",
+               "cmake": "cmake"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,9 @@ class Emulation:
     stops_at: str = ""
     stops_note: str = ""
     cannot: str = ""  # why the emulator cannot run this board's self-test
+    # a C program the package's CMakeLists.txt builds and its self-test command, run under qemu-user
+    # against a stand-in runtime (boards/stand_in) after `command`
+    c_selftest: tuple[str, ...] = ()
     checks: str = ""  # what the emulated run proves, and what is left for the board
 
     def __post_init__(self) -> None:
@@ -91,9 +97,10 @@ def _digest(recipe: Mapping) -> str:
 
 
 def missing_tools(arch: str, compiler: bool = False) -> list[str]:
-    """Debian packages of the tools that building and running ``arch`` need, those not on PATH."""
+    """Debian packages of the tools that building and running ``arch`` need, those not on PATH
+    (``compiler``: also those that build a package's C program)."""
     a = ARCHES[arch]
-    tools = [a.qemu, "debootstrap", "dpkg-deb"] + ([a.cross_gcc] if compiler and a.cross_gcc else [])
+    tools = [a.qemu, "debootstrap", "dpkg-deb"] + ([a.cross_gcc, "cmake"] if compiler and a.cross_gcc else [])
     return sorted({APT_PACKAGE[t] for t in tools if not shutil.which(t)})
 
 
@@ -246,6 +253,47 @@ def cross_compile(emu: Emulation, sources: Sequence[Path], out: Path, flags: Seq
         lines = r.stderr.strip().splitlines() or [""]
         first = next((line for line in lines if "error" in line), lines[0])
         raise EmulationError(f"{gcc} failed: {first}", status=1)
+
+
+def cmake_toolchain(emu: Emulation, folder: Path) -> Path:
+    """A CMake toolchain file for Debian's cross compiler of ``emu``'s architecture (its sysroot is
+    /usr/<triplet>), written into ``folder``."""
+    arch = ARCHES[emu.arch]
+    if arch.cross_gcc is None:
+        raise EmulationError(f"no cross compiler is known for {emu.arch}")
+    triplet = arch.cross_gcc.removesuffix("-gcc")
+    path = folder / f"{triplet}.cmake"
+    path.write_text(f"""# Debian's {triplet} cross compiler (boards/emulation.py)
+set(CMAKE_SYSTEM_NAME Linux)
+set(CMAKE_SYSTEM_PROCESSOR {arch.processor})
+set(CMAKE_C_COMPILER {arch.cross_gcc})
+set(CMAKE_FIND_ROOT_PATH /usr/{triplet})
+set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
+set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
+""")
+    return path
+
+
+def cmake_build(emu: Emulation, source: Path, work: Path, defines: Mapping[str, str]) -> Path:
+    """A package's C program built by its own CMakeLists.txt (its flags, its install rules) for ``emu``'s
+    instruction set, with Debian's cross compiler through a toolchain file: configured in work/build,
+    installed into work/install (returned). A failure is one line, the compiler's first error."""
+    source, work = Path(source).resolve(), Path(work).resolve()
+    build, install = work / "build", work / "install"
+    toolchain = cmake_toolchain(emu, work)
+    steps = [("configure", ["cmake", "-S", str(source), "-B", str(build), f"-DCMAKE_TOOLCHAIN_FILE={toolchain}",
+                            *(f"-D{k}={v}" for k, v in defines.items())]),
+             ("build", ["cmake", "--build", str(build)]),
+             ("install", ["cmake", "--install", str(build), "--prefix", str(install)])]
+    for what, cmd in steps:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            lines = [line.strip() for line in (r.stdout + r.stderr).splitlines() if line.strip()] or [""]
+            at = next((i for i, line in enumerate(lines) if "error" in line.lower()), len(lines) - 1)
+            first = " ".join(lines[at:at + 2]) if lines[at].startswith("CMake Error") else lines[at]
+            raise EmulationError(f"{source / 'CMakeLists.txt'}: the {emu.arch} {what} failed: {first}", status=1)
+    return install
 
 
 def run_binary(emu: Emulation, args: Sequence[str | Path], cwd: Path, env: Mapping[str, str] | None = None,

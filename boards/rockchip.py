@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 
 from . import BoardProfile, Finding, ModelFormat, PackageContext, limit_findings
 from .emulation import Emulation
+from .stand_in import RUNTIME_LIB, RUNTIME_SUBDIR
 
 if TYPE_CHECKING:  # pragma: no cover
     from stages.common.preprocess import Preprocess
@@ -140,9 +141,11 @@ class LuckfoxBoard(RockchipBoard):
     # Pillow (PyPI has no armv7l wheels of them)
     emulation: ClassVar[Emulation | None] = Emulation(
         "armhf", debs=("python3", "python3-numpy", "python3-pil"),
-        command=("python3", "prepare_input.py", "--selftest"),
-        checks="the image path (prepare_input.py, preprocess.py, Pillow) on armhf; the tensor path "
-               "(./rknn_classify --selftest) needs librknnmrt and the NPU: run it on the board")
+        command=("python3", "prepare_input.py", "--selftest"), c_selftest=("rknn_classify", "--selftest"),
+        checks="the image path (prepare_input.py, preprocess.py, Pillow) on armhf, and the C demo built by its "
+               "CMakeLists.txt (-Wall -Wextra -Werror) for armhf with its --selftest against a stand-in runtime "
+               "that replays golden/; the NPU's numbers need librknnmrt and the NPU: run ./rknn_classify "
+               "--selftest on the board")
 
     def check_package(self, model_dir: Path, model_file: Path) -> list[Finding]:
         out = super().check_package(model_dir, model_file)
@@ -180,7 +183,7 @@ class LuckfoxBoard(RockchipBoard):
         project = "rknn_classify"
         pkg.copy_template("rknn_c/main.c", "main.c")
         pkg.render("rknn_c/CMakeLists.txt.tmpl", "CMakeLists.txt", project=project, board_title=self.title,
-                   runtime_subdir="armhf-uclibc", runtime_lib="librknnmrt.so", toolkit=TOOLKIT,
+                   runtime_subdir=RUNTIME_SUBDIR, runtime_lib=RUNTIME_LIB, toolkit=TOOLKIT,
                    compile_definitions="EDGEPIPE_ZERO_COPY=1",
                    zero_copy_note="RV1103/RV1106's librknnmrt offers only the zero-copy I/O API (rknn_create_mem)")
         pkg.copy_preprocess()

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from boards import UnknownBoard, get_board
+from boards import UnknownBoard, get_board, stand_in
 from boards.emulation import (
     ARCHES,
     PYTHON_VERSION,
@@ -49,7 +49,7 @@ def selftest(path: Path, emulate: bool, scratch: Path) -> int:
         raise EmulationError(f"board {board.name} ({board.title}): its self-test cannot run off the board: {why}")
     args = [str(package / a) if (package / a).is_file() else a for a in emu.command[1:]]
     if emulate:
-        missing = missing_tools(emu.arch)
+        missing = missing_tools(emu.arch, compiler=bool(emu.c_selftest))
         if missing:
             raise EmulationError(f"emulating {board.name} ({emu.arch}) needs {', '.join(missing)}: "
                                  f"{install_hint(missing)}")
@@ -72,8 +72,26 @@ def selftest(path: Path, emulate: bool, scratch: Path) -> int:
     if emulate and emu.stops_at and emu.stops_at in r.stdout + r.stderr:
         print(f"selftest: emulation ends here, as expected: {emu.stops_note}")
         return 0
-    if emulate and emu.checks and r.returncode == 0:
+    status = r.returncode
+    if emulate and emu.c_selftest:
+        status = _c_selftest(emu, package, scratch / "c_selftest") or status
+    if emulate and emu.checks and status == 0:
         print(f"selftest: checked under emulation: {emu.checks}")
+    return status
+
+
+def _c_selftest(emu: Emulation, package: Path, work: Path) -> int:
+    """The package's C program, built by its CMakeLists.txt for the board's instruction set, and its
+    self-test under qemu-user against the stand-in runtime (boards/stand_in); its exit status."""
+    print(f"selftest: {emu.c_selftest[0]} built by the package's CMakeLists.txt with {ARCHES[emu.arch].cross_gcc}, "
+          f"run under {ARCHES[emu.arch].qemu} against {stand_in.WHAT_RUNS}", flush=True)
+    try:
+        r = stand_in.run_selftest(emu, package, work, emu.c_selftest)
+    except subprocess.TimeoutExpired as e:
+        raise EmulationError(f"{emu.c_selftest[0]} under {ARCHES[emu.arch].qemu} ran past {e.timeout:g} s; stopped",
+                             status=1) from None
+    sys.stdout.write(r.stdout)
+    sys.stderr.write(r.stderr)
     return r.returncode
 
 

@@ -4,7 +4,8 @@ likely cause. Also: the onnxruntime package runs in a venv holding only numpy, P
 
 Runtimes: the onnxruntime package on the real onnxruntime (in a fresh venv); the rknn-toolkit-lite2
 script on the stub rknnlite of helpers_data (float ONNX Runtime with the .rknn's normalisation,
-against the real simulator's int8 outputs); the C demo on tests/board_tests/rknn_api/fake_rknn.c."""
+against the real simulator's int8 outputs); the C demo on tests/board_tests/rknn_api/fake_rknn.c, whose
+outputs are checked against ONNX Runtime running the stand-in's model (stand_in_model)."""
 
 from __future__ import annotations
 
@@ -178,28 +179,55 @@ def test_rknnlite_selftest_on_the_stub(bundles, tmp_path):
     assert r.returncode == 1 and "FAIL -- runtime numerics or model" in r.stdout, r.stdout
 
 
-def fake_outputs(rgb: bytes, size: int = 32) -> list[float]:
-    """What tests/board_tests/rknn_api/fake_rknn.c returns on the zero-copy path: the mean of channel c / 25,
-    quantized to int8 (scale 0.5, zero point -10) and dequantized."""
-    px = np.frombuffer(rgb, np.uint8).reshape(size, size, 3).astype(np.float64)
-    logits = (px.sum(axis=(0, 1)) / (size * size) / 25.0).astype(np.float32)
-    q = np.trunc(logits / np.float32(0.5) + np.float32(-10)).astype(np.int8)
-    return [float((np.float32(v) + 10) * np.float32(0.5)) for v in q]
+def stand_in_model(size: int = 32):
+    """tests/board_tests/rknn_api/fake_rknn.c's model written in ONNX operators and run by ONNX Runtime,
+    independently of the stand-in's C: the mean of input channel c (uint8 NHWC) / 25, then an int8 model's
+    native output (QuantizeLinear, scale 0.5, zero point -10) as the demo dequantises it."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    consts = [helper.make_tensor("divisor", TensorProto.FLOAT, [], [25.0]),
+              helper.make_tensor("scale", TensorProto.FLOAT, [], [0.5]),
+              helper.make_tensor("zero_point", TensorProto.INT8, [], [-10])]
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["xf"], ["mean"], axes=[1, 2], keepdims=0),
+             helper.make_node("Div", ["mean", "divisor"], ["logits"]),
+             helper.make_node("QuantizeLinear", ["logits", "scale", "zero_point"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["y"])]
+    graph = helper.make_graph(nodes, "stand_in", [helper.make_tensor_value_info("x", TensorProto.UINT8,
+                                                                                [1, size, size, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return lambda rgb: sess.run(None, {"x": np.frombuffer(rgb, np.uint8).reshape(1, size, size, 3)})[0][0]
 
 
-def test_c_demo_selftest_on_a_fake_runtime(bundles, tmp_path):
-    """The demo as the README builds it (CMake, zero-copy) installs golden/ and runs it; the golden
-    outputs are replaced by the fake runtime's (the simulator's belong to the real model)."""
-    pkg, _ = package("rv1103", {"model": bundles["rknn_rv1103"], "data": bundles["data"]}, tmp_path / "r")
-    src = on_the_board(pkg, tmp_path / "src")
-    golden = src / "golden" / "golden.txt"
+def stand_in_golden(board: Path) -> None:
+    """golden.txt's expected outputs (the simulator's, of the real model) replaced by ONNX Runtime's
+    outputs of the stand-in's model (stand_in_model) on the same golden input tensors."""
+    golden = board / "golden" / "golden.txt"
     lines = golden.read_text().splitlines()
+    model = stand_in_model()
     rows = []
     for line in lines[2:]:
         name = line.split()[0]
-        out = fake_outputs((src / "golden" / name).read_bytes())
-        rows.append(" ".join([name, str(int(np.argmax(out))), *map(repr, out)]))
+        out = model((board / "golden" / name).read_bytes())
+        rows.append(" ".join([name, str(int(np.argmax(out))), *(repr(float(v)) for v in out)]))
     golden.write_text("\n".join(lines[:2] + rows) + "\n")
+
+
+def test_c_demo_selftest_on_a_fake_runtime(bundles, tmp_path):
+    """The demo as the README builds it (CMake, zero-copy) installs golden/ and runs it. Its golden
+    outputs are ONNX Runtime's of the stand-in's model on the golden inputs (the simulator's belong to
+    the real model): the demo with the stand-in (strided input, int8 output, dequantisation) must give
+    them exactly. Exactly, because both sides round the same float32 logits to int8 (round half to
+    even): a channel's sum of 1024 bytes and its mean are exact in float32 and double, /25 is rounded once
+    by each, and a one-ulp difference could move a value across a rounding edge only if it lay within
+    one ulp of a half step (0.25 + k * 0.5), which no golden input does. A stand-in that truncated
+    instead of rounding (as fake_rknn.c did) is one step, 0.5, away."""
+    pkg, _ = package("rv1103", {"model": bundles["rknn_rv1103"], "data": bundles["data"]}, tmp_path / "r")
+    src = on_the_board(pkg, tmp_path / "src")
+    stand_in_golden(src)
     inst = build_c_demo(src, tmp_path)
     assert sorted(p.name for p in (inst / "golden").iterdir()) == sorted(p.name for p in (src / "golden").iterdir())
     env = {"FAKE_RKNN_SIZE": "32", "FAKE_RKNN_STRIDE": "40"}

@@ -1,11 +1,13 @@
 /*
  * A stand-in for the RKNN runtime, for running the generated C demo on the test machine: the
  * "model" scores each class c by the mean of input channel c (3 classes), so a picture whose green
- * channel is brightest is class 1. Zero-copy outputs are int8 (scale 0.5, zero point -10), like an
- * int8 model's native output; rknn_outputs_get returns floats. FAKE_RKNN_SIZE sets H = W (default 8),
+ * channel is brightest is class 1. Zero-copy outputs are int8 (scale 0.5, zero point -10, rounded to
+ * nearest), like an int8 model's native output; rknn_outputs_get returns floats. The tests check its
+ * outputs against ONNX Runtime running the same model (test_selftest.py, stand_in_golden). FAKE_RKNN_SIZE sets H = W (default 8),
  * FAKE_RKNN_STRIDE the input row stride in pixels (default: the width), FAKE_RKNN_PERTURB a value
  * added to class 0's output (a runtime that computes wrong numbers, for the demo's --selftest).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -111,7 +113,10 @@ int rknn_run(rknn_context context, rknn_run_extend* extend)
     if (g_n_io == 2) {
         compute((const uint8_t*)g_io[0]->virt_addr, stride_px());
         int8_t* q = (int8_t*)g_io[1]->virt_addr;
-        for (int c = 0; c < 3; c++) q[c] = (int8_t)(g_logits[c] / 0.5f + -10);
+        for (int c = 0; c < 3; c++) { /* an int8 requantisation: round to nearest (even), saturate */
+            long v = lrintf(g_logits[c] / 0.5f) + -10;
+            q[c] = (int8_t)(v < -128 ? -128 : v > 127 ? 127 : v);
+        }
     } else if (g_input) {
         compute(g_input, size_hw());
     } else {
