@@ -783,7 +783,8 @@ def split_counts(per_class: int) -> dict[str, int]:
     return {"train": per_class - sum(counts.values()), **counts}
 
 
-def crop_boxes(shape: tuple[int, ...], per_class: int, rng: np.random.Generator) -> dict[str, list[tuple[int, int, int]]]:
+def crop_boxes(shape: tuple[int, ...], per_class: int,
+               rng: np.random.Generator) -> dict[str, list[tuple[int, int, int]]]:
     """{split: [(top, left, side) of each square crop]}: split_counts(per_class) crops, dealt over the
     split's tiles in turn, each inside its tile at a random place and PHOTO_CROP_SCALE."""
     boxes: dict[str, list] = {}
