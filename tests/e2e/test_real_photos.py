@@ -47,6 +47,10 @@ from helpers_data import (
 from PIL import Image
 
 SPLITS = ("train", "val", "test")
+# stages a test's run leaves out because no assertion reads them: rv1103's mmse build (minutes at 224 px)
+# is only compared by evaluate (bench/real_photos.py still runs it); training is untouched, so the floors
+# from the bench's reference hold as they are
+NOT_ASSERTED = {"rv1103_mobilenetv3": ["~pipeline.stages.rknn_mmse", "~pipeline.stages.eval.needs.rknn_mmse"]}
 
 
 def test_test_and_val_crops_share_no_pixel_with_training_crops(tmp_path):
@@ -112,7 +116,8 @@ def _run(runs: Path, name: str, real_photos, pretrained_weights, extra=()) -> tu
     for name_, value in (pretrained_env(weights) if weights is not None else {}).items():
         mp.setenv(name_, value)  # the backbone is found where torchvision keeps `imagenet`
     try:
-        rc = main(["run", f"runs_root={runs}", *real_photo_overrides(name, data, weights), *extra])
+        rc = main(["run", f"runs_root={runs}", *real_photo_overrides(name, data, weights), *NOT_ASSERTED.get(name, ()),
+                   *extra])
     finally:
         mp.undo()
     record = json.loads((runs / "latest" / "run.json").read_text())
