@@ -18,10 +18,10 @@ with the experiment's epochs, lr and batch size on the very arrays the run's dat
 (`bench/real_photos.py` prints it beside every backend), less two binomial standard deviations on the
 72 test images (`helpers_reference.binomial_margin`), to be taken at the lower of its one- and
 two-thread figures; each floor's comment says on which data and threads its reference was measured.
-A floor taken from the code under test hid a BatchNorm bug here that cost rv1103_mobilenetv3 15 points. A backbone pretrained on ten photos is far weaker than
-ImageNet's, and the test tiles are parts of the scene no training crop showed, so the references sit
-well below the ~100% ImageNet weights give on six photo classes. One run per experiment is shared by
-its assertions.
+A floor taken from the code under test hid a BatchNorm bug here that cost rv1103_mobilenetv3 15
+points. A backbone pretrained on ten photos is far weaker than ImageNet's, and the test tiles are
+parts of the scene no training crop showed, so the references sit well below the ~100% ImageNet
+weights give on six photo classes. One run per experiment is shared by its assertions.
 
 mnist_gem_resnet is not run here: its dataset is a digit file list (`path----label`, labels 0..9), a
 layout photos do not come in; tests/board_tests/test_package.py runs it on scikit-learn's digits.
