@@ -221,8 +221,9 @@ def conf(ws, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def real_photos(tmp_path_factory):
-    """real_photos(size=256, per_class=40, chinese=False) -> a class-per-folder set of augmented crops of
-    real photos (six classes), built once per session for each argument set."""
+    """real_photos(size=256, per_class=40, chinese=False) -> train/val/test folders (dataset kind
+    split_folders) of augmented crops of real photos (six classes), each split cut from its own tiles
+    of each photo, built once per session for each argument set."""
     from helpers_data import CHINESE_NAMES, make_real_photo_folder
 
     built: dict[tuple, Path] = {}

@@ -732,32 +732,97 @@ def augmented_crop(photo: np.ndarray, rng: np.random.Generator, size: int,
                    scale: tuple[float, float] = (0.3, 0.75)) -> Image.Image:
     """A square crop of ``photo`` at a random place and scale (``scale``: a share of its shorter side),
     maybe mirrored, with brightness/contrast/saturation each jittered by up to 25%, resized to ``size``."""
-    from PIL import ImageEnhance
-
     h, w, _ = photo.shape
     side = max(8, int(min(h, w) * rng.uniform(*scale)))
     y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+    return _jittered(photo[y:y + side, x:x + side], rng, size)
+
+
+def _jittered(crop: np.ndarray, rng: np.random.Generator, size: int) -> Image.Image:
+    """``crop`` resized to ``size``, maybe mirrored, brightness/contrast/saturation each jittered by up to 25%."""
+    from PIL import ImageEnhance
+
+    image = Image.fromarray(crop).resize((size, size), Image.BILINEAR)
     if rng.random() < 0.5:
-        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
     for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        crop = enhance(crop).enhance(float(rng.uniform(0.75, 1.25)))
-    return crop
+        image = enhance(image).enhance(float(rng.uniform(0.75, 1.25)))
+    return image
+
+
+# Test images share no pixel with training images: each photo is cut into a grid of 2 x 3 tiles (3 x 2
+# for a portrait photo), every tile belongs to one split, and a crop never leaves its tile. The splits'
+# tiles alternate over the photo, so every split sees every part of the scene (a split that held only
+# the astronaut's flag could not be told from the astronaut by anything). Shares of the crops: 60%
+# train, 10% val, 30% test (40 a class: 24 / 4 / 12).
+PHOTO_TILE_SPLITS = (("train", "test", "train"),
+                     ("test", "train", "val"))
+PHOTO_SPLIT_SHARES = {"val": 0.1, "test": 0.3}
+# a crop's side, as a share of its tile's shorter side (tiles are 150-256 px on the class photos)
+PHOTO_CROP_SCALE = (0.6, 1.0)
+
+
+def photo_tiles(shape: tuple[int, ...]) -> dict[str, list[tuple[int, int, int, int]]]:
+    """{split: [(top, left, height, width) of each tile of that split]} for a photo of ``shape``."""
+    h, w = shape[:2]
+    rows, cols = len(PHOTO_TILE_SPLITS), len(PHOTO_TILE_SPLITS[0])
+    if h > w:  # portrait: the grid turned, so tiles stay about square
+        rows, cols = cols, rows
+    tiles: dict[str, list] = {"train": [], "val": [], "test": []}
+    for r in range(rows):
+        for c in range(cols):
+            split = PHOTO_TILE_SPLITS[r][c] if h <= w else PHOTO_TILE_SPLITS[c][r]
+            top, left = h * r // rows, w * c // cols
+            tiles[split].append((top, left, h * (r + 1) // rows - top, w * (c + 1) // cols - left))
+    return tiles
+
+
+def split_counts(per_class: int) -> dict[str, int]:
+    """Crops per split of a class of ``per_class`` (40: train 24, val 4, test 12)."""
+    counts = {s: round(per_class * share) for s, share in PHOTO_SPLIT_SHARES.items()}
+    return {"train": per_class - sum(counts.values()), **counts}
+
+
+def crop_boxes(shape: tuple[int, ...], per_class: int,
+               rng: np.random.Generator) -> dict[str, list[tuple[int, int, int]]]:
+    """{split: [(top, left, side) of each square crop]}: split_counts(per_class) crops, dealt over the
+    split's tiles in turn, each inside its tile at a random place and PHOTO_CROP_SCALE."""
+    boxes: dict[str, list] = {}
+    for split, tiles in photo_tiles(shape).items():
+        boxes[split] = []
+        for i in range(split_counts(per_class)[split]):
+            top, left, th, tw = tiles[i % len(tiles)]
+            side = int(min(th, tw) * rng.uniform(*PHOTO_CROP_SCALE))
+            boxes[split].append((top + int(rng.integers(0, th - side + 1)),
+                                 left + int(rng.integers(0, tw - side + 1)), side))
+    return boxes
+
+
+def crop_box_of(name: str) -> tuple[int, int, int]:
+    """The (top, left, side) a make_real_photo_folder file name records (..._y<top>x<left>s<side>.jpg)."""
+    import re
+
+    top, left, side = re.search(r"_y(\d+)x(\d+)s(\d+)\.jpg$", name).groups()
+    return int(top), int(left), int(side)
 
 
 def make_real_photo_folder(root: Path, size: int = 256, per_class: int = 30, photos=CLASS_PHOTOS,
                            names: dict[str, str] | None = None, seed: int = 0) -> Path:
-    """root/<class>/<photo>_<i>.jpg: ``per_class`` augmented crops (JPEG, ``size`` px square: build at
-    or above the experiment's input size) of each photo in ``photos``; a class is named by its photo,
-    or by ``names[photo]`` (e.g. CHINESE_NAMES). Seeded: the same arguments give the same files."""
+    """root/<split>/<class>/<photo>_<i>_y<top>x<left>s<side>.jpg (dataset kind split_folders):
+    ``per_class`` augmented crops (JPEG, ``size`` px square: build at or above the experiment's input
+    size) of each photo in ``photos``, split_counts(per_class) of them per split, cut from that split's
+    tiles only (photo_tiles), the box each was cut from in its name. A class is named by its photo, or
+    by ``names[photo]`` (e.g. CHINESE_NAMES). Seeded: the same arguments give the same files."""
     root = Path(root)
     for k, photo_name in enumerate(photos):
         photo = real_photo(photo_name)
         rng = np.random.default_rng([seed, k])
-        folder = root / (names or {}).get(photo_name, photo_name)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            augmented_crop(photo, rng, size).save(folder / f"{photo_name}_{i:03d}.jpg", quality=90)
+        for split, boxes in crop_boxes(photo.shape, per_class, rng).items():
+            folder = root / split / (names or {}).get(photo_name, photo_name)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, (top, left, side) in enumerate(boxes):
+                crop = _jittered(photo[top:top + side, left:left + side], rng, size)
+                crop.save(folder / f"{photo_name}_{i:03d}_y{top}x{left}s{side}.jpg", quality=90)
     return root
 
 
@@ -859,13 +924,14 @@ def pretrained_env(weights: Path) -> dict[str, str]:
 # batches of 16 give the 144 training images 9 steps an epoch.
 # mnist_gem_resnet is not here: it reads digit file lists (labels 0..9), it keeps its own digits.
 REAL_PHOTO_EXPERIMENTS = {
-    "quickstart": {"size": 64, "arch": None, "chinese": False, "overrides": ["dataset=folder"]},
+    "quickstart": {"size": 64, "arch": None, "chinese": False, "overrides": []},
     "v831_resnet18": {"size": 256, "arch": "resnet18", "chinese": False, "overrides": ["train.epochs=5"]},
     # its 10 epochs
     "rv1103_mobilenetv3": {"size": 256, "arch": "mobilenet_v3_small", "chinese": True, "overrides": []},
     "onnx_catsdogs": {"size": 256, "arch": "mobilenet_v3_small", "chinese": False, "overrides": []},  # its 5 epochs
 }
-REAL_PHOTO_SPLIT = ["dataset.split.test=0.3", "dataset.split.val=0.1", "train.batch_size=16"]
+# make_real_photo_folder writes train/val/test folders: the splits are its tiles, not the stage's ratios
+REAL_PHOTO_SPLIT = ["dataset=split_folders", "train.batch_size=16"]
 
 
 def real_photo_overrides(experiment: str, data: Path, weights: Path | None) -> list[str]:

@@ -4,8 +4,9 @@ of edgepipe's training code, on the very arrays an edgepipe run trains and tests
 torchvision's own model constructor and transforms, torchvision weights loaded strictly (all but the
 head), AdamW with a cosine schedule, a shuffled DataLoader, and ``torch.optim.swa_utils.update_bn``
 over a shuffled loader of the un-augmented training images before evaluation: what a careful user
-would write by hand. ``bench/reference_floors.py`` prints its figures for every real-photo experiment;
-the tests' floors are those figures less a binomial margin, and each floor's comment says so."""
+would write by hand. ``bench/real_photos.py`` prints its figure beside every real-photo experiment's
+backends; the tests' floors are those figures less a binomial margin (at the lower of the one- and
+two-thread figures: training's float sums follow the thread count), and each floor's comment says so."""
 
 from __future__ import annotations
 

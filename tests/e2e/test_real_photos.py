@@ -3,20 +3,25 @@
 The other end-to-end tests use generated pictures (each class one bright band or colour) at 32 px,
 where an int8 drop of 25 points, or anything that only breaks on photos at 224 px, still passes. Here
 the data is six classes of augmented crops of photos that scikit-learn, matplotlib and scikit-image
-install (tests/helpers_data.py), written at or above each experiment's input size; the finetuning
-experiments start from backbones really pretrained on ten OTHER photos and saved as torchvision
-state_dicts (the `pretrained_weights` fixture). The floors are the product's own targets, read from
-the eval stage's metrics.json: every float backend agrees 100% with PyTorch (max abs logit difference
-within `evaluate.float_tolerance`) and the shipped RKNN int8 model loses at most
+install (tests/helpers_data.py), written at or above each experiment's input size. Test images share
+no pixel with training images: each photo is cut into six tiles, each tile belongs to one split
+(train, val or test folders, dataset kind split_folders) and a crop never leaves its tile, so a model
+that memorised its training pixels has nothing to recall (the first test checks it on the files).
+The finetuning experiments start from backbones really pretrained on ten OTHER photos and saved as
+torchvision state_dicts (the `pretrained_weights` fixture). The floors are the product's own
+targets, read from the eval stage's metrics.json: every float backend agrees 100% with PyTorch (max
+abs logit difference within `evaluate.float_tolerance`) and the shipped RKNN int8 model loses at most
 `evaluate.quant_max_drop` top-1 points in the simulator. The fp32 floors come from an independent
 reference, never from this code's own result: a plain PyTorch loop (tests/helpers_reference.py:
 torchvision's model and transforms, AdamW + cosine, torch's `update_bn` over a shuffled loader) trained
 with the experiment's epochs, lr and batch size on the very arrays the run's dataset stage wrote
 (`bench/real_photos.py` prints it beside every backend), less two binomial standard deviations on the
-72 test images (`helpers_reference.binomial_margin`). A floor taken from the code under test hid a
-BatchNorm bug here that cost rv1103_mobilenetv3 15 points (72.2% against 87.5% once fixed). A backbone
-pretrained on ten photos is far weaker than ImageNet's, so the references sit at 74-86%, not at the
-~100% ImageNet weights give on six photo classes. One run per experiment is shared by its assertions.
+72 test images (`helpers_reference.binomial_margin`), to be taken at the lower of its one- and
+two-thread figures; each floor's comment says on which data and threads its reference was measured.
+A floor taken from the code under test hid a BatchNorm bug here that cost rv1103_mobilenetv3 15
+points. A backbone pretrained on ten photos is far weaker than ImageNet's, and the test tiles are
+parts of the scene no training crop showed, so the references sit well below the ~100% ImageNet
+weights give on six photo classes. One run per experiment is shared by its assertions.
 
 mnist_gem_resnet is not run here: its dataset is a digit file list (`path----label`, labels 0..9), a
 layout photos do not come in; tests/board_tests/test_package.py runs it on scikit-learn's digits.
@@ -27,10 +32,61 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers_data import REAL_PHOTO_EXPERIMENTS, pretrained_env, real_photo_overrides
+from helpers_data import (
+    CLASS_PHOTOS,
+    REAL_PHOTO_EXPERIMENTS,
+    crop_box_of,
+    make_real_photo_folder,
+    pretrained_env,
+    real_photo,
+    real_photo_overrides,
+    split_counts,
+)
+from PIL import Image
 
-pytestmark = pytest.mark.slow
+SPLITS = ("train", "val", "test")
+# stages a test's run leaves out because no assertion reads them: rv1103's mmse build (minutes at 224 px)
+# is only compared by evaluate (bench/real_photos.py still runs it); training is untouched, so the floors
+# from the bench's reference hold as they are
+NOT_ASSERTED = {"rv1103_mobilenetv3": ["~pipeline.stages.rknn_mmse", "~pipeline.stages.eval.needs.rknn_mmse"]}
+
+
+def test_test_and_val_crops_share_no_pixel_with_training_crops(tmp_path):
+    """The real-photo folder's splits are disjoint regions of each photo: every file records the box it
+    was cut from, the box is checked against the file's pixels (the crop, resized and mirrored or not,
+    correlates with the photo there), and no val or test box overlaps any training box (nor val test).
+    Crops of one photo at random places, split by the dataset stage, would overlap nearly everywhere."""
+    per_class = 40
+    folder = make_real_photo_folder(tmp_path / "photos", size=48, per_class=per_class)
+    checked = 0
+    for name in CLASS_PHOTOS:
+        photo = real_photo(name)
+        grey = np.asarray(Image.fromarray(photo).convert("L"))
+        covered = {split: np.zeros(photo.shape[:2], bool) for split in SPLITS}
+        for split in SPLITS:
+            files = sorted((folder / split / name).glob("*.jpg"))
+            assert len(files) == split_counts(per_class)[split], (name, split, len(files))
+            for f in files:
+                top, left, side = crop_box_of(f.name)
+                assert top + side <= photo.shape[0] and left + side <= photo.shape[1], f
+                region = _small(grey[top:top + side, left:left + side])
+                if region.std() >= 8:  # a flat patch (sky) correlates with nothing, its own crop included
+                    crop = _small(np.asarray(Image.open(f).convert("L"))).ravel()
+                    assert max(np.corrcoef(crop, r.ravel())[0, 1] for r in (region, region[:, ::-1])) > 0.9, f
+                    checked += 1
+                covered[split][top:top + side, left:left + side] = True
+        assert not (covered["test"] & covered["train"]).any(), name
+        assert not (covered["val"] & covered["train"]).any(), name
+        assert not (covered["val"] & covered["test"]).any(), name
+        assert covered["test"].mean() > 0.15, name  # the test split spans more than a corner of the photo
+    assert checked >= 0.9 * per_class * len(CLASS_PHOTOS), checked
+
+
+def _small(grey: np.ndarray) -> np.ndarray:
+    """A grey picture at 16 x 16, as floats (JPEG noise and the crop's colour jitter averaged out)."""
+    return np.asarray(Image.fromarray(grey).resize((16, 16), Image.BILINEAR), np.float64)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +116,8 @@ def _run(runs: Path, name: str, real_photos, pretrained_weights, extra=()) -> tu
     for name_, value in (pretrained_env(weights) if weights is not None else {}).items():
         mp.setenv(name_, value)  # the backbone is found where torchvision keeps `imagenet`
     try:
-        rc = main(["run", f"runs_root={runs}", *real_photo_overrides(name, data, weights), *extra])
+        rc = main(["run", f"runs_root={runs}", *real_photo_overrides(name, data, weights), *NOT_ASSERTED.get(name, ()),
+                   *extra])
     finally:
         mp.undo()
     record = json.loads((runs / "latest" / "run.json").read_text())
@@ -89,30 +146,35 @@ def _int8_holds(metrics: dict, backend: str) -> tuple[bool, str]:
     return row["target_met"], row["verdict"]
 
 
+@pytest.mark.slow
 def test_experiment_quickstart(experiment_run):
     """The quickstart's pipeline (ResNet-18 from scratch at 32 px, every backend, RKNN normal and mmse) on
     photo crops instead of digits: fp32 and every float backend, and the packaged mmse model's drop."""
     rc, record, metrics = experiment_run("quickstart")
     top1 = _float_backends_hold(metrics)
-    # reference 73.6% (the plain PyTorch loop on the same arrays) less 2 binomial SD (10.4 points); this
-    # code reached 75.0% on 2 threads (before the BatchNorm fix, 72.2%)
+    # reference 73.6% (the plain PyTorch loop on the same arrays) less 2 binomial SD (10.4 points), measured
+    # at 2 threads on the crops BEFORE the tiled splits (test crops overlapped training ones); not yet
+    # re-derived on the tiled splits (bench/real_photos.py at 1 and 2 threads)
     assert top1["pytorch"] >= 0.63, top1
     holds, verdict = _int8_holds(metrics, "rknn_mmse")
     assert holds, f"rknn_mmse {verdict} ({top1})"
     assert rc == 0 and record["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_experiment_v831_resnet18(experiment_run):
     """ResNet-18 finetuned at 224 px from pretrained weights -> ONNX -> ncnn (awnn's layout) on photos."""
     rc, record, metrics = experiment_run("v831_resnet18")
     assert metrics["samples"] >= 60
     top1 = _float_backends_hold(metrics)
     assert set(top1) == {"pytorch", "onnx", "ncnn"}
-    # reference 76.4% less 2 binomial SD (10.0 points); this code reached 76.4% on 2 threads
+    # reference 76.4% less 2 binomial SD (10.0 points), 2 threads, on the crops before the tiled splits; not
+    # yet re-derived on them
     assert top1["pytorch"] >= 0.66, top1
     assert rc == 0 and record["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_experiment_rv1103_mobilenetv3(experiment_run):
     """MobileNetV3-Small: pretrained weights clipped, finetuned at 224 px on photo folders with Chinese names,
     int8 in the simulator. By default the run packages the int8 search's build (stage rknn: the cheapest
@@ -122,8 +184,8 @@ def test_experiment_rv1103_mobilenetv3(experiment_run):
     instead, every other stage cached."""
     rc, record, metrics = experiment_run("rv1103_mobilenetv3")
     top1 = _float_backends_hold(metrics)
-    # reference 86.1% less 2 binomial SD (8.2 points); this code reached 87.5% on 2 threads (before the
-    # BatchNorm fix, 72.2%: this floor fails it)
+    # reference 86.1% less 2 binomial SD (8.2 points), 2 threads, on the crops before the tiled splits (the
+    # code before the BatchNorm fix, 72.2%, failed it); not yet re-derived on them
     assert top1["pytorch"] >= 0.78, top1
     stages = record["stages"]
     assert rc == 0 and record["status"] == "ok", {k: s.get("error") for k, s in stages.items()}
@@ -144,14 +206,17 @@ def test_experiment_rv1103_mobilenetv3(experiment_run):
         {"寺庙", "花", "人像", "宇航员", "咖啡", "猫"}
 
 
+@pytest.mark.slow
 def test_experiment_onnx_catsdogs(experiment_run):
     rc, record, metrics = experiment_run("onnx_catsdogs")
     top1 = _float_backends_hold(metrics)
-    # reference 68.1% less 2 binomial SD (11.0 points); this code reached 75.0% on 2 threads
+    # reference 68.1% less 2 binomial SD (11.0 points), 2 threads, on the crops before the tiled splits; not
+    # yet re-derived on them
     assert top1["pytorch"] >= 0.57 and top1["onnx"] == top1["pytorch"], top1
     assert rc == 0 and record["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_finetuning_from_pretrained_weights_beats_training_from_scratch(experiment_run, real_photos):
     """onnx_catsdogs' training again from scratch, same data, epochs and seed: the finetuned model (from a
     backbone that never saw these classes) is clearly better on the test split."""
@@ -167,8 +232,8 @@ def test_finetuning_from_pretrained_weights_beats_training_from_scratch(experime
     finetuned = _train_metrics(record)
     assert finetuned["init"]["reinitialized"] and scratch["init"] is None
     assert scratch["epochs_run"] == finetuned["epochs_run"]
-    # measured: 61.1% finetuned vs 45.8% from scratch in make test (44 vs 33 of 72 test images); 68.1% vs
-    # 45.8% on one thread
+    # measured on the crops before the tiled splits: 61.1% finetuned vs 45.8% from scratch in make test (44
+    # vs 33 of 72 test images); 68.1% vs 45.8% on one thread; not yet re-measured on the tiled splits
     assert finetuned["test_acc"] >= scratch["test_acc"] + 0.10, (finetuned["test_acc"], scratch["test_acc"])
 
 
