@@ -42,11 +42,16 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/python scripts/lint_private_names.py .
 
+# One pytest-xdist worker per core (at most 4: each holds torch and its models), one OpenMP thread
+# each; tests/conftest.py decides which tests share a worker. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= auto
+XDIST := -n $(TEST_WORKERS) --maxprocesses 4
+
 test: system-deps-test lint $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: system-deps-test lint $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_overhead.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +21,61 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 EDGEPIPE = Path(sys.executable).parent / "edgepipe"
+
+# `make test` runs the tests on every core (pytest-xdist, one process per core): each worker, and the
+# processes it starts, gets its share of the cores for OpenMP/torch (two torch processes each spinning
+# every core slow each other down tenfold). A thread count set in the environment wins.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, _threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# How `make test` hands the tests to the workers (pytest-xdist's default `--dist load`, replaced here):
+# a module's tests go to one worker together, so its module fixtures are built once; the modules of
+# a few heavy, independent tests are split test by test; the tests that start processes of their own
+# (DDP ranks, sweep and --jobs workers) run one at a time, in one worker. The slow tests are handed
+# out first, so that no worker starts one while the other has nothing left to do.
+SPLIT_MODULES = {"test_bn_recalibration.py", "test_onnx_quantize.py", "test_package.py", "test_sweeps.py"}
+OWN_PROCESSES = "own processes"
+OWN_PROCESS_MODULES = {"test_train_ddp.py", "test_parallel_stages.py", "test_kill.py"}
+OWN_PROCESS_TESTS = {  # in a split module: file name -> test names
+    "test_sweeps.py": ("test_grid_on_joblib", "test_grid_on_submitit_local", "test_grid_on_ray",
+                       "test_interrupted_joblib_sweep", "test_an_error_inside_a_joblib_worker",
+                       "test_quickstart_2x2_on_joblib"),
+}
+
+
+def work_unit(nodeid: str) -> str:
+    """The tests with the same unit run in one worker, in collection order."""
+    module, _, test = nodeid.partition("::")
+    name = Path(module).name
+    if name in OWN_PROCESS_MODULES or test.startswith(OWN_PROCESS_TESTS.get(name, ())):
+        return OWN_PROCESSES
+    return nodeid if name in SPLIT_MODULES else module
+
+
+if importlib.util.find_spec("xdist"):  # pytest refuses a hook of a plugin it does not have
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getvalue("dist") != "load":  # another --dist asked for by name
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        class ByWorkUnit(LoadScopeScheduling):  # _split_scope: how xdist's own schedulers name a unit
+            def _split_scope(self, nodeid: str) -> str:
+                return work_unit(nodeid)
+
+        config.option.loadscopereorder = False  # keep the slow-first order below
+        return ByWorkUnit(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a stable sort: each module's tests keep their order
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 # The tests (and the edgepipe processes they start) compose through a compose cache of their own,
 # never the user's ~/.cache/edgepipe/compose.
