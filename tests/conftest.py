@@ -231,33 +231,38 @@ def s3(monkeypatch):
 
 
 # -- the board tests' bundles (tests/board_tests): two RKNN models built once per session ----------------
-@pytest.fixture(scope="session")
-def bundles(tmp_path_factory):
-    """The board tests' inputs, built once per session: an export_onnx-like folder (uniform
-    normalisation, LABELS), a dataset, calibration, ncnn, rknn_rv1103 / rknn_rk3566 (the real
-    rknn_quantize, with `data`: test_logits.npy, the self-test's golden outputs), an evaluate-like
-    eval/ (metrics.json) and JPEG/PNG pictures."""
+BUNDLE_FOLDERS = {"onnx": "onnx", "data": "data", "calib": "calib", "ncnn": "ncnn", "rknn_rv1103": "rknn_rv1103",
+                  "rknn_rk3566": "rknn_rk3566", "eval": "eval", "images": "images"}
+
+
+def build_bundles(base: Path) -> None:
     from helpers_data import export_onnx, make_dataset, stage, write_images
 
-    base = tmp_path_factory.mktemp("bundles")
-    b = {"onnx": export_onnx(base / "onnx", kind="linear"), "data": make_dataset(base / "data")}
-    stage("calibration", {"count": 6}, {"data": b["data"]}, base / "calib")
-    b["calib"] = base / "calib"
-    stage("ncnn", {}, {"onnx": b["onnx"]}, base / "ncnn")
-    b["ncnn"] = base / "ncnn"
+    export_onnx(base / "onnx", kind="linear")
+    make_dataset(base / "data")
+    stage("calibration", {"count": 6}, {"data": base / "data"}, base / "calib")
+    stage("ncnn", {}, {"onnx": base / "onnx"}, base / "ncnn")
     for target in ("rv1103", "rk3566"):  # with `data`: test_logits.npy, the golden outputs of the self-test
         stage("rknn_quantize", {"target": target, "accuracy_analysis_samples": 0},
-              {"onnx": b["onnx"], "calib": b["calib"], "data": b["data"]}, base / f"rknn_{target}")
-        b[f"rknn_{target}"] = base / f"rknn_{target}"
+              {"onnx": base / "onnx", "calib": base / "calib", "data": base / "data"}, base / f"rknn_{target}")
     ev = base / "eval"  # what package reads of an evaluate output
     ev.mkdir()
     (ev / "metrics.json").write_text(json.dumps({"backends": {
         "pytorch": {"top1": 0.8, "agreement": 1.0}, "onnx": {"top1": 0.8, "agreement": 1.0},
         "rknn": {"top1": 0.75, "agreement": 0.9}}}))
-    b["eval"] = ev
-    b["images"] = base / "images"
-    write_images(b["images"])
-    return b
+    write_images(base / "images")
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory):
+    """The board tests' inputs, built once per session (and shared by the xdist workers; read only): an
+    export_onnx-like folder (uniform normalisation, LABELS), a dataset, calibration, ncnn, rknn_rv1103 /
+    rknn_rk3566 (the real rknn_quantize, with `data`: test_logits.npy, the self-test's golden outputs),
+    an evaluate-like eval/ (metrics.json) and JPEG/PNG pictures."""
+    from helpers_shared import built_once
+
+    base = built_once(tmp_path_factory, "bundles", build_bundles)
+    return {key: base / folder for key, folder in BUNDLE_FOLDERS.items()}
 
 
 # -- real photographs and really pretrained weights (tests/helpers_data.py), built once per session ------
