@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import importlib.util
 import json
 import os
 import shutil
@@ -56,10 +55,11 @@ def work_unit(nodeid: str) -> str:
     return nodeid if name in SPLIT_MODULES else module
 
 
-if importlib.util.find_spec("xdist"):  # pytest refuses a hook of a plugin it does not have
+class WorkUnits:
+    """pytest-xdist's scheduler for `--dist load` (its default), handing out work_unit()s."""
 
     @pytest.hookimpl(tryfirst=True)
-    def pytest_xdist_make_scheduler(config, log):
+    def pytest_xdist_make_scheduler(self, config, log):
         if config.getvalue("dist") != "load":  # another --dist asked for by name
             return None
         from xdist.scheduler import LoadScopeScheduling
@@ -70,6 +70,11 @@ if importlib.util.find_spec("xdist"):  # pytest refuses a hook of a plugin it do
 
         config.option.loadscopereorder = False  # keep the slow-first order below
         return ByWorkUnit(config, log)
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):  # pytest refuses a hook of a plugin it does not have
+        config.pluginmanager.register(WorkUnits(), "edgepipe-work-units")
 
 
 def pytest_collection_modifyitems(config, items):
