@@ -236,8 +236,7 @@ def s3(monkeypatch):
 
 
 # -- the board tests' bundles (tests/board_tests): two RKNN models built once per session ----------------
-BUNDLE_FOLDERS = {"onnx": "onnx", "data": "data", "calib": "calib", "ncnn": "ncnn", "rknn_rv1103": "rknn_rv1103",
-                  "rknn_rk3566": "rknn_rk3566", "eval": "eval", "images": "images"}
+BUNDLES = ("onnx", "data", "calib", "ncnn", "rknn_rv1103", "rknn_rk3566", "eval", "images")  # each a folder
 
 
 def build_bundles(base: Path) -> None:
@@ -267,7 +266,7 @@ def bundles(tmp_path_factory):
     from helpers_shared import built_once
 
     base = built_once(tmp_path_factory, "bundles", build_bundles)
-    return {key: base / folder for key, folder in BUNDLE_FOLDERS.items()}
+    return {name: base / name for name in BUNDLES}
 
 
 # -- real photographs and really pretrained weights (tests/helpers_data.py), built once per session ------
