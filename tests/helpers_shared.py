@@ -1,6 +1,6 @@
 """Artefacts a test session builds once, shared by every pytest-xdist worker (`make test` runs the tests
-on each core: README, "Set-up and the two commands"): each is built under a file lock in the session's common temp folder,
-and only read after.
+on each core: README, "Set-up and the two commands"): each is built under a file lock in the session's
+common temp folder, and only read after.
 
     folder = built_once(tmp_path_factory, "bundles", lambda out: build_bundles(out))
 """
