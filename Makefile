@@ -42,11 +42,17 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/python scripts/lint_private_names.py .
 
+# One pytest-xdist worker per core this process may use (nproc), at most 4 (each holds torch and its
+# models), one OpenMP thread each; tests/conftest.py decides which tests share a worker.
+# `make test TEST_WORKERS=0` runs them in one process.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+XDIST := -n $(TEST_WORKERS)
+
 test: system-deps-test lint $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: system-deps-test lint $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_overhead.py

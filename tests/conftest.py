@@ -25,6 +25,67 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 EDGEPIPE = Path(sys.executable).parent / "edgepipe"
 
+# `make test` runs the tests on every core (pytest-xdist, one process per core): each worker, and the
+# processes it starts, gets its share of the cores for OpenMP/torch (two torch processes each spinning
+# every core slow each other down tenfold). A thread count set in the environment wins.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, _threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# How `make test` hands the tests to the workers (pytest-xdist's default `--dist load`, replaced here):
+# a module's tests go to one worker together, so its module fixtures are built once; the modules of
+# a few heavy, independent tests are split test by test; the tests that start processes of their own
+# (DDP ranks, sweep and --jobs workers) run one at a time, in one worker. The slow tests are handed
+# out first, so that no worker starts one while the other has nothing left to do.
+SPLIT_MODULES = {"test_bn_recalibration.py", "test_onnx_quantize.py", "test_package.py", "test_sweeps.py"}
+OWN_PROCESSES = "own processes"
+OWN_PROCESS_MODULES = {"test_train_ddp.py", "test_parallel_stages.py", "test_kill.py"}
+OWN_PROCESS_TESTS = {  # in a split module: file name -> test names
+    "test_sweeps.py": ("test_grid_on_joblib", "test_grid_on_submitit_local", "test_grid_on_ray",
+                       "test_interrupted_joblib_sweep", "test_an_error_inside_a_joblib_worker",
+                       "test_quickstart_2x2_on_joblib"),
+}
+
+
+def work_unit(nodeid: str) -> str:
+    """The tests with the same unit run in one worker, in collection order."""
+    module, _, test = nodeid.partition("::")
+    name = Path(module).name
+    if name in OWN_PROCESS_MODULES or test.startswith(OWN_PROCESS_TESTS.get(name, ())):
+        return OWN_PROCESSES
+    return nodeid if name in SPLIT_MODULES else module
+
+
+class WorkUnits:
+    """pytest-xdist's scheduler for `--dist load` (its default), handing out work_unit()s."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config, log):
+        if config.getvalue("dist") != "load":  # another --dist asked for by name
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        class ByWorkUnit(LoadScopeScheduling):  # _split_scope: how xdist's own schedulers name a unit
+            def _split_scope(self, nodeid: str) -> str:
+                return work_unit(nodeid)
+
+        config.option.loadscopereorder = False  # keep the slow-first order below
+        return ByWorkUnit(config, log)
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):  # pytest refuses a hook of a plugin it does not have
+        config.pluginmanager.register(WorkUnits(), "edgepipe-work-units")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a stable sort: each module's tests keep their order
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 # The tests (and the edgepipe processes they start) compose through a compose cache of their own,
 # never the user's ~/.cache/edgepipe/compose.
 os.environ["EDGEPIPE_COMPOSE_CACHE"] = tempfile.mkdtemp(prefix="edgepipe-test-compose-")
@@ -179,33 +240,37 @@ def s3(monkeypatch):
 
 
 # -- the board tests' bundles (tests/board_tests): two RKNN models built once per session ----------------
-@pytest.fixture(scope="session")
-def bundles(tmp_path_factory):
-    """The board tests' inputs, built once per session: an export_onnx-like folder (uniform
-    normalisation, LABELS), a dataset, calibration, ncnn, rknn_rv1103 / rknn_rk3566 (the real
-    rknn_quantize, with `data`: test_logits.npy, the self-test's golden outputs), an evaluate-like
-    eval/ (metrics.json) and JPEG/PNG pictures."""
+BUNDLES = ("onnx", "data", "calib", "ncnn", "rknn_rv1103", "rknn_rk3566", "eval", "images")  # each a folder
+
+
+def build_bundles(base: Path) -> None:
     from helpers_data import export_onnx, make_dataset, stage, write_images
 
-    base = tmp_path_factory.mktemp("bundles")
-    b = {"onnx": export_onnx(base / "onnx", kind="linear"), "data": make_dataset(base / "data")}
-    stage("calibration", {"count": 6}, {"data": b["data"]}, base / "calib")
-    b["calib"] = base / "calib"
-    stage("ncnn", {}, {"onnx": b["onnx"]}, base / "ncnn")
-    b["ncnn"] = base / "ncnn"
+    export_onnx(base / "onnx", kind="linear")
+    make_dataset(base / "data")
+    stage("calibration", {"count": 6}, {"data": base / "data"}, base / "calib")
+    stage("ncnn", {}, {"onnx": base / "onnx"}, base / "ncnn")
     for target in ("rv1103", "rk3566"):  # with `data`: test_logits.npy, the golden outputs of the self-test
         stage("rknn_quantize", {"target": target, "accuracy_analysis_samples": 0},
-              {"onnx": b["onnx"], "calib": b["calib"], "data": b["data"]}, base / f"rknn_{target}")
-        b[f"rknn_{target}"] = base / f"rknn_{target}"
+              {"onnx": base / "onnx", "calib": base / "calib", "data": base / "data"}, base / f"rknn_{target}")
     ev = base / "eval"  # what package reads of an evaluate output
     ev.mkdir()
     (ev / "metrics.json").write_text(json.dumps({"backends": {
         "pytorch": {"top1": 0.8, "agreement": 1.0}, "onnx": {"top1": 0.8, "agreement": 1.0},
         "rknn": {"top1": 0.75, "agreement": 0.9}}}))
-    b["eval"] = ev
-    b["images"] = base / "images"
-    write_images(b["images"])
-    return b
+    write_images(base / "images")
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory):
+    """The board tests' inputs, built once per session (and shared by the xdist workers; read only): an
+    export_onnx-like folder (uniform normalisation, LABELS), a dataset, calibration, ncnn, rknn_rv1103 /
+    rknn_rk3566 (the real rknn_quantize, with `data`: test_logits.npy, the self-test's golden outputs),
+    an evaluate-like eval/ (metrics.json) and JPEG/PNG pictures."""
+    from helpers_shared import built_once
+
+    base = built_once(tmp_path_factory, "bundles", build_bundles)
+    return {name: base / name for name in BUNDLES}
 
 
 # -- real photographs and really pretrained weights (tests/helpers_data.py), built once per session ------

@@ -317,22 +317,23 @@ def test_cfg_and_info_with_a_sweeper(ws):
 
 # -- the quickstart's DAG, reduced ---------------------------------------------------------------------------
 @pytest.mark.slow
-def test_quickstart_2x2_on_joblib_trains_twice_and_builds_8_rknn_models(project):
-    """train.lr x quantize.method on the quickstart (tiny training, small simulator runs, only the RKNN
-    branch): 2 trainings, 8 RKNN builds (2 lr x 2 methods x normal/mmse), the data and calibration set
-    once, across two joblib worker processes."""
+def test_quickstart_2x2_on_joblib_trains_twice_and_builds_4_rknn_models(project):
+    """train.lr x quantize.method on the quickstart (tiny training, small simulator runs, only the
+    rknn_normal branch): 2 trainings, 4 RKNN builds (2 lr x 2 methods), the data and calibration set
+    once, across two joblib worker processes. (The 8 builds with rknn_mmse, as keys:
+    test_quickstart.py::test_readme_2x2_sweep_makes_2_trainings_and_8_rknn_builds.)"""
     rc, out, err = spawn_cli(project, "run", "-m", *JOBLIB, "+experiment=quickstart", "train=tiny", "train.epochs=1",
                              "quantize.data_limit=40", "quantize.accuracy_analysis_samples=0",
                              "train.lr=0.001,0.003", "quantize.method=channel,layer",
-                             "--only", "rknn_normal,rknn_mmse", timeout=900)
+                             "--only", "rknn_normal", timeout=900)
     assert rc == 0, err[-3000:]
     entries = {t: len(project.entries(t)) for t in ("dataset", "train", "export_onnx", "calibration", "rknn_quantize")}
-    assert entries == {"dataset": 1, "train": 2, "export_onnx": 2, "calibration": 1, "rknn_quantize": 8}
+    assert entries == {"dataset": 1, "train": 2, "export_onnx": 2, "calibration": 1, "rknn_quantize": 4}
     (sweep_dir,) = sweep_dirs(project)
     runs = [json.loads((Path(r["run_dir"]) / "run.json").read_text()) for r in job_results(sweep_dir)]
     ran = Counter(s["type"] for run in runs for s in run["stages"].values() if s["status"] == "ran")
-    assert ran["train"] == 2 and ran["rknn_quantize"] == 8 and ran["dataset"] == 1
-    assert assert_cache_intact(project) >= 14  # and none of them damaged
+    assert ran["train"] == 2 and ran["rknn_quantize"] == 4 and ran["dataset"] == 1
+    assert assert_cache_intact(project) >= 10  # and none of them damaged
 
 
 @pytest.mark.slow
