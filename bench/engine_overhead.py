@@ -46,11 +46,15 @@ COLD = {"quickstart": [*_SMALL, *_RKNN], "rv1103_mobilenetv3": [*_SMALL, *_RKNN]
         "mnist_gem_resnet": _SMALL}
 
 
+class Failed(Exception):
+    pass
+
+
 def wall(cmd: list[str], env: dict, cwd: str | Path) -> float:
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if r.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr.decode()[-2000:]}")
+        raise Failed(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr.decode()[-2000:]}")
     return time.perf_counter() - t0
 
 
@@ -111,7 +115,9 @@ def experiment_setup(experiment: str, tmp: Path) -> tuple[list[str], dict]:
     env: dict = {}
     if "pretrained: imagenet" in text:
         arch = "resnet18" if "override /model: resnet18" in text else "mobilenet_v3_small"
-        make_pretrained(tmp / "torch_home" / "hub" / "checkpoints" / torchvision_file_name(arch), arch)
+        checkpoints = tmp / "torch_home" / "hub" / "checkpoints"
+        checkpoints.mkdir(parents=True)
+        make_pretrained(checkpoints / torchvision_file_name(arch), arch)
         env["TORCH_HOME"] = str(tmp / "torch_home")
     if "override /dataset: digits" in text:
         return [], env
@@ -145,8 +151,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             data, torch_env = experiment_setup(experiment, Path(tmp))
             env = {**clean, **torch_env, "EDGEPIPE_RUNS": f"{tmp}/runs", "EDGEPIPE_COMPOSE_CACHE": f"{tmp}/compose"}
-            rows.append(measure(experiment, env, [f"+experiment={experiment}", *data, *COLD[experiment]],
-                                args.repeat, dvc, Path(tmp)))
+            try:
+                rows.append(measure(experiment, env, [f"+experiment={experiment}", *data, *COLD[experiment]],
+                                    args.repeat, dvc, Path(tmp)))
+            except Failed as e:  # one experiment's failure leaves the others' figures
+                print(f"{experiment}: {e}", flush=True)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if dvc:
         print("\n| experiment | stages | `plan` | `dvc status` | ratio | cached `run` | `dvc repro` | ratio |")

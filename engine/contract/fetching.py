@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib.metadata
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,10 +51,11 @@ class Outside:
         return {"env": dict(self.env), "distributions": dict(self.distributions)}
 
     @staticmethod
-    def unchanged(recorded: dict) -> bool:
-        """Whether every value in `recorded` (an as_dict()) reads the same now."""
+    def unchanged(recorded: dict, installs_changed: bool = True) -> bool:
+        """Whether every value in `recorded` (an as_dict()) reads the same now; the distributions'
+        versions only when `installs_changed` (the caller knows no install happened since)."""
         return (all(os.environ.get(k) == v for k, v in recorded["env"].items())
-                and all(_version(d) == v for d, v in recorded["distributions"].items()))
+                and (not installs_changed or all(_version(d) == v for d, v in recorded["distributions"].items())))
 
 
 _READ: contextvars.ContextVar[Outside | None] = contextvars.ContextVar("edgepipe_outside", default=None)
@@ -91,6 +91,8 @@ def distribution(name: str) -> str | None:
 
 
 def _version(name: str) -> str | None:
+    import importlib.metadata  # ~20 ms: only when a validator asks, or a remembered plan read one
+
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:

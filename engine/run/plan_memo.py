@@ -86,15 +86,16 @@ def load(job: Job) -> Remembered | None:
             return None
         if any(_code_stats(Path(root)) != stats for root, stats in data["plugins"].items()):
             return None
-        if not Outside.unchanged(data["outside"]):  # $TORCH_HOME, torchvision's version...: validated again
-            return None
+        site_unchanged = data["site"] == _site_stats()  # no install since: the versions are those read then
+        if not Outside.unchanged(data["outside"], installs_changed=not site_unchanged):
+            return None  # another $TORCH_HOME, torchvision: validated again
         stages = {name: RememberedStage(name, s["type"], Wiring(**s["entry"]), KeyRecipe(**s["recipe"]),
                                         s["section"], s["sections"]) for name, s in data["stages"].items()}
         # validation refuses a content path that does not exist (one line, before runs/ is touched):
         # a dataset folder removed since is validated again, not planned as changed content
         if not all(os.path.exists(path) for s in stages.values() for path in s.recipe.content.values()):
             return None
-        versions = data["versions"] if data["site"] == _site_stats() else {}
+        versions = data["versions"] if site_unchanged else {}
         return Remembered(stages, data["headline"], data["headline_direction"], list(data["warnings"]), versions)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a damaged entry is a miss
         return None
