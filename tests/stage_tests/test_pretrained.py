@@ -125,6 +125,22 @@ def test_a_remembered_plan_follows_torch_home(project, tmp_path, monkeypatch):
     assert r.rc == 0 and f"{SMALL_URL} to {hub_file(tmp_path / 'another')} first" in r.out, r.out
 
 
+def test_what_a_name_resolved_to_is_kept_sealed_and_an_edited_entry_is_ignored(project, torch_home, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.delenv(MIRROR_ENV)
+    monkeypatch.setenv("EDGEPIPE_COMPOSE_CACHE", str(tmp_path / "compose"))
+    data = project.root / "images"
+    data.mkdir()
+    args = ("plan", "+experiment=onnx_catsdogs", f"dataset.path={data}")
+    assert SMALL_URL in project.cli(*args).out
+    kept = list((tmp_path / "compose" / "resolved").glob("*.json"))
+    assert len(kept) == 1 and "MobileNet_V3_Small_Weights.IMAGENET1K_V1" in kept[0].read_text()
+    evil = "https://evil.example/mobilenet_v3_small-047dcff4.pth"
+    kept[0].write_text(kept[0].read_text().replace(SMALL_URL, evil))  # the seal no longer matches
+    r = project.cli(*args, "train.epochs=3")  # another config: validated, the name resolved again
+    assert r.rc == 0 and SMALL_URL in r.out and evil not in r.out, r.out
+
+
 def _stage_key(tmp_path: Path, experiment: str, stage: str) -> tuple[str, dict]:
     from engine.config.compose import compose
     from engine.config.validate import validate
