@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from engine.config.dag import Graph
 from engine.contract import names
 from engine.report.run_report import write_report
-from engine.run import scheduler
 from engine.store import runs
 from engine.store.cache import Cache, CorruptEntry, Hit, library_versions, read_manifest, stage_key
 from engine.store.runs import RunRecord, StageRecord
@@ -222,6 +221,8 @@ class Pipeline:
                           forced: set[str], failed: set[str], finished: Callable[[str], None]) -> None:
         """--jobs N: independent stages at the same time, each stage's `run` in a worker process.
         Stages already running when one fails (without --keep-going) finish; nothing new starts."""
+        from engine.run import scheduler  # --jobs N only
+
         budget = options.max_memory_mb or scheduler.default_memory_mb()
         workers = scheduler.StageProcesses(
             options.jobs, on_progress=lambda n, c, t, d, i: display.update(n, c, t, d, important=i))

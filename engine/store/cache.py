@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.contract import locks, names
+from engine.contract import names
 from engine.contract.hashing import (
     ContentIndex,
     content_digest,
@@ -138,11 +138,11 @@ def tool_versions(cls: type[Stage]) -> dict[str, str]:
 def installed_versions(dists: Iterable[str], known: dict[str, str] | None = None) -> dict[str, str]:
     """Read from package metadata (nothing is imported) by every command, so an upgrade anywhere on
     sys.path shows in the next key; ``known``: the versions this command read already."""
-    from importlib import metadata  # here: a remembered pipeline's versions need none of it
-
     known, dists = ({} if known is None else known), list(dists)
     for dist in dists:
         if dist not in known:
+            from importlib import metadata  # ~15 ms: a remembered pipeline's versions need none of it
+
             try:
                 known[dist] = metadata.version(dist)
             except metadata.PackageNotFoundError:
@@ -339,10 +339,14 @@ class Cache:
              on_wait: Callable[[], None] | None = None) -> AbstractContextManager[None]:
         """Exclusive per-key lock (released by the OS if the holder dies); `on_wait` is called when
         another process holds it."""
+        from engine.contract import locks  # filelock: not for `plan`, which takes no lock
+
         return locks.held(self.lock_path(stage_type, key), on_wait)
 
     def lock_if_free(self, stage_type: str, key: str) -> AbstractContextManager[bool]:
         """The key's lock if no process holds it now (gc leaves an entry in use alone)."""
+        from engine.contract import locks
+
         return locks.held_if_free(self.lock_path(stage_type, key))
 
     # ---- writing -----------------------------------------------------------------------------
