@@ -174,7 +174,7 @@ def cmd_run(argv: Sequence[str]) -> int:
 
 
 def cmd_plan(argv: Sequence[str]) -> int:
-    from engine.report.display import console, safe, styled_status
+    from engine.report.display import console, plain, safe, styled_status
     from engine.run.pipeline import Options
 
     opts, overrides = _split_args(argv)
@@ -186,7 +186,9 @@ def cmd_plan(argv: Sequence[str]) -> int:
         pipeline = checked_pipeline(job, remember=True)
         check_runs_root(pipeline.runs_root)  # plan records content digests in the cache's index
         items = pipeline.plan(options, run_name=str(job.cfg.name))
-        out.append({"overrides": job.overrides, "stages": [vars(i) for i in items]})
+        downloads = pipeline.downloads(options)
+        out.append({"overrides": job.overrides, "stages": [vars(i) for i in items],
+                    "downloads": [{"url": url, "path": path} for url, path in downloads]})
         if not opts.get("json"):
             from rich.table import Table
 
@@ -196,6 +198,8 @@ def cmd_plan(argv: Sequence[str]) -> int:
             for i in items:
                 table.add_row(safe(i.name), safe(i.type), styled_status(i.status), (i.key or "")[:10], safe(i.reason))
             console.print(table)
+            for url, path in downloads:
+                print(plain(f"`edgepipe run` will download {url} to {path} first (offline: put the file there)"))
     if opts.get("json"):
         print(json.dumps(out if len(out) > 1 else out[0], indent=2))
     return 0

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from engine.contract.fetching import Memo
 from engine.contract.hashing import scan_files
 
 FORMAT = 2  # 2: .hydra/ texts kept
@@ -305,6 +306,32 @@ def _make_key(path: Path) -> bool:
     finally:
         tmp.unlink(missing_ok=True)
     return True
+
+
+_RESOLVED_NAME = re.compile(r"[0-9a-f][0-9a-f-]{0,127}")
+
+
+def resolved_memo() -> Memo | None:
+    """Where validators keep what a name resolved to (engine.contract.fetching.remember): sealed
+    entries under folder()/resolved/; None when the cache is off."""
+    where = folder()
+    if where is None:
+        return None
+    where = where / "resolved"
+
+    def read(name: str) -> str | None:
+        return read_entry(where / f"{name}.json") if _RESOLVED_NAME.fullmatch(name) else None
+
+    def write(name: str, text: str) -> None:
+        if not _RESOLVED_NAME.fullmatch(name):
+            return
+        try:
+            if write_entry(where / f"{name}.json", text):
+                prune(where)
+        except OSError:  # a read-only home: resolved again next time
+            pass
+
+    return Memo(read, write)
 
 
 def _one_job_marker(where: Path, overrides: list[str]) -> Path:

@@ -14,9 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engine.config import registry
+from engine.config import compose_cache, registry
 from engine.config.compose import check_run_name, interpolation_problem
-from engine.contract import names
+from engine.contract import fetching, names
 from engine.contract.stage import Stage
 from engine.errors import ConfigError, config_key, did_you_mean
 from engine.store.cache import KeyRecipe, key_recipe
@@ -193,11 +193,12 @@ def validate_stage(cfg: DictConfig, name: str, entry: PipelineEntry, cls: type[S
 
 
 def _missing_paths(spec: StageSpec) -> list[str]:
-    """Files and folders the stage's params name as content inputs, but which do not exist."""
+    """Files and folders the stage's params name as content inputs, but which do not exist (a file
+    whose published digest stands for it is downloaded by `run`)."""
     content = spec.recipe.content  # the same walk that puts their content in the cache key
     return [f"{config_key(spec, field)}: {path} does not exist (a file or folder this stage reads)  "
             f"[stage '{spec.name}', type {spec.cls.name}]"
-            for field, path in content.items() if not Path(path).exists()]
+            for field, path in content.items() if not Path(path).exists() and field not in spec.recipe.published]
 
 
 def shadowed_overrides(overrides: list[str], specs: Mapping[str, StageSpec]) -> list[str]:
@@ -267,7 +268,13 @@ def _cross_checks(spec: StageSpec) -> list[str]:
 
 
 def validate(cfg: DictConfig) -> tuple[PipelineSpec, dict[str, StageSpec]]:
-    """Validate the whole pipeline: stage types and every stage's params. Collects all problems."""
+    """Validate the whole pipeline: stage types and every stage's params. Collects all problems.
+    Validators find what names resolved to before in compose_cache's sealed memo."""
+    with fetching.memo(compose_cache.resolved_memo()):
+        return _validate(cfg)
+
+
+def _validate(cfg: DictConfig) -> tuple[PipelineSpec, dict[str, StageSpec]]:
     pipeline = load_pipeline(cfg)
     problems: list[str] = check_run_name(cfg)
     specs: dict[str, StageSpec] = {}

@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from engine.config.dag import Graph
 from engine.contract import names
 from engine.report.run_report import write_report
-from engine.run import scheduler
 from engine.store import runs
 from engine.store.cache import Cache, CorruptEntry, Hit, library_versions, read_manifest, stage_key
 from engine.store.runs import RunRecord, StageRecord
@@ -57,10 +56,10 @@ class Pipeline:
         self.cfg = cfg
         self.runs_root = Path(runs_root)
         self.remembered = remembered is not None
+        # what validators read besides the config (environment, distributions): plan_memo keeps it
+        self.outside: dict | None = None
         if remembered is None:
-            from engine.config.validate import validate
-
-            self.spec, self.stages = validate(cfg)
+            self.spec, self.stages = self._validate()
         else:
             self.spec, self.stages = remembered, remembered.stages
         self.graph = Graph(self.stages, check_wiring=not self.remembered)
@@ -75,11 +74,18 @@ class Pipeline:
         everything validation reads)."""
         with self._validate_lock:
             if self.remembered:
-                from engine.config.validate import validate
-
-                self.spec, self.stages = validate(self.cfg)
+                self.spec, self.stages = self._validate()
                 self.graph = Graph(self.stages)
                 self.remembered = False
+
+    def _validate(self) -> tuple[Any, dict[str, StageSpec]]:
+        from engine.config.validate import validate
+        from engine.contract import fetching
+
+        with fetching.recording() as outside:
+            validated = validate(self.cfg)
+        self.outside = outside.as_dict()
+        return validated
 
     def _validated(self, name: str) -> StageSpec:
         self.validate_now()
@@ -118,6 +124,18 @@ class Pipeline:
                 items.append(PlanItem(name, st.type, "will run", key, reason))
         self.cache.index.save()
         return items
+
+    def downloads(self, options: Options) -> list[tuple[str, str]]:
+        """(URL, path) of each file a selected stage reads that is not here yet and that `run`
+        downloads first: a content path with a published digest (stage.PublishedDigest)."""
+        found: dict[str, str] = {}
+        for name in self.graph.select(options.only):
+            recipe = self.stages[name].recipe
+            for field_path, published in recipe.published.items():
+                path = recipe.content.get(field_path)
+                if path is not None and not Path(path).exists():
+                    found.setdefault(path, published["url"])
+        return [(url, path) for path, url in found.items()]
 
     def why(self, st: StageSpec, material: Mapping, run_name: str | None) -> str:
         """Which parameter or input changed since this stage last completed."""
@@ -203,6 +221,8 @@ class Pipeline:
                           forced: set[str], failed: set[str], finished: Callable[[str], None]) -> None:
         """--jobs N: independent stages at the same time, each stage's `run` in a worker process.
         Stages already running when one fails (without --keep-going) finish; nothing new starts."""
+        from engine.run import scheduler  # --jobs N only
+
         budget = options.max_memory_mb or scheduler.default_memory_mb()
         workers = scheduler.StageProcesses(
             options.jobs, on_progress=lambda n, c, t, d, i: display.update(n, c, t, d, important=i))

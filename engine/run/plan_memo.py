@@ -7,9 +7,11 @@ overrides, the environment the configs name, the installed packages) and by the 
 of edgepipe's own code (engine/, stages/, boards/); the code of a plugin's stage type (its top-level
 package or module) is checked against the stats kept in the entry. It holds what validation gave
 that a plan needs: each stage's type, wiring and cache.KeyRecipe, the headline, and the warnings
-that were printed. Nothing is remembered when a params field was computed from files
-(stage.FROM_FILES). A remembered pipeline plans (and says why a stage would run) but runs nothing:
-before a stage runs, runner.Pipeline validates the config for real.
+that were printed, and the environment variables and distribution versions validators read
+(engine.contract.fetching: $TORCH_HOME and torchvision's version for weights by name), compared on
+use. Nothing is remembered when a params field was computed from files (stage.FROM_FILES). A
+remembered pipeline plans (and says why a stage would run) but runs nothing: before a stage runs,
+runner.Pipeline validates the config for real.
 
 Entries: compose_cache.folder()/validated/*.json, written atomically and sealed (compose_cache's
 HMAC over the file name, which holds the compose key, and the content), the oldest pruned; a damaged,
@@ -29,13 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 from engine.config import compose_cache
 from engine.config.registry import PLUGINS_ENV
+from engine.contract.fetching import Outside
 from engine.contract.hashing import scan_files
 from engine.store.cache import KeyRecipe, installed_versions
 
 if TYPE_CHECKING:
     from engine.config.compose import Job
 
-FORMAT = 3  # 2: what config_key reads; 3: tool versions
+FORMAT = 4  # 2: what config_key reads; 3: tool versions; 4: published digests, what validators read outside
 _OWN_PACKAGES = ("engine", "stages", "boards")  # the code validation runs
 
 
@@ -83,13 +86,16 @@ def load(job: Job) -> Remembered | None:
             return None
         if any(_code_stats(Path(root)) != stats for root, stats in data["plugins"].items()):
             return None
+        site_unchanged = data["site"] == _site_stats()  # no install since: the versions are those read then
+        if not Outside.unchanged(data["outside"], installs_changed=not site_unchanged):
+            return None  # another $TORCH_HOME, torchvision: validated again
         stages = {name: RememberedStage(name, s["type"], Wiring(**s["entry"]), KeyRecipe(**s["recipe"]),
                                         s["section"], s["sections"]) for name, s in data["stages"].items()}
         # validation refuses a content path that does not exist (one line, before runs/ is touched):
         # a dataset folder removed since is validated again, not planned as changed content
         if not all(os.path.exists(path) for s in stages.values() for path in s.recipe.content.values()):
             return None
-        versions = data["versions"] if data["site"] == _site_stats() else {}
+        versions = data["versions"] if site_unchanged else {}
         return Remembered(stages, data["headline"], data["headline_direction"], list(data["warnings"]), versions)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a damaged entry is a miss
         return None
@@ -99,7 +105,7 @@ def store(job: Job, pipeline: Any, warnings: list[str]) -> None:  # an engine.ru
     """Remember the validated pipeline of job, when it can be (see the module's docstring)."""
     path = _entry(job)
     specs = pipeline.stages
-    if path is None or any(s.recipe.from_files for s in specs.values()):
+    if path is None or pipeline.outside is None or any(s.recipe.from_files for s in specs.values()):
         return
     roots = {_plugin_root(s.cls) for s in specs.values()}
     if "unknown" in roots:  # code whose files cannot be named cannot be checked
@@ -108,7 +114,7 @@ def store(job: Job, pipeline: Any, warnings: list[str]) -> None:  # an engine.ru
     site = _site_stats()  # before reading versions: an install in between is then a miss, not stale
     versions = installed_versions({tool for s in specs.values() for tool in s.recipe.tools}, pipeline.cache.versions)
     data = {"format": FORMAT, "plugins": {str(root): _code_stats(root) for root in plugins},
-            "site": site, "versions": versions,
+            "site": site, "versions": versions, "outside": pipeline.outside,
             "headline": pipeline.spec.headline,
             "headline_direction": pipeline.spec.headline_direction, "warnings": warnings,
             "stages": {name: {"type": s.type, "recipe": asdict(s.recipe), "section": s.section,

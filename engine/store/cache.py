@@ -10,6 +10,7 @@ published the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.contract import locks, names
+from engine.contract import names
 from engine.contract.hashing import (
     ContentIndex,
     content_digest,
@@ -62,6 +63,9 @@ class KeyRecipe:
     content: dict[str, str]  # content paths by dotted field path
     tools: list[str]  # the distributions whose installed versions enter the key (Stage.tools)
     from_files: bool = False  # a FROM_FILES field is set: validation read files, not to be remembered
+    # content paths whose publisher names their sha256 prefix: {field: {"sha256": prefix, "url": url}}
+    # (stage.PublishedDigest); the prefix stands for the file when it is absent or matches
+    published: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     # Not in the key: the stage's volatile_outputs, which a remote entry's digest is recomputed without
     volatile: tuple[str, ...] = ()
     # Not in the key: Stage.outputs_execute (its outputs run as code here), which decides whether an
@@ -70,21 +74,23 @@ class KeyRecipe:
 
 
 def key_recipe(cls: type[Stage], params: BaseModel) -> KeyRecipe:
-    kp, content, from_files = key_params(params)
+    kp, content, from_files, published = key_params(params)
     return KeyRecipe(cls.name, cls.version, kp, {k: str(v) for k, v in content.items()}, list(cls.tools),
-                     from_files, tuple(cls.volatile_outputs), bool(cls.outputs_execute))
+                     from_files, published, tuple(cls.volatile_outputs), bool(cls.outputs_execute))
 
 
-def key_params(params: BaseModel) -> tuple[dict, dict[str, Path], bool]:
+def key_params(params: BaseModel) -> tuple[dict, dict[str, Path], bool, dict[str, dict[str, str]]]:
     """The params as they enter the cache key (without NOT_IN_KEY fields), the content paths
-    (HASH_CONTENT fields) whose digests enter it too, by dotted field path, and whether a FROM_FILES
-    field is set. A content path's string is left out of the params (its digest stands for it): the
-    same data at another path, another user's checkout, gives the same key."""
+    (HASH_CONTENT fields) whose digests enter it too, by dotted field path, whether a FROM_FILES
+    field is set, and the published digests of content paths (PublishedDigest fields, by the content
+    field's dotted path). A content path's string is left out of the params (its digest stands for
+    it): the same data at another path, another user's checkout, gives the same key."""
     from pydantic import BaseModel
 
-    from engine.contract.stage import FROM_FILES, HASH_CONTENT, NOT_IN_KEY
+    from engine.contract.stage import FROM_FILES, HASH_CONTENT, NOT_IN_KEY, PublishedDigest
 
     content: dict[str, Path] = {}
+    published: dict[str, dict[str, str]] = {}
     from_files = False
 
     def walk(model: BaseModel, prefix: str) -> dict:
@@ -93,6 +99,11 @@ def key_params(params: BaseModel) -> tuple[dict, dict[str, Path], bool]:
         for name, field in type(model).model_fields.items():
             value = getattr(model, name)
             from_files = from_files or (value is not None and _has_marker(field, FROM_FILES))
+            marker = next((m for m in field.metadata if isinstance(m, PublishedDigest)), None)
+            if marker is not None:
+                if value is not None:
+                    published[prefix + marker.of] = {"sha256": str(value["sha256"]), "url": str(value["url"])}
+                continue
             if _has_marker(field, NOT_IN_KEY):
                 continue
             if _has_marker(field, HASH_CONTENT) and value is not None:
@@ -104,7 +115,7 @@ def key_params(params: BaseModel) -> tuple[dict, dict[str, Path], bool]:
                 out[name] = _jsonable(value)
         return out
 
-    return walk(params, ""), content, from_files
+    return walk(params, ""), content, from_files, published
 
 
 def _jsonable(value: Any) -> Any:
@@ -127,11 +138,11 @@ def tool_versions(cls: type[Stage]) -> dict[str, str]:
 def installed_versions(dists: Iterable[str], known: dict[str, str] | None = None) -> dict[str, str]:
     """Read from package metadata (nothing is imported) by every command, so an upgrade anywhere on
     sys.path shows in the next key; ``known``: the versions this command read already."""
-    from importlib import metadata  # here: a remembered pipeline's versions need none of it
-
     known, dists = ({} if known is None else known), list(dists)
     for dist in dists:
         if dist not in known:
+            from importlib import metadata  # ~15 ms: a remembered pipeline's versions need none of it
+
             try:
                 known[dist] = metadata.version(dist)
             except metadata.PackageNotFoundError:
@@ -166,7 +177,7 @@ def stage_key(recipe: KeyRecipe, input_digests: Mapping[str, str], cache: Cache)
                 cache.contents[path] = content_digest(Path(path), cache.index)
             except FileNotFoundError:
                 cache.contents[path] = "missing"  # the stage itself reports the missing path clearly
-        content[field] = cache.contents[path]
+        content[field] = published_or_own(cache.contents[path], recipe.published.get(field))
     material = {
         "type": recipe.type,
         "version": recipe.version,
@@ -176,6 +187,18 @@ def stage_key(recipe: KeyRecipe, input_digests: Mapping[str, str], cache: Cache)
         "tools": installed_versions(recipe.tools, cache.versions),
     }
     return sha256_json(material)[:KEY_LENGTH], material
+
+
+def published_or_own(digest: str, published: Mapping[str, str] | None) -> str:
+    """A content path's digest in the key: the published sha256 prefix when there is one and the
+    file is absent (downloaded by `run` and checked against it) or its sha256 starts with it; else
+    the file's own digest (stage.PublishedDigest)."""
+    if published is None:
+        return digest
+    prefix = published["sha256"]
+    if digest == "missing" or (prefix and digest.startswith(prefix)):
+        return f"published-sha256:{prefix}"
+    return digest
 
 
 def output_digest(hashes: Mapping[str, str], volatile: Iterable[str] = ()) -> str:
@@ -316,10 +339,14 @@ class Cache:
              on_wait: Callable[[], None] | None = None) -> AbstractContextManager[None]:
         """Exclusive per-key lock (released by the OS if the holder dies); `on_wait` is called when
         another process holds it."""
+        from engine.contract import locks  # filelock: not for `plan`, which takes no lock
+
         return locks.held(self.lock_path(stage_type, key), on_wait)
 
     def lock_if_free(self, stage_type: str, key: str) -> AbstractContextManager[bool]:
         """The key's lock if no process holds it now (gc leaves an entry in use alone)."""
+        from engine.contract import locks
+
         return locks.held_if_free(self.lock_path(stage_type, key))
 
     # ---- writing -----------------------------------------------------------------------------

@@ -22,7 +22,9 @@ Heads (``model.head``):
 ``model.pretrained`` is a local file (a torchvision state_dict or one of our bundles/checkpoints) or
 torchvision's weights by name (``imagenet``, ``IMAGENET1K_V1``, ...): validation turns the name into
 the file in torch's hub cache, downloaded by ``run`` when it is not there (stages/common/pretrained.py),
-and records the weights' name in ``pretrained_weights``; the key holds that name and the file's digest.
+and records the weights' name in ``pretrained_weights`` and the published sha256 prefix and URL in
+``pretrained_published``; the key holds that name and the file's digest, or the published prefix when
+the file is absent (``plan`` before the download) or is torchvision's own (stage.PublishedDigest).
 The builders here always get ``weights=None``: weights are loaded by ``load_weights``.
 
 Bundle (``model.pt``): ``torch.save({"format": "edgepipe.model/1", "arch": <ModelParams dict>,
@@ -39,7 +41,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import model_validator
 
-from engine.contract.stage import FROM_FILES, HASH_CONTENT, Params
+from engine.contract.stage import HASH_CONTENT, Params, PublishedDigest
 from stages.common.errors import WeightsError as WeightsError  # re-exported: raised here
 from stages.common.pretrained import ensure, is_weights_name, published
 
@@ -73,9 +75,12 @@ class ModelParams(Params):
     # torch's hub cache), or a local file (torchvision state_dict, our model.pt or a train checkpoint).
     # After validation it is the file's path; its content digest is in the key
     pretrained: Annotated[Path | None, HASH_CONTENT] = None
-    # not a setting: validation writes torchvision's weights name here (ResNet18_Weights.IMAGENET1K_V1)
-    # when `pretrained` named weights, so the key holds the name beside the file's digest
-    pretrained_weights: Annotated[str | None, FROM_FILES] = None
+    # not settings: validation writes torchvision's weights name here (ResNet18_Weights.IMAGENET1K_V1)
+    # when `pretrained` named weights, so the key holds the name beside the file's digest, and the
+    # sha256 prefix torchvision publishes with its URL, which stands for the file in the key when the
+    # file is absent (`plan` before `run` downloads it) or is torchvision's own
+    pretrained_weights: str | None = None
+    pretrained_published: Annotated[dict[str, str] | None, PublishedDigest("pretrained")] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -92,7 +97,8 @@ class ModelParams(Params):
                              f"not {data.get('width_mult')}")
         weights = published(arch, given, int(data.get("depth", 18)))  # ValueError: the names that exist
         path = ensure(weights, f"model.pretrained={given}")  # WeightsUnavailable: one line, before any stage
-        return {**data, "pretrained": path, "pretrained_weights": weights.name}
+        return {**data, "pretrained": path, "pretrained_weights": weights.name,
+                "pretrained_published": {"sha256": weights.sha256_prefix, "url": weights.source_url()}}
 
     @model_validator(mode="after")
     def _check(self) -> ModelParams:
@@ -111,7 +117,7 @@ class ModelParams(Params):
     def arch_dict(self) -> dict:
         """What a bundle stores: everything but the (machine-specific) pretrained path."""
         d = self.model_dump(mode="json")
-        d["pretrained"] = d["pretrained_weights"] = None
+        d["pretrained"] = d["pretrained_weights"] = d["pretrained_published"] = None
         return d
 
 

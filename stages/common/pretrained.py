@@ -10,13 +10,20 @@ downloads. ``$EDGEPIPE_WEIGHTS_MIRROR`` replaces the base URL (``https://mirror/
 refused and nothing is left in the hub cache. A file found in the hub cache is used as torchvision
 uses it; the stage that loads it warns when its digest is not the published one.
 
-Imports torchvision only when a name is resolved (never when ``model.pretrained`` is a path).
+What a name resolves to (torchvision's weights name, URL and published sha256 prefix) is kept in the
+engine's sealed memo (engine.contract.fetching.remember), keyed by the installed torchvision version
+(its metadata, nothing imported), the model and the name; the hub folder is torch.hub's rule on
+$TORCH_HOME / $XDG_CACHE_HOME, read here. So torchvision is imported only the first time a name is
+resolved with a given torchvision (never when ``model.pretrained`` is a path), and `plan` and a cached
+`run` of an experiment with weights by name import neither torch nor torchvision. ``plan`` before the
+download names the file: the published prefix stands for it in the key (stage.PublishedDigest).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import sys
@@ -24,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.contract import fetching
 from stages.common.errors import WeightsUnavailable as WeightsUnavailable  # re-exported: raised here
 
 MIRROR_ENV = "EDGEPIPE_WEIGHTS_MIRROR"
@@ -32,6 +40,7 @@ _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
 # torchvision's enum member names; "imagenet" is ours for DEFAULT (its best ImageNet weights)
 _MEMBER = re.compile(r"[A-Z][A-Z0-9_]*")
 ALIASES = {"imagenet": "DEFAULT"}
+_MEMO_FORMAT = 1  # what a remembered resolution holds
 
 
 def is_weights_name(value: object) -> bool:
@@ -53,9 +62,15 @@ class PublishedWeights:
     def file_name(self) -> str:
         return self.path.name
 
+    @property
+    def sha256_prefix(self) -> str:
+        """The sha256 prefix torchvision publishes in the file name ("" when it carries none)."""
+        found = _HASH_IN_NAME.search(os.path.basename(self.url))
+        return found.group(1) if found else ""
+
     def source_url(self) -> str:
         """The URL to download from: the mirror's when $EDGEPIPE_WEIGHTS_MIRROR is set."""
-        mirror = os.environ.get(MIRROR_ENV, "").strip()
+        mirror = (fetching.environ(MIRROR_ENV) or "").strip()
         return f"{mirror.rstrip('/')}/{self.file_name}" if mirror else self.url
 
 
@@ -66,11 +81,40 @@ def torchvision_model_name(arch: str, depth: int = 18) -> str:
 
 
 def published(arch: str, name: str, depth: int = 18) -> PublishedWeights:
-    """torchvision's weights ``name`` for ``arch`` (ValueError naming what exists when there are none)."""
-    import torch.hub
+    """torchvision's weights ``name`` for ``arch`` (ValueError naming what exists when there are none),
+    from the memo when this torchvision resolved it before."""
+    model = torchvision_model_name(arch, depth)
+    version = fetching.distribution("torchvision")
+    memo = hashlib.sha256(json.dumps([_MEMO_FORMAT, "torchvision-weights", version, model, name]).encode()).hexdigest()
+    try:
+        kept = json.loads(fetching.remembered(memo[:40]) or "null")
+        resolved = (kept["name"], kept["url"]) if kept and kept["model"] == model and kept["given"] == name else None
+    except (ValueError, KeyError, TypeError):  # sealed, so ours: only an older shape can get here
+        resolved = None
+    if resolved is None:
+        resolved = _resolve(model, name)
+        if version is not None:
+            fetching.remember(memo[:40], json.dumps({"model": model, "given": name, "name": resolved[0],
+                                                     "url": resolved[1], "torchvision": version}))
+    weights_name, url = resolved
+    return PublishedWeights(weights_name, url, hub_dir() / "checkpoints" / os.path.basename(url))
+
+
+def hub_dir() -> Path:
+    """torch.hub.get_dir() without importing torch: $TORCH_HOME/hub, $TORCH_HOME defaulting to
+    $XDG_CACHE_HOME/torch, that to ~/.cache (read through fetching, so a remembered plan follows them)."""
+    home = fetching.environ("TORCH_HOME")
+    if home is None:
+        home = os.path.join(fetching.environ("XDG_CACHE_HOME") or "~/.cache", "torch")
+    if home.startswith("~"):
+        fetching.environ("HOME")
+    return Path(os.path.expanduser(home)) / "hub"
+
+
+def _resolve(model: str, name: str) -> tuple[str, str]:
+    """(weights name, URL) through torchvision's weights API: imports torchvision."""
     from torchvision.models import get_model_weights
 
-    model = torchvision_model_name(arch, depth)
     try:
         enum = get_model_weights(model)
     except (ValueError, KeyError):
@@ -81,8 +125,7 @@ def published(arch: str, name: str, depth: int = 18) -> PublishedWeights:
     except KeyError:
         known = ", ".join(["imagenet", "DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT")])
         raise ValueError(f"{name!r} is not one of torchvision's weights for {model}: {known}, or a file path") from None
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-    return PublishedWeights(f"{enum.__name__}.{weights.name}", weights.url, path)
+    return f"{enum.__name__}.{weights.name}", weights.url
 
 
 def categories(weights_name: str) -> list[str]:
@@ -95,18 +138,12 @@ def categories(weights_name: str) -> list[str]:
 
 def ensure(weights: PublishedWeights, key: str) -> Path:
     """The weights' file in the hub cache: there already, or downloaded now when this command may
-    fetch (``run``); else WeightsUnavailable saying where it comes from and where it goes. ``key`` is
-    the config setting named in messages (``model.pretrained=imagenet``)."""
-    from engine.contract import fetching
-
-    if weights.path.is_file():
+    fetch (``run``). Under any other command (``plan``) the path of a file not there yet: its
+    published digest stands for it in the key, and the plan says ``run`` downloads it. ``key`` is the
+    config setting named in messages (``model.pretrained=imagenet``)."""
+    if weights.path.is_file() or not fetching.allowed():
         return weights.path
     url = weights.source_url()
-    if not fetching.allowed():
-        raise WeightsUnavailable(
-            f"{key}: {weights.name} is not in torch's cache yet: `edgepipe run` downloads {url} to {weights.path} "
-            f"(offline: put that file there by hand, or set {MIRROR_ENV} to a base URL or file:///folder/ holding "
-            f"{weights.file_name})")
     try:
         with _transient_note(f"edgepipe: {key}: downloading {url} -> {weights.path}"):
             download_verified(url, weights.path)
