@@ -168,7 +168,7 @@ def test_experiment_v831_resnet18(experiment_run):
     top1 = _float_backends_hold(metrics)
     assert set(top1) == {"pytorch", "onnx", "ncnn"}
     # reference 55.6% (tiled splits, one thread; this code 73.6% there) less 2 binomial SD (11.7 points);
-    # the 2-thread reference is not yet measured on the tiles
+    # the same at two threads
     assert top1["pytorch"] >= 0.43, top1
     assert rc == 0 and record["status"] == "ok"
 
