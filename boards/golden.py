@@ -55,7 +55,7 @@ def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = Fals
     samples = _golden_samples(pkg, data_dir)
     if samples is None:
         return None
-    images, labels, inputs, expected, measured = samples
+    images, labels, inputs, expected, measured, source = samples
     n = len(expected)
     out = pkg.pkg / GOLDEN_DIR
     out.mkdir()
@@ -70,7 +70,7 @@ def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = Fals
     files = sorted(str(f.relative_to(pkg.pkg)) for f in out.iterdir())
     return {
         "samples": n,
-        "source": f"the first {n} images of the dataset's test split",
+        "source": source,
         "images": names,
         "input": f"{GOLDEN_DIR}/input.npy",
         "input_layout": backend.golden_input_layout,
@@ -86,9 +86,10 @@ def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = Fals
 
 
 def _golden_samples(pkg: PackageContext, data_dir: Path):
-    """(images, labels, runtime inputs, expected outputs, where they were measured) of the first test
-    images, the expected outputs from the packaged model through the backend registry; None (with a
-    note) when there is nothing to take them from."""
+    """(images, labels, runtime inputs, expected outputs, where they were measured, which images) of the
+    first test images (the first of quantize.data_limit's sample where RKNN simulated fewer), the
+    expected outputs from the packaged model through the backend registry; None (with a note) when
+    there is nothing to take them from."""
     from stages.common.preprocess import normalize, to_channel_order
     from stages.common.sampling import limited
     from stages.common.splits import load_split
@@ -109,14 +110,18 @@ def _golden_samples(pkg: PackageContext, data_dir: Path):
         # quantize.data_limit may have simulated fewer: a seeded class-stratified sample, in row order
         rows = limited(labels, len(stored))[:n]
         images = np.ascontiguousarray(all_images[rows])
-        return images, labels[rows], to_channel_order(images, pkg.spec), stored[:len(rows)], _measured(backend)
+        source = (f"the first {len(rows)} images of the dataset's test split" if len(stored) >= len(labels) else
+                  f"the first {len(rows)} rows of quantize.data_limit's seeded class-stratified sample of "
+                  f"{len(stored)} test images")
+        return (images, labels[rows], to_channel_order(images, pkg.spec), stored[:len(rows)], _measured(backend),
+                source)
     inputs = normalize(images, pkg.spec)
     runner = backend(pkg.model_dir, pkg.io, batch=None)
     try:
         expected = np.asarray(runner.logits(inputs), np.float32).reshape(n, -1)
     finally:
         runner.close()
-    return images, labels, inputs, expected, _measured(backend)
+    return images, labels, inputs, expected, _measured(backend), f"the first {n} images of the dataset's test split"
 
 
 def _measured(backend) -> str:

@@ -55,7 +55,8 @@ class Package(Stage):
     # 7: the onnxruntime package records which model ships (manifest `quantization`, notes) and an int8
     #    ONNX model's golden samples take int8's tolerance
     # 8: the maixii_dock package says in its manifest (`quantization`) and notes that MaixHub makes the int8 model
-    version = 8
+    # 9: the golden samples' `source` says when they are quantize.data_limit's stratified sample
+    version = 9
     inputs = {
         "model": Input(required=True, doc="model bundle: export_onnx, ncnn or rknn_quantize folder"),
         "eval": Input(required=False, doc="evaluate folder (metrics.json): accuracy per backend in the manifest"),

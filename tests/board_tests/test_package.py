@@ -387,9 +387,11 @@ def test_experiment_rv1103_mobilenetv3(tmp_path):
     manifest = json.loads((pkg / "manifest.json").read_text())
     assert manifest["board"]["quantizer_options"]["target"] == "rv1103"
     assert manifest["source"]["model"]["stage"] == "rknn"  # the search's build
-    # golden samples: the first test images and the simulator's int8 outputs on them (quantize.data_limit=8)
+    # golden samples: the simulator's int8 outputs on the test images it ran, quantize.data_limit=8's
+    # class-stratified sample of the 24 (the manifest says which)
     sim = np.load(Path(st["rknn"]["path"]) / "test_logits.npy")
     assert manifest["selftest"]["samples"] == 8 and "simulator" in manifest["selftest"]["measured_with"]
+    assert "stratified sample of 8" in manifest["selftest"]["source"], manifest["selftest"]["source"]
     assert np.array_equal(np.load(pkg / "golden" / "expected.npy"), sim[:8])
     assert (pkg / "golden" / "golden.txt").is_file()
 
