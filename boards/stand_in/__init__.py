@@ -10,6 +10,7 @@ board's to check (``./rknn_classify --selftest`` there)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ STAND_IN = HERE / "librknnmrt.c"
 RUNTIME_SUBDIR = "armhf-uclibc"
 RUNTIME_LIB = "librknnmrt.so"
 TABLE_ENV = "EDGEPIPE_RKNN_STAND_IN"
+_INPUT_NAME = re.compile(r"input_[0-9]{2,4}\.rgb")
 WHAT_RUNS = ("a stand-in librknnmrt that replays golden/'s outputs as int8 (no NPU here): this checks the "
              "demo's build, its zero-copy I/O, dequantisation and comparison on the board's instruction set, "
              "not the NPU's numbers")
@@ -76,6 +78,10 @@ def write_table(golden: Path, out: Path) -> Path:
         f.write(f"edgepipe-stand-in 1 samples {n} classes {classes} height {height} width {width} "
                 f"scale {scale!r} zp {zp}\n".encode())
         for name, outputs in zip(names, q):
+            # a name from the package's golden.txt: only the input_NN.rgb files boards/golden.py writes
+            if not _INPUT_NAME.fullmatch(name) or (golden / name).is_symlink():
+                raise EmulationError(f"{path}: {name!r} is not one of golden/'s input_NN.rgb files; copy the "
+                                     f"package again", status=1)
             rgb = (golden / name).read_bytes()
             if len(rgb) != size:
                 raise EmulationError(f"{golden / name}: {len(rgb)} bytes, not {height}x{width}x3; copy the package "

@@ -59,9 +59,9 @@ class PublishedDigest(_Marker):
     names: a file its publisher names by a sha256 prefix (torchvision's weights). The key's content
     digest of ``of`` is then the published one whenever the file is absent (``plan`` before ``run``
     downloads it) or its sha256 starts with the prefix, so the key is the same before and after the
-    download; a file with other bytes is keyed by its own digest. The stage that reads the file
-    checks it again (it may have changed since). Not itself in the key; `plan` names the URL of a
-    file not there yet."""
+    download; a file with other bytes is keyed by its own digest (the stage that loads it warns that
+    it is not the publisher's file). Not itself in the key; `plan` names the URL of a file not there
+    yet."""
 
     def __init__(self, of: str) -> None:
         super().__init__(f"published digest of {of}")

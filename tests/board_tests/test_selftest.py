@@ -320,3 +320,24 @@ def test_maixpy3_selftest_on_a_stub(bundles, tmp_path):
     assert r.returncode == 0 and "on 8/8" in r.stdout and "selftest: PASS" in r.stdout, r.stdout + r.stderr
     r = run([sys.executable, board / "main.py", "--selftest"], tmp_path, {**env, "STUB_REVERSE": "1"})
     assert r.returncode == 1 and "FAIL -- awnn conversion or preprocessing" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("name", ["../../victim.rgb", "/etc/hostname", "input_00.rgb -> link"])
+def test_the_stand_in_reads_only_golden_input_files_a_package_names(tmp_path, name):
+    """golden.txt's file names become paths for `selftest --emulate`'s stand-in table: only golden/'s own
+    input_NN.rgb files, never a path out of the package or a link, and a one-line error otherwise."""
+    from boards.emulation import EmulationError
+    from boards.stand_in import write_table
+
+    golden = tmp_path / "pkg" / "golden"
+    golden.mkdir(parents=True)
+    (tmp_path / "victim.rgb").write_bytes(bytes(12))
+    if name.endswith("link"):
+        name = "input_00.rgb"
+        (golden / name).symlink_to(tmp_path / "victim.rgb")
+    (golden / "golden.txt").write_text(f"edgepipe-golden 1\nsamples 1 classes 2 height 2 width 2 tolerance 0.1\n"
+                                       f"{name} 1 0.1 0.5\n", encoding="utf-8")
+    with pytest.raises(EmulationError) as e:
+        write_table(golden, tmp_path / "table")
+    assert "input_NN.rgb" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "table").exists() or b"\0" * 12 not in (tmp_path / "table").read_bytes()
