@@ -40,25 +40,30 @@ def _floors(func: ast.FunctionDef) -> list[float]:
             and isinstance(c, ast.Constant) and isinstance(c.value, float)]
 
 
-def _e2e_tests() -> dict[str, ast.FunctionDef]:
-    """test_experiment_<name> functions of every test module (the quickstart's lives in test_quickstart.py)."""
-    found = {}
+def _e2e_tests() -> dict[str, list[ast.FunctionDef]]:
+    """experiment -> its test_experiment_<name> functions in every test module (the quickstart's own
+    lives in test_quickstart.py); an experiment may have several (generated pictures, real photos)."""
+    found: dict[str, list[ast.FunctionDef]] = {}
     for path in sorted(Path(__file__).resolve().parents[1].rglob("test_*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_experiment_"):
-                found[node.name.removeprefix("test_experiment_")] = node
+                found.setdefault(node.name.removeprefix("test_experiment_"), []).append(node)
             elif isinstance(node, ast.FunctionDef) and path.name == "test_quickstart.py" and _floors(node):
-                found.setdefault("quickstart", node)
+                found.setdefault("quickstart", []).append(node)
     return found
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_has_an_end_to_end_test_with_an_accuracy_floor(experiment):
     """A new conf/experiment/NAME.yaml needs tests/**/test_*.py::test_experiment_NAME that runs it and
-    asserts a top-1 floor (a test that only checks files exist let a diverging default ship)."""
-    test = _e2e_tests().get(experiment)
-    assert test is not None, f"conf/experiment/{experiment}.yaml has no test_experiment_{experiment} in tests/"
-    assert any(f >= 0.5 for f in _floors(test)), f"{test.name} asserts no accuracy floor (>= 0.5 or more)"
+    asserts a top-1 floor (a test that only checks files exist let a diverging default ship). At least
+    one of its tests asserts 0.5 or more: the generated-picture tests, whose references sit near 100%.
+    The real-photo tests' floors are lower (six classes, chance 16.7%, references 51-64%) and count too
+    but cannot stand alone: a floor under 0.5 would not notice a two-class run at chance."""
+    tests = _e2e_tests().get(experiment, [])
+    assert tests, f"conf/experiment/{experiment}.yaml has no test_experiment_{experiment} in tests/"
+    floors = [f for test in tests for f in _floors(test)]
+    assert any(f >= 0.5 for f in floors), f"no test_experiment_{experiment} asserts an accuracy floor of 0.5 or more"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
