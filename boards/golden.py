@@ -1,7 +1,7 @@
 """Golden samples for a package's self-test: does the board compute what was measured here?
 
-The package stage takes the first ``SAMPLES`` images of the dataset's test split (its optional
-``data`` input) and writes into ``package/golden/``:
+The package stage takes ``SAMPLES`` images of the dataset's test split (its optional ``data`` input),
+a seeded class-stratified sample (manifest ``rows``), and writes into ``package/golden/``:
 
 - ``image_NN.png``: the image as the dataset holds it (uint8 RGB at the input size, lossless);
 - ``input.npy``: the exact tensors the runtime takes after preprocessing (ONNX: float32 N x 3 x H x W,
@@ -55,7 +55,7 @@ def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = Fals
     samples = _golden_samples(pkg, data_dir)
     if samples is None:
         return None
-    images, labels, inputs, expected, measured, source = samples
+    images, labels, rows, inputs, expected, measured, source = samples
     n = len(expected)
     out = pkg.pkg / GOLDEN_DIR
     out.mkdir()
@@ -76,7 +76,8 @@ def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = Fals
         "input_layout": backend.golden_input_layout,
         "expected": f"{GOLDEN_DIR}/expected.npy",
         "expected_top1": top1,
-        "labels": [int(v) for v in labels[:n]],
+        "labels": [int(v) for v in labels],
+        "rows": [int(r) for r in rows],  # their rows in the dataset's test split
         "measured_with": measured,
         "atol": atol, "rtol": rtol, "tolerance": round(tolerance, 9),
         "rule": backend.golden_rule,
@@ -86,10 +87,12 @@ def write_golden(pkg: PackageContext, data_dir: Path | None, c_demo: bool = Fals
 
 
 def _golden_samples(pkg: PackageContext, data_dir: Path):
-    """(images, labels, runtime inputs, expected outputs, where they were measured, which images) of the
-    first test images (the first of quantize.data_limit's sample where RKNN simulated fewer), the
-    expected outputs from the packaged model through the backend registry; None (with a note) when
-    there is nothing to take them from."""
+    """(images, labels, runtime inputs, expected outputs, where they were measured, which images) of a
+    seeded class-stratified sample of the test split (stages.common.sampling.limited: the split is
+    stored in class order, so its first images would be one or two classes; where RKNN simulated fewer
+    under quantize.data_limit, the sample is drawn from the rows it simulated), the expected outputs
+    from the packaged model through the backend registry; None (with a note) when there is nothing to
+    take them from."""
     from stages.common.preprocess import normalize, to_channel_order
     from stages.common.sampling import limited
     from stages.common.splits import load_split
@@ -99,7 +102,6 @@ def _golden_samples(pkg: PackageContext, data_dir: Path):
     if n == 0:
         pkg.notes.append("no golden samples for the self-test: the dataset's test split is empty")
         return None
-    images = np.ascontiguousarray(all_images[:n])
     backend = shipped(pkg.model_dir, pkg.board.model_format)
     if backend.precomputed:  # RKNN: the simulator's outputs, stored by rknn_quantize for this test split
         if not (pkg.model_dir / backend.logits_file).is_file():
@@ -107,21 +109,26 @@ def _golden_samples(pkg: PackageContext, data_dir: Path):
                              f"`data` input (no {backend.logits_file})")
             return None
         stored = _stored_logits(backend, pkg, data_dir)
-        # quantize.data_limit may have simulated fewer: a seeded class-stratified sample, in row order
-        rows = limited(labels, len(stored))[:n]
+        simulated = limited(labels, len(stored))  # the rows of stored's logits, ascending
+        picked = limited(labels[simulated], n)  # positions among them
+        rows = simulated[picked]
         images = np.ascontiguousarray(all_images[rows])
-        source = (f"the first {len(rows)} images of the dataset's test split" if len(stored) >= len(labels) else
-                  f"the first {len(rows)} rows of quantize.data_limit's seeded class-stratified sample of "
-                  f"{len(stored)} test images")
-        return (images, labels[rows], to_channel_order(images, pkg.spec), stored[:len(rows)], _measured(backend),
+        source = (f"a seeded class-stratified sample of {n} of the dataset's {len(labels)} test images"
+                  if len(stored) >= len(labels) else
+                  f"a seeded class-stratified sample of {n} of quantize.data_limit's seeded class-stratified sample "
+                  f"of {len(stored)} test images")
+        return (images, labels[rows], rows, to_channel_order(images, pkg.spec), stored[picked], _measured(backend),
                 source)
+    rows = limited(labels, n)
+    images = np.ascontiguousarray(all_images[rows])
     inputs = normalize(images, pkg.spec)
     runner = backend(pkg.model_dir, pkg.io, batch=None)
     try:
         expected = np.asarray(runner.logits(inputs), np.float32).reshape(n, -1)
     finally:
         runner.close()
-    return images, labels, inputs, expected, _measured(backend), f"the first {n} images of the dataset's test split"
+    return (images, labels[rows], rows, inputs, expected, _measured(backend),
+            f"a seeded class-stratified sample of {n} of the dataset's {len(labels)} test images")
 
 
 def _measured(backend) -> str:

@@ -13,7 +13,7 @@ Inputs
   shipped ``mmse``) are reported by evaluate, never fatal here.
 - ``calib`` (optional; required for maixii_dock): a ``calibration`` folder; MaixHub quantizes with
   its ``images/``.
-- ``data`` (optional): the ``dataset`` folder; the first test images become the package's golden
+- ``data`` (optional): the ``dataset`` folder; a class-stratified sample of its test images becomes the package's golden
   samples (``golden/``, manifest ``selftest``) for ``infer.py --selftest`` / ``./rknn_classify
   --selftest`` on the board (boards/golden.py). RKNN packages take the expected outputs from the
   ``rknn_quantize`` stage's simulator run (its ``data`` input must be wired too).
@@ -56,13 +56,16 @@ class Package(Stage):
     #    ONNX model's golden samples take int8's tolerance
     # 8: the maixii_dock package says in its manifest (`quantization`) and notes that MaixHub makes the int8 model
     # 9: the golden samples' `source` says when they are quantize.data_limit's stratified sample
-    version = 9
+    # 10: golden samples are a seeded class-stratified sample of the test split (manifest `rows`), not its first
+    #     images (one or two classes: the split is stored in class order)
+    version = 10
     inputs = {
         "model": Input(required=True, doc="model bundle: export_onnx, ncnn or rknn_quantize folder"),
         "eval": Input(required=False, doc="evaluate folder (metrics.json): accuracy per backend in the manifest"),
         "calib": Input(required=False, doc="calibration folder (images/): required for maixii_dock"),
         "data": Input(required=False,
-                      doc="dataset folder: its first test images become the self-test's golden samples"),
+                      doc="dataset folder: a class-stratified sample of its test images becomes the self-test's "
+                          "golden samples"),
     }
     sections = {"board_settings": "board"}
     # rknn-toolkit2 writes different model.rknn bytes for the same build (see rknn_quantize); the

@@ -392,7 +392,10 @@ def test_experiment_rv1103_mobilenetv3(tmp_path):
     sim = np.load(Path(st["rknn"]["path"]) / "test_logits.npy")
     assert manifest["selftest"]["samples"] == 8 and "simulator" in manifest["selftest"]["measured_with"]
     assert "stratified sample of 8" in manifest["selftest"]["source"], manifest["selftest"]["source"]
+    # all 8 simulated images, in the rows' order (the sample of 8 among 8 is all of them)
     assert np.array_equal(np.load(pkg / "golden" / "expected.npy"), sim[:8])
+    golden = manifest["selftest"]
+    assert golden["rows"] == sorted(golden["rows"]) and set(golden["labels"]) == {0, 1}, golden
     assert (pkg / "golden" / "golden.txt").is_file()
 
 

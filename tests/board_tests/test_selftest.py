@@ -58,7 +58,11 @@ def test_manifest_records_golden_samples(bundles, tmp_path):
 
     pkg, manifest = package("onnxruntime", {"model": bundles["onnx"], "data": bundles["data"]}, tmp_path / "o")
     st = manifest["selftest"]
-    assert st["samples"] == 8 and len(st["images"]) == 8 and st["labels"] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert st["samples"] == 8 and len(st["images"]) == 8
+    rows = st["rows"]  # a sample over the classes: the split is stored in class order (its first 8: two classes)
+    data_labels = np.load(bundles["data"] / "labels_test.npy")
+    assert len(set(rows)) == 8 and st["labels"] == data_labels[rows].tolist()
+    assert set(st["labels"]) == set(data_labels.tolist()), st["labels"]
     assert set(st["sha256"]) == {*st["images"], "golden/input.npy", "golden/expected.npy"}
     assert all(manifest["files"][f] == d for f, d in st["sha256"].items())
     # the golden input is the exact preprocessing of the dataset's test images; expected is ORT on them
@@ -66,7 +70,7 @@ def test_manifest_records_golden_samples(bundles, tmp_path):
 
     from stages.common.preprocess import Preprocess, normalize
 
-    images = np.load(bundles["data"] / "images_test.npy")[:8]
+    images = np.load(bundles["data"] / "images_test.npy")[rows]
     x = np.load(pkg / "golden" / "input.npy")
     assert np.array_equal(x, normalize(images, Preprocess.load(bundles["onnx"])))
     sess = ort.InferenceSession(str(bundles["onnx"] / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -78,7 +82,9 @@ def test_manifest_records_golden_samples(bundles, tmp_path):
     assert "pip install numpy pillow onnxruntime\n" in readme
     # rknn: the simulator's outputs from rknn_quantize, for the same test split
     pkg, manifest = package("rv1103", {"model": bundles["rknn_rv1103"], "data": bundles["data"]}, tmp_path / "r")
-    sim = np.load(bundles["rknn_rv1103"] / "test_logits.npy")[:8]
+    rows = manifest["selftest"]["rows"]  # the simulator ran the whole split: its logits' row r is test image r
+    assert set(manifest["selftest"]["labels"]) == set(data_labels.tolist()), manifest["selftest"]["labels"]
+    sim = np.load(bundles["rknn_rv1103"] / "test_logits.npy")[rows]
     assert np.array_equal(np.load(pkg / "golden" / "expected.npy"), sim)
     assert np.load(pkg / "golden" / "input.npy").dtype == np.uint8
     assert "simulator" in manifest["selftest"]["measured_with"]
