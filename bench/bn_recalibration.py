@@ -2,7 +2,8 @@
 ``train.bn_recalibrate``, and what it costs, side by side (the plain run is the peer).
 
 The dataset is the test suite's: two classes of photo crops (scikit-learn's sample images) at
-224 px, ``--per-class`` images each, split 70/15/15. Each model is trained from scratch by the real
+224 px, ``--per-class`` images each, split 60/10/30 by regions of the photos (tests/helpers_data.py
+make_photo_folder: test crops share no pixel with training crops). Each model is trained from scratch by the real
 train stage (engine.run.testing.run_stage) with the same seed, once with recalibration and once without;
 the stage's wall time, its ``bn_recalibrate_seconds`` and the test accuracy are printed. Time nothing
 while tests run (two torch processes on 2 cores slow each other 10x).
@@ -47,16 +48,14 @@ def main() -> None:
 
 
 def make_data(work: Path, per_class: int) -> Path:
-    from helpers_data import make_photo_folder
+    from helpers_data import make_photo_folder, photo_folder_dataset
 
     from engine.run.testing import run_stage
 
     data = work / f"data_{per_class}"
     if not (data / "labels.txt").is_file():
-        make_photo_folder(work / f"photos_{per_class}", per_class=per_class, size=240)
-        params = {"kind": "folder", "path": work / f"photos_{per_class}", "split": {"val": 0.15, "test": 0.15},
-                  "preprocess": {"input_size": 224, "mean": "imagenet", "std": "imagenet"}}
-        run_stage("dataset", params, {}, data)
+        make_photo_folder(work / f"photos_{per_class}", per_class=per_class)
+        run_stage("dataset", photo_folder_dataset(work / f"photos_{per_class}"), {}, data)
     return data
 
 

@@ -126,14 +126,12 @@ def package_catsdogs(work: Path) -> Path:  # test_package.py::test_experiment_on
 
 
 def bn_photos(work: Path) -> Path:  # tests/stage_tests/test_bn_recalibration.py's `data` fixture
-    from helpers_data import make_photo_folder
+    from helpers_data import make_photo_folder, photo_folder_dataset
 
     folder = work / "photos"
     if not folder.is_dir():
-        make_photo_folder(folder, per_class=120, size=240)
-    return _dataset_stage(work / "photos_data", {
-        "kind": "folder", "path": folder, "split": {"val": 0.15, "test": 0.15},
-        "preprocess": {"input_size": 224, "mean": "imagenet", "std": "imagenet"}})
+        make_photo_folder(folder)
+    return _dataset_stage(work / "photos_data", photo_folder_dataset(folder))
 
 
 def ddp_digits(work: Path) -> Path:  # tests/e2e/test_train_ddp.py's `digits` fixture

@@ -109,7 +109,7 @@ def _load(p: ClipOutliers.Params, src_dir, ctx: Context):
         read_bundle,
         read_state_dict,
     )
-    from stages.common.pretrained import categories, published_hash_mismatch
+    from stages.common.pretrained import categories, keyed_file_digest, published_hash_mismatch
 
     weights = p.weights if p.weights is not None else p.model.pretrained
     if src_dir is not None and p.weights is not None:
@@ -122,7 +122,10 @@ def _load(p: ClipOutliers.Params, src_dir, ctx: Context):
             module = build_model(arch, num_classes)
             module.load_state_dict(bundle["state_dict"], strict=True)
         elif weights is not None:
-            if p.weights is None and p.model.pretrained_weights and (warning := published_hash_mismatch(weights)):
+            field = "weights" if p.weights is not None else "model.pretrained"
+            digest = keyed_file_digest(weights, ctx.content_digests.get(field))  # refused if changed since the key
+            if p.weights is None and p.model.pretrained_weights and (
+                    warning := published_hash_mismatch(weights, digest)):
                 ctx.log.warning("%s: model.pretrained: %s", ctx.stage, warning)
             sd, info = read_state_dict(weights)
             arch = info.get("arch") or p.model

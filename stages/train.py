@@ -324,7 +324,7 @@ def _build_module(p: Train.Params, classes: list[str], weights_src: Path | None,
     source carries them); (module, init report or None)."""
     from stages.common.bundle import read_labels
     from stages.common.models import WeightsError, load_weights
-    from stages.common.pretrained import categories, published_hash_mismatch
+    from stages.common.pretrained import categories, keyed_file_digest, published_hash_mismatch
     from stages.common.train_module import Classifier
 
     module = Classifier(p.model.arch_dict(), len(classes), _opt_dict(p))
@@ -332,8 +332,10 @@ def _build_module(p: Train.Params, classes: list[str], weights_src: Path | None,
         return module, None
     init = inputs.get("init")
     source = "input 'init'" if init is not None else "model.pretrained"
-    if init is None and p.model.pretrained_weights and (warning := published_hash_mismatch(weights_src)):
-        ctx.log.warning("%s: model.pretrained: %s", ctx.stage, warning)
+    if init is None:  # the bytes the key was made from (a file changed since is refused)
+        digest = keyed_file_digest(weights_src, ctx.content_digests.get("model.pretrained"))
+        if p.model.pretrained_weights and (warning := published_hash_mismatch(weights_src, digest)):
+            ctx.log.warning("%s: model.pretrained: %s", ctx.stage, warning)
     if init is not None:
         source_labels = read_labels(init) if (Path(init) / "labels.txt").is_file() else None
     else:  # published weights: their head is ImageNet's (a file placed by hand may have any row count)

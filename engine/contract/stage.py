@@ -60,7 +60,8 @@ class PublishedDigest(_Marker):
     digest of ``of`` is then the published one whenever the file is absent (``plan`` before ``run``
     downloads it) or its sha256 starts with the prefix, so the key is the same before and after the
     download; a file with other bytes is keyed by its own digest (the stage that loads it warns that
-    it is not the publisher's file). Not itself in the key; `plan` names the URL of a file not there
+    it is not the publisher's file, and refuses a file whose bytes are no longer those the key holds:
+    Context.content_digests). Not itself in the key; `plan` names the URL of a file not there
     yet."""
 
     def __init__(self, of: str) -> None:
@@ -95,6 +96,11 @@ class Context:
     # Where each input came from, by input name: {"type", "stage", "key", "digest"} of the upstream
     # output (what a package records as its sources). Empty under engine.run.testing.run_stage unless given.
     sources: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # The digest each content path (HASH_CONTENT field, by dotted path: "model.pretrained") entered this
+    # stage's cache key with: the file's sha256 or "published-sha256:PREFIX" (PublishedDigest). A stage
+    # that reads such a file can tell that it changed after the key was made (its outputs would be
+    # stored as those of other bytes). Empty under engine.run.testing.run_stage unless given.
+    content_digests: Mapping[str, str] = field(default_factory=dict)
 
     def progress(
         self, completed: float | None = None, total: float | None = None, description: str | None = None

@@ -275,6 +275,7 @@ class Pipeline:
             tmp = self.cache.new_tmp(st.cls.name, key)
             context = dict(
                 scratch=self.cache.root / ".scratch" / st.cls.name,
+                content_digests=dict(material["content"]),
                 sources={i: {"type": record.stages[up].type, "stage": up, "key": record.stages[up].key,
                              "digest": record.stages[up].digest} for i, up in st.entry.needs.items()})
             try:

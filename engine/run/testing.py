@@ -34,6 +34,7 @@ def run_stage(
     out: Path | None = None,
     scratch: Path | None = None,
     sources: Mapping[str, Mapping[str, str]] | None = None,
+    content_digests: Mapping[str, str] | None = None,
 ) -> Mapping[str, Any] | None:
     cls = registry.get(stage) if isinstance(stage, str) else stage
     p = validate_params(cls, params)
@@ -41,4 +42,5 @@ def run_stage(
         raise ValueError("out= is required")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=False)
-    return invoke(cls, p, {k: Path(v) for k, v in (inputs or {}).items()}, out, scratch=scratch, sources=sources or {})
+    return invoke(cls, p, {k: Path(v) for k, v in (inputs or {}).items()}, out, scratch=scratch, sources=sources or {},
+                  content_digests=content_digests or {})

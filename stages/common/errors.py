@@ -34,3 +34,8 @@ class StoreError(Exception):
 
 class WeightsError(StageError):
     """A weights file that is missing or does not fit the model (the message lists the keys)."""
+
+
+class WeightsChanged(StageError):
+    """A weights file whose bytes are not those the stage's cache key was made from (it changed after
+    `run` computed the key): trained on, its outputs would be stored as those of the other bytes."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.contract import fetching
+from stages.common.errors import WeightsChanged as WeightsChanged  # re-exported: raised here
 from stages.common.errors import WeightsUnavailable as WeightsUnavailable  # re-exported: raised here
 
 MIRROR_ENV = "EDGEPIPE_WEIGHTS_MIRROR"
@@ -188,17 +189,34 @@ def download_verified(url: str, dest: Path) -> Path:
     return dest
 
 
-def published_hash_mismatch(path: Path) -> str | None:
-    """One warning line when a torchvision-named file's sha256 does not start with the prefix in its
-    name (a file placed by hand, e.g. the tests' own backbones), else None."""
-    found = _HASH_IN_NAME.search(path.name)
-    if not found or not found.group(1):
-        return None
+def keyed_file_digest(path: Path, keyed: str | None) -> str:
+    """The sha256 of the file at ``path``, checked against the digest the stage's cache key holds for it
+    (``keyed``: Context.content_digests; None outside a pipeline: nothing to check). A file that no
+    longer has those bytes -- the key rests on torchvision's published prefix and the file does not
+    start with it, or on another sha256 -- changed after the key was made: WeightsChanged, never
+    outputs stored under a key that names other weights."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    if h.hexdigest().startswith(found.group(1)):
+    digest = h.hexdigest()
+    if keyed is not None:
+        published = keyed.removeprefix("published-sha256:") if keyed.startswith("published-sha256:") else None
+        if not (digest == keyed or (published is not None and digest.startswith(published))):
+            held = f"torchvision's published hash {published}" if published is not None else f"sha256 {keyed[:12]}"
+            raise WeightsChanged(f"{path} changed after this run keyed it by {held} (its sha256 is now "
+                                 f"{digest[:12]}): run again to key the stage by the file as it is")
+    return digest
+
+
+def published_hash_mismatch(path: Path, digest: str | None = None) -> str | None:
+    """One warning line when a torchvision-named file's sha256 (``digest``, computed when not given)
+    does not start with the prefix in its name (a file placed by hand, e.g. the tests' own backbones:
+    the key holds its own digest), else None."""
+    found = _HASH_IN_NAME.search(path.name)
+    if not found or not found.group(1):
+        return None
+    if (digest or keyed_file_digest(path, None)).startswith(found.group(1)):
         return None
     return (f"{path} does not match torchvision's published hash {found.group(1)}: not torchvision's own file "
             f"(used as it is)")

@@ -257,6 +257,28 @@ def test_finetune_from_imagenet_loads_the_hub_file_and_warns_it_is_not_torchvisi
     assert str(path) in warned[0]
 
 
+def test_weights_whose_bytes_changed_after_the_key_was_made_are_refused(tmp_path, torch_home):
+    """The key rests on the file's digest (its own, or torchvision's published prefix when the file
+    is torchvision's): a file swapped between `run`'s key and the stage's read would store outputs as
+    those of the bytes the key names. The stage reads Context.content_digests, what the key held."""
+    from engine.contract.stage import StageError
+
+    path = place(hub_file(torch_home))
+    _, material = _train_key(tmp_path)
+    keyed = dict(material["content"])  # what the pipeline hands the stage
+    data = make_array_dataset(tmp_path / "data", {"train": 8, "val": 2, "test": 2}, num_classes=2)
+    params = {"mode": "finetune", "epochs": 1, "batch_size": 8, "limit_train_batches": 1, "bn_recalibrate": False,
+              "model": {"arch": "mobilenet_v3_small", "pretrained": "imagenet"}}
+    run_stage(Train, params, {"data": data}, tmp_path / "same", content_digests=keyed)  # the bytes keyed
+    place(path, seed=1)  # swapped after the key was made
+    with pytest.raises(StageError, match=r"changed after this run keyed it by sha256 .*: run again"):
+        run_stage(Train, params, {"data": data}, tmp_path / "swapped", content_digests=keyed)
+    prefix = keyed["model.pretrained"][:8]  # a key on a published prefix the file no longer starts with
+    with pytest.raises(StageError, match=rf"keyed it by torchvision's published hash {prefix}"):
+        run_stage(Train, params, {"data": data}, tmp_path / "published",
+                  content_digests={"model.pretrained": f"published-sha256:{prefix}"})
+
+
 def test_gem_resnet_starts_from_resnet_weights(torch_home):
     path = place(hub_file(torch_home, "resnet18-f37072fd.pth"), arch="resnet18")
     p = ModelParams(arch="gem_resnet", pretrained="imagenet")
