@@ -230,12 +230,12 @@ def make_bad_corpus(folder: Path) -> dict[str, str]:
     return kinds
 
 
-def make_photo_folder(root: Path, per_class: int = 240, size: int = 240) -> Path:
+def make_photo_folder(root: Path, per_class: int = 140, size: int = 240) -> Path:
     """A two-class split_folders set of photo crops (JPEG): class ``china`` from scikit-learn's
     china.jpg, class ``flower`` from its flower.jpg, each split cut from its own tiles of the photo
     (make_real_photo_folder: no test pixel was seen in training). Real photographic texture, the
-    few-hundred-photos-per-class case of a bird feeder or MaixHub project; 240 per class: 144 train,
-    24 val, 72 test images. Read it with photo_folder_dataset."""
+    few-hundred-photos-per-class case of a bird feeder or MaixHub project; 140 per class: 84 train,
+    14 val, 42 test images. Read it with photo_folder_dataset."""
     return make_real_photo_folder(root, size=size, per_class=per_class, photos=("china", "flower"))
 
 

@@ -18,9 +18,10 @@ from engine.run.testing import run_stage
 
 pytestmark = pytest.mark.slow
 
-# reference loop 100% on the 36 test crops, mobilenet_v3_small and resnet18 alike - 1 image (2 SD less) = 0.97;
-# bench/floors.py (rows bn_photos_*); the same floor for val, train_eval and the int8 simulator
-FLOOR = 0.97
+# the reference loop on the 84 test crops (tiled: regions of the photos no training crop saw) less 2 binomial
+# SD, bench/floors.py rows bn_photos_* (one thread): mobilenet_v3_small 96.4% -> 0.92, resnet18 from scratch
+# in 3 epochs 76.2% -> 0.66; the same floor for val, train_eval and the int8 simulator
+FLOORS = {"mobilenet_v3_small": 0.92, "resnet18": 0.66}
 TRAIN = {"epochs": 3, "batch_size": 32, "lr": 3e-3, "accelerator": "cpu", "seed": 0,
          "augment": {"hflip": 0.5}}
 ARCHS = {"mobilenet_v3_small": {"arch": "mobilenet_v3_small", "bn_momentum": 0.1}, "resnet18": {"arch": "resnet18"}}
@@ -28,7 +29,7 @@ ARCHS = {"mobilenet_v3_small": {"arch": "mobilenet_v3_small", "bn_momentum": 0.1
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """240 photo crops per class: 144 train / 24 val / 72 test images at 224 px, each split from its own
+    """140 photo crops per class: 168 train / 28 val / 84 test images at 224 px, each split from its own
     tiles of the two photos."""
     root = tmp_path_factory.mktemp("photos")
     make_photo_folder(root / "folder")
@@ -44,15 +45,16 @@ def _train(data: Path, out: Path, arch: str, recalibrate: bool) -> dict:
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_recalibrated_training_is_accurate_in_pytorch_and_int8(data, tmp_path, arch):
+    floor = FLOORS[arch]
     m = _train(data, tmp_path / "train", arch, recalibrate=True)
-    assert m["test_acc"] >= FLOOR and m["val_acc"] >= FLOOR, m
+    assert m["test_acc"] >= floor and m["val_acc"] >= floor, m
     assert m["bn_recalibrate"] == {"images": m["n_train"]} and m["learning_check"] is None
-    assert m["train_eval_acc"] >= FLOOR  # eval mode on training images agrees with validation
+    assert m["train_eval_acc"] >= floor  # eval mode on training images agrees with validation
     run_stage("export_onnx", {}, {"model": tmp_path / "train"}, tmp_path / "onnx")
     run_stage("calibration", {"count": 16}, {"data": data}, tmp_path / "calib")
     rknn = run_stage("rknn_quantize", {"target": "rv1103", "algorithm": "normal", "accuracy_analysis_samples": 0},
                      {"onnx": tmp_path / "onnx", "calib": tmp_path / "calib", "data": data}, tmp_path / "rknn")
-    assert rknn["sim_top1"] >= FLOOR, rknn  # BN folds into the int8 convolutions: its statistics matter here too
+    assert rknn["sim_top1"] >= floor, rknn  # BN folds into the int8 convolutions: its statistics matter here too
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v3_small"])  # resnet18 fails the same way (bench/bn_recalibration.py)
@@ -68,7 +70,7 @@ def test_without_recalibration_the_same_run_is_worse(data, tmp_path, arch):
 
     stale = _train(data, tmp_path / "train", arch, recalibrate=False)
     assert stale["bn_recalibrate"] is None
-    assert stale["test_acc"] < FLOOR - 0.1, stale
+    assert stale["test_acc"] < FLOORS[arch] - 0.1, stale
     # the weights were fine all along: recomputing the statistics of the saved model recovers them
     model = load_model(tmp_path / "train" / "model.pt")
     dm = NpyDataModule(data, Preprocess.load(data), 32, 0, None, 0)
