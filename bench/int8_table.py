@@ -44,7 +44,8 @@ MODELS = {"mobilenet_v3_small": ("mobilenet_v3_small", "mobilenet_v3_small"),
           "gem_resnet": ("gem_resnet", "resnet18"),  # model.pretrained=imagenet: torchvision's ResNet-18
           "mobilenet_v3_large": ("mobilenet_v3_large", "mobilenet_v3_large")}
 # the builder's tables know Small and ResNet-18; Large is pretrained like Small
-TORCHVISION_WEIGHTS.setdefault("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V1")
+# `imagenet` is torchvision's DEFAULT, which for Large is IMAGENET1K_V2 (for Small and ResNet-18, V1)
+TORCHVISION_WEIGHTS.setdefault("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2")
 PRETRAIN_SETTINGS.setdefault("mobilenet_v3_large", PRETRAIN_SETTINGS["mobilenet_v3_small"])
 KL_STAGE = ["+pipeline.stages.rknn_kl={uses: rknn_quantize, needs: {onnx: onnx, calib: calib, data: data}, "
             "config: quantize, with: {algorithm: kl_divergence, search: {enabled: false}}, after: [preflight]}",
