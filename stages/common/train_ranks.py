@@ -41,6 +41,7 @@ def launch(stage: type[Stage], p, inputs, out: Path, ctx: Context) -> dict[str, 
             "inputs": {k: str(v) for k, v in inputs.items()},
             "out": str(out),
             "stage": ctx.stage,
+            "content_digests": dict(ctx.content_digests),  # each rank refuses weights changed since the key
             "stage_class": f"{stage.__module__}:{stage.__qualname__}",  # named, not imported: no loop
             "result": str(Path(tmp) / "result.json"),
             "error": str(Path(tmp) / "error.json"),
@@ -76,7 +77,7 @@ def main(job_path: str) -> int:
     try:
         params = stage.Params.model_validate(job["params"])
         headline = invoke(stage, params, {k: Path(v) for k, v in job["inputs"].items()}, Path(job["out"]),
-                          stage=job["stage"])
+                          stage=job["stage"], content_digests=job["content_digests"])
     except StageError as e:
         Path(job["error"]).write_text(json.dumps({"message": f"rank {rank}: {e}"}), encoding="utf-8")
         return 1

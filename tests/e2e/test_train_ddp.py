@@ -76,3 +76,19 @@ def test_strategy_names_lightning_users_know():
         Train.Params(devices=2, strategy="fsdp")
     with pytest.raises(ValidationError):
         Train.Params(strategy="horovod")
+
+
+def test_weights_changed_after_the_key_are_refused_in_the_ranks(digits, tmp_path):
+    """The ranks load model.pretrained themselves: they get the key's digests (Context.content_digests)
+    and refuse a file whose bytes are not those the key was made from, as a one-process run does."""
+    import torch
+
+    from stages.common.models import ModelParams, build_model
+
+    weights = tmp_path / "backbone.pth"
+    torch.save(build_model(ModelParams(**TRAIN["model"]), 10).state_dict(), weights)
+    params = {**TRAIN, "epochs": 1, "batch_size": 32, "devices": 2, "mode": "finetune",
+              "model": {**TRAIN["model"], "pretrained": str(weights)}}
+    with pytest.raises(StageError, match=r"rank \d: .*backbone.pth changed after this run keyed it by sha256 0{12}"):
+        run_stage("train", params, {"data": digits}, tmp_path / "x", content_digests={"model.pretrained": "0" * 64})
+    assert not (tmp_path / "x" / "model.pt").exists()
