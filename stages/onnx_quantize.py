@@ -68,9 +68,6 @@ class SearchParams(Params):
     # calibration subsets (class-balanced, seeded); capped at what the calibration folder holds
     calib_images: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32, 64, 200], min_length=1)
     seed: int = 0
-    # where the selection split cannot resolve the target (one image > evaluate.quant_max_drop points),
-    # build until this many all-int8 candidates hold and ship the one closest to float; 1: the first
-    compare: int = Field(3, ge=1)
     # no new candidate is built once this many seconds are spent (cached ones still count); null: no limit
     budget_s: Annotated[float | None, NOT_IN_KEY] = Field(600.0, gt=0)
     hybrid: HybridParams = HybridParams()
@@ -139,7 +136,7 @@ class OnnxQuantize(Stage):
         with _candidate_cache(ctx.scratch) as cache_dir:
             result = search(quantizer, labels, float_logits, selection_digest, p.max_drop, p.search.budget_s,
                             cache_dir, hybrid=HybridSettings(h.enabled, h.max_float_layers, h.step),
-                            progress=ctx.note, compare=p.search.compare)
+                            progress=ctx.note)
             chosen = result.chosen
             if chosen is not None:
                 shutil.copyfile(chosen.folder / "model.onnx", out / "model.onnx")

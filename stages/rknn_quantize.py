@@ -118,10 +118,6 @@ class Search(Params):
     # class-balanced, seeded subsets of the calibration set (larger than the set: the whole set)
     calib_images: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32, 64, 200], min_length=1)
     seed: int = 0
-    # where val cannot resolve the target (one image > evaluate.quant_max_drop points), build until this
-    # many all-int8 candidates hold and ship the one closest to float (fewest flips, then logit cosine);
-    # 1: the first that holds
-    compare: int = Field(3, ge=1)
     hybrid: Hybrid = Hybrid()
     # no new candidate build starts after this many seconds (cached candidates still count); null: none
     budget_s: float | None = Field(300.0, ge=0)
@@ -288,7 +284,7 @@ def _search(p, spec, io: dict, shape: list[int], inputs, out: Path, ctx) -> dict
     h = p.search.hybrid
     result = search(quantizer, labels, float_logits, digest, p.max_drop, p.search.budget_s, cache,
                     hybrid=HybridSettings(enabled=h.enabled, max_float_layers=h.max_float_layers, step=h.step),
-                    progress=ctx.note, compare=p.search.compare)
+                    progress=ctx.note)
     record = result.as_dict()
     record.update(target_points=p.max_drop, toolkit=f"rknn-toolkit2 {toolkit_version()}", target=p.target,
                   float_layer_dtype=quantizer.float_dtype,

@@ -6,15 +6,7 @@ does the rest and knows nothing of any toolkit:
 1. **All-int8 candidates, cheapest first** (``Quantizer.candidates()``: calibration algorithm x weight
    granularity x class-balanced calibration subset). Each is built, run on the **selection split**
    (val: never the split whose figure evaluate reports) and judged by ``stages.common.quant_gate.judge``,
-   the one rule. The first candidate that holds is chosen -- when the selection split can resolve the
-   target (one image is at most the target's points).
-1b. **Compare when the split cannot resolve the target** (``compare`` > 1): then "holds" rests on one or
-   two images and says little about the test split (24 val images against a 1-point target: one image
-   is 4.17 points), so the search goes on until ``compare`` candidates hold, the untried algorithms'
-   cheapest candidates first, and ships the holder that agrees with float most: fewest top-1 flips
-   against float on the selection split (label-free: every image counts, not only the ones float gets
-   right), then the highest mean logit cosine (continuous: it separates builds that flip no image),
-   then the cheapest.
+   the one rule. The first candidate that holds is chosen.
 2. **Early rejection** of a candidate that already trails: once one candidate ran the whole selection
    split, a later one's pass stops as soon as its net loss, less all that the rest of the split could
    still win back, exceeds both the target's allowance and the best complete candidate's net loss
@@ -242,7 +234,6 @@ class Tried:
     top1: float | None = None
     float_top1: float | None = None
     agreement: float | None = None
-    flips: int | None = None  # selection images whose top-1 differs from float's (right or wrong: no labels)
     cosine: float | None = None
     layers: list[LayerScore] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
@@ -269,8 +260,7 @@ class Tried:
             "label": c.label, "algorithm": c.algorithm, "method": c.granularity, "calibration_images": c.calib_images,
             "float_layers": list(c.float_layers), "variant": c.variant,
             "selection_top1": self.top1, "float_top1": self.float_top1, "agreement": self.agreement,
-            "flips": self.flips, "cosine": self.cosine, "images": self.n,
-            "lost_images": self.lost, "gained_images": self.gained,
+            "cosine": self.cosine, "images": self.n, "lost_images": self.lost, "gained_images": self.gained,
             "drop_points": self.drop_points, "holds": self.holds, "complete": self.complete, "failed": self.failed,
             "reason": self.reason, "seconds": round(self.seconds, 3), "cached": self.cached, "step": self.step,
             "folder": self.folder.name if self.folder else None,
@@ -324,28 +314,16 @@ class HybridSettings:
 def search(quantizer: Quantizer, labels: np.ndarray, float_logits: np.ndarray, selection_digest: str,
            max_drop_points: float, budget_s: float | None, cache_dir: Path, *,
            hybrid: HybridSettings = HybridSettings(), progress: Callable[[str], None] | None = None,
-           clock: Callable[[], float] = time.monotonic, compare: int = 1) -> SearchResult:
+           clock: Callable[[], float] = time.monotonic) -> SearchResult:
     """Candidates cheapest first until one holds ``max_drop_points`` on the selection split (``labels``,
     ``float_logits``: the float source on the same images; ``selection_digest`` names those images);
-    where the split cannot resolve the target, until ``compare`` hold, and the one closest to float
-    ships; then hybrid. See the module's text."""
+    then hybrid. See the module's text."""
     s = _Search(quantizer, np.asarray(labels).reshape(-1), np.asarray(float_logits, np.float32), selection_digest,
                 max_drop_points, budget_s, cache_dir, progress or (lambda _msg: None), clock)
-    remaining = list(quantizer.candidates())
-    holders: list[Tried] = []
-    while remaining and len(holders) < (1 if s.resolved else max(1, compare)):
-        c = remaining.pop(0)
+    for c in quantizer.candidates():
         t = s.attempt(c, s.bound())
-        if t is None:  # the budget is spent
-            break
-        if t.holds:
-            holders.append(t)
-            remaining = _spread(remaining, tried=[x.candidate for x in s.tried])
-    if len(holders) == 1:
-        return s.result(holders[0], f"{holders[0].candidate.label} holds on the selection split: {holders[0].reason}")
-    if holders:
-        chosen = min(holders, key=_closeness)
-        return s.result(chosen, _compared(chosen, holders, len(s.labels)))
+        if t is not None and t.holds:
+            return s.result(t, f"{c.label} holds on the selection split: {t.reason}")
     base = _best(s.tried)
     if hybrid.enabled and hybrid.max_float_layers > 0 and base is not None and base.layers:
         t = _hybrid(s, base, hybrid)
@@ -373,8 +351,7 @@ class _Search:
         self.selection_digest, self.max_drop_points, self.budget_s = selection_digest, max_drop_points, budget_s
         self.cache_dir, self.say, self.clock = cache_dir, say, clock
         self.identity = dict(quantizer.identity())
-        verdict = judge(paired_drop(labels, float_logits, float_logits), max_drop_points)
-        self.allowed, self.resolved = verdict.allowed_images, verdict.resolved
+        self.allowed = judge(paired_drop(labels, float_logits, float_logits), max_drop_points).allowed_images
         self.tried: list[Tried] = []
         self.started = clock()
         self.spent = False
@@ -418,7 +395,6 @@ class _Search:
         t.top1, t.float_top1 = round(drop.quant_top1, 6), round(drop.float_top1, 6)
         agreement, cosine = agreement_and_cosine(float_logits, logits)
         t.agreement, t.cosine = round(agreement, 6), round(cosine, 6)
-        t.flips = int(np.sum(float_logits.argmax(1) != logits.argmax(1)))
         if t.complete:
             verdict = judge(drop, self.max_drop_points)
             t.holds, t.reason = verdict.holds, verdict.reason
@@ -500,34 +476,6 @@ def _hybrid(s: _Search, base: Tried, h: HybridSettings) -> Tried | None:
         else:
             t.step = "stepped back"
             rejected.update(nxt)
-
-
-def _spread(remaining: list[Candidate], tried: list[Candidate]) -> list[Candidate]:
-    """``remaining`` for comparing builds: the cheapest candidate of each algorithm not tried yet first
-    (another algorithm differs from a holder more than another calibration size does), then the rest,
-    each group in the quantizer's order."""
-    seen = {c.algorithm for c in tried}
-    first: list[Candidate] = []
-    for c in remaining:
-        if c.algorithm not in seen:
-            seen.add(c.algorithm)
-            first.append(c)
-    return first + [c for c in remaining if c not in first]
-
-
-def _closeness(t: Tried) -> tuple:
-    """Among holders, smaller is closer to float: fewer top-1 flips, then higher logit cosine (ties: the
-    cheaper, tried first -- ``min`` keeps the first)."""
-    return (t.flips if t.flips is not None else t.n, -(t.cosine if t.cosine is not None else -1.0))
-
-
-def _compared(chosen: Tried, holders: list[Tried], n: int) -> str:
-    others = "; ".join(f"{t.candidate.label}: {t.flips} flips, cosine {t.cosine:.4f}" for t in holders
-                       if t is not chosen)
-    return (f"{chosen.candidate.label} agrees with float most of the {len(holders)} candidates that hold on the "
-            f"selection split ({chosen.flips} top-1 flips of {n}, logit cosine {chosen.cosine:.4f}; {others}): "
-            f"one image is {100.0 / n:.3g} points there, more than the target, so holding alone does not choose; "
-            f"{chosen.reason.split('; one image is')[0]}")
 
 
 def _best(tried: Sequence[Tried]) -> Tried | None:
