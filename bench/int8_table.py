@@ -14,11 +14,17 @@ the tests' backbones pretrained on OTHER photos (helpers_data.pretrain_backbone)
 from the same pretraining, at MobileNetV3-Small's settings (the builder has no Large entry: this script
 adds it to the builder's tables before calling it).
 
+``--candidates`` runs, per row, one search per all-int8 candidate (algorithms x methods x
+``--calib-images``; the search limited to that candidate, hybrid off) and prints what the search saw
+on the 24 val images (agreement and logit cosine with float, net images lost, holds) beside the test
+drop evaluate measured on the 72 test images: can anything on val tell the candidates apart?
+
 Everything is kept under --work (edgepipe's cache): a second run only prints; models run in the order
 given and each row is printed when done.
 
     .venv/bin/python bench/int8_table.py --work /tmp/int8-table
     .venv/bin/python bench/int8_table.py --models mobilenet_v3_small resnet18 --work /tmp/int8-table
+    .venv/bin/python bench/int8_table.py --candidates --models gem_resnet --clip yes --work /tmp/int8-table
 """
 
 from __future__ import annotations
@@ -53,14 +59,8 @@ KL_STAGE = ["+pipeline.stages.rknn_kl={uses: rknn_quantize, needs: {onnx: onnx, 
 BUILDS = (("normal", "rknn_normal"), ("mmse", "rknn_mmse"), ("kl_divergence", "rknn_kl"), ("chosen", "rknn"))
 
 
-def row(work: Path, arch: str, clip: bool, per_class: int) -> dict:
-    model, weights_arch = MODELS[arch]
-    overrides = real_photos.experiment_overrides(work, EXPERIMENT, per_class)
-    weights = real_photos.weights(work, weights_arch)
-    os.environ.update(real_photos.pretrained_env(weights))
-    extra = [f"model={model}", *([] if clip else ["clip=none"]), *KL_STAGE,
-             "package.enforce_targets=false"]  # a build that misses is a figure here, not a failed run
-    rc, record, seconds = real_photos.run(work, *overrides, *extra)
+def row(work: Path, arch: str, clip: bool, per_class: int, more: tuple[str, ...] = ()) -> dict:
+    rc, record, seconds = run_row(work, arch, clip, per_class, more)
     out = {"arch": arch, "clip": clip, "rc": rc, "run_s": round(seconds)}
     if record["stages"].get("eval", {}).get("status") not in ("ran", "cached"):
         out["failed"] = {k: s.get("error") for k, s in record["stages"].items() if s["status"] == "failed"}
@@ -78,18 +78,68 @@ def row(work: Path, arch: str, clip: bool, per_class: int) -> dict:
     return out
 
 
+def run_row(work: Path, arch: str, clip: bool, per_class: int, more: tuple[str, ...] = ()) -> tuple[int, dict, float]:
+    model, weights_arch = MODELS[arch]
+    overrides = real_photos.experiment_overrides(work, EXPERIMENT, per_class)
+    weights = real_photos.weights(work, weights_arch)
+    os.environ.update(real_photos.pretrained_env(weights))
+    extra = [f"model={model}", *([] if clip else ["clip=none"]), *KL_STAGE,
+             "package.enforce_targets=false"]  # a build that misses is a figure here, not a failed run
+    return real_photos.run(work, *overrides, *extra, *more)
+
+
+def candidate_rows(work: Path, arch: str, clip: bool, per_class: int, calib_images: list[int]) -> list[dict]:
+    """One search per all-int8 candidate: its val figures (search.json) beside its test drop (evaluate)."""
+    out = []
+    for size in calib_images:
+        for algorithm in ("normal", "kl_divergence", "mmse"):
+            for method in ("channel", "layer"):
+                only = (f"quantize.search.algorithms=[{algorithm}]", f"quantize.search.methods=[{method}]",
+                        f"quantize.search.calib_images=[{size}]", "quantize.search.hybrid.enabled=false")
+                _, record, _ = run_row(work, arch, clip, per_class, only)
+                search = real_photos.read_json(Path(record["stages"]["rknn"]["path"]) / "search.json") or {}
+                val = (search.get("candidates") or [{}])[0]
+                test = real_photos.eval_metrics(record)["backends"]["rknn"]
+                out.append({"arch": arch, "clip": clip, "label": val.get("label"), "images": val.get("images"),
+                            "agreement": val.get("agreement"), "cosine": val.get("cosine"),
+                            "val_net_lost": val.get("lost_images", 0) - val.get("gained_images", 0),
+                            "holds": val.get("holds"), "test_lost": test["lost_images"],
+                            "test_gained": test["gained_images"]})
+                print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--per-class", type=int, default=40, help="images per class (default 40)")
+    ap.add_argument("--clip", choices=("both", "yes", "no"), default="both", help="the rows with clip_outliers")
+    ap.add_argument("--candidates", action="store_true",
+                    help="one search per all-int8 candidate: val figures beside the test drop")
+    ap.add_argument("--calib-images", type=int, nargs="*", default=[32], help="with --candidates (default 32)")
     ap.add_argument("--work", type=Path, default=None, help="keep data, weights and runs here (default: a temp folder)")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="edgepipe-int8-table-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.pop("EDGEPIPE_PLUGINS", None)
+    clips = {"both": (True, False), "yes": (True,), "no": (False,)}[args.clip]
+    if args.candidates:
+        rows = [c for arch in args.models for clip in clips
+                for c in candidate_rows(work, arch, clip, args.per_class, args.calib_images)]
+        print(f"\nevery all-int8 candidate: the search's val figures beside evaluate's test drop, "
+              f"{datetime.date.today()}")
+        print("| model | clip_outliers | candidate | val: agreement with float | val: logit cosine | val: net lost | "
+              "holds on val | test: lost / gained | test: net lost |")
+        print("|---|---|---|---:|---:|---:|---|---:|---:|")
+        for c in rows:
+            print(f"| {c['arch']} | {'yes' if c['clip'] else 'no'} | {c['label']} | {c['agreement']:.3f} | "
+                  f"{c['cosine']:.4f} | {c['val_net_lost']:+d} of {c['images']} | {c['holds']} | "
+                  f"{c['test_lost']} / {c['test_gained']} | {c['test_lost'] - c['test_gained']:+d} of 72 |")
+        print(f"\n(work folder: {work})")
+        return 0
     rows = []
     for arch in args.models:
-        for clip in (True, False):
+        for clip in clips:
             rows.append(row(work, arch, clip, args.per_class))
             print(json.dumps(rows[-1]), flush=True)
     print(f"\nint8 drop on the real-photo test split (top-1 points lost against the float ONNX model; RKNN "
