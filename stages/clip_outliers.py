@@ -109,7 +109,7 @@ def _load(p: ClipOutliers.Params, src_dir, ctx: Context):
         read_bundle,
         read_state_dict,
     )
-    from stages.common.pretrained import categories, keyed_file_digest, published_hash_mismatch
+    from stages.common.pretrained import categories, published_hash_mismatch, read_keyed_file
 
     weights = p.weights if p.weights is not None else p.model.pretrained
     if src_dir is not None and p.weights is not None:
@@ -123,11 +123,12 @@ def _load(p: ClipOutliers.Params, src_dir, ctx: Context):
             module.load_state_dict(bundle["state_dict"], strict=True)
         elif weights is not None:
             field = "weights" if p.weights is not None else "model.pretrained"
-            digest = keyed_file_digest(weights, ctx.content_digests.get(field))  # refused if changed since the key
+            # the bytes checked against the key are the bytes loaded (a file changed since is refused)
+            data, digest = read_keyed_file(weights, ctx.content_digests.get(field))
             if p.weights is None and p.model.pretrained_weights and (
                     warning := published_hash_mismatch(weights, digest)):
                 ctx.log.warning("%s: model.pretrained: %s", ctx.stage, warning)
-            sd, info = read_state_dict(weights)
+            sd, info = read_state_dict(weights, data)
             arch = info.get("arch") or p.model
             num_classes = info.get("num_classes") or infer_num_classes(sd, arch)
             module = build_model(arch, num_classes)

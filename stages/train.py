@@ -324,7 +324,7 @@ def _build_module(p: Train.Params, classes: list[str], weights_src: Path | None,
     source carries them); (module, init report or None)."""
     from stages.common.bundle import read_labels
     from stages.common.models import WeightsError, load_weights
-    from stages.common.pretrained import categories, keyed_file_digest, published_hash_mismatch
+    from stages.common.pretrained import categories, published_hash_mismatch, read_keyed_file
     from stages.common.train_module import Classifier
 
     module = Classifier(p.model.arch_dict(), len(classes), _opt_dict(p))
@@ -332,8 +332,9 @@ def _build_module(p: Train.Params, classes: list[str], weights_src: Path | None,
         return module, None
     init = inputs.get("init")
     source = "input 'init'" if init is not None else "model.pretrained"
-    if init is None:  # the bytes the key was made from (a file changed since is refused)
-        digest = keyed_file_digest(weights_src, ctx.content_digests.get("model.pretrained"))
+    data = None  # the bytes checked against the key, loaded as they are (a file changed since is refused)
+    if init is None:
+        data, digest = read_keyed_file(weights_src, ctx.content_digests.get("model.pretrained"))
         if p.model.pretrained_weights and (warning := published_hash_mismatch(weights_src, digest)):
             ctx.log.warning("%s: model.pretrained: %s", ctx.stage, warning)
     if init is not None:
@@ -341,7 +342,7 @@ def _build_module(p: Train.Params, classes: list[str], weights_src: Path | None,
     else:  # published weights: their head is ImageNet's (a file placed by hand may have any row count)
         source_labels = categories(p.model.pretrained_weights) if p.model.pretrained_weights else None
     try:
-        report = load_weights(module.model, weights_src, labels=classes, source_labels=source_labels)
+        report = load_weights(module.model, weights_src, labels=classes, source_labels=source_labels, data=data)
     except WeightsError as e:
         raise StageError(f"{source}: {e}") from None
     report = {k: v for k, v in report.items() if k != "kept"}

@@ -201,19 +201,21 @@ def save_model(path: str | Path, module, arch: Mapping[str, Any] | ModelParams, 
     return path
 
 
-def safe_torch_load(path: str | Path):
+def safe_torch_load(path: str | Path, data: bytes | None = None):
     """``torch.load`` that never runs code from the file: ``weights_only=True`` always (tensors,
     containers and plain types only), with Lightning's AttributeDict allowed (a dict; our own
     checkpoints' hyper-parameters). A file that needs any other type -- a pickled module, a checkpoint
     with custom classes, a malicious pickle -- is refused, saying how to convert a file one trusts.
-    Users download weights: loading one must never execute it."""
+    Users download weights: loading one must never execute it. ``data``: the file's bytes, already read
+    (and checked against a cache key): loaded instead of reading ``path`` again; ``path`` names it."""
+    import io
     import pickle
 
     import torch
 
     try:
         with torch.serialization.safe_globals(_safe_types()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"the Python object {found.group(1)}" if found else "Python objects beyond tensors"
@@ -251,16 +253,17 @@ def load_model(path: str | Path):
     return module.eval()
 
 
-def read_state_dict(path: str | Path) -> tuple[dict, dict]:
+def read_state_dict(path: str | Path, data: bytes | None = None) -> tuple[dict, dict]:
     """(state_dict, info) from any supported weights file: a torchvision state_dict, a model.pt bundle
     (file or folder), a Lightning checkpoint of the train stage. Read with safe_torch_load: nothing in the file runs.
-    info holds ``kind`` and, for bundles and train checkpoints, ``arch`` and ``num_classes``."""
+    info holds ``kind`` and, for bundles and train checkpoints, ``arch`` and ``num_classes``. ``data``: the
+    file's bytes, already read (``safe_torch_load``)."""
     import torch
 
-    path = _bundle_path(path)
-    if not path.is_file():
+    path = _bundle_path(path) if data is None else Path(path)
+    if data is None and not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
-    obj = safe_torch_load(path)
+    obj = safe_torch_load(path, data)
     info: dict[str, Any] = {"path": str(path)}
     if isinstance(obj, dict) and obj.get("format") == BUNDLE_FORMAT:
         info.update(kind="bundle", arch=obj.get("arch"), num_classes=obj.get("num_classes"))
@@ -308,7 +311,7 @@ def infer_num_classes(state_dict: Mapping[str, Any], arch: Mapping[str, Any] | M
 
 
 def load_weights(module, source: str | Path | Mapping[str, Any], labels: list[str] | None = None,
-                 source_labels: list[str] | None = None) -> dict:
+                 source_labels: list[str] | None = None, data: bytes | None = None) -> dict:
     """Load weights into ``module``: a path (any format ``read_state_dict`` takes) or a state_dict.
 
     - tensors whose shapes differ only by a Linear <-> 1x1 conv reshape are reshaped;
@@ -325,7 +328,7 @@ def load_weights(module, source: str | Path | Mapping[str, Any], labels: list[st
     import torch
 
     if isinstance(source, (str, Path)):
-        sd, info = read_state_dict(source)
+        sd, info = read_state_dict(source, data)  # data: the file's bytes, already read and checked
         where = str(source)
         if source_labels is None:
             source_labels = labels_beside(source, info)

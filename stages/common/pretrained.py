@@ -199,7 +199,18 @@ def keyed_file_digest(path: Path, keyed: str | None) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    digest = h.hexdigest()
+    return _checked(path, h.hexdigest(), keyed)
+
+
+def read_keyed_file(path: Path, keyed: str | None) -> tuple[bytes, str]:
+    """(the bytes of ``path``, their sha256), read once and checked as ``keyed_file_digest`` checks: load
+    these bytes, never the path again, so that a file swapped after the check is not what gets loaded
+    under the key."""
+    data = Path(path).read_bytes()
+    return data, _checked(path, hashlib.sha256(data).hexdigest(), keyed)
+
+
+def _checked(path: Path, digest: str, keyed: str | None) -> str:
     if keyed is not None:
         published = keyed.removeprefix("published-sha256:") if keyed.startswith("published-sha256:") else None
         if not (digest == keyed or (published is not None and digest.startswith(published))):

@@ -279,6 +279,28 @@ def test_weights_whose_bytes_changed_after_the_key_was_made_are_refused(tmp_path
                   content_digests={"model.pretrained": f"published-sha256:{prefix}"})
 
 
+def test_the_bytes_checked_against_the_key_are_the_bytes_loaded(tmp_path, torch_home, monkeypatch):
+    """No window between the check and the load: a file swapped right after its bytes were checked (here:
+    for a file that is no weights file at all) is not read again; the stage trains from the checked bytes."""
+    from stages.common import pretrained
+
+    path = place(hub_file(torch_home))
+    _, material = _train_key(tmp_path)
+    checked = pretrained.read_keyed_file
+
+    def check_then_swap(p, keyed):
+        out = checked(p, keyed)
+        Path(p).write_bytes(b"not a weights file: swapped after the check")
+        return out
+
+    monkeypatch.setattr(pretrained, "read_keyed_file", check_then_swap)
+    data = make_array_dataset(tmp_path / "data", {"train": 8, "val": 2, "test": 2}, num_classes=2)
+    params = {"mode": "finetune", "epochs": 1, "batch_size": 8, "limit_train_batches": 1, "bn_recalibrate": False,
+              "model": {"arch": "mobilenet_v3_small", "pretrained": "imagenet"}}
+    run_stage(Train, params, {"data": data}, tmp_path / "out", content_digests=dict(material["content"]))
+    assert path.read_bytes().startswith(b"not a weights file")  # the swap happened, before the load
+
+
 def test_gem_resnet_starts_from_resnet_weights(torch_home):
     path = place(hub_file(torch_home, "resnet18-f37072fd.pth"), arch="resnet18")
     p = ModelParams(arch="gem_resnet", pretrained="imagenet")
