@@ -97,14 +97,18 @@ def candidate_rows(work: Path, arch: str, clip: bool, per_class: int, calib_imag
                 only = (f"quantize.search.algorithms=[{algorithm}]", f"quantize.search.methods=[{method}]",
                         f"quantize.search.calib_images=[{size}]", "quantize.search.hybrid.enabled=false")
                 _, record, _ = run_row(work, arch, clip, per_class, only)
+                label = f"{algorithm}/{method}/{size}"
+                if record["stages"].get("eval", {}).get("status") not in ("ran", "cached"):
+                    print(f"{label}: the run failed; left out", flush=True)
+                    continue
                 search = real_photos.read_json(Path(record["stages"]["rknn"]["path"]) / "search.json") or {}
                 val = (search.get("candidates") or [{}])[0]
                 test = real_photos.eval_metrics(record)["backends"]["rknn"]
-                out.append({"arch": arch, "clip": clip, "label": val.get("label"), "images": val.get("images"),
+                out.append({"arch": arch, "clip": clip, "label": label, "images": val.get("images"),
                             "agreement": val.get("agreement"), "cosine": val.get("cosine"),
                             "val_net_lost": val.get("lost_images", 0) - val.get("gained_images", 0),
                             "holds": val.get("holds"), "test_lost": test["lost_images"],
-                            "test_gained": test["gained_images"]})
+                            "test_gained": test["gained_images"], "test_images": test["samples"]})
                 print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         for c in rows:
             print(f"| {c['arch']} | {'yes' if c['clip'] else 'no'} | {c['label']} | {c['agreement']:.3f} | "
                   f"{c['cosine']:.4f} | {c['val_net_lost']:+d} of {c['images']} | {c['holds']} | "
-                  f"{c['test_lost']} / {c['test_gained']} | {c['test_lost'] - c['test_gained']:+d} of 72 |")
+                  f"{c['test_lost']} / {c['test_gained']} | {c['test_lost'] - c['test_gained']:+d} of "
+                  f"{c['test_images']} |")
         print(f"\n(work folder: {work})")
         return 0
     rows = []

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from engine.contract import fetching
 from stages.common.errors import WeightsChanged as WeightsChanged  # re-exported: raised here
+from stages.common.errors import WeightsError
 from stages.common.errors import WeightsUnavailable as WeightsUnavailable  # re-exported: raised here
 
 MIRROR_ENV = "EDGEPIPE_WEIGHTS_MIRROR"
@@ -189,35 +190,26 @@ def download_verified(url: str, dest: Path) -> Path:
     return dest
 
 
-def keyed_file_digest(path: Path, keyed: str | None) -> str:
-    """The sha256 of the file at ``path``, checked against the digest the stage's cache key holds for it
-    (``keyed``: Context.content_digests; None outside a pipeline: nothing to check). A file that no
-    longer has those bytes -- the key rests on torchvision's published prefix and the file does not
-    start with it, or on another sha256 -- changed after the key was made: WeightsChanged, never
-    outputs stored under a key that names other weights."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return _checked(path, h.hexdigest(), keyed)
-
-
 def read_keyed_file(path: Path, keyed: str | None) -> tuple[bytes, str]:
-    """(the bytes of ``path``, their sha256), read once and checked as ``keyed_file_digest`` checks: load
-    these bytes, never the path again, so that a file swapped after the check is not what gets loaded
-    under the key."""
-    data = Path(path).read_bytes()
-    return data, _checked(path, hashlib.sha256(data).hexdigest(), keyed)
-
-
-def _checked(path: Path, digest: str, keyed: str | None) -> str:
+    """(the bytes of the file at ``path``, their sha256), read once and checked against the digest the
+    stage's cache key holds for it (``keyed``: Context.content_digests; None outside a pipeline: nothing
+    to check). Load these bytes, never the path again, so that a file swapped after the check is not what
+    gets loaded under the key. A file that no longer has those bytes -- the key rests on torchvision's
+    published prefix and the file does not start with it, or on another sha256 -- changed after the key
+    was made: WeightsChanged, never outputs stored under a key that names other weights. A file that
+    cannot be read (removed since the plan, a folder): WeightsError, one line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise WeightsError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
+    digest = hashlib.sha256(data).hexdigest()
     if keyed is not None:
         published = keyed.removeprefix("published-sha256:") if keyed.startswith("published-sha256:") else None
         if not (digest == keyed or (published is not None and digest.startswith(published))):
             held = f"torchvision's published hash {published}" if published is not None else f"sha256 {keyed[:12]}"
             raise WeightsChanged(f"{path} changed after this run keyed it by {held} (its sha256 is now "
                                  f"{digest[:12]}): run again to key the stage by the file as it is")
-    return digest
+    return data, digest
 
 
 def published_hash_mismatch(path: Path, digest: str | None = None) -> str | None:
@@ -227,7 +219,10 @@ def published_hash_mismatch(path: Path, digest: str | None = None) -> str | None
     found = _HASH_IN_NAME.search(path.name)
     if not found or not found.group(1):
         return None
-    if (digest or keyed_file_digest(path, None)).startswith(found.group(1)):
+    if digest is None:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest.startswith(found.group(1)):
         return None
     return (f"{path} does not match torchvision's published hash {found.group(1)}: not torchvision's own file "
             f"(used as it is)")

@@ -301,6 +301,15 @@ def test_the_bytes_checked_against_the_key_are_the_bytes_loaded(tmp_path, torch_
     assert path.read_bytes().startswith(b"not a weights file")  # the swap happened, before the load
 
 
+def test_a_weights_file_gone_before_the_stage_reads_it_is_one_line(tmp_path):
+    """Removed between the plan (which hashed it) and the stage's read: a one-line error, no traceback."""
+    from engine.contract.stage import StageError
+
+    with pytest.raises(StageError, match=r"^clip.weights: cannot read .*gone.pt: No such file or directory$"):
+        run_stage("clip_outliers", {"weights": str(tmp_path / "gone.pt"), "model": {"arch": "mobilenet_v3_small"}},
+                  {}, tmp_path / "out")
+
+
 def test_gem_resnet_starts_from_resnet_weights(torch_home):
     path = place(hub_file(torch_home, "resnet18-f37072fd.pth"), arch="resnet18")
     p = ModelParams(arch="gem_resnet", pretrained="imagenet")
