@@ -4,6 +4,12 @@ for a few epochs, reaches a high test accuracy on PyTorch and on the RKNN int8 s
 same run with ``train.bn_recalibrate=false`` shows the failure recalibration fixes (stale BatchNorm
 statistics: 0.50 on every backend in the issue), so this test can fail.
 
+MobileNetV3-Small here; ResNet-18 at 224 px is trained once, by
+tests/e2e/test_real_photos.py::test_experiment_v831_resnet18, which asserts the same of its training
+(statistics over every training image, eval mode on them and validation above the reference floor), and
+ResNet-18 from scratch into RKNN int8 by the real-photo quickstart there (training a second ResNet-18 at
+224 px here cost 4-5 minutes of `make test` and proved nothing those runs do not).
+
 All real stages: dataset -> train -> export_onnx -> calibration -> rknn_quantize (rv1103, normal)."""
 
 from __future__ import annotations
@@ -19,12 +25,12 @@ from engine.run.testing import run_stage
 pytestmark = pytest.mark.slow
 
 # the reference loop on the 84 test crops (tiled: regions of the photos no training crop saw) less 2 binomial
-# SD, bench/floors.py rows bn_photos_* (one thread): mobilenet_v3_small 96.4% -> 0.92, resnet18 from scratch
-# in 3 epochs 76.2% -> 0.66; the same floor for val, train_eval and the int8 simulator
-FLOORS = {"mobilenet_v3_small": 0.92, "resnet18": 0.66}
+# SD, bench/floors.py row bn_photos_mobilenet (one thread): 96.4% -> 0.92; the same floor for val,
+# train_eval and the int8 simulator
+FLOORS = {"mobilenet_v3_small": 0.92}
 TRAIN = {"epochs": 3, "batch_size": 32, "lr": 3e-3, "accelerator": "cpu", "seed": 0,
          "augment": {"hflip": 0.5}}
-ARCHS = {"mobilenet_v3_small": {"arch": "mobilenet_v3_small", "bn_momentum": 0.1}, "resnet18": {"arch": "resnet18"}}
+ARCHS = {"mobilenet_v3_small": {"arch": "mobilenet_v3_small", "bn_momentum": 0.1}}
 
 
 @pytest.fixture(scope="module")
