@@ -112,7 +112,7 @@ def package_mnist(work: Path) -> Path:  # test_package.py::test_experiment_mnist
     folder = work / "mnist_lists"
     if not folder.is_dir():
         make_digit_filelist(folder, count=500)
-    return _experiment_data(work, "mnist_gem_resnet", f"dataset.path={folder}")
+    return _experiment_data(work, "mnist_gem_resnet", f"dataset.path={folder}", "preprocess.input_size=16")
 
 
 def package_catsdogs(work: Path) -> Path:  # test_package.py::test_experiment_onnx_catsdogs
