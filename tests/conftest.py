@@ -307,15 +307,16 @@ def real_photos(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pretrained_weights(tmp_path_factory):
     """pretrained_weights(arch) -> a torchvision state_dict of ``arch`` trained first on other photos, at
-    <session torch home>/hub/checkpoints/<torchvision's file name> (trained once per session)."""
-    from helpers_data import pretrain_backbone
+    <session torch home>/hub/checkpoints/<torchvision's file name> (trained once per machine and recipe:
+    helpers_data.cached_backbone)."""
+    from helpers_data import cached_backbone
 
     torch_home = tmp_path_factory.mktemp("torch_home")
     made: dict[str, Path] = {}
 
     def weights(arch: str) -> Path:
         if arch not in made:
-            made[arch] = pretrain_backbone(arch, torch_home / "hub" / "checkpoints")
+            made[arch] = cached_backbone(arch, torch_home / "hub" / "checkpoints")
         return made[arch]
 
     return weights

@@ -877,6 +877,66 @@ def pretrain_backbone(arch: str, folder: Path, per_class: int = 40, epochs: int 
     return save_as_torchvision(model, arch, Path(folder) / torchvision_file_name(arch))
 
 
+# Pretraining takes minutes (ResNet-18: ~2 on one thread) and gives the same file for the same recipe,
+# so it is kept between sessions in a test-data cache, as the ARM userlands are (boards/emulation.py):
+# <$EDGEPIPE_TEST_DATA_CACHE, else ~/.cache/edgepipe/test-data>/backbone-<arch>-<recipe digest>/. The
+# digest covers what the file depends on: this module's code and the model zoo's (pretrain_backbone,
+# the photos, build_model), the versions of torch, torchvision and the packages the photos ship in, and
+# torch's thread count (float sums differ between one and two threads). EDGEPIPE_TEST_DATA_CACHE=off
+# pretrains every session. A fresh machine pays the minutes once; `make test`'s figures in README say
+# which they include.
+TEST_DATA_CACHE_ENV = "EDGEPIPE_TEST_DATA_CACHE"
+
+
+def data_cache_folder() -> Path | None:
+    import os
+
+    named = os.environ.get(TEST_DATA_CACHE_ENV)
+    if named:
+        return None if named.lower() in ("off", "0", "false", "no") else Path(named).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgepipe" / "test-data"
+
+
+def backbone_recipe_digest(arch: str) -> str:
+    import hashlib
+    from importlib.metadata import version
+
+    import torch
+
+    h = hashlib.sha256(json.dumps([arch, PRETRAIN_SETTINGS[arch], PRETRAIN_PHOTOS, torch.get_num_threads(),
+                                   [version(d) for d in ("torch", "torchvision", "numpy", "pillow", "scikit-image",
+                                                         "scikit-learn", "matplotlib")]]).encode())
+    for code in (Path(__file__), REPO / "stages" / "common" / "models.py", REPO / "stages" / "common" / "models_torch.py"):
+        h.update(code.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cached_backbone(arch: str, folder: Path) -> Path:
+    """pretrain_backbone(arch, folder), taken from the test-data cache when this recipe was trained
+    before (on this machine, by any session or xdist worker: one trains, the others wait for it)."""
+    import os
+
+    from filelock import FileLock
+
+    cache = data_cache_folder()
+    if cache is None:
+        return pretrain_backbone(arch, folder)
+    kept = cache / f"backbone-{arch}-{backbone_recipe_digest(arch)}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(kept) + ".lock"):
+        if not kept.is_dir():
+            partial = Path(tempfile.mkdtemp(prefix=f".{kept.name}.", dir=cache))
+            try:
+                pretrain_backbone(arch, partial)
+                os.replace(partial, kept)  # whole or absent: a killed session leaves only a temp folder
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+    target = Path(folder) / torchvision_file_name(arch)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(kept / target.name, target)
+    return target
+
+
 def save_as_torchvision(model, arch: str, path: Path) -> Path:
     """``model``'s weights in torchvision's ``arch`` state_dict (strictly loadable by it): tensors of the
     same shape are copied, the 1000-class head gets the trained rows first and keeps the rest."""
