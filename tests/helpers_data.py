@@ -880,11 +880,11 @@ def pretrain_backbone(arch: str, folder: Path, per_class: int = 40, epochs: int 
 # Pretraining takes minutes (ResNet-18: ~2 on one thread) and gives the same file for the same recipe,
 # so it is kept between sessions in a test-data cache, as the ARM userlands are (boards/emulation.py):
 # <$EDGEPIPE_TEST_DATA_CACHE, else ~/.cache/edgepipe/test-data>/backbone-<arch>-<recipe digest>/. The
-# digest covers what the file depends on: this module's code and the model zoo's (pretrain_backbone,
-# the photos, build_model), the versions of torch, torchvision and the packages the photos ship in, and
-# torch's thread count (float sums differ between one and two threads). EDGEPIPE_TEST_DATA_CACHE=off
-# pretrains every session. A fresh machine pays the minutes once; `make test`'s figures in README say
-# which they include.
+# digest covers what the file depends on: the code that makes it (pretrain_backbone, the photos and
+# their crops, the model zoo's build_model), the versions of torch, torchvision and the packages the
+# photos ship in, and torch's thread count (float sums differ between one and two threads).
+# EDGEPIPE_TEST_DATA_CACHE=off pretrains every session. A fresh machine pays the minutes once;
+# `make test`'s figures in README say which they include.
 TEST_DATA_CACHE_ENV = "EDGEPIPE_TEST_DATA_CACHE"
 
 
@@ -899,6 +899,7 @@ def data_cache_folder() -> Path | None:
 
 def backbone_recipe_digest(arch: str) -> str:
     import hashlib
+    import inspect
     from importlib.metadata import version
 
     import torch
@@ -906,8 +907,10 @@ def backbone_recipe_digest(arch: str) -> str:
     h = hashlib.sha256(json.dumps([arch, PRETRAIN_SETTINGS[arch], PRETRAIN_PHOTOS, torch.get_num_threads(),
                                    [version(d) for d in ("torch", "torchvision", "numpy", "pillow", "scikit-image",
                                                          "scikit-learn", "matplotlib")]]).encode())
-    for code in (Path(__file__), REPO / "stages" / "common" / "models.py", REPO / "stages" / "common" / "models_torch.py"):
-        h.update(code.read_bytes())
+    for made_by in (pretrain_backbone, real_photo, augmented_crop, _jittered, save_as_torchvision):
+        h.update(inspect.getsource(made_by).encode())
+    for zoo in ("models.py", "models_torch.py"):
+        h.update((REPO / "stages" / "common" / zoo).read_bytes())
     return h.hexdigest()[:16]
 
 

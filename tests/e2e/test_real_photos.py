@@ -30,6 +30,7 @@ layout photos do not come in; tests/board_tests/test_package.py runs it on sciki
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +163,9 @@ def test_experiment_quickstart(experiment_run):
 
 @pytest.mark.slow
 def test_experiment_v831_resnet18(experiment_run):
-    """ResNet-18 finetuned at 224 px from pretrained weights -> ONNX -> ncnn (awnn's layout) on photos."""
+    """ResNet-18 finetuned at 224 px from pretrained weights -> ONNX -> ncnn (awnn's layout) on photos, and
+    the MaixII-Dock package (this experiment's only end-to-end run: a second one on generated pictures
+    in test_package.py asserted nothing this one does not)."""
     rc, record, metrics = experiment_run("v831_resnet18")
     assert metrics["samples"] >= 60
     top1 = _float_backends_hold(metrics)
@@ -177,6 +180,23 @@ def test_experiment_v831_resnet18(experiment_run):
     train = _train_metrics(record)
     assert train["bn_recalibrate"] == {"images": train["n_train"]} and train["learning_check"] is None, train
     assert train["train_eval_acc"] >= 0.43 and train["val_acc"] >= 0.43, train
+    # what ships for the MaixII-Dock: the float ncnn model and the MaixHub upload (its calibration images),
+    # normalised as awnn takes it, with golden samples; its int8 is MaixHub's, as manifest, README and report say
+    assert record["stages"]["preflight"]["status"] == "ran"
+    pkg = Path(record["stages"]["package"]["path"]) / "package"
+    with zipfile.ZipFile(pkg / "maixhub_upload.zip") as zf:
+        assert {n.split("/")[0] for n in zf.namelist()} == {"images", "model.param", "model.bin"}
+        assert len([n for n in zf.namelist() if n.startswith("images/")]) == 50  # the experiment's calibration.count
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    # preprocess=imagenet_uniform: ImageNet's channel means averaged, 0.449 (114.5 on 0..255)
+    assert (manifest["labels"] == sorted(CLASS_PHOTOS)
+            and manifest["normalisation"]["awnn_mean"] == pytest.approx(114.5, abs=0.01))
+    assert manifest["accuracy"] and manifest["source"]["model"]["type"] == "ncnn"
+    assert manifest["selftest"]["samples"] == 8 and (pkg / "golden" / "image_07.png").is_file()
+    said = "int8 is not built here: MaixHub's online converter makes the V831's int8 (awnn) model"
+    assert manifest["quantization"]["int8_by"] == "MaixHub" and said in manifest["quantization"]["note"]
+    assert said in (pkg / "README.md").read_text()
+    assert said.replace("'", "&#39;") in (Path(record["run_dir"]) / "report.html").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow
