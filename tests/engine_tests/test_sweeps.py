@@ -323,7 +323,8 @@ def test_quickstart_2x2_on_joblib_trains_twice_and_builds_4_rknn_models(project)
     once, across two joblib worker processes. (The 8 builds with rknn_mmse, as keys:
     test_quickstart.py::test_readme_2x2_sweep_makes_2_trainings_and_8_rknn_builds.)"""
     rc, out, err = spawn_cli(project, "run", "-m", *JOBLIB, "+experiment=quickstart", "train=tiny", "train.epochs=1",
-                             "quantize.data_limit=40", "quantize.accuracy_analysis_samples=0",
+                             "train.limit_train_batches=4", "+train.bn_recalibrate_images=64", "quantize.data_limit=40",
+                             "quantize.accuracy_analysis_samples=0",
                              "train.lr=0.001,0.003", "quantize.method=channel,layer",
                              "--only", "rknn_normal", timeout=900)
     assert rc == 0, err[-3000:]
