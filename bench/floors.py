@@ -86,6 +86,16 @@ def quickstart_digits(work: Path) -> Path:  # tests/e2e/test_quickstart.py
     return _experiment_data(work, "quickstart")
 
 
+def package_v831(work: Path) -> Path:  # test_package.py::test_experiment_v831_resnet18
+    from helpers_data import make_folder_dataset
+
+    folder = work / "two_classes"
+    if not folder.is_dir():
+        make_folder_dataset(folder, classes=("ok", "defect"), per_class=20)
+    return _experiment_data(work, "v831_resnet18", f"dataset.path={folder}", "model.stem=small",
+                            "model.pretrained=null", "train.mode=fromscratch", *FAST)
+
+
 def package_rv1103(work: Path) -> Path:  # test_package.py::test_experiment_rv1103_mobilenetv3
     from helpers_data import make_folder_dataset
 
@@ -196,6 +206,8 @@ def pretrained(work: Path) -> Path:
 ROWS = {
     "quickstart_digits": (quickstart_digits, dict(arch="resnet18", epochs=6, lr=3e-3, batch_size=64),
                           [("test_quickstart fp32 top-1", "test", None)]),
+    "package_v831": (package_v831, dict(arch=SMALL_STEM, epochs=3, lr=1e-3, batch_size=8, hflip=0.5),
+                     [("test_experiment_v831_resnet18 every backend", "test", None)]),
     "package_rv1103": (package_rv1103, dict(arch="mobilenet_v3_small", weights=True, epochs=5, lr=3e-4, batch_size=16,
                                             hflip=0.5),
                        [("test_experiment_rv1103_mobilenetv3 pytorch/onnx", "test", None),

@@ -332,6 +332,22 @@ def _pkg(record: dict, stage_name: str = "package") -> Path:
 
 
 @pytest.mark.slow
+def test_experiment_v831_resnet18(tmp_path):
+    """Two classes on generated pictures: every backend of the V831 path (PyTorch, ONNX, ncnn) far above
+    chance, as the real-photo run's six-class floor (under 0.5) could not show for a two-class run. What
+    ships for the MaixII-Dock is asserted on that run (tests/e2e/test_real_photos.py)."""
+    data = make_folder_dataset(tmp_path / "two_classes", classes=("ok", "defect"), per_class=20)  # 12 test images
+    # from scratch at 32 px (ImageNet weights, its default, need the 7x7 stem: see test_pretrained.py)
+    record = run_experiment(tmp_path / "runs", "+experiment=v831_resnet18", f"dataset.path={data}", "model.stem=small",
+                            "model.pretrained=null", "train.mode=fromscratch", "train.lr=1e-3",
+                            *FAST, "train.epochs=3", "train.batch_size=8")
+    assert record["stages"]["preflight"]["status"] == "ran" and record["stages"]["package"]["status"] == "ran"
+    top1 = record["stages"]["eval"]["metrics"]["top1"]
+    # reference loop 100% on these 12 test images - 1 image (2 SD is less) = 0.91; bench/floors.py
+    assert set(top1) == {"pytorch", "onnx", "ncnn"} and min(top1.values()) >= 0.91, top1
+
+
+@pytest.mark.slow
 def test_experiment_rv1103_mobilenetv3(tmp_path):
     data = make_folder_dataset(tmp_path / "binary", classes=("no", "yes"), per_class=40)
     weights = make_pretrained(tmp_path / "mobilenet_v3_small.pth")
