@@ -883,8 +883,9 @@ def pretrain_backbone(arch: str, folder: Path, per_class: int = 40, epochs: int 
 # digest covers what the file depends on: the code that makes it (pretrain_backbone, the photos and
 # their crops, the model zoo's build_model), the versions of torch, torchvision and the packages the
 # photos ship in, and torch's thread count (float sums differ between one and two threads).
-# EDGEPIPE_TEST_DATA_CACHE=off pretrains every session. A fresh machine pays the minutes once;
-# `make test`'s figures in README say which they include.
+# EDGEPIPE_TEST_DATA_CACHE=off pretrains every session. Built as the shared test artefacts are
+# (helpers_shared.built_once_in: under a file lock, a half-built folder built again). A fresh machine
+# pays the minutes once; `make test`'s figures in README say which they include.
 TEST_DATA_CACHE_ENV = "EDGEPIPE_TEST_DATA_CACHE"
 
 
@@ -917,23 +918,13 @@ def backbone_recipe_digest(arch: str) -> str:
 def cached_backbone(arch: str, folder: Path) -> Path:
     """pretrain_backbone(arch, folder), taken from the test-data cache when this recipe was trained
     before (on this machine, by any session or xdist worker: one trains, the others wait for it)."""
-    import os
-
-    from filelock import FileLock
+    from helpers_shared import built_once_in
 
     cache = data_cache_folder()
     if cache is None:
         return pretrain_backbone(arch, folder)
-    kept = cache / f"backbone-{arch}-{backbone_recipe_digest(arch)}"
-    cache.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(kept) + ".lock"):
-        if not kept.is_dir():
-            partial = Path(tempfile.mkdtemp(prefix=f".{kept.name}.", dir=cache))
-            try:
-                pretrain_backbone(arch, partial)
-                os.replace(partial, kept)  # whole or absent: a killed session leaves only a temp folder
-            finally:
-                shutil.rmtree(partial, ignore_errors=True)
+    kept = built_once_in(cache, f"backbone-{arch}-{backbone_recipe_digest(arch)}",
+                         lambda out: pretrain_backbone(arch, out))
     target = Path(folder) / torchvision_file_name(arch)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(kept / target.name, target)

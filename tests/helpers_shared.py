@@ -28,8 +28,13 @@ def session_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
     """<session folder>/shared/<name>, made by build(folder) in the first worker that asks; the others
     wait on the lock and get the finished folder. Tests must not write into it."""
-    root = session_folder(tmp_path_factory) / "shared"
-    root.mkdir(exist_ok=True)
+    return built_once_in(session_folder(tmp_path_factory) / "shared", name, build)
+
+
+def built_once_in(root: Path, name: str, build: Callable[[Path], object]) -> Path:
+    """root/<name>, made by build(folder) by the first process that asks (under root/<name>.lock; one
+    that a killed process left half done, without DONE, is built again); read only after."""
+    root.mkdir(parents=True, exist_ok=True)
     out = root / name
     with FileLock(str(root / f"{name}.lock")):
         if not (out / DONE).is_file():
