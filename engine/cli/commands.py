@@ -169,7 +169,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     from engine.config import compose
 
     compose.write_hydra_dir(run_dir, job)
-    record = execute_job(job, pipeline, options, run_dir, title=str(job.cfg.name))
+    record = execute_job(job, pipeline, options, run_dir, title=job.name)
     return 1 if record.status != "ok" else 0
 
 
@@ -185,14 +185,14 @@ def cmd_plan(argv: Sequence[str]) -> int:
     for job in _compose_jobs(opts, overrides):
         pipeline = checked_pipeline(job, remember=True)
         check_runs_root(pipeline.runs_root)  # plan records content digests in the cache's index
-        items = pipeline.plan(options, run_name=str(job.cfg.name))
+        items = pipeline.plan(options, run_name=job.name)
         downloads = pipeline.downloads(options)
         out.append({"overrides": job.overrides, "stages": [vars(i) for i in items],
                     "downloads": [{"url": url, "path": path} for url, path in downloads]})
         if not opts.get("json"):
             from rich.table import Table
 
-            table = Table(title=safe(f"plan: {job.cfg.name} {' '.join(job.overrides)}"), title_justify="left")
+            table = Table(title=safe(f"plan: {job.name} {' '.join(job.overrides)}"), title_justify="left")
             for col in ("stage", "type", "status", "key", "why"):
                 table.add_column(col, overflow="fold")
             for i in items:

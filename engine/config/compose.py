@@ -19,14 +19,15 @@ import importlib.util
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-
-from omegaconf import DictConfig, OmegaConf, open_dict
+from typing import TYPE_CHECKING
 
 from engine.config import compose_cache
 from engine.contract import names
 from engine.errors import ComposeError as ComposeError  # re-exported: raised here
+
+if TYPE_CHECKING:  # OmegaConf loads when a config is composed or read, not for a remembered plan
+    from omegaconf import DictConfig
 
 CONFIG_NAME = "config"
 CONFIG_NAME_ENV = "EDGEPIPE_CONFIG_NAME"  # -cn/--config-name: another primary config than config.yaml
@@ -200,33 +201,80 @@ def _where(user_dir: Path | None) -> str:
     return f"config search path: {', then '.join(folders)}"
 
 
-@dataclass
 class Job:
-    overrides: list[str]
-    cfg: DictConfig  # the job config (no `hydra` node), interpolations intact
-    hydra_cfg: DictConfig  # the `hydra` node as composed (for .hydra/hydra.yaml and sweeper params)
-    run_dir: Path  # hydra.run.dir, resolved now (it holds ${now:...})
-    sweep_dir: Path  # hydra.sweep.dir, resolved now
-    sources: list[dict] = field(default_factory=list)  # the search path it was composed from
-    digest: str | None = None  # its compose_cache key, when it is kept there (plan_memo's key too)
-    hydra_files: dict[str, str] | None = None  # .hydra/ texts kept with it (hydra_dir_texts)
+    """One composed job: its overrides, its config (`cfg`: the job config, no `hydra` node,
+    interpolations intact; `hydra_cfg`: the `hydra` node as composed), hydra.run.dir and
+    hydra.sweep.dir resolved now (they hold ${now:...}), the search path it was composed from, its
+    compose_cache key (plan_memo's key too) and the .hydra/ texts kept with it. A job taken from
+    compose_cache makes its DictConfigs only when they are read: a plan and a fully cached run read
+    only `name`, `runs_root`, `cache_remote` and `resolved_yaml`, which the entry keeps resolved."""
+
+    def __init__(self, overrides: list[str], cfg: DictConfig | None, hydra_cfg: DictConfig | None,
+                 run_dir: Path, sweep_dir: Path, sources: list[dict] | None = None, digest: str | None = None,
+                 hydra_files: dict[str, str] | None = None, kept: compose_cache.Kept | None = None) -> None:
+        self.overrides, self.run_dir, self.sweep_dir = overrides, run_dir, sweep_dir
+        self.sources, self.digest, self.hydra_files = sources or [], digest, hydra_files
+        self._cfg, self._hydra_cfg, self._kept = cfg, hydra_cfg, kept
+
+    @property
+    def cfg(self) -> DictConfig:
+        if self._cfg is None:
+            self._cfg, self._hydra_cfg = self._kept.configs()
+        return self._cfg
+
+    @property
+    def hydra_cfg(self) -> DictConfig:
+        if self._hydra_cfg is None:
+            self._cfg, self._hydra_cfg = self._kept.configs()
+        return self._hydra_cfg
+
+    @property
+    def _facts(self) -> compose_cache.Facts | None:
+        return self._kept.facts if self._kept is not None and self._cfg is None else None
+
+    @property
+    def name(self) -> str:
+        return self._facts.name if self._facts else str(self.cfg.name)
+
+    @property
+    def runs_root(self) -> Path:
+        return Path(self._facts.runs_root if self._facts else str(self.cfg.runs_root))
+
+    @property
+    def cache_remote(self) -> str | None:
+        """cache.remote, resolved (None: no remote)."""
+        if self._facts:
+            return self._facts.cache_remote
+        from omegaconf import OmegaConf
+
+        remote = OmegaConf.select(self.cfg, "cache.remote", default=None, throw_on_missing=False)
+        return None if remote is None else str(remote)
+
+    def resolved_yaml(self) -> str:
+        """The job config resolved, as .hydra/resolved.yaml holds it."""
+        if self._facts:
+            return self._facts.resolved
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_yaml(self.cfg, resolve=True)
 
 
 def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
     user_dir = user_config_dir(config_dir)
     key = compose_cache.Key(overrides, [d for d in (user_dir, builtin_config_dir()) if d is not None])
     if (kept := compose_cache.load(key)) is not None:  # the same files, overrides, env and versions
-        full, struct, sources, files = kept
-        run_dir, sweep_dir = resolved_dir(full, "run"), resolved_dir(full, "sweep")
-        hydra_cfg = OmegaConf.create(OmegaConf.to_container(full.hydra, resolve=False))
-        with open_dict(full):
-            del full["hydra"]
-        OmegaConf.set_struct(full, struct)
-        job = Job(list(overrides), full, hydra_cfg, run_dir, sweep_dir, sources, key.digest, files)
-        check_targets(_plain(job), overrides, user_dir)  # a remembered config is checked all the same
-        return job  # without importing Hydra
+        check_targets(kept.tree(), overrides, user_dir)  # a remembered config is checked all the same
+        if kept.facts is not None:  # without importing OmegaConf
+            run_dir, sweep_dir = kept.facts.dirs()
+            return Job(list(overrides), None, None, run_dir, sweep_dir, kept.sources, key.digest, kept.hydra_files,
+                       kept)
+        cfg, hydra_cfg = kept.configs()
+        full = _with_hydra(cfg, hydra_cfg)
+        return Job(list(overrides), cfg, hydra_cfg, resolved_dir(full, "run"), resolved_dir(full, "sweep"),
+                   kept.sources, key.digest, kept.hydra_files)  # without importing Hydra
     from hydra import compose as hydra_compose
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
 
     parsed = parse_overrides(list(overrides))
     with hydra_session(user_dir), composition_errors(parsed, user_dir):
@@ -243,19 +291,27 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
     return job
 
 
+def _with_hydra(cfg: DictConfig, hydra_cfg: DictConfig) -> DictConfig:
+    """The whole config (the job's and its hydra node), for resolving hydra.run.dir against it."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({**OmegaConf.to_container(cfg, resolve=False),
+                             "hydra": OmegaConf.to_container(hydra_cfg, resolve=False)})
+
+
 def check_run_name(cfg: DictConfig) -> list[str]:
     """The problem with the config's `name`, if any (config.validate and every remembered plan check it):
     it becomes part of a folder name under runs_root, so engine.contract.names' rule applies."""
-    name = OmegaConf.select(cfg, "name", default=None, throw_on_missing=False)
+    from omegaconf import OmegaConf
+
+    return run_name_problems(OmegaConf.select(cfg, "name", default=None, throw_on_missing=False))
+
+
+def run_name_problems(name) -> list[str]:
     if name is None:
         return []
     why = names.problem(str(name))
     return [f"name: {str(name)!r} is not a valid run name (it becomes a folder under runs_root); {why}"] if why else []
-
-
-def _plain(job: Job) -> dict:
-    return {**OmegaConf.to_container(job.cfg, resolve=False),
-            "hydra": OmegaConf.to_container(job.hydra_cfg, resolve=False)}
 
 
 def check_targets(tree: dict, overrides: list[str], user_dir: Path | None) -> None:
@@ -424,6 +480,8 @@ def expand_sweep(overrides: list[str], config_dir: Path | None = None) -> list[l
     if sweeper != "basic":  # `run -m` hands it to the plugin (engine/sweep.py); plan/dag cannot
         raise ComposeError(f"hydra/sweeper={sweeper} draws its jobs while it runs, so they cannot be listed "
                            f"beforehand; plan one job's values without -m, or run the search with run -m")
+    from omegaconf import OmegaConf
+
     node = OmegaConf.select(base.hydra_cfg, "sweeper.params")
     params = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else (node or {})
     # glob() sweeps list a config group's options: the parser needs the config folder for that
@@ -447,12 +505,14 @@ def write_hydra_dir(run_dir: Path, job: Job) -> None:
     d.mkdir(parents=True, exist_ok=True)
     for name, text in (job.hydra_files or hydra_dir_texts(job)).items():
         (d / name).write_text(text, encoding="utf-8")
-    write_resolved(run_dir, job.cfg)
+    (d / "resolved.yaml").write_text(job.resolved_yaml(), encoding="utf-8")
 
 
 def hydra_dir_texts(job: Job) -> dict[str, str]:
     """The unresolved .hydra/ files of a job (OmegaConf.save's text): the same for every run of a
     composition, so compose_cache keeps them with it (dumping them is a tenth of a cached run)."""
+    from omegaconf import OmegaConf
+
     return {"config.yaml": OmegaConf.to_yaml(job.cfg, resolve=False),
             "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": job.hydra_cfg}), resolve=False),
             "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(job.overrides))}
@@ -461,6 +521,8 @@ def hydra_dir_texts(job: Job) -> dict[str, str]:
 def write_resolved(run_dir: Path, cfg: DictConfig) -> None:
     """.hydra/resolved.yaml: the config resolved, what every stage actually saw, for reading without
     Hydra (a sweep job's other .hydra/ files are written by Hydra's run_job)."""
+    from omegaconf import OmegaConf
+
     d = Path(run_dir) / ".hydra"
     d.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, d / "resolved.yaml", resolve=True)

@@ -12,6 +12,13 @@ kept. What Hydra resolves at compose time only (``${now:}`` in hydra.run.dir) is
 every use; the job config keeps its interpolations, as a composed one does. A config whose
 ``hydra.searchpath`` adds folders is not kept (their files are not in the key).
 
+An entry also keeps what a plan and a fully cached run read of the config, resolved when it was
+composed (`Facts`: name, runs_root, cache.remote, hydra.run.dir and hydra.sweep.dir with each
+``${now:FORMAT}`` left as a marker filled in on use, and .hydra/resolved.yaml's text), so that they
+do not import OmegaConf: a `Kept` entry makes its DictConfig only when something reads the config.
+A config whose values the key does not settle (a ``${hydra:...}`` resolver, a ``${now:}`` outside
+the two folders, a value that fails to resolve) keeps no facts and is read through OmegaConf.
+
 Entries are JSON files under $EDGEPIPE_COMPOSE_CACHE (default ~/.cache/edgepipe/compose, or
 $XDG_CACHE_HOME's); EDGEPIPE_COMPOSE_CACHE=off turns the cache off. A damaged entry is a miss.
 
@@ -36,12 +43,10 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from engine.contract.fetching import Memo
 from engine.contract.hashing import scan_files
 
-FORMAT = 2  # 2: .hydra/ texts kept
+FORMAT = 3  # 2: .hydra/ texts kept; 3: facts
 ENV = "EDGEPIPE_COMPOSE_CACHE"
 KEEP = 200  # entries; the oldest go first
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # .hydra/ texts an entry keeps
@@ -117,9 +122,8 @@ def _env_names(folders: list[Path], overrides: list[str]) -> list[str]:
     return sorted(names)
 
 
-def load(key: Key):
-    """(full config with its hydra node, struct flag, sources, .hydra/ texts) composed earlier for this
-    key, or None. compose.compose makes the Job of it."""
+def load(key: Key) -> Kept | None:
+    """The config composed earlier for this key, or None. compose.compose makes the Job of it."""
     where = folder()
     if where is None:
         return None
@@ -135,24 +139,142 @@ def load(key: Key):
         files = entry["hydra_files"]  # written into .hydra/ by name: exactly these, all text
         if sorted(files) != sorted(HYDRA_FILES) or not all(isinstance(t, str) for t in files.values()):
             return None
-        full = OmegaConf.create({**entry["cfg"], "hydra": entry["hydra"]})
+        if not isinstance(entry["cfg"], dict) or not isinstance(entry["hydra"], dict):
+            return None
+        facts = Facts.from_entry(entry.get("facts"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    _register_resolvers(entry)
-    return full, entry["struct"], entry["sources"], files
+    return Kept(entry, facts)
+
+
+class Kept:
+    """A composed config as an entry keeps it: plain data (cfg, its hydra node), its Facts when it
+    has them, the sources and .hydra/ texts; `configs()` makes OmegaConf's DictConfigs of it."""
+
+    def __init__(self, entry: dict, facts: Facts | None) -> None:
+        self.cfg_tree, self.hydra_tree = entry["cfg"], entry["hydra"]
+        self.struct, self.sources, self.hydra_files = bool(entry["struct"]), entry["sources"], entry["hydra_files"]
+        self.facts = facts
+        self._entry = entry
+
+    def tree(self) -> dict:
+        """The composed config with its hydra node, as plain containers (unresolved)."""
+        return {**self.cfg_tree, "hydra": self.hydra_tree}
+
+    def configs(self):
+        """(job config, hydra node) as DictConfigs, the job config with the struct flag it was composed
+        with, and Hydra's resolvers registered for them."""
+        from omegaconf import OmegaConf
+
+        _register_resolvers(self._entry)
+        cfg = OmegaConf.create(self.cfg_tree)
+        OmegaConf.set_struct(cfg, self.struct)
+        return cfg, OmegaConf.create(self.hydra_tree)
+
+
+# ${now:FORMAT}, as Hydra's hydra.run.dir writes it; any other use of `now` keeps no facts
+_NOW = re.compile(r"\$\{now:([^${}]*)\}")
+_NOW_USE = re.compile(r"\bnow\s*:")
+_MARK = "\ue000now{}\ue000"  # a private-use character: no config value holds one
+
+
+class Facts:
+    """What plan and a cached run read of a composed config, resolved at composition: name, runs_root,
+    cache.remote, and hydra.run.dir / hydra.sweep.dir with each ${now:FORMAT} a marker (`dirs`
+    fills them with the time of use), and .hydra/resolved.yaml's text (the job config resolved)."""
+
+    def __init__(self, name: str, runs_root: str, cache_remote: str | None, run_dir: str, sweep_dir: str,
+                 now: list[str], resolved: str) -> None:
+        self.name, self.runs_root, self.cache_remote = name, runs_root, cache_remote
+        self.run_dir, self.sweep_dir, self.now, self.resolved = run_dir, sweep_dir, now, resolved
+
+    def dirs(self, when: datetime | None = None) -> tuple[Path, Path]:
+        """(hydra.run.dir, hydra.sweep.dir) at this time (one clock reading for both, as Hydra's
+        cached ${now:} resolver gives)."""
+        when = when or datetime.now()
+
+        def filled(template: str) -> Path:
+            for i, fmt in enumerate(self.now):
+                template = template.replace(_MARK.format(i), when.strftime(fmt))
+            return Path(template)
+
+        return filled(self.run_dir), filled(self.sweep_dir)
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+    @classmethod
+    def from_entry(cls, data) -> Facts | None:
+        if data is None:
+            return None
+        facts = cls(**data)
+        strings = [facts.name, facts.runs_root, facts.run_dir, facts.sweep_dir, *facts.now]
+        if not all(isinstance(v, str) for v in strings) or not isinstance(facts.cache_remote, (str, type(None))):
+            raise TypeError("facts")
+        if not isinstance(facts.resolved, str):
+            raise TypeError("facts")
+        return facts
+
+    @classmethod
+    def of(cls, cfg_tree: dict, hydra_tree: dict) -> Facts | None:
+        """Facts of a composed config (plain containers), or None when the key does not settle them."""
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        formats: list[str] = []
+
+        def mark(value):
+            if isinstance(value, dict):
+                return {k: mark(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [mark(v) for v in value]
+            if not isinstance(value, str):
+                return value
+            if "${hydra:" in value.replace(" ", ""):
+                raise _Unsettled
+            uses = len(_NOW_USE.findall(value))
+
+            def marker(m: re.Match) -> str:
+                formats.append(m.group(1))
+                return _MARK.format(len(formats) - 1)
+
+            marked, n = _NOW.subn(marker, value)
+            if n != uses:
+                raise _Unsettled
+            return marked
+
+        try:
+            marked_cfg = mark(cfg_tree)
+            if formats:  # a job value that reads the time is resolved on every use
+                return None
+            marked_hydra = mark(hydra_tree)
+            full = OmegaConf.create({**marked_cfg, "hydra": marked_hydra})
+            remote = OmegaConf.select(full, "cache.remote", default=None, throw_on_missing=False)
+            return cls(str(full.name), str(full.runs_root), None if remote is None else str(remote),
+                       str(full.hydra.run.dir), str(full.hydra.sweep.dir), formats,
+                       OmegaConf.to_yaml(OmegaConf.create(marked_cfg), resolve=True))
+        except (_Unsettled, OmegaConfBaseException, AttributeError, KeyError, TypeError, ValueError):
+            return None
+
+
+class _Unsettled(Exception):
+    """A value the compose key does not settle."""
 
 
 def store(key: Key, job, hydra_files: dict[str, str]) -> bool:
     """Keep job (with its .hydra/ texts) for key; a config that cannot come back equal from JSON is not
     kept. True when kept."""
+    from omegaconf import OmegaConf
+
     where = folder()
     if where is None or OmegaConf.select(job.hydra_cfg, "searchpath"):
         return False
     cfg = OmegaConf.to_container(job.cfg, resolve=False)
     hydra = OmegaConf.to_container(job.hydra_cfg, resolve=False)
+    facts = Facts.of(cfg, hydra)
     entry = {"format": FORMAT, "overrides": key.overrides, "cfg": cfg, "hydra": hydra,
              "struct": bool(OmegaConf.is_struct(job.cfg)), "sources": job.sources,
-             "hydra_files": hydra_files,
+             "hydra_files": hydra_files, "facts": None if facts is None else facts.as_dict(),
              "env": {name: os.environ.get(name) for name in _env_names(key.folders, key.overrides)}}
     if UNCACHEABLE in entry["env"]:
         return False
@@ -365,6 +487,8 @@ _current: dict = {}
 def _hydra_node(path: str):
     """${hydra:path} of the job last taken from the cache (Hydra's resolver reads HydraConfig, which
     only a composition in this process sets)."""
+    from omegaconf import OmegaConf
+
     if "full" not in _current:
         entry = _current["entry"]
         _current["full"] = OmegaConf.create({**entry["cfg"], "hydra": entry["hydra"]})
@@ -374,6 +498,8 @@ def _hydra_node(path: str):
 def _register_resolvers(entry: dict) -> None:
     """The resolvers Hydra registers when it composes (hydra.core.utils.setup_globals), for a job that
     was not composed in this process. A later composition by Hydra registers Hydra's again."""
+    from omegaconf import OmegaConf
+
     _current.clear()
     _current["entry"] = entry
     OmegaConf.register_new_resolver("hydra", _hydra_node, replace=True)

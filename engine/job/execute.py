@@ -143,9 +143,11 @@ def checked_pipeline(job, remember: bool, warn: bool = True):
     remembered = plan_memo.load(job) if remember else None
     if remembered is not None:
         _check_run_name(job)  # validation, which checks it too, is skipped
-        pipeline, warnings = Pipeline(job.cfg, runs_root_of(job.cfg), remembered), remembered.warnings
+        # the config itself is read (made from compose_cache's plain data) only if a stage must run
+        pipeline = Pipeline(lambda: job.cfg, job.runs_root, remembered, cache_remote=job.cache_remote)
+        warnings = remembered.warnings
     else:
-        pipeline = Pipeline(job.cfg, runs_root_of(job.cfg))
+        pipeline = Pipeline(job.cfg, job.runs_root)
         _check_overrides(job, pipeline)
         warnings = shadowed(job.overrides, pipeline)
         if remember:
@@ -156,10 +158,10 @@ def checked_pipeline(job, remember: bool, warn: bool = True):
 
 def _check_run_name(job) -> None:
     """The run folder is named after `name`: checked on every path, a remembered plan's too."""
-    from engine.config.compose import check_run_name
+    from engine.config.compose import run_name_problems
     from engine.errors import ConfigError
 
-    problems = check_run_name(job.cfg)
+    problems = run_name_problems(job.name)
     if problems:
         raise ConfigError(problems)
 
@@ -184,7 +186,7 @@ def execute_job(job, pipeline, options, run_dir: Path, title: str, summary_table
     from engine.store import runs
 
     setup_logging(run_dir)
-    record = runs.RunRecord(name=str(job.cfg.name), run_dir=str(run_dir.resolve()),
+    record = runs.RunRecord(name=job.name, run_dir=str(run_dir.resolve()),
                             runs_root=str(pipeline.runs_root.resolve()), overrides=job.overrides,
                             edgepipe_version=__version__, config_sources=job.sources, cwd=os.getcwd())
     pipeline.runs_root.mkdir(parents=True, exist_ok=True)  # hydra.run.dir/sweep.dir may lie outside it

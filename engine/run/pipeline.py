@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from engine.config.dag import Graph
 from engine.contract import names
 from engine.report.run_report import write_report
@@ -22,6 +20,8 @@ from engine.store.cache import Cache, CorruptEntry, Hit, library_versions, read_
 from engine.store.runs import RunRecord, StageRecord
 
 if TYPE_CHECKING:  # pydantic, and through it the stage contract, load only when a config is validated
+    from omegaconf import DictConfig
+
     from engine.config.validate import StageSpec
     from engine.contract.stage import Stage
     from engine.run.plan_memo import Remembered
@@ -52,8 +52,11 @@ class Pipeline:
     the same config and code, it plans, and runs a fully cached pipeline, without validating; the
     first stage that misses the cache makes it validate (_validated) before it runs."""
 
-    def __init__(self, cfg: DictConfig, runs_root: Path, remembered: Remembered | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: DictConfig | Callable[[], DictConfig], runs_root: Path,
+                 remembered: Remembered | None = None, cache_remote: str | None = None) -> None:
+        """cfg: the composed config, or what makes it when first read (a remembered pipeline reads it
+        only to validate); cache_remote: a remembered pipeline's cache.remote, resolved."""
+        self._cfg = cfg
         self.runs_root = Path(runs_root)
         self.remembered = remembered is not None
         # what validators read besides the config (environment, distributions): plan_memo keeps it
@@ -65,9 +68,18 @@ class Pipeline:
         self.graph = Graph(self.stages, check_wiring=not self.remembered)
         self._save_lock = threading.Lock()
         self._validate_lock = threading.Lock()
-        self.cache = Cache(self.runs_root / "cache", remote=_remote(cfg, checked=self.remembered))
+        # a remembered pipeline's cache section was checked: without a remote, nothing of engine/remote.py
+        # (fsspec, pydantic) loads, nor is the config read
+        remote = None if remembered is not None and not cache_remote else _remote(self.cfg)
+        self.cache = Cache(self.runs_root / "cache", remote=remote)
         if remembered is not None:
             self.cache.versions.update(remembered.versions)
+
+    @property
+    def cfg(self) -> DictConfig:
+        if callable(self._cfg):
+            self._cfg = self._cfg()
+        return self._cfg
 
     def validate_now(self) -> None:
         """Replace remembered stage specs by validated ones (the same keys: plan_memo's key holds
@@ -347,11 +359,8 @@ class Pipeline:
         return None
 
 
-def _remote(cfg: DictConfig, checked: bool):
-    """cache.remote's Remote, or None. A `cache` section already checked (a remembered pipeline's)
-    without a remote loads nothing of engine/remote.py (fsspec, pydantic)."""
-    if checked and not OmegaConf.select(cfg, "cache.remote", default=None, throw_on_missing=False):
-        return None
+def _remote(cfg: DictConfig):
+    """cache.remote's Remote, or None."""
     from engine.store import remote
 
     return remote.from_config(cfg)

@@ -5,7 +5,9 @@ environment variable a config names, a damaged entry all compose again (real Hyd
 from __future__ import annotations
 
 import os
+import re
 import time
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -200,3 +202,64 @@ def test_an_environment_read_that_cannot_be_named_is_never_kept(conf, monkeypatc
     assert _compose("+experiment=which")[1].digest is None
     (conf / "experiment" / "which.yaml").unlink()
     assert _compose("+experiment=mine")[1].digest is not None
+
+
+KEPT = """\
+# @package _global_
+defaults:
+  - quickstart
+  - _self_
+name: kept-${train.epochs}
+runs_root: ${oc.env:EDGEPIPE_TEST_ROOT,elsewhere}/runs
+cache:
+  remote: file:///srv/${name}
+hydra:
+  run:
+    dir: ${runs_root}/${now:%Y}/at-${now:%H}_${name}
+"""
+
+
+def _configs_made(monkeypatch) -> list[int]:
+    """How many times a kept entry was made into OmegaConf's DictConfigs."""
+    made, real = [], compose_cache.Kept.configs
+    monkeypatch.setattr(compose_cache.Kept, "configs", lambda self: made.append(1) or real(self))
+    return made
+
+
+def test_what_plan_and_a_cached_run_read_is_kept_resolved(conf, monkeypatch):
+    """name, runs_root, cache.remote, the run folders (${now:} filled in on use) and resolved.yaml come
+    from the entry without making a DictConfig (so without importing OmegaConf), equal to what Hydra's
+    composition resolves to."""
+    (conf / "experiment" / "kept.yaml").write_text(KEPT)
+    monkeypatch.setenv("EDGEPIPE_TEST_ROOT", "/data")
+    composed = compose.compose(["+experiment=kept"])
+    made = _configs_made(monkeypatch)
+    before = time.strftime("/data/runs/%Y/at-%H_kept-6")
+    kept = compose.compose(["+experiment=kept"])
+    after = time.strftime("/data/runs/%Y/at-%H_kept-6")
+    facts = (kept.name, kept.runs_root, kept.cache_remote, kept.resolved_yaml())
+    assert made == [] and kept.digest == composed.digest is not None
+    assert facts == (composed.name, composed.runs_root, composed.cache_remote, composed.resolved_yaml())
+    assert facts[:3] == ("kept-6", Path("/data/runs"), "file:///srv/kept-6")
+    assert str(kept.run_dir) in (before, after)
+    assert kept.sweep_dir.parent == composed.sweep_dir.parent
+    compose.write_hydra_dir(conf.parent / "composed", composed)
+    compose.write_hydra_dir(conf.parent / "cached", kept)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml", "resolved.yaml"):
+        assert ((conf.parent / "cached" / ".hydra" / name).read_text()
+                == (conf.parent / "composed" / ".hydra" / name).read_text())
+    assert made == []
+    assert kept.cfg.train.epochs == 6 and made == [1]  # the config itself, when something reads it
+
+
+@pytest.mark.parametrize("value, shown", [("${now:%H-%M-%S}", r"\d\d-\d\d-\d\d"),
+                                          ("${hydra:runtime.choices.model}", "resnet18")], ids=["time", "hydra"])
+def test_a_config_whose_values_the_key_does_not_settle_is_read_through_omegaconf(conf, monkeypatch, value, shown):
+    """A job value that reads the clock, or Hydra's runtime config: the entry is used, its values
+    resolved on every use as a composed config's are."""
+    (conf / "experiment" / "timed.yaml").write_text(f'# @package _global_\nname: "t"\nstamp: "{value}"\n')
+    composed = compose.compose(["+experiment=timed"])
+    made = _configs_made(monkeypatch)
+    kept = compose.compose(["+experiment=timed"])
+    assert made == [1] and kept.digest == composed.digest is not None
+    assert kept.name == "t" and re.fullmatch(shown, kept.cfg.stamp)

@@ -1,5 +1,5 @@
 """engine/plan_memo.py: a config validated once is planned and run, while every stage is cached,
-without pydantic or any stage's code; whatever could change a key (a config file, the stage's code,
+without pydantic, OmegaConf or any stage's code; whatever could change a key (a config file, the stage's code,
 a vanished cache entry, --force) is validated for real. Real processes, real Hydra, the engine tests'
 cheap stages."""
 
@@ -17,7 +17,7 @@ PROBE = """
 import json, sys
 from engine.cli.commands import main
 rc = main(sys.argv[1:])
-print("\\n" + json.dumps({"rc": rc, "pydantic": "pydantic" in sys.modules,
+print("\\n" + json.dumps({"rc": rc, "pydantic": "pydantic" in sys.modules, "omegaconf": "omegaconf" in sys.modules,
                   "stage code": sorted(m for m in sys.modules \
 if m.startswith(("engine_stages", "engine.config.validate")))}))
 """
@@ -38,10 +38,10 @@ def loaded(result: dict) -> dict:
 
 def test_an_unchanged_config_plans_and_runs_cached_without_pydantic_or_stage_code(ws):
     first = probe(ws, "run")
-    assert first["rc"] == 0 and first["pydantic"] and ws.counts()["total"] == 1
-    for verb in ("plan", "run"):
+    assert first["rc"] == 0 and first["pydantic"] and first["omegaconf"] and ws.counts()["total"] == 1
+    for verb in ("plan", "run"):  # the composed config's values they read are kept resolved (compose_cache.Facts)
         again = probe(ws, verb)
-        assert loaded(again) == {"rc": 0, "pydantic": False, "stage code": []}, verb
+        assert loaded(again) == {"rc": 0, "pydantic": False, "omegaconf": False, "stage code": []}, verb
     assert set(ws.statuses().values()) == {"cached"} and sum(ws.counts().values()) == 5
     assert ws.latest()["headline"] == {"key": "total.sum", "value": 51.0}  # the remembered headline
     # another value is another config: validated, and it runs what it changes
