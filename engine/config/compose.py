@@ -250,6 +250,15 @@ class Job:
         remote = OmegaConf.select(self.cfg, "cache.remote", default=None, throw_on_missing=False)
         return None if remote is None else str(remote)
 
+    def choices(self) -> dict:
+        """hydra.runtime.choices: the config group options composed ({group: option or None})."""
+        if self._facts:
+            return dict(self._kept.hydra_tree.get("runtime", {}).get("choices") or {})
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.select(self.hydra_cfg, "runtime.choices", default=None)
+        return dict(OmegaConf.to_container(node, resolve=False)) if node is not None else {}
+
     def resolved_yaml(self) -> str:
         """The job config resolved, as .hydra/resolved.yaml holds it."""
         if self._facts:

@@ -188,7 +188,9 @@ def execute_job(job, pipeline, options, run_dir: Path, title: str, summary_table
     setup_logging(run_dir)
     record = runs.RunRecord(name=job.name, run_dir=str(run_dir.resolve()),
                             runs_root=str(pipeline.runs_root.resolve()), overrides=job.overrides,
-                            edgepipe_version=__version__, config_sources=job.sources, cwd=os.getcwd())
+                            edgepipe_version=__version__, config_sources=job.sources, cwd=os.getcwd(),
+                            needs={name: dict(s.entry.needs) for name, s in pipeline.stages.items()},
+                            choices=job.choices())
     pipeline.runs_root.mkdir(parents=True, exist_ok=True)  # hydra.run.dir/sweep.dir may lie outside it
     runs.point_latest(pipeline.runs_root, run_dir)
     display = Display(title, pipeline.graph.select(options.only))

@@ -26,8 +26,13 @@ CHANGES_VERSION = 1  # bump when config_changes reports differently: memoised by
 
 def write_html(record: RunRecord) -> Path:
     """Render runs/<run>/report.html from the record and the stage folders it points to."""
+    from engine.config import compose_cache
+    from engine.contract.fetching import memo
+
     run_dir = Path(record.run_dir)
-    page = _template().render(**context(record, run_dir))
+    with memo(compose_cache.resolved_memo()):  # the backends' entry points, remembered (contract.plugins)
+        shown = context(record, run_dir)
+    page = _template().render(**shown)
     path = run_dir / REPORT_HTML
     path.write_text(page, encoding="utf-8")
     return path
@@ -85,20 +90,25 @@ def read_yaml(path: Path) -> Any:
 
 def context(record: RunRecord, run_dir: Path) -> dict[str, Any]:
     """Everything the template shows, as plain values."""
-    view = RunView(record, run_dir, Path(record.runs_root) / "cache" / ".scratch" / "report", pipeline_needs(run_dir))
+    view = RunView(record, run_dir, Path(record.runs_root) / "cache" / ".scratch" / "report",
+                   pipeline_needs(record, run_dir))
     sections: dict[str, list] = {t: [] for t in READERS}
     for s in record.stages.values():
         folder = stage_dir(run_dir, s)
         if folder is not None and s.type in READERS:
             sections[s.type].append({"stage": s.name, **READERS[s.type](view, s, folder)})
-    return {"r": record, "seconds": f"{record.seconds:.1f}", "choices": config_choices(run_dir),
+    return {"r": record, "seconds": f"{record.seconds:.1f}", "choices": config_choices(record, run_dir),
             "headline": fmt(record.headline.get("value")) if record.headline else "",
             "summary": summary(view), "stages": [stage_row(s) for s in record.stages.values()],
             "clip": sections.pop("clip_outliers"), "csp": CSP, **sections}
 
 
-def pipeline_needs(run_dir: Path) -> dict[str, dict[str, str]]:
-    """{stage: {input: upstream stage}} from the run's .hydra/config.yaml ({} when unreadable)."""
+def pipeline_needs(record: RunRecord, run_dir: Path) -> dict[str, dict[str, str]]:
+    """{stage: {input: upstream stage}}: the record's, else from the run's .hydra/config.yaml ({} when
+    unreadable)."""
+    if record.needs is not None:
+        return {str(name): {str(k): str(v) for k, v in needs.items()} for name, needs in record.needs.items()
+                if isinstance(needs, dict)}
     try:
         stages = read_yaml(run_dir / ".hydra" / "config.yaml")["pipeline"]["stages"]
         return {name: {str(k): str(v) for k, v in (entry.get("needs") or {}).items()} for name, entry in stages.items()}
@@ -143,10 +153,12 @@ def stage_row(s: StageRecord) -> dict[str, Any]:
             "key": s.key or "", "note": s.error or s.reason or ""}
 
 
-def config_choices(run_dir: Path) -> dict[str, str]:
-    """The config group options the run composed (experiment, pipeline, dataset, model, ...)."""
+def config_choices(record: RunRecord, run_dir: Path) -> dict[str, str]:
+    """The config group options the run composed (experiment, pipeline, dataset, model, ...): the
+    record's, else from the run's .hydra/hydra.yaml."""
     try:
-        choices = read_yaml(run_dir / ".hydra" / "hydra.yaml")["hydra"]["runtime"]["choices"]
+        choices = (record.choices if record.choices is not None else
+                   read_yaml(run_dir / ".hydra" / "hydra.yaml")["hydra"]["runtime"]["choices"])
     except Exception:  # noqa: BLE001 - no or an unreadable .hydra/: the summary shows the overrides only
         return {}
     shown = {k: str(v) for k, v in choices.items() if not k.startswith("hydra/") and v is not None}

@@ -33,6 +33,7 @@ from engine.config import compose_cache
 from engine.config.registry import PLUGINS_ENV
 from engine.contract.fetching import Outside
 from engine.contract.hashing import scan_files
+from engine.contract.plugins import site_stats
 from engine.store.cache import KeyRecipe, installed_versions
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def load(job: Job) -> Remembered | None:
             return None
         if any(_code_stats(Path(root)) != stats for root, stats in data["plugins"].items()):
             return None
-        site_unchanged = data["site"] == _site_stats()  # no install since: the versions are those read then
+        site_unchanged = data["site"] == site_stats()  # no install since: the versions are those read then
         if not Outside.unchanged(data["outside"], installs_changed=not site_unchanged):
             return None  # another $TORCH_HOME, torchvision: validated again
         stages = {name: RememberedStage(name, s["type"], Wiring(**s["entry"]), KeyRecipe(**s["recipe"]),
@@ -111,7 +112,7 @@ def store(job: Job, pipeline: Any, warnings: list[str]) -> None:  # an engine.ru
     if "unknown" in roots:  # code whose files cannot be named cannot be checked
         return
     plugins = sorted(root for root in roots if isinstance(root, Path))
-    site = _site_stats()  # before reading versions: an install in between is then a miss, not stale
+    site = site_stats()  # before reading versions: an install in between is then a miss, not stale
     versions = installed_versions({tool for s in specs.values() for tool in s.recipe.tools}, pipeline.cache.versions)
     data = {"format": FORMAT, "plugins": {str(root): _code_stats(root) for root in plugins},
             "site": site, "versions": versions, "outside": pipeline.outside,
@@ -157,19 +158,6 @@ def _code_stats(root: Path) -> str:
         h.update(f"{rel}\0{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n"
                  .encode("utf-8", "surrogateescape"))
     return h.hexdigest()
-
-
-def _site_stats() -> list[str]:
-    """mtime and inode of every folder on sys.path: installing, upgrading or removing a distribution
-    there adds or removes its .dist-info folder, which changes them."""
-    found = []
-    for entry in sys.path:
-        try:
-            st = os.stat(entry or ".")
-        except OSError:
-            continue
-        found.append(f"{entry}\0{st.st_mtime_ns}:{st.st_ino}")
-    return found
 
 
 def _plugin_root(cls: type) -> Path | str | None:

@@ -48,6 +48,11 @@ class RunRecord:
     edgepipe_version: str | None = None
     config_sources: list[dict[str, Any]] = field(default_factory=list)
     cwd: str | None = None
+    # What the report shows of the config without parsing .hydra/'s YAML: each stage's inputs
+    # ({stage: {input: upstream stage}}) and the config group options composed (hydra.runtime.choices).
+    # Absent from older records (read from .hydra/ then).
+    needs: dict[str, dict[str, str]] | None = None
+    choices: dict[str, Any] | None = None
 
     @property
     def seconds(self) -> float:
@@ -106,7 +111,8 @@ _RUN_FIELDS = {"name": (_TEXT, True), "run_dir": (_TEXT, True), "runs_root": (_T
                "started": (_NUMBER, False), "finished": (_NUMBER + _NONE, False), "status": (_TEXT, False),
                "overrides": ((list,), False), "headline": ((dict, type(None)), False),
                "edgepipe_version": (_TEXT + _NONE, False), "config_sources": ((list,), False),
-               "cwd": (_TEXT + _NONE, False)}
+               "cwd": (_TEXT + _NONE, False), "needs": ((dict, type(None)), False),
+               "choices": ((dict, type(None)), False)}
 _STAGE_FIELDS = {"name": (_TEXT, True), "type": (_TEXT, True), "status": (_TEXT, False),
                  "key": (_TEXT + _NONE, False), "seconds": (_NUMBER, False), "path": (_TEXT + _NONE, False),
                  "digest": (_TEXT + _NONE, False), "metrics": ((dict,), False), "reason": (_TEXT + _NONE, False),

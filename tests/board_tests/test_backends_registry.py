@@ -69,6 +69,26 @@ def test_loading_the_registry_imports_no_runtime():
     assert res.stdout.strip() == "[]"
 
 
+def test_the_entry_points_a_report_remembers_follow_what_is_installed(tmp_path, monkeypatch):
+    """The report reads the group's entry points from the sealed memo (no importlib.metadata on a cached
+    run): what importlib.metadata lists, and a distribution added to sys.path since is read again."""
+    import importlib.metadata
+
+    from engine.config import compose_cache
+    from engine.contract import fetching, plugins
+
+    monkeypatch.setenv(compose_cache.ENV, str(tmp_path / "compose"))
+    listed = [ep.value for ep in importlib.metadata.entry_points(group=BACKEND_GROUP)]
+    with fetching.memo(compose_cache.resolved_memo()):
+        assert plugins.entry_point_values(BACKEND_GROUP) == listed
+        with monkeypatch.context() as m:  # remembered: importlib.metadata is not asked again
+            m.setattr(importlib.metadata, "entry_points", lambda **kw: pytest.fail("read again"))
+            assert plugins.entry_point_values(BACKEND_GROUP) == listed
+        with backend_plugin(tmp_path / "plugin", "table_backend", PLUGIN, table="table_backend:TableBackend"):
+            assert plugins.entry_point_values(BACKEND_GROUP) == ["table_backend:TableBackend", *listed]
+        assert plugins.entry_point_values(BACKEND_GROUP) == listed
+
+
 # -- a backend added by a plugin: one class and its entry point, nothing else edited -------------------
 PLUGIN = '''
 import numpy as np

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from helpers_browser import SHOWN, Browser, HtmlPage, assert_picture, embedded_pngs
 from helpers_project import use_real_config
 from hostile import CodeRunningPickle
@@ -61,6 +62,21 @@ def test_every_run_writes_report_html_and_report_rewrites_it(ws, tmp_path):
     assert r.out.split() == [str(copy / "report.md"), str(copy / REPORT_HTML)]
     assert str(copy) in (copy / REPORT_HTML).read_text() and str(copy) in (copy / "report.md").read_text()
     assert ws.counts() == {"src": 1, "scale": 1, "quant": 1, "side": 1, "total": 1}  # nothing recomputed
+
+    # run.json holds the stages' inputs and the config choices the page shows (no YAML parsed); a record
+    # of an older edgepipe, without them, shows the same read from .hydra/
+    hydra_dir = run_dir / ".hydra"
+    stages = yaml.safe_load((hydra_dir / "config.yaml").read_text())["pipeline"]["stages"]
+    assert run["needs"] == {name: entry.get("needs") or {} for name, entry in stages.items()}
+    assert run["choices"] == yaml.safe_load((hydra_dir / "hydra.yaml").read_text())["hydra"]["runtime"]["choices"]
+    older = tmp_path / "older_run"
+    shutil.copytree(copy, older, symlinks=True)
+    record = json.loads((older / "run.json").read_text())
+    del record["needs"], record["choices"]
+    (older / "run.json").write_text(json.dumps(record))
+    assert ws.cli("report", str(older)).rc == 0
+    assert ((older / REPORT_HTML).read_text().replace(str(older), "RUN")
+            == (copy / REPORT_HTML).read_text().replace(str(copy), "RUN"))
 
 
 def test_failed_run_report_shows_the_error_escaped(ws):
