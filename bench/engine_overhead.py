@@ -147,7 +147,10 @@ def main() -> None:
     if unknown := sorted(set(chosen) - set(EXPERIMENTS)):
         sys.exit(f"--only: no experiment {', '.join(unknown)} (known: {', '.join(EXPERIMENTS)})")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} CPUs")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPIPE_") and k != "TORCH_HOME"}
+    # PYTHONDONTWRITEBYTECODE (set in some sandboxes) would compile every edited module on each command:
+    # a user's Python keeps bytecode, so the bench does too
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("EDGEPIPE_") and k not in ("TORCH_HOME", "PYTHONDONTWRITEBYTECODE")}
     rows = []
     if args.cheap:
         with tempfile.TemporaryDirectory() as tmp:
