@@ -170,16 +170,16 @@ def test_experiment_v831_resnet18(experiment_run):
     assert metrics["samples"] >= 60
     top1 = _float_backends_hold(metrics)
     assert set(top1) == {"pytorch", "onnx", "ncnn"}
-    # reference 55.6% (tiled splits, one thread; this code 73.6% there) less 2 binomial SD (11.7 points);
-    # the same at two threads
-    assert top1["pytorch"] >= 0.43, top1
+    # reference 58.3% (2 epochs, tiled splits, one thread; this code 61.1% there) less 2 binomial SD
+    # (11.6 points): 0.467; the same at two threads (both 58.3% and 61.1%)
+    assert top1["pytorch"] >= 0.46, top1
     assert rc == 0 and record["status"] == "ok"
     # ResNet-18 at 224 px is also where stale BatchNorm statistics showed (issue 1): they are recomputed
     # over every training image before each validation and the save, so eval mode on the training images
     # scores like a trained model (stale ones put it near chance, 1 in 6)
     train = _train_metrics(record)
     assert train["bn_recalibrate"] == {"images": train["n_train"]} and train["learning_check"] is None, train
-    assert train["train_eval_acc"] >= 0.43 and train["val_acc"] >= 0.43, train
+    assert train["train_eval_acc"] >= 0.46 and train["val_acc"] >= 0.46, train
     # what ships for the MaixII-Dock: the float ncnn model and the MaixHub upload (its calibration images),
     # normalised as awnn takes it, with golden samples; its int8 is MaixHub's, as manifest, README and report say
     assert record["stages"]["preflight"]["status"] == "ran"
