@@ -26,7 +26,7 @@ class ImagePictures:
                 self.rows = z["rows"] if "rows" in z.files else np.arange(len(self.labels))
                 self.preds = {k[: -len(".pred")]: z[k] for k in z.files if k.endswith(".pred")}
         except (OSError, KeyError, ValueError) as e:
-            self.problem = f"no readable {folder / 'predictions.npz'} ({e})"
+            self.problem = f"no readable {view.shown(folder / 'predictions.npz')} ({e})"
             return
         data = view.folder(data_stage) if data_stage else None
         path = data / f"images_{report.get('split')}.npy" if data else None
@@ -35,7 +35,8 @@ class ImagePictures:
         except (OSError, ValueError):
             self.images = None
         if self.images is None or len(self.images) <= (int(self.rows.max()) if len(self.rows) else -1):
-            self.problem = f"the test images are not readable ({path or 'no data input'}): no image grids"
+            self.problem = (f"the test images are not readable ({view.shown(path) if path else 'no data input'}): "
+                            f"no image grids")
             self.images = None
 
     def _grid(self, idx: np.ndarray, captions: list[str], what: str) -> dict[str, Any]:
@@ -83,10 +84,11 @@ def tsne(view: RunView, folder: Path, classes: list[str]) -> dict[str, Any]:
             features, labels = z["features"], z["labels"]
             backend = str(z["backend"]) if "backend" in z.files else None
     except (OSError, KeyError, ValueError) as e:
-        return {"uri": None, "backend": None, "problem": f"{path} is not readable ({e})"}
+        return {"uri": None, "backend": None, "problem": f"{view.shown(path)} is not readable ({e})"}
     if len(features) < 5 or len(features) != len(labels):
         return {"uri": None, "backend": None,
-                "problem": f"{path}: {len(features)} feature rows, {len(labels)} labels: too few for a t-SNE"}
+                "problem": f"{view.shown(path)}: {len(features)} feature rows, {len(labels)} labels: "
+                           f"too few for a t-SNE"}
     data = figs.memo_png(view.scratch, ("tsne", figs.TSNE_VERSION, TSNE_SEED, features, labels, classes),
                          lambda: figs.tsne_png(features, labels, classes, TSNE_SEED))
     return {"uri": figs.png_uri(data), "problem": None, "backend": backend}

@@ -25,6 +25,16 @@ class RunView:
         s = self.record.stages.get(stage)
         return stage_dir(self.run_dir, s) if s else None
 
+    def shown(self, path: Path | None) -> str:
+        """A file the report names in a message: relative to the run folder when it lies in it
+        (stages/eval/features.npz), so that a memoised section does not name one run's folder."""
+        if path is None:
+            return "none"
+        try:
+            return str(Path(path).relative_to(self.run_dir))
+        except ValueError:
+            return str(path)
+
     def key(self, stage: str) -> str | None:
         s = self.record.stages.get(stage)
         return s.key if s else None

@@ -115,7 +115,7 @@ def _evaluate_section(view: RunView, s: StageRecord, folder: Path) -> dict[str, 
     report = read_json(folder / "metrics.json") or {}
     backends = report.get("backends") or {}
     if not backends:
-        return {"split": "?", "samples": "?", "problem": f"no readable {folder / 'metrics.json'}"}
+        return {"split": "?", "samples": "?", "problem": f"no readable {view.shown(folder / 'metrics.json')}"}
     classes = report.get("classes") or []
     ref = report.get("reference")
     needs = view.needs.get(s.name, {})
