@@ -18,6 +18,7 @@ import json, sys
 from engine.cli.commands import main
 rc = main(sys.argv[1:])
 print("\\n" + json.dumps({"rc": rc, "pydantic": "pydantic" in sys.modules, "omegaconf": "omegaconf" in sys.modules,
+                  "yaml": "yaml" in sys.modules,
                   "stage code": sorted(m for m in sys.modules \
 if m.startswith(("engine_stages", "engine.config.validate")))}))
 """
@@ -41,7 +42,8 @@ def test_an_unchanged_config_plans_and_runs_cached_without_pydantic_or_stage_cod
     assert first["rc"] == 0 and first["pydantic"] and first["omegaconf"] and ws.counts()["total"] == 1
     for verb in ("plan", "run"):  # the composed config's values they read are kept resolved (compose_cache.Facts)
         again = probe(ws, verb)
-        assert loaded(again) == {"rc": 0, "pydantic": False, "omegaconf": False, "stage code": []}, verb
+        # nor PyYAML: the report reads the config's choices and wiring from run.json
+        assert loaded(again) == {"rc": 0, "pydantic": False, "omegaconf": False, "yaml": False, "stage code": []}, verb
     assert set(ws.statuses().values()) == {"cached"} and sum(ws.counts().values()) == 5
     assert ws.latest()["headline"] == {"key": "total.sum", "value": 51.0}  # the remembered headline
     # another value is another config: validated, and it runs what it changes
