@@ -277,8 +277,10 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
             run_dir, sweep_dir = kept.facts.dirs()
             return Job(list(overrides), None, None, run_dir, sweep_dir, kept.sources, key.digest, kept.hydra_files,
                        kept)
-        cfg, hydra_cfg = kept.configs()
-        full = _with_hydra(cfg, hydra_cfg)
+        from omegaconf import OmegaConf
+
+        cfg, hydra_cfg = kept.configs()  # registers the resolvers hydra.run.dir needs
+        full = OmegaConf.create(kept.tree())
         return Job(list(overrides), cfg, hydra_cfg, resolved_dir(full, "run"), resolved_dir(full, "sweep"),
                    kept.sources, key.digest, kept.hydra_files)  # without importing Hydra
     from hydra import compose as hydra_compose
@@ -298,14 +300,6 @@ def compose(overrides: list[str], config_dir: Path | None = None) -> Job:
     if compose_cache.store(key, job, hydra_dir_texts(job)):
         job.digest = key.digest
     return job
-
-
-def _with_hydra(cfg: DictConfig, hydra_cfg: DictConfig) -> DictConfig:
-    """The whole config (the job's and its hydra node), for resolving hydra.run.dir against it."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.create({**OmegaConf.to_container(cfg, resolve=False),
-                             "hydra": OmegaConf.to_container(hydra_cfg, resolve=False)})
 
 
 def check_run_name(cfg: DictConfig) -> list[str]:
@@ -514,7 +508,7 @@ def write_hydra_dir(run_dir: Path, job: Job) -> None:
     d.mkdir(parents=True, exist_ok=True)
     for name, text in (job.hydra_files or hydra_dir_texts(job)).items():
         (d / name).write_text(text, encoding="utf-8")
-    (d / "resolved.yaml").write_text(job.resolved_yaml(), encoding="utf-8")
+    write_resolved(run_dir, job)
 
 
 def hydra_dir_texts(job: Job) -> dict[str, str]:
@@ -527,11 +521,9 @@ def hydra_dir_texts(job: Job) -> dict[str, str]:
             "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(job.overrides))}
 
 
-def write_resolved(run_dir: Path, cfg: DictConfig) -> None:
+def write_resolved(run_dir: Path, job: Job) -> None:
     """.hydra/resolved.yaml: the config resolved, what every stage actually saw, for reading without
     Hydra (a sweep job's other .hydra/ files are written by Hydra's run_job)."""
-    from omegaconf import OmegaConf
-
     d = Path(run_dir) / ".hydra"
     d.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, d / "resolved.yaml", resolve=True)
+    (d / "resolved.yaml").write_text(job.resolved_yaml(), encoding="utf-8")

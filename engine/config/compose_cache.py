@@ -208,10 +208,10 @@ class Facts:
         if data is None:
             return None
         facts = cls(**data)
-        strings = [facts.name, facts.runs_root, facts.run_dir, facts.sweep_dir, *facts.now]
+        if not isinstance(facts.now, list):
+            raise TypeError("facts.now")
+        strings = [facts.name, facts.runs_root, facts.run_dir, facts.sweep_dir, facts.resolved, *facts.now]
         if not all(isinstance(v, str) for v in strings) or not isinstance(facts.cache_remote, (str, type(None))):
-            raise TypeError("facts")
-        if not isinstance(facts.resolved, str):
             raise TypeError("facts")
         return facts
 

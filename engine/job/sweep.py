@@ -80,7 +80,7 @@ class Task:
         job = compose.Job(overrides, cfg, hydra_cfg, run_dir, Path(str(hc.sweep.dir)),
                           compose.describe_sources(hydra_cfg))
         pipeline = execute.validated_pipeline(job, self.options, sweep=True)
-        compose.write_resolved(run_dir, cfg)  # Hydra wrote config/hydra/overrides.yaml already
+        compose.write_resolved(run_dir, job)  # Hydra wrote config/hydra/overrides.yaml already
         of = f"/{self.total}" if self.total else ""
         record = execute.execute_job(job, pipeline, self.options, run_dir, summary_table=self.in_process,
                                  title=f"{cfg.name} [job {num + 1}{of}: {' '.join(overrides)}]")
